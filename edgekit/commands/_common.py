@@ -1,0 +1,45 @@
+"""Helpers shared by the command modules: JSON output, tables, thread settings."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import click
+
+from edgekit.utils import atomic_write
+
+
+def echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+def write_json(path: str | Path, obj) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence], caption: str | None = None) -> None:
+    """A rich table on stdout (plain text when not a terminal)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, caption=caption)
+    for i, c in enumerate(columns):
+        table.add_column(c, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*[str(v) for v in r])
+    Console(width=max(100, shutil.get_terminal_size().columns)).print(table)
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def model_argument(required: bool = False):
+    return click.argument("model", required=required, metavar="[CKPT|ARTIFACT]" if not required else "CKPT|ARTIFACT")

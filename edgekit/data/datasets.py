@@ -1,0 +1,168 @@
+"""Dataset readers: SD-Saliency-900, generic image/mask folder pairs, class-per-folder sets, and the
+embedded synthetic generator, all behind one small ``SegSample`` shape."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from edgekit.data.images import is_image_name, read_gray, read_mask
+from edgekit.errors import EdgekitError
+
+SPLITS = ("train", "val", "test", "all")
+
+
+@dataclass
+class SegSample:
+    name: str
+    cls: str
+    image_path: Optional[Path] = None
+    mask_path: Optional[Path] = None
+    _image: Optional[np.ndarray] = None
+    _mask: Optional[np.ndarray] = None
+
+    def image(self) -> np.ndarray:
+        return self._image if self._image is not None else read_gray(self.image_path)
+
+    def mask(self) -> Optional[np.ndarray]:
+        if self._mask is not None:
+            return self._mask
+        return read_mask(self.mask_path) if self.mask_path is not None else None
+
+    def load(self) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """Image and mask, checked to have the same size."""
+        img, mask = self.image(), self.mask()
+        if mask is not None and mask.shape != img.shape:
+            where = self.mask_path or self.name
+            raise EdgekitError(
+                f"mask {where} is {mask.shape[1]}x{mask.shape[0]} but its image is {img.shape[1]}x{img.shape[0]}")
+        return img, mask
+
+
+@dataclass
+class SegDataset:
+    samples: List[SegSample]
+    classes: List[str]
+    description: str
+    synthetic: bool = False
+
+    def __len__(self):
+        return len(self.samples)
+
+
+def _images_in(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_name(p))
+
+
+def _prefix_class(stem: str) -> str:
+    return stem.split("_")[0] if "_" in stem else "all"
+
+
+def load_sd900(root: Path, split: str = "test") -> SegDataset:
+    """SD-Saliency-900 layout: ``Source Images/*.bmp``, ``Ground truth/*.png``, ``split.json``."""
+    img_dir, gt_dir = root / "Source Images", root / "Ground truth"
+    names = sorted(p.stem for p in _images_in(img_dir))
+    class_names: Dict[str, str] = {"In": "inclusion", "Pa": "patches", "Sc": "scratches"}
+    split_file = root / "split.json"
+    if split != "all":
+        if not split_file.is_file():
+            raise EdgekitError(f"{root} has no split.json; use --split all or add one")
+        try:
+            spec = json.loads(split_file.read_text())
+            names = list(spec[split])
+            class_names.update(spec.get("classes", {}))
+        except (ValueError, KeyError) as e:
+            raise EdgekitError(f"{split_file}: unreadable or has no {split!r} list") from None
+    samples = []
+    for n in names:
+        ip = next((img_dir / f"{n}{e}" for e in (".bmp", ".png", ".jpg") if (img_dir / f"{n}{e}").exists()), None)
+        if ip is None:
+            raise EdgekitError(f"{img_dir}: image {n!r} listed in split.json is missing")
+        mp = gt_dir / f"{n}.png"
+        prefix = _prefix_class(n)
+        samples.append(SegSample(n, class_names.get(prefix, prefix), ip, mp if mp.exists() else None))
+    if not samples:
+        raise EdgekitError(f"no images in {img_dir}")
+    classes = sorted({s.cls for s in samples})
+    return SegDataset(samples, classes, f"SD-Saliency-900 {split} split ({len(samples)} images) at {root}")
+
+
+def load_pairs(images: Path, masks: Optional[Path]) -> SegDataset:
+    """Generic layout: an image folder and a mask folder whose files share stems."""
+    paths = _images_in(images)
+    if not paths:
+        raise EdgekitError(f"no images in {images}")
+    mask_by_stem = {p.stem: p for p in _images_in(masks)} if masks else {}
+    samples = [SegSample(p.stem, _prefix_class(p.stem), p, mask_by_stem.get(p.stem)) for p in paths]
+    if masks and not any(s.mask_path for s in samples):
+        raise EdgekitError(f"no mask in {masks} matches an image name in {images}")
+    classes = sorted({s.cls for s in samples})
+    return SegDataset(samples, classes, f"image/mask folders {images} ({len(samples)} images)")
+
+
+def open_segmentation(data: str, split: str = "test") -> SegDataset:
+    """Resolve ``--data``: ``synthetic[:N]``, an SD-900 folder, an ``images/``+``masks/`` folder, or a
+    plain image folder (no masks: predictions only)."""
+    if split not in SPLITS:
+        raise EdgekitError(f"unknown split {split!r} (use one of {', '.join(SPLITS)})")
+    if data == "synthetic" or data.startswith("synthetic:"):
+        from edgekit.data.synthetic import synthetic_dataset
+
+        n = data.partition(":")[2]
+        if n and not n.isdigit():
+            raise EdgekitError(f"synthetic data takes a count: synthetic:64, not {data!r}")
+        return synthetic_dataset(int(n) if n else 48, split=split)
+    root = Path(data)
+    if not root.exists():
+        raise EdgekitError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise EdgekitError(f"--data must be a folder: {root}")
+    if (root / "Source Images").is_dir() and (root / "Ground truth").is_dir():
+        return load_sd900(root, split)
+    if (root / "images").is_dir():
+        return load_pairs(root / "images", root / "masks" if (root / "masks").is_dir() else None)
+    return load_pairs(root, None)
+
+
+@dataclass
+class ClassSample:
+    path: Path
+    label: int
+
+
+def load_class_folders(root: str | os.PathLike, classes: Optional[Sequence[str]] = None) -> Tuple[List[ClassSample], List[str]]:
+    """Class-per-folder image sets (``root/<class>/*.jpg``, as NEU-CLS): samples and class names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise EdgekitError(f"data folder not found: {root}")
+    names = list(classes) if classes else sorted(p.name for p in root.iterdir() if p.is_dir())
+    samples = []
+    for i, c in enumerate(names):
+        folder = root / c
+        if not folder.is_dir():
+            raise EdgekitError(f"class folder missing: {folder}")
+        imgs = _images_in(folder)
+        if not imgs:
+            raise EdgekitError(f"no images in class folder {folder}")
+        samples += [ClassSample(p, i) for p in imgs]
+    if not samples:
+        raise EdgekitError(f"no class folders with images in {root}")
+    return samples, names
+
+
+def holdout_split(samples: Sequence[ClassSample], test_fraction: float = 0.2, seed: int = 0):
+    """Deterministic per-class split into (train, test)."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    labels = sorted({s.label for s in samples})
+    for lab in labels:
+        group = sorted((s for s in samples if s.label == lab), key=lambda s: s.path.name)
+        idx = rng.permutation(len(group))
+        k = int(round(len(group) * test_fraction))
+        test += [group[i] for i in idx[:k]]
+        train += [group[i] for i in idx[k:]]
+    return train, test

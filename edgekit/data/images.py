@@ -1,0 +1,45 @@
+"""Reading and writing images, with one clear error for anything that is not an image."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from edgekit.errors import EdgekitError
+from edgekit.utils import atomic_write
+
+IMAGE_EXTS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def is_image_name(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(IMAGE_EXTS)
+
+
+def read_gray(path: str | os.PathLike) -> np.ndarray:
+    """An image file -> ``H x W`` uint8 grayscale (colour images are converted with ITU-R 601 luma)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgekitError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I", "F"):
+                a = np.asarray(im, dtype=np.float32)
+                return np.clip(a / max(float(a.max()), 1.0) * 255.0, 0, 255).astype(np.uint8)
+            return np.asarray(im.convert("L"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise EdgekitError(f"cannot read image {path}: not a readable image file") from None
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """A mask image -> ``H x W`` bool (any non-zero pixel is foreground... above half the maximum)."""
+    g = read_gray(path)
+    return g > 127 if g.max() > 1 else g > 0
+
+
+def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write a uint8 ``H x W`` or ``H x W x 3`` array as PNG, atomically."""
+    with atomic_write(path, "wb") as f:
+        Image.fromarray(np.ascontiguousarray(array)).save(f, format="PNG")

@@ -1,0 +1,64 @@
+"""Input preprocessing and output postprocessing, described by a spec that travels with the model.
+
+The published GMBINet expects: grayscale image -> float, divided by its own maximum ->
+``(x - 0.4669) / 0.2437`` -> the channel replicated to 3 -> bilinear resize to 512x512. Its main
+output (already a sigmoid probability) is resized back to the image size, bilinearly.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edgekit.errors import EdgekitError
+
+
+@dataclass
+class PreprocessSpec:
+    mean: float = 0.4669
+    std: float = 0.2437
+    input_size: Tuple[int, int] = (512, 512)  # (height, width) fed to the network
+    channels: int = 3  # grayscale is replicated to this many channels
+    scale: str = "max"  # "max": divide by the image's own maximum; "255": divide by 255
+
+    def __post_init__(self):
+        self.input_size = tuple(int(s) for s in self.input_size)
+        if self.scale not in ("max", "255"):
+            raise EdgekitError(f"preprocess scale must be 'max' or '255', not {self.scale!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def preprocess(images: Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
+    """Grayscale uint8 images (any sizes) -> float32 batch ``N x C x H x W`` at ``spec.input_size``."""
+    out = np.empty((len(images), spec.channels, *spec.input_size), dtype=np.float32)
+    for i, img in enumerate(images):
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32))
+        if spec.scale == "max":
+            m = float(x.max())
+            x = x / m if m > 0 else x
+        else:
+            x = x / 255.0
+        x = (x - spec.mean) / spec.std
+        x = F.interpolate(x[None, None], size=spec.input_size, mode="bilinear", align_corners=False)
+        out[i] = x[0].expand(spec.channels, -1, -1).numpy()
+    return out
+
+
+def resize_probs(probs: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """One ``H x W`` (or ``1 x H x W``) probability map -> ``size``, bilinear, clipped to [0, 1]."""
+    p = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32)).reshape(1, 1, *probs.shape[-2:])
+    if tuple(p.shape[-2:]) != tuple(size):
+        p = F.interpolate(p, size=tuple(size), mode="bilinear", align_corners=False)
+    return p[0, 0].clamp_(0, 1).numpy()
