@@ -31,7 +31,7 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence], ca
         table.add_column(c, justify="left" if i == 0 else "right")
     for r in rows:
         table.add_row(*[str(v) for v in r])
-    Console(width=max(100, shutil.get_terminal_size().columns)).print(table)
+    Console(width=max(160, shutil.get_terminal_size().columns)).print(table)
 
 
 def set_threads(threads: int | None) -> None:

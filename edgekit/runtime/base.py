@@ -67,7 +67,11 @@ class Backend:
 
 _BACKENDS: Dict[str, Backend] = {}
 # Modules imported on first use of the registry; each registers its backend(s).
-_BUILTIN = ("edgekit.runtime.torch_runner",)
+_BUILTIN = (
+    "edgekit.runtime.torch_runner",
+    "edgekit.runtime.onnx_runner",
+    "edgekit.runtime.openvino_runner",
+)
 
 
 def register_backend(backend: Backend) -> Backend:
@@ -93,4 +97,9 @@ def load(path: str | os.PathLike, **options) -> Runner:
     for b in backends():
         if b.recognizes(p):
             return b.load(p, **options)
+    from edgekit.export.artifact import is_artifact, read_manifest
+
+    if is_artifact(p):  # say what is wrong with it: corrupt manifest, or a target with no runner here
+        target = read_manifest(p).get("target")
+        raise EdgekitError(f"{p}: no runtime backend for artifact target {target!r} is available here")
     raise EdgekitError(f"{p}: not a checkpoint or artifact folder any installed backend recognises")

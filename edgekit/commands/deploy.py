@@ -1,0 +1,137 @@
+"""Deployment commands: compile, quantize."""
+from __future__ import annotations
+
+import click
+
+from edgekit.commands._common import echo_json
+from edgekit.models.default import resolve_model
+
+
+@click.command("compile")
+@click.argument("model", required=False, metavar="[CKPT]")
+@click.option("--target", required=True, help="onnx | ort | openvino | trt")
+@click.option("--precision", default="fp32", show_default=True, help="fp32 | bf16 | fp16 | int8 | auto")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact folder to write.")
+@click.option("--calib", default=None, help="Calibration data for int8: folder, SD-900 folder or synthetic[:N].")
+@click.option("--subset", default=100, show_default=True, type=click.IntRange(1), help="Calibration images.")
+@click.option("--int8-scheme", default="head-float", show_default=True,
+              type=click.Choice(["default", "head-float", "conv-only"]))
+@click.option("--parity-data", default="synthetic:12", show_default=True, help="Images for the parity check.")
+@click.option("--threads", type=click.IntRange(1, 256), default=None)
+@click.option("--force", is_flag=True, help="Replace an existing artifact folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, parity_data, threads, force, as_json):
+    """Compile a checkpoint into a verified artifact folder for one backend."""
+    from edgekit.export.compile import compile_model
+
+    manifest = compile_model(resolve_model(model), target, precision, out, parity_data=parity_data,
+                             calib=calib, subset=subset, int8_scheme=int8_scheme, force=force,
+                             threads=threads, log=(lambda *_: None) if as_json else click.echo)
+    if as_json:
+        echo_json(manifest)
+
+
+@click.command("quantize")
+@click.argument("model", required=False, metavar="[CKPT|ARTIFACT]")
+@click.option("--target", required=True, type=click.Choice(["openvino", "onnx"]))
+@click.option("--calib", default=None, help="Calibration images: folder, SD-900 folder (train split) or "
+              "synthetic[:N] (default: the embedded synthetic generator).")
+@click.option("--subset", default=100, show_default=True, type=click.IntRange(1), help="Calibration images used.")
+@click.option("--max-drop", default=None, type=click.FloatRange(0), help="Refuse if the metric drops by more.")
+@click.option("--metric", default="iou", show_default=True, type=click.Choice(["iou", "mae", "max_f"]))
+@click.option("--val", default=None, help="Validation images with masks (SD-900 folder: its val split).")
+@click.option("--int8-scheme", default="head-float", show_default=True,
+              type=click.Choice(["default", "head-float", "conv-only"]))
+@click.option("--parity-data", default="synthetic:12", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--threads", type=click.IntRange(1, 256), default=None)
+@click.option("--force", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_scheme, parity_data, out, threads,
+                 force, as_json):
+    """INT8 post-training quantization with NNCF (accuracy-controlled with --max-drop and --val)."""
+    from edgekit.export.compile import compile_model
+
+    manifest = compile_model(resolve_model(model), target, "int8", out, parity_data=parity_data, calib=calib,
+                             subset=subset, int8_scheme=int8_scheme, max_drop=max_drop, metric=metric, val=val,
+                             force=force, threads=threads, log=(lambda *_: None) if as_json else click.echo)
+    if as_json:
+        echo_json(manifest)
+
+
+
+@click.command("bench")
+@click.argument("models", nargs=-1, metavar="[CKPT|ARTIFACT]...")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "gpu"]))
+@click.option("--backends", default=None, help="Comma list of target[:precision] for checkpoints, e.g. "
+              "torch,openvino:bf16,openvino:int8 (default: all CPU backends).")
+@click.option("--batch", "batch", default="1,8", show_default=True, help="Comma list of batch sizes.")
+@click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True)
+@click.option("--data", default="synthetic", show_default=True, help="Accuracy data (SD-900 test split when given).")
+@click.option("--calib", default=None, help="Calibration data for int8 rows (default: --data's train split).")
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--iters", default=20, show_default=True, type=click.IntRange(1), help="Calls per row per round.")
+@click.option("--eval-limit", default=None, type=click.IntRange(1), help="Evaluate on the first N images only.")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write results JSON here.")
+@click.option("--plot", "plot_out", default=None, type=click.Path(dir_okay=False),
+              help="FPS-vs-IoU PNG (default: beside --json).")
+def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, iters, eval_limit, json_out, plot_out):
+    """One table: size, IoU/MAE, latency p50/p90/p99 and FPS of every backend x precision."""
+    from pathlib import Path
+
+    from edgekit import runtime
+    from edgekit.bench.cpu import Row, model_size, plot, run_bench
+    from edgekit.bench.plan import BASELINE, DEFAULT_CPU_BACKENDS, plan_rows
+    from edgekit.commands._common import print_table, set_threads, write_json
+    from edgekit.errors import EdgekitError
+
+    if device == "gpu":
+        raise EdgekitError("edgekit bench --device gpu needs a CUDA device and the GPU runtime; none is available here")
+    try:
+        batches = sorted({int(b) for b in batch.split(",") if b.strip()})
+    except ValueError:
+        raise EdgekitError(f"--batch takes a comma list of integers, not {batch!r}") from None
+    if not batches or min(batches) < 1:
+        raise EdgekitError("--batch needs positive batch sizes")
+    specs = [s.strip() for s in backends.split(",")] if backends else list(DEFAULT_CPU_BACKENDS)
+    from edgekit.export.targets import get_target
+    from edgekit.bench.plan import parse_backend
+
+    for s in specs:
+        if s != "torch":
+            t, p = parse_backend(s)
+            get_target(t).check(p)
+    set_threads(threads)
+    if calib is None and data not in ("synthetic",) and not data.startswith("synthetic"):
+        calib = data
+    planned = plan_rows(list(models) or [resolve_model(None)], specs, calib, "synthetic:12", threads,
+                        lambda m: click.echo(m, err=True))
+    rows = [Row(name, runtime.load(path, threads=threads), model_size(path)) for name, path in planned]
+    result = run_bench(rows, data=data, batches=batches, rounds=rounds, iters=iters, eval_limit=eval_limit,
+                       baseline=BASELINE if any(n == BASELINE for n, _ in planned) else None)
+    result["settings"]["threads"] = threads
+    import sys
+
+    result["command"] = "edgekit " + " ".join(sys.argv[1:])
+    if json_out:
+        write_json(json_out, result)
+        plot_out = plot_out or str(Path(json_out).with_suffix(".png"))
+    if plot_out:
+        plot(result, Path(plot_out))
+    table = []
+    for r in result["rows"]:
+        su = f"{r['speedup_vs_baseline']:.2f}x" if r["speedup_vs_baseline"] else "-"
+        tp = f"{r['throughput_fps']:.0f}" if r["throughput_fps"] else "-"
+        table.append((r["name"], f"{r['size_bytes'] / 1e6:.2f} MB", f"{r['iou']:.4f}", f"{r['mae']:.4f}",
+                      f"{r['latency_ms']['p50']:.2f}/{r['latency_ms']['p90']:.2f}/{r['latency_ms']['p99']:.2f}",
+                      f"{r['fps_b1']:.1f}", f"{r['fps_best']:.1f} (b{r['best_batch']})", tp, su))
+    p = result["reference"]
+    table.append((p["name"], "-", f"{p['iou']:.4f}", f"{p['mae']:.4f}", "-", f"{p['fps_b1']:.2f}", "-", "-", "-"))
+    m = result["machine"]
+    print_table(f"edgekit bench --device cpu  ({m['cpu']}, {m['logical_cpus']} CPUs, {threads} threads)",
+                ["row", "size", "IoU", "MAE", "latency ms p50/p90/p99", "FPS b1", "FPS best batch",
+                 f"FPS async x{2}", "vs baseline"], table,
+                caption=f"accuracy on {result['data']}; baseline = {BASELINE} (ONNX -> OpenVINO, plugin default precision)")
+
+
+commands = [compile_cmd, quantize_cmd, bench_cmd]

@@ -1,0 +1,66 @@
+"""INT8 post-training quantization with NNCF, one call for OpenVINO IR and ONNX models.
+
+Where the quantize/dequantize pairs go matters more than anything else here (measured, see
+benchmarks/RESULTS.md): NNCF's default placement wraps the GMBI element-wise chains
+(sigmoid * x + x) in Q/DQ pairs, which costs more than the INT8 convolutions save. The schemes:
+
+* ``default``    - NNCF's own placement (for comparison);
+* ``head-float`` - default, but the prediction head (conv_out1 + sigmoid + resize) stays float:
+                   the usual cure for INT8 accuracy collapse on segmentation heads;
+* ``conv-only``  - head float, and the element-wise ops (Sigmoid, Multiply, Add) are ignored too,
+                   so only convolution inputs/weights are quantized.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+from edgekit.errors import EdgekitError, MissingBackendError
+
+SCHEMES = ("default", "head-float", "conv-only")
+HEAD_PATTERNS = [".*conv_out1.*", ".*/Resize.*$"]
+ELEMENTWISE_TYPES = {"openvino": ["Sigmoid", "Multiply", "Add"], "onnx": ["Sigmoid", "Mul", "Add"]}
+
+
+def _nncf():
+    try:
+        import nncf
+    except ImportError:
+        raise MissingBackendError("INT8 quantization", "nncf") from None
+    return nncf
+
+
+def ignored_scope(scheme: str, backend: str):
+    nncf = _nncf()
+    if scheme not in SCHEMES:
+        raise EdgekitError(f"unknown INT8 scheme {scheme!r} (choose from {', '.join(SCHEMES)})")
+    if scheme == "default":
+        return None
+    types = ELEMENTWISE_TYPES[backend] if scheme == "conv-only" else []
+    return nncf.IgnoredScope(patterns=HEAD_PATTERNS, types=types, validate=False)
+
+
+def quantize_model(model, backend: str, calibration: Sequence[np.ndarray], scheme: str = "head-float",
+                   subset_size: int = 100, input_name: str = "image", validation=None,
+                   validation_fn: Optional[Callable] = None, max_drop: Optional[float] = None):
+    """Quantize an ``openvino.Model`` or ``onnx.ModelProto``. With ``validation_fn`` and ``max_drop``,
+    NNCF's accuracy-controlled quantization reverts the most harmful layers to float until the
+    validation metric drops by at most ``max_drop``."""
+    nncf = _nncf()
+    if not calibration:
+        raise EdgekitError("no calibration images")
+    if backend == "onnx":
+        items = [{input_name: x} for x in calibration]
+    else:
+        items = list(calibration)
+    calib = nncf.Dataset(items)
+    kwargs = dict(preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=min(subset_size, len(items)),
+                  ignored_scope=ignored_scope(scheme, backend), target_device=nncf.TargetDevice.CPU)
+    nncf.set_log_level(40)  # errors only: NNCF's progress output would swamp the CLI
+    if validation_fn is not None and max_drop is not None:
+        return nncf.quantize_with_accuracy_control(
+            model, calib, nncf.Dataset(validation), validation_fn=validation_fn, max_drop=max_drop,
+            drop_type=nncf.DropType.ABSOLUTE, **kwargs)
+    return nncf.quantize(model, calib, **kwargs)

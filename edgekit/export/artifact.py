@@ -1,0 +1,104 @@
+"""Artifact folders: model files plus a ``manifest.json`` that says what they are.
+
+Every compiled model, whatever the backend, is one folder::
+
+    model.onnx | model.xml + model.bin | ...     the files the backend loads
+    manifest.json                                what, from where, how, and how well
+
+The manifest records the model kind and config, input spec and preprocessing, the source
+checkpoint's sha256, target and precision, tool versions, the sha256 of every model file, and
+the parity figures measured against the source model at compile time. ``read_manifest`` checks
+the file hashes, so a corrupted or mismatched folder is refused before anything runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator
+
+from edgekit import __version__
+from edgekit.errors import EdgekitError
+from edgekit.utils import sha256_file
+
+MANIFEST = "manifest.json"
+FORMAT = "edgekit-artifact"
+FORMAT_VERSION = 1
+
+
+def tool_versions(*packages: str) -> Dict[str, str]:
+    out = {"edgekit": __version__}
+    for p in ("torch", "onnx", "onnxruntime", "openvino", "nncf", "onnxsim") + packages:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[p] = importlib.metadata.version(p)
+    return out
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def is_artifact(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST).is_file()
+
+
+def read_manifest(folder: str | os.PathLike, verify: bool = True) -> dict:
+    folder = Path(folder)
+    mpath = folder / MANIFEST
+    if not mpath.is_file():
+        raise EdgekitError(f"{folder}: not an artifact folder (no {MANIFEST})")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise EdgekitError(f"{mpath}: corrupt manifest (not JSON)") from None
+    if manifest.get("format") != FORMAT:
+        raise EdgekitError(f"{mpath}: not an edgekit artifact manifest")
+    if verify:
+        for name, digest in manifest.get("files", {}).items():
+            f = folder / name
+            if not f.is_file():
+                raise EdgekitError(f"{folder}: file {name} listed in the manifest is missing")
+            if sha256_file(f) != digest:
+                raise EdgekitError(f"{folder}: {name} does not match its sha256 in the manifest (corrupt or replaced)")
+    return manifest
+
+
+@contextlib.contextmanager
+def artifact_writer(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; on success it becomes ``out`` in one rename.
+
+    A failure leaves no partial folder, and an existing ``out`` untouched (replaced only with
+    ``force``, and only once the new one is complete).
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise EdgekitError(f"{out} already exists (use --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise EdgekitError(f"{out} exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(folder: Path, manifest: dict, model_files) -> dict:
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": now_utc(), **manifest}
+    manifest["files"] = {name: sha256_file(folder / name) for name in model_files}
+    manifest["size_bytes"] = sum((folder / n).stat().st_size for n in model_files)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

@@ -1,0 +1,66 @@
+"""OpenVINO (CPU) runner for ``openvino`` artifacts.
+
+Compiled per batch size with static shapes (OpenVINO's CPU plugin is fastest on static shapes),
+LATENCY hint, one stream: the numbers an application making one synchronous request sees.
+The inference precision recorded in the manifest is passed explicitly: OpenVINO's default on CPUs
+with AMX/AVX-512-BF16 is bf16, so "fp32" must be asked for.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+
+from edgekit.errors import MissingBackendError
+from edgekit.runtime.artifact_runner import ArtifactRunner, recognizes_target
+from edgekit.runtime.base import Backend, register_backend
+
+OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+class OpenVINORunner(ArtifactRunner):
+    name = "openvino"
+
+    def __init__(self, folder: Path, threads: int | None = None, hint: str = "LATENCY"):
+        super().__init__(folder)
+        try:
+            import openvino as ov
+        except ImportError:
+            raise MissingBackendError("running OpenVINO artifacts", "openvino") from None
+        self.core = ov.Core()
+        self.model = self.core.read_model(str(Path(folder) / self.manifest["model_file"]))
+        self.config = {"PERFORMANCE_HINT": hint, "NUM_STREAMS": "1" if hint == "LATENCY" else "AUTO"}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = int(threads)
+        infer_precision = self.manifest.get("inference_precision", self.precision)
+        if infer_precision in OV_PRECISION:
+            self.config["INFERENCE_PRECISION_HINT"] = OV_PRECISION[infer_precision]
+        self._compiled: Dict[int, object] = {}
+        self._requests: Dict[int, object] = {}
+
+    def compiled(self, batch: int):
+        if batch not in self._compiled:
+            m = self.model.clone()
+            m.reshape({m.inputs[0].any_name: [batch, *self.input_shape]})
+            self._compiled[batch] = self.core.compile_model(m, "CPU", self.config)
+            self._requests[batch] = self._compiled[batch].create_infer_request()
+        return self._compiled[batch]
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        batch = self._check_batch(batch)
+        n = batch.shape[0]
+        self.compiled(n)
+        req = self._requests[n]
+        req.infer({0: batch})
+        return np.array(req.get_output_tensor(0).data, copy=True)
+
+    def throughput_queue(self, batch: int, jobs: int):
+        """An AsyncInferQueue with ``jobs`` requests in flight (the THROUGHPUT-style measurement)."""
+        import openvino as ov
+
+        return ov.AsyncInferQueue(self.compiled(batch), jobs)
+
+
+register_backend(Backend("openvino", recognizes_target("openvino"),
+                         lambda p, threads=None, **_: OpenVINORunner(p, threads=threads), priority=20))
