@@ -18,6 +18,9 @@ from edgekit.errors import EdgekitError
 
 COMMAND_MODULES = (
     "edgekit.commands.core",  # info, eval, predict, import, synth
+    "edgekit.commands.deploy",  # compile, quantize
+    "edgekit.commands.ota",  # keygen, package, verify, install, rollback
+    "edgekit.commands.train",  # train
 )
 
 

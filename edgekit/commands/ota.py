@@ -1,0 +1,120 @@
+"""OTA adapter commands: keygen, package, verify, install, rollback."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+# The optional 'ota' extra: imported here so that, when missing, the CLI lists these commands as
+# unavailable instead of failing when one runs. The edgekit.ota modules load lazily (they pull in torch).
+import cryptography  # noqa: F401
+import safetensors  # noqa: F401
+
+from edgekit.commands._common import echo_json, print_table
+
+MAX_SIZE_HELP = "Refuse packages larger than this, packed or unpacked (bytes; default 16 MiB)."
+
+
+def _short(key_id: str) -> str:
+    return key_id[:16] + "…"
+
+
+@click.command("keygen")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the key pair.")
+@click.option("--force", is_flag=True, help="Replace an existing key pair.")
+def keygen_cmd(out_dir, force):
+    """Create an Ed25519 key pair for signing adapter packages."""
+    from edgekit.ota.keys import generate_keypair
+
+    private_path, public_path, kid = generate_keypair(out_dir, force=force)
+    click.echo(f"wrote {private_path} (private, mode 0600: keep it on the build machine)")
+    click.echo(f"wrote {public_path} (public: give it to devices with --pubkey)")
+    click.echo(f"key id {kid}")
+
+
+@click.command("package")
+@click.argument("adapter", type=click.Path(file_okay=False), metavar="ADAPTER_DIR")
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False), help="Private key PEM.")
+@click.option("--version", "version", required=True, help="Package version, MAJOR.MINOR.PATCH (e.g. 1.2.3).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Package file to write.")
+def package_cmd(adapter, key_path, version, out_path):
+    """Sign an adapter folder into one OTA package (zip with manifest.json + manifest.sig)."""
+    from edgekit.ota.package import DEFAULT_MAX_SIZE, build_package
+
+    manifest = build_package(adapter, key_path, version, out_path)
+    size = Path(out_path).stat().st_size
+    click.echo(f"wrote {out_path} ({size:,} bytes): {manifest['task']} {manifest['version']}, "
+               f"{len(manifest['files'])} payload files, signed by key {_short(manifest['key_id'])}")
+    if size > DEFAULT_MAX_SIZE:
+        click.echo(f"note: larger than the default install limit of {DEFAULT_MAX_SIZE:,} bytes; "
+                   "devices need --max-size", err=True)
+
+
+@click.command("verify")
+@click.argument("package", type=click.Path(dir_okay=False), metavar="FILE")
+@click.option("--pubkey", "pubkeys", required=True, multiple=True, type=click.Path(dir_okay=False),
+              help="Trusted public key PEM; repeat for a set of trusted keys.")
+@click.option("--max-size", type=click.IntRange(min=1), default=None, help=MAX_SIZE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the verified manifest as JSON.")
+def verify_cmd(package, pubkeys, max_size, as_json):
+    """Check a package's signature, signer, payload hashes and members; nothing is written."""
+    from edgekit.ota.package import DEFAULT_MAX_SIZE, verify_package
+
+    summary = verify_package(package, pubkeys, max_size or DEFAULT_MAX_SIZE).summary()
+    if as_json:
+        echo_json(summary)
+        return
+    rows = [
+        ("task", summary["task"]),
+        ("version", summary["version"]),
+        ("classes", ", ".join(summary["classes"])),
+        ("backbone", f"{summary['backbone']} (sha256 {summary['backbone_sha256'][:16]}…)"),
+        ("input", ", ".join(f"{k}={v}" for k, v in summary["input"].items()) or "-"),
+        ("created (UTC)", summary["created_utc"]),
+        ("signed by", f"key {_short(summary['key_id'])} ({summary['key_file']})"),
+        ("payload", ", ".join(f"{f['name']} ({f['size']:,} B)" for f in summary["files"])),
+        ("archive", f"{summary['archive_size']:,} bytes"),
+    ]
+    print_table(f"verified: {summary['package']}", ["field", "value"], rows)
+
+
+@click.command("install")
+@click.argument("package", type=click.Path(dir_okay=False), metavar="FILE")
+@click.option("--root", required=True, type=click.Path(file_okay=False), help="Install root on the device.")
+@click.option("--pubkey", "pubkeys", required=True, multiple=True, type=click.Path(dir_okay=False),
+              help="Trusted public key PEM; repeat for a set of trusted keys.")
+@click.option("--backbone-sha256", default=None,
+              help="sha256 of the device's backbone artifact (default: ROOT/backbone.sha256 if present).")
+@click.option("--allow-downgrade", is_flag=True, help="Also install a version older than or equal to the current.")
+@click.option("--max-size", type=click.IntRange(min=1), default=None, help=MAX_SIZE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def install_cmd(package, root, pubkeys, backbone_sha256, allow_downgrade, max_size, as_json):
+    """Verify a package and put it in service atomically; the replaced version is kept for rollback."""
+    from edgekit.ota.install import BACKBONE_FILE, install_package
+    from edgekit.ota.package import DEFAULT_MAX_SIZE
+
+    result = install_package(package, root, pubkeys, backbone_sha256=backbone_sha256,
+                             allow_downgrade=allow_downgrade, max_size=max_size or DEFAULT_MAX_SIZE)
+    if as_json:
+        echo_json(result)
+        return
+    kept = f"; {result['previous']} kept for rollback" if result["previous"] else ""
+    click.echo(f"installed {result['task']} {result['installed']} at {result['path']}{kept}")
+    if not result["backbone_checked"]:
+        click.echo(f"note: backbone not checked (no --backbone-sha256 and no {Path(root) / BACKBONE_FILE})")
+
+
+@click.command("rollback")
+@click.option("--root", required=True, type=click.Path(file_okay=False), help="Install root on the device.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def rollback_cmd(root, as_json):
+    """Put the previous version back in service (running it again returns to the one rolled back from)."""
+    from edgekit.ota.install import rollback
+
+    result = rollback(root)
+    if as_json:
+        echo_json(result)
+        return
+    click.echo(f"rolled back to {result['version']} (from {result['from']}) at {result['path']}")
+
+
+commands = [keygen_cmd, package_cmd, verify_cmd, install_cmd, rollback_cmd]

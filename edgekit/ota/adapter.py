@@ -1,0 +1,167 @@
+"""The on-disk adapter format: what ``edgekit package`` ships and what a device loads.
+
+An adapter is a folder::
+
+    adapter.json            metadata (below), written last so a complete adapter.json means a complete folder
+    adapter.safetensors     the weights; safetensors only (no pickle, so loading runs no code)
+
+``adapter.json``::
+
+    {"format": "edgekit-adapter", "format_version": 1,
+     "task": "steel-defects", "classes": ["inclusion", "patches", "scratches"],
+     "version": "1.2.0",                      # optional; the package version is authoritative
+     "backbone": "gmbinet-sd900",             # id of the frozen backbone the adapter sits on
+     "backbone_sha256": "<64 hex>",           # sha256 of that backbone artifact file
+     "input": {"shape": [3, 512, 512], ...},  # input spec
+     "config": {...},                         # optional model config of the adapter head
+     "weights": ["adapter.safetensors"],      # weight files, all safetensors, keys unique across files
+     ...any other JSON fields are kept}
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, Mapping, Tuple
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from edgekit.errors import EdgekitError
+from edgekit.ota.version import parse_version
+from edgekit.utils import atomic_write
+
+ADAPTER_FORMAT = "edgekit-adapter"
+ADAPTER_FORMAT_VERSION = 1
+META_NAME = "adapter.json"
+WEIGHTS_NAME = "adapter.safetensors"
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# Payload file names are plain names: no folders, no hidden files, nothing a shell or archive could misread.
+_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and bool(_SHA256_RE.match(value))
+
+
+def is_plain_file_name(name: Any) -> bool:
+    return isinstance(name, str) and bool(_FILE_NAME_RE.match(name))
+
+
+def validate_adapter_meta(meta: Mapping[str, Any], where: str = META_NAME) -> Dict[str, Any]:
+    """Check the fields every adapter must have; returns a plain-dict copy. One EdgekitError per problem."""
+    if not isinstance(meta, Mapping):
+        raise EdgekitError(f"{where}: expected a JSON object")
+    meta = dict(meta)
+
+    def need(cond: bool, what: str):
+        if not cond:
+            raise EdgekitError(f"{where}: {what}")
+
+    need(meta.get("format", ADAPTER_FORMAT) == ADAPTER_FORMAT,
+         f"format is {meta.get('format')!r}, not {ADAPTER_FORMAT!r}")
+    fv = meta.get("format_version", ADAPTER_FORMAT_VERSION)
+    need(isinstance(fv, int) and fv <= ADAPTER_FORMAT_VERSION,
+         f"format_version {fv!r} is newer than this edgekit reads ({ADAPTER_FORMAT_VERSION}); upgrade edgekit")
+    need(isinstance(meta.get("task"), str) and meta["task"].strip() != "", "'task' must be a non-empty string")
+    classes = meta.get("classes")
+    need(isinstance(classes, list) and classes and all(isinstance(c, str) and c for c in classes),
+         "'classes' must be a non-empty list of class names")
+    need(len(set(classes)) == len(classes), "'classes' has duplicate names")
+    if meta.get("version") is not None:
+        parse_version(meta["version"])
+    need(isinstance(meta.get("backbone"), str) and meta["backbone"].strip() != "",
+         "'backbone' must be the backbone id string")
+    if isinstance(meta.get("backbone_sha256"), str):
+        meta["backbone_sha256"] = meta["backbone_sha256"].strip().lower()
+    need(is_sha256(meta.get("backbone_sha256")), "'backbone_sha256' must be a sha256 (64 hex digits)")
+    need(isinstance(meta.get("input"), dict), "'input' must be an object (the input spec)")
+    need(isinstance(meta.get("config", {}), dict), "'config' must be an object")
+    weights = meta.get("weights", [WEIGHTS_NAME])
+    need(isinstance(weights, list) and weights, "'weights' must be a non-empty list of file names")
+    for name in weights:
+        need(is_plain_file_name(name) and name.endswith(".safetensors"),
+             f"weight file {name!r} must be a plain file name ending in .safetensors")
+    need(len(set(weights)) == len(weights), "'weights' lists a file twice")
+    try:
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise EdgekitError(f"{where}: not plain JSON ({e})") from None
+    return meta
+
+
+def _to_torch(name: str, value) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"adapter tensor {name!r} is a {type(value).__name__}, not a torch.Tensor or numpy array")
+    # clone: safetensors refuses tensors that share storage (e.g. tied weights or views)
+    return value.detach().cpu().contiguous().clone()
+
+
+def save_adapter(folder: str | os.PathLike, tensors: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
+    """Write ``tensors`` (name -> torch.Tensor or numpy array) and ``meta`` as an adapter folder.
+
+    ``meta`` needs task, classes, backbone, backbone_sha256 and input (see the module docstring);
+    format, format_version and weights are filled in. Returns the folder.
+    """
+    folder = Path(folder)
+    if not tensors:
+        raise EdgekitError("an adapter needs at least one tensor")
+    meta = dict(meta)
+    meta.update(format=ADAPTER_FORMAT, format_version=ADAPTER_FORMAT_VERSION, weights=[WEIGHTS_NAME])
+    meta = validate_adapter_meta(meta)
+    data = safetensors.torch.save({str(k): _to_torch(str(k), v) for k, v in tensors.items()})
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_write(folder / WEIGHTS_NAME) as f:
+        f.write(data)
+    with atomic_write(folder / META_NAME, "w") as f:  # last: it names the weights, so it marks the folder complete
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+    return folder
+
+
+def read_adapter_meta(folder: str | os.PathLike) -> Dict[str, Any]:
+    """The validated ``adapter.json`` of an adapter folder."""
+    path = Path(folder) / META_NAME
+    if not Path(folder).is_dir():
+        raise EdgekitError(f"adapter folder {folder} not found")
+    if not path.is_file():
+        raise EdgekitError(f"{folder} is not an adapter folder: no {META_NAME}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EdgekitError(f"{path}: not readable JSON ({e})") from None
+    return validate_adapter_meta(meta, str(path))
+
+
+def load_weights_bytes(name: str, data: bytes) -> Dict[str, torch.Tensor]:
+    """Parse one safetensors file's bytes into torch tensors; a clear error if it is not safetensors."""
+    try:
+        return safetensors.torch.load(data)
+    except Exception as e:  # safetensors raises its own error types for a bad header or truncated data
+        raise EdgekitError(f"weight file {name} is not a valid safetensors file ({type(e).__name__})") from None
+
+
+def load_adapter(folder: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """``(tensors, meta)`` of an adapter folder: torch tensors by name, and the adapter.json fields."""
+    folder = Path(folder)
+    meta = read_adapter_meta(folder)
+    tensors: Dict[str, torch.Tensor] = {}
+    for name in meta.get("weights", [WEIGHTS_NAME]):
+        path = folder / name
+        if not path.is_file():
+            raise EdgekitError(f"{folder}: weight file {name} named in {META_NAME} is missing")
+        for key, value in load_weights_bytes(name, path.read_bytes()).items():
+            if key in tensors:
+                raise EdgekitError(f"{folder}: tensor {key!r} appears in more than one weight file")
+            tensors[key] = value
+    return tensors, meta
+
+
+def adapter_files(meta: Mapping[str, Any]) -> list:
+    """The files that make up an adapter: adapter.json and its weight files."""
+    return [META_NAME, *meta.get("weights", [WEIGHTS_NAME])]

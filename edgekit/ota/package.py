@@ -1,0 +1,315 @@
+"""Signed OTA packages: build one from an adapter folder, and verify one before anything trusts it.
+
+A package is a zip archive::
+
+    manifest.json              what the package is (below); its exact bytes are what is signed
+    manifest.sig               the 64-byte raw Ed25519 signature of manifest.json
+    payload/adapter.json       the adapter folder's files (see edgekit.ota.adapter)
+    payload/adapter.safetensors
+
+``manifest.json``: format, format_version, task, classes, version, backbone, backbone_sha256, input,
+created_utc, key_id (the signer's key id) and files: [{name, sha256, size}] for every payload file.
+
+Why zip rather than tar.gz: the zip central directory lists every member's name, type and size
+before anything is decompressed, so the verifier rejects unsafe paths, links, devices and
+oversized content up front and then decompresses each member on its own, bounded by its declared
+size (zipfile stops there and checks the CRC); the signature is checked on manifest.json before
+any payload is read. A tar.gz must be inflated sequentially just to list its members, and tar has
+many more member kinds (hard/symbolic links, devices, fifos, sparse and pax entries) to rule out.
+Members are stored with a fixed timestamp and mode; nothing is ever extracted by zipfile itself.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import stat
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, Mapping, Optional
+
+from edgekit import __version__
+from edgekit.errors import EdgekitError
+from edgekit.ota.adapter import (META_NAME, adapter_files, is_plain_file_name, is_sha256, load_adapter,
+                                 load_weights_bytes, validate_adapter_meta)
+from edgekit.ota.keys import TrustedKey, key_id, load_private_key, load_trusted_keys
+from edgekit.ota.version import parse_version
+from edgekit.utils import atomic_write
+
+PACKAGE_FORMAT = "edgekit-ota-package"
+PACKAGE_FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"
+PAYLOAD_PREFIX = "payload/"
+DEFAULT_MAX_SIZE = 16 * 1024 * 1024  # bytes; applies to the archive and to its total unpacked size
+MAX_MANIFEST_SIZE = 1024 * 1024
+MAX_MEMBERS = 256
+SIGNATURE_SIZE = 64
+# The manifest fields copied from adapter.json; verify checks the two still agree.
+ADAPTER_FIELDS = ("task", "classes", "backbone", "backbone_sha256", "input")
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def manifest_to_bytes(manifest: Mapping) -> bytes:
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _zip_member(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.create_system = 3  # unix, so external_attr below is read as a mode
+    info.external_attr = (stat.S_IFREG | 0o644) << 16
+    return info
+
+
+def build_package(adapter_dir: str | os.PathLike, private_key_path: str | os.PathLike, version: str,
+                  out: str | os.PathLike) -> dict:
+    """Sign the adapter folder as package ``out`` (written atomically); returns the manifest."""
+    parse_version(version)
+    adapter_dir = Path(adapter_dir)
+    _, meta = load_adapter(adapter_dir)  # loads the weights too: never ship an adapter that does not load
+    if meta.get("version") is not None and meta["version"] != version:
+        raise EdgekitError(f"{adapter_dir / META_NAME} says version {meta['version']}, but --version is {version}")
+    private_key = load_private_key(private_key_path)
+    payload = {name: (adapter_dir / name).read_bytes() for name in adapter_files(meta)}
+    manifest = {
+        "format": PACKAGE_FORMAT, "format_version": PACKAGE_FORMAT_VERSION,
+        **{k: meta[k] for k in ADAPTER_FIELDS},
+        "version": version,
+        "created_utc": utc_now(),
+        "created_by": f"edgekit {__version__}",
+        "key_id": key_id(private_key.public_key()),
+        "files": [{"name": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+                  for name, data in payload.items()],
+    }
+    manifest_bytes = manifest_to_bytes(manifest)
+    try:
+        with atomic_write(out) as f, zipfile.ZipFile(f, "w") as zf:
+            zf.writestr(_zip_member(MANIFEST_NAME), manifest_bytes)
+            zf.writestr(_zip_member(SIGNATURE_NAME), private_key.sign(manifest_bytes))
+            for name, data in payload.items():
+                zf.writestr(_zip_member(PAYLOAD_PREFIX + name), data)
+    except OSError as e:
+        raise EdgekitError(f"cannot write {out}: {e.strerror or e}") from None
+    return manifest
+
+
+@dataclass
+class VerifiedPackage:
+    """A package whose signature, signer, members and payload hashes all checked out."""
+
+    path: Path
+    archive_size: int
+    manifest: dict
+    manifest_bytes: bytes
+    signature: bytes
+    files: Dict[str, bytes]  # payload file name -> content, exactly as hashed
+    signer: TrustedKey
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    def summary(self) -> dict:
+        m = self.manifest
+        return {"package": str(self.path), "verified": True, "version": m["version"], "task": m["task"],
+                "classes": m["classes"], "backbone": m["backbone"], "backbone_sha256": m["backbone_sha256"],
+                "input": m["input"], "created_utc": m["created_utc"], "key_id": m["key_id"],
+                "key_file": self.signer.path, "archive_size": self.archive_size, "files": m["files"]}
+
+
+def _member_kind(info: zipfile.ZipInfo) -> Optional[str]:
+    """None for a regular file, else what the member is."""
+    if info.is_dir():
+        return "a directory"
+    mode = info.external_attr >> 16 if info.create_system == 3 else 0
+    if stat.S_IFMT(mode) in (0, stat.S_IFREG):  # no type bits: a plain file (e.g. Python's writestr)
+        return None
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISFIFO(mode):
+        return "a fifo"
+    return "not a regular file"
+
+
+def _is_safe_member_name(name: str) -> bool:
+    if not name or len(name) > 255 or "\\" in name or "\x00" in name or ":" in name or name.startswith("/"):
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
+
+
+def _check_members(zf: zipfile.ZipFile, where: str, max_size: int) -> Dict[str, zipfile.ZipInfo]:
+    """Every member a plain relative regular file, once, readable, and the total within ``max_size``."""
+    infos = zf.infolist()
+    if len(infos) > MAX_MEMBERS:
+        raise EdgekitError(f"{where} has {len(infos)} members, more than the {MAX_MEMBERS} a package may have")
+    members: Dict[str, zipfile.ZipInfo] = {}
+    total = 0
+    for info in infos:
+        name = info.filename
+        if not _is_safe_member_name(name):
+            raise EdgekitError(f"{where}: unsafe member path {name!r} (absolute, '..' or odd characters); refused")
+        kind = _member_kind(info)
+        if kind:
+            raise EdgekitError(f"{where}: member {name!r} is {kind}; only regular files are allowed")
+        if name in members:
+            raise EdgekitError(f"{where}: member {name!r} appears twice")
+        if info.flag_bits & 0x1:
+            raise EdgekitError(f"{where}: member {name!r} is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise EdgekitError(f"{where}: member {name!r} uses an unsupported compression method")
+        total += info.file_size
+        members[name] = info
+    if total > max_size:
+        raise EdgekitError(f"{where} would unpack to {total:,} bytes, over the {max_size:,}-byte size limit "
+                           "(--max-size)")
+    return members
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> bytes:
+    try:
+        data = zf.read(info)  # bounded by the declared size; zipfile checks the CRC
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError) as e:
+        raise EdgekitError(f"{where}: member {info.filename!r} is corrupt ({e})") from None
+    if len(data) != info.file_size:
+        raise EdgekitError(f"{where}: member {info.filename!r} is corrupt (size differs from its header)")
+    return data
+
+
+def _claimed_key_id(manifest_bytes: bytes) -> Optional[str]:
+    try:
+        kid = json.loads(manifest_bytes).get("key_id")
+    except (ValueError, AttributeError):
+        return None
+    return kid if is_sha256(kid) else None
+
+
+def _check_signature(manifest_bytes: bytes, signature: bytes, trusted: Mapping[str, TrustedKey],
+                     where: str) -> TrustedKey:
+    """The trusted key that signed these exact manifest bytes, or one clear refusal."""
+    if len(signature) == SIGNATURE_SIZE:
+        for key in trusted.values():
+            if key.verifies(signature, manifest_bytes):
+                return key
+    claimed = _claimed_key_id(manifest_bytes)
+    if claimed and claimed not in trusted:
+        raise EdgekitError(f"{where} is signed by unknown key {claimed[:16]}…, not one of the {len(trusted)} "
+                           "trusted key(s) given with --pubkey")
+    raise EdgekitError(f"{where}: bad signature: manifest.json was altered or not signed by a trusted key")
+
+
+def _parse_manifest(manifest_bytes: bytes, where: str) -> dict:
+    try:
+        manifest = json.loads(manifest_bytes)
+    except ValueError:
+        raise EdgekitError(f"{where}: manifest.json is not valid JSON") from None
+
+    def need(cond: bool, what: str):
+        if not cond:
+            raise EdgekitError(f"{where}: manifest.json {what}")
+
+    need(isinstance(manifest, dict), "is not a JSON object")
+    need(manifest.get("format") == PACKAGE_FORMAT, f"format is {manifest.get('format')!r}, not {PACKAGE_FORMAT!r}")
+    fv = manifest.get("format_version")
+    need(isinstance(fv, int) and fv <= PACKAGE_FORMAT_VERSION,
+         f"format_version {fv!r} is newer than this edgekit reads ({PACKAGE_FORMAT_VERSION}); upgrade edgekit")
+    parse_version(manifest.get("version"))
+    need(is_sha256(manifest.get("key_id")), "has no valid key_id")
+    need(isinstance(manifest.get("created_utc"), str), "has no created_utc")
+    files = manifest.get("files")
+    need(isinstance(files, list) and files, "lists no payload files")
+    for entry in files:
+        need(isinstance(entry, dict) and is_plain_file_name(entry.get("name")) and is_sha256(entry.get("sha256"))
+             and isinstance(entry.get("size"), int) and entry["size"] >= 0,
+             f"has a malformed files entry {entry!r}")
+    names = [e["name"] for e in files]
+    need(len(set(names)) == len(names), "lists a payload file twice")
+    return manifest
+
+
+def verify_package(path: str | os.PathLike, trusted_keys: Mapping[str, TrustedKey] | Iterable[str | os.PathLike],
+                   max_size: int = DEFAULT_MAX_SIZE) -> VerifiedPackage:
+    """Check everything about a package, in memory, without writing anywhere.
+
+    ``trusted_keys``: the result of ``load_trusted_keys`` or public key file paths. Order: size
+    limits, member safety, signature by a trusted key, key id, payload hashes, adapter contents.
+    """
+    path = Path(path)
+    where = path.name
+    trusted = trusted_keys if isinstance(trusted_keys, Mapping) else load_trusted_keys(trusted_keys)
+    if not path.is_file():
+        raise EdgekitError(f"package {path} not found")
+    size = path.stat().st_size
+    if size > max_size:
+        raise EdgekitError(f"{where} is {size:,} bytes, over the {max_size:,}-byte size limit (--max-size)")
+    with open(path, "rb") as f:
+        data = f.read(max_size + 1)  # one read: the bytes checked are the bytes installed
+    if len(data) > max_size:
+        raise EdgekitError(f"{where} grew past the {max_size:,}-byte size limit while being read")
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError):
+        raise EdgekitError(f"{where} is not an edgekit package (not a zip archive)") from None
+
+    with zf:
+        members = _check_members(zf, where, max_size)
+        for required in (MANIFEST_NAME, SIGNATURE_NAME):
+            if required not in members:
+                raise EdgekitError(f"{where} has no {required}: not a signed edgekit package")
+        if members[MANIFEST_NAME].file_size > MAX_MANIFEST_SIZE:
+            raise EdgekitError(f"{where}: manifest.json is implausibly large")
+        manifest_bytes = _read_member(zf, members[MANIFEST_NAME], where)
+        signature = _read_member(zf, members[SIGNATURE_NAME], where)
+        signer = _check_signature(manifest_bytes, signature, trusted, where)
+        manifest = _parse_manifest(manifest_bytes, where)
+        if manifest["key_id"] != signer.key_id:
+            raise EdgekitError(f"{where}: manifest names key {manifest['key_id'][:16]}… but was signed by "
+                               f"{signer.key_id[:16]}…")
+
+        expected = {MANIFEST_NAME, SIGNATURE_NAME} | {PAYLOAD_PREFIX + e["name"] for e in manifest["files"]}
+        unlisted, missing = sorted(set(members) - expected), sorted(expected - set(members))
+        if unlisted:
+            raise EdgekitError(f"{where}: member {unlisted[0]!r} is not listed in the manifest")
+        if missing:
+            raise EdgekitError(f"{where}: payload file {missing[0]!r} listed in the manifest is missing")
+        files: Dict[str, bytes] = {}
+        for entry in manifest["files"]:
+            content = _read_member(zf, members[PAYLOAD_PREFIX + entry["name"]], where)
+            if len(content) != entry["size"] or hashlib.sha256(content).hexdigest() != entry["sha256"]:
+                raise EdgekitError(f"{where}: payload file {entry['name']!r} does not match its sha256 in the "
+                                   "manifest (tampered or corrupted)")
+            files[entry["name"]] = content
+
+    _check_adapter_payload(manifest, files, where)
+    return VerifiedPackage(path=path, archive_size=size, manifest=manifest, manifest_bytes=manifest_bytes,
+                           signature=signature, files=files, signer=signer)
+
+
+def _check_adapter_payload(manifest: dict, files: Dict[str, bytes], where: str) -> None:
+    """The signed payload is a loadable adapter that agrees with its manifest."""
+    if META_NAME not in files:
+        raise EdgekitError(f"{where}: the payload has no {META_NAME}")
+    try:
+        meta = json.loads(files[META_NAME])
+    except ValueError:
+        raise EdgekitError(f"{where}: payload {META_NAME} is not valid JSON") from None
+    meta = validate_adapter_meta(meta, f"{where}: payload {META_NAME}")
+    if sorted(adapter_files(meta)) != sorted(files):
+        raise EdgekitError(f"{where}: payload files {sorted(files)} differ from those {META_NAME} names "
+                           f"{sorted(adapter_files(meta))}")
+    for field in ADAPTER_FIELDS:
+        if manifest.get(field) != meta.get(field):
+            raise EdgekitError(f"{where}: manifest and payload {META_NAME} disagree on {field!r}")
+    if meta.get("version") is not None and meta["version"] != manifest["version"]:
+        raise EdgekitError(f"{where}: manifest and payload {META_NAME} disagree on 'version'")
+    for name in meta["weights"]:
+        load_weights_bytes(name, files[name])
