@@ -130,7 +130,7 @@ def test_int8_artifact(tiny_ckpt, tmp_path, target):
     man = compile_model(str(tiny_ckpt), target, "int8", str(tmp_path / "q"), calib="synthetic:8", subset=8,
                         parity_data="synthetic:4", val="synthetic:4", log=lambda *_: None)
     q = man["quantization"]
-    assert q["tool"] == "nncf" and q["calibration_images"] == 8 and q["scheme"] == "head-float"
+    assert q["tool"] == "nncf" and q["calibration_images"] == 8 and q["scheme"] == "stem-head-float"
     assert {"before", "after", "drop"} <= set(q)
     assert man["parity"]["max_abs_diff"] < 0.5  # quantized, but still the same model
     runner = runtime.load(tmp_path / "q")
@@ -172,3 +172,13 @@ def test_bench_json_schema(cli, artifacts, tiny_ckpt, tmp_path):
         assert row["latency_ms"]["p50"] <= row["latency_ms"]["p90"] <= row["latency_ms"]["p99"]
         assert set(row["fps_by_batch"]) == {"1", "2"} and row["fps_b1"] > 0
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_precision_auto_keeps_a_measured_candidate(tiny_ckpt, tmp_path):
+    man = compile_model(str(tiny_ckpt), "onnx", "auto", str(tmp_path / "auto"), parity_data="synthetic:4",
+                        calib="synthetic:8", subset=8, val="synthetic:4", max_drop=1.0, log=lambda *_: None)
+    auto = man["auto"]
+    assert {c["precision"] for c in auto["candidates"]} == {"fp32", "int8"}
+    best = max((c for c in auto["candidates"] if c["within_budget"]), key=lambda c: c["fps_b1"])
+    assert auto["chosen"] == best["precision"] == man["precision"]
+    runtime.load(tmp_path / "auto")  # the kept artifact verifies against its manifest

@@ -14,8 +14,8 @@ from edgekit.models.default import resolve_model
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact folder to write.")
 @click.option("--calib", default=None, help="Calibration data for int8: folder, SD-900 folder or synthetic[:N].")
 @click.option("--subset", default=100, show_default=True, type=click.IntRange(1), help="Calibration images.")
-@click.option("--int8-scheme", default="head-float", show_default=True,
-              type=click.Choice(["default", "head-float", "conv-only"]))
+@click.option("--int8-scheme", default="stem-head-float", show_default=True,
+              type=click.Choice(["default", "stem-head-float", "conv-only"]))
 @click.option("--parity-data", default="synthetic:12", show_default=True, help="Images for the parity check.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
 @click.option("--force", is_flag=True, help="Replace an existing artifact folder.")
@@ -40,8 +40,8 @@ def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, parit
 @click.option("--max-drop", default=None, type=click.FloatRange(0), help="Refuse if the metric drops by more.")
 @click.option("--metric", default="iou", show_default=True, type=click.Choice(["iou", "mae", "max_f"]))
 @click.option("--val", default=None, help="Validation images with masks (SD-900 folder: its val split).")
-@click.option("--int8-scheme", default="head-float", show_default=True,
-              type=click.Choice(["default", "head-float", "conv-only"]))
+@click.option("--int8-scheme", default="stem-head-float", show_default=True,
+              type=click.Choice(["default", "stem-head-float", "conv-only"]))
 @click.option("--parity-data", default="synthetic:12", show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
@@ -108,7 +108,7 @@ def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, ite
                         lambda m: click.echo(m, err=True))
     rows = [Row(name, runtime.load(path, threads=threads), model_size(path)) for name, path in planned]
     result = run_bench(rows, data=data, batches=batches, rounds=rounds, iters=iters, eval_limit=eval_limit,
-                       baseline=BASELINE if any(n == BASELINE for n, _ in planned) else None)
+                       baseline=next((n for n, _ in planned if n.startswith(BASELINE)), None))
     result["settings"]["threads"] = threads
     import sys
 

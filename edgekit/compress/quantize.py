@@ -5,10 +5,12 @@ benchmarks/RESULTS.md): NNCF's default placement wraps the GMBI element-wise cha
 (sigmoid * x + x) in Q/DQ pairs, which costs more than the INT8 convolutions save. The schemes:
 
 * ``default``    - NNCF's own placement (for comparison);
-* ``head-float`` - default, but the prediction head (conv_out1 + sigmoid + resize) stays float:
-                   the usual cure for INT8 accuracy collapse on segmentation heads;
-* ``conv-only``  - head float, and the element-wise ops (Sigmoid, Multiply, Add) are ignored too,
-                   so only convolution inputs/weights are quantized.
+* ``stem-head-float`` - NNCF's placement, but the stem conv (encoder1, which sees the normalised
+                   image) and the prediction head (conv_out1 + sigmoid + resize) stay float. Measured
+                   on the published checkpoint: with only the head float, IoU fell from 0.869 to
+                   0.611 on 45 SD-900 test images; keeping the stem float too brought it to 0.83.
+* ``conv-only``  - stem and head float, and the element-wise ops (Sigmoid, Multiply, Add) are
+                   ignored too, so only convolution inputs/weights are quantized.
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ import numpy as np
 
 from edgekit.errors import EdgekitError, MissingBackendError
 
-SCHEMES = ("default", "head-float", "conv-only")
-HEAD_PATTERNS = [".*conv_out1.*", ".*/Resize.*$"]
+SCHEMES = ("default", "stem-head-float", "conv-only")
+FLOAT_PATTERNS = [".*encoder1.*", ".*conv_out1.*", ".*/Resize.*$"]  # stem, prediction head, resizes
 ELEMENTWISE_TYPES = {"openvino": ["Sigmoid", "Multiply", "Add"], "onnx": ["Sigmoid", "Mul", "Add"]}
 
 
@@ -39,12 +41,13 @@ def ignored_scope(scheme: str, backend: str):
     if scheme == "default":
         return None
     types = ELEMENTWISE_TYPES[backend] if scheme == "conv-only" else []
-    return nncf.IgnoredScope(patterns=HEAD_PATTERNS, types=types, validate=False)
+    return nncf.IgnoredScope(patterns=FLOAT_PATTERNS, types=types, validate=False)
 
 
-def quantize_model(model, backend: str, calibration: Sequence[np.ndarray], scheme: str = "head-float",
+def quantize_model(model, backend: str, calibration: Sequence[np.ndarray], scheme: str = "stem-head-float",
                    subset_size: int = 100, input_name: str = "image", validation=None,
-                   validation_fn: Optional[Callable] = None, max_drop: Optional[float] = None):
+                   validation_fn: Optional[Callable] = None, max_drop: Optional[float] = None,
+                   max_iterations: int = 20, extra_ignored: Optional[dict] = None):
     """Quantize an ``openvino.Model`` or ``onnx.ModelProto``. With ``validation_fn`` and ``max_drop``,
     NNCF's accuracy-controlled quantization reverts the most harmful layers to float until the
     validation metric drops by at most ``max_drop``."""
@@ -56,11 +59,20 @@ def quantize_model(model, backend: str, calibration: Sequence[np.ndarray], schem
     else:
         items = list(calibration)
     calib = nncf.Dataset(items)
+    scope = ignored_scope(scheme, backend)
+    if extra_ignored:
+        scope = nncf.IgnoredScope(patterns=(scope.patterns if scope else []) + extra_ignored.get("patterns", []),
+                                  types=(scope.types if scope else []) + extra_ignored.get("types", []),
+                                  validate=False)
     kwargs = dict(preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=min(subset_size, len(items)),
-                  ignored_scope=ignored_scope(scheme, backend), target_device=nncf.TargetDevice.CPU)
+                  ignored_scope=scope, target_device=nncf.TargetDevice.CPU)
     nncf.set_log_level(40)  # errors only: NNCF's progress output would swamp the CLI
     if validation_fn is not None and max_drop is not None:
+        # Bounded: each restorer iteration re-validates the model, and ranking every quantizer on the
+        # whole validation set takes tens of minutes on a 2-core machine.
+        restorer = nncf.AdvancedAccuracyRestorerParameters(
+            max_num_iterations=max_iterations, ranking_subset_size=min(len(validation), 32), num_ranking_workers=1)
         return nncf.quantize_with_accuracy_control(
             model, calib, nncf.Dataset(validation), validation_fn=validation_fn, max_drop=max_drop,
-            drop_type=nncf.DropType.ABSOLUTE, **kwargs)
+            drop_type=nncf.DropType.ABSOLUTE, advanced_accuracy_restorer_parameters=restorer, **kwargs)
     return nncf.quantize(model, calib, **kwargs)

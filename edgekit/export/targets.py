@@ -71,9 +71,9 @@ def _build_trt(onnx_path: Path, folder: Path, precision: str) -> dict:
 
 
 TARGETS: Dict[str, Target] = {t.name: t for t in (
-    Target("onnx", "ONNX file (opset 17, simplified), run by ONNX Runtime", ("fp32", "int8"),
+    Target("onnx", "ONNX file (opset 17, simplified), run by ONNX Runtime", ("fp32", "int8", "auto"),
            "onnxruntime", "onnxruntime", _build_onnx),
-    Target("ort", "ONNX Runtime offline-optimised graph", ("fp32", "int8"), "onnxruntime", "onnxruntime", _build_ort),
+    Target("ort", "ONNX Runtime offline-optimised graph", ("fp32", "int8", "auto"), "onnxruntime", "onnxruntime", _build_ort),
     Target("openvino", "OpenVINO IR (from ONNX), CPU plugin", ("fp32", "bf16", "fp16", "int8", "default", "auto"),
            "openvino", "openvino", _build_openvino),
     Target("trt", "TensorRT engine (GPU)", ("fp16", "int8"), "tensorrt", "tensorrt", _build_trt),

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Produces the CPU tables in benchmarks/RESULTS.md: the published checkpoint compiled for every CPU
+# backend (and every INT8 placement scheme), accuracy on the SD-900 test split, all rows timed in
+# one interleaved `edgekit bench` run.
+# Usage: bash benchmarks/cpu_bench.sh [OUT_DIR]   (needs ../shared; about 15 minutes on 2 cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED=${EDGEKIT_SHARED:-../shared}
+CKPT="$SHARED/checkpoints/gmbinet_sd900_official.pt"
+SD900="$SHARED/datasets/sd-saliency-900"
+OUT=${1:-benchmarks/out}
+A="$OUT/artifacts"
+mkdir -p "$A"
+build() {  # build NAME ARGS...: one artifact, parity measured on 16 SD-900 test images
+  local name=$1; shift
+  [ -f "$A/$name/manifest.json" ] || edgekit "$@" --out "$A/$name" --threads 2 --parity-data "$SD900"
+}
+build onnx_fp32        compile "$CKPT" --target onnx
+build ort_fp32         compile "$CKPT" --target ort
+build ov_default       compile "$CKPT" --target openvino --precision default
+build ov_fp32          compile "$CKPT" --target openvino --precision fp32
+build ov_bf16          compile "$CKPT" --target openvino --precision bf16
+build ov_fp16          compile "$CKPT" --target openvino --precision fp16
+for scheme in default stem-head-float conv-only; do
+  build "ov_int8_$scheme" quantize "$CKPT" --target openvino --calib "$SD900" --subset 100 --int8-scheme "$scheme"
+done
+edgekit bench "$CKPT" "$A"/ov_default "$A"/onnx_fp32 "$A"/ort_fp32 "$A"/ov_fp32 "$A"/ov_bf16 "$A"/ov_fp16 \
+  "$A"/ov_int8_default "$A"/ov_int8_stem-head-float "$A"/ov_int8_conv-only \
+  --backends torch --device cpu --threads 2 --batch 1,8 --data "$SD900" --rounds 7 --iters 20 \
+  --json "$OUT/cpu_published.json" | tee "$OUT/cpu_published.txt"
