@@ -21,10 +21,10 @@ build ov_default       compile "$CKPT" --target openvino --precision default
 build ov_fp32          compile "$CKPT" --target openvino --precision fp32
 build ov_bf16          compile "$CKPT" --target openvino --precision bf16
 build ov_fp16          compile "$CKPT" --target openvino --precision fp16
-for scheme in default stem-head-float conv-only; do
+for scheme in default stem-head-float conv-only pointwise; do
   build "ov_int8_$scheme" quantize "$CKPT" --target openvino --calib "$SD900" --subset 100 --int8-scheme "$scheme"
 done
 edgekit bench "$CKPT" "$A"/ov_default "$A"/onnx_fp32 "$A"/ort_fp32 "$A"/ov_fp32 "$A"/ov_bf16 "$A"/ov_fp16 \
-  "$A"/ov_int8_default "$A"/ov_int8_stem-head-float "$A"/ov_int8_conv-only \
+  "$A"/ov_int8_default "$A"/ov_int8_stem-head-float "$A"/ov_int8_conv-only "$A"/ov_int8_pointwise \
   --backends torch --device cpu --threads 2 --batch 1,8 --data "$SD900" --rounds 7 --iters 20 \
   --json "$OUT/cpu_published.json" | tee "$OUT/cpu_published.txt"

@@ -21,14 +21,15 @@ def write_json(path: str | Path, obj) -> None:
         f.write("\n")
 
 
-def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence], caption: str | None = None) -> None:
-    """A rich table on stdout (plain text when not a terminal)."""
+def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence], caption: str | None = None,
+                numeric: bool = True) -> None:
+    """A rich table on stdout; columns after the first are right-aligned when ``numeric``."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, caption=caption)
     for i, c in enumerate(columns):
-        table.add_column(c, justify="left" if i == 0 else "right")
+        table.add_column(c, justify="right" if i and numeric else "left")
     for r in rows:
         table.add_row(*[str(v) for v in r])
     Console(width=max(160, shutil.get_terminal_size().columns)).print(table)

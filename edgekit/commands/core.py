@@ -37,7 +37,7 @@ def info_cmd(model, size, as_json):
     ]
     if d.get("metrics"):
         rows.append(("recorded metrics", ", ".join(f"{k}={v}" for k, v in d["metrics"].items())))
-    print_table("edgekit info", ["field", "value"], rows)
+    print_table("edgekit info", ["field", "value"], rows, numeric=False)
 
 
 @click.command("eval")

@@ -15,7 +15,7 @@ from edgekit.models.default import resolve_model
 @click.option("--calib", default=None, help="Calibration data for int8: folder, SD-900 folder or synthetic[:N].")
 @click.option("--subset", default=100, show_default=True, type=click.IntRange(1), help="Calibration images.")
 @click.option("--int8-scheme", default="stem-head-float", show_default=True,
-              type=click.Choice(["default", "stem-head-float", "conv-only"]))
+              type=click.Choice(["default", "stem-head-float", "conv-only", "pointwise"]))
 @click.option("--parity-data", default="synthetic:12", show_default=True, help="Images for the parity check.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
 @click.option("--force", is_flag=True, help="Replace an existing artifact folder.")
@@ -41,7 +41,7 @@ def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, parit
 @click.option("--metric", default="iou", show_default=True, type=click.Choice(["iou", "mae", "max_f"]))
 @click.option("--val", default=None, help="Validation images with masks (SD-900 folder: its val split).")
 @click.option("--int8-scheme", default="stem-head-float", show_default=True,
-              type=click.Choice(["default", "stem-head-float", "conv-only"]))
+              type=click.Choice(["default", "stem-head-float", "conv-only", "pointwise"]))
 @click.option("--parity-data", default="synthetic:12", show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--threads", type=click.IntRange(1, 256), default=None)

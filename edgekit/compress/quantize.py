@@ -11,19 +11,25 @@ benchmarks/RESULTS.md): NNCF's default placement wraps the GMBI element-wise cha
                    0.611 on 45 SD-900 test images; keeping the stem float too brought it to 0.83.
 * ``conv-only``  - stem and head float, and the element-wise ops (Sigmoid, Multiply, Add) are
                    ignored too, so only convolution inputs/weights are quantized.
+* ``pointwise``  - conv-only, and the depthwise convolutions stay float too: only the 1x1 convs
+                   (where VNNI pays most, and the output of the fusion concat) run in INT8.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
 from typing import Callable, Iterable, List, Optional, Sequence
 
 import numpy as np
 
 from edgekit.errors import EdgekitError, MissingBackendError
 
-SCHEMES = ("default", "stem-head-float", "conv-only")
+SCHEMES = ("default", "stem-head-float", "conv-only", "pointwise")
 FLOAT_PATTERNS = [".*encoder1.*", ".*conv_out1.*", ".*/Resize.*$"]  # stem, prediction head, resizes
 ELEMENTWISE_TYPES = {"openvino": ["Sigmoid", "Multiply", "Add"], "onnx": ["Sigmoid", "Mul", "Add"]}
+# Depthwise convs: a type of their own in OpenVINO; in ONNX, Conv nodes named after the modules'
+# depthwise layers (GMBI conv0..3, DownBlock/DecoderFusion conv.0).
+DEPTHWISE = {"openvino": {"types": ["GroupConvolution"]},
+             "onnx": {"patterns": [r".*/conv[0-9]+/conv[0-9]+\.0/Conv.*", r".*/(encoder[2-5]\.0|DF[1-4])/conv/conv\.0/Conv.*"]}}
 
 
 def _nncf():
@@ -40,8 +46,12 @@ def ignored_scope(scheme: str, backend: str):
         raise EdgekitError(f"unknown INT8 scheme {scheme!r} (choose from {', '.join(SCHEMES)})")
     if scheme == "default":
         return None
-    types = ELEMENTWISE_TYPES[backend] if scheme == "conv-only" else []
-    return nncf.IgnoredScope(patterns=FLOAT_PATTERNS, types=types, validate=False)
+    types = ELEMENTWISE_TYPES[backend] if scheme in ("conv-only", "pointwise") else []
+    patterns = list(FLOAT_PATTERNS)
+    if scheme == "pointwise":
+        types = types + DEPTHWISE[backend].get("types", [])
+        patterns += DEPTHWISE[backend].get("patterns", [])
+    return nncf.IgnoredScope(patterns=patterns, types=types, validate=False)
 
 
 def quantize_model(model, backend: str, calibration: Sequence[np.ndarray], scheme: str = "stem-head-float",
@@ -66,7 +76,8 @@ def quantize_model(model, backend: str, calibration: Sequence[np.ndarray], schem
                                   validate=False)
     kwargs = dict(preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=min(subset_size, len(items)),
                   ignored_scope=scope, target_device=nncf.TargetDevice.CPU)
-    nncf.set_log_level(40)  # errors only: NNCF's progress output would swamp the CLI
+    if not os.environ.get("EDGEKIT_DEBUG"):
+        nncf.set_log_level(40)  # errors only: NNCF's progress output would swamp the CLI
     if validation_fn is not None and max_drop is not None:
         # Bounded: each restorer iteration re-validates the model, and ranking every quantizer on the
         # whole validation set takes tens of minutes on a 2-core machine.

@@ -197,6 +197,12 @@ class GMBINet(nn.Module):
             feats.append(e)
         return feats
 
+    def inference_parameter_count(self) -> int:
+        """Parameters the eval-mode forward uses: no side heads, no unused upstream modules."""
+        training_only = {"conv_out2", "conv_out3", "conv_out4", "conv_out5",
+                         "decoder4", "decoder3", "decoder2", "decoder1", "conv_final"}
+        return sum(p.numel() for n, p in self.named_parameters() if n.split(".")[0] not in training_only)
+
     def gmbi_modules(self) -> List[GMBI]:
         return [m for m in self.modules() if isinstance(m, GMBI)]
 

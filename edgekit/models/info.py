@@ -18,7 +18,7 @@ def checkpoint_info(path: str, size: int | None = None) -> dict:
         "sha256": ck.sha256,
         "config": ck.config,
         "parameters": parameter_count(ck.state_dict),
-        "parameters_inference": _inference_params(model),
+        "parameters_inference": model.inference_parameter_count(),
         "macs_input": list(shape),
         "macs": macs["macs"], "flops": macs["flops"], "elementwise_ops": macs["elementwise_ops"],
         "macs_note": "multiply-accumulates of conv and linear layers on the inference path (main head only); "
@@ -30,10 +30,3 @@ def checkpoint_info(path: str, size: int | None = None) -> dict:
         "provenance": ck.provenance,
         "metrics": ck.metrics,
     }
-
-
-def _inference_params(model) -> int:
-    """Parameters the eval-mode forward actually uses (the published model carries unused heads)."""
-    unused = {"decoder4", "decoder3", "decoder2", "decoder1", "conv_final", "conv_out2", "conv_out3",
-              "conv_out4", "conv_out5"}
-    return sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] not in unused)
