@@ -11,7 +11,6 @@ one head (class-incremental: one growing head over all classes) or one head per 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np

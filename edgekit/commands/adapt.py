@@ -1,0 +1,104 @@
+"""Continual-learning commands: adapt (add a task as an MLFF adapter), adapters (list), classify."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgekit.commands._common import echo_json, print_table, set_threads
+from edgekit.errors import EdgekitError
+
+DEFAULT_REGISTRY = "adapters"
+
+
+@click.command("adapt")
+@click.option("--backbone", default="efficientnet-lite0", show_default=True,
+              help="Frozen backbone: efficientnet-lite0, a GMBINet checkpoint, or a ResNet-50 state_dict file.")
+@click.option("--task", required=True, help="Name of the new task (letters, digits, . _ -).")
+@click.option("--data", required=True, type=click.Path(), help="Class folders (DIR/<class>/*) or an SD-Saliency-900 folder.")
+@click.option("--classes", default=None, help="Comma-separated class folders to use (default: all).")
+@click.option("--rehearsal", default=20, show_default=True, type=int, help="Exemplars kept per class for later tasks.")
+@click.option("--distill", default=1.0, show_default=True, type=float,
+              help="Weight of the MSE between the new and the previous adapter's fused embedding (0: off).")
+@click.option("--setting", type=click.Choice(["class-incremental", "task-incremental"]), default="class-incremental",
+              show_default=True)
+@click.option("--registry", default=DEFAULT_REGISTRY, show_default=True, type=click.Path(), help="Adapter registry folder.")
+@click.option("--epochs", default=30, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--fc-dim", default=160, show_default=True, type=int, help="Fused embedding width (first task only).")
+@click.option("--cache", default=None, type=click.Path(), help="Feature cache folder (default: REGISTRY/cache).")
+@click.option("--threads", default=None, type=int)
+@click.option("--json", "as_json", is_flag=True)
+def adapt_cmd(backbone, task, data, classes, rehearsal, distill, setting, registry, epochs, seed, fc_dim, cache,
+              threads, as_json):
+    """Add a task to an adapter registry: a small MLFF adapter on a frozen backbone."""
+    from edgekit.models.backbones import load_backbone
+    from edgekit.train.continual import add_task, task_data_from_folder
+
+    set_threads(threads)
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    if classes is not None and not names:
+        raise EdgekitError("--classes is empty")
+    td = task_data_from_folder(data, names)
+    bb = load_backbone(backbone)
+    r = add_task(registry, bb, task, td, setting=setting, rehearsal=rehearsal, distill=distill, epochs=epochs,
+                 seed=seed, fc_dim=fc_dim, cache_dir=cache if cache else "default")
+    r.pop("model")
+    if as_json:
+        echo_json(r)
+        return
+    click.echo(f"added task {task!r} ({', '.join(td.classes)}; {r['images']} images) to {registry}: "
+               f"{r['trainable_parameters']:,} trainable parameters, trained in {r['train_seconds']:.1f} s, "
+               f"adapter {r['adapter_bytes'] / 1024:.1f} KiB in {r['adapter_folder']}")
+
+
+@click.command("adapters")
+@click.option("--registry", default=DEFAULT_REGISTRY, show_default=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True)
+def adapters_cmd(registry, as_json):
+    """List the tasks and adapters of a registry."""
+    from edgekit.train.continual import Registry
+
+    reg = Registry.open(registry)
+    if as_json:
+        echo_json(reg.meta)
+        return
+    rows = [(i + 1, t["task"], ", ".join(t["classes"]), t["images"], f"{t['trainable_parameters']:,}",
+             f"{t['adapter_bytes'] / 1024:.1f} KiB", t["adapter"]) for i, t in enumerate(reg.tasks)]
+    print_table(f"{registry}: {reg.meta['setting']} on {reg.meta['backbone']}",
+                ["#", "task", "classes", "images", "trainable params", "adapter", "folder"], rows)
+
+
+@click.command("classify")
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--registry", default=DEFAULT_REGISTRY, show_default=True, type=click.Path())
+@click.option("--task", default=None, help="Task-incremental: which task's head (default: the most confident).")
+@click.option("--json", "as_json", is_flag=True)
+def classify_cmd(images, registry, task, as_json):
+    """Classify images with the backbone + the registry's newest adapter."""
+    from edgekit.data.images import is_image_name
+    from edgekit.models.mlff import load_mlff
+
+    files = []
+    for im in images:
+        p = Path(im)
+        if p.is_dir():
+            files += sorted(q for q in p.rglob("*") if q.is_file() and is_image_name(q))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise EdgekitError(f"image not found: {p}")
+    if not files:
+        raise EdgekitError("no images to classify")
+    clf = load_mlff(registry)
+    preds = clf.predict(files, task)
+    rows = [{"image": str(f), **p} for f, p in zip(files, preds)]
+    if as_json:
+        echo_json(rows)
+        return
+    for r in rows:
+        t = f"[{r['task']}] " if "task" in r else ""
+        click.echo(f"{r['image']}\t{t}{r['class']}\t{r['prob']:.3f}")
+
+
+commands = [adapt_cmd, adapters_cmd, classify_cmd]

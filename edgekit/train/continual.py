@@ -1,0 +1,382 @@
+"""Continual learning with MLFF adapters: a local adapter registry, cached backbone features, rehearsal
+and distillation. Behind ``edgekit adapt`` / ``edgekit adapters``.
+
+Registry folder::
+
+    registry.json                  backbone (id, ref, sha256), setting, fc_dim, the tasks in order
+    adapters/<NN>-<task>/          the adapter after task NN, in edgekit.ota.adapter format
+                                   (adapter.json + adapter.safetensors; trunk and every head so far)
+    exemplars.safetensors          rehearsal buffer: pooled backbone features of K images per class
+    cache/                         pooled backbone features per image (default feature cache)
+
+Backbone features are computed once per image and cached on disk under
+``<cache>/<backbone id>-<weights sha256[:12]>-<preprocess hash>/<image sha256>.npy``; a cached feature
+is the same float32 vector that recomputing gives. Training then runs on the cached vectors only.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edgekit.errors import EdgekitError
+from edgekit.models.mlff import SETTINGS, MLFFAdapter, adapter_from_tensors
+from edgekit.utils import atomic_write, sha256_file
+
+REGISTRY_FORMAT = "edgekit-mlff-registry"
+REGISTRY_NAME = "registry.json"
+EXEMPLARS_NAME = "exemplars.safetensors"
+_TASK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SD900_PREFIX = {"In": "inclusion", "Pa": "patches", "Sc": "scratches"}
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class TaskData:
+    """Images of one task: paths, a label index per image, and the class names."""
+    paths: List[Path]
+    labels: List[int]
+    classes: List[str]
+
+    def __post_init__(self):
+        if not self.paths:
+            raise EdgekitError("no images for this task")
+        if len(self.paths) != len(self.labels):
+            raise EdgekitError("task data: one label per image needed")
+
+
+def task_data_from_folder(root: str | os.PathLike, classes: Optional[Sequence[str]] = None) -> TaskData:
+    """Class-per-folder images (``root/<class>/*``), or the SD-Saliency-900 layout
+    (``root/Source Images/{In,Pa,Sc}_*.bmp``: classes by file-name prefix)."""
+    from edgekit.data.datasets import load_class_folders
+    from edgekit.data.images import is_image_name
+
+    root = Path(root)
+    if not root.is_dir():
+        raise EdgekitError(f"data folder not found: {root}")
+    src = root / "Source Images"
+    if src.is_dir():
+        files = sorted(p for p in src.iterdir() if p.is_file() and is_image_name(p))
+        by_cls: Dict[str, List[Path]] = {}
+        for p in files:
+            name = SD900_PREFIX.get(p.stem.split("_")[0])
+            if name:
+                by_cls.setdefault(name, []).append(p)
+        names = list(classes) if classes else sorted(by_cls)
+        missing = [c for c in names if c not in by_cls]
+        if missing or not names:
+            raise EdgekitError(f"no images of class {', '.join(missing) or '(any)'} in {src}")
+        paths, labels = [], []
+        for i, c in enumerate(names):
+            paths += by_cls[c]
+            labels += [i] * len(by_cls[c])
+        return TaskData(paths, labels, names)
+    if not any(p.is_dir() for p in root.iterdir()):
+        raise EdgekitError(f"no class folders in {root} (expected {root}/<class>/<images>)")
+    samples, names = load_class_folders(root, classes)
+    return TaskData([s.path for s in samples], [s.label for s in samples], list(names))
+
+
+# --------------------------------------------------------------------------------------------------
+# features, with an on-disk cache
+# --------------------------------------------------------------------------------------------------
+
+def _cache_folder(backbone, cache_dir: Path) -> Path:
+    spec = hashlib.sha256(json.dumps(backbone.input_spec, sort_keys=True).encode()).hexdigest()[:8]
+    pools = "".join(k[0] for k in backbone.pools)
+    return Path(cache_dir) / f"{backbone.id}-{backbone.weights_sha256[:12]}-{spec}-{pools}"
+
+
+def extract_features(backbone, paths: Sequence[Path], cache_dir: Optional[str | os.PathLike] = None,
+                     batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+    """Pooled tap features ``N x backbone.feature_dim`` (float32) for image files, cached when ``cache_dir``."""
+    from edgekit.data.images import read_gray
+
+    folder = _cache_folder(backbone, Path(cache_dir)) if cache_dir else None
+    out = np.zeros((len(paths), backbone.feature_dim), dtype=np.float32)
+    todo = []
+    for i, p in enumerate(paths):
+        key = sha256_file(p) if folder else None
+        f = folder / f"{key}.npy" if folder else None
+        if f is not None and f.is_file():
+            try:
+                v = np.load(f, allow_pickle=False)
+                if v.shape == (backbone.feature_dim,):
+                    out[i] = v
+                    continue
+            except (OSError, ValueError):
+                pass  # unreadable cache entry: recompute it
+        todo.append((i, p, f))
+    for s in range(0, len(todo), batch_size):
+        chunk = todo[s:s + batch_size]
+        x = backbone.preprocess([read_gray(p) for _, p, _ in chunk])
+        with torch.inference_mode():
+            v = backbone.pooled(x).float().numpy()
+        for (i, _, f), row in zip(chunk, v):
+            out[i] = row
+            if f is not None:
+                buf = io.BytesIO()
+                np.save(buf, np.ascontiguousarray(row), allow_pickle=False)
+                with atomic_write(f) as fh:
+                    fh.write(buf.getvalue())
+    return torch.from_numpy(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------------
+
+def train_adapter(adapter: MLFFAdapter, feats: torch.Tensor, heads: torch.Tensor, labels: torch.Tensor, *,
+                  epochs: int = 30, seed: int = 0, batch_size: int = 64, lr: float = 2e-3,
+                  weight_decay: float = 1e-4, teacher: Optional[MLFFAdapter] = None, distill: float = 0.0,
+                  balanced: bool = True) -> float:
+    """Train ``adapter`` (all its parameters) on feature vectors; each sample names its head and label.
+
+    ``teacher`` + ``distill``: add ``distill * MSE(embed, teacher.embed)`` on every batch (the previous
+    adapter's fused embedding). ``balanced``: weight the loss so each (head, class) counts the same, so a
+    rehearsal buffer of K images per old class is not drowned out by the new task. Returns seconds.
+    """
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    n = feats.shape[0]
+    keys = heads * 100000 + labels
+    uniq, inv, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+    w = (n / (len(uniq) * counts.float()))[inv] if balanced else torch.ones(n)
+    opt = torch.optim.AdamW([p for p in adapter.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    steps = epochs * max(1, (n + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    if teacher is not None:
+        teacher.eval()
+    adapter.train()
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        for s in range(0, n, batch_size):
+            idx = perm[s:s + batch_size]
+            if len(idx) < 2:  # BatchNorm1d needs two samples
+                continue
+            x, h, y, wi = feats[idx], heads[idx], labels[idx], w[idx]
+            z = adapter.embed(x)
+            loss = torch.zeros(())
+            for head in torch.unique(h).tolist():
+                m = h == head
+                ce = F.cross_entropy(adapter.heads[head](z[m]), y[m], reduction="none")
+                loss = loss + (ce * wi[m]).sum()
+            loss = loss / wi.sum()
+            if teacher is not None and distill > 0:
+                with torch.no_grad():
+                    zt = teacher.embed(x)
+                loss = loss + distill * F.mse_loss(z, zt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    adapter.eval()
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def predict_heads(adapter: MLFFAdapter, feats: torch.Tensor, head: int) -> torch.Tensor:
+    adapter.eval()
+    return adapter(feats, head).argmax(dim=1)
+
+
+def select_exemplars(labels: Sequence[int], k: int, seed: int) -> List[int]:
+    """``k`` indices per class, chosen at random with a fixed seed (all of a class if it has fewer)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    out = []
+    for c in sorted(set(labels.tolist())):
+        idx = np.flatnonzero(labels == c)
+        out += sorted(rng.choice(idx, size=min(k, len(idx)), replace=False).tolist())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the registry
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Registry:
+    folder: Path
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike) -> "Registry":
+        folder = Path(folder)
+        path = folder / REGISTRY_NAME
+        if not path.is_file():
+            raise EdgekitError(f"{folder} is not an adapter registry (no {REGISTRY_NAME}); add a task with edgekit adapt")
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise EdgekitError(f"{path}: not readable JSON ({e})") from None
+        if meta.get("format") != REGISTRY_FORMAT:
+            raise EdgekitError(f"{path}: not an edgekit MLFF registry")
+        return cls(folder, meta)
+
+    @classmethod
+    def open_or_create(cls, folder: str | os.PathLike, backbone, setting: str, fc_dim: int) -> "Registry":
+        folder = Path(folder)
+        if (folder / REGISTRY_NAME).is_file():
+            reg = cls.open(folder)
+            if reg.meta["backbone"] != backbone.id:
+                raise EdgekitError(f"registry {folder} uses backbone {reg.meta['backbone']}, not {backbone.id}")
+            if reg.meta["setting"] != setting:
+                raise EdgekitError(f"registry {folder} is {reg.meta['setting']}, not {setting}")
+            return reg
+        if folder.exists() and (not folder.is_dir() or any(p.name != "cache" for p in folder.iterdir())):
+            raise EdgekitError(f"{folder} exists and is not an adapter registry; pick a new or empty folder")
+        return cls(folder, {"format": REGISTRY_FORMAT, "format_version": 1, "backbone": backbone.id,
+                            "backbone_ref": backbone.ref, "backbone_sha256": backbone.weights_sha256,
+                            "setting": setting, "fc_dim": int(fc_dim), "tasks": []})
+
+    @property
+    def tasks(self) -> List[dict]:
+        return self.meta["tasks"]
+
+    def save(self) -> None:
+        with atomic_write(self.folder / REGISTRY_NAME, "w") as f:
+            json.dump(self.meta, f, indent=2)
+            f.write("\n")
+
+    def adapter_folder(self, task: Optional[str] = None) -> Path:
+        if not self.tasks:
+            raise EdgekitError(f"registry {self.folder} has no tasks yet")
+        if task is None:
+            return self.folder / self.tasks[-1]["adapter"]
+        for t in self.tasks:
+            if t["task"] == task:
+                return self.folder / t["adapter"]
+        raise EdgekitError(f"task {task!r} is not in registry {self.folder}")
+
+    def load_adapter(self) -> Optional[MLFFAdapter]:
+        if not self.tasks:
+            return None
+        from edgekit.ota.adapter import load_adapter
+
+        tensors, meta = load_adapter(self.adapter_folder())
+        return adapter_from_tensors(tensors, meta["config"])
+
+    def load_exemplars(self):
+        path = self.folder / EXEMPLARS_NAME
+        if not path.is_file():
+            return None
+        import safetensors.torch
+
+        return safetensors.torch.load(path.read_bytes())
+
+    def save_exemplars(self, tensors: Dict[str, torch.Tensor]) -> None:
+        import safetensors.torch
+
+        with atomic_write(self.folder / EXEMPLARS_NAME) as f:
+            f.write(safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}))
+
+
+def add_task(registry: str | os.PathLike, backbone, task: str, data: TaskData, *,
+             setting: str = "class-incremental", rehearsal: int = 20, distill: float = 0.0, epochs: int = 30,
+             seed: int = 0, fc_dim: int = 160, cache_dir: Optional[str | os.PathLike] = "default",
+             lr: float = 2e-3, batch_size: int = 64, feats: Optional[torch.Tensor] = None) -> dict:
+    """Add one task to a registry: features (cached), train the adapter with rehearsal/distillation, save.
+
+    Returns a summary (task, classes, trainable parameters, seconds, adapter folder and bytes).
+    """
+    from edgekit.ota.adapter import save_adapter
+
+    if setting not in SETTINGS:
+        raise EdgekitError(f"--setting must be one of {', '.join(SETTINGS)}, not {setting!r}")
+    if not _TASK_RE.match(task or ""):
+        raise EdgekitError(f"task name {task!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+    if rehearsal < 0 or distill < 0 or epochs < 1:
+        raise EdgekitError("--rehearsal and --distill must be >= 0 and --epochs >= 1")
+    reg = Registry.open_or_create(registry, backbone, setting, fc_dim)
+    if any(t["task"] == task for t in reg.tasks):
+        raise EdgekitError(f"task {task!r} is already in registry {reg.folder}; pick a new task name")
+    if reg.tasks and reg.meta["backbone_sha256"] != backbone.weights_sha256:
+        raise EdgekitError(f"backbone weights changed since registry {reg.folder} was made (sha256 differs)")
+    seen = [c for t in reg.tasks for c in t["classes"]]
+    if setting == "class-incremental":
+        dup = sorted(set(seen) & set(data.classes))
+        if dup:
+            raise EdgekitError(f"class-incremental: class {', '.join(dup)} already belongs to an earlier task; "
+                               "give new classes (or use --setting task-incremental)")
+    fc_dim = int(reg.meta["fc_dim"])
+    if cache_dir == "default":
+        cache_dir = reg.folder / "cache"
+
+    if feats is None:
+        feats = extract_features(backbone, data.paths, cache_dir)
+    labels = torch.tensor(data.labels, dtype=torch.long)
+    old = reg.load_adapter()
+    step = len(reg.tasks)
+    torch.manual_seed(seed)  # the new adapter / head initialisation is reproducible from --seed
+    if old is None:
+        adapter = MLFFAdapter(backbone.tap_dims, fc_dim)
+        adapter.add_head(len(data.classes))
+    else:
+        adapter = copy.deepcopy(old)
+        if setting == "class-incremental":
+            adapter.grow_head(len(data.classes), 0)
+        else:
+            adapter.add_head(len(data.classes))
+    if setting == "class-incremental":
+        heads = torch.zeros_like(labels)
+        targets = labels + len(seen)
+    else:
+        heads = torch.full_like(labels, step)
+        targets = labels
+    ex = reg.load_exemplars()
+    x_all, h_all, y_all = feats, heads, targets
+    if ex is not None and rehearsal > 0:
+        x_all = torch.cat([feats, ex["features"]])
+        h_all = torch.cat([heads, ex["heads"]])
+        y_all = torch.cat([targets, ex["labels"]])
+    teacher = old if (old is not None and distill > 0) else None
+    seconds = train_adapter(adapter, x_all, h_all, y_all, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
+                            teacher=teacher, distill=distill)
+
+    # rehearsal buffer: K exemplars of each class of this task, added to the earlier ones
+    if rehearsal > 0:
+        keep = torch.tensor(select_exemplars(data.labels, rehearsal, seed), dtype=torch.long)
+        new = {"features": feats[keep], "heads": heads[keep], "labels": targets[keep]}
+        if ex is not None:
+            new = {k: torch.cat([ex[k], new[k]]) for k in new}
+        reg.folder.mkdir(parents=True, exist_ok=True)
+        reg.save_exemplars(new)
+
+    tasks = [{"task": t["task"], "classes": t["classes"]} for t in reg.tasks] + [{"task": task, "classes": list(data.classes)}]
+    all_classes = [c for t in tasks for c in t["classes"]]
+    rel = f"adapters/{step + 1:02d}-{task}"
+    config = {"setting": setting, "fc_dim": fc_dim, "tap_dims": backbone.tap_dims, "tap_names": backbone.tap_names,
+              "pools": backbone.pools, "head_sizes": adapter.head_sizes, "tasks": tasks}
+    meta = {"task": task, "classes": all_classes if setting == "class-incremental" else list(data.classes),
+            "backbone": backbone.id, "backbone_sha256": backbone.weights_sha256, "input": backbone.input_spec,
+            "config": config, "model": "mlff-adapter",
+            "training": {"rehearsal": rehearsal, "distill": distill, "epochs": epochs, "seed": seed,
+                         "images": len(data.paths), "seconds": round(seconds, 3)}}
+    save_adapter(reg.folder / rel, adapter.state_dict(), meta)
+    nbytes = sum(f.stat().st_size for f in (reg.folder / rel).iterdir() if f.is_file())
+    entry = {"task": task, "classes": list(data.classes), "adapter": rel, "images": len(data.paths),
+             "rehearsal": rehearsal, "distill": distill, "epochs": epochs, "seed": seed,
+             "train_seconds": round(seconds, 3), "trainable_parameters": adapter.trainable_parameters(),
+             "adapter_bytes": nbytes,
+             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    reg.meta["tasks"].append(entry)
+    reg.save()
+    return {**entry, "adapter_folder": str(reg.folder / rel), "setting": setting, "backbone": backbone.id,
+            "model": adapter}
