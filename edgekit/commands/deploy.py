@@ -77,7 +77,12 @@ def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_schem
               help="FPS-vs-IoU PNG (default: beside --json).")
 def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, iters, eval_limit, json_out, plot_out):
     """One table: size, IoU/MAE, latency p50/p90/p99 and FPS of every backend x precision."""
+    import os
     from pathlib import Path
+
+    # Rows share one process: torch's OpenMP workers must not spin-wait while OpenVINO's threads run
+    # (seen here: torch p90 latency of seconds when interleaved). Takes effect if torch is not loaded yet.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     from edgekit import runtime
     from edgekit.bench.cpu import Row, model_size, plot, run_bench
