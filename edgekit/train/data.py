@@ -1,0 +1,172 @@
+"""Training data: the train split preloaded once as uint8 tensors, and batched augmentation +
+preprocessing with torch ops (the same divide-by-max, z-score, bilinear resize and gray->3ch that
+``edgekit.data.preprocess.preprocess`` applies at inference)."""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edgekit.data.datasets import SegDataset, SegSample
+from edgekit.data.preprocess import PreprocessSpec
+from edgekit.errors import EdgekitError
+
+
+def limit_samples(samples: Sequence[SegSample], n: Optional[int]) -> List[SegSample]:
+    """At most ``n`` samples, taken round-robin over the classes (so a limit keeps every class)."""
+    if not n or n >= len(samples):
+        return list(samples)
+    by_cls: Dict[str, List[SegSample]] = defaultdict(list)
+    for s in samples:
+        by_cls[s.cls].append(s)
+    queues = [list(v) for _, v in sorted(by_cls.items())]
+    out: List[SegSample] = []
+    i = 0
+    while len(out) < n:
+        q = queues[i % len(queues)]
+        if q:
+            out.append(q.pop(0))
+        i += 1
+    return out
+
+
+def preload(samples: Sequence[SegSample], what: str) -> List[SegSample]:
+    """Samples with their image and mask read into memory (uint8 gray, bool mask)."""
+    out = []
+    for s in samples:
+        img, mask = s.load()
+        if mask is None:
+            raise EdgekitError(f"{what}: image {s.name} has no ground-truth mask")
+        out.append(SegSample(s.name, s.cls, s.image_path, s.mask_path, _image=np.ascontiguousarray(img),
+                             _mask=np.ascontiguousarray(mask, dtype=bool)))
+    return out
+
+
+@dataclass
+class TrainSet:
+    """``images``: N x H x W uint8; ``masks``: N x H x W uint8 (0..255, soft where resized)."""
+    images: torch.Tensor
+    masks: torch.Tensor
+    names: List[str]
+    classes: List[str]
+
+    def __len__(self):
+        return self.images.shape[0]
+
+
+def build_trainset(dataset: SegDataset, samples: Sequence[SegSample], input_size: Tuple[int, int]) -> TrainSet:
+    """Stack the images once. Same-size images stay at their own size (resized per batch, like
+    inference); mixed sizes are resized to the training input size here."""
+    loaded = preload(samples, dataset.description)
+    if not loaded:
+        raise EdgekitError(f"{dataset.description}: no training images")
+    shapes = {s._image.shape for s in loaded}
+    imgs, masks = [], []
+    for s in loaded:
+        img = torch.from_numpy(np.array(s._image, dtype=np.uint8))
+        m = torch.from_numpy(s._mask.astype(np.uint8) * 255)
+        if len(shapes) > 1:
+            img = _resize_u8(img, input_size)
+            m = _resize_u8(m, input_size)
+        imgs.append(img)
+        masks.append(m)
+    return TrainSet(torch.stack(imgs), torch.stack(masks), [s.name for s in loaded], [s.cls for s in loaded])
+
+
+def _resize_u8(t: torch.Tensor, size) -> torch.Tensor:
+    x = F.interpolate(t.float()[None, None], size=tuple(size), mode="bilinear", align_corners=False)
+    return x[0, 0].round().clamp(0, 255).to(torch.uint8)
+
+
+class EpochSampler:
+    """Batch indices as a pure function of (seed, iteration): shuffled epochs without replacement,
+    batches running across epoch boundaries. Resuming at iteration k draws exactly what an
+    uninterrupted run would have drawn."""
+
+    def __init__(self, n: int, batch: int, seed: int):
+        self.n, self.batch, self.seed = n, batch, seed
+        self._perms: Dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch, 0x5EED))
+            self._perms = {epoch: torch.randperm(self.n, generator=g)}  # keep only the current epoch
+        return self._perms[epoch]
+
+    def indices(self, iteration: int) -> torch.Tensor:
+        start = iteration * self.batch
+        idx = []
+        for q in range(start, start + self.batch):
+            idx.append(int(self._perm(q // self.n)[q % self.n]))
+        return torch.tensor(idx, dtype=torch.long)
+
+
+def _mix(*parts: int) -> int:
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def batch_generator(seed: int, iteration: int) -> torch.Generator:
+    """The augmentation RNG of one iteration (a pure function of seed and iteration)."""
+    return torch.Generator().manual_seed(_mix(seed, iteration, 0xA06))
+
+
+def augment(images: torch.Tensor, masks: torch.Tensor, cfg, gen: torch.Generator):
+    """Flips and intensity shift/scaling of raw gray images (``B x H x W``, 0..255).
+
+    Returns float images (0..255, clamped) and float masks (0..1). The intensity scaling is about
+    each image's mean, so the divide-by-max that follows does not cancel it (a plain gain would be).
+    """
+    x = images.float()
+    y = masks.float() / 255.0
+    b = x.shape[0]
+    u = torch.rand(b, 4, generator=gen).to(x.device)  # drawn on the CPU: the same on any device
+    hf = (u[:, 0] < cfg.hflip)[:, None, None]
+    vf = (u[:, 1] < cfg.vflip)[:, None, None]
+    x = torch.where(hf, x.flip(-1), x)
+    y = torch.where(hf, y.flip(-1), y)
+    x = torch.where(vf, x.flip(-2), x)
+    y = torch.where(vf, y.flip(-2), y)
+    if cfg.scale:
+        factor = (1.0 + (2 * u[:, 2] - 1) * cfg.scale)[:, None, None]
+        mean = x.mean(dim=(1, 2), keepdim=True)
+        x = mean + factor * (x - mean)
+    if cfg.shift:
+        x = x + ((2 * u[:, 3] - 1) * cfg.shift * 255.0)[:, None, None]
+    return x.clamp_(0.0, 255.0), y
+
+
+def normalize(x: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """Float gray ``B x H x W`` (0..255) -> ``B x C x h x w`` network input, as ``preprocess`` does:
+    divide by the image's own maximum (or 255), z-score, bilinear resize, replicate channels."""
+    if spec.scale == "max":
+        m = x.amax(dim=(1, 2), keepdim=True)
+        x = torch.where(m > 0, x / torch.where(m > 0, m, torch.ones_like(m)), x)
+    else:
+        x = x / 255.0
+    x = (x - spec.mean) / spec.std
+    x = x[:, None]
+    if tuple(x.shape[-2:]) != tuple(spec.input_size):
+        x = F.interpolate(x, size=tuple(spec.input_size), mode="bilinear", align_corners=False)
+    return x.expand(-1, spec.channels, -1, -1).contiguous()
+
+
+def resize_masks(y: torch.Tensor, size) -> torch.Tensor:
+    """Float masks ``B x H x W`` -> ``B x 1 x h x w`` targets (bilinear, soft at the edges)."""
+    y = y[:, None]
+    if tuple(y.shape[-2:]) != tuple(size):
+        y = F.interpolate(y, size=tuple(size), mode="bilinear", align_corners=False).clamp_(0, 1)
+    return y
+
+
+def make_batch(ts: TrainSet, idx: torch.Tensor, aug_cfg, spec: PreprocessSpec, gen: torch.Generator):
+    """One augmented, preprocessed batch, computed on the device the TrainSet's tensors are on."""
+    idx = idx.to(ts.images.device)
+    x, y = augment(ts.images[idx], ts.masks[idx], aug_cfg, gen)
+    return normalize(x, spec), resize_masks(y, spec.input_size)
