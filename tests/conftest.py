@@ -63,3 +63,11 @@ def tiny_config(**kw):
     d = dict(widths=(8, 16, 16, 24, 32), depths=(1, 1, 1, 1), scales=4)
     d.update(kw)
     return GMBINetConfig(**d)
+
+
+def one_error_line(result) -> str:
+    """A refused CLI call: non-zero exit and exactly one 'error: ...' line on stderr."""
+    assert result.exit_code != 0
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]

@@ -11,7 +11,7 @@ from edgekit.data.synthetic import generate
 from edgekit.models.checkpoint import Checkpoint
 from edgekit.models.gmbinet import GMBINet
 
-from conftest import tiny_config
+from conftest import one_error_line, tiny_config
 
 
 @pytest.fixture()
@@ -22,11 +22,6 @@ def tiny_ckpt(tmp_path):
     return ck.save(tmp_path / "tiny.pt")
 
 
-def _one_error_line(result):
-    assert result.exit_code != 0
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def test_eval_published_parity(cli, published_ckpt, sd900):
@@ -94,29 +89,29 @@ def test_predict_non_image_writes_nothing(cli, tiny_ckpt, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("hello")
     r = cli("predict", tiny_ckpt, good, bad, "--out", tmp_path / "out")
-    assert "not a readable image" in _one_error_line(r)
+    assert "not a readable image" in one_error_line(r)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_bad_checkpoints(cli, tmp_path, tiny_ckpt):
-    assert "not found" in _one_error_line(cli("info", tmp_path / "missing.pt"))
+    assert "not found" in one_error_line(cli("info", tmp_path / "missing.pt"))
     data = tiny_ckpt.read_bytes()
     (tmp_path / "trunc.pt").write_bytes(data[:1000])
-    assert "truncated" in _one_error_line(cli("eval", tmp_path / "trunc.pt", "--data", "synthetic:2"))
+    assert "truncated" in one_error_line(cli("eval", tmp_path / "trunc.pt", "--data", "synthetic:2"))
     sd = GMBINet(tiny_config()).state_dict()
     sd.pop("DF2.conv.3.weight")
     torch.save(sd, tmp_path / "other.pt")
-    assert "DF2.conv.3.weight" in _one_error_line(cli("info", tmp_path / "other.pt"))
+    assert "DF2.conv.3.weight" in one_error_line(cli("info", tmp_path / "other.pt"))
 
 
 def test_bad_data(cli, tiny_ckpt, tmp_path):
     (tmp_path / "empty").mkdir()
-    assert "no images" in _one_error_line(cli("eval", tiny_ckpt, "--data", tmp_path / "empty"))
-    assert "not found" in _one_error_line(cli("eval", tiny_ckpt, "--data", tmp_path / "nowhere"))
+    assert "no images" in one_error_line(cli("eval", tiny_ckpt, "--data", tmp_path / "empty"))
+    assert "not found" in one_error_line(cli("eval", tiny_ckpt, "--data", tmp_path / "nowhere"))
     d = tmp_path / "pairs"
     write_png(d / "images" / "x_1.png", generate(0)[0])
     write_png(d / "masks" / "x_1.png", np.zeros((50, 50), np.uint8))
-    assert "50x50" in _one_error_line(cli("eval", tiny_ckpt, "--data", d))
+    assert "50x50" in one_error_line(cli("eval", tiny_ckpt, "--data", d))
     out = tmp_path / "r.json"
     cli("eval", tiny_ckpt, "--data", d, "--out", out)
     assert not out.exists()  # no partial output on failure

@@ -12,7 +12,7 @@ from edgekit.export.compile import compile_model
 from edgekit.models.checkpoint import Checkpoint
 from edgekit.models.gmbinet import GMBINet
 
-from conftest import tiny_config
+from conftest import one_error_line, tiny_config
 
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'edgekit[cpu]')")
 pytest.importorskip("openvino", reason="openvino not installed (pip install 'edgekit[cpu]')")
@@ -87,16 +87,11 @@ def test_corrupt_artifact_refused(artifacts, tmp_path):
         runtime.load(bad)
 
 
-def _one_error_line(result):
-    assert result.exit_code != 0
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def test_unknown_target_and_precision(cli, tiny_ckpt, tmp_path):
-    assert "unknown target 'tflite'" in _one_error_line(cli("compile", tiny_ckpt, "--target", "tflite", "--out", tmp_path / "o"))
-    assert "does not offer precision bf16" in _one_error_line(
+    assert "unknown target 'tflite'" in one_error_line(cli("compile", tiny_ckpt, "--target", "tflite", "--out", tmp_path / "o"))
+    assert "does not offer precision bf16" in one_error_line(
         cli("compile", tiny_ckpt, "--target", "onnx", "--precision", "bf16", "--out", tmp_path / "o"))
     assert not (tmp_path / "o").exists()
 
@@ -106,21 +101,21 @@ def test_missing_backend_names_package(cli, tiny_ckpt, tmp_path, monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "openvino" else real(n, *a))
-    line = _one_error_line(cli("compile", tiny_ckpt, "--target", "openvino", "--out", tmp_path / "o"))
+    line = one_error_line(cli("compile", tiny_ckpt, "--target", "openvino", "--out", tmp_path / "o"))
     assert "pip install openvino" in line
-    line = _one_error_line(cli("compile", tiny_ckpt, "--target", "trt", "--precision", "fp16", "--out", tmp_path / "o"))
+    line = one_error_line(cli("compile", tiny_ckpt, "--target", "trt", "--precision", "fp16", "--out", tmp_path / "o"))
     assert "pip install tensorrt" in line
 
 
 def test_existing_output_kept(cli, tiny_ckpt, artifacts):
     before = (artifacts["onnx"] / "manifest.json").read_text()
-    assert "already exists" in _one_error_line(cli("compile", tiny_ckpt, "--target", "onnx", "--out", artifacts["onnx"]))
+    assert "already exists" in one_error_line(cli("compile", tiny_ckpt, "--target", "onnx", "--out", artifacts["onnx"]))
     assert (artifacts["onnx"] / "manifest.json").read_text() == before
 
 
 def test_empty_calibration_folder(cli, tiny_ckpt, tmp_path):
     (tmp_path / "empty").mkdir()
-    line = _one_error_line(cli("quantize", tiny_ckpt, "--target", "openvino", "--calib", tmp_path / "empty",
+    line = one_error_line(cli("quantize", tiny_ckpt, "--target", "openvino", "--calib", tmp_path / "empty",
                                "--out", tmp_path / "q"))
     assert "no images" in line and not (tmp_path / "q").exists()
 
@@ -152,7 +147,7 @@ def test_quantize_refuses_over_budget(cli, tiny_ckpt, tmp_path, monkeypatch):
         return ov.Model([ones], [image])
 
     monkeypatch.setattr(quant, "quantize_model", broken)
-    line = _one_error_line(cli("quantize", tiny_ckpt, "--target", "openvino", "--calib", "synthetic:4",
+    line = one_error_line(cli("quantize", tiny_ckpt, "--target", "openvino", "--calib", "synthetic:4",
                                "--val", "synthetic:6", "--max-drop", "0.005", "--metric", "mae", "--out", tmp_path / "q"))
     assert "over --max-drop" in line and "nothing written" in line
     assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q.*"))
