@@ -1,6 +1,5 @@
 """compile / quantize / runtime / bench: parity with the source model, manifests, refusals."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

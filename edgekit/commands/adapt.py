@@ -1,7 +1,6 @@
 """Continual-learning commands: adapt (add a task as an MLFF adapter), adapters (list), classify."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import click
 
@@ -76,20 +75,10 @@ def adapters_cmd(registry, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def classify_cmd(images, registry, task, as_json):
     """Classify images with the backbone + the registry's newest adapter."""
-    from edgekit.data.images import is_image_name
+    from edgekit.data.images import expand_image_paths
     from edgekit.models.mlff import load_mlff
 
-    files = []
-    for im in images:
-        p = Path(im)
-        if p.is_dir():
-            files += sorted(q for q in p.rglob("*") if q.is_file() and is_image_name(q))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise EdgekitError(f"image not found: {p}")
-    if not files:
-        raise EdgekitError("no images to classify")
+    files = expand_image_paths(images, recursive=True)
     clf = load_mlff(registry)
     preds = clf.predict(files, task)
     rows = [{"image": str(f), **p} for f, p in zip(files, preds)]

@@ -17,7 +17,7 @@ benchmarks/RESULTS.md): NNCF's default placement wraps the GMBI element-wise cha
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 

@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -75,7 +75,7 @@ def load_sd900(root: Path, split: str = "test") -> SegDataset:
             spec = json.loads(split_file.read_text())
             names = list(spec[split])
             class_names.update(spec.get("classes", {}))
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError):
             raise EdgekitError(f"{split_file}: unreadable or has no {split!r} list") from None
     samples = []
     for n in names:

@@ -17,6 +17,34 @@ def is_image_name(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(IMAGE_EXTS)
 
 
+def expand_image_paths(inputs, recursive: bool = False, unique_stems: bool = False):
+    """Files as given; folders expand to the images inside them (sorted, optionally recursive).
+
+    ``unique_stems`` refuses two inputs with the same name, whose outputs would overwrite each other.
+    """
+    paths = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in (p.rglob("*") if recursive else p.iterdir()) if q.is_file() and is_image_name(q))
+            if not found:
+                raise EdgekitError(f"no images in {p}")
+            paths += found
+        elif p.exists():
+            paths.append(p)
+        else:
+            raise EdgekitError(f"image not found: {p}")
+    if not paths:
+        raise EdgekitError("no input images given")
+    if unique_stems:
+        seen = set()
+        for p in paths:
+            if p.stem in seen:
+                raise EdgekitError(f"two inputs share the name {p.stem!r}; their outputs would overwrite each other")
+            seen.add(p.stem)
+    return paths
+
+
 def read_gray(path: str | os.PathLike) -> np.ndarray:
     """An image file -> ``H x W`` uint8 grayscale (colour images are converted with ITU-R 601 luma)."""
     path = Path(path)
@@ -29,7 +57,7 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
                 a = np.asarray(im, dtype=np.float32)
                 return np.clip(a / max(float(a.max()), 1.0) * 255.0, 0, 255).astype(np.uint8)
             return np.asarray(im.convert("L"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise EdgekitError(f"cannot read image {path}: not a readable image file") from None
 
 

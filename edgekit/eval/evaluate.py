@@ -1,7 +1,7 @@
 """Evaluate any runner on a segmentation dataset: per-class MAE, IoU@0.5 and max F-measure."""
 from __future__ import annotations
 
-from typing import Iterator, List, Tuple
+from typing import Iterator, List
 
 import numpy as np
 

@@ -6,34 +6,10 @@ from typing import List, Sequence
 
 import numpy as np
 
-from edgekit.data.images import is_image_name, read_gray, write_png
-from edgekit.errors import EdgekitError
+from edgekit.data.images import expand_image_paths, read_gray, write_png
 from edgekit.eval.evaluate import predict_probs
 from edgekit.progress import progress
 from edgekit.runtime.base import Runner
-
-
-def expand_inputs(inputs: Sequence[str]) -> List[Path]:
-    """Files as given; folders expand to the images inside them."""
-    paths: List[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and is_image_name(q))
-            if not found:
-                raise EdgekitError(f"no images in {p}")
-            paths += found
-        elif p.exists():
-            paths.append(p)
-        else:
-            raise EdgekitError(f"image not found: {p}")
-    if not paths:
-        raise EdgekitError("no input images given")
-    stems = [p.stem for p in paths]
-    dup = next((s for s in stems if stems.count(s) > 1), None)
-    if dup:
-        raise EdgekitError(f"two inputs share the name {dup!r}; their outputs would overwrite each other")
-    return paths
 
 
 def overlay(gray: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -49,7 +25,7 @@ def overlay(gray: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarr
 
 def predict(runner: Runner, inputs: Sequence[str], out_dir: Path, threshold: float = 0.5,
             batch_size: int = 4, show_progress: bool = True) -> List[dict]:
-    paths = expand_inputs(inputs)
+    paths = expand_image_paths(inputs, unique_stems=True)
     # Read everything first: an unreadable input fails before any output is written.
     images = [read_gray(p) for p in paths]
     out_dir = Path(out_dir)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from edgekit.errors import EdgekitError
-from edgekit.export.artifact import MANIFEST, artifact_writer, read_manifest, write_manifest
+from edgekit.export.artifact import artifact_writer, read_manifest, write_manifest
 
 
 

@@ -1,7 +1,6 @@
 """Comparing a transformed model with its source on real images (kept apart from loaders/runners)."""
 from __future__ import annotations
 
-from typing import List
 
 import numpy as np
 

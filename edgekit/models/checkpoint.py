@@ -11,7 +11,6 @@ An edgekit checkpoint is a dict of plain Python values and tensors, so it loads 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import os
 import pickle
 import zipfile
@@ -25,7 +24,7 @@ import torch.nn as nn
 from edgekit import __version__
 from edgekit.data.preprocess import PreprocessSpec
 from edgekit.errors import EdgekitError
-from edgekit.models.gmbinet import GMBINet, GMBINetConfig, config_from_state_dict
+from edgekit.models.gmbinet import GMBINet, config_from_state_dict
 from edgekit.models.registry import create_model
 from edgekit.utils import atomic_write, sha256_file
 

@@ -6,8 +6,8 @@ natively with every key matched.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import List, Sequence, Tuple, Union
+from dataclasses import asdict, dataclass, fields
+from typing import List, Tuple, Union
 
 import torch
 import torch.nn as nn
