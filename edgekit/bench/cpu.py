@@ -148,14 +148,14 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in result["rows"]:
-        ax.scatter(r["fps_b1"], r["iou"], s=40)
-        ax.annotate(r["name"], (r["fps_b1"], r["iou"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    markers = "osD^v<>ph*"
+    for i, r in enumerate(result["rows"]):  # a legend, not labels: close rows would overlap
+        ax.scatter(r["fps_b1"], r["iou"], s=45, marker=markers[i % len(markers)], color=plt.cm.tab20(i % 20),
+                   label=r["name"])
     p = result["reference"]
-    ax.scatter(p["fps_b1"], p["iou"], marker="x", color="k")
-    ax.annotate("paper (their CPU, their split)", (p["fps_b1"], p["iou"]), fontsize=7, xytext=(4, -10),
-                textcoords="offset points")
+    ax.scatter(p["fps_b1"], p["iou"], marker="x", color="k", s=50, label="paper (their CPU, their split)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xscale("log")
     ax.set_xlabel("FPS, batch 1, synchronous (log scale)")
     ax.set_ylabel("IoU@0.5" + (" (synthetic data)" if result["synthetic"] else ""))
