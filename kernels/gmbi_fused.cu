@@ -155,6 +155,25 @@ GMBI_DEVICE float dw_smem(const float* buf, const Region& src, int gy, int gx, i
     return acc;
 }
 
+// One guided stage of a channel chain, on region `dst_r`: y = ReLU(dw_DIL(src)) (the previous
+// stage's u, held in shared memory over `src_r`), stored to the tile's z plane where it overlaps the
+// tile, and u_next = sig(y) * x_next + x_next written to `dst` for the following stage.
+template <typename T, int DIL>
+GMBI_DEVICE void guided_stage(const float* src, const Region& src_r, float* dst, const Region& dst_r,
+                              const T* x_next, float* z_plane, const float (&w)[9], float b, int H, int W,
+                              int ty0, int tx0, int th, int tw, int tile_w, int lane) {
+    const int cnt = dst_r.h * dst_r.w;
+    for (int i = lane; i < cnt; i += 32) {
+        const int ry = i / dst_r.w, rx = i - ry * dst_r.w;
+        const int gy = dst_r.y0 + ry, gx = dst_r.x0 + rx;
+        const float y = fmaxf(dw_smem<DIL>(src, src_r, gy, gx, H, W, w, b), 0.0f);
+        const int ly = gy - ty0, lx = gx - tx0;
+        if ((unsigned)ly < (unsigned)th && (unsigned)lx < (unsigned)tw) z_plane[ly * tile_w + lx] = y;
+        const float xv = Io<T>::load(x_next + (size_t)gy * W + gx);
+        dst[i] = fmaf(Io<T>::sigmoid(y), xv, xv);
+    }
+}
+
 template <typename T>
 GMBI_DEVICE void fused_body(const T* __restrict__ x, T* __restrict__ out,
                             const float* __restrict__ dw_w,   // [C][9]  folded depthwise weights
@@ -213,39 +232,15 @@ GMBI_DEVICE void fused_body(const T* __restrict__ x, T* __restrict__ out,
         GMBI_SYNC_WARP();
 
         // stage 2: y_1 on R2 (dil 2, from bufB); u_2 = sig(y_1) x_2 + x_2 -> bufA
-        {
-            load_w9(dw_w, ch1, w);
-            const float b = GMBI_LDG(dw_b + ch1);
-            const T* x2 = xn + (size_t)ch2 * HW;
-            const int cnt = r2.h * r2.w;
-            for (int i = lane; i < cnt; i += 32) {
-                const int ry = i / r2.w, rx = i - ry * r2.w;
-                const int gy = r2.y0 + ry, gx = r2.x0 + rx;
-                const float y = fmaxf(dw_smem<2>(bufB, r1, gy, gx, H, W, w, b), 0.0f);
-                const int ly = gy - ty0, lx = gx - tx0;
-                if ((unsigned)ly < (unsigned)th && (unsigned)lx < (unsigned)tw) zs[ch1 * P + ly * tile_w + lx] = y;
-                const float xv = Io<T>::load(x2 + (size_t)gy * W + gx);
-                bufA[i] = fmaf(Io<T>::sigmoid(y), xv, xv);
-            }
-        }
+        load_w9(dw_w, ch1, w);
+        guided_stage<T, 2>(bufB, r1, bufA, r2, xn + (size_t)ch2 * HW, zs + (size_t)ch1 * P, w,
+                           GMBI_LDG(dw_b + ch1), H, W, ty0, tx0, th, tw, tile_w, lane);
         GMBI_SYNC_WARP();
 
         // stage 3: y_2 on R3 (dil 3, from bufA); u_3 = sig(y_2) x_3 + x_3 -> bufB (u_1 is dead)
-        {
-            load_w9(dw_w, ch2, w);
-            const float b = GMBI_LDG(dw_b + ch2);
-            const T* x3 = xn + (size_t)ch3 * HW;
-            const int cnt = r3.h * r3.w;
-            for (int i = lane; i < cnt; i += 32) {
-                const int ry = i / r3.w, rx = i - ry * r3.w;
-                const int gy = r3.y0 + ry, gx = r3.x0 + rx;
-                const float y = fmaxf(dw_smem<3>(bufA, r2, gy, gx, H, W, w, b), 0.0f);
-                const int ly = gy - ty0, lx = gx - tx0;
-                if ((unsigned)ly < (unsigned)th && (unsigned)lx < (unsigned)tw) zs[ch2 * P + ly * tile_w + lx] = y;
-                const float xv = Io<T>::load(x3 + (size_t)gy * W + gx);
-                bufB[i] = fmaf(Io<T>::sigmoid(y), xv, xv);
-            }
-        }
+        load_w9(dw_w, ch2, w);
+        guided_stage<T, 3>(bufA, r2, bufB, r3, xn + (size_t)ch3 * HW, zs + (size_t)ch2 * P, w,
+                           GMBI_LDG(dw_b + ch2), H, W, ty0, tx0, th, tw, tile_w, lane);
         GMBI_SYNC_WARP();
 
         // stage 4: y_3 on the tile (dil 4, from bufB), then the backward enhancement in place.
