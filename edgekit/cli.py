@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "edgekit.commands.deploy",  # compile, quantize
     "edgekit.commands.ota",  # keygen, package, verify, install, rollback
     "edgekit.commands.train",  # train
+    "edgekit.commands.prune",  # prune
     "edgekit.commands.adapt",
 )
 

@@ -191,7 +191,9 @@ def test_recipe_profiles():
     cpu = load_recipe(RECIPE, "cpu")
     gpu = load_recipe(RECIPE, "gpu")
     assert load_recipe(RECIPE).profile == "cpu"  # the default profile
-    assert cpu.profiles == ["cpu", "gpu"]
+    assert cpu.profiles == ["cpu", "gpu", "finetune"]
+    ft = load_recipe(RECIPE, "finetune")  # after pruning: the deployed input size, a gentle lr
+    assert ft.preprocess.input_size == [512, 512] and ft.optimizer.lr < cpu.optimizer.lr
     assert cpu.optimizer.name == "adam" and cpu.schedule.name == "cosine" and cpu.train.batch <= 32
     assert cpu.loss.bce == 1.0 and cpu.loss.ssim == 1.0 and cpu.loss.ssim_window == 11 and len(cpu.loss.head_weights) == 5
     assert (cpu.preprocess.mean, cpu.preprocess.std, cpu.preprocess.scale) == (0.4669, 0.2437, "max")

@@ -7,7 +7,7 @@ natively with every key matched.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import List, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -28,12 +28,19 @@ class GMBINetConfig:
     # The published model also defines decoder1-4 and conv_final, which its forward never calls.
     # They are kept only so the authors' state_dict loads with every key matched.
     upstream_extras: bool = False
+    # Channels of DF1's output (the main head's input). None: widths[0], as published. Pruning
+    # can shrink it on its own: nothing else adds to it.
+    head_width: Optional[int] = None
 
     def __post_init__(self):
         self.widths = tuple(int(w) for w in self.widths)
         self.depths = tuple(int(d) for d in self.depths)
         if len(self.widths) != 5 or len(self.depths) != 4:
             raise EdgekitError("GMBINet config needs 5 stage widths and 4 stage depths")
+        if self.head_width is not None:
+            self.head_width = int(self.head_width)
+            if self.head_width < 1:
+                raise EdgekitError("GMBINet config: head_width must be >= 1")
         if self.scales < 1:
             raise EdgekitError("GMBINet config: scales must be >= 1")
         for w in self.widths[1:]:
@@ -158,8 +165,9 @@ class GMBINet(nn.Module):
         self.DF4 = DecoderFusion(w[3], w[2])
         self.DF3 = DecoderFusion(w[2], w[1])
         self.DF2 = DecoderFusion(w[1], w[0])
-        self.DF1 = DecoderFusion(w[0], w[0])
-        head_in = (w[0], w[0], w[1], w[2], w[3])  # conv_out1..5
+        hw = cfg.head_width or w[0]
+        self.DF1 = DecoderFusion(w[0], hw)
+        head_in = (hw, w[0], w[1], w[2], w[3])  # conv_out1..5
         for i, c in enumerate(head_in, start=1):
             setattr(self, f"conv_out{i}", _head(c, cfg.out_channels, cfg.dropout))
         if cfg.upstream_extras:
@@ -238,8 +246,10 @@ def config_from_state_dict(sd: dict) -> GMBINetConfig:
                 while f"encoder{s}.1.conv{scales}.0.weight" in sd:
                     scales += 1
         out_ch = int(sd["conv_out1.1.weight"].shape[0])
+        head_width = int(sd["DF1.conv.3.weight"].shape[0])
     except KeyError as e:
         raise EdgekitError(f"not a GMBINet state_dict: key {e.args[0]!r} is missing") from None
     return GMBINetConfig(
         in_channels=int(w0[1]), widths=tuple(widths), depths=tuple(depths), scales=scales or 4,
-        out_channels=out_ch, upstream_extras="conv_final.1.weight" in sd)
+        out_channels=out_ch, upstream_extras="conv_final.1.weight" in sd,
+        head_width=None if head_width == widths[0] else head_width)

@@ -35,7 +35,7 @@ from edgekit import __version__
 from edgekit.data.datasets import SegDataset, open_segmentation
 from edgekit.data.preprocess import PreprocessSpec
 from edgekit.errors import EdgekitError
-from edgekit.models.checkpoint import Checkpoint, load_checkpoint
+from edgekit.models.checkpoint import Checkpoint, load_checkpoint, load_state_dict_strict
 from edgekit.models.gmbinet import GMBINet, GMBINetConfig
 from edgekit.train.data import EpochSampler, batch_generator, build_trainset, limit_samples, make_batch, preload
 from edgekit.train.losses import DeepSupervisionLoss
@@ -213,19 +213,43 @@ def _progress(total: int, initial: int):
 
 def train(recipe: Recipe, data: Optional[str] = None, out_dir: Optional[str] = None, resume: Optional[str] = None,
           seed: Optional[int] = None, iterations: Optional[int] = None, limit_images: Optional[int] = None,
-          stop_after: Optional[int] = None, log: Optional[Callable[[str], None]] = None) -> TrainResult:
+          stop_after: Optional[int] = None, log: Optional[Callable[[str], None]] = None,
+          init: Optional[Checkpoint] = None) -> TrainResult:
     """Train ``recipe`` (a resolved profile). ``stop_after`` ends the run after that iteration,
     saving ``last.pt`` (as an interruption would), without the final test evaluation.
+
+    ``init`` fine-tunes a checkpoint instead of training from scratch: its architecture replaces
+    the recipe's model section (a pruned model keeps its own widths) and its weights are the start.
 
     Uses ``train.threads`` CPU threads and restores the caller's thread count afterwards."""
     threads = torch.get_num_threads()
     try:
-        return _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_after, log)
+        if init is not None:
+            _adopt_init(recipe, init)
+        return _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_after, log, init)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_after, log) -> TrainResult:
+def _adopt_init(r: Recipe, init: Checkpoint) -> None:
+    """Point the recipe's model section at ``init``'s architecture; refuse other preprocessing."""
+    if init.model_name != r.model.name:
+        raise EdgekitError(f"--init: a {init.model_name} checkpoint cannot fine-tune under a {r.model.name} recipe")
+    cfg = dict(init.config)
+    cfg.pop("upstream_extras", None)
+    for k, v in cfg.items():
+        if not hasattr(r.model, k):
+            raise EdgekitError(f"--init: the recipe's model section has no key {k!r} for this checkpoint")
+        setattr(r.model, k, list(v) if isinstance(v, (list, tuple)) else v)
+    p = init.preprocess
+    mine = (r.preprocess.mean, r.preprocess.std, r.preprocess.scale, r.preprocess.channels)
+    theirs = (p.mean, p.std, p.scale, p.channels)
+    if any(abs(a - b) > 1e-6 if isinstance(a, float) else a != b for a, b in zip(mine, theirs)):
+        raise EdgekitError(f"--init: the checkpoint's preprocessing (mean {p.mean}, std {p.std}, scale {p.scale}, "
+                           f"{p.channels} channels) differs from the recipe's; fine-tuning would change its inputs")
+
+
+def _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_after, log, init=None) -> TrainResult:
     t_start = time.time()
     r = recipe
     if iterations is not None:
@@ -294,7 +318,12 @@ def _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_a
     write(f"data: {len(ts)} train / {len(val_ds)} val images from {data}; input {spec.input_size[0]}x"
           f"{spec.input_size[1]}, batch {r.train.batch}, {total} iterations on {device}")
 
-    model = GMBINet(GMBINetConfig.from_dict(r.model.config())).to(device)
+    model = GMBINet(GMBINetConfig.from_dict(r.model.config()))
+    if init is not None and state is None:
+        sd = {k: v for k, v in init.state_dict.items() if k in model.state_dict()}  # no unused extras
+        load_state_dict_strict(model, sd)
+        write(f"fine-tuning from {init.path or 'the given checkpoint'}")
+    model = model.to(device)
     mf = torch.channels_last if r.train.channels_last else torch.contiguous_format
     model = model.to(memory_format=mf)
     opt = torch.optim.Adam(model.parameters(), lr=r.optimizer.lr, betas=tuple(r.optimizer.betas),

@@ -30,6 +30,7 @@ class ModelSection:
     scales: int = 4
     out_channels: int = 1
     dropout: float = 0.1
+    head_width: Optional[int] = None  # DF1's output channels; null: widths[0] (pruned models set it)
 
     def config(self) -> dict:
         """The architecture config as the model builder and checkpoints hold it."""

@@ -1,0 +1,86 @@
+"""``edgekit prune CKPT --ratio R [--finetune RECIPE] --out CKPT``: structured channel pruning."""
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from edgekit.commands._common import echo_json
+from edgekit.errors import EdgekitError
+
+
+@click.command("prune")
+@click.argument("model", required=False, metavar="[CKPT]")
+@click.option("--ratio", required=True, type=float, help="Fraction of every stage's channels to remove (0 <= R < 1).")
+@click.option("--finetune", "recipe", default=None, type=click.Path(dir_okay=False),
+              help="Fine-tune the pruned model with this recipe (e.g. recipes/gmbinet_sd900.yaml).")
+@click.option("--profile", default="finetune", show_default=True, help="Recipe profile for the fine-tuning.")
+@click.option("--data", default=None, help="Training data for --finetune (default: the recipe's data.path).")
+@click.option("--iterations", default=None, type=click.IntRange(1), help="Override the profile's iterations.")
+@click.option("--threads", default=None, type=click.IntRange(1, 256), help="Override the profile's train.threads.")
+@click.option("--limit-images", default=None, type=click.IntRange(1), help="At most N images per split (smoke tests).")
+@click.option("--work", "work_dir", default=None, type=click.Path(file_okay=False),
+              help="Keep the fine-tuning run (last.pt, best.pt, report.json) here; default: a temporary folder.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Pruned checkpoint to write.")
+@click.option("--force", is_flag=True, help="Replace an existing --out file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def prune_cmd(model, ratio, recipe, profile, data, iterations, threads, limit_images, work_dir, out, force, as_json):
+    """Remove channels (equally from every GMBI group), optionally fine-tune; save an edgekit checkpoint."""
+    from edgekit.compress.prune import prune_checkpoint
+    from edgekit.models.checkpoint import load_checkpoint
+    from edgekit.models.default import resolve_model
+
+    out_path = Path(out)
+    if out_path.exists() and not force:
+        raise EdgekitError(f"{out_path} exists (pass --force to replace it)")
+    if not out_path.parent.is_dir():
+        raise EdgekitError(f"--out: folder {out_path.parent} does not exist")
+    r = None
+    if recipe:
+        from edgekit.train.recipe import load_recipe
+
+        r = load_recipe(recipe, profile)  # a bad recipe fails before any work
+        if threads:
+            r.train.threads = threads
+    ck = load_checkpoint(resolve_model(model))
+    pruned, report = prune_checkpoint(ck, ratio)
+    result = {"source": str(ck.path), "ratio": ratio, **{k: v for k, v in report.to_dict().items() if k != "ratio"}}
+    if r is None:
+        pruned.save(out_path)
+    else:
+        from tqdm import tqdm
+
+        from edgekit.train.loop import train
+
+        keep = work_dir is not None
+        run_dir = Path(work_dir) if keep else Path(tempfile.mkdtemp(prefix="edgekit-prune-"))
+        try:
+            res = train(r, data=data, out_dir=str(run_dir), iterations=iterations, limit_images=limit_images,
+                        init=pruned, log=lambda m: tqdm.write(m, file=sys.stderr))
+            tuned = load_checkpoint(res.best)
+            tuned.provenance = {**pruned.provenance, "finetune": tuned.provenance}
+            tuned.save(out_path)
+            result["finetune"] = {"recipe": r.name, "profile": r.profile, "iterations": res.iteration,
+                                  "best_iteration": res.best_iteration, "val_iou": res.best_val_iou,
+                                  "test": res.test["overall"], "wall_s": round(res.wall_s, 1),
+                                  "run": str(run_dir) if keep else None}
+        finally:
+            if not keep:
+                shutil.rmtree(run_dir, ignore_errors=True)
+    result["out"] = str(out_path)
+    if as_json:
+        echo_json(result)
+        return
+    w0, w1 = report.widths_before, report.widths_after
+    click.echo(f"pruned {ck.path}: widths {w0} -> {w1}; parameters {report.params_before:,} -> "
+               f"{report.params_after:,}; MACs at 512 {report.macs_before / 1e9:.3f} G -> {report.macs_after / 1e9:.3f} G")
+    if "finetune" in result:
+        t = result["finetune"]["test"]
+        click.echo(f"fine-tuned {result['finetune']['iterations']} iterations: test MAE {t['mae']:.4f} IoU {t['iou']:.4f}")
+    click.echo(f"wrote {out_path}")
+
+
+commands = [prune_cmd]
