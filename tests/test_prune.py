@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ tp = pytest.importorskip("torch_pruning", reason="torch-pruning is not installed
 from edgekit.compress.prune import (GMBIAwareImportance, GMBIPruner, _prunable_copy, opaque_gmbi,  # noqa: E402
                                     prune_gmbinet, widths_of)
 from edgekit.models.gmbinet import GMBI, GMBINet  # noqa: E402
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "gmbinet_sd900.yaml"
 
 
 def _random_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -196,9 +199,12 @@ def test_existing_output_is_not_overwritten(pruned_ckpt, cli):
 
 
 def test_bad_finetune_recipe_names_the_key_before_any_work(tmp_path, cli):
+    import yaml
+
+    d = yaml.safe_load(RECIPE.read_text())
+    d["optimizer"]["lr_typo"] = 2
     recipe = tmp_path / "bad.yaml"
-    recipe.write_text((__import__("pathlib").Path(__file__).parents[1] / "recipes" / "gmbinet_sd900.yaml")
-                      .read_text().replace("  lr: 1.0e-3", "  lr: 1.0e-3\n  lr_typo: 2"))
+    recipe.write_text(yaml.safe_dump(d, sort_keys=False))
     out = tmp_path / "p.pt"
     r = cli("prune", "--ratio", "0.25", "--finetune", recipe, "--out", out)
     assert "lr_typo" in one_error_line(r)
@@ -212,7 +218,7 @@ def test_finetune_runs_from_the_pruned_weights(pruned_ckpt, tmp_path, cli):
     from edgekit.models.checkpoint import load_checkpoint
 
     src, _ = pruned_ckpt
-    d = yaml.safe_load((__import__("pathlib").Path(__file__).parents[1] / "recipes" / "gmbinet_sd900.yaml").read_text())
+    d = yaml.safe_load(RECIPE.read_text())
     d["profiles"]["finetune"]["preprocess"]["input_size"] = [64, 64]
     d["profiles"]["finetune"]["train"].update(batch=2, val_every=2, checkpoint_every=2, val_batch=4, threads=1)
     recipe = tmp_path / "ft.yaml"

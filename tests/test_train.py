@@ -191,7 +191,7 @@ def test_recipe_profiles():
     cpu = load_recipe(RECIPE, "cpu")
     gpu = load_recipe(RECIPE, "gpu")
     assert load_recipe(RECIPE).profile == "cpu"  # the default profile
-    assert cpu.profiles == ["cpu", "gpu", "finetune"]
+    assert cpu.profiles == ["cpu", "gpu", "cpu-refine", "finetune"]
     ft = load_recipe(RECIPE, "finetune")  # after pruning: the deployed input size, a gentle lr
     assert ft.preprocess.input_size == [512, 512] and ft.optimizer.lr < cpu.optimizer.lr
     assert cpu.optimizer.name == "adam" and cpu.schedule.name == "cosine" and cpu.train.batch <= 32

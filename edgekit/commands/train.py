@@ -5,6 +5,8 @@ import sys
 
 import click
 
+from edgekit.errors import EdgekitError
+
 
 @click.command("train")
 @click.argument("recipe", type=click.Path(dir_okay=False))
@@ -13,11 +15,13 @@ import click
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Output folder for last.pt, best.pt, report.json (default: runs/<recipe>-<profile>).")
 @click.option("--resume", default=None, type=click.Path(dir_okay=False), help="Continue from a run's last.pt.")
+@click.option("--init", "init_ckpt", default=None, type=click.Path(dir_okay=False),
+              help="Fine-tune this checkpoint (its architecture and weights) instead of training from scratch.")
 @click.option("--seed", default=None, type=int, help="Override train.seed.")
 @click.option("--iterations", default=None, type=click.IntRange(1), help="Override train.iterations (smoke tests).")
 @click.option("--limit-images", default=None, type=click.IntRange(1),
               help="Use at most N images of each split, all classes kept (smoke tests).")
-def train_cmd(recipe, profile, data, out_dir, resume, seed, iterations, limit_images):
+def train_cmd(recipe, profile, data, out_dir, resume, init_ckpt, seed, iterations, limit_images):
     """Train from a recipe; writes last.pt (resumable), best.pt (best val IoU) and report.json (test split)."""
     from tqdm import tqdm
 
@@ -25,12 +29,19 @@ def train_cmd(recipe, profile, data, out_dir, resume, seed, iterations, limit_im
     from edgekit.train.recipe import load_recipe
 
     r = load_recipe(recipe, profile)
+    init = None
+    if init_ckpt:
+        from edgekit.models.checkpoint import load_checkpoint
+
+        if resume:
+            raise EdgekitError("--init and --resume exclude each other (a resumed run has its own weights)")
+        init = load_checkpoint(init_ckpt)
 
     def log(msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)
 
     res = train(r, data=data, out_dir=out_dir, resume=resume, seed=seed, iterations=iterations,
-                limit_images=limit_images, log=log)
+                limit_images=limit_images, log=log, init=init)
     o = res.test["overall"]
     click.echo(f"best.pt: {res.best} (iteration {res.best_iteration}, val IoU {res.best_val_iou:.4f}); "
                f"test MAE {o['mae']:.4f} IoU {o['iou']:.4f} max F {o['max_f']:.4f}; report: {res.report}; "
