@@ -1,4 +1,5 @@
-"""Ahead-of-time build and compile check of the fused GMBI kernel.
+"""Ahead-of-time build and compile check of the CUDA kernels (``kernels/gmbi_fused.cu`` and
+``kernels/gmbinet_layers.cu``, the whole-network module).
 
     python -m edgekit.kernels.build                       # cubins for sm_87 sm_89 sm_90 -> kernels/build
     python -m edgekit.kernels.build --format fatbin       # one fatbin (+ PTX of the newest arch)
@@ -23,7 +24,12 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
 from edgekit.errors import EdgekitError
-from edgekit.kernels.gmbi import KERNEL_NAMES, NVCC_FLAGS, kernel_build_dir, kernel_source_path, source_sha256
+from edgekit.kernels.gmbi import KERNEL_NAMES, NVCC_FLAGS, kernel_build_dir, kernel_dir, kernel_source_path
+from edgekit.kernels.gmbinet import LAYERS_SOURCE, NET_KERNEL_NAMES, source_digest
+
+# Every source compiled by default, with the entry points it must define.  gmbinet_layers.cu
+# #includes gmbi_fused.cu, so its module holds every kernel of the whole network.
+SOURCES = {"gmbi_fused.cu": tuple(KERNEL_NAMES.values()), LAYERS_SOURCE: NET_KERNEL_NAMES}
 
 DEFAULT_ARCHS = ("sm_87", "sm_89", "sm_90")
 
@@ -41,6 +47,7 @@ class KernelResources:
     stack: int = 0
     spill_stores: int = 0
     spill_loads: int = 0
+    source: str = ""  # the .cu file compiled
 
     @property
     def spills(self) -> bool:
@@ -51,17 +58,21 @@ class KernelResources:
 class BuildResult:
     archs: List[str]
     fmt: str
-    artifacts: dict = field(default_factory=dict)  # arch -> file name (inside out_dir)
+    artifacts: dict = field(default_factory=dict)  # source name -> {arch -> file name (inside out_dir)}
     resources: List[KernelResources] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
     log: str = ""
 
     def table(self) -> str:
-        rows = ["arch   kernel            regs  smem(static)  stack  spill st/ld  barriers"]
+        rows = ["source             arch   kernel               regs  smem(static)  stack  spill st/ld  barriers"]
         for r in self.resources:
-            rows.append(f"{r.arch:<6} {r.kernel:<17} {r.registers:>4}  {r.smem_static:>12}  {r.stack:>5}  "
+            rows.append(f"{r.source:<18} {r.arch:<6} {r.kernel:<20} {r.registers:>4}  {r.smem_static:>12}  "
+                        f"{r.stack:>5}  "
                         f"{r.spill_stores:>5}/{r.spill_loads:<5}  {r.barriers:>8}")
         return "\n".join(rows)
+
+    def files(self) -> List[str]:
+        return sorted({f for per_arch in self.artifacts.values() for f in per_arch.values()})
 
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
@@ -127,8 +138,9 @@ def _run(cmd: Sequence[str]) -> subprocess.CompletedProcess:
 def compile_kernels(archs: Iterable[str] = DEFAULT_ARCHS, fmt: str = "cubin", out_dir: Optional[Path] = None,
                     source: Optional[Path] = None, extra_flags: Sequence[str] = (),
                     allow_spills: bool = False, nvcc: Optional[str] = None) -> BuildResult:
-    """Compile the kernel with ``nvcc -cubin`` (one file per arch) or ``-fatbin`` (one file, plus PTX
-    of the newest arch for forward compatibility), with ``-Xptxas -v``.
+    """Compile the kernel sources (every file of ``SOURCES``, or just ``source``) with ``nvcc -cubin``
+    (one file per source and arch) or ``-fatbin`` (one file per source, plus PTX of the newest arch
+    for forward compatibility), with ``-Xptxas -v``.
 
     ``out_dir=None`` compiles into a temporary folder and keeps nothing (a compile check).  Raises
     ``EdgekitError`` when nvcc is missing or fails, an entry point is missing, or (unless
@@ -142,65 +154,88 @@ def compile_kernels(archs: Iterable[str] = DEFAULT_ARCHS, fmt: str = "cubin", ou
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
         raise EdgekitError("nvcc is not on PATH: install the CUDA toolkit to build the fused kernels")
-    source = Path(source) if source else kernel_source_path()
+    if source is not None:
+        sources = [Path(source)]
+    else:
+        kernel_source_path()  # a clear error when the kernel folder is missing
+        sources = [kernel_dir() / name for name in SOURCES]
     base = [nvcc, *NVCC_FLAGS, "-Xptxas", "-v", *extra_flags]
     result = BuildResult(archs=archs, fmt=fmt)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        jobs = []
-        if fmt == "cubin":
-            for arch in archs:
-                name = f"{source.stem}.{arch}.cubin"
-                jobs.append(([*base, "-cubin", f"-arch={arch}", "-o", str(work / name), str(source)], {arch: name}))
-        else:
-            name = f"{source.stem}.fatbin"
-            gencode = []
-            for num in nums:
-                gencode += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
-            gencode += ["-gencode", f"arch=compute_{nums[-1]},code=compute_{nums[-1]}"]
-            jobs.append(([*base, "-fatbin", *gencode, "-o", str(work / name), str(source)], {a: name for a in archs}))
         logs = []
-        for cmd, produced in jobs:
-            proc = _run(cmd)
-            text = proc.stdout + proc.stderr
-            logs.append("$ " + " ".join(cmd) + "\n" + text)
-            if proc.returncode != 0:
-                raise EdgekitError(f"nvcc failed (rc {proc.returncode}) for {' '.join(produced)}:\n{text.strip()[-4000:]}")
-            result.resources += parse_ptxas(text)
-            result.warnings += [ln for ln in text.splitlines() if "warning" in ln.lower()]
-            result.artifacts.update(produced)
+        for src in sources:
+            if not src.is_file():
+                raise EdgekitError(f"kernel source not found: {src}")
+            jobs = []
+            if fmt == "cubin":
+                for arch in archs:
+                    name = f"{src.stem}.{arch}.cubin"
+                    jobs.append(([*base, "-cubin", f"-arch={arch}", "-o", str(work / name), str(src)], {arch: name}))
+            else:
+                name = f"{src.stem}.fatbin"
+                gencode = []
+                for num in nums:
+                    gencode += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+                gencode += ["-gencode", f"arch=compute_{nums[-1]},code=compute_{nums[-1]}"]
+                jobs.append(([*base, "-fatbin", *gencode, "-o", str(work / name), str(src)], {a: name for a in archs}))
+            for cmd, produced in jobs:
+                proc = _run(cmd)
+                text = proc.stdout + proc.stderr
+                logs.append("$ " + " ".join(cmd) + "\n" + text)
+                if proc.returncode != 0:
+                    files = " ".join(sorted(set(produced.values())))
+                    raise EdgekitError(f"nvcc failed (rc {proc.returncode}) for {files}:\n{text.strip()[-4000:]}")
+                found = parse_ptxas(text)
+                for r in found:
+                    r.source = src.name
+                result.resources += found
+                result.warnings += [ln for ln in text.splitlines() if "warning" in ln.lower()]
+                result.artifacts.setdefault(src.name, {}).update(produced)
         result.log = "\n".join(logs)
-        for arch in archs:
-            for kernel in KERNEL_NAMES.values():
-                if not any(r.arch == arch and r.kernel == kernel for r in result.resources):
-                    raise EdgekitError(f"ptxas reported no entry function {kernel} for {arch}:\n{result.log[-4000:]}")
+        for src in sources:
+            for arch in archs:
+                for kernel in SOURCES.get(src.name, tuple(KERNEL_NAMES.values())):
+                    if not any((r.source, r.arch, r.kernel) == (src.name, arch, kernel) for r in result.resources):
+                        raise EdgekitError(f"ptxas reported no entry function {kernel} for {arch} in {src.name}:\n"
+                                           f"{result.log[-4000:]}")
         spilled = [r for r in result.resources if r.spills]
         if spilled and not allow_spills:
             raise EdgekitError("register spills: " + ", ".join(
-                f"{r.kernel}/{r.arch} {r.spill_stores}B stores {r.spill_loads}B loads" for r in spilled))
+                f"{r.kernel}/{r.arch} ({r.source}) {r.spill_stores}B stores {r.spill_loads}B loads" for r in spilled))
         if out_dir is not None:
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
-            for name in set(result.artifacts.values()):
+            for name in result.files():
                 shutil.copy2(work / name, out_dir / name)
             nvcc_version = _run([nvcc, "--version"]).stdout.strip().splitlines()
             manifest = {
-                "source": source.name,
-                "source_sha256": source_sha256(source),
                 "nvcc": nvcc_version[-1] if nvcc_version else "",
                 "flags": [*NVCC_FLAGS, *extra_flags],
                 "format": fmt,
-                "artifacts": result.artifacts,
+                # per source: SHA-256 over the file and the local files it #includes, and its artifacts
+                "sources": {src.name: {"sha256": source_digest(src), "artifacts": result.artifacts[src.name]}
+                            for src in sources},
                 "resources": [asdict(r) for r in result.resources],
             }
+            first = sources[0]  # the single-source keys older loaders read (gmbi_fused.cu by default)
+            manifest.update({"source": first.name, "source_sha256": source_digest(first),
+                             "artifacts": result.artifacts[first.name]})
             (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return result
 
 
+EMULATOR_PROGRAMS = {"gmbi": "gmbi_emu_main.cpp", "gmbinet": "gmbinet_emu_main.cpp"}
+
+
 def build_emulator(out: Path, sanitize: str = "address", compiler: Optional[str] = None,
-                   cuda_include: Optional[Path] = None) -> Path:
-    """Compile ``kernels/emu/gmbi_emu_main.cpp`` (the kernel source under host emulation) with a C++20
-    compiler and the given sanitizer (``address`` = ASan + UBSan, ``thread`` = TSan, ``none``)."""
+                   cuda_include: Optional[Path] = None, program: str = "gmbi", opt: str = "-O1") -> Path:
+    """Compile a host-emulation program with a C++20 compiler and the given sanitizer (``address`` =
+    ASan + UBSan, ``thread`` = TSan, ``none``): ``program="gmbi"`` is ``kernels/emu/gmbi_emu_main.cpp``
+    (one fused GMBI launch), ``"gmbinet"`` is ``kernels/emu/gmbinet_emu_main.cpp`` (a whole planned
+    GMBINet launch sequence over every kernel of ``kernels/gmbinet_layers.cu``)."""
+    if program not in EMULATOR_PROGRAMS:
+        raise EdgekitError(f"unknown emulator program {program!r}: {', '.join(EMULATOR_PROGRAMS)}")
     cxx = compiler or shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
         raise EdgekitError("no C++ compiler (g++ or clang++) on PATH for the kernel emulator")
@@ -215,8 +250,8 @@ def build_emulator(out: Path, sanitize: str = "address", compiler: Optional[str]
              "thread": ["-fsanitize=thread"], "none": []}
     if sanitize not in flags:
         raise EdgekitError(f"unknown sanitizer {sanitize!r}")
-    main = kernel_source_path().parent / "emu" / "gmbi_emu_main.cpp"
-    cmd = [cxx, "-std=c++20", "-O1", "-g", "-fno-omit-frame-pointer", "-pthread", *flags[sanitize],
+    main = kernel_source_path().parent / "emu" / EMULATOR_PROGRAMS[program]
+    cmd = [cxx, "-std=c++20", opt, "-g", "-fno-omit-frame-pointer", "-pthread", *flags[sanitize],
            f"-I{cuda_include}", str(main), "-o", str(out)]
     proc = _run(cmd)
     if proc.returncode != 0:
@@ -245,7 +280,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(res.table())
         for w in res.warnings:
             print(w)
-        print(f"wrote {', '.join(sorted(set(res.artifacts.values())))} to {out}" if out else "compile check passed")
+        print(f"wrote {', '.join(res.files())} to {out}" if out else "compile check passed")
     return 0
 
 

@@ -49,33 +49,41 @@ inline float4 ldg4(const float* p) {
     return v;
 }
 
-// Runs kernel(args...) for every block of `grid` with `threads` host threads per block.
-// Shared memory is a fresh, exactly-sized heap buffer per block, filled with NaN.
+// Runs kernel(args...) for every block of `grid` with `threads` host threads per block.  The threads
+// are created once per launch and walk the blocks in lockstep (a barrier with the launching thread
+// before and after each block), so no block overlaps another.  Shared memory is one exactly-sized heap
+// buffer, refilled with NaN before every block.
 template <typename F>
 void launch(Dim3 grid, unsigned threads, size_t smem_bytes, F&& kernel) {
     const size_t nfloat = (smem_bytes + sizeof(float) - 1) / sizeof(float);
-    for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-            for (unsigned bx = 0; bx < grid.x; ++bx) {
-                std::unique_ptr<float[]> buf(new float[nfloat]);
-                for (size_t i = 0; i < nfloat; ++i) buf[i] = std::nanf("");
-                smem = buf.get();
-                std::barrier<> bb(threads);
-                block_barrier = &bb;
-                warp_barriers.clear();
-                for (unsigned w = 0; w < (threads + 31) / 32; ++w)
-                    warp_barriers.emplace_back(new std::barrier<>(std::min(32u, threads - 32 * w)));
-                std::vector<std::thread> pool;
-                pool.reserve(threads);
-                for (unsigned t = 0; t < threads; ++t)
-                    pool.emplace_back([&, t] {
-                        thread_idx = Dim3{t, 0, 0};
-                        block_idx = Dim3{bx, by, bz};
-                        kernel();
-                    });
-                for (auto& th : pool) th.join();
-                smem = nullptr;
+    const unsigned nblocks = grid.x * grid.y * grid.z;
+    std::unique_ptr<float[]> buf(new float[nfloat]);
+    smem = buf.get();
+    std::barrier<> bb(threads);
+    block_barrier = &bb;
+    warp_barriers.clear();
+    for (unsigned w = 0; w < (threads + 31) / 32; ++w)
+        warp_barriers.emplace_back(new std::barrier<>(std::min(32u, threads - 32 * w)));
+    std::barrier<> step(threads + 1);  // the workers and this thread
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (unsigned t = 0; t < threads; ++t)
+        pool.emplace_back([&, t] {
+            thread_idx = Dim3{t, 0, 0};
+            for (unsigned b = 0; b < nblocks; ++b) {
+                step.arrive_and_wait();  // shared memory is ready for block b
+                block_idx = Dim3{b % grid.x, (b / grid.x) % grid.y, b / (grid.x * grid.y)};
+                kernel();
+                step.arrive_and_wait();  // every thread is done with block b
             }
+        });
+    for (unsigned b = 0; b < nblocks; ++b) {
+        for (size_t i = 0; i < nfloat; ++i) buf[i] = std::nanf("");
+        step.arrive_and_wait();
+        step.arrive_and_wait();
+    }
+    for (auto& th : pool) th.join();
+    smem = nullptr;
 }
 }  // namespace emu
 
