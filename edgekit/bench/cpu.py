@@ -100,6 +100,23 @@ def throughput(runner: Runner, batch: int, jobs: int, seconds: float) -> Optiona
     return done / (time.perf_counter() - t0)
 
 
+def row_summary(r: Row, batches, async_jobs: int) -> dict:
+    """One JSON row: identity, size, ``r.result`` (accuracy), latency percentiles at batch 1, FPS per batch."""
+    l1 = np.array(r.lat[1]) * 1e3
+    fps_by_batch = {b: b / float(np.median(r.lat[b])) for b in batches}
+    best = max(fps_by_batch, key=fps_by_batch.get)
+    tp = throughput(r.runner, 1, async_jobs, 2.0)
+    return {
+        "name": r.name, "backend": r.runner.name, "precision": r.runner.precision,
+        "source": str(r.runner.source), "size_bytes": r.size_bytes, **r.result,
+        "latency_ms": {"p50": float(np.percentile(l1, 50)), "p90": float(np.percentile(l1, 90)),
+                       "p99": float(np.percentile(l1, 99)), "samples": int(len(l1))},
+        "fps_b1": fps_by_batch[1], "fps_by_batch": {str(b): v for b, v in fps_by_batch.items()},
+        "best_batch": best, "fps_best": fps_by_batch[best],
+        "throughput_fps": tp, "throughput_jobs": async_jobs if tp else None,
+    }
+
+
 def run_bench(rows: List[Row], data: str = "synthetic", batches=(1, 8), rounds: int = 5, iters: int = 20,
               warmup: int = 5, eval_limit: Optional[int] = None, async_jobs: int = 2,
               show_progress: bool = True, baseline: Optional[str] = None) -> dict:
@@ -109,21 +126,7 @@ def run_bench(rows: List[Row], data: str = "synthetic", batches=(1, 8), rounds: 
         acc = evaluate(r.runner, dataset, batch_size=1, show_progress=show_progress, limit=eval_limit)
         r.result.update(iou=acc["overall"]["iou"], mae=acc["overall"]["mae"], max_f=acc["overall"]["max_f"])
     time_rows(rows, batches, rounds, iters, warmup, show_progress)
-    out_rows = []
-    for r in rows:
-        l1 = np.array(r.lat[1]) * 1e3
-        fps_by_batch = {b: b / float(np.median(r.lat[b])) for b in batches}
-        best = max(fps_by_batch, key=fps_by_batch.get)
-        tp = throughput(r.runner, 1, async_jobs, 2.0)
-        out_rows.append({
-            "name": r.name, "backend": r.runner.name, "precision": r.runner.precision,
-            "source": str(r.runner.source), "size_bytes": r.size_bytes, **r.result,
-            "latency_ms": {"p50": float(np.percentile(l1, 50)), "p90": float(np.percentile(l1, 90)),
-                           "p99": float(np.percentile(l1, 99)), "samples": int(len(l1))},
-            "fps_b1": fps_by_batch[1], "fps_by_batch": {str(b): v for b, v in fps_by_batch.items()},
-            "best_batch": best, "fps_best": fps_by_batch[best],
-            "throughput_fps": tp, "throughput_jobs": async_jobs if tp else None,
-        })
+    out_rows = [row_summary(r, batches, async_jobs) for r in rows]
     base = next((r for r in out_rows if r["name"] == baseline), None) if baseline else None
     for r in out_rows:
         r["speedup_vs_baseline"] = r["fps_b1"] / base["fps_b1"] if base else None
@@ -150,16 +153,18 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(10, 4.8))
     markers = "osD^v<>ph*"
+    metric = "accuracy" if result.get("kind") == "mlff" else "iou"  # MLFF rows: top-1 classification accuracy
     for i, r in enumerate(result["rows"]):  # a legend, not labels: close rows would overlap
-        ax.scatter(r["fps_b1"], r["iou"], s=45, marker=markers[i % len(markers)], color=plt.cm.tab20(i % 20),
+        ax.scatter(r["fps_b1"], r[metric], s=45, marker=markers[i % len(markers)], color=plt.cm.tab20(i % 20),
                    label=r["name"])
     p = result["reference"]
-    ax.scatter(p["fps_b1"], p["iou"], marker="x", color="k", s=50, label="paper (their CPU, their split)")
+    if p:
+        ax.scatter(p["fps_b1"], p["iou"], marker="x", color="k", s=50, label=p.get("plot_label", "paper (their CPU, their split)"))
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xscale("log")
     ax.set_xlabel("FPS, batch 1, synchronous (log scale)")
-    ax.set_ylabel("IoU@0.5" + (" (synthetic data)" if result["synthetic"] else ""))
-    ax.set_title(f"edgekit bench, {result['machine']['cpu'][:40]}", fontsize=9)
+    ax.set_ylabel(("top-1 accuracy" if metric == "accuracy" else "IoU@0.5") + (" (synthetic data)" if result["synthetic"] else ""))
+    ax.set_title(f"edgekit bench, {(result['machine'].get('gpu') or result['machine']['cpu'])[:40]}", fontsize=9)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

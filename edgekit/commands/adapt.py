@@ -26,10 +26,13 @@ DEFAULT_REGISTRY = "adapters"
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--fc-dim", default=160, show_default=True, type=int, help="Fused embedding width (first task only).")
 @click.option("--cache", default=None, type=click.Path(), help="Feature cache folder (default: REGISTRY/cache).")
+@click.option("--holdout", default=0.0, show_default=True, type=click.FloatRange(0, 0.9),
+              help="Leave out this fraction of each class (the fixed holdout_split, seed 0) for testing; "
+                   "0.2 is the held-out part edgekit bench and benchmarks/mlff_neu.py test on.")
 @click.option("--threads", default=None, type=int)
 @click.option("--json", "as_json", is_flag=True)
 def adapt_cmd(backbone, task, data, classes, rehearsal, distill, setting, registry, epochs, seed, fc_dim, cache,
-              threads, as_json):
+              holdout, threads, as_json):
     """Add a task to an adapter registry: a small MLFF adapter on a frozen backbone."""
     from edgekit.models.backbones import load_backbone
     from edgekit.train.continual import add_task, task_data_from_folder
@@ -39,6 +42,15 @@ def adapt_cmd(backbone, task, data, classes, rehearsal, distill, setting, regist
     if classes is not None and not names:
         raise EdgekitError("--classes is empty")
     td = task_data_from_folder(data, names)
+    if holdout > 0:  # split every class of the folder, then keep the chosen ones: the same split whatever --classes
+        from edgekit.data.datasets import ClassSample, holdout_split
+        from edgekit.train.continual import TaskData
+
+        full = task_data_from_folder(data)
+        train, _ = holdout_split([ClassSample(p, y) for p, y in zip(full.paths, full.labels)], holdout, seed=0)
+        keep = {full.classes.index(c): i for i, c in enumerate(td.classes)}
+        td = TaskData([s.path for s in train if s.label in keep], [keep[s.label] for s in train if s.label in keep],
+                      td.classes)
     bb = load_backbone(backbone)
     r = add_task(registry, bb, task, td, setting=setting, rehearsal=rehearsal, distill=distill, epochs=epochs,
                  seed=seed, fc_dim=fc_dim, cache_dir=cache if cache else "default")
@@ -70,16 +82,22 @@ def adapters_cmd(registry, as_json):
 
 @click.command("classify")
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--registry", default=DEFAULT_REGISTRY, show_default=True, type=click.Path())
+@click.option("--registry", "--adapters", "registry", default=DEFAULT_REGISTRY, show_default=True, type=click.Path(),
+              help="Adapter registry folder.")
+@click.option("--backbone-artifact", default=None, type=click.Path(),
+              help="Run the backbone from this compiled MLFF backbone artifact (edgekit compile REGISTRY ...) "
+                   "instead of PyTorch; refused if it was compiled from another backbone.")
 @click.option("--task", default=None, help="Task-incremental: which task's head (default: the most confident).")
+@click.option("--threads", default=None, type=click.IntRange(1, 256))
 @click.option("--json", "as_json", is_flag=True)
-def classify_cmd(images, registry, task, as_json):
+def classify_cmd(images, registry, backbone_artifact, task, threads, as_json):
     """Classify images with the backbone + the registry's newest adapter."""
     from edgekit.data.images import expand_image_paths
     from edgekit.models.mlff import load_mlff
 
+    set_threads(threads)
     files = expand_image_paths(images, recursive=True)
-    clf = load_mlff(registry)
+    clf = load_mlff(registry, backbone_artifact=backbone_artifact, threads=threads)
     preds = clf.predict(files, task)
     rows = [{"image": str(f), **p} for f, p in zip(files, preds)]
     if as_json:

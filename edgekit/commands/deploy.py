@@ -7,37 +7,47 @@ from edgekit.commands._common import echo_json
 from edgekit.models.default import resolve_model
 
 
+_AS_BACKBONE = click.option("--as-backbone", is_flag=True,
+                            help="MODEL is an MLFF backbone (a weights or checkpoint file): compile its pooled tap "
+                                 "features. A registry folder or a backbone name (efficientnet-lite0) is one anyway.")
+
+
 @click.command("compile")
-@click.argument("model", required=False, metavar="[CKPT]")
+@click.argument("model", required=False, metavar="[CKPT|REGISTRY|BACKBONE]")
 @click.option("--target", required=True, help="onnx | ort | openvino | trt")
 @click.option("--precision", default="fp32", show_default=True, help="fp32 | bf16 | fp16 | int8 | auto")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact folder to write.")
 @click.option("--calib", default=None, help="Calibration data for int8: folder, SD-900 folder or synthetic[:N].")
 @click.option("--subset", default=100, show_default=True, type=click.IntRange(1), help="Calibration images.")
 @click.option("--int8-scheme", default="stem-head-float", show_default=True,
-              type=click.Choice(["default", "stem-head-float", "conv-only", "pointwise"]))
+              type=click.Choice(["default", "stem-head-float", "conv-only", "pointwise", "trt-entropy"]),
+              help="NNCF Q/DQ placement; trt-entropy: TensorRT's own entropy calibrator (TensorRT 8.5-10.x).")
 @click.option("--parity-data", default="synthetic:12", show_default=True, help="Images for the parity check.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
 @click.option("--force", is_flag=True, help="Replace an existing artifact folder.")
+@_AS_BACKBONE
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, parity_data, threads, force, as_json):
-    """Compile a checkpoint into a verified artifact folder for one backend."""
+def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, parity_data, threads, force, as_backbone,
+                as_json):
+    """Compile a checkpoint, or the frozen backbone of an MLFF adapter registry, into a verified artifact folder."""
     from edgekit.export.compile import compile_model
 
     manifest = compile_model(resolve_model(model), target, precision, out, parity_data=parity_data,
                              calib=calib, subset=subset, int8_scheme=int8_scheme, force=force,
-                             threads=threads, log=(lambda *_: None) if as_json else click.echo)
+                             threads=threads, log=(lambda *_: None) if as_json else click.echo,
+                             as_backbone=as_backbone)
     if as_json:
         echo_json(manifest)
 
 
 @click.command("quantize")
-@click.argument("model", required=False, metavar="[CKPT|ARTIFACT]")
+@click.argument("model", required=False, metavar="[CKPT|ARTIFACT|REGISTRY|BACKBONE]")
 @click.option("--target", required=True, type=click.Choice(["openvino", "onnx"]))
 @click.option("--calib", default=None, help="Calibration images: folder, SD-900 folder (train split) or "
               "synthetic[:N] (default: the embedded synthetic generator).")
 @click.option("--subset", default=100, show_default=True, type=click.IntRange(1), help="Calibration images used.")
-@click.option("--max-drop", default=None, type=click.FloatRange(0), help="Refuse if the metric drops by more.")
+@click.option("--max-drop", default=None, type=click.FloatRange(0),
+              help="Refuse if the metric drops by more (MLFF backbone: the adapter's top-1 accuracy on --val).")
 @click.option("--metric", default="iou", show_default=True, type=click.Choice(["iou", "mae", "max_f"]))
 @click.option("--val", default=None, help="Validation images with masks (SD-900 folder: its val split).")
 @click.option("--int8-scheme", default="stem-head-float", show_default=True,
@@ -46,22 +56,24 @@ def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, parit
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
 @click.option("--force", is_flag=True)
+@_AS_BACKBONE
 @click.option("--json", "as_json", is_flag=True)
 def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_scheme, parity_data, out, threads,
-                 force, as_json):
+                 force, as_backbone, as_json):
     """INT8 post-training quantization with NNCF (accuracy-controlled with --max-drop and --val)."""
     from edgekit.export.compile import compile_model
 
     manifest = compile_model(resolve_model(model), target, "int8", out, parity_data=parity_data, calib=calib,
                              subset=subset, int8_scheme=int8_scheme, max_drop=max_drop, metric=metric, val=val,
-                             force=force, threads=threads, log=(lambda *_: None) if as_json else click.echo)
+                             force=force, threads=threads, log=(lambda *_: None) if as_json else click.echo,
+                             as_backbone=as_backbone)
     if as_json:
         echo_json(manifest)
 
 
 
 @click.command("bench")
-@click.argument("models", nargs=-1, metavar="[CKPT|ARTIFACT]...")
+@click.argument("models", nargs=-1, metavar="[CKPT|ARTIFACT]... | REGISTRY")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "gpu"]))
 @click.option("--backends", default=None, help="Comma list of target[:precision] for checkpoints, e.g. "
               "torch,openvino:bf16,openvino:int8 (default: all CPU backends).")
@@ -75,8 +87,14 @@ def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_schem
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write results JSON here.")
 @click.option("--plot", "plot_out", default=None, type=click.Path(dir_okay=False),
               help="FPS-vs-IoU PNG (default: beside --json).")
-def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, iters, eval_limit, json_out, plot_out):
-    """One table: size, IoU/MAE, latency p50/p90/p99 and FPS of every backend x precision."""
+@click.option("--max-autotune", is_flag=True, help="GPU: torch.compile rows with mode=max-autotune (minutes per batch size).")
+def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, iters, eval_limit, json_out, plot_out,
+              max_autotune=False):
+    """One table: size, IoU/MAE, latency p50/p90/p99 and FPS of every backend x precision.
+
+    Given an MLFF adapter REGISTRY (and --data class folders): its backbone per backend + the adapter heads,
+    with top-1 accuracy on the held-out part of --data.
+    """
     import os
     from pathlib import Path
 
@@ -91,13 +109,20 @@ def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, ite
     from edgekit.errors import EdgekitError
 
     if device == "gpu":
-        raise EdgekitError("edgekit bench --device gpu needs a CUDA device and the GPU runtime; none is available here")
+        return _bench_gpu(models, backends, batch, data, calib, rounds, iters, eval_limit, json_out, plot_out, max_autotune)
     try:
         batches = sorted({int(b) for b in batch.split(",") if b.strip()})
     except ValueError:
         raise EdgekitError(f"--batch takes a comma list of integers, not {batch!r}") from None
     if not batches or min(batches) < 1:
         raise EdgekitError("--batch needs positive batch sizes")
+    from edgekit.bench.mlff import is_registry
+
+    if any(is_registry(m) for m in models):
+        if len(models) != 1:
+            raise EdgekitError("bench takes one adapter registry at a time (no other models beside it)")
+        return _bench_mlff(models[0], backends, batches, threads, data, calib, rounds, iters, eval_limit, json_out,
+                           plot_out)
     specs = [s.strip() for s in backends.split(",")] if backends else list(DEFAULT_CPU_BACKENDS)
     from edgekit.export.targets import get_target
     from edgekit.bench.plan import parse_backend
@@ -137,6 +162,76 @@ def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, ite
                 ["row", "size", "IoU", "MAE", "latency ms p50/p90/p99", "FPS b1", "FPS best batch",
                  f"FPS async x{2}", "vs baseline"], table,
                 caption=f"accuracy on {result['data']}; baseline = {BASELINE} (ONNX -> OpenVINO, plugin default precision)")
+
+
+def _bench_mlff(registry, backends, batches, threads, data, calib, rounds, iters, eval_limit, json_out, plot_out):
+    """``edgekit bench REGISTRY``: backbone (torch / compiled) + the registry's adapter heads, per image."""
+    import sys
+    from pathlib import Path
+
+    from edgekit.bench.cpu import plot
+    from edgekit.bench.mlff import DEFAULT_MLFF_BACKENDS, MLFF_BASELINE, plan_mlff_rows, run_mlff_bench
+    from edgekit.bench.plan import parse_backend
+    from edgekit.commands._common import print_table, set_threads, write_json
+    from edgekit.errors import EdgekitError
+    from edgekit.export.targets import get_target
+
+    specs = [s.strip() for s in backends.split(",") if s.strip()] if backends else list(DEFAULT_MLFF_BACKENDS)
+    for s in specs:
+        if s != "torch":
+            t, p = parse_backend(s)
+            if p == "auto":
+                raise EdgekitError("--backends: precision auto is for GMBINet checkpoints")
+            get_target(t).check(p)
+    if data.startswith("synthetic"):
+        raise EdgekitError("bench REGISTRY needs --data: class folders (DIR/<class>/*, e.g. NEU-CLS) named like the "
+                           "registry's classes; accuracy is measured on their fixed held-out part")
+    set_threads(threads)
+    rows = plan_mlff_rows(registry, specs, data, calib or data, threads, lambda m: click.echo(m, err=True))
+    result = run_mlff_bench(rows, data=data, batches=batches, rounds=rounds, iters=iters, eval_limit=eval_limit,
+                            baseline=MLFF_BASELINE if "torch" in specs else None, registry=registry)
+    result["settings"]["threads"] = threads
+    result["command"] = "edgekit " + " ".join(sys.argv[1:])
+    if json_out:
+        write_json(json_out, result)
+        plot_out = plot_out or str(Path(json_out).with_suffix(".png"))
+    if plot_out:
+        plot(result, Path(plot_out))
+    table = []
+    for r in result["rows"]:
+        su = f"{r['speedup_vs_baseline']:.2f}x" if r["speedup_vs_baseline"] else "-"
+        table.append((r["name"], f"{r['backbone_bytes'] / 1e6:.2f} MB", f"{r['adapter_bytes'] / 1e3:.1f} kB",
+                      f"{r['accuracy']:.4f}", f"{r['top1_agreement_vs_torch']:.4f}"
+                      if r["top1_agreement_vs_torch"] is not None else "-",
+                      f"{r['latency_ms']['p50']:.2f}/{r['latency_ms']['p90']:.2f}/{r['latency_ms']['p99']:.2f}",
+                      f"{r['fps_b1']:.1f}", f"{r['fps_best']:.1f} (b{r['best_batch']})", su))
+    m, mo = result["machine"], result["model"]
+    print_table(f"edgekit bench {registry}: {mo['backbone']} + {mo['heads']} head(s)  ({m['cpu']}, "
+                f"{m['logical_cpus']} CPUs, {threads} threads)",
+                ["row", "backbone", "adapter", "accuracy", "agree vs torch", "latency ms p50/p90/p99", "FPS b1",
+                 "FPS best batch", "vs torch"], table,
+                caption=f"top-1 accuracy on {result['eval_images']} images of {result['data']}; latency per image: "
+                        "backbone + adapter trunk + all heads")
+
+
+def _bench_gpu(models, backends, batch, data, calib, rounds, iters, eval_limit, json_out, plot_out, max_autotune):
+    """``bench --device gpu`` (edgekit.bench.gpu): batch 1 and 32 unless --batch is given."""
+    import sys
+
+    from edgekit.bench.gpu import DEFAULT_GPU_BATCHES, bench_gpu_command
+    from edgekit.errors import EdgekitError
+
+    if click.get_current_context().get_parameter_source("batch") == click.core.ParameterSource.DEFAULT:
+        batch = ",".join(map(str, DEFAULT_GPU_BATCHES))
+    try:
+        batches = sorted({int(b) for b in batch.split(",") if b.strip()})
+    except ValueError:
+        raise EdgekitError(f"--batch takes a comma list of integers, not {batch!r}") from None
+    if not batches or min(batches) < 1:
+        raise EdgekitError("--batch needs positive batch sizes")
+    bench_gpu_command(models, backends=backends, batches=batches, data=data, calib=calib, rounds=rounds, iters=iters,
+                      eval_limit=eval_limit, json_out=json_out, plot_out=plot_out, max_autotune=max_autotune,
+                      command="edgekit " + " ".join(sys.argv[1:]), log=lambda m: click.echo(m, err=True))
 
 
 commands = [compile_cmd, quantize_cmd, bench_cmd]

@@ -3,6 +3,11 @@
 The flow is the same for every target: export (or reuse) ONNX, let the target build its files,
 quantize them when INT8 is asked for, then measure parity against the source model on real images
 and record everything in the manifest. A failure at any step leaves no folder behind.
+
+Two kinds of source: a GMBINet checkpoint or float artifact (``Source``), and the frozen backbone of
+MLFF adapters (``edgekit.export.mlff.BackboneSource``: a registry folder, a backbone name, or a backbone
+file with ``as_backbone``), compiled to its pooled tap features; that kind brings its own image sets,
+calibration and parity (feature difference, adapter top-1 agreement).
 """
 from __future__ import annotations
 
@@ -97,10 +102,23 @@ def open_calibration(calib: Optional[str]) -> SegDataset:
 def compile_model(source_path: str, target: str, precision: str, out: str, *, parity_data: str = "synthetic:12",
                   calib: Optional[str] = None, subset: int = 100, int8_scheme: str = "stem-head-float",
                   max_drop: Optional[float] = None, metric: str = "iou", val: Optional[str] = None,
-                  force: bool = False, threads: Optional[int] = None, log: Callable = print) -> dict:
-    """Build one artifact folder; returns its manifest."""
+                  force: bool = False, threads: Optional[int] = None, log: Callable = print,
+                  as_backbone: bool = False) -> dict:
+    """Build one artifact folder; returns its manifest.
+
+    ``as_backbone``: compile ``source_path`` (a backbone name or weights file) as an MLFF backbone;
+    a registry folder or a backbone name is one without the flag.
+    """
+    from edgekit.export.mlff import BackboneSource, is_mlff_source
+
     tgt = get_target(target)
     tgt.check(precision)
+    mlff = is_mlff_source(source_path, as_backbone)
+    if mlff and precision == "auto":
+        raise EdgekitError("--precision auto is for GMBINet checkpoints; give fp32, int8, ... for an MLFF backbone")
+    if not mlff and is_artifact(Path(source_path)) and \
+            read_manifest(Path(source_path), verify=False).get("model", {}).get("kind") == "mlff-backbone":
+        raise EdgekitError(f"{source_path} is a compiled MLFF backbone; compile from its registry or backbone instead")
     if metric not in METRICS:
         raise EdgekitError(f"unknown metric {metric!r} (choose from {', '.join(METRICS)})")
     if max_drop is not None and val is None:
@@ -111,23 +129,44 @@ def compile_model(source_path: str, target: str, precision: str, out: str, *, pa
         return compile_auto(source_path, target, out, parity_data=parity_data, calib=calib, subset=subset,
                             int8_scheme=int8_scheme, max_drop=max_drop, metric=metric, val=val, force=force,
                             threads=threads, log=log)
-    src = Source.open(source_path)
-    if src.manifest is not None and target in ("onnx", "ort") and src.manifest["target"] == "openvino":
-        raise EdgekitError(f"{source_path} is an OpenVINO artifact; compile {target} from the checkpoint or an ONNX artifact")
-    parity_set = open_segmentation(parity_data, "test")
-    calib_set = open_calibration(calib) if precision == "int8" else None
-    val_set = open_segmentation(val, "val" if (Path(val) / "split.json").is_file() else "all") if val else None
+    if mlff:
+        src = BackboneSource.open(source_path)
+        parity_set = src.parity_data(parity_data)
+        calib_set = src.calibration_data(calib) if precision == "int8" else None
+        val_set = src.parity_data(val) if val else None
+    else:
+        src = Source.open(source_path)
+        if src.manifest is not None and target in ("onnx", "ort") and src.manifest["target"] == "openvino":
+            raise EdgekitError(f"{source_path} is an OpenVINO artifact; compile {target} from the checkpoint or an ONNX artifact")
+        parity_set = open_segmentation(parity_data, "test")
+        calib_set = open_calibration(calib) if precision == "int8" else None
+        val_set = open_segmentation(val, "val" if (Path(val) / "split.json").is_file() else "all") if val else None
     with tempfile.TemporaryDirectory() as tmp, artifact_writer(out, force=force) as folder:
-        fields = tgt.build(src.model_file(Path(tmp)), folder, "fp32" if precision == "int8" else precision)
+        if target == "trt":  # its own typed ONNX (fp16 or Q/DQ, checked on the CPU), then the engine
+            from edgekit.export.trt import build_for_compile
+
+            fields = build_for_compile(src, src.model_file(Path(tmp)), folder, precision, parity_set, calib_set,
+                                       subset, int8_scheme, log)
+        else:
+            fields = tgt.build(src.model_file(Path(tmp)), folder, "fp32" if precision == "int8" else precision)
         files = [fields["model_file"], *fields.pop("extra_files", [])]
         manifest = {"target": target, "precision": precision, **fields, **src.base, "tools": tool_versions()}
-        if precision == "int8":
+        if precision == "int8" and target != "trt":
             manifest["quantization"] = _quantize_in_place(src, folder, manifest, files, calib_set, subset,
                                                           int8_scheme, val_set, metric, max_drop, threads, log)
         write_manifest(folder, manifest, files)  # hashes first: the runner below verifies them
-        manifest["parity"] = parity(src.reference_runner(threads), _load(folder, threads), parity_set)
+        if mlff:
+            manifest["parity"] = src.parity(_load(folder, threads), parity_set, threads)
+        else:
+            manifest["parity"] = parity(src.reference_runner(threads), _load(folder, threads), parity_set)
         manifest = write_manifest(folder, manifest, files)
     p = manifest["parity"]
+    if mlff:
+        agree = (f", adapter top-1 agreement {p['top1_agreement']:.4f}" if "top1_agreement" in p else "") + \
+                (f", accuracy {p['accuracy_reference']:.4f} -> {p['accuracy']:.4f}" if "accuracy" in p else "")
+        log(f"wrote {out}: MLFF backbone {src.backbone.id}, {target} {precision}, features vs {p['reference']}: "
+            f"max |diff| {p['max_abs_diff']:.2e}{agree} on {p['images']} images")
+        return manifest
     log(f"wrote {out}: {target} {precision}, parity vs {p['reference']}: max |diff| {p['max_abs_diff']:.2e}, "
         f"mask IoU agreement {p['mask_iou_agreement']:.4f} on {p['images']} images")
     return manifest
@@ -146,8 +185,9 @@ def _quantize_in_place(src: Source, folder: Path, manifest: dict, files: List[st
 
     target = manifest["target"]
     path = folder / manifest["model_file"]
-    calibration = calibration_batches(calib_set, src.spec, subset)
-    validation = _validation_items(val_set, src.spec) if val_set is not None else None
+    mlff = not isinstance(src, Source)  # an MLFF backbone: its own calibration and accuracy check
+    calibration = src.calibration_batches(calib_set, subset) if mlff else calibration_batches(calib_set, src.spec, subset)
+    validation = _validation_items(val_set, src.spec) if (val_set is not None and not mlff) else None
     vfn = make_validation_fn(metric, target) if (validation and max_drop is not None) else None
     if target == "openvino":
         import openvino as ov
@@ -168,6 +208,13 @@ def _quantize_in_place(src: Source, folder: Path, manifest: dict, files: List[st
         onnx.save(q, str(path))
     info = {"tool": "nncf", "scheme": scheme, "calibration": calib_set.description, "calibration_images": len(calibration),
             "accuracy_control": vfn is not None}
+    if mlff:
+        if val_set is not None:
+            write_manifest(folder, dict(manifest), files)
+            info.update(src.int8_check(_load(folder, threads), val_set, max_drop, threads))
+            log(f"INT8 top-1 accuracy on {val_set.description}: {info['before']:.4f} -> {info['after']:.4f} "
+                f"(drop {info['drop']:+.4f})")
+        return info
     if val_set is not None:
         from edgekit.eval.evaluate import evaluate
 

@@ -19,17 +19,17 @@ INPUT_NAME, OUTPUT_NAME = "image", "mask"
 
 
 def export_onnx(model: torch.nn.Module, input_shape, path: Path, dynamic_batch: bool = True,
-                simplify: bool = True) -> Path:
+                simplify: bool = True, output_name: str = OUTPUT_NAME) -> Path:
     try:
         import onnx
     except ImportError:
         raise MissingBackendError("ONNX export", "onnx") from None
     model = model.eval()
     dummy = torch.randn(*input_shape)
-    dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    dynamic_axes = {INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (dummy,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        torch.onnx.export(model, (dummy,), str(path), input_names=[INPUT_NAME], output_names=[output_name],
                           opset_version=OPSET, dynamic_axes=dynamic_axes, do_constant_folding=True, dynamo=False)
     if simplify:
         simplify_onnx(path, input_shape)

@@ -67,7 +67,22 @@ def _build_openvino(onnx_path: Path, folder: Path, precision: str) -> dict:
 
 
 def _build_trt(onnx_path: Path, folder: Path, precision: str) -> dict:
-    raise MissingBackendError("target trt", "tensorrt")
+    """Direct use without calibration data: fp16 only (``compile_model`` calls edgekit.export.trt itself,
+    which also builds int8 from a Q/DQ model or with TensorRT's calibrator; see that module)."""
+    from edgekit.export.trt import build_trt
+
+    if precision != "fp16":
+        raise EdgekitError("target trt int8 needs calibration images: use edgekit compile --target trt")
+    import numpy as np
+    import onnx
+
+    shape = [d.dim_value or 1 for d in onnx.load(str(onnx_path)).graph.input[0].type.tensor_type.shape.dim]
+    check = [np.random.default_rng(i).standard_normal(shape).astype(np.float32) for i in range(4)]
+
+    class _Spec:  # the input shape, as a PreprocessSpec gives it
+        channels, input_size = shape[1], tuple(shape[2:])
+
+    return build_trt(onnx_path, folder, precision, spec=_Spec, check_batches=check, log=lambda *_: None)
 
 
 TARGETS: Dict[str, Target] = {t.name: t for t in (

@@ -128,8 +128,13 @@ class MLFFClassifier:
         return self.predict_features(self._features(images), task)
 
 
-def load_mlff(registry: str | os.PathLike, task: Optional[str] = None, verify_backbone: bool = True) -> MLFFClassifier:
-    """Backbone + the newest adapter of a registry (or the adapter saved when ``task`` was added)."""
+def load_mlff(registry: str | os.PathLike, task: Optional[str] = None, verify_backbone: bool = True,
+              backbone_artifact: Optional[str | os.PathLike] = None, threads: Optional[int] = None) -> MLFFClassifier:
+    """Backbone + the newest adapter of a registry (or the adapter saved when ``task`` was added).
+
+    ``backbone_artifact``: run the backbone from a compiled ``mlff-backbone`` artifact folder instead of
+    PyTorch; refused when it was not compiled from the backbone the adapter was trained on.
+    """
     from edgekit.models.backbones import load_backbone
     from edgekit.ota.adapter import load_adapter
     from edgekit.train.continual import Registry
@@ -137,6 +142,12 @@ def load_mlff(registry: str | os.PathLike, task: Optional[str] = None, verify_ba
     reg = Registry.open(registry)
     folder = reg.adapter_folder(task)
     tensors, meta = load_adapter(folder)
+    if backbone_artifact is not None:
+        from edgekit.runtime.mlff_runner import CompiledBackbone, check_backbone_match, read_backbone_manifest
+
+        check_backbone_match(read_backbone_manifest(backbone_artifact), meta, f"registry {reg.folder}", backbone_artifact)
+        return MLFFClassifier(CompiledBackbone(backbone_artifact, threads=threads),
+                              adapter_from_tensors(tensors, meta["config"]), meta)
     backbone = load_backbone(reg.meta["backbone_ref"])
     if backbone.id != meta["backbone"]:
         raise EdgekitError(f"adapter {folder} was trained on backbone {meta['backbone']}, not {backbone.id}")

@@ -71,6 +71,8 @@ _BUILTIN = (
     "edgekit.runtime.torch_runner",
     "edgekit.runtime.onnx_runner",
     "edgekit.runtime.openvino_runner",
+    "edgekit.runtime.cuda_fused_runner",
+    "edgekit.runtime.trt_runner",
 )
 
 
