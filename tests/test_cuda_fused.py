@@ -250,7 +250,7 @@ def _sd900_batch(sd900, spec, count=2):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_emulated_network_embedded_checkpoint_on_sd900(net_emulator, sd900, dtype):
     """The embedded checkpoint, folded, through the exact H100 launch plan (132 SMs, 227 KB) on two
-    real SD-900 test images at its native 160x160, against the PyTorch eval-mode model."""
+    real SD-900 test images at its own input size, against the PyTorch eval-mode model."""
     from edgekit.models.checkpoint import load_checkpoint
     from edgekit.models.default import DEFAULT_CHECKPOINT
 

@@ -372,6 +372,11 @@ def _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_a
         "train_images": len(ts), "val_images": len(val_ds), "limit_images": limit_images,
     }
 
+    init_record = None if init is None else {
+        "path": str(init.path) if init.path else None, "sha256": init.sha256 or None,
+        "source": (init.provenance or {}).get("source"), "profile": (init.provenance or {}).get("profile"),
+        "input_size": list(init.preprocess.input_size), "test_iou": (init.metrics or {}).get("test_iou")}
+
     def provenance(best_it: int) -> dict:
         return {
             "source": f"edgekit train {r.source or r.name}", "recipe": r.name, "recipe_file": r.source,
@@ -380,6 +385,7 @@ def _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_a
             "edgekit_version": __version__, "torch_version": str(torch.__version__), "device": str(device),
             "amp": r.train.amp, "trained_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "resumed_from": resumed_from,
+            "init": init_record,
         }
 
     def save_state():
