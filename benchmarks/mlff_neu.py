@@ -18,6 +18,7 @@ Methods:
   linear-probe    last layer only (Linear on the deepest pooled feature, the 1280-d head tap), same rehearsal
   full-ft         full fine-tuning of the same backbone + a growing Linear head, sequential, no rehearsal.
                   CPU budget: --ft-size px input, --ft-per-class training images per class, --ft-epochs epochs
+  full-ft-rehearsal  as full-ft, with the same rehearsal buffer (K images per earlier class) MLFF gets
   mlff-ft-subset  MLFF trained on exactly the full-ft training subset (same images), for a like-for-like row
 
 Writes OUT/results.json, OUT/accuracy.png and OUT/report.md. Work files (feature cache, registries) go to
@@ -188,7 +189,9 @@ def run_linear_probe(scen, feats_tr, feats_te, args):
     return history, params, times
 
 
-def run_full_ft(scen, subset, args):
+def run_full_ft(scen, subset, args, rehearsal: int = 0):
+    """Full fine-tuning; ``rehearsal`` > 0 replays that many images per earlier class (the same
+    buffer size MLFF gets), so the comparison with MLFF is like for like."""
     torch.manual_seed(args.seed)
     bb = args.backbone_obj
     net = copy.deepcopy(bb.net)
@@ -205,10 +208,16 @@ def run_full_ft(scen, subset, args):
     history, params, times = [], [], []
     test_x = {t: load(te.paths) for t, _, _, te in scen}
     g = torch.Generator().manual_seed(args.seed)
+    ex_x, ex_y = [], []
     for s, (task, classes, tr, te) in enumerate(scen):
         keep = subset[task]
-        x = load([tr.paths[i] for i in keep])
-        y = torch.tensor([tr.labels[i] for i in keep]) + seen
+        x_new = load([tr.paths[i] for i in keep])
+        y_new = torch.tensor([tr.labels[i] for i in keep]) + seen
+        x, y = (torch.cat([x_new] + ex_x), torch.cat([y_new] + ex_y)) if ex_x else (x_new, y_new)
+        if rehearsal > 0:
+            pick = torch.tensor(select_exemplars([tr.labels[i] for i in keep], rehearsal, args.seed))
+            ex_x.append(x_new[pick])
+            ex_y.append(y_new[pick])
         new = nn.Linear(1280, seen + len(classes))
         if head is not None:
             with torch.no_grad():
@@ -231,7 +240,7 @@ def run_full_ft(scen, subset, args):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            print(f"  full-ft step {s + 1} epoch {ep + 1}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"  full-ft (rehearsal {rehearsal}) step {s + 1} epoch {ep + 1}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
         t = time.perf_counter() - t0
         net.eval()
         seen += len(classes)
@@ -344,6 +353,10 @@ def main():
         results.append(summarize("full-ft", h, p, t, f"all backbone weights + Linear head, sequential, no rehearsal; "
                                  f"{args.ft_epochs} epochs/step, {args.ft_per_class} images/class, {args.ft_size}px, "
                                  f"AdamW lr {args.ft_lr} (head x10), batch {args.ft_batch}"))
+        h, p, t = run_full_ft(scen, subset, args, rehearsal=args.rehearsal)
+        results.append(summarize("full-ft-rehearsal", h, p, t,
+                                 f"as full-ft, plus a rehearsal buffer of {args.rehearsal} images per earlier class "
+                                 f"(the buffer size mlff gets); compare with mlff-ft-subset (same images)"))
 
     reg = Registry.open(reg_dir)
     ad_folder = reg.adapter_folder()
@@ -397,7 +410,15 @@ def markdown(r) -> str:
                   f"- accuracy within ~0.5 pt of full fine-tuning: on the first task mlff {a[0]['average_accuracy'] * 100:.1f} % "
                   f"vs full-ft {f[0]['average_accuracy'] * 100:.1f} %; after all steps {a[-1]['average_accuracy'] * 100:.1f} % "
                   f"vs {f[-1]['average_accuracy'] * 100:.1f} %. Not a like-for-like test of the claim: full-ft here is a "
-                  "CPU-budget baseline (see its note), so it is under-trained.",
+                  "CPU-budget baseline (see its note), so it is under-trained, and it has no rehearsal buffer."]
+        if "full-ft-rehearsal" in by and "mlff-ft-subset" in by:
+            fr, ms = by["full-ft-rehearsal"], by["mlff-ft-subset"]
+            gaps = ", ".join(f"step {i + 1}: {(m['average_accuracy'] - q['average_accuracy']) * 100:+.1f} pt"
+                             for i, (m, q) in enumerate(zip(ms, fr)))
+            lines += [f"- like for like (same training images, same rehearsal buffer): mlff-ft-subset vs full-ft-rehearsal "
+                      f"average accuracy {gaps} (positive: MLFF ahead). Within 0.5 pt at every step: "
+                      f"{'yes' if all(abs(m['average_accuracy'] - q['average_accuracy']) <= 0.005 for m, q in zip(ms, fr)) else 'no'}."]
+        lines += [
                   f"- ~90 % fewer trainable parameters: {a[-1]['trainable_parameters']:,} vs "
                   f"{f[-1]['trainable_parameters']:,} ({(1 - a[-1]['trainable_parameters'] / f[-1]['trainable_parameters']) * 100:.1f} % fewer): holds.",
                   f"- less forgetting: mean forgetting after step 3 is {a[-1]['mean_forgetting'] * 100:.1f} pt for mlff vs "

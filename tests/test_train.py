@@ -276,3 +276,31 @@ def test_sampler_is_a_function_of_seed_and_iteration():
     assert torch.equal(b.indices(3), seq[3]) and torch.equal(b.indices(0), seq[0])
     first_epoch = torch.cat(seq)[:10]
     assert sorted(first_epoch.tolist()) == list(range(10))  # without replacement within an epoch
+
+
+def test_init_fine_tunes_a_checkpoint_of_its_own_architecture(synthetic_run, tmp_path, cli):
+    """--init takes the checkpoint's architecture (here: other widths than the recipe's) and weights,
+    and records where it started in the provenance."""
+    import torch
+
+    from edgekit.models.checkpoint import Checkpoint, load_checkpoint
+    from edgekit.models.gmbinet import GMBINet
+
+    from conftest import tiny_config
+
+    recipe, _, _ = synthetic_run
+    torch.manual_seed(0)
+    start = Checkpoint.from_model(GMBINet(tiny_config())).save(tmp_path / "start.pt")
+    r = cli("train", recipe, *SYN_ARGS, "--out", tmp_path / "ft", "--init", start)
+    assert r.exit_code == 0, r.stderr
+    ck = load_checkpoint(tmp_path / "ft" / "best.pt")
+    assert ck.config["widths"] == list(tiny_config().widths)
+    assert ck.provenance["init"]["sha256"] == load_checkpoint(start).sha256
+    assert not torch.equal(ck.state_dict["encoder1.0.weight"], load_checkpoint(start).state_dict["encoder1.0.weight"])
+
+
+def test_init_and_resume_exclude_each_other(synthetic_run, tmp_path, cli):
+    recipe, full, _ = synthetic_run
+    r = cli("train", recipe, *SYN_ARGS, "--out", tmp_path / "o", "--init", full / "best.pt", "--resume", full / "last.pt")
+    assert "--init and --resume" in one_error_line(r)
+    assert not (tmp_path / "o").exists()
