@@ -142,7 +142,11 @@ def compile_model(source_path: str, target: str, precision: str, out: str, *, pa
         calib_set = open_calibration(calib) if precision == "int8" else None
         val_set = open_segmentation(val, "val" if (Path(val) / "split.json").is_file() else "all") if val else None
     with tempfile.TemporaryDirectory() as tmp, artifact_writer(out, force=force) as folder:
-        if target == "trt":  # its own typed ONNX (fp16 or Q/DQ, checked on the CPU), then the engine
+        if target == "cuda-fused":  # the checkpoint and our prebuilt kernels, no ONNX
+            from edgekit.export.cuda_fused import build_for_compile as build_cuda_fused
+
+            fields = build_cuda_fused(src, folder, precision, log)
+        elif target == "trt":  # its own typed ONNX (fp16 or Q/DQ, checked on the CPU), then the engine
             from edgekit.export.trt import build_for_compile
 
             fields = build_for_compile(src, src.model_file(Path(tmp)), folder, precision, parity_set, calib_set,
@@ -157,6 +161,12 @@ def compile_model(source_path: str, target: str, precision: str, out: str, *, pa
         write_manifest(folder, manifest, files)  # hashes first: the runner below verifies them
         if mlff:
             manifest["parity"] = src.parity(_load(folder, threads), parity_set, threads)
+        elif target == "cuda-fused":
+            from edgekit.export.cuda_fused import verification_runner
+
+            runner, limit, how = verification_runner(folder, precision)
+            log(f"cuda-fused: verifying on {limit} images by {how.split(' (')[0]}")
+            manifest["parity"] = {**parity(src.reference_runner(threads), runner, parity_set, limit=limit), "method": how}
         else:
             manifest["parity"] = parity(src.reference_runner(threads), _load(folder, threads), parity_set)
         manifest = write_manifest(folder, manifest, files)

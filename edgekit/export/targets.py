@@ -9,7 +9,7 @@ import importlib.util
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from edgekit.errors import EdgekitError, MissingBackendError
 
@@ -19,7 +19,7 @@ class Target:
     name: str
     description: str
     precisions: Tuple[str, ...]
-    package: str  # the Python package it needs (import name)
+    package: Optional[str]  # the Python package compiling needs (import name); None: none beyond edgekit
     pip_name: str
     build: Callable[..., dict]  # (onnx_path, folder, precision) -> manifest fields (model_file, ...)
 
@@ -27,7 +27,7 @@ class Target:
         if precision not in self.precisions:
             raise EdgekitError(f"target {self.name} does not offer precision {precision} "
                                f"(choose from {', '.join(self.precisions)})")
-        if importlib.util.find_spec(self.package) is None:
+        if self.package is not None and importlib.util.find_spec(self.package) is None:
             raise MissingBackendError(f"target {self.name}", self.pip_name)
 
 
@@ -66,6 +66,10 @@ def _build_openvino(onnx_path: Path, folder: Path, precision: str) -> dict:
             "inference_precision": precision}
 
 
+def _build_from_checkpoint(onnx_path: Path, folder: Path, precision: str) -> dict:
+    raise EdgekitError("this target builds from the checkpoint: see edgekit.export.compile.compile_model")
+
+
 def _build_trt(onnx_path: Path, folder: Path, precision: str) -> dict:
     """Direct use without calibration data: fp16 only (``compile_model`` calls edgekit.export.trt itself,
     which also builds int8 from a Q/DQ model or with TensorRT's calibrator; see that module)."""
@@ -92,6 +96,10 @@ TARGETS: Dict[str, Target] = {t.name: t for t in (
     Target("openvino", "OpenVINO IR (from ONNX), CPU plugin", ("fp32", "bf16", "fp16", "int8", "default", "auto"),
            "openvino", "openvino", _build_openvino),
     Target("trt", "TensorRT engine (GPU)", ("fp16", "int8"), "tensorrt", "tensorrt", _build_trt),
+    # Our own kernels: built from the checkpoint (not the ONNX file) by edgekit.export.cuda_fused;
+    # PyCUDA is needed to run the artifact, not to build and verify it (host emulation).
+    Target("cuda-fused", "edgekit's fused CUDA kernels (GPU, PyCUDA)", ("fp16", "fp32"), None, "pycuda",
+           _build_from_checkpoint),
 )}
 
 

@@ -515,8 +515,8 @@ def run_net_emulated(exe: Union[str, Path], net: FoldedGMBINet, plan: NetPlan, x
 _NET_MODULES: Dict[Tuple[int, str], object] = {}
 
 
-def _prebuilt_net_artifact(arch: str) -> Optional[Path]:
-    build = kernel_build_dir()
+def _prebuilt_net_artifact(arch: str, build: Optional[Path] = None) -> Optional[Path]:
+    build = Path(build) if build is not None else kernel_build_dir()
     try:
         meta = json.loads((build / "manifest.json").read_text())
         entry = meta["sources"][LAYERS_SOURCE]
@@ -529,19 +529,20 @@ def _prebuilt_net_artifact(arch: str) -> Optional[Path]:
     return path if path is not None and path.is_file() else None
 
 
-def load_net_module(arch: Optional[str] = None):
+def load_net_module(arch: Optional[str] = None, build_dir: Optional[Path] = None):
     """The ``pycuda.driver.Module`` holding every network kernel (``gmbinet_layers.cu``) for the
-    current context: a prebuilt cubin/fatbin whose manifest matches the sources, otherwise compiled
-    at run time with ``pycuda.compiler`` (cached on disk by PyCUDA)."""
+    current context: a prebuilt cubin/fatbin whose manifest matches the sources (in ``build_dir``, e.g.
+    a cuda-fused artifact's ``kernels/``, else the default build folder), otherwise compiled at run
+    time with ``pycuda.compiler`` (cached on disk by PyCUDA)."""
     drv, _ = _require_pycuda()
     ctx = ensure_context()
     if arch is None:
         major, minor = ctx.get_device().compute_capability()
         arch = f"sm_{major}{minor}"
-    key = (hash(ctx), arch)
+    key = (hash(ctx), arch, str(build_dir))
     if key in _NET_MODULES:
         return _NET_MODULES[key]
-    path = _prebuilt_net_artifact(arch)
+    path = _prebuilt_net_artifact(arch, build_dir)
     if path is not None:
         module = drv.module_from_file(str(path))
     else:

@@ -34,6 +34,7 @@ import numpy as np
 
 from edgekit.errors import EdgekitError, MissingBackendError
 from edgekit.models.checkpoint import Checkpoint, load_checkpoint
+from edgekit.runtime.artifact_runner import recognizes_target
 from edgekit.runtime.base import Backend, Runner, register_backend
 
 PRECISIONS = {"fp16": "float16", "fp32": "float32"}
@@ -111,7 +112,8 @@ class _BatchState:
 class CudaFusedRunner(Runner):
     name = TARGET
 
-    def __init__(self, checkpoint: Checkpoint, precision: str = "fp16", use_graph: bool = True):
+    def __init__(self, checkpoint: Checkpoint, precision: str = "fp16", use_graph: bool = True,
+                 kernel_build: Optional[Path] = None):
         if precision not in PRECISIONS:
             raise EdgekitError(f"cuda-fused: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         drv = _require_gpu()
@@ -133,7 +135,7 @@ class CudaFusedRunner(Runner):
         dev = ctx.get_device()
         self.sm_count = dev.get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)
         self.smem_limit = dev.get_attribute(drv.device_attribute.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        module = load_net_module()
+        module = load_net_module(build_dir=kernel_build)
         blob, self.param_offsets = self.net.param_layout()
         self.params = drv.to_device(blob)  # one allocation, 256-byte aligned base; offsets are 256-aligned
         self._fns: Dict[str, object] = {}
@@ -239,18 +241,80 @@ class CudaFusedRunner(Runner):
         return f"{self.name} {self.precision} ({self.source}; {mode})"
 
 
-def _load(p: Path, precision: str = "fp16", use_graph: bool = True, **_) -> CudaFusedRunner:
-    return CudaFusedRunner(load_checkpoint(p), precision=precision, use_graph=use_graph)
+_is_cuda_fused_artifact = recognizes_target(TARGET)
 
 
-def load_cuda_fused(path, precision: str = "fp16", use_graph: bool = True) -> CudaFusedRunner:
-    """The cuda-fused runner for a GMBINet checkpoint (an edgekit checkpoint or a plain state_dict)."""
+def _load(p: Path, precision: Optional[str] = None, use_graph: bool = True, **_) -> CudaFusedRunner:
+    """A checkpoint (precision default fp16) or a ``cuda-fused`` artifact folder (its own precision,
+    its prebuilt kernels; the manifest's file hashes are verified first)."""
+    if _is_cuda_fused_artifact(p):
+        from edgekit.export.artifact import read_manifest
+
+        man = read_manifest(p)  # verifies every file's sha256
+        if precision not in (None, man["precision"]):
+            raise EdgekitError(f"{p} is a cuda-fused {man['precision']} artifact, not {precision}")
+        kernels = p / "kernels"
+        runner = CudaFusedRunner(load_checkpoint(p / man["model_file"]), precision=man["precision"],
+                                 use_graph=use_graph, kernel_build=kernels if kernels.is_dir() else None)
+        runner.source = p
+        return runner
+    return CudaFusedRunner(load_checkpoint(p), precision=precision or "fp16", use_graph=use_graph)
+
+
+def load_cuda_fused(path, precision: Optional[str] = None, use_graph: bool = True) -> CudaFusedRunner:
+    """The cuda-fused runner for a GMBINet checkpoint (an edgekit checkpoint or a plain state_dict;
+    fp16 unless ``precision`` says otherwise) or a ``cuda-fused`` artifact folder."""
     return _load(Path(path), precision=precision, use_graph=use_graph)
 
 
 register_backend(Backend(
     name=TARGET,
-    recognizes=lambda p: False,  # never claims a path by itself: ask for it by name
+    # claims its own artifact folders only; a checkpoint keeps loading with PyTorch unless asked by name
+    recognizes=_is_cuda_fused_artifact,
     load=_load,
     priority=95,
 ))
+
+
+class EmulatedCudaFusedRunner(Runner):
+    """The cuda-fused launch plan run by the host emulator (the same ``.cu`` sources compiled with
+    g++): a real, slow runner (about a minute per 512x512 image on 2 cores) that lets
+    ``edgekit compile --target cuda-fused`` verify an artifact on a machine without a GPU."""
+
+    name = "cuda-fused (host emulation)"
+
+    def __init__(self, checkpoint: Checkpoint, precision: str = "fp16", exe: Optional[Path] = None,
+                 sm_count: int = 132, smem_limit: int = 227 * 1024):
+        if precision not in PRECISIONS:
+            raise EdgekitError(f"cuda-fused: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        super().__init__(checkpoint.preprocess, checkpoint.path or Path("."), {"target": TARGET})
+        from edgekit.kernels.gmbinet import fold_gmbinet
+
+        self.precision = precision
+        self.dtype = PRECISIONS[precision]
+        self.net = fold_gmbinet(checkpoint.build())
+        self.exe = exe
+        self.sm_count, self.smem_limit = sm_count, smem_limit
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        from edgekit.kernels.gmbinet import plan_gmbinet, run_net_emulated
+
+        batch = self._check_batch(batch)
+        if self.exe is None:
+            import tempfile
+
+            from edgekit.kernels.build import build_emulator
+
+            self._tmp = tempfile.TemporaryDirectory(prefix="edgekit-emu-")
+            self.exe = build_emulator(Path(self._tmp.name) / "gmbinet_emu", sanitize="none", program="gmbinet", opt="-O2")
+        h, w = self.spec.input_size
+        plan = plan_gmbinet(self.net, batch.shape[0], h, w, self.dtype, sm_count=self.sm_count,
+                            smem_limit=self.smem_limit)
+        bufs = run_net_emulated(self.exe, self.net, plan, batch)
+        out = bufs[plan.output].astype(np.float32)
+        if np.isnan(out).any():
+            raise EdgekitError("cuda-fused (host emulation): output elements were never written")
+        return out
+
+    def describe(self) -> str:
+        return f"{self.name} {self.precision}, H100 launch plan ({self.source})"
