@@ -45,19 +45,24 @@ def main() -> None:
     arts = out / "artifacts"
     arts.mkdir(parents=True, exist_ok=True)
     info, artifacts = [], []
+    base_widths = None
     for i, ck_path in enumerate(a.checkpoints):
         ck = load_checkpoint(ck_path)
         model = ck.build()
-        ratio = (ck.provenance.get("prune") or {}).get("ratio", 0.0)
+        # the channel fraction removed, read off the widths (a pruned model fine-tuned again with
+        # `edgekit train --init` keeps its widths but not the prune record at the top of its provenance)
+        base_widths = base_widths if i else list(model.config.widths)
+        ratio = round(1 - model.config.widths[-1] / base_widths[-1], 4)
         macs = count_macs(model, (1, model.config.in_channels, 512, 512))["macs"]
         info.append({"checkpoint": str(ck_path), "ratio": ratio, "widths": list(model.config.widths),
                      "params": model.inference_parameter_count(), "macs": macs,
-                     "finetune": ck.provenance.get("finetune", {}).get("iterations") if ck.provenance.get("finetune") else None})
+                     "test_iou_recorded": ck.metrics.get("test_iou")})
         for prec in a.precisions.split(","):
             folder = arts / f"r{ratio:g}_{prec}"
-            if not (folder / "manifest.json").is_file():
+            done = folder / "manifest.json"
+            if not done.is_file() or json.loads(done.read_text()).get("source", {}).get("sha256") != ck.sha256:
                 edgekit("compile", str(ck_path), "--target", "openvino", "--precision", prec, "--out", str(folder),
-                        "--threads", a.threads, "--parity-data", a.data)
+                        "--threads", a.threads, "--parity-data", a.data, "--force")
             artifacts.append((i, prec, folder))
     bench_json = out / "bench.json"
     edgekit("bench", *[str(f) for _, _, f in artifacts], "--device", "cpu", "--threads", a.threads, "--batch", "1",

@@ -375,7 +375,8 @@ def _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_a
     init_record = None if init is None else {
         "path": str(init.path) if init.path else None, "sha256": init.sha256 or None,
         "source": (init.provenance or {}).get("source"), "profile": (init.provenance or {}).get("profile"),
-        "input_size": list(init.preprocess.input_size), "test_iou": (init.metrics or {}).get("test_iou")}
+        "input_size": list(init.preprocess.input_size), "test_iou": (init.metrics or {}).get("test_iou"),
+        "prune": (init.provenance or {}).get("prune")}
 
     def provenance(best_it: int) -> dict:
         return {
