@@ -124,7 +124,7 @@ def test_int8_artifact(tiny_ckpt, tmp_path, target):
     man = compile_model(str(tiny_ckpt), target, "int8", str(tmp_path / "q"), calib="synthetic:8", subset=8,
                         parity_data="synthetic:4", val="synthetic:4", log=lambda *_: None)
     q = man["quantization"]
-    assert q["tool"] == "nncf" and q["calibration_images"] == 8 and q["scheme"] == "stem-head-float"
+    assert q["tool"] == "nncf" and q["calibration_images"] == 8 and q["scheme"] == "pointwise"
     assert {"before", "after", "drop"} <= set(q)
     assert man["parity"]["max_abs_diff"] < 0.5  # quantized, but still the same model
     runner = runtime.load(tmp_path / "q")

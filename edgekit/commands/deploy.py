@@ -19,7 +19,7 @@ _AS_BACKBONE = click.option("--as-backbone", is_flag=True,
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact folder to write.")
 @click.option("--calib", default=None, help="Calibration data for int8: folder, SD-900 folder or synthetic[:N].")
 @click.option("--subset", default=100, show_default=True, type=click.IntRange(1), help="Calibration images.")
-@click.option("--int8-scheme", default="stem-head-float", show_default=True,
+@click.option("--int8-scheme", default="pointwise", show_default=True,
               type=click.Choice(["default", "stem-head-float", "conv-only", "pointwise", "trt-entropy"]),
               help="NNCF Q/DQ placement; trt-entropy: TensorRT's own entropy calibrator (TensorRT 8.5-10.x).")
 @click.option("--parity-data", default="synthetic:12", show_default=True, help="Images for the parity check.")
@@ -50,7 +50,7 @@ def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, parit
               help="Refuse if the metric drops by more (MLFF backbone: the adapter's top-1 accuracy on --val).")
 @click.option("--metric", default="iou", show_default=True, type=click.Choice(["iou", "mae", "max_f"]))
 @click.option("--val", default=None, help="Validation images with masks (SD-900 folder: its val split).")
-@click.option("--int8-scheme", default="stem-head-float", show_default=True,
+@click.option("--int8-scheme", default="pointwise", show_default=True,
               type=click.Choice(["default", "stem-head-float", "conv-only", "pointwise"]))
 @click.option("--parity-data", default="synthetic:12", show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False))

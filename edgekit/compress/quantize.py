@@ -12,7 +12,9 @@ benchmarks/RESULTS.md): NNCF's default placement wraps the GMBI element-wise cha
 * ``conv-only``  - stem and head float, and the element-wise ops (Sigmoid, Multiply, Add) are
                    ignored too, so only convolution inputs/weights are quantized.
 * ``pointwise``  - conv-only, and the depthwise convolutions stay float too: only the 1x1 convs
-                   (where VNNI pays most, and the output of the fusion concat) run in INT8.
+                   (where VNNI pays most, and the output of the fusion concat) run in INT8. The
+                   default: on the published checkpoint it is both the most accurate (-0.007 IoU,
+                   -0.002 with accuracy control) and the fastest INT8 placement measured.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def ignored_scope(scheme: str, backend: str):
     return nncf.IgnoredScope(patterns=patterns, types=types, validate=False)
 
 
-def quantize_model(model, backend: str, calibration: Sequence[np.ndarray], scheme: str = "stem-head-float",
+def quantize_model(model, backend: str, calibration: Sequence[np.ndarray], scheme: str = "pointwise",
                    subset_size: int = 100, input_name: str = "image", validation=None,
                    validation_fn: Optional[Callable] = None, max_drop: Optional[float] = None,
                    max_iterations: int = 20, extra_ignored: Optional[dict] = None):

@@ -100,7 +100,7 @@ def open_calibration(calib: Optional[str]) -> SegDataset:
 
 
 def compile_model(source_path: str, target: str, precision: str, out: str, *, parity_data: str = "synthetic:12",
-                  calib: Optional[str] = None, subset: int = 100, int8_scheme: str = "stem-head-float",
+                  calib: Optional[str] = None, subset: int = 100, int8_scheme: str = "pointwise",
                   max_drop: Optional[float] = None, metric: str = "iou", val: Optional[str] = None,
                   force: bool = False, threads: Optional[int] = None, log: Callable = print,
                   as_backbone: bool = False) -> dict:
