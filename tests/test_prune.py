@@ -221,6 +221,7 @@ def test_finetune_runs_from_the_pruned_weights(pruned_ckpt, tmp_path, cli):
     d = yaml.safe_load(RECIPE.read_text())
     d["profiles"]["finetune"]["preprocess"]["input_size"] = [64, 64]
     d["profiles"]["finetune"]["train"].update(batch=2, val_every=2, checkpoint_every=2, val_batch=4, threads=1)
+    d["profiles"]["finetune"]["loss"] = {"distill": 1.0}  # the unpruned model as teacher
     recipe = tmp_path / "ft.yaml"
     recipe.write_text(yaml.safe_dump(d, sort_keys=False))
     out = tmp_path / "ft.pt"
@@ -229,6 +230,7 @@ def test_finetune_runs_from_the_pruned_weights(pruned_ckpt, tmp_path, cli):
     assert r.exit_code == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["finetune"]["iterations"] == 2 and 0.0 <= result["finetune"]["test"]["iou"] <= 1.0
+    assert result["finetune"]["distill"] == 1.0
     ck = load_checkpoint(out)
     assert ck.provenance["prune"]["widths_after"] == ck.config["widths"] == result["widths_after"]
     assert ck.provenance["finetune"]["iterations"] == 2

@@ -304,3 +304,35 @@ def test_init_and_resume_exclude_each_other(synthetic_run, tmp_path, cli):
     r = cli("train", recipe, *SYN_ARGS, "--out", tmp_path / "o", "--init", full / "best.pt", "--resume", full / "last.pt")
     assert "--init and --resume" in one_error_line(r)
     assert not (tmp_path / "o").exists()
+
+
+def test_distillation_pulls_the_student_towards_the_teacher(tmp_path):
+    """With only the distillation term (bce = ssim = 0), training moves the student's main head
+    towards the teacher's."""
+    import torch
+
+    from edgekit.data.preprocess import PreprocessSpec
+    from edgekit.models.checkpoint import Checkpoint, load_checkpoint
+    from edgekit.models.gmbinet import GMBINet
+    from edgekit.train.loop import train
+    from edgekit.train.recipe import load_recipe
+
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    teacher, student = GMBINet(tiny_config()).eval(), GMBINet(tiny_config()).eval()
+    r = load_recipe(RECIPE, "cpu")
+    r.preprocess.input_size = [64, 64]
+    r.loss.bce, r.loss.ssim, r.loss.distill = 0.0, 0.0, 1.0
+    r.train.batch, r.train.val_every, r.train.checkpoint_every, r.train.threads = 4, 10, 10, 1
+    x = torch.randn(4, 3, 64, 64)
+
+    def gap(m):
+        with torch.no_grad():
+            return float((m.eval()(x) - teacher(x)).abs().mean())
+
+    before = gap(student)
+    init = Checkpoint.from_model(student, preprocess=PreprocessSpec(input_size=(64, 64)))
+    res = train(r, data="synthetic:8", out_dir=str(tmp_path / "kd"), iterations=10, limit_images=6, init=init,
+                teacher=teacher)
+    assert gap(load_checkpoint(res.best).build()) < before

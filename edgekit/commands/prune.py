@@ -58,12 +58,14 @@ def prune_cmd(model, ratio, recipe, profile, data, iterations, threads, limit_im
         keep = work_dir is not None
         run_dir = Path(work_dir) if keep else Path(tempfile.mkdtemp(prefix="edgekit-prune-"))
         try:
+            teacher = ck.build() if r.loss.distill > 0 else None  # the unpruned model
             res = train(r, data=data, out_dir=str(run_dir), iterations=iterations, limit_images=limit_images,
-                        init=pruned, log=lambda m: tqdm.write(m, file=sys.stderr))
+                        init=pruned, teacher=teacher, log=lambda m: tqdm.write(m, file=sys.stderr))
             tuned = load_checkpoint(res.best)
             tuned.provenance = {**pruned.provenance, "finetune": tuned.provenance}
             tuned.save(out_path)
             result["finetune"] = {"recipe": r.name, "profile": r.profile, "iterations": res.iteration,
+                                  "distill": r.loss.distill,
                                   "best_iteration": res.best_iteration, "val_iou": res.best_val_iou,
                                   "test": res.test["overall"], "wall_s": round(res.wall_s, 1),
                                   "run": str(run_dir) if keep else None}

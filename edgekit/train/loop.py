@@ -214,19 +214,20 @@ def _progress(total: int, initial: int):
 def train(recipe: Recipe, data: Optional[str] = None, out_dir: Optional[str] = None, resume: Optional[str] = None,
           seed: Optional[int] = None, iterations: Optional[int] = None, limit_images: Optional[int] = None,
           stop_after: Optional[int] = None, log: Optional[Callable[[str], None]] = None,
-          init: Optional[Checkpoint] = None) -> TrainResult:
+          init: Optional[Checkpoint] = None, teacher: Optional[torch.nn.Module] = None) -> TrainResult:
     """Train ``recipe`` (a resolved profile). ``stop_after`` ends the run after that iteration,
     saving ``last.pt`` (as an interruption would), without the final test evaluation.
 
     ``init`` fine-tunes a checkpoint instead of training from scratch: its architecture replaces
     the recipe's model section (a pruned model keeps its own widths) and its weights are the start.
+    ``teacher`` (an eval-mode model) adds ``loss.distill`` x BCE towards its main-head probabilities.
 
     Uses ``train.threads`` CPU threads and restores the caller's thread count afterwards."""
     threads = torch.get_num_threads()
     try:
         if init is not None:
             _adopt_init(recipe, init)
-        return _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_after, log, init)
+        return _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_after, log, init, teacher)
     finally:
         torch.set_num_threads(threads)
 
@@ -249,7 +250,8 @@ def _adopt_init(r: Recipe, init: Checkpoint) -> None:
                            f"{p.channels} channels) differs from the recipe's; fine-tuning would change its inputs")
 
 
-def _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_after, log, init=None) -> TrainResult:
+def _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_after, log, init=None,
+           teacher=None) -> TrainResult:
     t_start = time.time()
     r = recipe
     if iterations is not None:
@@ -318,6 +320,10 @@ def _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_a
     write(f"data: {len(ts)} train / {len(val_ds)} val images from {data}; input {spec.input_size[0]}x"
           f"{spec.input_size[1]}, batch {r.train.batch}, {total} iterations on {device}")
 
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
+        for p_ in teacher.parameters():
+            p_.requires_grad_(False)
     model = GMBINet(GMBINetConfig.from_dict(r.model.config()))
     if init is not None and state is None:
         sd = {k: v for k, v in init.state_dict.items() if k in model.state_dict()}  # no unused extras
@@ -424,6 +430,10 @@ def _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_a
             with ctx:
                 outs = model(x)
             loss = criterion([o.float() for o in outs], y)
+            if teacher is not None and r.loss.distill > 0:
+                with torch.no_grad():
+                    target = teacher(x).float().clamp(0.0, 1.0)
+                loss = loss + r.loss.distill * torch.nn.functional.binary_cross_entropy(outs[0].float(), target)
             if not torch.isfinite(loss):
                 raise EdgekitError(f"training diverged at iteration {it + 1} (loss {loss.item()}); "
                                    "lower optimizer.lr or check the data")

@@ -87,6 +87,9 @@ class LossSection:
     dice: bool = False
     dice_weight: float = 1.0
     head_weights: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
+    # Knowledge distillation when a teacher is given (edgekit prune --finetune: the unpruned model):
+    # + distill * BCE(student main head, teacher main head probabilities).
+    distill: float = 0.0
 
 
 @dataclass
