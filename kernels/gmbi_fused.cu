@@ -66,6 +66,38 @@ __device__ __forceinline__ float* gmbi_dynamic_smem() { return gmbi_smem_; }
 #define GMBI_PX 2  // pixels per thread-item in the 1x1 phase
 #define GMBI_CO 4  // output channels per thread-item in the 1x1 phase (one float4 of weights)
 
+// One work item of a 1x1-conv phase (the GMBI fusion, and the DW+PW kernels of gmbinet_layers.cu):
+// acc[k][j] = b[co0 + j] + sum_ci w[ci * ldw + co0 + j] * z[ci * P + pixel(pg + k * npg)], with z
+// (cin x P) in shared memory and the weights transposed (ci-major, ldw = output channels).
+GMBI_DEVICE void gmbi_pw_item(float (&acc)[GMBI_PX][GMBI_CO], const float* __restrict__ pw_wt,
+                              const float* __restrict__ pw_b, int co0, int cin, int ldw, const float* zs,
+                              int P, int pg, int npg) {
+    int pidx[GMBI_PX];
+    GMBI_UNROLL
+    for (int k = 0; k < GMBI_PX; ++k) pidx[k] = min(pg + k * npg, P - 1);  // clamp: loads stay in z
+    const float4 bias = GMBI_LDG4(pw_b + co0);
+    GMBI_UNROLL
+    for (int k = 0; k < GMBI_PX; ++k) {
+        acc[k][0] = bias.x; acc[k][1] = bias.y; acc[k][2] = bias.z; acc[k][3] = bias.w;
+    }
+    const float* wt = pw_wt + co0;
+#ifndef GMBI_HOST_EMULATION
+#pragma unroll 4
+#endif
+    for (int ci = 0; ci < cin; ++ci) {
+        const float4 wv = GMBI_LDG4(wt + (size_t)ci * ldw);
+        const float* zrow = zs + ci * P;
+        GMBI_UNROLL
+        for (int k = 0; k < GMBI_PX; ++k) {
+            const float z = zrow[pidx[k]];
+            acc[k][0] = fmaf(wv.x, z, acc[k][0]);
+            acc[k][1] = fmaf(wv.y, z, acc[k][1]);
+            acc[k][2] = fmaf(wv.z, z, acc[k][2]);
+            acc[k][3] = fmaf(wv.w, z, acc[k][3]);
+        }
+    }
+}
+
 // Halo of each stage's region (see header).
 #define GMBI_HALO_R1 9
 #define GMBI_HALO_R2 7
@@ -284,32 +316,8 @@ GMBI_DEVICE void fused_body(const T* __restrict__ x, T* __restrict__ out,
         const int cg = item / npg;
         const int pg = item - cg * npg;
         const int co0 = co_begin + cg * GMBI_CO;
-        int pidx[GMBI_PX];
-        GMBI_UNROLL
-        for (int k = 0; k < GMBI_PX; ++k) pidx[k] = min(pg + k * npg, P - 1);  // clamp: loads stay in z
-
-        const float4 bias = GMBI_LDG4(pw_b + co0);
         float acc[GMBI_PX][GMBI_CO];
-        GMBI_UNROLL
-        for (int k = 0; k < GMBI_PX; ++k) {
-            acc[k][0] = bias.x; acc[k][1] = bias.y; acc[k][2] = bias.z; acc[k][3] = bias.w;
-        }
-        const float* wt = pw_wt + co0;
-#ifndef GMBI_HOST_EMULATION
-#pragma unroll 4
-#endif
-        for (int ci = 0; ci < C; ++ci) {
-            const float4 wv = GMBI_LDG4(wt + (size_t)ci * C);
-            const float* zrow = zs + ci * P;
-            GMBI_UNROLL
-            for (int k = 0; k < GMBI_PX; ++k) {
-                const float z = zrow[pidx[k]];
-                acc[k][0] = fmaf(wv.x, z, acc[k][0]);
-                acc[k][1] = fmaf(wv.y, z, acc[k][1]);
-                acc[k][2] = fmaf(wv.z, z, acc[k][2]);
-                acc[k][3] = fmaf(wv.w, z, acc[k][3]);
-            }
-        }
+        gmbi_pw_item(acc, pw_wt, pw_b, co0, C, C, zs, P, pg, npg);
         GMBI_UNROLL
         for (int k = 0; k < GMBI_PX; ++k) {
             const int p = pg + k * npg;

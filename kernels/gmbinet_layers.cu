@@ -130,31 +130,8 @@ GMBI_DEVICE void dwpw_body(const T* __restrict__ x, const T* __restrict__ high, 
         const int cg = item / npg;
         const int pg = item - cg * npg;
         const int co0 = co_begin + cg * GMBI_CO;
-        int pidx[GMBI_PX];
-        GMBI_UNROLL
-        for (int k = 0; k < GMBI_PX; ++k) pidx[k] = min(pg + k * npg, P - 1);
-        const float4 bias = GMBI_LDG4(pw_b + co0);
         float acc[GMBI_PX][GMBI_CO];
-        GMBI_UNROLL
-        for (int k = 0; k < GMBI_PX; ++k) {
-            acc[k][0] = bias.x; acc[k][1] = bias.y; acc[k][2] = bias.z; acc[k][3] = bias.w;
-        }
-        const float* wt = pw_wt + co0;
-#ifndef GMBI_HOST_EMULATION
-#pragma unroll 4
-#endif
-        for (int ci = 0; ci < Cin; ++ci) {
-            const float4 wv = GMBI_LDG4(wt + (size_t)ci * Cout);
-            const float* zrow = zs + ci * P;
-            GMBI_UNROLL
-            for (int k = 0; k < GMBI_PX; ++k) {
-                const float z = zrow[pidx[k]];
-                acc[k][0] = fmaf(wv.x, z, acc[k][0]);
-                acc[k][1] = fmaf(wv.y, z, acc[k][1]);
-                acc[k][2] = fmaf(wv.z, z, acc[k][2]);
-                acc[k][3] = fmaf(wv.w, z, acc[k][3]);
-            }
-        }
+        gmbi_pw_item(acc, pw_wt, pw_b, co0, Cin, Cout, zs, P, pg, npg);
         GMBI_UNROLL
         for (int k = 0; k < GMBI_PX; ++k) {
             const int p = pg + k * npg;
