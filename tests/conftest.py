@@ -71,3 +71,27 @@ def one_error_line(result) -> str:
     lines = [l for l in result.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
+
+
+def emulator_available() -> bool:
+    from edgekit.kernels.build import emulator_available as available
+
+    return available()
+
+
+needs_emulator = pytest.mark.skipif(not emulator_available(),
+                                    reason="host emulation needs g++/clang++ and the CUDA headers (cuda_fp16.h)")
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny random GMBINet checkpoint at 64x64, with the SD-900 class names."""
+    import torch
+
+    from edgekit.models.checkpoint import Checkpoint
+    from edgekit.models.gmbinet import GMBINet
+
+    torch.manual_seed(0)
+    ck = Checkpoint.from_model(GMBINet(tiny_config()).eval(), classes=["inclusion", "patches", "scratches"])
+    ck.preprocess.input_size = (64, 64)
+    return ck.save(tmp_path_factory.mktemp("ck") / "tiny.pt")

@@ -8,13 +8,13 @@ import importlib.util
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import emulator_available, needs_emulator
 from edgekit.errors import EdgekitError, MissingBackendError
 from edgekit.kernels import build as kbuild
 from edgekit.kernels import gmbinet as G
@@ -180,16 +180,6 @@ def test_source_digest_covers_the_included_kernel(tmp_path):
 
 # ------------------------------------------------------------------------------------ whole network, host emulation
 
-def _emulator_available() -> bool:
-    if shutil.which("g++") is None and shutil.which("clang++") is None:
-        return False
-    nvcc = shutil.which("nvcc")
-    inc = [Path(nvcc).resolve().parent.parent / "include"] if nvcc else []
-    return any((p / "cuda_fp16.h").is_file() for p in inc + [Path("/usr/local/cuda/include")])
-
-
-needs_emulator = pytest.mark.skipif(not _emulator_available(),
-                                    reason="host emulation needs g++/clang++ and the CUDA headers (cuda_fp16.h)")
 
 
 @pytest.fixture(scope="module")
@@ -532,7 +522,7 @@ def cuda_fused_artifact(tmp_path_factory):
     """A small random GMBINet (64x64 input) compiled to a cuda-fused fp32 artifact. nvcc is hidden
     so the build stays fast (kernel compilation has its own tests); verification then runs the
     launch plan under host emulation, as on any machine without a GPU."""
-    if not _emulator_available():
+    if not emulator_available():
         pytest.skip("host emulation needs g++/clang++ and the CUDA headers (cuda_fp16.h)")
     from edgekit.data.preprocess import PreprocessSpec
     from edgekit.export.compile import compile_model

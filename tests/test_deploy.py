@@ -8,24 +8,11 @@ from edgekit import runtime
 from edgekit.errors import EdgekitError
 from edgekit.export.artifact import read_manifest
 from edgekit.export.compile import compile_model
-from edgekit.models.checkpoint import Checkpoint
-from edgekit.models.gmbinet import GMBINet
 
-from conftest import one_error_line, tiny_config
+from conftest import one_error_line
 
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'edgekit[cpu]')")
 pytest.importorskip("openvino", reason="openvino not installed (pip install 'edgekit[cpu]')")
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    import torch
-
-    torch.manual_seed(0)
-    model = GMBINet(tiny_config()).eval()
-    ck = Checkpoint.from_model(model, classes=["inclusion", "patches", "scratches"])
-    ck.preprocess.input_size = (64, 64)
-    return ck.save(tmp_path_factory.mktemp("ck") / "tiny.pt")
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import needs_emulator
 from edgekit.errors import EdgekitError, MissingBackendError
 from edgekit.kernels import FusedGMBI, fold_gmbi, plan_gmbi, reference_gmbi
 from edgekit.kernels import build as kbuild
@@ -187,16 +187,6 @@ def test_compile_kernels_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------ kernel source under host emulation
 
-def _emulator_available() -> bool:
-    if shutil.which("g++") is None and shutil.which("clang++") is None:
-        return False
-    nvcc = shutil.which("nvcc")
-    inc = [Path(nvcc).resolve().parent.parent / "include"] if nvcc else []
-    return any((p / "cuda_fp16.h").is_file() for p in inc + [Path("/usr/local/cuda/include")])
-
-
-needs_emulator = pytest.mark.skipif(not _emulator_available(),
-                                    reason="host emulation needs g++/clang++ and the CUDA headers (cuda_fp16.h)")
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,8 @@ import pytest
 
 from edgekit.errors import EdgekitError
 from edgekit.export import trt
-from edgekit.models.checkpoint import Checkpoint
-from edgekit.models.gmbinet import GMBINet
 
-from conftest import one_error_line, tiny_config
+from conftest import one_error_line
 
 onnx = pytest.importorskip("onnx", reason="onnx not installed (pip install 'edgekit[cpu]')")
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'edgekit[cpu]')")
@@ -29,17 +27,6 @@ def _cuda() -> bool:
 needs_trt_gpu = pytest.mark.skipif(not (HAS_TRT and _cuda()),
                                    reason="needs tensorrt and a CUDA GPU (TensorRT is not installable here: pip install tensorrt)")
 needs_gpu = pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU (torch here is the CPU build)")
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    import torch
-
-    torch.manual_seed(0)
-    model = GMBINet(tiny_config()).eval()
-    ck = Checkpoint.from_model(model, classes=["inclusion", "patches", "scratches"])
-    ck.preprocess.input_size = (64, 64)
-    return ck.save(tmp_path_factory.mktemp("ck") / "tiny.pt")
 
 
 @pytest.fixture(scope="module")

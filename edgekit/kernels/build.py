@@ -228,6 +228,23 @@ def compile_kernels(archs: Iterable[str] = DEFAULT_ARCHS, fmt: str = "cubin", ou
 EMULATOR_PROGRAMS = {"gmbi": "gmbi_emu_main.cpp", "gmbinet": "gmbinet_emu_main.cpp"}
 
 
+def _cxx() -> Optional[str]:
+    return shutil.which("g++") or shutil.which("clang++")
+
+
+def _cuda_include() -> Optional[Path]:
+    """The CUDA toolkit's include folder (for cuda_fp16.h), next to nvcc or under /usr/local/cuda."""
+    nvcc = find_nvcc()
+    candidates = [Path(nvcc).resolve().parent.parent / "include"] if nvcc else []
+    candidates += [Path("/usr/local/cuda/include")]
+    return next((c for c in candidates if (c / "cuda_fp16.h").is_file()), None)
+
+
+def emulator_available() -> bool:
+    """Whether :func:`build_emulator` can work here: a C++ compiler and the CUDA headers."""
+    return _cxx() is not None and _cuda_include() is not None
+
+
 def build_emulator(out: Path, sanitize: str = "address", compiler: Optional[str] = None,
                    cuda_include: Optional[Path] = None, program: str = "gmbi", opt: str = "-O1") -> Path:
     """Compile a host-emulation program with a C++20 compiler and the given sanitizer (``address`` =
@@ -236,14 +253,11 @@ def build_emulator(out: Path, sanitize: str = "address", compiler: Optional[str]
     GMBINet launch sequence over every kernel of ``kernels/gmbinet_layers.cu``)."""
     if program not in EMULATOR_PROGRAMS:
         raise EdgekitError(f"unknown emulator program {program!r}: {', '.join(EMULATOR_PROGRAMS)}")
-    cxx = compiler or shutil.which("g++") or shutil.which("clang++")
+    cxx = compiler or _cxx()
     if cxx is None:
         raise EdgekitError("no C++ compiler (g++ or clang++) on PATH for the kernel emulator")
     if cuda_include is None:
-        nvcc = find_nvcc()
-        candidates = [Path(nvcc).resolve().parent.parent / "include"] if nvcc else []
-        candidates += [Path("/usr/local/cuda/include")]
-        cuda_include = next((c for c in candidates if (c / "cuda_fp16.h").is_file()), None)
+        cuda_include = _cuda_include()
         if cuda_include is None:
             raise EdgekitError("cuda_fp16.h not found: the kernel emulator needs the CUDA toolkit headers")
     flags = {"address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"],
