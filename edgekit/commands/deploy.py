@@ -1,9 +1,12 @@
 """Deployment commands: compile, quantize."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from edgekit.commands._common import echo_json
+from edgekit.commands._common import echo_json, write_json
+from edgekit.errors import EdgekitError
 from edgekit.models.default import resolve_model
 
 
@@ -96,17 +99,15 @@ def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, ite
     with top-1 accuracy on the held-out part of --data.
     """
     import os
-    from pathlib import Path
 
     # Rows share one process: torch's OpenMP workers must not spin-wait while OpenVINO's threads run
     # (seen here: torch p90 latency of seconds when interleaved). Takes effect if torch is not loaded yet.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     from edgekit import runtime
-    from edgekit.bench.cpu import Row, model_size, plot, run_bench
+    from edgekit.bench.cpu import Row, model_size, run_bench
     from edgekit.bench.plan import BASELINE, DEFAULT_CPU_BACKENDS, plan_rows
-    from edgekit.commands._common import print_table, set_threads, write_json
-    from edgekit.errors import EdgekitError
+    from edgekit.commands._common import print_table, set_threads
 
     if device == "gpu":
         return _bench_gpu(models, backends, batch, data, calib, rounds, iters, eval_limit, json_out, plot_out, max_autotune)
@@ -124,13 +125,7 @@ def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, ite
         return _bench_mlff(models[0], backends, batches, threads, data, calib, rounds, iters, eval_limit, json_out,
                            plot_out)
     specs = [s.strip() for s in backends.split(",")] if backends else list(DEFAULT_CPU_BACKENDS)
-    from edgekit.export.targets import get_target
-    from edgekit.bench.plan import parse_backend
-
-    for s in specs:
-        if s != "torch":
-            t, p = parse_backend(s)
-            get_target(t).check(p)
+    _check_backend_specs(specs)
     set_threads(threads)
     if calib is None and data not in ("synthetic",) and not data.startswith("synthetic"):
         calib = data
@@ -139,15 +134,7 @@ def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, ite
     rows = [Row(name, runtime.load(path, threads=threads), model_size(path)) for name, path in planned]
     result = run_bench(rows, data=data, batches=batches, rounds=rounds, iters=iters, eval_limit=eval_limit,
                        baseline=next((n for n, _ in planned if n.startswith(BASELINE)), None))
-    result["settings"]["threads"] = threads
-    import sys
-
-    result["command"] = "edgekit " + " ".join(sys.argv[1:])
-    if json_out:
-        write_json(json_out, result)
-        plot_out = plot_out or str(Path(json_out).with_suffix(".png"))
-    if plot_out:
-        plot(result, Path(plot_out))
+    _save_result(result, threads, json_out, plot_out)
     table = []
     for r in result["rows"]:
         su = f"{r['speedup_vs_baseline']:.2f}x" if r["speedup_vs_baseline"] else "-"
@@ -164,32 +151,25 @@ def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, ite
                 caption=f"accuracy on {result['data']}; baseline = {BASELINE} (ONNX -> OpenVINO, plugin default precision)")
 
 
-def _bench_mlff(registry, backends, batches, threads, data, calib, rounds, iters, eval_limit, json_out, plot_out):
-    """``edgekit bench REGISTRY``: backbone (torch / compiled) + the registry's adapter heads, per image."""
-    import sys
-    from pathlib import Path
-
-    from edgekit.bench.cpu import plot
-    from edgekit.bench.mlff import DEFAULT_MLFF_BACKENDS, MLFF_BASELINE, plan_mlff_rows, run_mlff_bench
+def _check_backend_specs(specs, allow_auto: bool = True) -> None:
+    """Every ``target:precision`` of ``--backends`` exists and its package is installed (one line if not)."""
     from edgekit.bench.plan import parse_backend
-    from edgekit.commands._common import print_table, set_threads, write_json
-    from edgekit.errors import EdgekitError
     from edgekit.export.targets import get_target
 
-    specs = [s.strip() for s in backends.split(",") if s.strip()] if backends else list(DEFAULT_MLFF_BACKENDS)
     for s in specs:
         if s != "torch":
             t, p = parse_backend(s)
-            if p == "auto":
+            if p == "auto" and not allow_auto:
                 raise EdgekitError("--backends: precision auto is for GMBINet checkpoints")
             get_target(t).check(p)
-    if data.startswith("synthetic"):
-        raise EdgekitError("bench REGISTRY needs --data: class folders (DIR/<class>/*, e.g. NEU-CLS) named like the "
-                           "registry's classes; accuracy is measured on their fixed held-out part")
-    set_threads(threads)
-    rows = plan_mlff_rows(registry, specs, data, calib or data, threads, lambda m: click.echo(m, err=True))
-    result = run_mlff_bench(rows, data=data, batches=batches, rounds=rounds, iters=iters, eval_limit=eval_limit,
-                            baseline=MLFF_BASELINE if "torch" in specs else None, registry=registry)
+
+
+def _save_result(result: dict, threads, json_out, plot_out) -> None:
+    """Record the settings and the command line, write the JSON and the plot (beside the JSON by default)."""
+    import sys
+
+    from edgekit.bench.cpu import plot
+
     result["settings"]["threads"] = threads
     result["command"] = "edgekit " + " ".join(sys.argv[1:])
     if json_out:
@@ -197,6 +177,23 @@ def _bench_mlff(registry, backends, batches, threads, data, calib, rounds, iters
         plot_out = plot_out or str(Path(json_out).with_suffix(".png"))
     if plot_out:
         plot(result, Path(plot_out))
+
+
+def _bench_mlff(registry, backends, batches, threads, data, calib, rounds, iters, eval_limit, json_out, plot_out):
+    """``edgekit bench REGISTRY``: backbone (torch / compiled) + the registry's adapter heads, per image."""
+    from edgekit.bench.mlff import DEFAULT_MLFF_BACKENDS, MLFF_BASELINE, plan_mlff_rows, run_mlff_bench
+    from edgekit.commands._common import print_table, set_threads
+
+    specs = [s.strip() for s in backends.split(",") if s.strip()] if backends else list(DEFAULT_MLFF_BACKENDS)
+    _check_backend_specs(specs, allow_auto=False)
+    if data.startswith("synthetic"):
+        raise EdgekitError("bench REGISTRY needs --data: class folders (DIR/<class>/*, e.g. NEU-CLS) named like the "
+                           "registry's classes; accuracy is measured on their fixed held-out part")
+    set_threads(threads)
+    rows = plan_mlff_rows(registry, specs, data, calib or data, threads, lambda m: click.echo(m, err=True))
+    result = run_mlff_bench(rows, data=data, batches=batches, rounds=rounds, iters=iters, eval_limit=eval_limit,
+                            baseline=MLFF_BASELINE if "torch" in specs else None, registry=registry)
+    _save_result(result, threads, json_out, plot_out)
     table = []
     for r in result["rows"]:
         su = f"{r['speedup_vs_baseline']:.2f}x" if r["speedup_vs_baseline"] else "-"
