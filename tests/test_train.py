@@ -177,6 +177,8 @@ def test_refuses_to_overwrite_a_run(synthetic_run, cli):
     (lambda d: d["profiles"]["cpu"]["preprocess"].update(input_size=[64, "64"]),
      "recipe: 'profiles.cpu.preprocess.input_size[1]' must be an int, got str"),
     (lambda d: d["optimizer"].update(lr="1e-3"), "recipe: 'optimizer.lr' must be a number, got str"),
+    (lambda d: d["augment"].update(crop=[100, 96]), "'augment.crop' must be [height, width], each a multiple of 32"),
+    (lambda d: d["augment"].update(crop=[1024, 1024]), "'augment.crop' [1024, 1024] is larger than"),
 ])
 def test_recipe_schema_errors_name_the_key(tmp_path, cli, edit, expected):
     bad = write_recipe(tmp_path / "bad.yaml", edit)
@@ -191,9 +193,12 @@ def test_recipe_profiles():
     cpu = load_recipe(RECIPE, "cpu")
     gpu = load_recipe(RECIPE, "gpu")
     assert load_recipe(RECIPE).profile == "cpu"  # the default profile
-    assert cpu.profiles == ["cpu", "gpu", "cpu-refine", "finetune"]
+    assert cpu.profiles == ["cpu", "gpu", "cpu-refine", "cpu-long", "finetune", "finetune-crop"]
     ft = load_recipe(RECIPE, "finetune")  # after pruning: the deployed input size, a gentle lr
     assert ft.preprocess.input_size == [512, 512] and ft.optimizer.lr < cpu.optimizer.lr
+    crop = load_recipe(RECIPE, "finetune-crop")  # the same object scale, windows of it
+    assert crop.preprocess.input_size == [512, 512] and crop.augment.crop == [256, 256]
+    assert cpu.augment.crop is None and gpu.augment.crop is None
     assert cpu.optimizer.name == "adam" and cpu.schedule.name == "cosine" and cpu.train.batch <= 32
     assert cpu.loss.bce == 1.0 and cpu.loss.ssim == 1.0 and cpu.loss.ssim_window == 11 and len(cpu.loss.head_weights) == 5
     assert (cpu.preprocess.mean, cpu.preprocess.std, cpu.preprocess.scale) == (0.4669, 0.2437, "max")
@@ -265,6 +270,33 @@ def test_augment_keeps_image_and_mask_aligned():
     xm = x2 / x2.amax(dim=(1, 2), keepdim=True)  # the divide-by-max does not undo the augmentation
     im = img.float() / 200
     assert (xm - im).abs().amax() > 0.01
+
+
+def test_crop_takes_the_same_window_of_image_and_mask_after_whole_image_preprocessing():
+    from edgekit.data.preprocess import PreprocessSpec
+    from edgekit.train.data import TrainSet, make_batch, normalize
+    from edgekit.train.recipe import AugmentSection
+
+    g = torch.Generator().manual_seed(5)
+    img = (torch.rand(6, 64, 64, generator=g) * 100).to(torch.uint8)
+    mask = torch.zeros_like(img)
+    for i in range(6):  # one bright defect per image, at a different place
+        r, c = 8 * i, 50 - 7 * i
+        img[i, r:r + 6, c:c + 5] = 250
+        mask[i, r:r + 6, c:c + 5] = 255
+    ts = TrainSet(img, mask, [str(i) for i in range(6)], ["a"] * 6)
+    spec = PreprocessSpec(input_size=(64, 64))
+    aug = AugmentSection(hflip=0, vflip=0, shift=0, scale=0, crop=[32, 32])
+    x, y = make_batch(ts, torch.arange(6), aug, spec, torch.Generator().manual_seed(7))
+    assert x.shape == (6, 3, 32, 32) and y.shape == (6, 1, 32, 32)
+    full = normalize(img.float(), spec)  # the divide-by-max saw the whole image, not the window
+    bright = float(full.max())
+    assert torch.equal(x[:, 0] > bright - 1e-4, y[:, 0] > 0.5)  # the defect stayed with its mask
+    windows = {tuple(map(int, (y[i, 0] > 0.5).nonzero().min(0).values)) for i in range(6) if y[i].any()}
+    assert len(windows) > 1  # windows differ per sample
+    for i in range(6):  # each window is a crop of the whole preprocessed image
+        hits = [(t, l) for t in range(33) for l in range(33) if torch.equal(full[i, :, t:t + 32, l:l + 32], x[i])]
+        assert hits
 
 
 def test_sampler_is_a_function_of_seed_and_iteration():

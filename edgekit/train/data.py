@@ -169,4 +169,21 @@ def make_batch(ts: TrainSet, idx: torch.Tensor, aug_cfg, spec: PreprocessSpec, g
     """One augmented, preprocessed batch, computed on the device the TrainSet's tensors are on."""
     idx = idx.to(ts.images.device)
     x, y = augment(ts.images[idx], ts.masks[idx], aug_cfg, gen)
-    return normalize(x, spec), resize_masks(y, spec.input_size)
+    x, y = normalize(x, spec), resize_masks(y, spec.input_size)
+    crop = getattr(aug_cfg, "crop", None)
+    if crop:
+        x, y = random_crop(x, y, crop, gen)
+    return x, y
+
+
+def random_crop(x: torch.Tensor, y: torch.Tensor, size, gen: torch.Generator):
+    """The same random ``size`` window of each image and its mask (a window per sample). Cropping
+    after the whole-image divide-by-max and resize keeps the inference preprocessing and object scale."""
+    h, w = x.shape[-2:]
+    ch, cw = size
+    u = torch.rand(x.shape[0], 2, generator=gen)
+    tops = (u[:, 0] * (h - ch + 1)).long().clamp_(max=h - ch).tolist()
+    lefts = (u[:, 1] * (w - cw + 1)).long().clamp_(max=w - cw).tolist()
+    xs = [x[i, :, t:t + ch, l:l + cw] for i, (t, l) in enumerate(zip(tops, lefts))]
+    ys = [y[i, :, t:t + ch, l:l + cw] for i, (t, l) in enumerate(zip(tops, lefts))]
+    return torch.stack(xs).contiguous(), torch.stack(ys).contiguous()

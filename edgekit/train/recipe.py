@@ -99,6 +99,9 @@ class AugmentSection:
     vflip: float = 0.5  # probability of a vertical flip
     shift: float = 0.1  # intensity shift: add U(-shift, shift) * 255
     scale: float = 0.2  # intensity scaling about the image mean: factor U(1 - scale, 1 + scale)
+    # Random [height, width] window of the preprocessed (input_size) image and mask: trains at the
+    # deployed object scale for a fraction of the compute; null trains on the whole image.
+    crop: Optional[List[int]] = None
 
 
 @dataclass
@@ -276,6 +279,12 @@ def _check_semantics(r: Recipe) -> None:
         need(0 <= getattr(r.augment, k) <= 1, f"'augment.{k}' is a probability in [0, 1]")
     need(0 <= r.augment.scale < 1, "'augment.scale' must be in [0, 1)")
     need(r.augment.shift >= 0, "'augment.shift' must be >= 0")
+    if r.augment.crop is not None:
+        c = r.augment.crop
+        need(len(c) == 2 and all(v >= 32 and v % 32 == 0 for v in c),
+             "'augment.crop' must be [height, width], each a multiple of 32 (the network's stride)")
+        need(all(v <= s for v, s in zip(c, r.preprocess.input_size)),
+             f"'augment.crop' {c} is larger than 'preprocess.input_size' {r.preprocess.input_size}")
     t = r.train
     for k in ("iterations", "batch", "threads", "val_every", "checkpoint_every", "val_batch", "log_every"):
         need(getattr(t, k) >= 1, f"'train.{k}' must be >= 1")
