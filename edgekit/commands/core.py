@@ -47,7 +47,7 @@ def info_cmd(model, size, as_json):
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "all"]))
 @click.option("--batch", "batch_size", default=4, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads for the runtime.")
-@click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate the first N images only.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate N images only, taken across all classes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("--out", "out_json", type=click.Path(dir_okay=False), default=None, help="Also write the JSON here.")
 def eval_cmd(model, data, split, batch_size, threads, limit, as_json, out_json):

@@ -86,7 +86,7 @@ def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_schem
 @click.option("--calib", default=None, help="Calibration data for int8 rows (default: --data's train split).")
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--iters", default=20, show_default=True, type=click.IntRange(1), help="Calls per row per round.")
-@click.option("--eval-limit", default=None, type=click.IntRange(1), help="Evaluate on the first N images only.")
+@click.option("--eval-limit", default=None, type=click.IntRange(1), help="Evaluate on N images only, taken across all classes.")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write results JSON here.")
 @click.option("--plot", "plot_out", default=None, type=click.Path(dir_okay=False),
               help="FPS-vs-IoU PNG (default: beside --json).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -52,6 +53,26 @@ class SegDataset:
 
     def __len__(self):
         return len(self.samples)
+
+
+def limit_samples(samples: Sequence[SegSample], n: Optional[int]) -> List[SegSample]:
+    """At most ``n`` samples, taken round-robin over the classes (so a limit keeps every class: the
+    SD-900 lists are sorted by class, and their first 100 are all inclusions)."""
+    if not n or n >= len(samples):
+        return list(samples)
+    by_cls: Dict[str, List[SegSample]] = defaultdict(list)
+    for s in samples:
+        by_cls[s.cls].append(s)
+    queues = [list(v) for _, v in sorted(by_cls.items())]
+    out: List[SegSample] = []
+    i = 0
+    while len(out) < n:
+        q = queues[i % len(queues)]
+        if q:
+            out.append(q.pop(0))
+        i += 1
+    return out
+
 
 
 def _images_in(folder: Path) -> List[Path]:

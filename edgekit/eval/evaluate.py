@@ -5,7 +5,7 @@ from typing import Iterator, List
 
 import numpy as np
 
-from edgekit.data.datasets import SegDataset, SegSample
+from edgekit.data.datasets import SegDataset, SegSample, limit_samples
 from edgekit.data.preprocess import preprocess, resize_probs
 from edgekit.errors import EdgekitError
 from edgekit.eval.metrics import SegMetrics
@@ -26,7 +26,7 @@ def predict_probs(runner: Runner, images: List[np.ndarray]) -> List[np.ndarray]:
 
 def evaluate(runner: Runner, dataset: SegDataset, batch_size: int = 4, show_progress: bool = True,
              limit: int | None = None) -> dict:
-    samples = dataset.samples[:limit] if limit else dataset.samples
+    samples = limit_samples(dataset.samples, limit)  # N images across all classes
     if not any(s.mask_path is not None or s._mask is not None for s in samples):
         raise EdgekitError(f"{dataset.description}: no ground-truth masks to evaluate against")
     metrics = SegMetrics()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgekit.data.datasets import SegDataset
+from edgekit.data.datasets import SegDataset, limit_samples
 from edgekit.data.preprocess import preprocess
 from edgekit.runtime.base import Runner
 
@@ -13,7 +13,7 @@ def parity(reference: Runner, candidate: Runner, dataset: SegDataset, limit: int
     """Max/mean absolute difference of probabilities and mean IoU of the two thresholded masks,
     at the network's output resolution, image by image."""
     max_abs, mean_abs, agree = 0.0, [], []
-    samples = dataset.samples[:limit]
+    samples = limit_samples(dataset.samples, limit)  # every class, not the first class only
     for s in samples:
         x = preprocess([s.image()], reference.spec)
         a, b = reference.infer(x)[0, 0], candidate.infer(x)[0, 0]

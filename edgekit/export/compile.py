@@ -19,7 +19,7 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
-from edgekit.data.datasets import SegDataset, open_segmentation
+from edgekit.data.datasets import SegDataset, limit_samples, open_segmentation
 from edgekit.data.preprocess import PreprocessSpec, preprocess, resize_probs
 from edgekit.errors import EdgekitError
 from edgekit.export.artifact import artifact_writer, is_artifact, read_manifest, tool_versions, write_manifest
@@ -83,7 +83,7 @@ class Source:
 
 
 def calibration_batches(dataset: SegDataset, spec: PreprocessSpec, limit: int) -> List[np.ndarray]:
-    samples = dataset.samples[:limit]
+    samples = limit_samples(dataset.samples, limit)  # every class, not the first class only
     if not samples:
         raise EdgekitError(f"{dataset.description}: no calibration images")
     return [preprocess([s.image()], spec) for s in samples]

@@ -497,6 +497,7 @@ def build_trt(onnx_path: Path, folder: Path, precision: str, *, spec, check_batc
 def build_for_compile(src, onnx_path: Path, folder: Path, precision: str, parity_set, calib_set, subset: int,
                       scheme: str, log: Callable) -> dict:
     """``compile_model``'s hook for the trt target (a GMBINet ``Source``)."""
+    from edgekit.data.datasets import limit_samples
     from edgekit.data.preprocess import preprocess
     from edgekit.export.compile import Source, calibration_batches
 
@@ -505,7 +506,7 @@ def build_for_compile(src, onnx_path: Path, folder: Path, precision: str, parity
     if src.manifest is not None and src.manifest.get("target") not in ("onnx", "ort"):
         raise EdgekitError(f"{src.path} is a {src.manifest.get('target')} artifact; compile trt from the checkpoint "
                            f"or an ONNX artifact")
-    check = [preprocess([s.image()], src.spec) for s in parity_set.samples[:16]]
+    check = [preprocess([s.image()], src.spec) for s in limit_samples(parity_set.samples, 16)]
     calibration = calibration_batches(calib_set, src.spec, subset) if calib_set is not None else None
     fields = build_trt(onnx_path, folder, precision, spec=src.spec, check_batches=check, calibration=calibration,
                        scheme=scheme, subset=subset, log=log)

@@ -3,9 +3,8 @@ preprocessing with torch ops (the same divide-by-max, z-score, bilinear resize a
 ``edgekit.data.preprocess.preprocess`` applies at inference)."""
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -14,24 +13,6 @@ import torch.nn.functional as F
 from edgekit.data.datasets import SegDataset, SegSample
 from edgekit.data.preprocess import PreprocessSpec
 from edgekit.errors import EdgekitError
-
-
-def limit_samples(samples: Sequence[SegSample], n: Optional[int]) -> List[SegSample]:
-    """At most ``n`` samples, taken round-robin over the classes (so a limit keeps every class)."""
-    if not n or n >= len(samples):
-        return list(samples)
-    by_cls: Dict[str, List[SegSample]] = defaultdict(list)
-    for s in samples:
-        by_cls[s.cls].append(s)
-    queues = [list(v) for _, v in sorted(by_cls.items())]
-    out: List[SegSample] = []
-    i = 0
-    while len(out) < n:
-        q = queues[i % len(queues)]
-        if q:
-            out.append(q.pop(0))
-        i += 1
-    return out
 
 
 def preload(samples: Sequence[SegSample], what: str) -> List[SegSample]:

@@ -37,7 +37,8 @@ from edgekit.data.preprocess import PreprocessSpec
 from edgekit.errors import EdgekitError
 from edgekit.models.checkpoint import Checkpoint, load_checkpoint, load_state_dict_strict
 from edgekit.models.gmbinet import GMBINet, GMBINetConfig
-from edgekit.train.data import EpochSampler, batch_generator, build_trainset, limit_samples, make_batch, preload
+from edgekit.data.datasets import limit_samples
+from edgekit.train.data import EpochSampler, batch_generator, build_trainset, make_batch, preload
 from edgekit.train.losses import DeepSupervisionLoss
 from edgekit.train.recipe import Recipe
 from edgekit.utils import atomic_write
