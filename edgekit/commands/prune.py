@@ -18,7 +18,12 @@ from edgekit.errors import EdgekitError
 @click.option("--finetune", "recipe", default=None, type=click.Path(dir_okay=False),
               help="Fine-tune the pruned model with this recipe (e.g. recipes/gmbinet_sd900.yaml).")
 @click.option("--profile", default="finetune", show_default=True, help="Recipe profile for the fine-tuning.")
-@click.option("--data", default=None, help="Training data for --finetune (default: the recipe's data.path).")
+@click.option("--data", default=None,
+              help="SD-900 folder (or synthetic:N): its train split recalibrates the pruned model's BatchNorm "
+                   "statistics, its val split checks source vs pruned, and --finetune trains on it "
+                   "(default: the recipe's data.path).")
+@click.option("--bn-images", default=200, show_default=True, type=click.IntRange(0),
+              help="Train images for the BatchNorm recalibration after pruning (0: keep the old statistics).")
 @click.option("--iterations", default=None, type=click.IntRange(1), help="Override the profile's iterations.")
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="Override the profile's train.threads.")
 @click.option("--limit-images", default=None, type=click.IntRange(1), help="At most N images per split (smoke tests).")
@@ -27,7 +32,8 @@ from edgekit.errors import EdgekitError
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Pruned checkpoint to write.")
 @click.option("--force", is_flag=True, help="Replace an existing --out file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def prune_cmd(model, ratio, recipe, profile, data, iterations, threads, limit_images, work_dir, out, force, as_json):
+def prune_cmd(model, ratio, recipe, profile, data, bn_images, iterations, threads, limit_images, work_dir, out, force,
+              as_json):
     """Remove channels (equally from every GMBI group), optionally fine-tune; save an edgekit checkpoint."""
     from edgekit.compress.prune import prune_checkpoint
     from edgekit.models.checkpoint import load_checkpoint
@@ -46,8 +52,22 @@ def prune_cmd(model, ratio, recipe, profile, data, iterations, threads, limit_im
         if threads:
             r.train.threads = threads
     ck = load_checkpoint(resolve_model(model))
-    pruned, report = prune_checkpoint(ck, ratio)
-    result = {"source": str(ck.path), "ratio": ratio, **{k: v for k, v in report.to_dict().items() if k != "ratio"}}
+    data = data or (r.data_path() if r is not None else None)
+    bn_data = val_data = None
+    if data:
+        from edgekit.data.datasets import limit_samples, open_segmentation
+        from edgekit.export.compile import open_calibration
+
+        bn_data = open_calibration(data)  # an SD-900 folder: its train split
+        val_data = open_segmentation(data, "val")
+        if limit_images:
+            val_data.samples = limit_samples(val_data.samples, limit_images)
+    pruned, report = prune_checkpoint(ck, ratio, bn_data=bn_data, bn_images=bn_images)
+    result = {"source": str(ck.path), "ratio": ratio, **{k: v for k, v in report.to_dict().items() if k != "ratio"},
+              "bn_recalibration": pruned.provenance["bn_recalibration"]}
+    if val_data is not None and any(s.mask_path is not None or s._mask is not None for s in val_data.samples):
+        result["check"] = _val_check(ck, pruned, val_data)
+        pruned.provenance["check"] = result["check"]  # the pruned model as saved (before any fine-tuning)
     if r is None:
         pruned.save(out_path)
     else:
@@ -79,10 +99,27 @@ def prune_cmd(model, ratio, recipe, profile, data, iterations, threads, limit_im
     w0, w1 = report.widths_before, report.widths_after
     click.echo(f"pruned {ck.path}: widths {w0} -> {w1}; parameters {report.params_before:,} -> "
                f"{report.params_after:,}; MACs at 512 {report.macs_before / 1e9:.3f} G -> {report.macs_after / 1e9:.3f} G")
+    if result["bn_recalibration"]:
+        click.echo(f"BatchNorm statistics recalibrated on {result['bn_recalibration']['images']} images")
+    if "check" in result:
+        c = result["check"]
+        click.echo(f"{c['data']}: IoU {c['source_iou']:.4f} -> {c['pruned_iou']:.4f} "
+                   f"(MAE {c['source_mae']:.4f} -> {c['pruned_mae']:.4f}) before fine-tuning")
     if "finetune" in result:
         t = result["finetune"]["test"]
         click.echo(f"fine-tuned {result['finetune']['iterations']} iterations: test MAE {t['mae']:.4f} IoU {t['iou']:.4f}")
     click.echo(f"wrote {out_path}")
+
+
+def _val_check(source, pruned, dataset) -> dict:
+    """Source and pruned model on the same images (the pruning's verification, kept in the provenance)."""
+    from edgekit.eval.evaluate import evaluate
+    from edgekit.runtime.torch_runner import TorchRunner
+
+    a = evaluate(TorchRunner(source), dataset, show_progress=False)["overall"]
+    b = evaluate(TorchRunner(pruned), dataset, show_progress=False)["overall"]
+    return {"data": dataset.description, "images": len(dataset.samples),
+            "source_iou": a["iou"], "pruned_iou": b["iou"], "source_mae": a["mae"], "pruned_mae": b["mae"]}
 
 
 commands = [prune_cmd]
