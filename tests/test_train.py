@@ -331,6 +331,32 @@ def test_init_fine_tunes_a_checkpoint_of_its_own_architecture(synthetic_run, tmp
     assert not torch.equal(ck.state_dict["encoder1.0.weight"], load_checkpoint(start).state_dict["encoder1.0.weight"])
 
 
+def test_a_fine_tuning_run_resumes_with_its_own_architecture_and_keeps_its_origin(synthetic_run, tmp_path, cli):
+    """A run started with --init (e.g. a pruned model: other widths than the recipe's) resumes from
+    its last.pt with the same recipe, and the resumed run's best.pt still names its start."""
+    from edgekit.models.checkpoint import Checkpoint, load_checkpoint
+    from edgekit.models.gmbinet import GMBINet
+    from edgekit.train.loop import train
+    from edgekit.train.recipe import load_recipe
+
+    from conftest import tiny_config
+
+    recipe, _, _ = synthetic_run
+    torch.manual_seed(0)
+    start = Checkpoint.from_model(GMBINet(tiny_config())).save(tmp_path / "start.pt")
+    out = tmp_path / "ft"
+    res = train(load_recipe(recipe, "cpu"), data="synthetic:8", out_dir=str(out), iterations=4, limit_images=6,
+                stop_after=2, init=load_checkpoint(start))
+    assert res.stopped_early
+    (out / "best.pt").unlink()  # only the resumed half may write it now
+    r = cli("train", recipe, *SYN_ARGS, "--resume", out / "last.pt")
+    assert r.exit_code == 0, r.stderr
+    ck = load_checkpoint(out / "best.pt")
+    assert ck.config["widths"] == list(tiny_config().widths)
+    assert ck.provenance["init"]["sha256"] == load_checkpoint(start).sha256
+    assert ck.provenance["resumed_from"]["iteration"] == 2
+
+
 def test_init_and_resume_exclude_each_other(synthetic_run, tmp_path, cli):
     recipe, full, _ = synthetic_run
     r = cli("train", recipe, *SYN_ARGS, "--out", tmp_path / "o", "--init", full / "best.pt", "--resume", full / "last.pt")

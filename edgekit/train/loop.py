@@ -276,6 +276,10 @@ def _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_a
     if resume:
         state = load_train_state(Path(resume))
         saved_cfg = dict(state["model"]["config"])
+        if state.get("init"):  # a fine-tuning run (--init): its architecture is the init checkpoint's
+            for k, v in saved_cfg.items():
+                if hasattr(r.model, k):
+                    setattr(r.model, k, list(v) if isinstance(v, (list, tuple)) else v)
         diff = _config_diff(saved_cfg, r.model.config())
         if diff or state["model"]["name"] != r.model.name:
             raise EdgekitError(f"resume: {resume} has another architecture than the recipe "
@@ -379,7 +383,7 @@ def _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_a
         "train_images": len(ts), "val_images": len(val_ds), "limit_images": limit_images,
     }
 
-    init_record = None if init is None else {
+    init_record = (state or {}).get("init") if init is None else {
         "path": str(init.path) if init.path else None, "sha256": init.sha256 or None,
         "source": (init.provenance or {}).get("source"), "profile": (init.provenance or {}).get("profile"),
         "input_size": list(init.preprocess.input_size), "test_iou": (init.metrics or {}).get("test_iou"),
@@ -404,6 +408,7 @@ def _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_a
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict() if (scaler is not None and use_scaler) else None,
             "rng": _rng_state(), "seed": seed, "best": best, "history": history, "recipe": recipe_record,
+            "init": init_record,
             "preprocess": spec.to_dict(), "data_split": split_info,
             "elapsed_s": elapsed_before + (time.time() - t_start), "edgekit_version": __version__,
         }
