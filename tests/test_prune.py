@@ -98,6 +98,40 @@ def test_pruned_network_equals_the_original_with_those_channels_dead(ratio):
     assert widths_of(work) != widths_of(src)
 
 
+@pytest.mark.parametrize("importance", ["taylor", "magnitude", "magnitude-gmbi"])
+def test_every_importance_removes_channels_that_carry_nothing(importance):
+    """Kill as many channels per group as the ratio removes; each ranking must pick exactly those
+    (Taylor sees them through the loss gradients), so pruning changes no output."""
+    torch.manual_seed(4)
+    src = _random_bn(GMBINet(tiny_config(widths=(8, 16, 32, 32, 48))))
+    probe, dead = copy.deepcopy(src), copy.deepcopy(src)
+    names = {m: n for n, m in probe.named_modules()}
+    probe.all_heads = True
+    heads = [getattr(probe, f"conv_out{i}")[1] for i in range(1, 6)]
+    g = torch.Generator().manual_seed(0)
+    with opaque_gmbi(probe):  # which channels (a random choice per group) to kill
+        pruner = tp.pruner.MetaPruner(probe, torch.randn(1, 3, 64, 64), importance=tp.importance.RandomImportance(),
+                                      pruning_ratio=0.25, ignored_layers=heads, customized_pruners={GMBI: GMBIPruner()})
+        for group in pruner.step(interactive=True):
+            for dep, idxs in group:
+                if dep.target.module in names:
+                    _kill(dead, names[dep.target.module], dep.handler, idxs)
+    batches = [(torch.randn(2, 3, 64, 64, generator=g), (torch.rand(2, 1, 64, 64, generator=g) > 0.8).float())]
+    pruned, report = prune_gmbinet(dead, 0.25, macs_size=64, importance=importance, grad_batches=batches)
+    assert report.importance == importance and report.widths_after == [6, 12, 24, 24, 36]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), dead.eval()(x), atol=1e-5)
+    assert all(p.grad is None for p in dead.parameters())  # the source model is left as it was
+
+
+def test_taylor_without_data_refuses(tmp_path, cli):
+    out = tmp_path / "p.pt"
+    r = cli("prune", "--ratio", "0.25", "--importance", "taylor", "--out", out)
+    assert "--data" in one_error_line(r)
+    assert not out.exists()
+
+
 def test_gmbi_groups_stay_equal_and_config_describes_the_pruned_model(tmp_path):
     from edgekit.models.checkpoint import Checkpoint, load_checkpoint
 
@@ -311,6 +345,7 @@ def test_cli_prune_with_data_recalibrates_and_checks_on_val(pruned_ckpt, tmp_pat
     assert r.exit_code == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["bn_recalibration"]["images"] == 6
+    assert result["importance"] == "taylor"  # auto: data given
     check = result["check"]
     assert check["images"] > 0 and 0 <= check["source_iou"] <= 1 and 0 <= check["pruned_iou"] <= 1
     ck = load_checkpoint(out)

@@ -22,6 +22,12 @@ from edgekit.errors import EdgekitError
               help="SD-900 folder (or synthetic:N): its train split recalibrates the pruned model's BatchNorm "
                    "statistics, its val split checks source vs pruned, and --finetune trains on it "
                    "(default: the recipe's data.path).")
+@click.option("--importance", type=click.Choice(["auto", "magnitude", "magnitude-gmbi", "taylor"]), default="auto",
+              show_default=True,
+              help="Channel ranking: weight magnitude, magnitude including the GMBI units' weights, or "
+                   "first-order Taylor (needs --data). auto: taylor with --data, else magnitude.")
+@click.option("--taylor-images", default=32, show_default=True, type=click.IntRange(1),
+              help="Train images whose loss gradients rank the channels for --importance taylor.")
 @click.option("--bn-images", default=200, show_default=True, type=click.IntRange(0),
               help="Train images for the BatchNorm recalibration after pruning (0: keep the old statistics).")
 @click.option("--iterations", default=None, type=click.IntRange(1), help="Override the profile's iterations.")
@@ -32,7 +38,7 @@ from edgekit.errors import EdgekitError
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Pruned checkpoint to write.")
 @click.option("--force", is_flag=True, help="Replace an existing --out file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def prune_cmd(model, ratio, recipe, profile, data, bn_images, iterations, threads, limit_images, work_dir, out, force,
+def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn_images, iterations, threads, limit_images, work_dir, out, force,
               as_json):
     """Remove channels (equally from every GMBI group), optionally fine-tune; save an edgekit checkpoint."""
     from edgekit.compress.prune import prune_checkpoint
@@ -62,7 +68,17 @@ def prune_cmd(model, ratio, recipe, profile, data, bn_images, iterations, thread
         val_data = open_segmentation(data, "val")
         if limit_images:
             val_data.samples = limit_samples(val_data.samples, limit_images)
-    pruned, report = prune_checkpoint(ck, ratio, bn_data=bn_data, bn_images=bn_images)
+    if importance == "auto":
+        importance = "taylor" if bn_data is not None else "magnitude"
+    grads = None
+    if importance == "taylor":
+        if bn_data is None:
+            raise EdgekitError("--importance taylor needs training images: pass --data DIR")
+        from edgekit.compress.prune import taylor_batches
+
+        grads = taylor_batches(bn_data, ck.preprocess, taylor_images)
+    pruned, report = prune_checkpoint(ck, ratio, bn_data=bn_data, bn_images=bn_images, importance=importance,
+                                      grad_batches=grads)
     result = {"source": str(ck.path), "ratio": ratio, **{k: v for k, v in report.to_dict().items() if k != "ratio"},
               "bn_recalibration": pruned.provenance["bn_recalibration"]}
     if val_data is not None and any(s.mask_path is not None or s._mask is not None for s in val_data.samples):

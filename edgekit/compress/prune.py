@@ -206,6 +206,7 @@ class PruneReport:
     params_after: int
     macs_before: int
     macs_after: int
+    importance: str = "magnitude"
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -228,9 +229,17 @@ def _prunable_copy(model: GMBINet) -> GMBINet:
     return m
 
 
+IMPORTANCES = ("magnitude", "magnitude-gmbi", "taylor")
+
+
 def prune_gmbinet(model: GMBINet, ratio: float, *, example_size: int = 64, macs_size: int = 512,
-                  importance: str = "magnitude", round_to: Optional[int] = None) -> tuple[GMBINet, PruneReport]:
+                  importance: str = "magnitude", grad_batches=None,
+                  round_to: Optional[int] = None) -> tuple[GMBINet, PruneReport]:
     """Structured-prune ``ratio`` of the channels of every stage (same ratio per stage).
+
+    ``importance``: ``magnitude`` (group L2 norm of the traced layers' weights), ``magnitude-gmbi``
+    (plus the weights inside the GMBI units) or ``taylor`` (first-order Taylor, |w * dL/dw|, with
+    the gradients of the training loss over ``grad_batches``: (images, masks) pairs).
 
     Returns a fresh :class:`GMBINet` built from the pruned widths with the pruned weights loaded
     strictly (which proves the config describes the pruned network completely) and a report.
@@ -248,18 +257,27 @@ def prune_gmbinet(model: GMBINet, ratio: float, *, example_size: int = 64, macs_
 
     work = copy.deepcopy(src)
     work.all_heads = True  # trace the side heads too: they consume stage channels
+    if importance not in IMPORTANCES:
+        raise EdgekitError(f"unknown importance {importance!r} (choose: {', '.join(IMPORTANCES)})")
     if ratio > 0:
         heads = [getattr(work, f"conv_out{i}")[1] for i in range(1, 6)]
         ignored = heads  # their one output channel is the prediction
-        imp = {"magnitude": GMBIAwareImportance(p=2)}.get(importance)
-        if imp is None:
-            raise EdgekitError(f"unknown importance {importance!r} (choose: magnitude)")
+        if importance == "taylor":
+            if grad_batches is None:
+                raise EdgekitError("taylor importance needs training images (--data)")
+            _accumulate_loss_gradients(work, grad_batches)
+            imp = tp.importance.GroupTaylorImportance()
+        elif importance == "magnitude-gmbi":
+            imp = GMBIAwareImportance(p=2)
+        else:
+            imp = tp.importance.GroupMagnitudeImportance(p=2)
         with opaque_gmbi(work):
             pruner = tp.pruner.MetaPruner(
                 work, torch.randn(size), importance=imp, pruning_ratio=ratio, ignored_layers=ignored,
                 customized_pruners={GMBI: GMBIPruner()}, round_to=round_to, global_pruning=False)
             pruner.step()
     work.all_heads = None
+    work.zero_grad(set_to_none=True)
     widths = widths_of(work)
     for s, w in enumerate(widths[1:], start=2):
         for m in getattr(work, f"encoder{s}")[1:]:
@@ -273,7 +291,8 @@ def prune_gmbinet(model: GMBINet, ratio: float, *, example_size: int = 64, macs_
     out.eval()
     report = PruneReport(ratio=ratio, widths_before=widths_before, widths_after=widths,
                          params_before=params_before, params_after=out.inference_parameter_count(),
-                         macs_before=macs_before, macs_after=count_macs(out, (1, src.config.in_channels, macs_size, macs_size))["macs"])
+                         macs_before=macs_before, macs_after=count_macs(out, (1, src.config.in_channels, macs_size, macs_size))["macs"],
+                         importance=importance)
     return out, report
 
 
@@ -334,6 +353,40 @@ def recalibrate_on_dataset(model: nn.Module, dataset, spec, images: int, batch: 
 
     seen = recalibrate_batchnorm(model, batches())
     return {"images": seen, "data": dataset.description}
+
+
+def _accumulate_loss_gradients(model: GMBINet, batches) -> None:
+    """Gradients of the training loss (deep supervision over all heads, BCE + SSIM) summed over
+    ``batches``, in eval mode (stored BN statistics, no dropout: the ranking is deterministic)."""
+    from edgekit.train.losses import DeepSupervisionLoss
+
+    criterion = DeepSupervisionLoss()
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    seen = 0
+    for x, y in batches:
+        criterion(model(x), y).backward()
+        seen += int(x.shape[0])
+    if not seen:
+        raise EdgekitError("taylor importance: no training images")
+
+
+def taylor_batches(dataset, spec, images: int, batch: int = 8):
+    """(images, masks) batches of ``images`` samples of ``dataset`` (across its classes), at the
+    network's input size, preprocessed as at inference."""
+    from edgekit.data.datasets import limit_samples
+    from edgekit.data.preprocess import preprocess
+    from edgekit.train.data import resize_masks
+
+    samples = limit_samples(dataset.samples, images)
+    for i in range(0, len(samples), batch):
+        chunk = [s.load() for s in samples[i:i + batch]]
+        if any(m is None for _, m in chunk):
+            raise EdgekitError(f"{dataset.description}: taylor importance needs ground-truth masks")
+        x = torch.from_numpy(preprocess([img for img, _ in chunk], spec))
+        y = torch.stack([resize_masks(torch.from_numpy(m.astype("float32"))[None], spec.input_size)[0]
+                         for _, m in chunk])
+        yield x, y
 
 
 def prune_checkpoint(ck, ratio: float, bn_data=None, bn_images: int = 200, **kw):
