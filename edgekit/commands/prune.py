@@ -38,10 +38,10 @@ from edgekit.errors import EdgekitError
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Pruned checkpoint to write.")
 @click.option("--force", is_flag=True, help="Replace an existing --out file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn_images, iterations, threads, limit_images, work_dir, out, force,
-              as_json):
+def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn_images, iterations, threads,
+              limit_images, work_dir, out, force, as_json):
     """Remove channels (equally from every GMBI group), optionally fine-tune; save an edgekit checkpoint."""
-    from edgekit.compress.prune import prune_checkpoint
+    from edgekit.compress.prune import prune_with_data
     from edgekit.models.checkpoint import load_checkpoint
     from edgekit.models.default import resolve_model
 
@@ -59,31 +59,12 @@ def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn
             r.train.threads = threads
     ck = load_checkpoint(resolve_model(model))
     data = data or (r.data_path() if r is not None else None)
-    bn_data = val_data = None
-    if data:
-        from edgekit.data.datasets import limit_samples, open_segmentation
-        from edgekit.export.compile import open_calibration
-
-        bn_data = open_calibration(data)  # an SD-900 folder: its train split
-        val_data = open_segmentation(data, "val")
-        if limit_images:
-            val_data.samples = limit_samples(val_data.samples, limit_images)
-    if importance == "auto":
-        importance = "taylor" if bn_data is not None else "magnitude"
-    grads = None
-    if importance == "taylor":
-        if bn_data is None:
-            raise EdgekitError("--importance taylor needs training images: pass --data DIR")
-        from edgekit.compress.prune import taylor_batches
-
-        grads = taylor_batches(bn_data, ck.preprocess, taylor_images)
-    pruned, report = prune_checkpoint(ck, ratio, bn_data=bn_data, bn_images=bn_images, importance=importance,
-                                      grad_batches=grads)
+    pruned, report = prune_with_data(ck, ratio, data, importance=importance, taylor_images=taylor_images,
+                                     bn_images=bn_images, val_limit=limit_images)
     result = {"source": str(ck.path), "ratio": ratio, **{k: v for k, v in report.to_dict().items() if k != "ratio"},
               "bn_recalibration": pruned.provenance["bn_recalibration"]}
-    if val_data is not None and any(s.mask_path is not None or s._mask is not None for s in val_data.samples):
-        result["check"] = _val_check(ck, pruned, val_data)
-        pruned.provenance["check"] = result["check"]  # the pruned model as saved (before any fine-tuning)
+    if "check" in pruned.provenance:
+        result["check"] = pruned.provenance["check"]
     if r is None:
         pruned.save(out_path)
     else:
@@ -125,17 +106,6 @@ def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn
         t = result["finetune"]["test"]
         click.echo(f"fine-tuned {result['finetune']['iterations']} iterations: test MAE {t['mae']:.4f} IoU {t['iou']:.4f}")
     click.echo(f"wrote {out_path}")
-
-
-def _val_check(source, pruned, dataset) -> dict:
-    """Source and pruned model on the same images (the pruning's verification, kept in the provenance)."""
-    from edgekit.eval.evaluate import evaluate
-    from edgekit.runtime.torch_runner import TorchRunner
-
-    a = evaluate(TorchRunner(source), dataset, show_progress=False)["overall"]
-    b = evaluate(TorchRunner(pruned), dataset, show_progress=False)["overall"]
-    return {"data": dataset.description, "images": len(dataset.samples),
-            "source_iou": a["iou"], "pruned_iou": b["iou"], "source_mae": a["mae"], "pruned_mae": b["mae"]}
 
 
 commands = [prune_cmd]

@@ -407,3 +407,40 @@ def prune_checkpoint(ck, ratio: float, bn_data=None, bn_images: int = 200, **kw)
     }
     return Checkpoint.from_model(pruned, preprocess=ck.preprocess, classes=list(ck.classes),
                                  provenance=provenance, metrics={}), report
+
+
+def prune_with_data(ck, ratio: float, data: Optional[str] = None, *, importance: str = "auto",
+                    taylor_images: int = 32, bn_images: int = 200, val_limit: Optional[int] = None):
+    """What ``edgekit prune`` does before any fine-tuning: rank the channels (Taylor when ``data``
+    is given, else magnitude), prune, recalibrate BatchNorm on ``data``'s train split and compare
+    source and pruned model on its val split. Returns (pruned Checkpoint, PruneReport); the
+    recalibration and the check are in the checkpoint's provenance."""
+    from edgekit.data.datasets import limit_samples, open_segmentation
+    from edgekit.export.compile import open_calibration
+
+    train = val = None
+    if data:
+        train = open_calibration(data)  # an SD-900 folder: its train split
+        val = open_segmentation(data, "val")
+        val.samples = limit_samples(val.samples, val_limit)
+    if importance == "auto":
+        importance = "taylor" if train is not None else "magnitude"
+    if importance == "taylor" and train is None:
+        raise EdgekitError("--importance taylor needs training images: pass --data DIR")
+    grads = taylor_batches(train, ck.preprocess, taylor_images) if importance == "taylor" else None
+    pruned, report = prune_checkpoint(ck, ratio, bn_data=train, bn_images=bn_images, importance=importance,
+                                      grad_batches=grads)
+    if val is not None and any(s.mask_path is not None or s._mask is not None for s in val.samples):
+        pruned.provenance["check"] = compare_on(ck, pruned, val)
+    return pruned, report
+
+
+def compare_on(source, pruned, dataset) -> dict:
+    """Source and pruned model on the same images (the pruning's verification)."""
+    from edgekit.eval.evaluate import evaluate
+    from edgekit.runtime.torch_runner import TorchRunner
+
+    a = evaluate(TorchRunner(source), dataset, show_progress=False)["overall"]
+    b = evaluate(TorchRunner(pruned), dataset, show_progress=False)["overall"]
+    return {"data": dataset.description, "images": len(dataset.samples),
+            "source_iou": a["iou"], "pruned_iou": b["iou"], "source_mae": a["mae"], "pruned_mae": b["mae"]}
