@@ -69,27 +69,33 @@ def _kill(model: nn.Module, name: str, handler, idxs) -> None:
                 m.weight[:, i] = 0
 
 
+def _prune_and_kill(work: GMBINet, dead: GMBINet, importance, ratio: float, apply: bool) -> int:
+    """Let Torch-Pruning choose channels of ``work`` (pruning them there when ``apply``) and make the
+    same channels dead in ``dead``; returns the number of groups."""
+    names = {m: n for n, m in work.named_modules()}
+    work.all_heads = True
+    heads = [getattr(work, f"conv_out{i}")[1] for i in range(1, 6)]
+    n_groups = 0
+    with opaque_gmbi(work):
+        pruner = tp.pruner.MetaPruner(work, torch.randn(1, 3, 64, 64), importance=importance, pruning_ratio=ratio,
+                                      ignored_layers=heads, customized_pruners={GMBI: GMBIPruner()})
+        for group in pruner.step(interactive=True):
+            for dep, idxs in group:
+                if dep.target.module in names:
+                    _kill(dead, names[dep.target.module], dep.handler, idxs)
+            if apply:
+                group.prune()
+            n_groups += 1
+    work.all_heads = None
+    return n_groups
+
+
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
 def test_pruned_network_equals_the_original_with_those_channels_dead(ratio):
     torch.manual_seed(0)
     src = _random_bn(GMBINet(tiny_config(widths=(8, 16, 32, 32, 48))))
     work, dead = copy.deepcopy(src), copy.deepcopy(src)
-    names = {m: n for n, m in work.named_modules()}
-    work.all_heads = True
-    heads = [getattr(work, f"conv_out{i}")[1] for i in range(1, 6)]
-    with opaque_gmbi(work):
-        pruner = tp.pruner.MetaPruner(work, torch.randn(1, 3, 64, 64), importance=GMBIAwareImportance(p=2),
-                                      pruning_ratio=ratio, ignored_layers=heads,
-                                      customized_pruners={GMBI: GMBIPruner()})
-        n_groups = 0
-        for group in pruner.step(interactive=True):
-            for dep, idxs in group:
-                if dep.target.module in names:
-                    _kill(dead, names[dep.target.module], dep.handler, idxs)
-            group.prune()
-            n_groups += 1
-    assert n_groups >= 5
-    work.all_heads = None
+    assert _prune_and_kill(work, dead, GMBIAwareImportance(p=2), ratio, apply=True) >= 5
     work.eval()
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
@@ -104,18 +110,9 @@ def test_every_importance_removes_channels_that_carry_nothing(importance):
     (Taylor sees them through the loss gradients), so pruning changes no output."""
     torch.manual_seed(4)
     src = _random_bn(GMBINet(tiny_config(widths=(8, 16, 32, 32, 48))))
-    probe, dead = copy.deepcopy(src), copy.deepcopy(src)
-    names = {m: n for n, m in probe.named_modules()}
-    probe.all_heads = True
-    heads = [getattr(probe, f"conv_out{i}")[1] for i in range(1, 6)]
+    dead = copy.deepcopy(src)
+    _prune_and_kill(copy.deepcopy(src), dead, tp.importance.RandomImportance(), 0.25, apply=False)  # what to kill
     g = torch.Generator().manual_seed(0)
-    with opaque_gmbi(probe):  # which channels (a random choice per group) to kill
-        pruner = tp.pruner.MetaPruner(probe, torch.randn(1, 3, 64, 64), importance=tp.importance.RandomImportance(),
-                                      pruning_ratio=0.25, ignored_layers=heads, customized_pruners={GMBI: GMBIPruner()})
-        for group in pruner.step(interactive=True):
-            for dep, idxs in group:
-                if dep.target.module in names:
-                    _kill(dead, names[dep.target.module], dep.handler, idxs)
     batches = [(torch.randn(2, 3, 64, 64, generator=g), (torch.rand(2, 1, 64, 64, generator=g) > 0.8).float())]
     pruned, report = prune_gmbinet(dead, 0.25, macs_size=64, importance=importance, grad_batches=batches)
     assert report.importance == importance and report.widths_after == [6, 12, 24, 24, 36]
@@ -123,13 +120,6 @@ def test_every_importance_removes_channels_that_carry_nothing(importance):
     with torch.no_grad():
         assert torch.allclose(pruned(x), dead.eval()(x), atol=1e-5)
     assert all(p.grad is None for p in dead.parameters())  # the source model is left as it was
-
-
-def test_taylor_without_data_refuses(tmp_path, cli):
-    out = tmp_path / "p.pt"
-    r = cli("prune", "--ratio", "0.25", "--importance", "taylor", "--out", out)
-    assert "--data" in one_error_line(r)
-    assert not out.exists()
 
 
 def test_gmbi_groups_stay_equal_and_config_describes_the_pruned_model(tmp_path):
