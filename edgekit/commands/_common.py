@@ -35,6 +35,19 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence], ca
     Console(width=max(160, shutil.get_terminal_size().columns)).print(table)
 
 
+def parse_batches(batch: str) -> list[int]:
+    """``--batch 1,8`` -> [1, 8]; one error line for anything else."""
+    from edgekit.errors import EdgekitError
+
+    try:
+        batches = sorted({int(b) for b in batch.split(",") if b.strip()})
+    except ValueError:
+        raise EdgekitError(f"--batch takes a comma list of integers, not {batch!r}") from None
+    if not batches or min(batches) < 1:
+        raise EdgekitError("--batch needs positive batch sizes")
+    return batches
+
+
 def set_threads(threads: int | None) -> None:
     if threads:
         import torch

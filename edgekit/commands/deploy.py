@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from edgekit.commands._common import echo_json, write_json
+from edgekit.commands._common import echo_json, parse_batches, write_json
 from edgekit.errors import EdgekitError
 from edgekit.models.default import resolve_model
 
@@ -111,12 +111,7 @@ def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, ite
 
     if device == "gpu":
         return _bench_gpu(models, backends, batch, data, calib, rounds, iters, eval_limit, json_out, plot_out, max_autotune)
-    try:
-        batches = sorted({int(b) for b in batch.split(",") if b.strip()})
-    except ValueError:
-        raise EdgekitError(f"--batch takes a comma list of integers, not {batch!r}") from None
-    if not batches or min(batches) < 1:
-        raise EdgekitError("--batch needs positive batch sizes")
+    batches = parse_batches(batch)
     from edgekit.bench.mlff import is_registry
 
     if any(is_registry(m) for m in models):
@@ -216,16 +211,10 @@ def _bench_gpu(models, backends, batch, data, calib, rounds, iters, eval_limit, 
     import sys
 
     from edgekit.bench.gpu import DEFAULT_GPU_BATCHES, bench_gpu_command
-    from edgekit.errors import EdgekitError
 
     if click.get_current_context().get_parameter_source("batch") == click.core.ParameterSource.DEFAULT:
         batch = ",".join(map(str, DEFAULT_GPU_BATCHES))
-    try:
-        batches = sorted({int(b) for b in batch.split(",") if b.strip()})
-    except ValueError:
-        raise EdgekitError(f"--batch takes a comma list of integers, not {batch!r}") from None
-    if not batches or min(batches) < 1:
-        raise EdgekitError("--batch needs positive batch sizes")
+    batches = parse_batches(batch)
     bench_gpu_command(models, backends=backends, batches=batches, data=data, calib=calib, rounds=rounds, iters=iters,
                       eval_limit=eval_limit, json_out=json_out, plot_out=plot_out, max_autotune=max_autotune,
                       command="edgekit " + " ".join(sys.argv[1:]), log=lambda m: click.echo(m, err=True))
