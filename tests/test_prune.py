@@ -323,7 +323,7 @@ def test_bn_recalibration_restores_accuracy_of_the_pruned_published_model(publis
     assert recal.provenance["bn_recalibration"]["images"] == 32
     iou = {name: evaluate(TorchRunner(c, threads=2), val, show_progress=False)["overall"]["iou"]
            for name, c in (("plain", plain), ("recal", recal))}
-    assert iou["recal"] > iou["plain"] + 0.3, iou  # measured on the whole val split: 0.08 -> 0.72
+    assert iou["recal"] > iou["plain"] + 0.3, iou  # whole val split (magnitude ranking): 0.17 -> 0.71
 
 
 def test_cli_prune_with_data_recalibrates_and_checks_on_val(pruned_ckpt, tmp_path, cli):

@@ -302,8 +302,8 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
 
     Why: pruning removes inputs of the layers that follow, so the statistics the BNs stored
     describe activations that no longer exist ("adaptive BN", Li et al., EagleEye, ECCV 2020).
-    Measured on the published checkpoint (magnitude ranking): val IoU of the one-shot pruned model
-    0.00 -> 0.36 at ratio 0.25 and 0.08 -> 0.72 at 0.125, before any fine-tuning. BNs the forward pass does not
+    Measured on the published checkpoint (magnitude + GMBI-weight ranking, RESULTS.md 6b): val IoU
+    of the one-shot pruned model 0.00 -> 0.39 at ratio 0.25 and 0.08 -> 0.71 at 0.125. BNs the forward pass does not
     reach (the training-only side heads) keep their statistics, as do all of them on an error.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
