@@ -122,6 +122,13 @@ def test_every_importance_removes_channels_that_carry_nothing(importance):
     assert all(p.grad is None for p in dead.parameters())  # the source model is left as it was
 
 
+def test_taylor_without_data_refuses(tmp_path, cli):
+    out = tmp_path / "p.pt"
+    r = cli("prune", "--ratio", "0.25", "--importance", "taylor", "--out", out)
+    assert "--data" in one_error_line(r)
+    assert not out.exists()
+
+
 def test_gmbi_groups_stay_equal_and_config_describes_the_pruned_model(tmp_path):
     from edgekit.models.checkpoint import Checkpoint, load_checkpoint
 
