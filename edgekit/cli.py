@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "edgekit.commands.train",  # train
     "edgekit.commands.prune",  # prune
     "edgekit.commands.adapt",
+    "edgekit.commands.serve",  # export-repo, serve
 )
 
 
