@@ -91,8 +91,13 @@ def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_schem
 @click.option("--plot", "plot_out", default=None, type=click.Path(dir_okay=False),
               help="FPS-vs-IoU PNG (default: beside --json).")
 @click.option("--max-autotune", is_flag=True, help="GPU: torch.compile rows with mode=max-autotune (minutes per batch size).")
+@click.option("--server", default=None, metavar="URL", help="A served model's row (HOST:PORT, http://, grpc://; Open "
+              "Inference Protocol), beside the local rows of any ARTIFACT given.")
+@click.option("--model", "served_model", default=None, metavar="NAME", help="With --server: the model name.")
+@click.option("--concurrency", default=2, show_default=True, type=click.IntRange(1),
+              help="Requests in flight for the async column (with --server: FPS at concurrency N).")
 def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, iters, eval_limit, json_out, plot_out,
-              max_autotune=False):
+              max_autotune=False, server=None, served_model=None, concurrency=2):
     """One table: size, IoU/MAE, latency p50/p90/p99 and FPS of every backend x precision.
 
     Given an MLFF adapter REGISTRY (and --data class folders): its backbone per backend + the adapter heads,
@@ -124,11 +129,20 @@ def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, ite
     set_threads(threads)
     if calib is None and data not in ("synthetic",) and not data.startswith("synthetic"):
         calib = data
-    planned = plan_rows(list(models) or [resolve_model(None)], specs, calib, "synthetic:12", threads,
-                        lambda m: click.echo(m, err=True))
+    if server and not served_model:
+        raise EdgekitError("--server needs --model NAME (the served model)")
+    served = None
+    if server:  # the served row first: a server that is not up fails before anything is compiled
+        from edgekit.serve.client import ServerRunner
+
+        served = ServerRunner(server, served_model)
+    planned = plan_rows(list(models) or ([] if server else [resolve_model(None)]), specs, calib, "synthetic:12",
+                        threads, lambda m: click.echo(m, err=True))
     rows = [Row(name, runtime.load(path, threads=threads), model_size(path)) for name, path in planned]
+    if served:
+        rows.append(Row(f"served {served_model} ({served.protocol})", served, served.size_bytes))
     result = run_bench(rows, data=data, batches=batches, rounds=rounds, iters=iters, eval_limit=eval_limit,
-                       baseline=next((n for n, _ in planned if n.startswith(BASELINE)), None))
+                       baseline=next((n for n, _ in planned if n.startswith(BASELINE)), None), async_jobs=concurrency)
     _save_result(result, threads, json_out, plot_out)
     table = []
     for r in result["rows"]:
@@ -142,7 +156,7 @@ def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, ite
     m = result["machine"]
     print_table(f"edgekit bench --device cpu  ({m['cpu']}, {m['logical_cpus']} CPUs, {threads} threads)",
                 ["row", "size", "IoU", "MAE", "latency ms p50/p90/p99", "FPS b1", "FPS best batch",
-                 f"FPS async x{2}", "vs baseline"], table,
+                 f"FPS async x{concurrency}", "vs baseline"], table,
                 caption=f"accuracy on {result['data']}; baseline = {BASELINE} (ONNX -> OpenVINO, plugin default precision)")
 
 

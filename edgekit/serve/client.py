@@ -8,6 +8,7 @@ config (``parameters.edgekit_preprocess``, written by ``edgekit export-repo``) o
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
@@ -69,8 +70,6 @@ class ServerRunner(Runner):
         target = params.get("edgekit_target", {}).get("string_value", "")
         self.precision = target.split(":", 1)[1] if ":" in target else "fp32"
         self.size_bytes = int(params.get("edgekit_size_bytes", {}).get("string_value", 0) or 0)
-        self._pool: Optional[ThreadPoolExecutor] = None
-        self._clients = []
 
     def _connect(self):
         try:
@@ -127,19 +126,25 @@ class ServerRunner(Runner):
 
 
 class _RequestQueue:
-    """The ``start_async`` / ``wait_all`` interface of OpenVINO's AsyncInferQueue, over server requests."""
+    """The ``start_async`` / ``wait_all`` interface of OpenVINO's AsyncInferQueue, over server requests.
+
+    One worker thread and one client connection per request in flight; each client is made in its own
+    thread (tritonclient's HTTP client runs on gevent, whose hub belongs to the thread that made it).
+    """
 
     def __init__(self, runner: ServerRunner, jobs: int):
         self.runner = runner
-        self.clients = [runner._connect() for _ in range(jobs)]
+        self.local = threading.local()
         self.pool = ThreadPoolExecutor(jobs)
         self.pending = []
-        self._next = 0
+
+    def _call(self, batch: np.ndarray):
+        if not hasattr(self.local, "client"):
+            self.local.client = self.runner._connect()
+        return self.runner._request(self.local.client, batch)
 
     def start_async(self, inputs: dict):
-        client = self.clients[self._next % len(self.clients)]
-        self._next += 1
-        self.pending.append(self.pool.submit(self.runner._request, client, np.ascontiguousarray(inputs[0])))
+        self.pending.append(self.pool.submit(self._call, np.ascontiguousarray(inputs[0])))
 
     def wait_all(self):
         done, self.pending = self.pending, []

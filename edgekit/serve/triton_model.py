@@ -32,14 +32,20 @@ class TritonPythonModel:
         folder = os.path.join(args["model_repository"], args["model_version"], "artifact")
         threads = os.environ.get("EDGEKIT_SERVE_THREADS")
         self.runner = runtime.load(folder, threads=int(threads) if threads else None)  # verifies file hashes
-        self.runner.warmup(iterations=1)
+        # Runners with static shapes (OpenVINO) compile once per batch size, seconds each: batches are
+        # padded to a power of two, and the small ones compiled here rather than on a request's time.
+        self.sizes = [1 << k for k in range(self.max_batch.bit_length()) if 1 << k <= self.max_batch]
+        if self.sizes[-1] != self.max_batch:
+            self.sizes.append(self.max_batch)
+        for n in self.sizes[:4]:
+            self.runner.warmup(iterations=1, batch=n)
 
     def execute(self, requests):
         inputs = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
         sizes = [x.shape[0] for x in inputs]
         try:
             batch = np.concatenate(inputs, axis=0) if len(inputs) > 1 else inputs[0]
-            out = np.concatenate([self.runner.infer(batch[i:i + self.max_batch])
+            out = np.concatenate([self._infer_padded(batch[i:i + self.max_batch])
                                   for i in range(0, batch.shape[0], self.max_batch)], axis=0)
         except Exception as e:  # one bad request fails its batch with the reason, not the server
             err = pb_utils.TritonError(f"edgekit: {type(e).__name__}: {e}")
@@ -50,6 +56,13 @@ class TritonPythonModel:
             responses.append(pb_utils.InferenceResponse(output_tensors=[t]))
             start += n
         return responses
+
+    def _infer_padded(self, batch):
+        n = batch.shape[0]
+        size = next(s for s in self.sizes if s >= n)
+        if size > n:  # zero rows: every image is computed on its own, the padding is dropped
+            batch = np.concatenate([batch, np.zeros((size - n, *batch.shape[1:]), batch.dtype)], axis=0)
+        return self.runner.infer(batch)[:n]
 
     def finalize(self):
         self.runner = None
