@@ -94,10 +94,12 @@ def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_schem
 @click.option("--server", default=None, metavar="URL", help="A served model's row (HOST:PORT, http://, grpc://; Open "
               "Inference Protocol), beside the local rows of any ARTIFACT given.")
 @click.option("--model", "served_model", default=None, metavar="NAME", help="With --server: the model name.")
+@click.option("--spec-from", default=None, metavar="ARTIFACT", help="With --server: take the preprocessing from this "
+              "artifact (servers without Triton's model-config API, e.g. OVMS).")
 @click.option("--concurrency", default=2, show_default=True, type=click.IntRange(1),
               help="Requests in flight for the async column (with --server: FPS at concurrency N).")
 def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, iters, eval_limit, json_out, plot_out,
-              max_autotune=False, server=None, served_model=None, concurrency=2):
+              max_autotune=False, server=None, served_model=None, spec_from=None, concurrency=2):
     """One table: size, IoU/MAE, latency p50/p90/p99 and FPS of every backend x precision.
 
     Given an MLFF adapter REGISTRY (and --data class folders): its backbone per backend + the adapter heads,
@@ -135,7 +137,7 @@ def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, ite
     if server:  # the served row first: a server that is not up fails before anything is compiled
         from edgekit.serve.client import ServerRunner
 
-        served = ServerRunner(server, served_model)
+        served = ServerRunner(server, served_model, spec_from=spec_from)
     planned = plan_rows(list(models) or ([] if server else [resolve_model(None)]), specs, calib, "synthetic:12",
                         threads, lambda m: click.echo(m, err=True))
     rows = [Row(name, runtime.load(path, threads=threads), model_size(path)) for name, path in planned]

@@ -68,7 +68,10 @@ def serve_cmd(repo, http, grpc, threads, install, log_file):
     dist = install_triton(log=lambda m: click.echo(m, err=True)) if install else find_triton()
     server = TritonServer(repo, http=http, grpc=None if grpc == "off" else grpc, dist=dist, log_file=log_file,
                           threads=threads)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    def on_term(*_):  # SIGTERM stops the server like Ctrl-C (a background job may ignore SIGINT)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
     server.start()
     try:
         click.echo(f"serving {', '.join(server.models)} from {server.repo}: http://{server.http_url}"

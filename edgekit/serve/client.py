@@ -89,15 +89,20 @@ class ServerRunner(Runner):
                 raise EdgekitError(f"model {self.model!r} is not ready on {self.address}")
             if self.protocol == "grpc":
                 meta = self.client.get_model_metadata(self.model, self.version, as_json=True)
-                config = self.client.get_model_config(self.model, self.version, as_json=True).get("config", {})
             else:
                 meta = self.client.get_model_metadata(self.model, self.version)
-                config = self.client.get_model_config(self.model, self.version)
         except EdgekitError:
             raise
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise EdgekitError(f"model {self.model!r} on {self.address}: {first[:200]}") from None
+        try:  # Triton's extension; OVMS and KServe do not have it (then: --spec-from, no batch limit known)
+            if self.protocol == "grpc":
+                config = self.client.get_model_config(self.model, self.version, as_json=True).get("config", {})
+            else:
+                config = self.client.get_model_config(self.model, self.version)
+        except Exception:
+            config = {}
         return meta, config
 
     def _request(self, client, batch: np.ndarray) -> np.ndarray:
