@@ -22,7 +22,7 @@ import torch
 from edgekit.bench.cpu import Row, machine_description, row_summary, time_rows
 from edgekit.bench.plan import cache_root, parse_backend
 from edgekit.errors import EdgekitError
-from edgekit.export.artifact import is_artifact, now_utc, read_manifest
+from edgekit.artifact import is_artifact, now_utc, read_manifest
 from edgekit.progress import progress
 
 DEFAULT_MLFF_BACKENDS = ("torch", "onnx", "openvino:fp32", "openvino:int8")
@@ -31,7 +31,7 @@ SCHEMA = "edgekit-bench/1"
 
 
 def is_registry(path: str) -> bool:
-    from edgekit.train.continual import REGISTRY_NAME
+    from edgekit.mlff.registry import REGISTRY_NAME
 
     p = Path(path)
     return p.is_dir() and (p / REGISTRY_NAME).is_file()
@@ -39,8 +39,8 @@ def is_registry(path: str) -> bool:
 
 def backbone_artifact_for(registry: str, spec: str, data: Optional[str], calib: Optional[str], threads, log) -> Path:
     """Compile (or reuse) the registry's backbone for ``spec`` = target[:precision], cached by backbone sha256."""
-    from edgekit.export.compile import compile_model
-    from edgekit.train.continual import Registry
+    from edgekit.pipeline.compile import compile_model
+    from edgekit.mlff.registry import Registry
 
     reg = Registry.open(registry)
     target, precision = parse_backend(spec)
@@ -60,8 +60,8 @@ def plan_mlff_rows(registry: str, backends: List[str], data: Optional[str], cali
                    log) -> List[Row]:
     """One Row per backend: MLFFRunner(backbone runner, adapter); sizes backbone + adapter."""
     from edgekit import runtime
-    from edgekit.runtime.mlff_runner import MLFFRunner, check_backbone_match, load_mlff_runner
-    from edgekit.train.continual import Registry
+    from edgekit.mlff.runner import MLFFRunner, check_backbone_match, load_mlff_runner
+    from edgekit.mlff.registry import Registry
 
     reg = Registry.open(registry)
     folder = reg.adapter_folder()
@@ -85,7 +85,7 @@ def plan_mlff_rows(registry: str, backends: List[str], data: Optional[str], cali
 
 
 def _accuracy(runner, arrays: List[np.ndarray], show_progress: bool) -> List[dict]:
-    from edgekit.models.mlff import MLFFClassifier
+    from edgekit.mlff.classifier import MLFFClassifier
 
     clf = MLFFClassifier(None, runner.adapter, runner.meta)
     preds = []
@@ -99,7 +99,7 @@ def _accuracy(runner, arrays: List[np.ndarray], show_progress: bool) -> List[dic
 def run_mlff_bench(rows: List[Row], data: str, batches=(1, 8), rounds: int = 5, iters: int = 20, warmup: int = 5,
                    eval_limit: Optional[int] = None, async_jobs: int = 2, show_progress: bool = True,
                    baseline: Optional[str] = MLFF_BASELINE, registry: Optional[str] = None) -> dict:
-    from edgekit.export.mlff import open_images
+    from edgekit.pipeline.mlff_source import open_images
 
     if not rows:
         raise EdgekitError("no rows to benchmark")

@@ -83,6 +83,12 @@ def _prefix_class(stem: str) -> str:
     return stem.split("_")[0] if "_" in stem else "all"
 
 
+def is_sd900(root: Path) -> bool:
+    """The SD-Saliency-900 layout (its images and masks folders): the one place that says so."""
+    root = Path(root)
+    return (root / "Source Images").is_dir() and (root / "Ground truth").is_dir()
+
+
 def load_sd900(root: Path, split: str = "test") -> SegDataset:
     """SD-Saliency-900 layout: ``Source Images/*.bmp``, ``Ground truth/*.png``, ``split.json``."""
     img_dir, gt_dir = root / "Source Images", root / "Ground truth"
@@ -142,7 +148,7 @@ def open_segmentation(data: str, split: str = "test") -> SegDataset:
         raise EdgekitError(f"data folder not found: {root}")
     if not root.is_dir():
         raise EdgekitError(f"--data must be a folder: {root}")
-    if (root / "Source Images").is_dir() and (root / "Ground truth").is_dir():
+    if is_sd900(root):
         return load_sd900(root, split)
     if (root / "images").is_dir():
         return load_pairs(root / "images", root / "masks" if (root / "masks").is_dir() else None)

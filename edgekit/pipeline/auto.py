@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from edgekit.errors import EdgekitError
-from edgekit.export.artifact import artifact_writer, read_manifest, write_manifest
+from edgekit.artifact import artifact_writer, read_manifest, write_manifest
 
 
 
 def candidates_for(target: str):
     """Every concrete precision the target offers ("default" is the baseline, not a choice)."""
-    from edgekit.export.targets import get_target
+    from edgekit.backends.registry import get_backend
 
-    return [p for p in get_target(target).precisions if p not in ("auto", "default")]
+    return [p for p in get_backend(target).precisions if p != "default"]
 
 
 def compile_auto(source_path: str, target: str, out: str, *, parity_data: str, calib: Optional[str], subset: int,
@@ -28,12 +28,13 @@ def compile_auto(source_path: str, target: str, out: str, *, parity_data: str, c
     from edgekit.bench.cpu import Row, time_rows
     from edgekit.data.datasets import open_segmentation
     from edgekit.eval.evaluate import evaluate
-    from edgekit.export.compile import Source, compile_model
+    from edgekit.pipeline.compile import compile_model
+    from edgekit.pipeline.sources import open_source
 
     budget = 0.005 if max_drop is None else max_drop
     check_data = val or parity_data
     dataset = open_segmentation(check_data, "val" if (Path(check_data) / "split.json").is_file() else "test")
-    reference = evaluate(Source.open(source_path).reference_runner(threads), dataset, show_progress=False)["overall"][metric]
+    reference = evaluate(open_source(source_path).reference_runner(threads), dataset, show_progress=False)["overall"][metric]
     with tempfile.TemporaryDirectory() as tmp:
         built = []
         for precision in candidates_for(target):
