@@ -28,7 +28,8 @@ def compile_auto(source_path: str, target: str, out: str, *, parity_data: str, c
     from edgekit.bench.cpu import Row, time_rows
     from edgekit.data.datasets import open_segmentation
     from edgekit.eval.evaluate import evaluate
-    from edgekit.pipeline.compile import compile_model
+    from edgekit.backends.registry import get_backend
+    from edgekit.pipeline.build import build_artifact
     from edgekit.pipeline.sources import open_source
 
     budget = 0.005 if max_drop is None else max_drop
@@ -40,8 +41,11 @@ def compile_auto(source_path: str, target: str, out: str, *, parity_data: str, c
         for precision in candidates_for(target):
             folder = Path(tmp) / precision
             try:
-                compile_model(source_path, target, precision, str(folder), parity_data=parity_data, calib=calib,
-                              subset=subset, int8_scheme=int8_scheme, threads=threads, log=lambda *_: None)
+                if precision == "int8" and calib is None:
+                    raise EdgekitError("needs --calib")
+                build_artifact(get_backend(target), source_path, precision, str(folder), parity_data=parity_data,
+                               calib=calib, subset=subset, int8_scheme=int8_scheme, max_drop=None, metric=metric,
+                               val=None, force=False, threads=threads, log=lambda *_: None)
                 runner = runtime.load(folder, threads=threads)
                 runner.warmup()
             except EdgekitError as e:

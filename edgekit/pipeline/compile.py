@@ -1,23 +1,19 @@
 """``edgekit compile`` and ``edgekit quantize``: a checkpoint or artifact -> a verified artifact folder.
 
-One straight line for every target, driven by its ``BackendSpec``: open the source, let the backend
-build its files, quantize them with NNCF when the backend asks the pipeline to, check an INT8 budget
-on real images, then measure parity against the source model and record everything in the
-manifest. A failure at any step leaves no folder behind. What differs between a GMBINet checkpoint
-and an MLFF backbone is a method on the source (``edgekit.pipeline.sources``).
+``compile_model`` checks the whole request before any model is loaded, then builds the artifact
+(``edgekit.pipeline.build``) or, for ``--precision auto``, lets ``edgekit.pipeline.auto`` measure the
+candidates. What differs between a GMBINet checkpoint and an MLFF backbone is a method on the
+source (``edgekit.pipeline.sources``), never a type check here.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
-from edgekit.artifact import artifact_writer, check_out, tool_versions, write_manifest
-from edgekit.backends.base import Runner
-from edgekit.backends.registry import BackendSpec, BuildContext, get_backend
+from edgekit.artifact import check_out
+from edgekit.backends.registry import BackendSpec, get_backend
 from edgekit.errors import EdgekitError
-from edgekit.pipeline.sources import METRICS, open_source
+from edgekit.pipeline.build import build_artifact
+from edgekit.pipeline.sources import METRICS
 
 DEFAULT_PARITY_DATA = "synthetic:12"
 
@@ -69,86 +65,6 @@ def compile_model(source_path: str, target: str, precision: str, out: str, *, pa
         return compile_auto(source_path, target, out, parity_data=parity_data, calib=calib, subset=subset,
                             int8_scheme=int8_scheme, max_drop=max_drop, metric=metric, val=val, force=force,
                             threads=threads, log=log)
-    src = open_source(source_path, as_backbone)
-    if src.artifact_target is not None and spec.from_artifacts is not None \
-            and src.artifact_target not in spec.from_artifacts:
-        hint = f"the checkpoint or a {' / '.join(spec.from_artifacts)} artifact" if spec.from_artifacts else "the checkpoint"
-        raise EdgekitError(f"{source_path} is a {src.artifact_target} artifact; compile {spec.name} from {hint}")
-    parity_set = src.parity_data(parity_data)
-    calib_set = src.calibration_data(calib) if precision == "int8" and spec.int8 is not None else None
-    val_set = src.validation_data(val) if val else None
-    calibration = src.calibration_batches(calib_set, subset) if calib_set is not None else None
-    with tempfile.TemporaryDirectory() as tmp, artifact_writer(out, force=force) as folder:
-        onnx_cache: List[Path] = []
-
-        def onnx_path() -> Path:
-            if not onnx_cache:
-                onnx_cache.append(src.model_file(Path(tmp)))
-            return onnx_cache[0]
-
-        ctx = BuildContext(source=src, folder=folder, log=log, threads=threads,
-                           # an NNCF target builds the float model, which the pipeline then quantizes
-                           precision="fp32" if (precision == "int8" and spec.int8 == "nncf") else precision,
-                           requested_precision=precision, calibration=calibration,
-                           calibration_description=calib_set.description if calib_set is not None else None,
-                           int8_scheme=int8_scheme, subset=subset, onnx=onnx_path,
-                           check_batches=lambda n=16: src.check_batches(parity_set, n))
-        fields = spec.build(ctx)
-        files = [fields["model_file"], *fields.pop("extra_files", [])]
-        quantized = precision == "int8"
-        manifest = {"target": spec.name, "precision": precision, **fields, **src.base,
-                    "tools": tool_versions("torch", *spec.tools, *(("nncf",) if quantized and spec.int8 == "nncf" else ()))}
-        if quantized and spec.int8 == "nncf":
-            manifest["quantization"] = _nncf_quantize(src, spec, folder, manifest, calibration, calib_set, subset,
-                                                      int8_scheme, val_set, metric, max_drop)
-        write_manifest(folder, manifest, files)  # hashes first: the runners below verify them
-        if quantized and val_set is not None:  # the accuracy budget, the same for every backend
-            manifest["quantization"] = {**manifest.get("quantization", {}),
-                                        **src.int8_check(_load(spec, folder, threads), val_set, max_drop, threads,
-                                                         metric=metric, log=log)}
-        if spec.verifier is not None:
-            runner, limit, method = spec.verifier(folder, precision, log)
-            manifest["parity"] = {**src.parity(runner, parity_set, threads, limit=limit), "method": method}
-        else:
-            manifest["parity"] = src.parity(_load(spec, folder, threads), parity_set, threads)
-        manifest = write_manifest(folder, manifest, files)
-    log(src.summary(out, manifest))
-    return manifest
-
-
-def _load(spec: BackendSpec, folder: Path, threads) -> Runner:
-    return spec.load(folder, **spec.load_kwargs({"threads": threads}))
-
-
-def _nncf_quantize(src, spec: BackendSpec, folder: Path, manifest: dict, calibration, calib_set, subset: int,
-                   scheme: str, val_set, metric: str, max_drop: Optional[float]) -> dict:
-    """Replace the float model file in ``folder`` with its NNCF INT8 version (accuracy-controlled
-    by NNCF itself when ``max_drop`` and validation images are given)."""
-    from edgekit.compress.quantize import quantize_model
-
-    fmt = spec.quantize_format
-    path = folder / manifest["model_file"]
-    items = fn = None
-    if val_set is not None and max_drop is not None:
-        items, fn = src.nncf_validation(val_set, metric, fmt)
-    if fmt == "openvino":
-        import openvino as ov
-
-        q = quantize_model(ov.Core().read_model(str(path)), "openvino", calibration, scheme=scheme,
-                           subset_size=subset, validation=items, validation_fn=fn, max_drop=max_drop)
-        # The float IR's .bin is memory-mapped: write beside it and rename, never over it in place.
-        staged = path.with_name("int8.xml")
-        ov.save_model(q, str(staged), compress_to_fp16=False)
-        os.replace(staged, path)
-        os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))
-        manifest["inference_precision"] = "default"  # ops left in float run at the plugin's default
-    elif fmt == "onnx":
-        import onnx
-
-        q = quantize_model(onnx.load(str(path)), "onnx", calibration, scheme=scheme, subset_size=subset,
-                           validation=items, validation_fn=fn, max_drop=max_drop)
-        onnx.save(q, str(path))
-    else:
-        raise EdgekitError(f"target {spec.name}: no NNCF model format declared")
-    return {"tool": "nncf", "scheme": scheme, "calibration": calib_set.description,
-            "calibration_images": len(calibration), "accuracy_control": fn is not None}
+    return build_artifact(spec, source_path, precision, out, parity_data=parity_data, calib=calib, subset=subset,
+                          int8_scheme=int8_scheme, max_drop=max_drop, metric=metric, val=val, force=force,
+                          threads=threads, log=log, as_backbone=as_backbone)
