@@ -25,8 +25,19 @@ from edgekit.errors import EdgekitError
 from edgekit.artifact import is_artifact, now_utc, read_manifest
 from edgekit.progress import progress
 
-DEFAULT_MLFF_BACKENDS = ("torch", "onnx", "openvino:fp32", "openvino:int8")
 MLFF_BASELINE = "torch"
+
+
+def default_mlff_backends() -> List[str]:
+    """The rows of ``edgekit bench REGISTRY``: torch, then every CPU backend that compiles MLFF backbones at
+    its default bench precisions (the plugin-default precision is a GMBINet baseline, not an MLFF row)."""
+    from edgekit.backends.registry import backends
+
+    rows = [MLFF_BASELINE]
+    for b in backends():
+        if b.device == "cpu" and b.build is not None and "mlff-backbone" in b.kinds:
+            rows += [f"{b.name}:{p}" for p in b.bench_default if p != "default"]
+    return rows
 SCHEMA = "edgekit-bench/1"
 
 

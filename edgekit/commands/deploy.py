@@ -189,10 +189,10 @@ def _save_result(result: dict, threads, json_out, plot_out) -> None:
 
 def _bench_mlff(registry, backends, batches, threads, data, calib, rounds, iters, eval_limit, json_out, plot_out):
     """``edgekit bench REGISTRY``: backbone (torch / compiled) + the registry's adapter heads, per image."""
-    from edgekit.bench.mlff import DEFAULT_MLFF_BACKENDS, MLFF_BASELINE, plan_mlff_rows, run_mlff_bench
+    from edgekit.bench.mlff import MLFF_BASELINE, default_mlff_backends, plan_mlff_rows, run_mlff_bench
     from edgekit.commands._common import print_table, set_threads
 
-    specs = [s.strip() for s in backends.split(",") if s.strip()] if backends else list(DEFAULT_MLFF_BACKENDS)
+    specs = [s.strip() for s in backends.split(",") if s.strip()] if backends else default_mlff_backends()
     _check_backend_specs(specs, allow_auto=False)
     if data.startswith("synthetic"):
         raise EdgekitError("bench REGISTRY needs --data: class folders (DIR/<class>/*, e.g. NEU-CLS) named like the "
