@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from edgekit import runtime
-from edgekit.export.artifact import read_manifest
-from edgekit.export.compile import compile_model
+from edgekit.artifact import read_manifest
+from edgekit.pipeline.compile import compile_model
 from edgekit.utils import sha256_file
 
 from conftest import SD900, one_error_line

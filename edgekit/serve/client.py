@@ -17,7 +17,7 @@ import numpy as np
 
 from edgekit.data.preprocess import PreprocessSpec
 from edgekit.errors import EdgekitError, MissingBackendError
-from edgekit.runtime.base import Runner
+from edgekit.backends.base import Runner
 
 
 def _split_url(url: str):
@@ -56,7 +56,7 @@ class ServerRunner(Runner):
         self.max_batch = int(config.get("max_batch_size", 0)) if config else 0
         params = (config or {}).get("parameters", {})
         if spec_from:
-            from edgekit.export.artifact import read_manifest
+            from edgekit.artifact import read_manifest
 
             spec = PreprocessSpec.from_dict(read_manifest(spec_from)["preprocess"])
         elif "edgekit_preprocess" in params:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from edgekit.errors import EdgekitError, MissingBackendError
-from edgekit.export.artifact import artifact_writer, is_artifact, now_utc, read_manifest
+from edgekit.artifact import artifact_writer, is_artifact, now_utc, read_manifest
 from edgekit.utils import sha256_file
 
 FORMATS = ("triton", "ovms")
@@ -162,7 +162,7 @@ def triton_config(entry: ModelEntry, opts: ServeOptions):
     man = entry.manifest
     in_name, in_dims, out_name, out_dims = _io(man)
     cfg = mc.ModelConfig(name=entry.name, max_batch_size=entry.max_batch)
-    gpu = man.get("target") in ("trt", "cuda-fused")
+    gpu = _runs_on_gpu(man.get("target"))
     if entry.route == "tensorrt_plan":
         cfg.platform = "tensorrt_plan"
         cfg.default_model_filename = "model.plan"
@@ -212,6 +212,16 @@ def triton_config(entry: ModelEntry, opts: ServeOptions):
     cfg.parameters["edgekit_target"].string_value = f"{man.get('target')}:{man.get('precision')}"
     cfg.parameters["edgekit_size_bytes"].string_value = str(man.get("size_bytes", 0))
     return cfg
+
+
+def _runs_on_gpu(target) -> bool:
+    """From the backend registry: GPU backends get GPU instances."""
+    from edgekit.backends.registry import get_backend
+
+    try:
+        return get_backend(target).device == "gpu"
+    except EdgekitError:  # a target this edgekit does not know: the python backend on the CPU
+        return False
 
 
 def _place_triton(entry: ModelEntry, repo: Path, opts: ServeOptions) -> None:
