@@ -54,8 +54,10 @@ def export_repo_cmd(artifacts, fmt, out, name, version, max_batch, instances, dy
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="Inference threads per model instance.")
 @click.option("--install", is_flag=True, help=f"Install the bundled tritonserver first if it is not there "
               "(nvidia-pytriton, no dependencies, into edgekit's cache).")
+@click.option("--poll", "poll_secs", default=None, type=click.IntRange(1), metavar="SECONDS",
+              help="Re-read the repository every SECONDS: new versions (export-repo --add) load without a restart.")
 @click.option("--log", "log_file", default=None, type=click.Path(dir_okay=False), help="tritonserver's log file.")
-def serve_cmd(repo, http, grpc, threads, install, log_file):
+def serve_cmd(repo, http, grpc, threads, install, poll_secs, log_file):
     """Serve a Triton model repository (python-backend models) with the tritonserver of nvidia-pytriton.
 
     Runs until interrupted (Ctrl-C / SIGTERM), then stops the server.
@@ -67,7 +69,7 @@ def serve_cmd(repo, http, grpc, threads, install, log_file):
 
     dist = install_triton(log=lambda m: click.echo(m, err=True)) if install else find_triton()
     server = TritonServer(repo, http=http, grpc=None if grpc == "off" else grpc, dist=dist, log_file=log_file,
-                          threads=threads)
+                          threads=threads, poll_secs=poll_secs)
     def on_term(*_):  # SIGTERM stops the server like Ctrl-C (a background job may ignore SIGINT)
         raise KeyboardInterrupt
 

@@ -180,13 +180,15 @@ class TritonServer:
     """A ``tritonserver`` process on a repository; ``start()`` returns once every model is ready."""
 
     def __init__(self, repo, http: str = "127.0.0.1:8000", grpc: Optional[str] = "127.0.0.1:8001",
-                 dist: Optional[TritonDist] = None, log_file: Optional[Path] = None, threads: Optional[int] = None):
+                 dist: Optional[TritonDist] = None, log_file: Optional[Path] = None, threads: Optional[int] = None,
+                 poll_secs: Optional[int] = None):
         self.repo = Path(repo).resolve()
         self.models = check_repository(self.repo)
         self.http = parse_address(http, "--http")
         self.grpc = parse_address(grpc, "--grpc") if grpc else None
         self.dist = dist or find_triton()
         self.threads = threads
+        self.poll_secs = poll_secs
         self.workdir = Path(tempfile.mkdtemp(prefix="edgekit-triton-"))
         self.log_file = Path(log_file) if log_file else self.workdir / "tritonserver.log"
         self.proc: Optional[subprocess.Popen] = None
@@ -206,6 +208,8 @@ class TritonServer:
                str(self._backends()), "--cache-directory", str(self.dist.root / "caches"),
                "--http-address", self.http[0], "--http-port", str(self.http[1]), "--allow-metrics", "false",
                "--strict-readiness", "true", "--exit-on-error", "true", "--log-verbose", "0"]
+        if self.poll_secs:  # a new version folder (export-repo --add) is loaded without a restart
+            cmd += ["--model-control-mode", "poll", "--repository-poll-secs", str(self.poll_secs)]
         if self.grpc:
             cmd += ["--grpc-address", self.grpc[0], "--grpc-port", str(self.grpc[1])]
         else:
