@@ -32,6 +32,8 @@ def train_cmd(recipe, profile, data, out_dir, resume, init_ckpt, seed, iteration
     from edgekit.train.recipe import load_recipe
 
     r = load_recipe(recipe, profile)  # a bad recipe fails here, once, before any process starts
+    if init_ckpt and resume:
+        raise EdgekitError("--init and --resume exclude each other (a resumed run has its own weights)")
     if nproc > 1:
         from edgekit.train.distributed import launch
 
@@ -50,8 +52,6 @@ def train_cmd(recipe, profile, data, out_dir, resume, init_ckpt, seed, iteration
     if init_ckpt:
         from edgekit.models.checkpoint import load_checkpoint
 
-        if resume:
-            raise EdgekitError("--init and --resume exclude each other (a resumed run has its own weights)")
         init = load_checkpoint(init_ckpt)
 
     def log(msg: str) -> None:
