@@ -174,8 +174,8 @@ def fleet(tmp_path_factory):
     regs = {}
     for seed in (0, 1):
         regs[seed] = w / f"reg{seed}"
-        add_task(regs[seed], load_backbone(str(ckpt)), TASK, task_data_from_folder(data), epochs=8, rehearsal=0,
-                 seed=seed, cache_dir=None)
+        add_task(regs[seed], load_backbone(str(ckpt)), TASK, task_data_from_folder(data), epochs=2, rehearsal=0,
+                 seed=seed, fc_dim=16, cache_dir=None)
     adapters = {s: Registry.open(r).adapter_folder() for s, r in regs.items()}
     art = w / "backbone_onnx"
     compile_model(str(regs[0]), "onnx", "fp32", str(art), parity_data=str(data), log=lambda *_: None)
@@ -233,15 +233,15 @@ def env(fleet, tmp_path):
     fleet["server"].root, fleet["server"].truncate = fleet["repo"], False
 
 
-def update(e, *extra, url=None):
-    return e["cli"]("update", "--repo", url or e["url"], "--root", e["device"], "--trust", e["trust"], "--timeout", 2,
-                    *extra)
+def update(e, *extra, url=None, timeout=2):
+    return e["cli"]("update", "--repo", url or e["url"], "--root", e["device"], "--trust", e["trust"], "--timeout",
+                    timeout, *extra)
 
 
-def refused(e, phrase, *, url=None):
+def refused(e, phrase, *, url=None, timeout=2):
     """The update is refused in one line, the install root is unchanged and 1.1.0 still serves."""
     before = tree(e["device"])
-    line = one_error_line(update(e, url=url), phrase)
+    line = one_error_line(update(e, url=url, timeout=timeout), phrase)
     assert tree(e["device"]) == before
     assert installed(e["device"])["version"] == "1.1.0"
     assert "1.1.0 is still in service" in line
@@ -471,8 +471,11 @@ def test_connection_closed_mid_download(env):
 
 def test_server_that_never_answers_and_no_server(env):
     with silent_server() as url:
-        line = refused(env, "could not be fetched", url=url)
+        t0 = time.monotonic()
+        line = refused(env, "could not be fetched", url=url, timeout=1)
+        waited = time.monotonic() - t0
     assert "Slow" in line or "imeout" in line
+    print(f"silent server: refused after {waited:.1f} s with --timeout 1")
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
