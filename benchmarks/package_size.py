@@ -28,11 +28,12 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out/package_size")
     args = ap.parse_args()
 
-    from edgekit.export.compile import compile_model
+    from edgekit.pipeline.compile import compile_model
     from edgekit.fleet.health import record_health
     from edgekit.models.backbones import load_backbone
     from edgekit.ota import build_package, generate_keypair
-    from edgekit.train.continual import Registry, TaskData, add_task
+    from edgekit.mlff.registry import Registry
+    from edgekit.train.continual import TaskData, add_task
 
     classes = args.classes.split(",")
     paths, labels = [], []

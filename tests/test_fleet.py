@@ -30,7 +30,7 @@ pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip instal
 
 from edgekit.data.preprocess import PreprocessSpec  # noqa: E402
 from edgekit.errors import EdgekitError  # noqa: E402
-from edgekit.export.compile import compile_model  # noqa: E402
+from edgekit.pipeline.compile import compile_model  # noqa: E402
 from edgekit.fleet.backbone import resolve_backbone  # noqa: E402
 from edgekit.fleet.health import check_health, record_health  # noqa: E402
 from edgekit.fleet.repository import parse_duration, target_path  # noqa: E402
@@ -39,7 +39,8 @@ from edgekit.models.checkpoint import Checkpoint  # noqa: E402
 from edgekit.models.gmbinet import GMBINet, GMBINetConfig  # noqa: E402
 from edgekit.ota import build_package, generate_keypair, installed, verify_package  # noqa: E402
 from edgekit.ota.keys import load_private_key  # noqa: E402
-from edgekit.train.continual import Registry, add_task, task_data_from_folder  # noqa: E402
+from edgekit.mlff.registry import Registry  # noqa: E402
+from edgekit.train.continual import add_task, task_data_from_folder  # noqa: E402
 
 from test_mlff import make_folders  # noqa: E402
 

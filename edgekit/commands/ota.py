@@ -69,7 +69,7 @@ def package_cmd(adapter, key_path, version, out_path, samples, backbone_ref, max
 def _registry_backbone(adapter_dir) -> str:
     """The backbone ref of the registry an adapter folder sits in (REGISTRY/adapters/NN-task)."""
     from edgekit.errors import EdgekitError
-    from edgekit.train.continual import REGISTRY_NAME, Registry
+    from edgekit.mlff.registry import REGISTRY_NAME, Registry
 
     registry = Path(adapter_dir).resolve().parent.parent
     if not (registry / REGISTRY_NAME).is_file():

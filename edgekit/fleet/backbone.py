@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from edgekit.errors import EdgekitError
-from edgekit.ota.adapter import is_sha256
+from edgekit.mlff.adapter import is_sha256
 from edgekit.ota.install import DEVICE_BACKBONE_FILE  # in the install root: the deployed backbone
 from edgekit.utils import atomic_write
 
@@ -44,7 +44,7 @@ def resolve_backbone(ref: str | os.PathLike) -> BackboneIdentity:
     """The identity of a backbone artifact folder, weights / checkpoint file, or backbone name."""
     path = Path(ref)
     if _is_artifact(path):
-        from edgekit.runtime.mlff_runner import read_backbone_manifest
+        from edgekit.mlff.runner import read_backbone_manifest
 
         m = read_backbone_manifest(path)["model"]
         return BackboneIdentity(m["backbone"], m["backbone_sha256"], str(path.resolve()), "artifact")
@@ -59,7 +59,7 @@ def resolve_backbone(ref: str | os.PathLike) -> BackboneIdentity:
 def load_device_backbone(identity: BackboneIdentity):
     """The backbone, runnable: a CompiledBackbone for an artifact, else the frozen PyTorch backbone."""
     if identity.kind == "artifact":
-        from edgekit.runtime.mlff_runner import CompiledBackbone
+        from edgekit.mlff.runner import CompiledBackbone
 
         bb = CompiledBackbone(identity.ref)
     else:

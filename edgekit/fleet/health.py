@@ -73,7 +73,7 @@ def record_health(adapter_dir: str | os.PathLike, backbone, image_paths: Sequenc
     import safetensors.torch
 
     from edgekit.data.images import read_gray
-    from edgekit.ota.adapter import load_adapter
+    from edgekit.mlff.adapter import load_adapter
 
     if not image_paths:
         raise EdgekitError("--samples: no images")
@@ -115,7 +115,7 @@ def check_health(version_dir: str | os.PathLike, backbone) -> dict:
     """
     import safetensors.torch
 
-    from edgekit.ota.adapter import load_adapter
+    from edgekit.mlff.adapter import load_adapter
     from edgekit.ota.package import HEALTH_NAME, MANIFEST_NAME
 
     folder = Path(version_dir)

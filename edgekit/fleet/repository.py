@@ -442,7 +442,7 @@ def add_packages(folder: str | os.PathLike, packages: Sequence[str | os.PathLike
 
     from edgekit.ota.keys import TrustedKey
     from edgekit.ota.package import verify_package
-    from edgekit.ota.version import parse_version
+    from edgekit.mlff.version import parse_version
 
     md, _ = _tuf()
     repo = open_repository(folder, sign_with)

@@ -71,7 +71,7 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
     from edgekit.fleet.backbone import read_device_backbone, record_device_backbone, resolve_backbone
     from edgekit.fleet.repository import METADATA_DIR, TARGETS_DIR, target_path
     from edgekit.ota.install import installed
-    from edgekit.ota.version import parse_version
+    from edgekit.mlff.version import parse_version
 
     root = Path(root)
     trust = Path(trust)
