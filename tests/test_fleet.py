@@ -541,3 +541,19 @@ def test_root_change_below_threshold_is_refused_on_the_build_side(env, tmp_path)
         for k in ("root-2", "root-3"):
             (tmp_path / f"{k}.pem").rename(keys / k / "private_key.pem")
     assert sorted(p.name for p in (env["repo"] / "metadata").iterdir()) == before
+
+
+def test_add_refuses_old_versions_and_untrusted_packages(env, tmp_path):
+    cli = env["cli"]
+    before = sorted(p.name for p in (env["repo"] / "metadata").iterdir())
+    one_error_line(cli("repo", "add", env["repo"], env["pkgs"]["1.0.0"]), "not newer than 1.1.0")
+    foreign_key = generate_keypair(tmp_path / "foreign")[0]
+    foreign = tmp_path / "foreign.zip"
+    build_package(env["adapters"][0], foreign_key, "2.0.0", foreign)
+    one_error_line(cli("repo", "add", env["repo"], foreign), "unknown key")
+    one_error_line(cli("repo", "add", env["repo"], env["pkgs"]["1.2.0"], "--role", "nope"), "no such delegated role")
+    assert sorted(p.name for p in (env["repo"] / "metadata").iterdir()) == before
+    # a fresh device must say which task it runs
+    one_error_line(env["cli"]("update", "--repo", env["url"], "--root", tmp_path / "d", "--trust", env["trust"],
+                              "--backbone", env["art"]), "give --task")
+    assert not (tmp_path / "d").exists()

@@ -82,6 +82,10 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
     if timeout < 1:
         raise EdgekitError("--timeout must be at least 1 second")
     identity = resolve_backbone(backbone) if backbone else None  # before anything is written
+    if identity is None and read_device_backbone(root) is None:
+        raise EdgekitError(f"no backbone recorded in {root}; give --backbone ARTIFACT|CKPT|NAME")
+    if task is None and installed(root) is None:
+        raise EdgekitError(f"no adapter installed at {root} yet; give --task")
     state_dir = root / STATE_DIR
     state_dir.mkdir(parents=True, exist_ok=True)
     with _update_lock(state_dir):
