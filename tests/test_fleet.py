@@ -532,6 +532,7 @@ def test_root_rotation_then_update_on_a_device_that_trusted_only_the_old_root(en
 def test_root_change_below_threshold_is_refused_on_the_build_side(env, tmp_path):
     cli, keys = env["cli"], env["keys"]
     before = sorted(p.name for p in (env["repo"] / "metadata").iterdir())
+    config = (env["repo"] / "edgekit-repository.json").read_bytes()
     for k in ("root-2", "root-3"):  # only root-1 left at hand: 1 of the 2 needed
         (keys / k / "private_key.pem").rename(tmp_path / f"{k}.pem")
     try:
@@ -541,6 +542,7 @@ def test_root_change_below_threshold_is_refused_on_the_build_side(env, tmp_path)
         for k in ("root-2", "root-3"):
             (tmp_path / f"{k}.pem").rename(keys / k / "private_key.pem")
     assert sorted(p.name for p in (env["repo"] / "metadata").iterdir()) == before
+    assert (env["repo"] / "edgekit-repository.json").read_bytes() == config
 
 
 def test_add_refuses_old_versions_and_untrusted_packages(env, tmp_path):

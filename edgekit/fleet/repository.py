@@ -557,6 +557,7 @@ def rotate(folder: str | os.PathLike, role: str, add_keys: Sequence[str | os.Pat
     if not add_keys and not remove_keys:
         raise EdgekitError("give --add-key and/or --remove-key")
     repo = open_repository(folder, sign_with)
+    original_config = json.loads(json.dumps(repo.config))
     new_keys = []
     for ref in add_keys:
         priv, _ = _key_files(ref)
@@ -601,6 +602,7 @@ def rotate(folder: str | os.PathLike, role: str, add_keys: Sequence[str | os.Pat
         for path in repo.written:  # a partly applied rotation: remove what this call wrote
             with contextlib.suppress(OSError):
                 (repo.meta_dir / path).unlink()
+        _write_config(repo.folder, original_config)
         raise
     return {"role": role, "added": [k.keyid for k in new_keys], "removed": removed,
             "root_version": repo.latest_version("root"), "written": repo.written}
