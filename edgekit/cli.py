@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "edgekit.commands.prune",  # prune
     "edgekit.commands.adapt",
     "edgekit.commands.serve",  # export-repo, serve
+    "edgekit.commands.fleet",  # repo init|add|delegate|publish|rotate|status, update
 )
 
 
