@@ -243,7 +243,7 @@ def time_gpu_rows(rows, batches: Sequence[int], rounds: int, iters: int, warmup:
         for b in batches:
             for _ in range(warmup):
                 calls[id(r)](b)
-            r.lat[b] = []
+            r.lat[b], r.rounds[b] = [], []
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with progress(total=rounds * len(rows) * len(batches), desc="timing", enabled=show_progress, unit="run") as bar:
@@ -251,12 +251,13 @@ def time_gpu_rows(rows, batches: Sequence[int], rounds: int, iters: int, warmup:
             for b in batches:
                 for r in rows:  # interleaved: each round visits every row
                     call = calls[id(r)]
+                    r.start_round(b)
                     for _ in range(iters):
                         start.record()
                         call(b)
                         end.record()
                         end.synchronize()
-                        r.lat[b].append(start.elapsed_time(end) / 1e3)
+                        r.record(b, start.elapsed_time(end) / 1e3)
                     bar.update(1)
 
 
@@ -266,7 +267,7 @@ def machine_description() -> dict:
     from edgekit.bench.cpu import machine_description as cpu_machine
 
     out = {"gpu": None, "compute_capability": None, "gpu_memory_gb": None, "torch": torch.__version__,
-           "cuda": torch.version.cuda, "cudnn": None, **{k: v for k, v in cpu_machine().items() if k != "isa"}}
+           "cuda": torch.version.cuda, "cudnn": None, **cpu_machine()}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         out.update(gpu=props.name, compute_capability=f"{props.major}.{props.minor}",
@@ -285,7 +286,7 @@ def run_gpu_bench(planned: List[PlannedRow], *, data: str = "synthetic", batches
                   iters: int = 50, warmup: int = 10, eval_limit: Optional[int] = None, max_autotune: bool = False,
                   calib: Optional[str] = None, skipped: Optional[List[dict]] = None, show_progress: bool = True,
                   log: Callable = print) -> dict:
-    from edgekit.bench.cpu import Row, model_size, row_summary
+    from edgekit.bench.cpu import Row, add_baseline_ratios, model_size, row_summary
     from edgekit.data.datasets import open_segmentation
     from edgekit.eval.evaluate import evaluate
     from edgekit.export.artifact import now_utc
@@ -313,9 +314,8 @@ def run_gpu_bench(planned: List[PlannedRow], *, data: str = "synthetic", batches
         row = row_summary(r, batches, async_jobs=0)
         row["on_device"] = device_call(r.runner)[1]  # False: the row's times include host copies
         out_rows.append(row)
-    base = next((r for r in out_rows if r["name"] == BASELINE), None)  # eager fp32: also the accuracy reference
+    base = add_baseline_ratios(out_rows, rows, BASELINE)  # eager fp32: also the accuracy reference
     for r in out_rows:
-        r["speedup_vs_baseline"] = r["fps_b1"] / base["fps_b1"] if base else None
         r["iou_delta_vs_torch"] = r["iou"] - base["iou"] if base else None
     return {
         "schema": SCHEMA, "device": "gpu", "date": now_utc(), "machine": machine_description(),
@@ -330,14 +330,16 @@ def run_gpu_bench(planned: List[PlannedRow], *, data: str = "synthetic", batches
 
 
 def table_rows(result: dict) -> List[tuple]:
+    from edgekit.bench.cpu import format_latency, format_speedup
+
     out = []
     for r in result["rows"]:
-        su = f"{r['speedup_vs_baseline']:.2f}x" if r["speedup_vs_baseline"] else "-"
+        su = format_speedup(r)
         fps = {int(b): v for b, v in r["fps_by_batch"].items()}
         big = max(fps)
         out.append((r["name"] + ("" if r.get("on_device", True) else " (host copies)"),
                     f"{r['size_bytes'] / 1e6:.2f} MB", f"{r['iou']:.4f}", f"{r['mae']:.4f}",
-                    f"{r['latency_ms']['p50']:.3f}/{r['latency_ms']['p90']:.3f}/{r['latency_ms']['p99']:.3f}",
+                    format_latency(r["latency_ms"], digits=3),
                     f"{r['fps_b1']:.0f}", f"{fps[big]:.0f} (b{big})" if big > 1 else "-", su))
     p = result["reference"]
     out.append((p["name"], "-", f"{p['iou']:.4f}", f"{p['mae']:.4f}", "-", f"{p['fps_b1']:.0f}", "-", "-"))

@@ -111,4 +111,5 @@ def synthetic_dataset(n: int = 48, split: str = "test", size: Tuple[int, int] = 
     for i in range(n):
         img, mask, cls = generate(i, size, seed)
         samples.append(SegSample(f"syn_{cls}_{i:04d}", cls, _image=img, _mask=mask))
-    return SegDataset(samples, list(CLASSES), f"synthetic steel defects ({n} images, {split} seed)", synthetic=True)
+    return SegDataset(samples, list(CLASSES), f"synthetic steel defects ({n} images, {split} seed)", synthetic=True,
+                      name="synthetic steel defects", split=f"{split} seed")
