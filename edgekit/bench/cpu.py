@@ -67,6 +67,14 @@ def cpu_record(cpuinfo: Optional[str] = None) -> dict:
             "isa_source": "/proc/cpuinfo" if cpuinfo else "unavailable (no /proc/cpuinfo)"}
 
 
+def load_average() -> Optional[List[float]]:
+    """1/5/15-minute load averages: how busy the machine was (other processes share its cores)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
 def machine_description() -> dict:
     return {**cpu_record(), "logical_cpus": os.cpu_count(), "os": platform.platform(),
             "python": platform.python_version()}
@@ -112,13 +120,15 @@ def time_rows(rows: List[Row], batches: List[int], rounds: int, iters: int, warm
               log: Optional[Callable[[str], None]] = None):
     rng = np.random.default_rng(0)
     inputs = {b: rng.standard_normal((b, *rows[0].runner.input_shape)).astype(np.float32) for b in batches}
-    per_round = 0.0  # seconds one round should take, from the warm-up calls
+    per_round = 0.0  # seconds one round should take, from the warm-up calls (median: the first compiles)
     for r in rows:
         for b in batches:
-            t0 = time.perf_counter()
-            for _ in range(warmup):
+            calls = []
+            for _ in range(max(min(2, warmup), warmup // b)):  # a large batch warms up in fewer calls
+                t0 = time.perf_counter()
                 r.runner.infer(inputs[b])
-            per_round += (time.perf_counter() - t0) / max(1, warmup) * max(1, iters // b)
+                calls.append(time.perf_counter() - t0)
+            per_round += float(np.median(calls)) * max(1, iters // b) if calls else 0.0
             r.lat[b] = []
             r.rounds[b] = []
     if log:
@@ -126,6 +136,8 @@ def time_rows(rows: List[Row], batches: List[int], rounds: int, iters: int, warm
             f"{','.join(map(str, batches))} (about {per_round * rounds:.0f} s)")
     with progress(total=rounds * len(rows) * len(batches), desc="timing", enabled=show_progress, unit="run") as bar:
         for k in range(rounds):
+            if log and bar.disable:  # no bar on this stderr: one line per round instead
+                log(f"timing round {k + 1}/{rounds}")
             for b in batches:
                 for r in rows:  # interleaved: each round visits every row
                     bar.set_description(f"timing round {k + 1}/{rounds}: {r.name} b{b}", refresh=False)
@@ -250,6 +262,7 @@ def run_bench(rows: List[Row], data: str = "synthetic", batches=(1, 8), rounds: 
               log: Callable[[str], None] = lambda _: None) -> dict:
     batches = sorted(set(batches) | {1})
     dataset = open_segmentation(data, "test")
+    load_start = load_average()
     scopes = []
     for i, r in enumerate(rows, 1):
         log(f"accuracy {i}/{len(rows)}: {r.name} on {dataset.description}"
@@ -278,6 +291,8 @@ def run_bench(rows: List[Row], data: str = "synthetic", batches=(1, 8), rounds: 
         "settings": {"batches": batches, "rounds": rounds, "iters_per_round": iters, "warmup": warmup,
                      "threads": rows[0].runner.meta.get("threads") if rows else None,
                      "min_p99_samples": MIN_P99_SAMPLES,
+                     "load_average": {"start": load_start, "end": load_average()},
+                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                      "timing": "interleaved rounds, synchronous single request; FPS = batch / median latency; "
                                "spread = min/max of the per-round medians; ratio = median of per-round paired "
                                "ratios, within noise when their min-max contains 1.0"},
@@ -285,17 +300,22 @@ def run_bench(rows: List[Row], data: str = "synthetic", batches=(1, 8), rounds: 
     }
 
 
-def format_latency(lat: dict, digits: int = 2) -> str:
+def _num(v: float) -> str:
+    """Three significant digits without an exponent: 4.12, 59.9, 280, 1048."""
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+
+
+def format_latency(lat: dict) -> str:
     """'p50/p90/p99' in ms; '-' for a p99 not computed, with the sample count."""
-    p99 = f"{lat['p99']:.{digits}f}" if lat.get("p99") is not None else f"- (n={lat['samples']})"
-    return f"{lat['p50']:.{digits}f}/{lat['p90']:.{digits}f}/{p99}"
+    p99 = _num(lat["p99"]) if lat.get("p99") is not None else f"- (n={lat['samples']})"
+    return f"{_num(lat['p50'])}/{_num(lat['p90'])}/{p99}"
 
 
-def format_fps(row: dict, digits: int = 1) -> str:
-    """'123.4 (118.0-130.2)': the headline FPS and the min-max of its round medians."""
+def format_fps(row: dict) -> str:
+    """'123 (118-130)': the headline FPS and the min-max of its round medians."""
     s = row.get("fps_b1_spread")
-    text = f"{row['fps_b1']:.{digits}f}"
-    return text + (f" ({s['min']:.{digits}f}-{s['max']:.{digits}f})" if s and s["rounds"] > 1 else "")
+    text = _num(row["fps_b1"])
+    return text + (f" ({_num(s['min'])}-{_num(s['max'])})" if s and s["rounds"] > 1 else "")
 
 
 def format_speedup(row: dict) -> str:
@@ -313,21 +333,21 @@ def format_speedup(row: dict) -> str:
 
 
 def format_precision(row: dict) -> str:
-    """Declared precision, and what the backend reports it ran where it differs ('bf16 -> ran f32')."""
+    """Declared precision, and what the backend reports it ran where that says more ('bf16 (ran f32)')."""
     ran = row.get("executed_precision") or {}
     declared = row["precision"]
     layers = ran.get("compute_layers") or {}
     int8 = sum(n for p, n in layers.items() if p in ("u8", "i8"))
     if int8:
-        return f"{declared} -> ran int8 on {int8}/{sum(layers.values())} conv"
+        return f"{declared} ({int8}/{sum(layers.values())} conv int8)"
     label = ran.get("label")
     if not label or label == {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}.get(declared):
         return declared
-    return f"{declared} -> ran {label}"
+    return f"{declared} (ran {label})"
 
 
-TABLE_COLUMNS = ["row", "precision", "size", "IoU", "MAE", "latency ms p50/p90/p99 (b1)", "FPS b1 (round min-max)",
-                 "FPS best batch", "FPS async x2", "vs baseline (round min-max)"]
+TABLE_COLUMNS = ["row", "precision (ran)", "size", "IoU", "MAE", "latency ms p50/p90/p99 (b1)", "FPS b1 (min-max)",
+                 "FPS best batch", "FPS async x2", "vs baseline (min-max)"]
 
 
 def table_rows(result: dict) -> List[tuple]:
@@ -336,7 +356,7 @@ def table_rows(result: dict) -> List[tuple]:
         tp = f"{r['throughput_fps']:.0f}" if r.get("throughput_fps") else "-"
         out.append((r["name"], format_precision(r), f"{r['size_bytes'] / 1e6:.2f} MB", f"{r['iou']:.4f}",
                     f"{r['mae']:.4f}", format_latency(r["latency_ms"]), format_fps(r),
-                    f"{r['fps_best']:.1f} (b{r['best_batch']})", tp, format_speedup(r)))
+                    f"{_num(r['fps_best'])} (b{r['best_batch']})", tp, format_speedup(r)))
     p = result.get("reference")
     if p:
         out.append((p["name"], "-", "-", f"{p['iou']:.4f}", f"{p['mae']:.4f}", "-", f"{p['fps_b1']:.2f}", "-", "-", "-"))
@@ -355,8 +375,10 @@ def table_caption(result: dict) -> str:
     if result.get("reference"):
         lines.append("paper row: arXiv 2508.16397's own figures, on the authors' SD-900 split and CPU (not measured here)")
     base = result.get("baseline")
+    load = (s.get("load_average") or {}).get("start")
     lines.append(f"{s['rounds']} interleaved rounds x {s['iters_per_round']} calls; (min-max) = over the round medians; "
                  f"p99 only from >= {MIN_P99_SAMPLES} samples"
+                 + (f"; load average {load[0]:.1f} at the start" if load else "")
                  + (f"; baseline = {base}: ONNX -> OpenVINO, plugin default precision" if base else ""))
     return "\n".join(lines)
 

@@ -330,7 +330,7 @@ def run_gpu_bench(planned: List[PlannedRow], *, data: str = "synthetic", batches
 
 
 def table_rows(result: dict) -> List[tuple]:
-    from edgekit.bench.cpu import format_latency, format_speedup
+    from edgekit.bench.cpu import format_fps, format_latency, format_speedup
 
     out = []
     for r in result["rows"]:
@@ -339,8 +339,8 @@ def table_rows(result: dict) -> List[tuple]:
         big = max(fps)
         out.append((r["name"] + ("" if r.get("on_device", True) else " (host copies)"),
                     f"{r['size_bytes'] / 1e6:.2f} MB", f"{r['iou']:.4f}", f"{r['mae']:.4f}",
-                    format_latency(r["latency_ms"], digits=3),
-                    f"{r['fps_b1']:.0f}", f"{fps[big]:.0f} (b{big})" if big > 1 else "-", su))
+                    format_latency(r["latency_ms"]),
+                    format_fps(r), f"{fps[big]:.0f} (b{big})" if big > 1 else "-", su))
     p = result["reference"]
     out.append((p["name"], "-", f"{p['iou']:.4f}", f"{p['mae']:.4f}", "-", f"{p['fps_b1']:.0f}", "-", "-"))
     for s in result.get("skipped", []):
@@ -348,7 +348,8 @@ def table_rows(result: dict) -> List[tuple]:
     return out
 
 
-TABLE_COLUMNS = ["row", "size", "IoU", "MAE", "latency ms p50/p90/p99 (b1)", "FPS b1", "FPS large batch", "vs eager fp32"]
+TABLE_COLUMNS = ["row", "size", "IoU", "MAE", "latency ms p50/p90/p99 (b1)", "FPS b1 (min-max)", "FPS large batch",
+                 "vs eager fp32 (min-max)"]
 
 
 def bench_gpu_command(models: Sequence[str], *, backends: Optional[str], batches: Sequence[int], data: str,
