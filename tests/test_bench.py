@@ -11,7 +11,7 @@ import pytest
 
 from edgekit.bench.cpu import (MIN_P99_SAMPLES, PAPER_ROW, cpu_record, format_latency, format_precision,
                                format_speedup, latency_percentiles, ratio_with_spread, spread)
-from edgekit.export.compile import compile_model
+from edgekit.pipeline.compile import compile_model
 
 from conftest import ROOT, one_error_line
 

@@ -6,23 +6,24 @@ import os
 from pathlib import Path
 from typing import List, Optional
 
+from edgekit.backends.registry import get_backend
 from edgekit.errors import EdgekitError
-from edgekit.export.artifact import is_artifact, read_manifest
+from edgekit.artifact import is_artifact, read_manifest
 from edgekit.utils import sha256_file
 
-# The rows of `edgekit bench CKPT` (the one place that chooses them; issue 11 moves the choice to
-# BackendSpec.bench_default). By default: the source model, the plain baseline every ratio is taken
-# against, and INT8, the one precision that changes the arithmetic on every x86 CPU (bf16 only runs
-# where the CPU has it, and fp32 is what the baseline already runs on CPUs without bf16). Two
-# artifacts to build keep the first run of the Quickstart short; `--all` gives every CPU row.
-DEFAULT_CPU_BACKENDS = ("torch", "openvino:default", "openvino:int8")
-ALL_CPU_BACKENDS = ("torch", "onnx", "ort", "openvino:default", "openvino:fp32", "openvino:bf16", "openvino:int8")
 BASELINE = "openvino:default"
 
 
-def default_cpu_backends(all_rows: bool = False) -> tuple:
-    """The target[:precision] rows a checkpoint expands into when --backends is not given."""
-    return ALL_CPU_BACKENDS if all_rows else DEFAULT_CPU_BACKENDS
+def default_cpu_backends(all_rows: bool = False) -> list:
+    """The rows of ``edgekit bench CKPT`` without ``--backends``: each CPU backend's ``bench_default``
+    (the one place that chooses them, in the backend's spec); ``all_rows``: every CPU backend x
+    precision it offers (``--all``)."""
+    from edgekit.backends.registry import backends, default_bench_rows
+
+    if not all_rows:
+        return default_bench_rows("cpu")
+    return [b.name if b.build is None else f"{b.name}:{p}" for b in backends()
+            if b.device == "cpu" and "gmbinet" in b.kinds for p in (b.precisions if b.build is not None else ("",))]
 
 
 def cache_root() -> Path:
@@ -31,12 +32,12 @@ def cache_root() -> Path:
 
 def parse_backend(spec: str):
     target, _, precision = spec.partition(":")
-    return target, precision or ("fp32" if target != "torch" else "fp32")
+    return target, precision or "fp32"
 
 
 def artifact_for(ckpt: Path, spec: str, calib: Optional[str], parity_data: str, threads, log) -> Path:
     """Compile (or reuse) the artifact of ``ckpt`` for ``spec`` = target[:precision]."""
-    from edgekit.export.compile import compile_model
+    from edgekit.pipeline.compile import compile_model
 
     target, precision = parse_backend(spec)
     folder = cache_root() / "bench" / sha256_file(ckpt)[:16] / f"{target}_{precision}"
@@ -58,7 +59,8 @@ def plan_rows(models: List[str], backends: List[str], calib: Optional[str], pari
     for m in models:
         if not Path(m).exists():
             raise EdgekitError(f"model not found: {m}")
-    rows, builds = [], [(Path(m), s) for m in models if not is_artifact(Path(m)) for s in backends if s != "torch"]
+    rows, builds = [], [(Path(m), s) for m in models if not is_artifact(Path(m)) for s in backends
+                        if get_backend(parse_backend(s)[0]).build is not None]
     built = 0
     for m in models:
         p = Path(m)
@@ -67,8 +69,8 @@ def plan_rows(models: List[str], backends: List[str], calib: Optional[str], pari
             rows.append((f"{man['target']}:{man['precision']} ({p.name})", p))
             continue
         for spec in backends:
-            if spec == "torch":
-                rows.append(("torch", p))
+            if get_backend(parse_backend(spec)[0]).build is None:  # runs the checkpoint itself (torch)
+                rows.append((parse_backend(spec)[0], p))
             else:
                 built += 1
                 log(f"artifact {built}/{len(builds)}: {spec} of {p.name}")
