@@ -161,10 +161,21 @@ def test_bench_all_and_backends_are_exclusive(cli, tiny_ckpt):
     assert "--all and --backends" in one_error_line(cli("bench", tiny_ckpt, "--all", "--backends", "torch"))
 
 
+def test_bench_all_is_every_cpu_backend_and_precision():
+    from edgekit.backends.registry import backends
+    from edgekit.bench.plan import default_cpu_backends
+
+    every = default_cpu_backends(all_rows=True)
+    assert set(default_cpu_backends()) < set(every) and "torch" in every
+    for b in backends():
+        if b.device == "cpu" and b.build is not None and "gmbinet" in b.kinds:
+            assert {f"{b.name}:{p}" for p in b.precisions} <= set(every)
+
+
 def test_bench_json_dash_is_one_document_on_stdout(tiny_ckpt, tmp_path):
     """The default rows (one of them INT8, so NNCF runs) in a real process: stdout parses as one JSON
     document, the stage lines and the table are on stderr."""
-    from edgekit.bench.plan import DEFAULT_CPU_BACKENDS
+    from edgekit.bench.plan import default_cpu_backends
 
     env = {**os.environ, "EDGEKIT_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "edgekit.cli", "bench", str(tiny_ckpt), "--rounds", "1",
@@ -172,8 +183,11 @@ def test_bench_json_dash_is_one_document_on_stdout(tiny_ckpt, tmp_path):
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout)  # the whole of stdout, nothing before or after the document
-    assert [row["name"] for row in d["rows"]] == list(DEFAULT_CPU_BACKENDS)
+    rows = default_cpu_backends()
+    assert [row["name"] for row in d["rows"]] == rows and "openvino:int8" in rows  # NNCF ran
     assert d["baseline"] == "openvino:default" and d["command"].endswith("--json -")
-    assert "bench: artifact 2/2: openvino:int8" in proc.stderr and "bench: timing 3 row(s)" in proc.stderr
+    built = [r for r in rows if ":" in r]
+    assert f"bench: artifact {len(built)}/{len(built)}: {built[-1]}" in proc.stderr
+    assert f"bench: timing {len(rows)} row(s)" in proc.stderr and "bench: timing round 1/1" in proc.stderr
     assert "edgekit bench --device cpu" in proc.stderr  # the table, on stderr
     assert not list(tmp_path.glob("*.png"))  # no plot unless --plot when the JSON goes to stdout

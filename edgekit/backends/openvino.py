@@ -72,8 +72,8 @@ class OpenVINORunner(ArtifactRunner):
         int8 = sum(n for p, n in layers.items() if p in ("u8", "i8"))
         if int8:
             label = f"int8 on {int8}/{total} conv, {hint} rest"
-        elif len(layers) == 1:
-            label = next(iter(layers))
+        elif len(layers) == 1:  # one precision; the hint beside it where the two disagree
+            label = next(iter(layers)) + ("" if next(iter(layers)) == hint else f" conv, hint {hint}")
         else:
             label = hint + (" (" + ", ".join(f"{p} {n}" for p, n in layers.most_common()) + ")" if layers else "")
         return {"label": label, "inference_precision_hint": hint, "compute_layers": dict(layers),

@@ -89,9 +89,9 @@ def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_schem
 @click.argument("models", nargs=-1, metavar="[CKPT|ARTIFACT]... | REGISTRY")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "gpu"]))
 @click.option("--backends", default=None, help="Comma list of target[:precision] for checkpoints, e.g. "
-              "torch,openvino:bf16,openvino:int8 (default: torch, openvino:default, openvino:int8).")
-@click.option("--all", "all_rows", is_flag=True, help="Every CPU backend x precision (onnx, ort, openvino "
-              "fp32/bf16 too): about 3x the compile time of the default rows.")
+              "torch,openvino:bf16,openvino:int8 (default: each backend's bench_default rows).")
+@click.option("--all", "all_rows", is_flag=True, help="Every CPU backend x precision the registry offers (onnx and ort "
+              "fp32/int8, openvino fp32/bf16/fp16/int8/default): 9 artifacts to build instead of 3.")
 @click.option("--batch", "batch", default="1,8", show_default=True, help="Comma list of batch sizes.")
 @click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True)
 @click.option("--data", default="synthetic", show_default=True, help="Accuracy data (SD-900 test split when given).")
@@ -110,9 +110,9 @@ def bench_cmd(models, device, backends, all_rows, batch, threads, data, calib, r
               plot_out, max_autotune=False):
     """One table: size, IoU/MAE, latency p50/p90/p99 and FPS of every backend x precision.
 
-    Without --backends a checkpoint (default: the embedded one) gets three rows: torch, the plain
-    OpenVINO baseline and OpenVINO INT8 (about 2 minutes on 2 cores the first time, compiling
-    included; artifacts are cached); --all gives every CPU backend x precision.
+    Without --backends a checkpoint (default: the embedded one) gets the backends' default rows:
+    torch, the plain OpenVINO baseline (openvino:default), OpenVINO fp32 and INT8; their artifacts
+    are compiled once and cached. --all gives every CPU backend x precision.
 
     Given an MLFF adapter REGISTRY (and --data class folders): its backbone per backend + the adapter heads,
     with top-1 accuracy on the held-out part of --data.
