@@ -358,7 +358,7 @@ def bench_gpu_command(models: Sequence[str], *, backends: Optional[str], batches
                       log: Callable) -> dict:
     """The ``--device gpu`` branch of ``edgekit bench``: plan (argument errors first), then require CUDA."""
     from edgekit.bench.cpu import plot
-    from edgekit.commands._common import print_table, write_json
+    from edgekit.commands._common import echo_json, print_table, write_json
     from edgekit.models.default import resolve_model
 
     specs = [s.strip() for s in backends.split(",") if s.strip()] if backends else list(DEFAULT_GPU_BACKENDS)
@@ -373,7 +373,9 @@ def bench_gpu_command(models: Sequence[str], *, backends: Optional[str], batches
     result = run_gpu_bench(planned, data=data, batches=batches, rounds=rounds, iters=iters, eval_limit=eval_limit,
                            max_autotune=max_autotune, calib=calib, skipped=skipped, log=log)
     result["command"] = command
-    if json_out:
+    if json_out == "-":
+        echo_json(result)  # the one document on stdout; the table goes to stderr
+    elif json_out:
         write_json(json_out, result)
         plot_out = plot_out or str(Path(json_out).with_suffix(".png"))
     if plot_out:
@@ -381,5 +383,6 @@ def bench_gpu_command(models: Sequence[str], *, backends: Optional[str], batches
     m = result["machine"]
     print_table(f"edgekit bench --device gpu  ({m['gpu']}, sm_{str(m['compute_capability']).replace('.', '')}, "
                 f"torch {m['torch']}, CUDA {m['cuda']})", TABLE_COLUMNS, table_rows(result),
-                caption=f"accuracy on {result['data']}; CUDA-event timing, input on the GPU; baseline = {BASELINE}")
+                caption=f"accuracy on {result['data']}; CUDA-event timing, input on the GPU; baseline = {BASELINE}",
+                err=json_out == "-")
     return result
