@@ -286,7 +286,7 @@ def run_gpu_bench(planned: List[PlannedRow], *, data: str = "synthetic", batches
                   iters: int = 50, warmup: int = 10, eval_limit: Optional[int] = None, max_autotune: bool = False,
                   calib: Optional[str] = None, skipped: Optional[List[dict]] = None, show_progress: bool = True,
                   log: Callable = print) -> dict:
-    from edgekit.bench.cpu import Row, add_baseline_ratios, model_size, row_summary
+    from edgekit.bench.cpu import Row, accuracy_data, add_baseline_ratios, describe_accuracy_data, model_size, row_summary
     from edgekit.data.datasets import open_segmentation
     from edgekit.eval.evaluate import evaluate
     from edgekit.artifact import now_utc
@@ -305,9 +305,12 @@ def run_gpu_bench(planned: List[PlannedRow], *, data: str = "synthetic", batches
         rows.append(Row(p.name, runner, model_size(p.path)))
     if not rows:
         raise EdgekitError("no GPU row could be opened: " + "; ".join(f"{s['name']}: {s['reason']}" for s in skipped))
+    scope = None
     for r in rows:
         acc = evaluate(r.runner, dataset, batch_size=1, show_progress=show_progress, limit=eval_limit)
-        r.result.update(iou=acc["overall"]["iou"], mae=acc["overall"]["mae"], max_f=acc["overall"]["max_f"])
+        scope = accuracy_data(dataset, acc["overall"]["images"], eval_limit)
+        r.result.update(iou=acc["overall"]["iou"], mae=acc["overall"]["mae"], max_f=acc["overall"]["max_f"],
+                        accuracy_data=scope)
     time_gpu_rows(rows, batches, rounds, iters, warmup, show_progress)
     out_rows = []
     for r in rows:
@@ -319,7 +322,8 @@ def run_gpu_bench(planned: List[PlannedRow], *, data: str = "synthetic", batches
         r["iou_delta_vs_torch"] = r["iou"] - base["iou"] if base else None
     return {
         "schema": SCHEMA, "device": "gpu", "date": now_utc(), "machine": machine_description(),
-        "data": dataset.description, "synthetic": dataset.synthetic, "eval_images": eval_limit or len(dataset),
+        "data": describe_accuracy_data(scope) + ("" if dataset.synthetic else f" at {data}"),
+        "accuracy_data": scope, "synthetic": dataset.synthetic, "eval_images": scope["images"],
         "settings": {"batches": batches, "rounds": rounds, "iters_per_round": iters, "warmup": warmup,
                      "max_autotune": max_autotune, "threads": None,
                      "timing": "input on the GPU; CUDA events around each synchronous call after warm-up; "
