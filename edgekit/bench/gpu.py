@@ -286,7 +286,8 @@ def run_gpu_bench(planned: List[PlannedRow], *, data: str = "synthetic", batches
                   iters: int = 50, warmup: int = 10, eval_limit: Optional[int] = None, max_autotune: bool = False,
                   calib: Optional[str] = None, skipped: Optional[List[dict]] = None, show_progress: bool = True,
                   log: Callable = print) -> dict:
-    from edgekit.bench.cpu import Row, accuracy_data, add_baseline_ratios, describe_accuracy_data, model_size, row_summary
+    from edgekit.bench.cpu import (Row, accuracy_data, add_baseline_ratios, describe_accuracy_data, model_size,
+                                   row_summary)
     from edgekit.data.datasets import open_segmentation
     from edgekit.eval.evaluate import evaluate
     from edgekit.artifact import now_utc
