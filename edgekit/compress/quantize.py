@@ -62,15 +62,20 @@ def ignored_scope(scheme: str, backend: str):
 @contextlib.contextmanager
 def _nncf_output_on_stderr():
     """NNCF logs through a handler bound to stdout and draws its rich progress bars on stdout; a
-    command's stdout carries only its result (``--json``: one document), so both go to stderr."""
+    command's stdout carries only its result (``--json``: one document). Its log goes to stderr;
+    its bars too when stderr is a terminal (as edgekit's own bars, ``edgekit.progress``), else nowhere:
+    a refused command's stderr is its one error line."""
     from nncf.common.logging import nncf_logger
 
     moved = [(h, h.stream) for h in nncf_logger.handlers
              if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.__stdout__)]
     for h, _ in moved:
         h.setStream(sys.stderr)
+    show = sys.stderr.isatty() and not os.environ.get("EDGEKIT_NO_PROGRESS")
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # rich resolves sys.stdout when it writes
+        with contextlib.ExitStack() as stack:
+            bars = sys.stderr if show else stack.enter_context(open(os.devnull, "w"))
+            stack.enter_context(contextlib.redirect_stdout(bars))  # rich resolves sys.stdout when it writes
             yield
     finally:
         for h, stream in moved:
