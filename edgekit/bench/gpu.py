@@ -243,7 +243,7 @@ def time_gpu_rows(rows, batches: Sequence[int], rounds: int, iters: int, warmup:
         for b in batches:
             for _ in range(warmup):
                 calls[id(r)](b)
-            r.lat[b] = []
+            r.lat[b], r.rounds[b] = [], []
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with progress(total=rounds * len(rows) * len(batches), desc="timing", enabled=show_progress, unit="run") as bar:
@@ -251,12 +251,13 @@ def time_gpu_rows(rows, batches: Sequence[int], rounds: int, iters: int, warmup:
             for b in batches:
                 for r in rows:  # interleaved: each round visits every row
                     call = calls[id(r)]
+                    r.start_round(b)
                     for _ in range(iters):
                         start.record()
                         call(b)
                         end.record()
                         end.synchronize()
-                        r.lat[b].append(start.elapsed_time(end) / 1e3)
+                        r.record(b, start.elapsed_time(end) / 1e3)
                     bar.update(1)
 
 
@@ -266,7 +267,7 @@ def machine_description() -> dict:
     from edgekit.bench.cpu import machine_description as cpu_machine
 
     out = {"gpu": None, "compute_capability": None, "gpu_memory_gb": None, "torch": torch.__version__,
-           "cuda": torch.version.cuda, "cudnn": None, **{k: v for k, v in cpu_machine().items() if k != "isa"}}
+           "cuda": torch.version.cuda, "cudnn": None, **cpu_machine()}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         out.update(gpu=props.name, compute_capability=f"{props.major}.{props.minor}",
@@ -285,7 +286,8 @@ def run_gpu_bench(planned: List[PlannedRow], *, data: str = "synthetic", batches
                   iters: int = 50, warmup: int = 10, eval_limit: Optional[int] = None, max_autotune: bool = False,
                   calib: Optional[str] = None, skipped: Optional[List[dict]] = None, show_progress: bool = True,
                   log: Callable = print) -> dict:
-    from edgekit.bench.cpu import Row, model_size, row_summary
+    from edgekit.bench.cpu import (Row, accuracy_data, add_baseline_ratios, describe_accuracy_data, model_size,
+                                   row_summary)
     from edgekit.data.datasets import open_segmentation
     from edgekit.eval.evaluate import evaluate
     from edgekit.artifact import now_utc
@@ -304,22 +306,25 @@ def run_gpu_bench(planned: List[PlannedRow], *, data: str = "synthetic", batches
         rows.append(Row(p.name, runner, model_size(p.path)))
     if not rows:
         raise EdgekitError("no GPU row could be opened: " + "; ".join(f"{s['name']}: {s['reason']}" for s in skipped))
+    scope = None
     for r in rows:
         acc = evaluate(r.runner, dataset, batch_size=1, show_progress=show_progress, limit=eval_limit)
-        r.result.update(iou=acc["overall"]["iou"], mae=acc["overall"]["mae"], max_f=acc["overall"]["max_f"])
+        scope = accuracy_data(dataset, acc["overall"]["images"], eval_limit)
+        r.result.update(iou=acc["overall"]["iou"], mae=acc["overall"]["mae"], max_f=acc["overall"]["max_f"],
+                        accuracy_data=scope)
     time_gpu_rows(rows, batches, rounds, iters, warmup, show_progress)
     out_rows = []
     for r in rows:
         row = row_summary(r, batches, async_jobs=0)
         row["on_device"] = device_call(r.runner)[1]  # False: the row's times include host copies
         out_rows.append(row)
-    base = next((r for r in out_rows if r["name"] == BASELINE), None)  # eager fp32: also the accuracy reference
+    base = add_baseline_ratios(out_rows, rows, BASELINE)  # eager fp32: also the accuracy reference
     for r in out_rows:
-        r["speedup_vs_baseline"] = r["fps_b1"] / base["fps_b1"] if base else None
         r["iou_delta_vs_torch"] = r["iou"] - base["iou"] if base else None
     return {
         "schema": SCHEMA, "device": "gpu", "date": now_utc(), "machine": machine_description(),
-        "data": dataset.description, "synthetic": dataset.synthetic, "eval_images": eval_limit or len(dataset),
+        "data": describe_accuracy_data(scope) + ("" if dataset.synthetic else f" at {data}"),
+        "accuracy_data": scope, "synthetic": dataset.synthetic, "eval_images": scope["images"],
         "settings": {"batches": batches, "rounds": rounds, "iters_per_round": iters, "warmup": warmup,
                      "max_autotune": max_autotune, "threads": None,
                      "timing": "input on the GPU; CUDA events around each synchronous call after warm-up; "
@@ -330,15 +335,17 @@ def run_gpu_bench(planned: List[PlannedRow], *, data: str = "synthetic", batches
 
 
 def table_rows(result: dict) -> List[tuple]:
+    from edgekit.bench.cpu import format_fps, format_latency, format_speedup
+
     out = []
     for r in result["rows"]:
-        su = f"{r['speedup_vs_baseline']:.2f}x" if r["speedup_vs_baseline"] else "-"
+        su = format_speedup(r)
         fps = {int(b): v for b, v in r["fps_by_batch"].items()}
         big = max(fps)
         out.append((r["name"] + ("" if r.get("on_device", True) else " (host copies)"),
                     f"{r['size_bytes'] / 1e6:.2f} MB", f"{r['iou']:.4f}", f"{r['mae']:.4f}",
-                    f"{r['latency_ms']['p50']:.3f}/{r['latency_ms']['p90']:.3f}/{r['latency_ms']['p99']:.3f}",
-                    f"{r['fps_b1']:.0f}", f"{fps[big]:.0f} (b{big})" if big > 1 else "-", su))
+                    format_latency(r["latency_ms"]),
+                    format_fps(r), f"{fps[big]:.0f} (b{big})" if big > 1 else "-", su))
     p = result["reference"]
     out.append((p["name"], "-", f"{p['iou']:.4f}", f"{p['mae']:.4f}", "-", f"{p['fps_b1']:.0f}", "-", "-"))
     for s in result.get("skipped", []):
@@ -346,7 +353,8 @@ def table_rows(result: dict) -> List[tuple]:
     return out
 
 
-TABLE_COLUMNS = ["row", "size", "IoU", "MAE", "latency ms p50/p90/p99 (b1)", "FPS b1", "FPS large batch", "vs eager fp32"]
+TABLE_COLUMNS = ["row", "size", "IoU", "MAE", "latency ms p50/p90/p99 (b1)", "FPS b1 (min-max)", "FPS large batch",
+                 "vs eager fp32 (min-max)"]
 
 
 def bench_gpu_command(models: Sequence[str], *, backends: Optional[str], batches: Sequence[int], data: str,
@@ -355,7 +363,7 @@ def bench_gpu_command(models: Sequence[str], *, backends: Optional[str], batches
                       log: Callable) -> dict:
     """The ``--device gpu`` branch of ``edgekit bench``: plan (argument errors first), then require CUDA."""
     from edgekit.bench.cpu import plot
-    from edgekit.commands._common import print_table, write_json
+    from edgekit.commands._common import echo_json, print_table, write_json
     from edgekit.models.default import resolve_model
 
     specs = [s.strip() for s in backends.split(",") if s.strip()] if backends else list(DEFAULT_GPU_BACKENDS)
@@ -370,7 +378,9 @@ def bench_gpu_command(models: Sequence[str], *, backends: Optional[str], batches
     result = run_gpu_bench(planned, data=data, batches=batches, rounds=rounds, iters=iters, eval_limit=eval_limit,
                            max_autotune=max_autotune, calib=calib, skipped=skipped, log=log)
     result["command"] = command
-    if json_out:
+    if json_out == "-":
+        echo_json(result)  # the one document on stdout; the table goes to stderr
+    elif json_out:
         write_json(json_out, result)
         plot_out = plot_out or str(Path(json_out).with_suffix(".png"))
     if plot_out:
@@ -378,5 +388,6 @@ def bench_gpu_command(models: Sequence[str], *, backends: Optional[str], batches
     m = result["machine"]
     print_table(f"edgekit bench --device gpu  ({m['gpu']}, sm_{str(m['compute_capability']).replace('.', '')}, "
                 f"torch {m['torch']}, CUDA {m['cuda']})", TABLE_COLUMNS, table_rows(result),
-                caption=f"accuracy on {result['data']}; CUDA-event timing, input on the GPU; baseline = {BASELINE}")
+                caption=f"accuracy on {result['data']}; CUDA-event timing, input on the GPU; baseline = {BASELINE}",
+                err=json_out == "-")
     return result
