@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from conftest import emulator_available, needs_emulator
 from edgekit.errors import EdgekitError, MissingBackendError
 from edgekit.kernels import build as kbuild
+from edgekit.kernels import cuda_module
 from edgekit.kernels import gmbinet as G
 from edgekit.models.gmbinet import GMBINet, GMBINetConfig
 
@@ -162,12 +163,12 @@ def test_nvcc_network_kernels_compile_without_spills(tmp_path, monkeypatch):
     entry = manifest["sources"][G.LAYERS_SOURCE]
     assert entry["sha256"] == G.source_digest(G.layers_source_path())
     assert entry["artifacts"] == {"sm_87": "gmbinet_layers.fatbin", "sm_90": "gmbinet_layers.fatbin"}
-    monkeypatch.setenv("EDGEKIT_KERNEL_BUILD_DIR", str(tmp_path))
-    assert G._prebuilt_net_artifact("sm_90") == tmp_path / "gmbinet_layers.fatbin"
-    assert G._prebuilt_net_artifact("sm_89") is None
+    src = G.layers_source_path()
+    assert cuda_module.prebuilt_artifact(src, "sm_90", tmp_path)[0] == tmp_path / "gmbinet_layers.fatbin"
+    assert cuda_module.prebuilt_artifact(src, "sm_89", tmp_path)[0] is None
     entry["sha256"] = "0" * 64  # stale (e.g. gmbi_fused.cu changed since): never used
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    assert G._prebuilt_net_artifact("sm_90") is None
+    assert cuda_module.prebuilt_artifact(src, "sm_90", tmp_path)[0] is None
 
 
 def test_source_digest_covers_the_included_kernel(tmp_path):
@@ -494,8 +495,9 @@ def test_runner_on_fake_pycuda(net_emulator, tmp_path, monkeypatch, precision):
     fake = _FakeNetCuda(net_emulator, tmp_path)
     for name, mod in fake.modules.items():
         monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.setattr(G, "_NET_MODULES", {})
+    monkeypatch.setattr(cuda_module, "_MODULES", {})
     monkeypatch.setenv("EDGEKIT_KERNEL_BUILD_DIR", str(tmp_path / "no-build"))  # force the run-time compile
+    monkeypatch.setattr(cuda_module, "find_nvcc", lambda: "nvcc")  # the fake compiler stands in for nvcc
     model = random_gmbinet(SMALL, seed=11)
     ck = Checkpoint.from_model(model, preprocess=PreprocessSpec(input_size=(21, 26)))
     runner = CudaFusedRunner(ck, precision=precision)
