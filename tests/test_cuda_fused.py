@@ -416,7 +416,8 @@ class _FakeNetCuda:
         drv.module_from_buffer = lambda buf: Module()
         drv.module_from_file = lambda path: Module()
         drv.to_device = lambda a: Alloc(np.frombuffer(np.ascontiguousarray(a).tobytes(), np.uint8).copy(), "p")
-        drv.mem_alloc = lambda n: Alloc(np.full(int(n), 0xFF, np.uint8), "a")  # NaN poison
+        drv.mem_alloc = lambda n: Alloc(np.full(int(n), 0x00, np.uint8), "a")
+        drv.memset_d8 = lambda a, value, n: a.data.__setitem__(slice(0, int(n)), value)  # the runner's NaN poison
         drv.pagelocked_empty = lambda shape, dtype: np.empty(shape, dtype)
 
         def htod(dst, src, stream=None):

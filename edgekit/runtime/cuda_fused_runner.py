@@ -189,6 +189,7 @@ class CudaFusedRunner(Runner):
         drv = self.drv
         plan = self.plan(n)
         acts = drv.mem_alloc(plan.act_bytes)
+        drv.memset_d8(acts, 0xFF, plan.act_bytes)  # NaN poison: an element no kernel writes reads back as NaN
         launches = plan.resolve(self.param_offsets, int(self.params), int(acts))
         for ln, _ in launches:  # prepare + shared-memory opt-in outside any capture
             self._function(ln.kernel, ln.fmt, plan.max_smem(ln.kernel))
