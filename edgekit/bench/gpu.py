@@ -315,7 +315,9 @@ def machine_description() -> dict:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         out.update(gpu=props.name, compute_capability=f"{props.major}.{props.minor}",
-                   gpu_memory_gb=round(props.total_memory / 2 ** 30, 1), cudnn=torch.backends.cudnn.version())
+                   gpu_memory_gb=round(props.total_memory / 2 ** 30, 1), cudnn=torch.backends.cudnn.version(),
+                   # PyTorch's fp32 convolutions run in TF32 on Ampere and newer unless this is False
+                   cudnn_allow_tf32=bool(torch.backends.cudnn.allow_tf32))
     try:
         import tensorrt
 
