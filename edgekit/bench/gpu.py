@@ -473,6 +473,9 @@ def bench_gpu_command(models: Sequence[str], *, backends: Optional[str], batches
     result = run_gpu_bench(planned, data=data, batches=batches, rounds=rounds, iters=iters, eval_limit=eval_limit,
                            max_autotune=max_autotune, calib=calib, skipped=skipped, log=log)
     result["command"] = command
+    if result["failed"]:
+        log(f"{len(result['failed'])} GPU row(s) failed: {', '.join(f['name'] for f in result['failed'])} (reasons in "
+            f"the table)")
     if json_out:
         write_json(json_out, result)
         plot_out = plot_out or str(Path(json_out).with_suffix(".png"))
