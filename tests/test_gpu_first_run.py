@@ -164,17 +164,19 @@ def test_bench_kernel_fault_keeps_the_baseline_rows(small_ckpt, tmp_path, monkey
 def test_open_row_does_not_retry_without_the_precision(monkeypatch, small_ckpt):
     """A TypeError from the fused loader is that row's failure, not a reason to load fp16 under an
     fp32 label."""
-    from edgekit.bench.gpu import PlannedRow, open_row
-    from edgekit.runtime import base
+    import dataclasses
 
-    base.backends()
+    from edgekit.backends import registry
+    from edgekit.bench.gpu import PlannedRow, open_row
+
     calls = []
 
     def load(path, **kw):
         calls.append(kw)
         raise TypeError("unexpected keyword argument 'precision'")
 
-    monkeypatch.setitem(base._BACKENDS, "cuda-fused", base.Backend("cuda-fused", lambda p: False, load, priority=95))
+    spec = registry.get_backend("cuda-fused")
+    monkeypatch.setitem(registry._SPECS, "cuda-fused", dataclasses.replace(spec, load=load))
     with pytest.raises(TypeError):
         open_row(PlannedRow("cuda-fused:fp32", "cuda-fused", "fp32", small_ckpt), max_autotune=False, calib=None,
                  log=print)
@@ -185,7 +187,7 @@ def test_open_row_does_not_retry_without_the_precision(monkeypatch, small_ckpt):
 
 
 def test_load_without_nvcc_says_so_in_one_line(small_ckpt, tmp_path, monkeypatch):
-    from edgekit.runtime.cuda_fused_runner import load_cuda_fused
+    from edgekit.backends.cuda_fused.runner import load_cuda_fused
 
     fake = install_fake(monkeypatch, tmp_path, nvcc=None)
     with pytest.raises(EdgekitError, match="nvcc is not on PATH") as e:
@@ -208,7 +210,7 @@ def _prebuilt(folder: Path, cuda_version: str) -> Path:
 def test_prebuilt_kernels_newer_than_the_driver_are_refused(small_ckpt, tmp_path, monkeypatch, driver, ok):
     """Kernels built with CUDA 13 on a CUDA 12.6 driver (a Jetson Orin on JetPack 6): one line saying so;
     on a CUDA 13 driver they load, and no nvcc is needed."""
-    from edgekit.runtime.cuda_fused_runner import CudaFusedRunner
+    from edgekit.backends.cuda_fused.runner import CudaFusedRunner
     from edgekit.models.checkpoint import load_checkpoint
 
     fake = install_fake(monkeypatch, tmp_path, nvcc=None)
@@ -254,7 +256,7 @@ def test_build_refuses_a_toolkit_newer_than_the_target_driver(tmp_path, capsys):
 
 
 def test_infer_device_refuses_a_cpu_tensor(small_ckpt, tmp_path, monkeypatch):
-    from edgekit.runtime.cuda_fused_runner import load_cuda_fused
+    from edgekit.backends.cuda_fused.runner import load_cuda_fused
 
     fake = install_fake(monkeypatch, tmp_path)
     runner = load_cuda_fused(small_ckpt, precision="fp32")
@@ -354,7 +356,7 @@ class _FakeLibcuda:
 
 
 def test_graph_capture_failure_frees_the_partial_graph():
-    from edgekit.runtime.cuda_fused_runner import _CudaGraph
+    from edgekit.backends.cuda_fused.runner import _CudaGraph
 
     stream = types.SimpleNamespace(handle=7)
     lib = _FakeLibcuda()
