@@ -15,7 +15,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["edgekit", "edgekit.*"]),
-    package_data={"edgekit": ["assets/*.pt", "assets/*.json"]},
+    # the CUDA sources and their host-emulation harness: `--target cuda-fused` compiles them from a wheel too
+    package_data={"edgekit": ["assets/*.pt", "assets/*.json", "kernels/cuda/*.cu", "kernels/cuda/emu/*.h",
+                              "kernels/cuda/emu/*.cpp"]},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",
