@@ -460,13 +460,10 @@ TABLE_COLUMNS = ["row", "size", "IoU", "MAE", "latency ms p50/p90/p99 (b1)", "FP
                  "vs eager fp32 (min-max)"]
 
 
-def bench_gpu_command(models: Sequence[str], *, backends: Optional[str], batches: Sequence[int], data: str,
-                      calib: Optional[str], rounds: int, iters: int, eval_limit: Optional[int],
-                      json_out: Optional[str], plot_out: Optional[str], max_autotune: bool, command: str,
-                      log: Callable) -> dict:
-    """The ``--device gpu`` branch of ``edgekit bench``: plan (argument errors first), then require CUDA."""
-    from edgekit.bench.cpu import plot
-    from edgekit.commands._common import echo_json, print_table, write_json
+def gpu_bench(models: Sequence[str], *, backends: Optional[str], batches: Sequence[int], data: str,
+              calib: Optional[str], rounds: int, iters: int, eval_limit: Optional[int], max_autotune: bool,
+              log: Callable) -> dict:
+    """The ``--device gpu`` branch of ``edgekit bench``: plan (argument errors first), require CUDA, run."""
     from edgekit.models.default import resolve_model
 
     specs = [s.strip() for s in backends.split(",") if s.strip()] if backends else list(DEFAULT_GPU_BACKENDS)
@@ -476,24 +473,21 @@ def bench_gpu_command(models: Sequence[str], *, backends: Optional[str], batches
     planned, skipped = plan_gpu_rows(list(models) or [resolve_model(None)], specs,
                                      fused_available=fused_backend_available(),
                                      tensorrt_available=tensorrt_available(), explicit=bool(backends))
-    if calib is None and not data.startswith("synthetic"):
+    if calib is None:  # int8 rows calibrate on --data (its train split), as on the CPU path
         calib = data
     result = run_gpu_bench(planned, data=data, batches=batches, rounds=rounds, iters=iters, eval_limit=eval_limit,
                            max_autotune=max_autotune, calib=calib, skipped=skipped, log=log)
-    result["command"] = command
     if result["failed"]:
         log(f"{len(result['failed'])} GPU row(s) failed: {', '.join(f['name'] for f in result['failed'])} (reasons in "
             f"the table)")
-    if json_out == "-":
-        echo_json(result)  # the one document on stdout; the table goes to stderr
-    elif json_out:
-        write_json(json_out, result)
-        plot_out = plot_out or str(Path(json_out).with_suffix(".png"))
-    if plot_out:
-        plot(result, Path(plot_out))
-    m = result["machine"]
-    print_table(f"edgekit bench --device gpu  ({m['gpu']}, sm_{str(m['compute_capability']).replace('.', '')}, "
-                f"torch {m['torch']}, CUDA {m['cuda']})", TABLE_COLUMNS, table_rows(result),
-                caption=f"accuracy on {result['data']}; CUDA-event timing, input on the GPU; baseline = {BASELINE}",
-                err=json_out == "-")
     return result
+
+
+def table_title(result: dict) -> str:
+    m = result["machine"]
+    return (f"edgekit bench --device gpu  ({m['gpu']}, sm_{str(m['compute_capability']).replace('.', '')}, "
+            f"torch {m['torch']}, CUDA {m['cuda']})")
+
+
+def table_caption(result: dict) -> str:
+    return f"accuracy on {result['data']}; CUDA-event timing, input on the GPU; baseline = {BASELINE}"

@@ -242,14 +242,25 @@ def _bench_gpu(models, backends, batch, data, calib, rounds, iters, eval_limit, 
     """``bench --device gpu`` (edgekit.bench.gpu): batch 1 and 32 unless --batch is given."""
     import sys
 
-    from edgekit.bench.gpu import DEFAULT_GPU_BATCHES, bench_gpu_command
+    from edgekit.bench.cpu import plot
+    from edgekit.bench.gpu import DEFAULT_GPU_BATCHES, TABLE_COLUMNS, gpu_bench, table_caption, table_rows, table_title
+    from edgekit.commands._common import print_table
 
     if click.get_current_context().get_parameter_source("batch") == click.core.ParameterSource.DEFAULT:
         batch = ",".join(map(str, DEFAULT_GPU_BATCHES))
     batches = parse_batches(batch)
-    bench_gpu_command(models, backends=backends, batches=batches, data=data, calib=calib, rounds=rounds, iters=iters,
-                      eval_limit=eval_limit, json_out=json_out, plot_out=plot_out, max_autotune=max_autotune,
-                      command="edgekit " + " ".join(sys.argv[1:]), log=lambda m: click.echo(m, err=True))
+    result = gpu_bench(models, backends=backends, batches=batches, data=data, calib=calib, rounds=rounds, iters=iters,
+                       eval_limit=eval_limit, max_autotune=max_autotune, log=lambda m: click.echo(m, err=True))
+    result["command"] = "edgekit " + " ".join(sys.argv[1:])
+    if json_out == "-":
+        echo_json(result)  # the one document on stdout; the table goes to stderr
+    elif json_out:
+        write_json(json_out, result)
+        plot_out = plot_out or str(Path(json_out).with_suffix(".png"))
+    if plot_out:
+        plot(result, Path(plot_out))
+    print_table(table_title(result), TABLE_COLUMNS, table_rows(result), caption=table_caption(result),
+                err=json_out == "-")
 
 
 commands = [compile_cmd, quantize_cmd, bench_cmd]
