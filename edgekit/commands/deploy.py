@@ -5,9 +5,29 @@ from pathlib import Path
 
 import click
 
-from edgekit.commands._common import echo_json, parse_batches, write_json
+from edgekit.commands._common import (check_out, echo_json, force_option, json_option, model_path, out_option,
+                                     parse_batches, threads_option, write_json)
 from edgekit.errors import EdgekitError
 from edgekit.models.default import resolve_model
+
+CALIB_HELP = ("Calibration images for int8 (required): a folder, an SD-900 folder (its train split), or "
+              "synthetic[:N] to calibrate on edgekit's synthetic images. Real images also become the parity "
+              "data unless --parity-data is given.")
+PARITY_HELP = "Images for the parity check (default: --calib's real images for int8, else synthetic:12)."
+
+
+def int8_data(precision: str, calib, parity_data):
+    """INT8 calibrates on images the user named: real ones, or ``synthetic`` said explicitly; the parity
+    check then runs on the same real data (their test split where there is one) unless told otherwise."""
+    if precision == "int8" and calib is None:
+        raise EdgekitError("--precision int8 needs --calib: calibration images like the deployment's (a folder or "
+                           "an SD-900 folder), or --calib synthetic for edgekit's synthetic images")
+    if calib == "synthetic":
+        calib = "synthetic:128"
+    if parity_data is None:
+        real = precision == "int8" and calib is not None and not calib.startswith("synthetic")
+        parity_data = calib if real else "synthetic:12"
+    return calib, parity_data
 
 
 _AS_BACKBONE = click.option("--as-backbone", is_flag=True,
@@ -19,35 +39,41 @@ _AS_BACKBONE = click.option("--as-backbone", is_flag=True,
 @click.argument("model", required=False, metavar="[CKPT|REGISTRY|BACKBONE]")
 @click.option("--target", required=True, help="onnx | ort | openvino | trt | cuda-fused")
 @click.option("--precision", default="fp32", show_default=True, help="fp32 | bf16 | fp16 | int8 | auto")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact folder to write.")
-@click.option("--calib", default=None, help="Calibration data for int8: folder, SD-900 folder or synthetic[:N].")
+@out_option("folder", "Artifact folder to write.")
+@click.option("--calib", default=None, help=CALIB_HELP)
 @click.option("--subset", default=100, show_default=True, type=click.IntRange(1), help="Calibration images.")
 @click.option("--int8-scheme", default="pointwise", show_default=True,
               type=click.Choice(["default", "stem-head-float", "conv-only", "pointwise", "trt-entropy"]),
               help="NNCF Q/DQ placement; trt-entropy: TensorRT's own entropy calibrator (TensorRT 8.5-10.x).")
-@click.option("--parity-data", default="synthetic:12", show_default=True, help="Images for the parity check.")
-@click.option("--threads", type=click.IntRange(1, 256), default=None)
-@click.option("--force", is_flag=True, help="Replace an existing artifact folder.")
+@click.option("--parity-data", default=None, help=PARITY_HELP)
+@threads_option()
+@force_option
 @_AS_BACKBONE
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@json_option
 def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, parity_data, threads, force, as_backbone,
                 as_json):
     """Compile a checkpoint, or the frozen backbone of an MLFF adapter registry, into a verified artifact folder."""
+    check_out(out, force)
+    calib, parity_data = int8_data(precision, calib, parity_data)
+    source = model_path(model, registry_ok=True)
     from edgekit.export.compile import compile_model
 
-    manifest = compile_model(resolve_model(model), target, precision, out, parity_data=parity_data,
+    manifest = compile_model(source, target, precision, out, parity_data=parity_data,
                              calib=calib, subset=subset, int8_scheme=int8_scheme, force=force,
-                             threads=threads, log=(lambda *_: None) if as_json else click.echo,
-                             as_backbone=as_backbone)
+                             threads=threads, log=_log(as_json), as_backbone=as_backbone)
     if as_json:
         echo_json(manifest)
+
+
+def _log(as_json: bool):
+    """Compile progress: stdout is the result's, so with --json the lines go to stderr."""
+    return (lambda m: click.echo(m, err=True)) if as_json else click.echo
 
 
 @click.command("quantize")
 @click.argument("model", required=False, metavar="[CKPT|ARTIFACT|REGISTRY|BACKBONE]")
 @click.option("--target", required=True, type=click.Choice(["openvino", "onnx"]))
-@click.option("--calib", default=None, help="Calibration images: folder, SD-900 folder (train split) or "
-              "synthetic[:N] (default: the embedded synthetic generator).")
+@click.option("--calib", default=None, help=CALIB_HELP)
 @click.option("--subset", default=100, show_default=True, type=click.IntRange(1), help="Calibration images used.")
 @click.option("--max-drop", default=None, type=click.FloatRange(0),
               help="Refuse if the metric drops by more (MLFF backbone: the adapter's top-1 accuracy on --val).")
@@ -55,21 +81,23 @@ def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, parit
 @click.option("--val", default=None, help="Validation images with masks (SD-900 folder: its val split).")
 @click.option("--int8-scheme", default="pointwise", show_default=True,
               type=click.Choice(["default", "stem-head-float", "conv-only", "pointwise"]))
-@click.option("--parity-data", default="synthetic:12", show_default=True)
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--threads", type=click.IntRange(1, 256), default=None)
-@click.option("--force", is_flag=True)
+@click.option("--parity-data", default=None, help=PARITY_HELP)
+@out_option("folder", "Artifact folder to write.")
+@threads_option()
+@force_option
 @_AS_BACKBONE
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_scheme, parity_data, out, threads,
                  force, as_backbone, as_json):
     """INT8 post-training quantization with NNCF (accuracy-controlled with --max-drop and --val)."""
+    check_out(out, force)
+    calib, parity_data = int8_data("int8", calib, parity_data)
+    source = model_path(model, registry_ok=True)
     from edgekit.export.compile import compile_model
 
-    manifest = compile_model(resolve_model(model), target, "int8", out, parity_data=parity_data, calib=calib,
+    manifest = compile_model(source, target, "int8", out, parity_data=parity_data, calib=calib,
                              subset=subset, int8_scheme=int8_scheme, max_drop=max_drop, metric=metric, val=val,
-                             force=force, threads=threads, log=(lambda *_: None) if as_json else click.echo,
-                             as_backbone=as_backbone)
+                             force=force, threads=threads, log=_log(as_json), as_backbone=as_backbone)
     if as_json:
         echo_json(manifest)
 

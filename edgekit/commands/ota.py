@@ -4,12 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-# The optional 'ota' extra: imported here so that, when missing, the CLI lists these commands as
-# unavailable instead of failing when one runs. The edgekit.ota modules load lazily (they pull in torch).
-import cryptography  # noqa: F401
-import safetensors  # noqa: F401
 
 from edgekit.commands._common import echo_json, print_table
+
+# The optional extra these commands need: when a package is missing, edgekit.cli lists them as
+# needing it and each call fails with the pip line. The edgekit.ota modules load inside the commands.
+EXTRA = "ota"
+REQUIRES = ("cryptography", "safetensors")
 
 MAX_SIZE_HELP = "Refuse packages larger than this, packed or unpacked (bytes; default 16 MiB)."
 

@@ -11,6 +11,9 @@ import click
 from edgekit.commands._common import echo_json
 from edgekit.errors import EdgekitError
 
+EXTRA = "prune"  # Torch-Pruning: without it edgekit.cli lists prune as needing edgekit[prune]
+REQUIRES = ("torch_pruning",)
+
 
 @click.command("prune")
 @click.argument("model", required=False, metavar="[CKPT]")

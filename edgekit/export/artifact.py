@@ -24,7 +24,7 @@ from typing import Dict, Iterator
 
 from edgekit import __version__
 from edgekit.errors import EdgekitError
-from edgekit.utils import sha256_file
+from edgekit.utils import default_permissions, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "edgekit-artifact"
@@ -83,6 +83,7 @@ def artifact_writer(out: str | os.PathLike, force: bool = False) -> Iterator[Pat
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        os.chmod(tmp, default_permissions(directory=True))  # mkdtemp makes it 0700; the user's umask decides
         yield tmp
         old = None
         if out.exists():

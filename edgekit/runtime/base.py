@@ -104,4 +104,8 @@ def load(path: str | os.PathLike, **options) -> Runner:
     if is_artifact(p):  # say what is wrong with it: corrupt manifest, or a target with no runner here
         target = read_manifest(p).get("target")
         raise EdgekitError(f"{p}: no runtime backend for artifact target {target!r} is available here")
+    if p.is_dir():
+        from edgekit.models.default import not_an_artifact
+
+        raise not_an_artifact(p)
     raise EdgekitError(f"{p}: not a checkpoint or artifact folder any installed backend recognises")

@@ -25,13 +25,13 @@ class OnnxRuntimeRunner(ArtifactRunner):
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
-        model_file = Path(folder) / self.manifest["model_file"]
-        self.session = ort.InferenceSession(str(model_file), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(self.model_path), opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        self.adopt_input(self.session.get_inputs()[0].shape)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: self._check_batch(batch)})[0]
 
 
-register_backend(Backend("onnxruntime", recognizes_target("onnx", "ort"),
+register_backend(Backend("onnxruntime", recognizes_target("onnx", "ort", suffix=".onnx"),
                          lambda p, threads=None, **_: OnnxRuntimeRunner(p, threads=threads), priority=20))

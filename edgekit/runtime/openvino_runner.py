@@ -29,7 +29,8 @@ class OpenVINORunner(ArtifactRunner):
         except ImportError:
             raise MissingBackendError("running OpenVINO artifacts", "openvino") from None
         self.core = ov.Core()
-        self.model = self.core.read_model(str(Path(folder) / self.manifest["model_file"]))
+        self.model = self.core.read_model(str(self.model_path))
+        self.adopt_input([d.get_length() if d.is_static else None for d in self.model.inputs[0].get_partial_shape()])
         self.config = {"PERFORMANCE_HINT": hint, "NUM_STREAMS": "1" if hint == "LATENCY" else "AUTO"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -62,5 +63,5 @@ class OpenVINORunner(ArtifactRunner):
         return ov.AsyncInferQueue(self.compiled(batch), jobs)
 
 
-register_backend(Backend("openvino", recognizes_target("openvino"),
+register_backend(Backend("openvino", recognizes_target("openvino", suffix=".xml"),
                          lambda p, threads=None, **_: OpenVINORunner(p, threads=threads), priority=20))
