@@ -148,3 +148,171 @@ def test_private_key_stays_private(cli, tmp_path, umask):
     assert cli("keygen", "--out", tmp_path / "keys").exit_code == 0
     modes = {p.name: _mode(p) for p in (tmp_path / "keys").iterdir()}
     assert modes == {"private_key.pem": 0o600, "public_key.pem": 0o644}  # whatever the umask allows
+
+
+# -- the model argument: the default is said, a model-looking path is a model ------------------
+
+def test_predict_missing_model_is_named_as_model(cli, tmp_path):
+    from edgekit.data.images import write_png
+    from edgekit.data.synthetic import generate
+
+    write_png(tmp_path / "img.bmp", generate(0)[0])
+    for missing in ("missing.pt", "missing.onnx", "missing.xml"):
+        line = one_error_line(cli("predict", tmp_path / missing, tmp_path / "img.bmp", "--out", tmp_path / "o"))
+        assert line == f"error: model not found: {tmp_path / missing}"
+    assert not (tmp_path / "o").exists()
+
+
+def test_omitted_model_is_said_on_stderr(cli, tmp_path):
+    from edgekit.data.images import write_png
+    from edgekit.data.synthetic import generate
+    from edgekit.models.default import DEFAULT_CHECKPOINT
+
+    write_png(tmp_path / "img.png", generate(0)[0])
+    r = cli("predict", tmp_path / "img.png", "--out", tmp_path / "o", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)[0]["mask"] == str(tmp_path / "o" / "img_mask.png")
+    notes = [l for l in r.stderr.splitlines() if l.startswith("note:")]
+    assert len(notes) == 1 and str(DEFAULT_CHECKPOINT) in notes[0] and "default" in notes[0]
+    r = cli("predict", tmp_path / "img.png", "--out", tmp_path / "o")  # the outputs exist now
+    assert "already exists (use --force" in one_error_line(r)
+    assert cli("predict", tmp_path / "img.png", "--out", tmp_path / "o", "--force").exit_code == 0
+
+
+def test_folder_without_manifest_one_message_everywhere(cli, tmp_path):
+    from edgekit.data.images import write_png
+    from edgekit.data.synthetic import generate
+
+    folder = tmp_path / "not_an_artifact"
+    folder.mkdir()
+    (folder / "weights.txt").write_text("x")
+    write_png(tmp_path / "img.png", generate(0)[0])
+    expected = f"error: {folder} is a folder without manifest.json, so not an edgekit artifact"
+    for args in (("eval", folder, "--data", "synthetic:2"), ("predict", folder, tmp_path / "img.png", "--out",
+                 tmp_path / "o"), ("bench", folder, "--backends", "torch"), ("info", folder),
+                 ("compile", folder, "--target", "onnx", "--out", tmp_path / "a")):
+        r = cli(*args)
+        assert one_error_line(r).startswith(expected) and r.exit_code == 2, args
+    from edgekit import runtime
+    from edgekit.errors import EdgekitError
+
+    with pytest.raises(EdgekitError, match="folder without manifest.json"):
+        runtime.load(folder)
+
+
+# -- INT8 calibrates on data the user named; parity on the real data given --------------------
+
+def test_int8_needs_calib(cli, tiny_ckpt, tmp_path):
+    for args in (("compile", tiny_ckpt, "--target", "openvino", "--precision", "int8"),
+                 ("quantize", tiny_ckpt, "--target", "onnx")):
+        line = one_error_line(cli(*args, "--out", tmp_path / "q"))
+        assert "needs --calib" in line and "--calib synthetic" in line
+    assert not (tmp_path / "q").exists()
+    r = cli("compile", tiny_ckpt, "--target", "openvino", "--precision", "int8", "--calib", "synthetic",
+            "--subset", "8", "--out", tmp_path / "q", "--json")
+    assert r.exit_code == 0, r.stderr
+    m = json.loads(r.stdout)  # the whole of stdout is one JSON document (NNCF's progress went to stderr)
+    assert m["quantization"]["calibration"].startswith("synthetic") and m["parity"]["data"].startswith("synthetic")
+
+
+def test_int8_parity_on_the_real_calibration_data(cli, tiny_ckpt, sd900, tmp_path):
+    r = cli("compile", tiny_ckpt, "--target", "onnx", "--precision", "int8", "--calib", sd900, "--subset", "6",
+            "--out", tmp_path / "q", "--json")
+    assert r.exit_code == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert "SD-Saliency-900" in m["parity"]["data"] and "test" in m["parity"]["data"], m["parity"]["data"]
+    assert "train" in m["quantization"]["calibration"], m["quantization"]["calibration"]
+
+
+# -- artifacts and plain model files are described and run ---------------------------------
+
+@pytest.fixture(scope="module")
+def compiled(tiny_ckpt, tmp_path_factory):
+    """An ONNX and an OpenVINO artifact of the tiny checkpoint (64x64)."""
+    from click.testing import CliRunner
+
+    from edgekit.cli import main
+
+    root = tmp_path_factory.mktemp("compiled")
+    for target in ("onnx", "openvino"):
+        r = CliRunner().invoke(main, ["compile", str(tiny_ckpt), "--target", target, "--out", str(root / target)])
+        assert r.exit_code == 0, r.stderr
+    return {"onnx": root / "onnx", "openvino": root / "openvino", "onnx_file": root / "onnx" / "model.onnx",
+            "xml_file": root / "openvino" / "model.xml"}
+
+
+def test_info_describes_artifacts(cli, compiled, tiny_ckpt):
+    from edgekit.utils import sha256_file
+
+    r = cli("info", compiled["openvino"], "--json")
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["kind"] == "artifact" and d["target"] == "openvino" and d["precision"] == "fp32"
+    assert set(d["files"]) == {"model.xml", "model.bin"} and d["parity"]["images"] > 0
+    assert d["source"]["sha256"] == sha256_file(tiny_ckpt)
+    text = cli("info", compiled["onnx"]).stdout
+    for field in ("target / precision", "onnx / fp32", "parity", "model.onnx", "source"):
+        assert field in text
+
+
+@pytest.mark.parametrize("kind", ["onnx_file", "xml_file"])
+def test_plain_model_files_run_with_stated_preprocessing(cli, compiled, tiny_ckpt, tmp_path, kind):
+    import numpy as np
+
+    from edgekit import runtime
+    from edgekit.data.images import write_png
+    from edgekit.data.synthetic import generate
+
+    path = compiled[kind]
+    runner = runtime.load(path)
+    assert runner.input_shape == (3, 64, 64)  # read from the model, not assumed
+    assert "0.4669" in runner.meta["preprocess_assumed"]
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    assert np.abs(runner.infer(x) - runtime.load(tiny_ckpt).infer(x)).max() < 1e-4
+
+    info = cli("info", path, "--json")
+    assert info.exit_code == 0, info.stderr
+    d = json.loads(info.stdout)
+    assert d["kind"] == "model file" and d["input"] == [3, 64, 64] and "published GMBINet" in d["preprocess_assumed"]
+
+    ev = cli("eval", path, "--data", "synthetic:3", "--json")
+    assert ev.exit_code == 0, ev.stderr
+    assert json.loads(ev.stdout)["preprocess_assumed"] == runner.meta["preprocess_assumed"]
+    notes = [l for l in ev.stderr.splitlines() if l.startswith("note:")]
+    assert len(notes) == 1 and "plain model file" in notes[0]
+
+    write_png(tmp_path / "img.png", generate(0)[0])
+    pr = cli("predict", path, tmp_path / "img.png", "--out", tmp_path / "o", "--json")
+    assert pr.exit_code == 0, pr.stderr
+    assert (tmp_path / "o" / "img_mask.png").is_file() and json.loads(pr.stdout)[0]["preprocess_assumed"]
+
+    b = cli("bench", path, "--rounds", "1", "--iters", "1", "--batch", "1", "--data", "synthetic:2", "--json")
+    assert b.exit_code == 0, b.stderr
+    assert [row["name"] for row in json.loads(b.stdout)["rows"]] == [path.name]
+
+
+# -- shared options: defined once, the same everywhere; --json = one document on stdout ----------
+
+def test_shared_options_mean_the_same_everywhere():
+    from edgekit.cli import main
+
+    seen = {}
+    for name, cmd in main.commands.items():
+        for p in cmd.params:
+            for opt in ("--threads", "--json", "--force", "--limit"):
+                if opt in getattr(p, "opts", []) and not (name == "bench" and opt == "--json"):
+                    seen.setdefault(opt, set()).add(p.help)
+    for opt, helps in seen.items():
+        assert len(helps) == 1, (opt, helps)
+    assert {"--threads", "--json", "--force", "--limit"} <= set(seen)
+
+
+def test_json_output_is_one_document(cli, tiny_ckpt, tmp_path):
+    for args in (("info", tiny_ckpt), ("eval", tiny_ckpt, "--data", "synthetic:2", "--limit", "1"),
+                 ("compile", tiny_ckpt, "--target", "onnx", "--out", tmp_path / "a"),
+                 ("bench", tiny_ckpt, "--backends", "torch", "--rounds", "1", "--iters", "1", "--batch", "1",
+                  "--data", "synthetic:2")):
+        r = cli(*args, "--json")
+        assert r.exit_code == 0, r.stderr
+        json.loads(r.stdout)  # raises on anything but exactly one JSON document
+    assert (tmp_path / "a" / "manifest.json").is_file()

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 from edgekit.errors import EdgekitError
 from edgekit.export.artifact import is_artifact, read_manifest
+from edgekit.models.default import PLAIN_MODEL_SUFFIXES
 from edgekit.utils import sha256_file
 
 DEFAULT_CPU_BACKENDS = ("torch", "onnx", "ort", "openvino:default", "openvino:fp32", "openvino:bf16",
@@ -51,6 +52,9 @@ def plan_rows(models: List[str], backends: List[str], calib: Optional[str], pari
         if is_artifact(p):
             man = read_manifest(p)
             rows.append((f"{man['target']}:{man['precision']} ({p.name})", p))
+            continue
+        if p.suffix.lower() in PLAIN_MODEL_SUFFIXES:  # a plain model.onnx / model.xml: run as given
+            rows.append((f"{p.name}", p))
             continue
         for spec in backends:
             if spec == "torch":

@@ -32,27 +32,37 @@ def threads_option(default: int | None = None):
 _result_stream = None  # the real stdout while a --json command runs (everything else printed goes to stderr)
 
 
+@contextlib.contextmanager
+def result_stdout():
+    """Inside: stdout is stderr, except for ``echo_json``, which writes the one result document."""
+    global _result_stream
+    _result_stream = sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _result_stream = None
+
+
 def json_option(command):
     """``--json`` (flag, ``as_json``): stdout carries exactly one JSON document, written by ``echo_json``;
     whatever else the command or a library prints to stdout meanwhile (NNCF progress...) goes to stderr."""
 
     @functools.wraps(command)
     def run(*args, as_json=False, **kwargs):
-        global _result_stream
         if not as_json:
             return command(*args, as_json=as_json, **kwargs)
-        _result_stream = sys.stdout
-        try:
-            with contextlib.redirect_stdout(sys.stderr):
-                return command(*args, as_json=as_json, **kwargs)
-        finally:
-            _result_stream = None
+        with result_stdout():
+            return command(*args, as_json=as_json, **kwargs)
 
     return click.option("--json", "as_json", is_flag=True,
                         help="Print the result on stdout as one JSON document (notes and progress: stderr).")(run)
 force_option = click.option("--force", is_flag=True, help="Replace what --out names if it exists.")
-limit_option = click.option("--limit", type=click.IntRange(1), default=None,
-                            help="Use N images only, taken across all classes.")
+
+
+def limit_option(dest: str = "limit", *aliases: str):
+    return click.option("--limit", *aliases, dest, type=click.IntRange(1), default=None,
+                        help="Use N images only, taken across all classes.")
 
 
 def out_option(kind: str, help: str, required: bool = True, dest: str = "out"):
@@ -71,11 +81,11 @@ def note(message: str) -> None:
     click.echo(message, err=True)
 
 
-def model_path(model: str | None, registry_ok: bool = False) -> str:
-    """The MODEL argument resolved: the path given, or the embedded default (said on stderr)."""
+def model_path(model: str | None, registry_ok: bool = False, quiet: bool = False) -> str:
+    """The MODEL argument resolved: the path given, or the embedded default (said on stderr unless ``quiet``)."""
     from edgekit.models.default import resolve_model
 
-    return resolve_model(model, note=note, registry_ok=registry_ok)
+    return resolve_model(model, note=None if quiet else note, registry_ok=registry_ok)
 
 
 def echo_json(obj) -> None:

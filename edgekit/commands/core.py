@@ -8,7 +8,7 @@ import click
 from edgekit.commands._common import (check_out, echo_json, force_option, json_option, limit_option, model_path, note,
                                      out_option, print_table, threads_option, write_json)
 from edgekit.errors import EdgekitError
-from edgekit.models.default import PLAIN_MODEL_SUFFIXES, looks_like_model
+from edgekit.models.default import PLAIN_MODEL_SUFFIXES, looks_like_model, not_an_artifact
 
 
 @click.command("info")
@@ -117,7 +117,7 @@ def load_runner(model: str | None, threads):
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "all"]))
 @click.option("--batch", "batch_size", default=4, show_default=True, type=click.IntRange(1, 1024))
 @threads_option()
-@limit_option
+@limit_option()
 @json_option
 @out_option("file", "Also write the JSON here.", required=False, dest="out_json")
 @force_option
@@ -159,12 +159,16 @@ def predict_cmd(inputs, out_dir, threshold, threads, force, as_json):
     The first argument is the model when it looks like one (.pt/.pth/.ckpt/.bin/.onnx/.xml, or an
     artifact folder); without one, the embedded default checkpoint is used (said on stderr).
     """
-    from edgekit.data.images import expand_image_paths
-    from edgekit.eval.predict import predict, output_names
+    from edgekit.data.images import expand_image_paths, is_image_name
+    from edgekit.eval.predict import output_names, predict
 
+    first = Path(inputs[0])
+    if len(inputs) > 1 and first.is_dir() and not any(is_image_name(p) for p in first.iterdir()):
+        raise not_an_artifact(first)  # meant as the model (images follow), but not an artifact folder
     model, images = (inputs[0], inputs[1:]) if looks_like_model(inputs[0]) else (None, inputs)
     if not images:
         raise EdgekitError(f"no input images given (after the model {model})")
+    model_path(model, quiet=True)  # a missing model is named before the images are looked at
     paths = expand_image_paths(images, unique_stems=True)
     if not force:
         for p in paths:

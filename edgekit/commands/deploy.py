@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from edgekit.commands._common import (check_out, echo_json, force_option, json_option, model_path, out_option,
-                                     parse_batches, threads_option, write_json)
+from edgekit.commands._common import (check_out, echo_json, force_option, json_option, limit_option, model_path,
+                                     out_option, parse_batches, result_stdout, threads_option, write_json)
 from edgekit.errors import EdgekitError
 from edgekit.models.default import resolve_model
 
@@ -104,23 +104,51 @@ def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_schem
 
 
 @click.command("bench")
-@click.argument("models", nargs=-1, metavar="[CKPT|ARTIFACT]... | REGISTRY")
+@click.argument("models", nargs=-1, metavar="[CKPT|ARTIFACT|MODEL.onnx|MODEL.xml]... | REGISTRY")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "gpu"]))
 @click.option("--backends", default=None, help="Comma list of target[:precision] for checkpoints, e.g. "
               "torch,openvino:bf16,openvino:int8 (default: all CPU backends).")
 @click.option("--batch", "batch", default="1,8", show_default=True, help="Comma list of batch sizes.")
-@click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True)
+@threads_option(default=2)
 @click.option("--data", default="synthetic", show_default=True, help="Accuracy data (SD-900 test split when given).")
 @click.option("--calib", default=None, help="Calibration data for int8 rows (default: --data's train split).")
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--iters", default=20, show_default=True, type=click.IntRange(1), help="Calls per row per round.")
-@click.option("--eval-limit", default=None, type=click.IntRange(1), help="Evaluate on N images only, taken across all classes.")
-@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write results JSON here.")
+@limit_option("eval_limit", "--eval-limit")
+@click.option("--json", "json_out", is_flag=False, flag_value="-", default=None, type=click.Path(dir_okay=False),
+              help="Print the results on stdout as one JSON document (the table goes to stderr). "
+                   "--json FILE, the older form, writes them to FILE like --out.")
+@out_option("file", "Write the results JSON here (and the plot beside it).", required=False, dest="out_json")
+@force_option
 @click.option("--plot", "plot_out", default=None, type=click.Path(dir_okay=False),
-              help="FPS-vs-IoU PNG (default: beside --json).")
+              help="FPS-vs-IoU PNG (default: beside --out).")
 @click.option("--max-autotune", is_flag=True, help="GPU: torch.compile rows with mode=max-autotune (minutes per batch size).")
-def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, iters, eval_limit, json_out, plot_out,
-              max_autotune=False):
+def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, iters, eval_limit, json_out, out_json,
+              force, plot_out, max_autotune=False):
+    """One table: size, IoU/MAE, latency p50/p90/p99 and FPS of every backend x precision.
+
+    Given an MLFF adapter REGISTRY (and --data class folders): its backbone per backend + the adapter heads,
+    with top-1 accuracy on the held-out part of --data.
+    """
+    import tempfile
+
+    as_json = json_out == "-"
+    check_out(out_json, force)
+    models = [model_path(m, registry_ok=True) for m in models] or [model_path(None)]
+    if not as_json:
+        return _bench(models, device, backends, batch, threads, data, calib, rounds, iters, eval_limit,
+                      out_json or json_out, plot_out, max_autotune)
+    with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmp, result_stdout():
+        written = Path(out_json) if out_json else Path(tmp) / "bench.json"
+        _bench(models, device, backends, batch, threads, data, calib, rounds, iters, eval_limit, str(written),
+               plot_out or (None if out_json else str(Path(tmp) / "bench.png")), max_autotune)
+        import json
+
+        echo_json(json.loads(written.read_text()))
+
+
+def _bench(models, device, backends, batch, threads, data, calib, rounds, iters, eval_limit, json_out, plot_out,
+           max_autotune=False):
     """One table: size, IoU/MAE, latency p50/p90/p99 and FPS of every backend x precision.
 
     Given an MLFF adapter REGISTRY (and --data class folders): its backbone per backend + the adapter heads,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from edgekit.commands._common import echo_json, print_table
+from edgekit.commands._common import echo_json, force_option, json_option, out_option, print_table
 
 # The optional extra these commands need: when a package is missing, edgekit.cli lists them as
 # needing it and each call fails with the pip line. The edgekit.ota modules load inside the commands.
@@ -20,8 +20,8 @@ def _short(key_id: str) -> str:
 
 
 @click.command("keygen")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the key pair.")
-@click.option("--force", is_flag=True, help="Replace an existing key pair.")
+@out_option("folder", "Folder for the key pair.", dest="out_dir")
+@force_option
 def keygen_cmd(out_dir, force):
     """Create an Ed25519 key pair for signing adapter packages."""
     from edgekit.ota.keys import generate_keypair
@@ -55,7 +55,7 @@ def package_cmd(adapter, key_path, version, out_path):
 @click.option("--pubkey", "pubkeys", required=True, multiple=True, type=click.Path(dir_okay=False),
               help="Trusted public key PEM; repeat for a set of trusted keys.")
 @click.option("--max-size", type=click.IntRange(min=1), default=None, help=MAX_SIZE_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Print the verified manifest as JSON.")
+@json_option
 def verify_cmd(package, pubkeys, max_size, as_json):
     """Check a package's signature, signer, payload hashes and members; nothing is written."""
     from edgekit.ota.package import DEFAULT_MAX_SIZE, verify_package
@@ -87,7 +87,7 @@ def verify_cmd(package, pubkeys, max_size, as_json):
               help="sha256 of the device's backbone artifact (default: ROOT/backbone.sha256 if present).")
 @click.option("--allow-downgrade", is_flag=True, help="Also install a version older than or equal to the current.")
 @click.option("--max-size", type=click.IntRange(min=1), default=None, help=MAX_SIZE_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 def install_cmd(package, root, pubkeys, backbone_sha256, allow_downgrade, max_size, as_json):
     """Verify a package and put it in service atomically; the replaced version is kept for rollback."""
     from edgekit.ota.install import BACKBONE_FILE, install_package
@@ -106,7 +106,7 @@ def install_cmd(package, root, pubkeys, backbone_sha256, allow_downgrade, max_si
 
 @click.command("rollback")
 @click.option("--root", required=True, type=click.Path(file_okay=False), help="Install root on the device.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 def rollback_cmd(root, as_json):
     """Put the previous version back in service (running it again returns to the one rolled back from)."""
     from edgekit.ota.install import rollback

@@ -35,6 +35,8 @@ def resolve_model(path: str | None, note: Optional[Callable[[str], None]] = None
     """
     if path:
         p = Path(path)
+        if not registry_ok and not p.exists():  # (with registry_ok a name such as efficientnet-lite0 is a model too)
+            raise EdgekitError(f"model not found: {p}")
         if p.is_dir() and not (p / MANIFEST_NAME).is_file():
             if registry_ok:
                 from edgekit.train.continual import REGISTRY_NAME
