@@ -81,11 +81,34 @@ def note(message: str) -> None:
     click.echo(message, err=True)
 
 
+def looks_like_model(path: str) -> bool:
+    """A path that names a model rather than an image: by suffix (even when missing: checkpoints and the
+    model files a backend runs, e.g. .onnx, .xml), or an artifact folder."""
+    from edgekit.artifact import is_artifact
+    from edgekit.backends.registry import model_file_suffixes
+    from edgekit.runtime import CHECKPOINT_SUFFIXES
+
+    p = Path(path)
+    return p.suffix.lower() in CHECKPOINT_SUFFIXES + model_file_suffixes() or is_artifact(p)
+
+
 def model_path(model: str | None, registry_ok: bool = False, quiet: bool = False) -> str:
-    """The MODEL argument resolved: the path given, or the embedded default (said on stderr unless ``quiet``)."""
+    """The MODEL argument: the path given, checked (it exists; a folder is an artifact or, where
+    ``registry_ok``, an MLFF adapter registry), or the embedded default (said on stderr unless ``quiet``)."""
+    from edgekit.artifact import MANIFEST, not_an_artifact
     from edgekit.models.default import resolve_model
 
-    return resolve_model(model, note=None if quiet else note, registry_ok=registry_ok)
+    if not model:
+        return resolve_model(None, note=None if quiet else note)
+    p = Path(model)
+    if not registry_ok and not p.exists():  # (with registry_ok, a name such as efficientnet-lite0 is a model too)
+        raise EdgekitError(f"model not found: {p}")
+    if p.is_dir() and not (p / MANIFEST).is_file():
+        from edgekit.mlff.registry import REGISTRY_NAME
+
+        if not (registry_ok and (p / REGISTRY_NAME).is_file()):
+            raise not_an_artifact(p)
+    return model
 
 
 def echo_json(obj) -> None:

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import click
 
-from edgekit.commands._common import (check_out, echo_json, force_option, json_option, limit_option, model_path, note,
-                                     out_option, print_table, threads_option, write_json)
+from edgekit.commands._common import (check_out, echo_json, force_option, json_option, limit_option,
+                                     looks_like_model, model_path, note, out_option, print_table, threads_option,
+                                     write_json)
 from edgekit.errors import EdgekitError
-from edgekit.models.default import PLAIN_MODEL_SUFFIXES, looks_like_model, not_an_artifact
 
 
 @click.command("info")
@@ -17,12 +17,13 @@ from edgekit.models.default import PLAIN_MODEL_SUFFIXES, looks_like_model, not_a
 @json_option
 def info_cmd(model, size, as_json):
     """Architecture, parameters, MACs and input spec of a checkpoint; what an artifact or model file is."""
-    from edgekit.export.artifact import is_artifact
+    from edgekit.artifact import is_artifact
+    from edgekit.backends.registry import spec_for_model_file
 
     path = Path(model_path(model))
     if is_artifact(path):
         return _artifact_info(path, as_json)
-    if path.suffix.lower() in PLAIN_MODEL_SUFFIXES:
+    if spec_for_model_file(path) is not None:
         return _plain_model_info(path, as_json)
     from edgekit.models.info import checkpoint_info
 
@@ -56,7 +57,7 @@ def _spec_text(pre: dict) -> str:
 
 def _artifact_info(folder: Path, as_json: bool) -> None:
     """An artifact folder: its manifest (file hashes checked first), as recorded at compile time."""
-    from edgekit.export.artifact import read_manifest
+    from edgekit.artifact import read_manifest
 
     m = read_manifest(folder)
     if as_json:
@@ -164,6 +165,8 @@ def predict_cmd(inputs, out_dir, threshold, threads, force, as_json):
 
     first = Path(inputs[0])
     if len(inputs) > 1 and first.is_dir() and not any(is_image_name(p) for p in first.iterdir()):
+        from edgekit.artifact import not_an_artifact
+
         raise not_an_artifact(first)  # meant as the model (images follow), but not an artifact folder
     model, images = (inputs[0], inputs[1:]) if looks_like_model(inputs[0]) else (None, inputs)
     if not images:
@@ -212,7 +215,7 @@ def import_cmd(source, out_path, force, classes):
 def synth_cmd(out_dir, count, split, size):
     """Write synthetic steel-defect images and masks (images/ + masks/) for demos or calibration."""
     from edgekit.data.images import write_png
-    from edgekit.data.synthetic import synthetic_dataset
+    from edgekit.data.datasets import synthetic_dataset
 
     ds = synthetic_dataset(count, split=split, size=(size, size))
     out = Path(out_dir)

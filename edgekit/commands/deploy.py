@@ -5,29 +5,20 @@ from pathlib import Path
 
 import click
 
+from edgekit.backends.registry import targets
 from edgekit.commands._common import (check_out, echo_json, force_option, json_option, limit_option, model_path,
                                      out_option, parse_batches, result_stdout, threads_option, write_json)
 from edgekit.errors import EdgekitError
 from edgekit.models.default import resolve_model
 
 CALIB_HELP = ("Calibration images for int8 (required): a folder, an SD-900 folder (its train split), or "
-              "synthetic[:N] to calibrate on edgekit's synthetic images. Real images also become the parity "
-              "data unless --parity-data is given.")
-PARITY_HELP = "Images for the parity check (default: --calib's real images for int8, else synthetic:12)."
+              "synthetic[:N] to calibrate on edgekit's synthetic images.")
+PARITY_HELP = ("Images for the parity check (default: the real images given by --val, else --calib, "
+               "else synthetic:12).")
 
 
-def int8_data(precision: str, calib, parity_data):
-    """INT8 calibrates on images the user named: real ones, or ``synthetic`` said explicitly; the parity
-    check then runs on the same real data (their test split where there is one) unless told otherwise."""
-    if precision == "int8" and calib is None:
-        raise EdgekitError("--precision int8 needs --calib: calibration images like the deployment's (a folder or "
-                           "an SD-900 folder), or --calib synthetic for edgekit's synthetic images")
-    if calib == "synthetic":
-        calib = "synthetic:128"
-    if parity_data is None:
-        real = precision == "int8" and calib is not None and not calib.startswith("synthetic")
-        parity_data = calib if real else "synthetic:12"
-    return calib, parity_data
+def targets_help() -> str:
+    return "; ".join(f"{t.name}: {t.description} ({', '.join(t.compile_precisions)})" for t in targets())
 
 
 _AS_BACKBONE = click.option("--as-backbone", is_flag=True,
@@ -37,8 +28,9 @@ _AS_BACKBONE = click.option("--as-backbone", is_flag=True,
 
 @click.command("compile")
 @click.argument("model", required=False, metavar="[CKPT|REGISTRY|BACKBONE]")
-@click.option("--target", required=True, help="onnx | ort | openvino | trt | cuda-fused")
-@click.option("--precision", default="fp32", show_default=True, help="fp32 | bf16 | fp16 | int8 | auto")
+@click.option("--target", required=True, metavar="TARGET", help=targets_help())
+@click.option("--precision", default="fp32", show_default=True,
+              help="fp32 | bf16 | fp16 | int8 | default | auto (what each target offers: see --target)")
 @out_option("folder", "Artifact folder to write.")
 @click.option("--calib", default=None, help=CALIB_HELP)
 @click.option("--subset", default=100, show_default=True, type=click.IntRange(1), help="Calibration images.")
@@ -53,10 +45,9 @@ _AS_BACKBONE = click.option("--as-backbone", is_flag=True,
 def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, parity_data, threads, force, as_backbone,
                 as_json):
     """Compile a checkpoint, or the frozen backbone of an MLFF adapter registry, into a verified artifact folder."""
-    check_out(out, force)
-    calib, parity_data = int8_data(precision, calib, parity_data)
+    check_out(out, force)  # before anything is imported or loaded
     source = model_path(model, registry_ok=True)
-    from edgekit.export.compile import compile_model
+    from edgekit.pipeline.compile import compile_model
 
     manifest = compile_model(source, target, precision, out, parity_data=parity_data,
                              calib=calib, subset=subset, int8_scheme=int8_scheme, force=force,
@@ -72,7 +63,7 @@ def _log(as_json: bool):
 
 @click.command("quantize")
 @click.argument("model", required=False, metavar="[CKPT|ARTIFACT|REGISTRY|BACKBONE]")
-@click.option("--target", required=True, type=click.Choice(["openvino", "onnx"]))
+@click.option("--target", required=True, type=click.Choice([t.name for t in targets() if t.int8 == "nncf"]))
 @click.option("--calib", default=None, help=CALIB_HELP)
 @click.option("--subset", default=100, show_default=True, type=click.IntRange(1), help="Calibration images used.")
 @click.option("--max-drop", default=None, type=click.FloatRange(0),
@@ -90,10 +81,9 @@ def _log(as_json: bool):
 def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_scheme, parity_data, out, threads,
                  force, as_backbone, as_json):
     """INT8 post-training quantization with NNCF (accuracy-controlled with --max-drop and --val)."""
-    check_out(out, force)
-    calib, parity_data = int8_data("int8", calib, parity_data)
+    check_out(out, force)  # before anything is imported or loaded
     source = model_path(model, registry_ok=True)
-    from edgekit.export.compile import compile_model
+    from edgekit.pipeline.compile import compile_model
 
     manifest = compile_model(source, target, "int8", out, parity_data=parity_data, calib=calib,
                              subset=subset, int8_scheme=int8_scheme, max_drop=max_drop, metric=metric, val=val,
@@ -162,7 +152,7 @@ def _bench(models, device, backends, batch, threads, data, calib, rounds, iters,
 
     from edgekit import runtime
     from edgekit.bench.cpu import Row, model_size, run_bench
-    from edgekit.bench.plan import BASELINE, DEFAULT_CPU_BACKENDS, plan_rows
+    from edgekit.bench.plan import BASELINE, default_cpu_backends, plan_rows
     from edgekit.commands._common import print_table, set_threads
 
     if device == "gpu":
@@ -175,10 +165,10 @@ def _bench(models, device, backends, batch, threads, data, calib, rounds, iters,
             raise EdgekitError("bench takes one adapter registry at a time (no other models beside it)")
         return _bench_mlff(models[0], backends, batches, threads, data, calib, rounds, iters, eval_limit, json_out,
                            plot_out)
-    specs = [s.strip() for s in backends.split(",")] if backends else list(DEFAULT_CPU_BACKENDS)
+    specs = [s.strip() for s in backends.split(",")] if backends else default_cpu_backends()
     _check_backend_specs(specs)
     set_threads(threads)
-    if calib is None and data not in ("synthetic",) and not data.startswith("synthetic"):
+    if calib is None:  # int8 rows calibrate on --data (its train split), said in the row's manifest
         calib = data
     planned = plan_rows(list(models) or [resolve_model(None)], specs, calib, "synthetic:12", threads,
                         lambda m: click.echo(m, err=True))
@@ -204,15 +194,18 @@ def _bench(models, device, backends, batch, threads, data, calib, rounds, iters,
 
 def _check_backend_specs(specs, allow_auto: bool = True) -> None:
     """Every ``target:precision`` of ``--backends`` exists and its package is installed (one line if not)."""
+    from edgekit.backends.registry import get_backend
     from edgekit.bench.plan import parse_backend
-    from edgekit.export.targets import get_target
 
     for s in specs:
-        if s != "torch":
-            t, p = parse_backend(s)
-            if p == "auto" and not allow_auto:
-                raise EdgekitError("--backends: precision auto is for GMBINet checkpoints")
-            get_target(t).check(p)
+        t, p = parse_backend(s)
+        spec = get_backend(t)
+        if spec.build is None:  # runs checkpoints as they are (torch)
+            spec.require()
+            continue
+        if p == "auto" and not allow_auto:
+            raise EdgekitError("--backends: precision auto is for GMBINet checkpoints")
+        spec.check(p)
 
 
 def _save_result(result: dict, threads, json_out, plot_out) -> None:
@@ -232,10 +225,10 @@ def _save_result(result: dict, threads, json_out, plot_out) -> None:
 
 def _bench_mlff(registry, backends, batches, threads, data, calib, rounds, iters, eval_limit, json_out, plot_out):
     """``edgekit bench REGISTRY``: backbone (torch / compiled) + the registry's adapter heads, per image."""
-    from edgekit.bench.mlff import DEFAULT_MLFF_BACKENDS, MLFF_BASELINE, plan_mlff_rows, run_mlff_bench
+    from edgekit.bench.mlff import MLFF_BASELINE, default_mlff_backends, plan_mlff_rows, run_mlff_bench
     from edgekit.commands._common import print_table, set_threads
 
-    specs = [s.strip() for s in backends.split(",") if s.strip()] if backends else list(DEFAULT_MLFF_BACKENDS)
+    specs = [s.strip() for s in backends.split(",") if s.strip()] if backends else default_mlff_backends()
     _check_backend_specs(specs, allow_auto=False)
     if data.startswith("synthetic"):
         raise EdgekitError("bench REGISTRY needs --data: class folders (DIR/<class>/*, e.g. NEU-CLS) named like the "

@@ -32,8 +32,9 @@ FORMAT_VERSION = 1
 
 
 def tool_versions(*packages: str) -> Dict[str, str]:
+    """edgekit's version and those of ``packages`` (the ones a backend declares it builds with)."""
     out = {"edgekit": __version__}
-    for p in ("torch", "onnx", "onnxruntime", "openvino", "nncf", "onnxsim") + packages:
+    for p in dict.fromkeys(packages):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[p] = importlib.metadata.version(p)
     return out
@@ -47,11 +48,17 @@ def is_artifact(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
 
 
+def not_an_artifact(folder: str | os.PathLike) -> EdgekitError:
+    """The one error every command gives for a folder, named as a model, that has no manifest."""
+    return EdgekitError(f"{folder} is a folder without {MANIFEST}, so not an edgekit artifact (edgekit compile "
+                        "writes those); give a checkpoint, an artifact folder or a model file (.onnx, .xml)")
+
+
 def read_manifest(folder: str | os.PathLike, verify: bool = True) -> dict:
     folder = Path(folder)
     mpath = folder / MANIFEST
     if not mpath.is_file():
-        raise EdgekitError(f"{folder}: not an artifact folder (no {MANIFEST})")
+        raise not_an_artifact(folder)
     try:
         manifest = json.loads(mpath.read_text())
     except (ValueError, UnicodeDecodeError):
@@ -68,6 +75,15 @@ def read_manifest(folder: str | os.PathLike, verify: bool = True) -> dict:
     return manifest
 
 
+def check_out(out: str | os.PathLike, force: bool = False) -> None:
+    """Refuse an output folder before any work starts (``artifact_writer`` checks again at the end)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise EdgekitError(f"{out} already exists (use --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise EdgekitError(f"{out} exists and is not a folder")
+
+
 @contextlib.contextmanager
 def artifact_writer(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it becomes ``out`` in one rename.
@@ -76,10 +92,7 @@ def artifact_writer(out: str | os.PathLike, force: bool = False) -> Iterator[Pat
     ``force``, and only once the new one is complete).
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise EdgekitError(f"{out} already exists (use --force to replace it)")
-    if out.exists() and not out.is_dir():
-        raise EdgekitError(f"{out} exists and is not a folder")
+    check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -1,11 +1,11 @@
-"""Shared base for runners that load an artifact folder (see ``edgekit.export.artifact``)."""
+"""Shared base for runners that load an artifact folder (see ``edgekit.artifact``)."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from edgekit.artifact import read_manifest
+from edgekit.backends.base import Runner
 from edgekit.data.preprocess import PreprocessSpec
-from edgekit.export.artifact import is_artifact, read_manifest
-from edgekit.runtime.base import Runner
 
 
 class ArtifactRunner(Runner):
@@ -21,6 +21,7 @@ class ArtifactRunner(Runner):
             self.manifest = read_manifest(folder)  # verifies file hashes first
             self.model_path = folder / self.manifest["model_file"]
         super().__init__(PreprocessSpec.from_dict(self.manifest["preprocess"]), folder, self.manifest)
+        self.name = self.manifest.get("target", self.name)  # the backend's one name (a plain file: the class's)
         self.precision = self.manifest.get("precision", "fp32")
 
     def adopt_input(self, shape) -> None:
@@ -43,20 +44,3 @@ class ArtifactRunner(Runner):
 
     def describe(self) -> str:
         return f"{self.name} {self.precision} ({self.source})"
-
-
-def recognizes_target(*targets: str, suffix: str | None = None):
-    """A cheap ``recognizes`` check: an artifact folder whose manifest names one of ``targets``, or a
-    plain model file ending in ``suffix``."""
-
-    def check(p: Path) -> bool:
-        if suffix and p.is_file() and p.suffix.lower() == suffix:
-            return True
-        if not is_artifact(p):
-            return False
-        try:
-            return read_manifest(p, verify=False).get("target") in targets
-        except Exception:
-            return False
-
-    return check
