@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from edgekit.commands._common import check_out, echo_json, force_option, json_option, out_option, threads_option
+from edgekit.commands._common import (check_out, echo_json, force_option, json_option, model_path, out_option,
+                                     threads_option)
 from edgekit.errors import EdgekitError
 
 EXTRA = "prune"  # Torch-Pruning: without it edgekit.cli lists prune as needing edgekit[prune]
@@ -46,7 +47,6 @@ def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn
     """Remove channels (equally from every GMBI group), optionally fine-tune; save an edgekit checkpoint."""
     from edgekit.train.prune import prune_with_data
     from edgekit.models.checkpoint import load_checkpoint
-    from edgekit.models.default import resolve_model
 
     out_path = Path(out)
     check_out(out_path, force)
@@ -59,7 +59,7 @@ def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn
         r = load_recipe(recipe, profile)  # a bad recipe fails before any work
         if threads:
             r.train.threads = threads
-    ck = load_checkpoint(resolve_model(model))
+    ck = load_checkpoint(model_path(model))
     data = data or (r.data_path() if r is not None else None)
     pruned, report = prune_with_data(ck, ratio, data, importance=importance, taylor_images=taylor_images,
                                      bn_images=bn_images, val_limit=limit_images)
