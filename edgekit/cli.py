@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "edgekit.commands.train",  # train
     "edgekit.commands.prune",  # prune (extra: prune)
     "edgekit.commands.adapt",  # adapt, adapters, classify
+    "edgekit.commands.fleet",  # repo init|add|delegate|publish|rotate|status, update (extra: ota)
 )
 
 

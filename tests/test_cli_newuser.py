@@ -75,7 +75,7 @@ def test_foreign_checkpoints_say_what_they_are(cli, tmp_path, command):
 @pytest.mark.parametrize("args", [("--help",), ("info", "--help"), ("eval", "--help"), ("predict", "--help"),
                                   ("compile", "--help"), ("quantize", "--help"), ("bench", "--help"),
                                   ("prune", "--help"), ("train", "--help"), ("adapt", "--help"),
-                                  ("keygen", "--help")])
+                                  ("keygen", "--help"), ("repo", "--help"), ("update", "--help")])
 def test_help_imports_no_heavy_package(subprocess_env, args):
     r = run_cli(*args, env=subprocess_env)
     assert r.returncode == 0, r.stderr
