@@ -57,12 +57,12 @@ def _edgekit(target: Path, cwd: Path, *args):
                           env=_env(target), capture_output=True, text=True, timeout=600)
 
 
-def test_wheel_has_the_package_data(installed):
-    """Every non-Python file inside edgekit/ of the checkout (assets, kernel sources, ...) is installed."""
+def test_wheel_has_every_module_and_the_package_data(installed):
+    """Every file inside edgekit/ of the checkout (modules of every subpackage, assets, kernel sources, ...)
+    is installed: a folder without __init__.py, or data not declared, would be left out."""
     files = subprocess.run(["git", "ls-files", "edgekit"], cwd=ROOT, capture_output=True, text=True).stdout.split()
-    data = [f for f in files if not f.endswith(".py")]
-    assert "edgekit/assets/gmbinet_edgekit.pt" in data
-    missing = [f for f in data if not (installed / f).is_file()]
+    assert "edgekit/assets/gmbinet_edgekit.pt" in files
+    missing = [f for f in files if not (installed / f).is_file()]
     assert missing == [], f"not in the wheel: {missing}"
 
 
