@@ -59,7 +59,7 @@ def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn
         r = load_recipe(recipe, profile)  # a bad recipe fails before any work
         if threads:
             r.train.threads = threads
-    ck = load_checkpoint(model_path(model))
+    ck = load_checkpoint(model_path(model, quiet=True))  # quiet: a refused ratio stays one error line
     data = data or (r.data_path() if r is not None else None)
     pruned, report = prune_with_data(ck, ratio, data, importance=importance, taylor_images=taylor_images,
                                      bn_images=bn_images, val_limit=limit_images)
