@@ -15,7 +15,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["edgekit", "edgekit.*"]),
-    package_data={"edgekit": ["assets/*.pt", "assets/*.json"]},
+    package_data={"edgekit": ["assets/*.pt", "assets/*.json", "kernels/cpu/*.cpp"]},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",

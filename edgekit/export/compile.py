@@ -146,6 +146,10 @@ def compile_model(source_path: str, target: str, precision: str, out: str, *, pa
             from edgekit.export.cuda_fused import build_for_compile as build_cuda_fused
 
             fields = build_cuda_fused(src, folder, precision, log)
+        elif target == "cpu-fused":  # folded weights + our kernels built here per ISA level, no ONNX
+            from edgekit.backends.cpu_fused.build import build_cpu_fused
+
+            fields = build_cpu_fused(src.checkpoint, folder, precision, log=log)
         elif target == "trt":  # its own typed ONNX (fp16 or Q/DQ, checked on the CPU), then the engine
             from edgekit.export.trt import build_for_compile
 

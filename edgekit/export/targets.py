@@ -100,6 +100,9 @@ TARGETS: Dict[str, Target] = {t.name: t for t in (
     # PyCUDA is needed to run the artifact, not to build and verify it (host emulation).
     Target("cuda-fused", "edgekit's fused CUDA kernels (GPU, PyCUDA)", ("fp16", "fp32"), None, "pycuda",
            _build_from_checkpoint),
+    # Our own CPU kernels: built from the checkpoint by edgekit.backends.cpu_fused (needs a C++ compiler).
+    Target("cpu-fused", "edgekit's fused CPU kernels (C++, AVX2 / AVX-512)", ("fp32",), None, "g++",
+           _build_from_checkpoint),
 )}
 
 

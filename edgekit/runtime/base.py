@@ -73,6 +73,7 @@ _BUILTIN = (
     "edgekit.runtime.openvino_runner",
     "edgekit.runtime.cuda_fused_runner",
     "edgekit.runtime.trt_runner",
+    "edgekit.backends.cpu_fused.runner",
 )
 
 

@@ -1,0 +1,1 @@
+"""Deployment backends: how each target builds its artifact files and runs them."""
