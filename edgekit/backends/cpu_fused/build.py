@@ -12,6 +12,7 @@ before anything is loaded.  The compiler is needed here only: a deployed device 
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -49,9 +50,10 @@ def build_cpu_fused(checkpoint, folder: Path, precision: str = "fp32", *, isas: 
     folder = Path(folder)
     blob.tofile(folder / WEIGHTS_FILE)
     (folder / "kernels").mkdir(exist_ok=True)
+    with ThreadPoolExecutor(max_workers=len(isas)) as pool:  # one compiler process per ISA level, in parallel
+        built = list(pool.map(lambda isa: build_library(isa, folder / library_name(isa), cxx), isas))
     libs = {}
-    for isa in isas:
-        info = build_library(isa, folder / library_name(isa), cxx)
+    for isa, info in zip(isas, built):
         libs[isa] = {"file": library_name(isa), "compiler": info["compiler"], "flags": info["flags"]}
         log(f"cpu-fused: {isa} kernels built with {info['compiler']}")
     return {

@@ -374,7 +374,14 @@ static inline void dw_gate_row(float* y, float* u, const float* a, const float* 
 static inline void gate_inplace(float* y, const float* g, int n) {  // y = sigmoid(g) * y + y
   int i = 0;
   for (; i + VW <= n; i += VW) { vf yv = vload(y + i); vstore(y + i, vsigmoid(vload(g + i)) * yv + yv); }
-  for (; i < n; ++i) y[i] = ssigmoid(g[i]) * y[i] + y[i];
+  if (i < n) {  // the tail through the same vector code, so a pixel's value never depends on the band it is in
+    float yb[VW] = {0}, gb[VW] = {0};
+    std::memcpy(yb, y + i, (n - i) * sizeof(float));
+    std::memcpy(gb, g + i, (n - i) * sizeof(float));
+    vf yv = vload(yb);
+    vstore(yb, vsigmoid(vload(gb)) * yv + yv);
+    std::memcpy(y + i, yb, (n - i) * sizeof(float));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
