@@ -17,7 +17,7 @@ _AS_BACKBONE = click.option("--as-backbone", is_flag=True,
 
 @click.command("compile")
 @click.argument("model", required=False, metavar="[CKPT|REGISTRY|BACKBONE]")
-@click.option("--target", required=True, help="onnx | ort | openvino | trt | cuda-fused")
+@click.option("--target", required=True, help="onnx | ort | openvino | trt | cuda-fused | cpu-fused")
 @click.option("--precision", default="fp32", show_default=True, help="fp32 | bf16 | fp16 | int8 | auto")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact folder to write.")
 @click.option("--calib", default=None, help="Calibration data for int8: folder, SD-900 folder or synthetic[:N].")
