@@ -44,7 +44,8 @@ sys.path.insert(0, str(ROOT))
 from edgekit.data.datasets import ClassSample, holdout_split, load_class_folders  # noqa: E402
 from edgekit.data.images import read_gray  # noqa: E402
 from edgekit.models.backbones import load_backbone, preprocess_images  # noqa: E402
-from edgekit.train.continual import Registry, TaskData, add_task, extract_features, select_exemplars, train_adapter  # noqa: E402
+from edgekit.mlff.registry import Registry  # noqa: E402
+from edgekit.train.continual import TaskData, add_task, extract_features, select_exemplars, train_adapter  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "datasets"
 TASKS = [("neu-a", ["crazing", "inclusion", "patches"]),

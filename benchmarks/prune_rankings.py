@@ -16,13 +16,13 @@ import sys
 import torch
 import torch_pruning as tp
 
-from edgekit.compress.prune import (GMBIAwareImportance, GMBIPruner, _prunable_copy, opaque_gmbi,
-                                    recalibrate_on_dataset, widths_of)
+from edgekit.compress.prune import GMBIAwareImportance, GMBIPruner, _prunable_copy, opaque_gmbi, widths_of
+from edgekit.train.prune import recalibrate_on_dataset
 from edgekit.data.datasets import open_segmentation
 from edgekit.eval.evaluate import evaluate
 from edgekit.models.checkpoint import Checkpoint, load_checkpoint
 from edgekit.models.gmbinet import GMBI, GMBINet, GMBINetConfig
-from edgekit.runtime.torch_runner import TorchRunner
+from edgekit.backends.torch_eager import TorchRunner
 from edgekit.train.data import batch_generator, build_trainset, make_batch
 from edgekit.train.losses import DeepSupervisionLoss
 from edgekit.train.recipe import load_recipe

@@ -1,6 +1,6 @@
 // The remaining GMBINet (arXiv 2508.16397) layers, inference only, BN folded at load time, so that
 // the whole eval-mode network runs as one sequence of our own launches (edgekit/kernels/gmbinet.py
-// plans it; edgekit/runtime/cuda_fused_runner.py runs it):
+// plans it; edgekit/backends/cuda_fused/runner.py runs it):
 //
 //   stem        3x3 stride-2 conv + ReLU                          gmbinet_stem_{f32,f16}
 //   DownBlock   DW 3x3 stride 2 + ReLU, then PW 1x1 + ReLU        gmbinet_dwpw_s2_{f32,f16}

@@ -196,7 +196,7 @@ def test_same_result_with_1_and_2_threads_and_repeated_runs(library):
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory, published_ckpt):
     _skip_without_kernels()
-    from edgekit.export.compile import compile_model
+    from edgekit.pipeline.compile import compile_model
 
     out = tmp_path_factory.mktemp("cpu_fused_art") / "A"
     compile_model(str(published_ckpt), "cpu-fused", "fp32", str(out), parity_data="synthetic:2", log=lambda *_: None)
@@ -206,8 +206,8 @@ def artifact(tmp_path_factory, published_ckpt):
 def test_whole_network_on_sd900_matches_pytorch(artifact, published_ckpt, sd900):
     from edgekit import runtime
     from edgekit.data.datasets import open_segmentation
-    from edgekit.export.compare import parity
-    from edgekit.runtime.torch_runner import TorchRunner
+    from edgekit.pipeline.parity import parity
+    from edgekit.backends.torch_eager import TorchRunner
     from edgekit.models.checkpoint import load_checkpoint
 
     man = json.loads((artifact / "manifest.json").read_text())
@@ -253,7 +253,7 @@ def test_isa_the_cpu_lacks_is_refused_at_load(artifact, tmp_path):
         pytest.skip("this CPU runs every ISA level; the load-time refusal is covered by choose_isa above")
     from edgekit.backends.cpu_fused.build import build_cpu_fused
     from edgekit.models.checkpoint import load_checkpoint
-    from edgekit.export.artifact import write_manifest
+    from edgekit.artifact import write_manifest
     from edgekit import runtime
 
     art = _copy(artifact, tmp_path)

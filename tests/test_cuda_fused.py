@@ -271,7 +271,7 @@ def test_emulated_network_embedded_checkpoint_on_sd900(net_emulator, sd900, dtyp
 def test_runner_without_pycuda_fails_with_one_line(monkeypatch):
     from edgekit.models.default import DEFAULT_CHECKPOINT
     from edgekit.runtime import backends
-    from edgekit.runtime.cuda_fused_runner import load_cuda_fused
+    from edgekit.backends.cuda_fused.runner import load_cuda_fused
 
     assert "cuda-fused" in [b.name for b in backends()]
     for name in ("pycuda", "pycuda.driver"):
@@ -310,7 +310,7 @@ needs_gpu = pytest.mark.skipif(not _cuda_device(), reason="no CUDA device / pycu
 def test_runner_on_gpu_matches_pytorch(precision):
     from edgekit.models.checkpoint import load_checkpoint
     from edgekit.models.default import DEFAULT_CHECKPOINT
-    from edgekit.runtime.cuda_fused_runner import CudaFusedRunner
+    from edgekit.backends.cuda_fused.runner import CudaFusedRunner
 
     ck = load_checkpoint(DEFAULT_CHECKPOINT)
     runner = CudaFusedRunner(ck, precision=precision)
@@ -489,7 +489,7 @@ class _FakeNetCuda:
 def test_runner_on_fake_pycuda(net_emulator, tmp_path, monkeypatch, precision):
     from edgekit.data.preprocess import PreprocessSpec
     from edgekit.models.checkpoint import Checkpoint
-    from edgekit.runtime.cuda_fused_runner import CudaFusedRunner
+    from edgekit.backends.cuda_fused.runner import CudaFusedRunner
 
     fake = _FakeNetCuda(net_emulator, tmp_path)
     for name, mod in fake.modules.items():
@@ -525,7 +525,7 @@ def cuda_fused_artifact(tmp_path_factory):
     if not emulator_available():
         pytest.skip("host emulation needs g++/clang++ and the CUDA headers (cuda_fp16.h)")
     from edgekit.data.preprocess import PreprocessSpec
-    from edgekit.export.compile import compile_model
+    from edgekit.pipeline.compile import compile_model
     from edgekit.models.checkpoint import Checkpoint
 
     tmp = tmp_path_factory.mktemp("cf")
@@ -555,8 +555,10 @@ def test_cuda_fused_artifact_is_claimed_by_its_backend(cuda_fused_artifact, cli)
     from edgekit import runtime
 
     folder, _ = cuda_fused_artifact
-    backend = next(b for b in runtime.backends() if b.recognizes(folder))
-    assert backend.name == "cuda-fused"
+    from edgekit.artifact import read_manifest
+    from edgekit.backends.registry import spec_for_folder
+
+    assert spec_for_folder(folder, read_manifest(folder)).name == "cuda-fused"
     if importlib.util.find_spec("pycuda") is None:  # here: one line naming what to install
         from conftest import one_error_line
 

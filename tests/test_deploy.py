@@ -6,8 +6,8 @@ import pytest
 
 from edgekit import runtime
 from edgekit.errors import EdgekitError
-from edgekit.export.artifact import read_manifest
-from edgekit.export.compile import compile_model
+from edgekit.artifact import read_manifest
+from edgekit.pipeline.compile import compile_model
 
 from conftest import one_error_line
 

@@ -101,7 +101,7 @@ def test_a_limit_takes_images_across_all_classes(sd900):
     """SD-900 lists are sorted by class: 'the first N' would be N inclusions (calibration, parity
     checks and eval --limit all take their N images through limit_samples)."""
     from edgekit.data.datasets import limit_samples
-    from edgekit.export.compile import calibration_batches
+    from edgekit.pipeline.compile import calibration_batches
 
     train = open_segmentation(str(sd900), "train")
     assert {s.cls for s in train.samples[:100]} == {"inclusion"}

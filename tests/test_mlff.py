@@ -15,9 +15,11 @@ from edgekit.errors import EdgekitError, MissingBackendError
 from edgekit.models.backbones import ResNet50, load_backbone
 from edgekit.models.checkpoint import Checkpoint
 from edgekit.models.gmbinet import GMBINet, GMBINetConfig
-from edgekit.models.mlff import MLFFAdapter, load_mlff
-from edgekit.ota.adapter import load_adapter
-from edgekit.train.continual import Registry, add_task, extract_features, task_data_from_folder
+from edgekit.mlff.classifier import load_mlff
+from edgekit.models.mlff import MLFFAdapter
+from edgekit.mlff.adapter import load_adapter
+from edgekit.mlff.registry import Registry
+from edgekit.train.continual import add_task, extract_features, task_data_from_folder
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

@@ -11,13 +11,14 @@ import torch
 from edgekit import runtime
 from edgekit.data.preprocess import PreprocessSpec
 from edgekit.errors import EdgekitError
-from edgekit.export.artifact import read_manifest
-from edgekit.export.compile import compile_model
+from edgekit.artifact import read_manifest
+from edgekit.pipeline.compile import compile_model
 from edgekit.models.backbones import load_backbone
 from edgekit.models.checkpoint import Checkpoint
 from edgekit.models.gmbinet import GMBINet, GMBINetConfig
-from edgekit.models.mlff import load_mlff
-from edgekit.train.continual import Registry, add_task, task_data_from_folder
+from edgekit.mlff.classifier import load_mlff
+from edgekit.mlff.registry import Registry
+from edgekit.train.continual import add_task, task_data_from_folder
 
 from conftest import NEU, one_error_line
 from test_mlff import make_folders
@@ -135,7 +136,7 @@ def test_int8_backbone_records_accuracy_and_refuses_over_budget(setup, cli, tmp_
     assert "top1_agreement" in man["parity"] and man["parity"]["max_abs_diff"] >= 0
     assert runtime.load(out).infer(np.zeros((1, 3, 32, 32), np.float32)).shape == (1, 48)
     # over the budget: one line, nothing written (forced: the check sees a drop of 1.0)
-    from edgekit.export import mlff
+    from edgekit.pipeline import mlff_source as mlff
 
     real = mlff.BackboneSource.parity
 
@@ -202,8 +203,8 @@ def test_same_padding_convs_export_exactly(tmp_path):
     EfficientNet-Lite0 features by up to 48)."""
     import onnxruntime as ort
 
-    from edgekit.export.mlff import static_same_padding
-    from edgekit.export.onnx_export import export_onnx
+    from edgekit.pipeline.mlff_source import static_same_padding
+    from edgekit.pipeline.onnx_export import export_onnx
     from edgekit.models.backbones import SameConv2d
 
     torch.manual_seed(0)
@@ -219,7 +220,7 @@ def test_same_padding_convs_export_exactly(tmp_path):
 
 def test_task_incremental_runner_times_every_head(setup, tmp_path):
     """Backbone artifact + a task-incremental adapter: one forward gives the logits of all N heads."""
-    from edgekit.runtime.mlff_runner import load_mlff_runner
+    from edgekit.mlff.runner import load_mlff_runner
 
     reg = tmp_path / "reg"
     bb = load_backbone(str(setup["ckpt"]))
@@ -240,7 +241,7 @@ def test_adapt_holdout_leaves_the_test_part_out(setup, cli, tmp_path):
               "--holdout", "0.2", "--registry", tmp_path / "reg", "--epochs", "1", "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["images"] == 16  # 2 classes x (10 - 2 held out)
-    from edgekit.export.mlff import open_images
+    from edgekit.pipeline.mlff_source import open_images
 
     from edgekit.utils import sha256_file
 

@@ -19,6 +19,7 @@ from conftest import one_error_line, tiny_config
 
 tp = pytest.importorskip("torch_pruning", reason="torch-pruning is not installed (pip install torch-pruning)")
 
+from edgekit.train.losses import DeepSupervisionLoss  # noqa: E402
 from edgekit.compress.prune import (GMBIAwareImportance, GMBIPruner, _prunable_copy, opaque_gmbi,  # noqa: E402
                                     prune_gmbinet, recalibrate_batchnorm, widths_of)
 from edgekit.models.gmbinet import GMBI, GMBINet  # noqa: E402
@@ -114,7 +115,8 @@ def test_every_importance_removes_channels_that_carry_nothing(importance):
     _prune_and_kill(copy.deepcopy(src), dead, tp.importance.RandomImportance(), 0.25, apply=False)  # what to kill
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(2, 3, 64, 64, generator=g), (torch.rand(2, 1, 64, 64, generator=g) > 0.8).float())]
-    pruned, report = prune_gmbinet(dead, 0.25, macs_size=64, importance=importance, grad_batches=batches)
+    pruned, report = prune_gmbinet(dead, 0.25, macs_size=64, importance=importance, grad_batches=batches,
+                                   criterion=DeepSupervisionLoss())
     assert report.importance == importance and report.widths_after == [6, 12, 24, 24, 36]
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -199,7 +201,7 @@ def test_cli_prune_reports_and_writes_a_checkpoint(pruned_ckpt):
 @pytest.mark.parametrize("target", ["onnx", "openvino"])
 def test_pruned_model_exports_and_matches_its_torch_outputs(pruned_ckpt, tmp_path, target):
     pytest.importorskip("onnxruntime" if target == "onnx" else "openvino")
-    from edgekit.export.compile import compile_model
+    from edgekit.pipeline.compile import compile_model
     from edgekit.models.checkpoint import load_checkpoint
     from edgekit.runtime import load
 
@@ -315,17 +317,18 @@ def test_bn_recalibration_restores_accuracy_of_the_pruned_published_model(publis
     """On real images: one-shot pruning breaks the BN statistics; recalibrating them on train
     images (forward passes only) recovers most of the accuracy before any fine-tuning."""
     from edgekit.compress.prune import prune_checkpoint
+    from edgekit.train.prune import bn_batches
     from edgekit.data.datasets import limit_samples, open_segmentation
     from edgekit.eval.evaluate import evaluate
     from edgekit.models.checkpoint import load_checkpoint
-    from edgekit.runtime.torch_runner import TorchRunner
+    from edgekit.backends.torch_eager import TorchRunner
 
     ck = load_checkpoint(published_ckpt)
     val = open_segmentation(str(sd900), "val")
     val.samples = limit_samples(val.samples, 8)
     train = open_segmentation(str(sd900), "train")
     plain, _ = prune_checkpoint(ck, 0.125)
-    recal, _ = prune_checkpoint(ck, 0.125, bn_data=train, bn_images=32)
+    recal, _ = prune_checkpoint(ck, 0.125, bn_batches=bn_batches(train, ck.preprocess, 32))
     assert plain.provenance["bn_recalibration"] is None
     assert recal.provenance["bn_recalibration"]["images"] == 32
     iou = {name: evaluate(TorchRunner(c, threads=2), val, show_progress=False)["overall"]["iou"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edgekit.errors import EdgekitError
-from edgekit.export import trt
+from edgekit.backends.tensorrt import build as trt
 
 from conftest import one_error_line
 
@@ -31,7 +31,7 @@ needs_gpu = pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU (torch here
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tiny_ckpt, tmp_path_factory):
-    from edgekit.export.onnx_export import export_onnx
+    from edgekit.pipeline.onnx_export import export_onnx
     from edgekit.models.checkpoint import load_checkpoint
 
     return export_onnx(load_checkpoint(tiny_ckpt).build(), (1, 3, 64, 64), tmp_path_factory.mktemp("onnx") / "m.onnx")
@@ -233,7 +233,7 @@ def test_trt_builds_only_from_checkpoints_and_onnx(tiny_ckpt, tmp_path):
     """An OpenVINO artifact is refused before anything is built (TensorRT parses ONNX only)."""
     pytest.importorskip("openvino", reason="openvino not installed (pip install 'edgekit[cpu]')")
     from edgekit.data.datasets import open_segmentation
-    from edgekit.export.compile import Source, compile_model
+    from edgekit.pipeline.compile import Source, compile_model
 
     compile_model(str(tiny_ckpt), "openvino", "fp32", str(tmp_path / "ov"), parity_data="synthetic:2",
                   log=lambda *_: None)
@@ -244,7 +244,7 @@ def test_trt_builds_only_from_checkpoints_and_onnx(tiny_ckpt, tmp_path):
 
 
 def _fake_trt_artifact(folder, tiny_ckpt):
-    from edgekit.export.artifact import write_manifest
+    from edgekit.artifact import write_manifest
     from edgekit.models.checkpoint import load_checkpoint
 
     ck = load_checkpoint(tiny_ckpt)
@@ -303,7 +303,7 @@ def test_gpu_rows_explicit_request_that_cannot_run(tiny_ckpt):
 
 def test_gpu_rows_take_trt_artifacts_and_refuse_cpu_ones(tiny_ckpt, tmp_path):
     from edgekit.bench.gpu import plan_gpu_rows
-    from edgekit.export.compile import compile_model
+    from edgekit.pipeline.compile import compile_model
 
     art = _fake_trt_artifact(tmp_path / "engine_fp16", tiny_ckpt)
     rows, _ = plan_gpu_rows([str(art)], ["eager:fp32"], fused_available=False, tensorrt_available=False)
@@ -361,8 +361,8 @@ def test_bench_gpu_json(cli, tiny_ckpt, tmp_path):
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_trt_engine_builds_loads_and_matches(tiny_ckpt, tmp_path, precision):
     from edgekit import runtime
-    from edgekit.export.artifact import read_manifest
-    from edgekit.export.compile import compile_model
+    from edgekit.artifact import read_manifest
+    from edgekit.pipeline.compile import compile_model
 
     man = compile_model(str(tiny_ckpt), "trt", precision, str(tmp_path / "e"), calib="synthetic:8", subset=8,
                         parity_data="synthetic:4", log=lambda *_: None)

@@ -1,1 +1,0 @@
-"""Deployment backends: how each target builds its artifact files and runs them."""

@@ -18,9 +18,9 @@ import numpy as np
 
 from edgekit.data.datasets import open_segmentation
 from edgekit.eval.evaluate import evaluate
-from edgekit.export.artifact import is_artifact, now_utc, read_manifest
+from edgekit.artifact import is_artifact, now_utc, read_manifest
 from edgekit.progress import progress
-from edgekit.runtime.base import Runner
+from edgekit.backends.base import Runner
 
 PAPER_ROW = {"name": "paper (arXiv 2508.16397, their CPU)", "fps_b1": 16.53, "iou": 0.8728, "mae": 0.0126,
              "note": "reported on the authors' split and hardware; batch size not stated"}

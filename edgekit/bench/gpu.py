@@ -24,7 +24,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from edgekit.errors import EdgekitError
-from edgekit.runtime.base import Runner
+from edgekit.backends.base import Runner
 
 PAPER_GPU_ROW = {"name": "paper (arXiv 2508.16397, their GPU)", "fps_b1": 1048.0, "iou": 0.8728, "mae": 0.0126,
                  "note": "reported on the authors' split and GPU; batch size not stated",
@@ -89,7 +89,7 @@ def plan_gpu_rows(models: Sequence[str], specs: Sequence[str], *, fused_availabl
                   explicit: bool = False) -> Tuple[List[PlannedRow], List[dict]]:
     """(rows to run, rows left out with the reason). ``explicit``: the user listed ``specs`` (a row
     that cannot run is then an error, not a note)."""
-    from edgekit.export.artifact import is_artifact, read_manifest
+    from edgekit.artifact import is_artifact, read_manifest
 
     parsed = [(s, *parse_gpu_backend(s)) for s in specs]
     rows, skipped = [], []
@@ -288,7 +288,7 @@ def run_gpu_bench(planned: List[PlannedRow], *, data: str = "synthetic", batches
     from edgekit.bench.cpu import Row, model_size, row_summary
     from edgekit.data.datasets import open_segmentation
     from edgekit.eval.evaluate import evaluate
-    from edgekit.export.artifact import now_utc
+    from edgekit.artifact import now_utc
 
     require_cuda()
     batches = sorted(set(batches) | {1})

@@ -22,16 +22,27 @@ import torch
 from edgekit.bench.cpu import Row, machine_description, row_summary, time_rows
 from edgekit.bench.plan import cache_root, parse_backend
 from edgekit.errors import EdgekitError
-from edgekit.export.artifact import is_artifact, now_utc, read_manifest
+from edgekit.artifact import is_artifact, now_utc, read_manifest
 from edgekit.progress import progress
 
-DEFAULT_MLFF_BACKENDS = ("torch", "onnx", "openvino:fp32", "openvino:int8")
 MLFF_BASELINE = "torch"
+
+
+def default_mlff_backends() -> List[str]:
+    """The rows of ``edgekit bench REGISTRY``: torch, then every CPU backend that compiles MLFF backbones at
+    its default bench precisions (the plugin-default precision is a GMBINet baseline, not an MLFF row)."""
+    from edgekit.backends.registry import backends
+
+    rows = [MLFF_BASELINE]
+    for b in backends():
+        if b.device == "cpu" and b.build is not None and "mlff-backbone" in b.kinds:
+            rows += [f"{b.name}:{p}" for p in b.bench_default if p != "default"]
+    return rows
 SCHEMA = "edgekit-bench/1"
 
 
 def is_registry(path: str) -> bool:
-    from edgekit.train.continual import REGISTRY_NAME
+    from edgekit.mlff.registry import REGISTRY_NAME
 
     p = Path(path)
     return p.is_dir() and (p / REGISTRY_NAME).is_file()
@@ -39,8 +50,8 @@ def is_registry(path: str) -> bool:
 
 def backbone_artifact_for(registry: str, spec: str, data: Optional[str], calib: Optional[str], threads, log) -> Path:
     """Compile (or reuse) the registry's backbone for ``spec`` = target[:precision], cached by backbone sha256."""
-    from edgekit.export.compile import compile_model
-    from edgekit.train.continual import Registry
+    from edgekit.pipeline.compile import compile_model
+    from edgekit.mlff.registry import Registry
 
     reg = Registry.open(registry)
     target, precision = parse_backend(spec)
@@ -60,8 +71,8 @@ def plan_mlff_rows(registry: str, backends: List[str], data: Optional[str], cali
                    log) -> List[Row]:
     """One Row per backend: MLFFRunner(backbone runner, adapter); sizes backbone + adapter."""
     from edgekit import runtime
-    from edgekit.runtime.mlff_runner import MLFFRunner, check_backbone_match, load_mlff_runner
-    from edgekit.train.continual import Registry
+    from edgekit.mlff.runner import MLFFRunner, check_backbone_match, load_mlff_runner
+    from edgekit.mlff.registry import Registry
 
     reg = Registry.open(registry)
     folder = reg.adapter_folder()
@@ -85,7 +96,7 @@ def plan_mlff_rows(registry: str, backends: List[str], data: Optional[str], cali
 
 
 def _accuracy(runner, arrays: List[np.ndarray], show_progress: bool) -> List[dict]:
-    from edgekit.models.mlff import MLFFClassifier
+    from edgekit.mlff.classifier import MLFFClassifier
 
     clf = MLFFClassifier(None, runner.adapter, runner.meta)
     preds = []
@@ -99,7 +110,7 @@ def _accuracy(runner, arrays: List[np.ndarray], show_progress: bool) -> List[dic
 def run_mlff_bench(rows: List[Row], data: str, batches=(1, 8), rounds: int = 5, iters: int = 20, warmup: int = 5,
                    eval_limit: Optional[int] = None, async_jobs: int = 2, show_progress: bool = True,
                    baseline: Optional[str] = MLFF_BASELINE, registry: Optional[str] = None) -> dict:
-    from edgekit.export.mlff import open_images
+    from edgekit.pipeline.mlff_source import open_images
 
     if not rows:
         raise EdgekitError("no rows to benchmark")

@@ -6,13 +6,19 @@ import os
 from pathlib import Path
 from typing import List, Optional
 
+from edgekit.backends.registry import get_backend
 from edgekit.errors import EdgekitError
-from edgekit.export.artifact import is_artifact, read_manifest
+from edgekit.artifact import is_artifact, read_manifest
 from edgekit.utils import sha256_file
 
-DEFAULT_CPU_BACKENDS = ("torch", "onnx", "ort", "openvino:default", "openvino:fp32", "openvino:bf16",
-                        "openvino:int8")
 BASELINE = "openvino:default"
+
+
+def default_cpu_backends() -> list:
+    """The rows of ``edgekit bench`` without ``--backends``: each backend's ``bench_default``."""
+    from edgekit.backends.registry import default_bench_rows
+
+    return default_bench_rows("cpu")
 
 
 def cache_root() -> Path:
@@ -21,12 +27,12 @@ def cache_root() -> Path:
 
 def parse_backend(spec: str):
     target, _, precision = spec.partition(":")
-    return target, precision or ("fp32" if target != "torch" else "fp32")
+    return target, precision or "fp32"
 
 
 def artifact_for(ckpt: Path, spec: str, calib: Optional[str], parity_data: str, threads, log) -> Path:
     """Compile (or reuse) the artifact of ``ckpt`` for ``spec`` = target[:precision]."""
-    from edgekit.export.compile import compile_model
+    from edgekit.pipeline.compile import compile_model
 
     target, precision = parse_backend(spec)
     folder = cache_root() / "bench" / sha256_file(ckpt)[:16] / f"{target}_{precision}"
@@ -53,8 +59,8 @@ def plan_rows(models: List[str], backends: List[str], calib: Optional[str], pari
             rows.append((f"{man['target']}:{man['precision']} ({p.name})", p))
             continue
         for spec in backends:
-            if spec == "torch":
-                rows.append(("torch", p))
+            if get_backend(parse_backend(spec)[0]).build is None:  # runs the checkpoint itself (torch)
+                rows.append((parse_backend(spec)[0], p))
             else:
                 rows.append((spec, artifact_for(p, spec, calib, parity_data, threads, log)))
     return rows

@@ -68,7 +68,7 @@ def adapt_cmd(backbone, task, data, classes, rehearsal, distill, setting, regist
 @click.option("--json", "as_json", is_flag=True)
 def adapters_cmd(registry, as_json):
     """List the tasks and adapters of a registry."""
-    from edgekit.train.continual import Registry
+    from edgekit.mlff.registry import Registry
 
     reg = Registry.open(registry)
     if as_json:
@@ -93,7 +93,7 @@ def adapters_cmd(registry, as_json):
 def classify_cmd(images, registry, backbone_artifact, task, threads, as_json):
     """Classify images with the backbone + the registry's newest adapter."""
     from edgekit.data.images import expand_image_paths
-    from edgekit.models.mlff import load_mlff
+    from edgekit.mlff.classifier import load_mlff
 
     set_threads(threads)
     files = expand_image_paths(images, recursive=True)

@@ -123,7 +123,7 @@ def import_cmd(source, out_path, classes):
 def synth_cmd(out_dir, count, split, size):
     """Write synthetic steel-defect images and masks (images/ + masks/) for demos or calibration."""
     from edgekit.data.images import write_png
-    from edgekit.data.synthetic import synthetic_dataset
+    from edgekit.data.datasets import synthetic_dataset
 
     ds = synthetic_dataset(count, split=split, size=(size, size))
     out = Path(out_dir)

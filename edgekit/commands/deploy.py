@@ -5,9 +5,18 @@ from pathlib import Path
 
 import click
 
+from edgekit.backends.registry import targets
 from edgekit.commands._common import echo_json, parse_batches, write_json
 from edgekit.errors import EdgekitError
 from edgekit.models.default import resolve_model
+
+
+PARITY_HELP = ("Images for the parity check (default: the real images given by --val, else --calib, "
+               "else synthetic:12).")
+
+
+def targets_help() -> str:
+    return "; ".join(f"{t.name}: {t.description} ({', '.join(t.compile_precisions)})" for t in targets())
 
 
 _AS_BACKBONE = click.option("--as-backbone", is_flag=True,
@@ -17,15 +26,16 @@ _AS_BACKBONE = click.option("--as-backbone", is_flag=True,
 
 @click.command("compile")
 @click.argument("model", required=False, metavar="[CKPT|REGISTRY|BACKBONE]")
-@click.option("--target", required=True, help="onnx | ort | openvino | trt | cuda-fused | cpu-fused")
-@click.option("--precision", default="fp32", show_default=True, help="fp32 | bf16 | fp16 | int8 | auto")
+@click.option("--target", required=True, metavar="TARGET", help=targets_help())
+@click.option("--precision", default="fp32", show_default=True,
+              help="fp32 | bf16 | fp16 | int8 | default | auto (what each target offers: see --target)")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact folder to write.")
 @click.option("--calib", default=None, help="Calibration data for int8: folder, SD-900 folder or synthetic[:N].")
 @click.option("--subset", default=100, show_default=True, type=click.IntRange(1), help="Calibration images.")
 @click.option("--int8-scheme", default="pointwise", show_default=True,
               type=click.Choice(["default", "stem-head-float", "conv-only", "pointwise", "trt-entropy"]),
               help="NNCF Q/DQ placement; trt-entropy: TensorRT's own entropy calibrator (TensorRT 8.5-10.x).")
-@click.option("--parity-data", default="synthetic:12", show_default=True, help="Images for the parity check.")
+@click.option("--parity-data", default=None, help=PARITY_HELP)
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
 @click.option("--force", is_flag=True, help="Replace an existing artifact folder.")
 @_AS_BACKBONE
@@ -33,7 +43,7 @@ _AS_BACKBONE = click.option("--as-backbone", is_flag=True,
 def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, parity_data, threads, force, as_backbone,
                 as_json):
     """Compile a checkpoint, or the frozen backbone of an MLFF adapter registry, into a verified artifact folder."""
-    from edgekit.export.compile import compile_model
+    from edgekit.pipeline.compile import compile_model
 
     manifest = compile_model(resolve_model(model), target, precision, out, parity_data=parity_data,
                              calib=calib, subset=subset, int8_scheme=int8_scheme, force=force,
@@ -45,7 +55,7 @@ def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, parit
 
 @click.command("quantize")
 @click.argument("model", required=False, metavar="[CKPT|ARTIFACT|REGISTRY|BACKBONE]")
-@click.option("--target", required=True, type=click.Choice(["openvino", "onnx"]))
+@click.option("--target", required=True, type=click.Choice([t.name for t in targets() if t.int8 == "nncf"]))
 @click.option("--calib", default=None, help="Calibration images: folder, SD-900 folder (train split) or "
               "synthetic[:N] (default: the embedded synthetic generator).")
 @click.option("--subset", default=100, show_default=True, type=click.IntRange(1), help="Calibration images used.")
@@ -55,7 +65,7 @@ def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, parit
 @click.option("--val", default=None, help="Validation images with masks (SD-900 folder: its val split).")
 @click.option("--int8-scheme", default="pointwise", show_default=True,
               type=click.Choice(["default", "stem-head-float", "conv-only", "pointwise"]))
-@click.option("--parity-data", default="synthetic:12", show_default=True)
+@click.option("--parity-data", default=None, help=PARITY_HELP)
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
 @click.option("--force", is_flag=True)
@@ -64,7 +74,7 @@ def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, parit
 def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_scheme, parity_data, out, threads,
                  force, as_backbone, as_json):
     """INT8 post-training quantization with NNCF (accuracy-controlled with --max-drop and --val)."""
-    from edgekit.export.compile import compile_model
+    from edgekit.pipeline.compile import compile_model
 
     manifest = compile_model(resolve_model(model), target, "int8", out, parity_data=parity_data, calib=calib,
                              subset=subset, int8_scheme=int8_scheme, max_drop=max_drop, metric=metric, val=val,
@@ -106,7 +116,7 @@ def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, ite
 
     from edgekit import runtime
     from edgekit.bench.cpu import Row, model_size, run_bench
-    from edgekit.bench.plan import BASELINE, DEFAULT_CPU_BACKENDS, plan_rows
+    from edgekit.bench.plan import BASELINE, default_cpu_backends, plan_rows
     from edgekit.commands._common import print_table, set_threads
 
     if device == "gpu":
@@ -119,10 +129,10 @@ def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, ite
             raise EdgekitError("bench takes one adapter registry at a time (no other models beside it)")
         return _bench_mlff(models[0], backends, batches, threads, data, calib, rounds, iters, eval_limit, json_out,
                            plot_out)
-    specs = [s.strip() for s in backends.split(",")] if backends else list(DEFAULT_CPU_BACKENDS)
+    specs = [s.strip() for s in backends.split(",")] if backends else default_cpu_backends()
     _check_backend_specs(specs)
     set_threads(threads)
-    if calib is None and data not in ("synthetic",) and not data.startswith("synthetic"):
+    if calib is None:  # int8 rows calibrate on --data (its train split), said in the row's manifest
         calib = data
     planned = plan_rows(list(models) or [resolve_model(None)], specs, calib, "synthetic:12", threads,
                         lambda m: click.echo(m, err=True))
@@ -148,15 +158,18 @@ def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, ite
 
 def _check_backend_specs(specs, allow_auto: bool = True) -> None:
     """Every ``target:precision`` of ``--backends`` exists and its package is installed (one line if not)."""
+    from edgekit.backends.registry import get_backend
     from edgekit.bench.plan import parse_backend
-    from edgekit.export.targets import get_target
 
     for s in specs:
-        if s != "torch":
-            t, p = parse_backend(s)
-            if p == "auto" and not allow_auto:
-                raise EdgekitError("--backends: precision auto is for GMBINet checkpoints")
-            get_target(t).check(p)
+        t, p = parse_backend(s)
+        spec = get_backend(t)
+        if spec.build is None:  # runs checkpoints as they are (torch)
+            spec.require()
+            continue
+        if p == "auto" and not allow_auto:
+            raise EdgekitError("--backends: precision auto is for GMBINet checkpoints")
+        spec.check(p)
 
 
 def _save_result(result: dict, threads, json_out, plot_out) -> None:
@@ -176,10 +189,10 @@ def _save_result(result: dict, threads, json_out, plot_out) -> None:
 
 def _bench_mlff(registry, backends, batches, threads, data, calib, rounds, iters, eval_limit, json_out, plot_out):
     """``edgekit bench REGISTRY``: backbone (torch / compiled) + the registry's adapter heads, per image."""
-    from edgekit.bench.mlff import DEFAULT_MLFF_BACKENDS, MLFF_BASELINE, plan_mlff_rows, run_mlff_bench
+    from edgekit.bench.mlff import MLFF_BASELINE, default_mlff_backends, plan_mlff_rows, run_mlff_bench
     from edgekit.commands._common import print_table, set_threads
 
-    specs = [s.strip() for s in backends.split(",") if s.strip()] if backends else list(DEFAULT_MLFF_BACKENDS)
+    specs = [s.strip() for s in backends.split(",") if s.strip()] if backends else default_mlff_backends()
     _check_backend_specs(specs, allow_auto=False)
     if data.startswith("synthetic"):
         raise EdgekitError("bench REGISTRY needs --data: class folders (DIR/<class>/*, e.g. NEU-CLS) named like the "

@@ -41,7 +41,7 @@ from edgekit.errors import EdgekitError
 def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn_images, iterations, threads,
               limit_images, work_dir, out, force, as_json):
     """Remove channels (equally from every GMBI group), optionally fine-tune; save an edgekit checkpoint."""
-    from edgekit.compress.prune import prune_with_data
+    from edgekit.train.prune import prune_with_data
     from edgekit.models.checkpoint import load_checkpoint
     from edgekit.models.default import resolve_model
 

@@ -233,13 +233,13 @@ IMPORTANCES = ("magnitude", "magnitude-gmbi", "taylor")
 
 
 def prune_gmbinet(model: GMBINet, ratio: float, *, example_size: int = 64, macs_size: int = 512,
-                  importance: str = "magnitude", grad_batches=None,
+                  importance: str = "magnitude", grad_batches=None, criterion=None,
                   round_to: Optional[int] = None) -> tuple[GMBINet, PruneReport]:
     """Structured-prune ``ratio`` of the channels of every stage (same ratio per stage).
 
     ``importance``: ``magnitude`` (group L2 norm of the traced layers' weights), ``magnitude-gmbi``
     (plus the weights inside the GMBI units) or ``taylor`` (first-order Taylor, |w * dL/dw|, with
-    the gradients of the training loss over ``grad_batches``: (images, masks) pairs).
+    the gradients of ``criterion``, the training loss, over ``grad_batches``: (images, masks) pairs).
 
     Returns a fresh :class:`GMBINet` built from the pruned widths with the pruned weights loaded
     strictly (which proves the config describes the pruned network completely) and a report.
@@ -263,9 +263,9 @@ def prune_gmbinet(model: GMBINet, ratio: float, *, example_size: int = 64, macs_
         heads = [getattr(work, f"conv_out{i}")[1] for i in range(1, 6)]
         ignored = heads  # their one output channel is the prediction
         if importance == "taylor":
-            if grad_batches is None:
+            if grad_batches is None or criterion is None:
                 raise EdgekitError("taylor importance needs training images (--data)")
-            _accumulate_loss_gradients(work, grad_batches)
+            _accumulate_loss_gradients(work, grad_batches, criterion)
             imp = tp.importance.GroupTaylorImportance()
         elif importance == "magnitude-gmbi":
             imp = GMBIAwareImportance(p=2)
@@ -339,28 +339,9 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
     return seen
 
 
-def recalibrate_on_dataset(model: nn.Module, dataset, spec, images: int, batch: int = 8) -> dict:
-    """:func:`recalibrate_batchnorm` on ``images`` images of ``dataset`` (taken across its classes),
-    preprocessed exactly as at inference; returns what to record in the provenance."""
-    from edgekit.data.datasets import limit_samples
-    from edgekit.data.preprocess import preprocess
-
-    samples = limit_samples(dataset.samples, images)
-
-    def batches():  # lazily: 200 images at 512x512 would be ~600 MB at once
-        for i in range(0, len(samples), batch):
-            yield torch.from_numpy(preprocess([s.image() for s in samples[i:i + batch]], spec))
-
-    seen = recalibrate_batchnorm(model, batches())
-    return {"images": seen, "data": dataset.description}
-
-
-def _accumulate_loss_gradients(model: GMBINet, batches) -> None:
-    """Gradients of the training loss (deep supervision over all heads, BCE + SSIM) summed over
+def _accumulate_loss_gradients(model: GMBINet, batches, criterion) -> None:
+    """Gradients of ``criterion`` (the training loss: deep supervision over all heads) summed over
     ``batches``, in eval mode (stored BN statistics, no dropout: the ranking is deterministic)."""
-    from edgekit.train.losses import DeepSupervisionLoss
-
-    criterion = DeepSupervisionLoss()
     model.eval()
     model.zero_grad(set_to_none=True)
     seen = 0
@@ -371,37 +352,19 @@ def _accumulate_loss_gradients(model: GMBINet, batches) -> None:
         raise EdgekitError("taylor importance: no training images")
 
 
-def taylor_batches(dataset, spec, images: int, batch: int = 8):
-    """(images, masks) batches of ``images`` samples of ``dataset`` (across its classes), at the
-    network's input size, preprocessed as at inference."""
-    from edgekit.data.datasets import limit_samples
-    from edgekit.data.preprocess import preprocess
-    from edgekit.train.data import resize_masks
-
-    samples = limit_samples(dataset.samples, images)
-    for i in range(0, len(samples), batch):
-        chunk = [s.load() for s in samples[i:i + batch]]
-        if any(m is None for _, m in chunk):
-            raise EdgekitError(f"{dataset.description}: taylor importance needs ground-truth masks")
-        x = torch.from_numpy(preprocess([img for img, _ in chunk], spec))
-        y = torch.stack([resize_masks(torch.from_numpy(m.astype("float32"))[None], spec.input_size)[0]
-                         for _, m in chunk])
-        yield x, y
-
-
-def prune_checkpoint(ck, ratio: float, bn_data=None, bn_images: int = 200, **kw):
+def prune_checkpoint(ck, ratio: float, bn_batches=None, bn_record=None, **kw):
     """A pruned edgekit :class:`~edgekit.models.checkpoint.Checkpoint` of ``ck`` (not fine-tuned).
 
-    ``bn_data`` (a SegDataset): recalibrate the pruned model's BatchNorm statistics on
-    ``bn_images`` of its images (see :func:`recalibrate_batchnorm`)."""
+    ``bn_batches`` (preprocessed image batches): recalibrate the pruned model's BatchNorm statistics
+    on them (see :func:`recalibrate_batchnorm`); ``bn_record`` says what they were, for the provenance."""
     from edgekit.models.checkpoint import Checkpoint
 
     if ck.model_name != "gmbinet":
         raise EdgekitError(f"edgekit prune handles GMBINet checkpoints, not {ck.model_name!r}")
     pruned, report = prune_gmbinet(ck.build(), ratio, **kw)
     bn = None
-    if bn_data is not None and bn_images and ratio > 0:
-        bn = recalibrate_on_dataset(pruned, bn_data, ck.preprocess, bn_images)
+    if bn_batches is not None and ratio > 0:
+        bn = {**(bn_record or {}), "images": recalibrate_batchnorm(pruned, bn_batches)}
     provenance = {
         "source": "edgekit prune", "pruned_from": str(ck.path) if ck.path else None,
         "pruned_from_sha256": ck.sha256 or None, "prune": report.to_dict(), "bn_recalibration": bn,
@@ -409,40 +372,3 @@ def prune_checkpoint(ck, ratio: float, bn_data=None, bn_images: int = 200, **kw)
     }
     return Checkpoint.from_model(pruned, preprocess=ck.preprocess, classes=list(ck.classes),
                                  provenance=provenance, metrics={}), report
-
-
-def prune_with_data(ck, ratio: float, data: Optional[str] = None, *, importance: str = "auto",
-                    taylor_images: int = 32, bn_images: int = 200, val_limit: Optional[int] = None):
-    """What ``edgekit prune`` does before any fine-tuning: rank the channels (Taylor when ``data``
-    is given, else magnitude), prune, recalibrate BatchNorm on ``data``'s train split and compare
-    source and pruned model on its val split. Returns (pruned Checkpoint, PruneReport); the
-    recalibration and the check are in the checkpoint's provenance."""
-    from edgekit.data.datasets import limit_samples, open_segmentation
-    from edgekit.export.compile import open_calibration
-
-    train = val = None
-    if data:
-        train = open_calibration(data)  # an SD-900 folder: its train split
-        val = open_segmentation(data, "val")
-        val.samples = limit_samples(val.samples, val_limit)
-    if importance == "auto":
-        importance = "taylor" if train is not None else "magnitude"
-    if importance == "taylor" and train is None:
-        raise EdgekitError("--importance taylor needs training images: pass --data DIR")
-    grads = taylor_batches(train, ck.preprocess, taylor_images) if importance == "taylor" else None
-    pruned, report = prune_checkpoint(ck, ratio, bn_data=train, bn_images=bn_images, importance=importance,
-                                      grad_batches=grads)
-    if val is not None and any(s.mask_path is not None or s._mask is not None for s in val.samples):
-        pruned.provenance["check"] = compare_on(ck, pruned, val)
-    return pruned, report
-
-
-def compare_on(source, pruned, dataset) -> dict:
-    """Source and pruned model on the same images (the pruning's verification)."""
-    from edgekit.eval.evaluate import evaluate
-    from edgekit.runtime.torch_runner import TorchRunner
-
-    a = evaluate(TorchRunner(source), dataset, show_progress=False)["overall"]
-    b = evaluate(TorchRunner(pruned), dataset, show_progress=False)["overall"]
-    return {"data": dataset.description, "images": len(dataset.samples),
-            "source_iou": a["iou"], "pruned_iou": b["iou"], "source_mae": a["mae"], "pruned_mae": b["mae"]}

@@ -83,6 +83,12 @@ def _prefix_class(stem: str) -> str:
     return stem.split("_")[0] if "_" in stem else "all"
 
 
+def is_sd900(root: Path) -> bool:
+    """The SD-Saliency-900 layout (its images and masks folders): the one place that says so."""
+    root = Path(root)
+    return (root / "Source Images").is_dir() and (root / "Ground truth").is_dir()
+
+
 def load_sd900(root: Path, split: str = "test") -> SegDataset:
     """SD-Saliency-900 layout: ``Source Images/*.bmp``, ``Ground truth/*.png``, ``split.json``."""
     img_dir, gt_dir = root / "Source Images", root / "Ground truth"
@@ -131,8 +137,6 @@ def open_segmentation(data: str, split: str = "test") -> SegDataset:
     if split not in SPLITS:
         raise EdgekitError(f"unknown split {split!r} (use one of {', '.join(SPLITS)})")
     if data == "synthetic" or data.startswith("synthetic:"):
-        from edgekit.data.synthetic import synthetic_dataset
-
         n = data.partition(":")[2]
         if n and not n.isdigit():
             raise EdgekitError(f"synthetic data takes a count: synthetic:64, not {data!r}")
@@ -142,7 +146,7 @@ def open_segmentation(data: str, split: str = "test") -> SegDataset:
         raise EdgekitError(f"data folder not found: {root}")
     if not root.is_dir():
         raise EdgekitError(f"--data must be a folder: {root}")
-    if (root / "Source Images").is_dir() and (root / "Ground truth").is_dir():
+    if is_sd900(root):
         return load_sd900(root, split)
     if (root / "images").is_dir():
         return load_pairs(root / "images", root / "masks" if (root / "masks").is_dir() else None)
@@ -187,3 +191,16 @@ def holdout_split(samples: Sequence[ClassSample], test_fraction: float = 0.2, se
         test += [group[i] for i in idx[:k]]
         train += [group[i] for i in idx[k:]]
     return train, test
+
+
+def synthetic_dataset(n: int = 48, split: str = "test", size: Tuple[int, int] = (200, 200)) -> SegDataset:
+    """``n`` synthetic samples (``edgekit.data.synthetic``); each split draws from its own seed so
+    splits never overlap."""
+    from edgekit.data.synthetic import CLASSES, generate
+
+    seed = {"train": 1, "val": 2, "test": 3, "all": 4}[split]
+    samples: List[SegSample] = []
+    for i in range(n):
+        img, mask, cls = generate(i, size, seed)
+        samples.append(SegSample(f"syn_{cls}_{i:04d}", cls, _image=img, _mask=mask))
+    return SegDataset(samples, list(CLASSES), f"synthetic steel defects ({n} images, {split} seed)", synthetic=True)

@@ -10,11 +10,10 @@ illumination gradients and sensor noise. Defects are drawn into the texture and 
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Tuple
 
 import numpy as np
 
-from edgekit.data.datasets import SegDataset, SegSample
 
 CLASSES = ("inclusion", "patches", "scratches")
 
@@ -102,13 +101,3 @@ def generate(index: int, size: Tuple[int, int] = (200, 200), seed: int = 0) -> T
     mask = np.zeros((h, w), dtype=bool)
     _DRAW[cls](rng, img, mask)
     return np.clip(img, 0, 255).astype(np.uint8), mask, cls
-
-
-def synthetic_dataset(n: int = 48, split: str = "test", size: Tuple[int, int] = (200, 200)) -> SegDataset:
-    """``n`` synthetic samples; each split draws from its own seed so splits never overlap."""
-    seed = {"train": 1, "val": 2, "test": 3, "all": 4}[split]
-    samples: List[SegSample] = []
-    for i in range(n):
-        img, mask, cls = generate(i, size, seed)
-        samples.append(SegSample(f"syn_{cls}_{i:04d}", cls, _image=img, _mask=mask))
-    return SegDataset(samples, list(CLASSES), f"synthetic steel defects ({n} images, {split} seed)", synthetic=True)

@@ -10,7 +10,7 @@ from edgekit.data.preprocess import preprocess, resize_probs
 from edgekit.errors import EdgekitError
 from edgekit.eval.metrics import SegMetrics
 from edgekit.progress import progress
-from edgekit.runtime.base import Runner
+from edgekit.backends.base import Runner
 
 
 def batches(samples: List[SegSample], size: int) -> Iterator[List[SegSample]]:

@@ -9,7 +9,7 @@ import numpy as np
 from edgekit.data.images import expand_image_paths, read_gray, write_png
 from edgekit.eval.evaluate import predict_probs
 from edgekit.progress import progress
-from edgekit.runtime.base import Runner
+from edgekit.backends.base import Runner
 
 
 def overlay(gray: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:

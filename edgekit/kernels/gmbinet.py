@@ -6,7 +6,7 @@ The same :class:`NetPlan` drives both executors:
 
 * :func:`run_net_emulated` runs it on the CPU through the host emulator
   (``kernels/emu/gmbinet_emu_main.cpp``: the same ``.cu`` sources compiled by g++), and
-* ``edgekit.runtime.cuda_fused_runner`` runs it on a GPU with PyCUDA (optionally as a CUDA graph),
+* ``edgekit.backends.cuda_fused.runner`` runs it on a GPU with PyCUDA (optionally as a CUDA graph),
 
 so what the emulator tests is what the GPU runs.  Nothing here needs PyCUDA or a GPU.
 

@@ -5,12 +5,12 @@ Device side: ``verify_package`` -> ``install_package`` / ``rollback``; the runti
 ``installed(root)`` or ``active_adapter_dir(root)`` and loads with ``load_adapter``.
 Needs the optional packages ``cryptography`` and ``safetensors`` (``pip install edgekit[ota]``).
 """
-from edgekit.ota.adapter import load_adapter, read_adapter_meta, save_adapter
+from edgekit.mlff.adapter import load_adapter, read_adapter_meta, save_adapter
 from edgekit.ota.install import (active_adapter_dir, install_package, installed, load_installed_adapter,
                                  read_state, rollback)
 from edgekit.ota.keys import generate_keypair, key_id, load_trusted_keys
 from edgekit.ota.package import DEFAULT_MAX_SIZE, VerifiedPackage, build_package, verify_package
-from edgekit.ota.version import parse_version
+from edgekit.mlff.version import parse_version
 
 __all__ = [
     "save_adapter", "load_adapter", "read_adapter_meta",

@@ -46,11 +46,11 @@ from pathlib import Path
 from typing import Iterable, List, Mapping, Optional, Tuple
 
 from edgekit.errors import EdgekitError
-from edgekit.ota.adapter import is_sha256, load_adapter
+from edgekit.mlff.adapter import is_sha256, load_adapter
 from edgekit.ota.keys import TrustedKey
 from edgekit.ota.package import (DEFAULT_MAX_SIZE, MANIFEST_NAME, SIGNATURE_NAME, VerifiedPackage, utc_now,
                                  verify_package)
-from edgekit.ota.version import parse_version
+from edgekit.mlff.version import parse_version
 from edgekit.utils import atomic_write, sha256_file
 
 STATE_NAME = "state.json"

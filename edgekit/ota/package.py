@@ -4,7 +4,7 @@ A package is a zip archive::
 
     manifest.json              what the package is (below); its exact bytes are what is signed
     manifest.sig               the 64-byte raw Ed25519 signature of manifest.json
-    payload/adapter.json       the adapter folder's files (see edgekit.ota.adapter)
+    payload/adapter.json       the adapter folder's files (see edgekit.mlff.adapter)
     payload/adapter.safetensors
 
 ``manifest.json``: format, format_version, task, classes, version, backbone, backbone_sha256, input,
@@ -33,10 +33,10 @@ from typing import Dict, Iterable, Mapping, Optional
 
 from edgekit import __version__
 from edgekit.errors import EdgekitError
-from edgekit.ota.adapter import (META_NAME, adapter_files, is_plain_file_name, is_sha256, load_adapter,
+from edgekit.mlff.adapter import (META_NAME, adapter_files, is_plain_file_name, is_sha256, load_adapter,
                                  load_weights_bytes, validate_adapter_meta)
 from edgekit.ota.keys import TrustedKey, key_id, load_private_key, load_trusted_keys
-from edgekit.ota.version import parse_version
+from edgekit.mlff.version import parse_version
 from edgekit.utils import atomic_write
 
 PACKAGE_FORMAT = "edgekit-ota-package"

@@ -1,4 +1,42 @@
-"""``edgekit.runtime.load(path).infer(batch)``: one interface for every model source."""
-from edgekit.runtime.base import Backend, Runner, backends, load, register_backend
+"""``edgekit.runtime.load(path).infer(batch)``: one interface for every model source.
 
-__all__ = ["Backend", "Runner", "backends", "load", "register_backend"]
+A checkpoint file runs with PyTorch (the ``torch`` backend); an artifact folder runs with the
+backend its manifest names, looked up in the registry (``edgekit.backends.registry``), so a backend
+whose optional package is missing only fails when one of its artifacts is loaded.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from edgekit.backends.base import Runner
+from edgekit.backends.registry import backends, get_backend, spec_for_folder
+from edgekit.errors import EdgekitError
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
+def load(path: str | os.PathLike, backend: str | None = None, **options) -> Runner:
+    """A runner for a checkpoint file or an artifact folder.
+
+    ``backend`` runs a checkpoint with another backend that loads checkpoints directly (e.g.
+    ``cuda-fused``); ``options`` (threads, device, ...) go to the backend that declares them.
+    """
+    from edgekit.artifact import MANIFEST, read_manifest
+
+    p = Path(path)
+    if not p.exists():
+        raise EdgekitError(f"model not found: {p}")
+    if p.is_dir():
+        if not (p / MANIFEST).is_file():
+            raise EdgekitError(f"{p}: not an artifact folder (no {MANIFEST})")
+        manifest = read_manifest(p, verify=False)  # the runner verifies the hashes
+        spec = spec_for_folder(p, manifest) if backend is None else get_backend(backend)
+        return spec.load(p, **spec.load_kwargs(options))
+    if p.suffix.lower() in CHECKPOINT_SUFFIXES:
+        spec = get_backend(backend or "torch")
+        return spec.load(p, **spec.load_kwargs(options))
+    raise EdgekitError(f"{p}: not a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}) or artifact folder")
+
+
+__all__ = ["Runner", "backends", "get_backend", "load"]

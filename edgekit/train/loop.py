@@ -184,7 +184,7 @@ def load_train_state(path: Path) -> dict:
 def _validate(model: torch.nn.Module, dataset: SegDataset, spec: PreprocessSpec, device: torch.device,
               batch: int) -> dict:
     from edgekit.eval.evaluate import evaluate
-    from edgekit.runtime.torch_runner import TorchRunner
+    from edgekit.backends.torch_eager import TorchRunner
 
     # Builds a fresh model (weight init draws from the global RNG): keep the training RNG untouched.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -495,7 +495,7 @@ def _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_a
 
     # Final report: the best checkpoint on the test split, overall and per class.
     from edgekit.eval.evaluate import evaluate
-    from edgekit.runtime.torch_runner import TorchRunner
+    from edgekit.backends.torch_eager import TorchRunner
 
     test_ds = _subset(test_full, limit_images, "test")
     ck = load_checkpoint(best_path)

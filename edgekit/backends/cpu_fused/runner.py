@@ -15,8 +15,7 @@ from typing import Optional
 import numpy as np
 
 from edgekit.errors import EdgekitError
-from edgekit.runtime.artifact_runner import ArtifactRunner, recognizes_target
-from edgekit.runtime.base import Backend, register_backend
+from edgekit.backends.artifact_runner import ArtifactRunner
 
 TARGET = "cpu-fused"
 
@@ -65,11 +64,3 @@ class CpuFusedRunner(ArtifactRunner):
 
     def describe(self) -> str:
         return f"{self.name} {self.precision} {self.isa} x{self.threads} threads ({self.source})"
-
-
-def load_cpu_fused(folder, threads=None, **options) -> CpuFusedRunner:
-    return CpuFusedRunner(Path(folder), threads=threads, **{k: v for k, v in options.items()
-                                                             if k in ("isa", "fuse_head")})
-
-
-register_backend(Backend(TARGET, recognizes_target(TARGET), load_cpu_fused, priority=20))

@@ -6,7 +6,7 @@ import numpy as np
 
 from edgekit.data.datasets import SegDataset, limit_samples
 from edgekit.data.preprocess import preprocess
-from edgekit.runtime.base import Runner
+from edgekit.backends.base import Runner
 
 
 def parity(reference: Runner, candidate: Runner, dataset: SegDataset, limit: int = 16, threshold: float = 0.5) -> dict:

@@ -494,24 +494,13 @@ def build_trt(onnx_path: Path, folder: Path, precision: str, *, spec, check_batc
             "onnx_check": check}
 
 
-def build_for_compile(src, onnx_path: Path, folder: Path, precision: str, parity_set, calib_set, subset: int,
-                      scheme: str, log: Callable) -> dict:
-    """``compile_model``'s hook for the trt target (a GMBINet ``Source``)."""
-    from edgekit.data.datasets import limit_samples
-    from edgekit.data.preprocess import preprocess
-    from edgekit.export.compile import Source, calibration_batches
-
-    if not isinstance(src, Source):
-        raise EdgekitError("target trt compiles GMBINet checkpoints and float artifacts (not MLFF backbones yet)")
-    if src.manifest is not None and src.manifest.get("target") not in ("onnx", "ort"):
-        raise EdgekitError(f"{src.path} is a {src.manifest.get('target')} artifact; compile trt from the checkpoint "
-                           f"or an ONNX artifact")
-    check = [preprocess([s.image()], src.spec) for s in limit_samples(parity_set.samples, 16)]
-    calibration = calibration_batches(calib_set, src.spec, subset) if calib_set is not None else None
-    fields = build_trt(onnx_path, folder, precision, spec=src.spec, check_batches=check, calibration=calibration,
-                       scheme=scheme, subset=subset, log=log)
-    if precision == "int8":
-        fields["quantization"] = {"tool": "tensorrt" if scheme == ENTROPY_SCHEME else "nncf", "scheme": scheme,
-                                  "calibration": calib_set.description, "calibration_images": len(calibration),
-                                  "accuracy_control": False}
+def build(ctx) -> dict:
+    """The trt target's build: its own typed ONNX (fp16, or Q/DQ INT8 checked on the CPU), then the engine."""
+    check = ctx.check_batches(16)
+    fields = build_trt(ctx.onnx_path(), ctx.folder, ctx.precision, spec=ctx.source.spec, check_batches=check,
+                       calibration=ctx.calibration, scheme=ctx.int8_scheme, subset=ctx.subset, log=ctx.log)
+    if ctx.precision == "int8":
+        fields["quantization"] = {"tool": "tensorrt" if ctx.int8_scheme == ENTROPY_SCHEME else "nncf",
+                                  "scheme": ctx.int8_scheme, "calibration": ctx.calibration_description,
+                                  "calibration_images": len(ctx.calibration)}
     return fields

@@ -26,7 +26,7 @@ import torch
 
 from edgekit.data.preprocess import PreprocessSpec
 from edgekit.errors import EdgekitError
-from edgekit.runtime.base import Runner
+from edgekit.backends.base import Runner
 
 MLFF_KIND = "mlff-backbone"
 
@@ -64,7 +64,7 @@ class TorchBackboneRunner(Runner):
 
 def read_backbone_manifest(folder: str | os.PathLike) -> dict:
     """The manifest of an ``mlff-backbone`` artifact (file hashes verified); a clear error otherwise."""
-    from edgekit.export.artifact import read_manifest
+    from edgekit.artifact import read_manifest
 
     folder = Path(folder)
     if not folder.exists():
@@ -168,9 +168,10 @@ class MLFFRunner(Runner):
 def load_mlff_runner(registry: str | os.PathLike, backbone_artifact: Optional[str | os.PathLike] = None,
                      threads: Optional[int] = None) -> MLFFRunner:
     """Backbone (PyTorch, or the compiled artifact, checked against the registry) + the newest adapter."""
-    from edgekit.models.mlff import adapter_from_tensors, load_mlff
-    from edgekit.ota.adapter import load_adapter
-    from edgekit.train.continual import Registry
+    from edgekit.mlff.classifier import load_mlff
+    from edgekit.models.mlff import adapter_from_tensors
+    from edgekit.mlff.adapter import load_adapter
+    from edgekit.mlff.registry import Registry
 
     if backbone_artifact is None:
         clf = load_mlff(registry)

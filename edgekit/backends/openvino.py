@@ -1,4 +1,4 @@
-"""OpenVINO (CPU) runner for ``openvino`` artifacts.
+"""``openvino``: OpenVINO IR converted from the ONNX export, run by the CPU plugin.
 
 Compiled per batch size with static shapes (OpenVINO's CPU plugin is fastest on static shapes),
 LATENCY hint, one stream: the numbers an application making one synchronous request sees.
@@ -13,8 +13,8 @@ from typing import Dict
 import numpy as np
 
 from edgekit.errors import MissingBackendError
-from edgekit.runtime.artifact_runner import ArtifactRunner, recognizes_target
-from edgekit.runtime.base import Backend, register_backend
+from edgekit.backends.artifact_runner import ArtifactRunner
+from edgekit.backends.registry import BackendSpec, register_backend
 
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 
@@ -62,5 +62,29 @@ class OpenVINORunner(ArtifactRunner):
         return ov.AsyncInferQueue(self.compiled(batch), jobs)
 
 
-register_backend(Backend("openvino", recognizes_target("openvino"),
-                         lambda p, threads=None, **_: OpenVINORunner(p, threads=threads), priority=20))
+def build(ctx) -> dict:
+    """IR converted from the ONNX file (about 2x faster here than converting the torch module).
+
+    ``default`` leaves the inference precision to the CPU plugin (bf16 where the CPU has it): the
+    plain baseline every other row is compared with.
+    """
+    import openvino as ov
+
+    src = Path(ctx.onnx_path())
+    model = ov.Core().read_model(str(src)) if src.suffix == ".xml" else ov.convert_model(str(src))
+    ov.save_model(model, str(ctx.folder / "model.xml"), compress_to_fp16=(ctx.precision == "fp16"))
+    return {"model_file": "model.xml", "extra_files": ["model.bin"], "runtime": "openvino",
+            "inference_precision": ctx.precision}
+
+
+def _load(folder: Path, threads: int | None = None, hint: str = "LATENCY") -> OpenVINORunner:
+    return OpenVINORunner(folder, threads=threads, hint=hint)
+
+
+SPEC = register_backend(BackendSpec(
+    name="openvino", description="OpenVINO IR (from ONNX), CPU plugin",
+    precisions=("fp32", "bf16", "fp16", "int8", "default"), build=build, load=_load, package="openvino",
+    pip_name="openvino", extra="cpu", int8="nncf", quantize_format="openvino", needs={"int8": ("calibration",)},
+    load_options=("threads", "hint"), async_queue=True, tools=("onnx", "onnxsim", "openvino"),
+    bench_default=("default", "fp32", "int8"), kinds=("gmbinet", "mlff-backbone"),
+))

@@ -5,7 +5,7 @@ the offline GPU machine). TensorRT >= 8.5: the name-based tensor API (``set_inpu
 ``set_tensor_address``, ``execute_async_v3``); older: bindings (``execute_async_v2``). One execution
 context per optimization profile (batch 1, and 2..max batch). Before deserializing, the manifest's
 TensorRT version and GPU are compared with this machine's: an engine built elsewhere is refused with
-one line (``edgekit.export.trt.compatibility_problem``).
+one line (``edgekit.backends.tensorrt.build.compatibility_problem``).
 """
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.errors import EdgekitError, MissingBackendError
-from edgekit.runtime.artifact_runner import ArtifactRunner, recognizes_target
-from edgekit.runtime.base import Backend, register_backend
+from edgekit.backends.artifact_runner import ArtifactRunner
 
 
 def _torch_dtype(trt, torch, dt):
@@ -27,7 +26,7 @@ def _torch_dtype(trt, torch, dt):
 
 
 class TensorRTRunner(ArtifactRunner):
-    name = "tensorrt"
+    name = "trt"
 
     def __init__(self, folder: Path, device: int = 0, **_):
         super().__init__(folder)
@@ -37,7 +36,7 @@ class TensorRTRunner(ArtifactRunner):
             raise MissingBackendError("running TensorRT artifacts", "tensorrt") from None
         import torch
 
-        from edgekit.export.trt import compatibility_problem, describe_environment
+        from edgekit.backends.tensorrt.build import compatibility_problem, describe_environment
 
         if not torch.cuda.is_available():
             raise EdgekitError(f"{folder}: a TensorRT engine needs a CUDA GPU; none is available here")
@@ -113,8 +112,3 @@ class TensorRTRunner(ArtifactRunner):
         x = self.torch.from_numpy(self._check_batch(batch)).to(self.device, non_blocking=False)
         out = self.infer_device(x)
         return out.float().cpu().numpy()  # .cpu() synchronizes the stream
-
-
-register_backend(Backend("tensorrt", recognizes_target("trt"),
-                         lambda p, threads=None, **kw: TensorRTRunner(p, **{k: v for k, v in kw.items() if k == "device"}),
-                         priority=20))

@@ -18,9 +18,8 @@ Without PyCUDA, or without a CUDA device, loading fails with one ``EdgekitError`
 **Status: not yet run on a GPU** (see ``kernels/README.md``): the kernels are checked by nvcc and,
 launch sequence included, by host emulation on the CPU.
 
-Load it explicitly with ``load_cuda_fused(ckpt, precision=...)`` (or the registered backend
-``cuda-fused``'s ``load``); it never claims a path on its own in ``runtime.load``, so checkpoints
-keep loading with PyTorch by default.
+Load it with ``runtime.load(artifact)``, or a checkpoint with ``runtime.load(ckpt, backend="cuda-fused",
+precision=...)`` (``load_cuda_fused``); checkpoints keep loading with PyTorch by default.
 """
 from __future__ import annotations
 
@@ -34,8 +33,7 @@ import numpy as np
 
 from edgekit.errors import EdgekitError, MissingBackendError
 from edgekit.models.checkpoint import Checkpoint, load_checkpoint
-from edgekit.runtime.artifact_runner import recognizes_target
-from edgekit.runtime.base import Backend, Runner, register_backend
+from edgekit.backends.base import Runner
 
 PRECISIONS = {"fp16": "float16", "fp32": "float32"}
 TARGET = "cuda-fused"
@@ -241,14 +239,17 @@ class CudaFusedRunner(Runner):
         return f"{self.name} {self.precision} ({self.source}; {mode})"
 
 
-_is_cuda_fused_artifact = recognizes_target(TARGET)
+def _is_cuda_fused_artifact(p: Path) -> bool:
+    from edgekit.artifact import is_artifact, read_manifest
+
+    return is_artifact(p) and read_manifest(p, verify=False).get("target") == TARGET
 
 
 def _load(p: Path, precision: Optional[str] = None, use_graph: bool = True, **_) -> CudaFusedRunner:
     """A checkpoint (precision default fp16) or a ``cuda-fused`` artifact folder (its own precision,
     its prebuilt kernels; the manifest's file hashes are verified first)."""
     if _is_cuda_fused_artifact(p):
-        from edgekit.export.artifact import read_manifest
+        from edgekit.artifact import read_manifest
 
         man = read_manifest(p)  # verifies every file's sha256
         if precision not in (None, man["precision"]):
@@ -265,15 +266,6 @@ def load_cuda_fused(path, precision: Optional[str] = None, use_graph: bool = Tru
     """The cuda-fused runner for a GMBINet checkpoint (an edgekit checkpoint or a plain state_dict;
     fp16 unless ``precision`` says otherwise) or a ``cuda-fused`` artifact folder."""
     return _load(Path(path), precision=precision, use_graph=use_graph)
-
-
-register_backend(Backend(
-    name=TARGET,
-    # claims its own artifact folders only; a checkpoint keeps loading with PyTorch unless asked by name
-    recognizes=_is_cuda_fused_artifact,
-    load=_load,
-    priority=95,
-))
 
 
 class EmulatedCudaFusedRunner(Runner):

@@ -4,7 +4,7 @@ What is compiled is exactly the frozen part: preprocessed image -> every tap -> 
 taps, average for deep ones) -> concatenated ``N x feature_dim``, the vector the adapters consume. The
 adapters (a few hundred KB, updated over the air) stay outside the artifact.
 
-Manifest fields of such an artifact (besides the common ones of ``edgekit.export.artifact``)::
+Manifest fields of such an artifact (besides the common ones of ``edgekit.artifact``)::
 
     model: {kind: "mlff-backbone", backbone, backbone_sha256, ref, tap_names, tap_dims, pools,
             feature_dim, input_spec}
@@ -13,7 +13,7 @@ Manifest fields of such an artifact (besides the common ones of ``edgekit.export
     parity: {max_abs_diff, mean_abs_diff (features), top1_agreement / accuracy of the registry's adapter}
 
 ``backbone`` / ``backbone_sha256`` are the identity adapters and registries carry (see
-``edgekit.runtime.mlff_runner.check_backbone_match``).
+``edgekit.mlff.runner.check_backbone_match``).
 
 Image sets (``--parity-data``, ``--calib``, ``--val``): a folder of class folders (``DIR/<class>/*``, as
 NEU-CLS; split with the fixed ``holdout_split(0.2, seed 0)``: calibration from the train part, parity and
@@ -34,8 +34,8 @@ import torch
 
 from edgekit.data.preprocess import PreprocessSpec
 from edgekit.errors import EdgekitError
-from edgekit.export.onnx_export import INPUT_NAME
-from edgekit.runtime.mlff_runner import MLFF_KIND, TorchBackboneRunner, backbone_preprocess_dict
+from edgekit.pipeline.onnx_export import INPUT_NAME
+from edgekit.mlff.runner import MLFF_KIND, TorchBackboneRunner, backbone_preprocess_dict
 
 FEATURES_NAME = "features"
 HOLDOUT = (0.2, 0)  # test fraction, seed: the fixed held-out part of class-folder data
@@ -180,7 +180,7 @@ class BackboneSource:
     @classmethod
     def open(cls, ref: str) -> "BackboneSource":
         from edgekit.models.backbones import load_backbone
-        from edgekit.train.continual import REGISTRY_NAME, Registry
+        from edgekit.mlff.registry import REGISTRY_NAME, Registry
 
         p = Path(ref)
         if p.is_dir() and (p / REGISTRY_NAME).is_file():
@@ -194,7 +194,7 @@ class BackboneSource:
 
     # -- what compile_model asks of a source ------------------------------------------------------------
     def model_file(self, tmp: Path) -> Path:
-        from edgekit.export.onnx_export import export_onnx
+        from edgekit.pipeline.onnx_export import export_onnx
 
         shape = (1, *self.backbone.input_spec["shape"])
         with static_same_padding(PooledBackbone(self.backbone), shape) as model:
@@ -209,8 +209,31 @@ class BackboneSource:
     def parity_data(self, data: str) -> ImageSet:
         return open_images(data, "test")
 
-    def calibration_data(self, calib: Optional[str]) -> ImageSet:
-        return open_images(calib or "synthetic:128", "train")
+    def calibration_data(self, calib: str) -> ImageSet:
+        return open_images("synthetic:128" if calib == "synthetic" else calib, "train")
+
+    def validation_data(self, val: str) -> ImageSet:
+        return open_images(val, "test")
+
+    @property
+    def artifact_target(self):
+        return None  # always compiled from the backbone itself
+
+    def torch_module(self):
+        return PooledBackbone(self.backbone)
+
+    def check_batches(self, images: ImageSet, limit: int = 16) -> List[np.ndarray]:
+        return [self.preprocess(images.arrays([i])) for i in images.spread(limit)]
+
+    def nncf_validation(self, dataset, metric: str, model_format: str):
+        return None, None  # the budget is checked after quantization (int8_check), not inside NNCF
+
+    def summary(self, out: str, manifest: dict) -> str:
+        p = manifest["parity"]
+        agree = (f", adapter top-1 agreement {p['top1_agreement']:.4f}" if "top1_agreement" in p else "") + \
+                (f", accuracy {p['accuracy_reference']:.4f} -> {p['accuracy']:.4f}" if "accuracy" in p else "")
+        return (f"wrote {out}: MLFF backbone {self.backbone.id}, {manifest['target']} {manifest['precision']}, features "
+                f"vs {p['reference']}: max |diff| {p['max_abs_diff']:.2e}{agree} on {p['images']} images")
 
     def calibration_batches(self, images: ImageSet, limit: int) -> List[np.ndarray]:
         idx = images.spread(limit)
@@ -222,8 +245,9 @@ class BackboneSource:
         """(adapter, meta) of the registry's newest adapter, or None when compiled from a bare backbone."""
         if self.registry is None:
             return None
-        from edgekit.models.mlff import MLFFClassifier, adapter_from_tensors
-        from edgekit.ota.adapter import load_adapter
+        from edgekit.mlff.classifier import MLFFClassifier
+        from edgekit.models.mlff import adapter_from_tensors
+        from edgekit.mlff.adapter import load_adapter
 
         tensors, meta = load_adapter(self.registry.adapter_folder())
         return MLFFClassifier(None, adapter_from_tensors(tensors, meta["config"]), meta)
@@ -250,7 +274,8 @@ class BackboneSource:
             out["adapter"] = str(self.registry.adapter_folder())
         return out
 
-    def int8_check(self, candidate, val: ImageSet, max_drop: Optional[float], threads=None) -> dict:
+    def int8_check(self, candidate, val: ImageSet, max_drop: Optional[float], threads=None, metric: str = "top1",
+                   log=print) -> dict:
         """Top-1 accuracy of the registry adapter on ``val`` before (PyTorch) and after (INT8 artifact)."""
         r = self.parity(candidate, val, threads, limit=None)
         if "accuracy_reference" not in r:
@@ -261,6 +286,7 @@ class BackboneSource:
         info = {"metric": "top1_accuracy", "validation": val.description, "validation_images": r["labelled_images"],
                 "before": before, "after": after, "drop": drop, "max_drop": max_drop,
                 "top1_agreement": r["top1_agreement"]}
+        log(f"INT8 top-1 accuracy on {val.description}: {before:.4f} -> {after:.4f} (drop {drop:+.4f})")
         if max_drop is not None and drop > max_drop:
             raise EdgekitError(f"INT8 top-1 accuracy drops by {drop:.4f} ({before:.4f} -> {after:.4f}), over "
                                f"--max-drop {max_drop}; nothing written")
@@ -282,7 +308,7 @@ def _agreement(clf, fa: torch.Tensor, fb: torch.Tensor, labels) -> dict:
 def is_mlff_source(path: str, as_backbone: bool = False) -> bool:
     """Compile ``path`` as an MLFF backbone? A registry folder, a backbone name, or any ref with the flag."""
     from edgekit.models.backbones import BACKBONE_NAMES
-    from edgekit.train.continual import REGISTRY_NAME
+    from edgekit.mlff.registry import REGISTRY_NAME
 
     p = Path(path)
     return as_backbone or path in BACKBONE_NAMES or (p.is_dir() and (p / REGISTRY_NAME).is_file())

@@ -30,7 +30,7 @@ import safetensors.torch
 import torch
 
 from edgekit.errors import EdgekitError
-from edgekit.ota.version import parse_version
+from edgekit.mlff.version import parse_version
 from edgekit.utils import atomic_write
 
 ADAPTER_FORMAT = "edgekit-adapter"

@@ -32,8 +32,9 @@ FORMAT_VERSION = 1
 
 
 def tool_versions(*packages: str) -> Dict[str, str]:
+    """edgekit's version and those of ``packages`` (the ones a backend declares it builds with)."""
     out = {"edgekit": __version__}
-    for p in ("torch", "onnx", "onnxruntime", "openvino", "nncf", "onnxsim") + packages:
+    for p in dict.fromkeys(packages):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[p] = importlib.metadata.version(p)
     return out
@@ -68,6 +69,15 @@ def read_manifest(folder: str | os.PathLike, verify: bool = True) -> dict:
     return manifest
 
 
+def check_out(out: str | os.PathLike, force: bool = False) -> None:
+    """Refuse an output folder before any work starts (``artifact_writer`` checks again at the end)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise EdgekitError(f"{out} already exists (use --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise EdgekitError(f"{out} exists and is not a folder")
+
+
 @contextlib.contextmanager
 def artifact_writer(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it becomes ``out`` in one rename.
@@ -76,10 +86,7 @@ def artifact_writer(out: str | os.PathLike, force: bool = False) -> Iterator[Pat
     ``force``, and only once the new one is complete).
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise EdgekitError(f"{out} already exists (use --force to replace it)")
-    if out.exists() and not out.is_dir():
-        raise EdgekitError(f"{out} exists and is not a folder")
+    check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Callable, Tuple
 
 from edgekit.errors import EdgekitError, MissingBackendError
-from edgekit.runtime.base import Runner
+from edgekit.backends.base import Runner
 
 EMULATED_PARITY_IMAGES = 2
 
 
-def build_for_compile(src, folder: Path, precision: str, log: Callable = print) -> dict:
-    """Write ``model.pt`` and the prebuilt kernels into ``folder``; the manifest fields."""
+def build(ctx) -> dict:
+    """Write ``model.pt`` and the prebuilt kernels into ``ctx.folder``; the manifest fields."""
+    src, folder, log = ctx.source, ctx.folder, ctx.log
     from edgekit.kernels.build import DEFAULT_ARCHS, compile_kernels, find_nvcc
     from edgekit.kernels.gmbinet import fold_gmbinet, launch_count, layers_source_path, source_digest
 
@@ -51,10 +52,10 @@ def build_for_compile(src, folder: Path, precision: str, log: Callable = print) 
     return fields
 
 
-def verification_runner(folder: Path, precision: str) -> Tuple[Runner, int, str]:
+def verification_runner(folder: Path, precision: str, log: Callable = print) -> Tuple[Runner, int, str]:
     """The runner to verify a fresh artifact with, how many images to use, and how it ran."""
     from edgekit.models.checkpoint import load_checkpoint
-    from edgekit.runtime.cuda_fused_runner import EmulatedCudaFusedRunner, _load
+    from edgekit.backends.cuda_fused.runner import EmulatedCudaFusedRunner, _load
 
     try:
         return _load(folder), 16, "GPU (PyCUDA)"
@@ -66,4 +67,5 @@ def verification_runner(folder: Path, precision: str) -> Tuple[Runner, int, str]
         runner.infer(__import__("numpy").zeros((1, *runner.input_shape), "float32"))  # builds the emulator
     except EdgekitError as e:
         raise EdgekitError(f"cannot verify the cuda-fused artifact: no GPU ({reason}) and no host emulator ({e})") from None
+    log(f"cuda-fused: verifying on {EMULATED_PARITY_IMAGES} images by host emulation")
     return runner, EMULATED_PARITY_IMAGES, f"host emulation of the H100 launch plan (no GPU here: {reason})"

@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from edgekit.errors import EdgekitError
-from edgekit.export.artifact import artifact_writer, read_manifest, write_manifest
+from edgekit.artifact import artifact_writer, read_manifest, write_manifest
 
 
 
 def candidates_for(target: str):
     """Every concrete precision the target offers ("default" is the baseline, not a choice)."""
-    from edgekit.export.targets import get_target
+    from edgekit.backends.registry import get_backend
 
-    return [p for p in get_target(target).precisions if p not in ("auto", "default")]
+    return [p for p in get_backend(target).precisions if p != "default"]
 
 
 def compile_auto(source_path: str, target: str, out: str, *, parity_data: str, calib: Optional[str], subset: int,
@@ -28,19 +28,24 @@ def compile_auto(source_path: str, target: str, out: str, *, parity_data: str, c
     from edgekit.bench.cpu import Row, time_rows
     from edgekit.data.datasets import open_segmentation
     from edgekit.eval.evaluate import evaluate
-    from edgekit.export.compile import Source, compile_model
+    from edgekit.backends.registry import get_backend
+    from edgekit.pipeline.build import build_artifact
+    from edgekit.pipeline.sources import open_source
 
     budget = 0.005 if max_drop is None else max_drop
     check_data = val or parity_data
     dataset = open_segmentation(check_data, "val" if (Path(check_data) / "split.json").is_file() else "test")
-    reference = evaluate(Source.open(source_path).reference_runner(threads), dataset, show_progress=False)["overall"][metric]
+    reference = evaluate(open_source(source_path).reference_runner(threads), dataset, show_progress=False)["overall"][metric]
     with tempfile.TemporaryDirectory() as tmp:
         built = []
         for precision in candidates_for(target):
             folder = Path(tmp) / precision
             try:
-                compile_model(source_path, target, precision, str(folder), parity_data=parity_data, calib=calib,
-                              subset=subset, int8_scheme=int8_scheme, threads=threads, log=lambda *_: None)
+                if precision == "int8" and calib is None:
+                    raise EdgekitError("needs --calib")
+                build_artifact(get_backend(target), source_path, precision, str(folder), parity_data=parity_data,
+                               calib=calib, subset=subset, int8_scheme=int8_scheme, max_drop=None, metric=metric,
+                               val=None, force=False, threads=threads, log=lambda *_: None)
                 runner = runtime.load(folder, threads=threads)
                 runner.warmup()
             except EdgekitError as e:
