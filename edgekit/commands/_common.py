@@ -22,8 +22,8 @@ def write_json(path: str | Path, obj) -> None:
 
 
 def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence], caption: str | None = None,
-                numeric: bool = True) -> None:
-    """A rich table on stdout; columns after the first are right-aligned when ``numeric``."""
+                numeric: bool = True, err: bool = False) -> None:
+    """A rich table on stdout (``err``: on stderr); columns after the first are right-aligned when ``numeric``."""
     from rich.console import Console
     from rich.table import Table
 
@@ -32,7 +32,7 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence], ca
         table.add_column(c, justify="right" if i and numeric else "left")
     for r in rows:
         table.add_row(*[str(v) for v in r])
-    Console(width=max(160, shutil.get_terminal_size().columns)).print(table)
+    Console(width=max(160, shutil.get_terminal_size().columns), stderr=err).print(table)
 
 
 def parse_batches(batch: str) -> list[int]:

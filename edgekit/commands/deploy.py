@@ -89,21 +89,37 @@ def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_schem
 @click.argument("models", nargs=-1, metavar="[CKPT|ARTIFACT]... | REGISTRY")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "gpu"]))
 @click.option("--backends", default=None, help="Comma list of target[:precision] for checkpoints, e.g. "
-              "torch,openvino:bf16,openvino:int8 (default: all CPU backends).")
+              "torch,openvino:bf16,openvino:int8 (default: each backend's bench_default rows).")
+@click.option("--all", "all_rows", is_flag=True, help="Every CPU backend x precision the registry offers (onnx and ort "
+              "fp32/int8, openvino fp32/bf16/fp16/int8/default): 9 artifacts to build instead of 3.")
 @click.option("--batch", "batch", default="1,8", show_default=True, help="Comma list of batch sizes.")
 @click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True)
 @click.option("--data", default="synthetic", show_default=True, help="Accuracy data (SD-900 test split when given).")
-@click.option("--calib", default=None, help="Calibration data for int8 rows (default: --data's train split).")
+@click.option("--calib", default=None, help="Calibration data for int8 rows (default: --data's train split, or the "
+              "synthetic generator).")
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--iters", default=20, show_default=True, type=click.IntRange(1), help="Calls per row per round.")
-@click.option("--eval-limit", default=None, type=click.IntRange(1), help="Evaluate on N images only, taken across all classes.")
-@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write results JSON here.")
+@click.option("--eval-limit", "--limit", "eval_limit", default=None, type=click.IntRange(1),
+              help="Evaluate on N images only, taken across all classes.")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write results JSON here; '-': the JSON on stdout (one document) and the table on stderr.")
 @click.option("--plot", "plot_out", default=None, type=click.Path(dir_okay=False),
               help="FPS-vs-IoU PNG (default: beside --json).")
 @click.option("--max-autotune", is_flag=True, help="GPU: torch.compile rows with mode=max-autotune (minutes per batch size).")
-def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, iters, eval_limit, json_out, plot_out,
-              max_autotune=False):
+@click.option("--server", default=None, metavar="URL", help="A served model's row (HOST:PORT, http://, grpc://; Open "
+              "Inference Protocol), beside the local rows of any ARTIFACT given.")
+@click.option("--model", "served_model", default=None, metavar="NAME", help="With --server: the model name.")
+@click.option("--spec-from", default=None, metavar="ARTIFACT", help="With --server: take the preprocessing from this "
+              "artifact (servers without Triton's model-config API, e.g. OVMS).")
+@click.option("--concurrency", default=2, show_default=True, type=click.IntRange(1),
+              help="Requests in flight for the async column (with --server: FPS at concurrency N).")
+def bench_cmd(models, device, backends, all_rows, batch, threads, data, calib, rounds, iters, eval_limit, json_out,
+              plot_out, max_autotune=False, server=None, served_model=None, spec_from=None, concurrency=2):
     """One table: size, IoU/MAE, latency p50/p90/p99 and FPS of every backend x precision.
+
+    Without --backends a checkpoint (default: the embedded one) gets the backends' default rows:
+    torch, the plain OpenVINO baseline (openvino:default), OpenVINO fp32 and INT8; their artifacts
+    are compiled once and cached. --all gives every CPU backend x precision.
 
     Given an MLFF adapter REGISTRY (and --data class folders): its backbone per backend + the adapter heads,
     with top-1 accuracy on the held-out part of --data.
@@ -115,10 +131,12 @@ def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, ite
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     from edgekit import runtime
-    from edgekit.bench.cpu import Row, model_size, run_bench
+    from edgekit.bench.cpu import Row, model_size, run_bench, table_caption, table_columns, table_rows, table_title
     from edgekit.bench.plan import BASELINE, default_cpu_backends, plan_rows
     from edgekit.commands._common import print_table, set_threads
 
+    if backends and all_rows:
+        raise EdgekitError("--all and --backends choose the rows two ways: give one of them")
     if device == "gpu":
         return _bench_gpu(models, backends, batch, data, calib, rounds, iters, eval_limit, json_out, plot_out, max_autotune)
     batches = parse_batches(batch)
@@ -129,31 +147,30 @@ def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, ite
             raise EdgekitError("bench takes one adapter registry at a time (no other models beside it)")
         return _bench_mlff(models[0], backends, batches, threads, data, calib, rounds, iters, eval_limit, json_out,
                            plot_out)
-    specs = [s.strip() for s in backends.split(",")] if backends else default_cpu_backends()
+    specs = [s.strip() for s in backends.split(",")] if backends else default_cpu_backends(all_rows)
     _check_backend_specs(specs)
     set_threads(threads)
     if calib is None:  # int8 rows calibrate on --data (its train split), said in the row's manifest
         calib = data
-    planned = plan_rows(list(models) or [resolve_model(None)], specs, calib, "synthetic:12", threads,
-                        lambda m: click.echo(m, err=True))
+    log = lambda m: click.echo(f"bench: {m}", err=True)  # noqa: E731 - stage lines on stderr
+    if server and not served_model:
+        raise EdgekitError("--server needs --model NAME (the served model)")
+    served = None
+    if server:  # the served row first: a server that is not up fails before anything is compiled
+        from edgekit.serve.client import ServerRunner
+
+        served = ServerRunner(server, served_model, spec_from=spec_from)
+    planned = plan_rows(list(models) or ([] if server else [resolve_model(None)]), specs, calib, "synthetic:12",
+                        threads, log)
     rows = [Row(name, runtime.load(path, threads=threads), model_size(path)) for name, path in planned]
+    if served:
+        rows.append(Row(f"served {served_model} ({served.protocol})", served, served.size_bytes))
     result = run_bench(rows, data=data, batches=batches, rounds=rounds, iters=iters, eval_limit=eval_limit,
-                       baseline=next((n for n, _ in planned if n.startswith(BASELINE)), None))
+                       baseline=next((n for n, _ in planned if n.startswith(BASELINE)), None), async_jobs=concurrency,
+                       log=log)
     _save_result(result, threads, json_out, plot_out)
-    table = []
-    for r in result["rows"]:
-        su = f"{r['speedup_vs_baseline']:.2f}x" if r["speedup_vs_baseline"] else "-"
-        tp = f"{r['throughput_fps']:.0f}" if r["throughput_fps"] else "-"
-        table.append((r["name"], f"{r['size_bytes'] / 1e6:.2f} MB", f"{r['iou']:.4f}", f"{r['mae']:.4f}",
-                      f"{r['latency_ms']['p50']:.2f}/{r['latency_ms']['p90']:.2f}/{r['latency_ms']['p99']:.2f}",
-                      f"{r['fps_b1']:.1f}", f"{r['fps_best']:.1f} (b{r['best_batch']})", tp, su))
-    p = result["reference"]
-    table.append((p["name"], "-", f"{p['iou']:.4f}", f"{p['mae']:.4f}", "-", f"{p['fps_b1']:.2f}", "-", "-", "-"))
-    m = result["machine"]
-    print_table(f"edgekit bench --device cpu  ({m['cpu']}, {m['logical_cpus']} CPUs, {threads} threads)",
-                ["row", "size", "IoU", "MAE", "latency ms p50/p90/p99", "FPS b1", "FPS best batch",
-                 f"FPS async x{2}", "vs baseline"], table,
-                caption=f"accuracy on {result['data']}; baseline = {BASELINE} (ONNX -> OpenVINO, plugin default precision)")
+    print_table(table_title(result), table_columns(concurrency), table_rows(result), caption=table_caption(result),
+                err=json_out == "-")
 
 
 def _check_backend_specs(specs, allow_auto: bool = True) -> None:
@@ -180,7 +197,9 @@ def _save_result(result: dict, threads, json_out, plot_out) -> None:
 
     result["settings"]["threads"] = threads
     result["command"] = "edgekit " + " ".join(sys.argv[1:])
-    if json_out:
+    if json_out == "-":
+        echo_json(result)  # the one document on stdout; the table goes to stderr
+    elif json_out:
         write_json(json_out, result)
         plot_out = plot_out or str(Path(json_out).with_suffix(".png"))
     if plot_out:
@@ -189,6 +208,7 @@ def _save_result(result: dict, threads, json_out, plot_out) -> None:
 
 def _bench_mlff(registry, backends, batches, threads, data, calib, rounds, iters, eval_limit, json_out, plot_out):
     """``edgekit bench REGISTRY``: backbone (torch / compiled) + the registry's adapter heads, per image."""
+    from edgekit.bench.cpu import format_fps, format_latency, format_speedup
     from edgekit.bench.mlff import MLFF_BASELINE, default_mlff_backends, plan_mlff_rows, run_mlff_bench
     from edgekit.commands._common import print_table, set_threads
 
@@ -204,33 +224,43 @@ def _bench_mlff(registry, backends, batches, threads, data, calib, rounds, iters
     _save_result(result, threads, json_out, plot_out)
     table = []
     for r in result["rows"]:
-        su = f"{r['speedup_vs_baseline']:.2f}x" if r["speedup_vs_baseline"] else "-"
         table.append((r["name"], f"{r['backbone_bytes'] / 1e6:.2f} MB", f"{r['adapter_bytes'] / 1e3:.1f} kB",
                       f"{r['accuracy']:.4f}", f"{r['top1_agreement_vs_torch']:.4f}"
                       if r["top1_agreement_vs_torch"] is not None else "-",
-                      f"{r['latency_ms']['p50']:.2f}/{r['latency_ms']['p90']:.2f}/{r['latency_ms']['p99']:.2f}",
-                      f"{r['fps_b1']:.1f}", f"{r['fps_best']:.1f} (b{r['best_batch']})", su))
+                      format_latency(r["latency_ms"]), format_fps(r), f"{r['fps_best']:.1f} (b{r['best_batch']})",
+                      format_speedup(r)))
     m, mo = result["machine"], result["model"]
     print_table(f"edgekit bench {registry}: {mo['backbone']} + {mo['heads']} head(s)  ({m['cpu']}, "
                 f"{m['logical_cpus']} CPUs, {threads} threads)",
-                ["row", "backbone", "adapter", "accuracy", "agree vs torch", "latency ms p50/p90/p99", "FPS b1",
-                 "FPS best batch", "vs torch"], table,
+                ["row", "backbone", "adapter", "accuracy", "agree vs torch", "latency ms p50/p90/p99",
+                 "FPS b1 (round min-max)", "FPS best batch", "vs torch (round min-max)"], table,
                 caption=f"top-1 accuracy on {result['eval_images']} images of {result['data']}; latency per image: "
-                        "backbone + adapter trunk + all heads")
+                        "backbone + adapter trunk + all heads", err=json_out == "-")
 
 
 def _bench_gpu(models, backends, batch, data, calib, rounds, iters, eval_limit, json_out, plot_out, max_autotune):
     """``bench --device gpu`` (edgekit.bench.gpu): batch 1 and 32 unless --batch is given."""
     import sys
 
-    from edgekit.bench.gpu import DEFAULT_GPU_BATCHES, bench_gpu_command
+    from edgekit.bench.cpu import plot
+    from edgekit.bench.gpu import DEFAULT_GPU_BATCHES, TABLE_COLUMNS, gpu_bench, table_caption, table_rows, table_title
+    from edgekit.commands._common import print_table
 
     if click.get_current_context().get_parameter_source("batch") == click.core.ParameterSource.DEFAULT:
         batch = ",".join(map(str, DEFAULT_GPU_BATCHES))
     batches = parse_batches(batch)
-    bench_gpu_command(models, backends=backends, batches=batches, data=data, calib=calib, rounds=rounds, iters=iters,
-                      eval_limit=eval_limit, json_out=json_out, plot_out=plot_out, max_autotune=max_autotune,
-                      command="edgekit " + " ".join(sys.argv[1:]), log=lambda m: click.echo(m, err=True))
+    result = gpu_bench(models, backends=backends, batches=batches, data=data, calib=calib, rounds=rounds, iters=iters,
+                       eval_limit=eval_limit, max_autotune=max_autotune, log=lambda m: click.echo(m, err=True))
+    result["command"] = "edgekit " + " ".join(sys.argv[1:])
+    if json_out == "-":
+        echo_json(result)  # the one document on stdout; the table goes to stderr
+    elif json_out:
+        write_json(json_out, result)
+        plot_out = plot_out or str(Path(json_out).with_suffix(".png"))
+    if plot_out:
+        plot(result, Path(plot_out))
+    print_table(table_title(result), TABLE_COLUMNS, table_rows(result), caption=table_caption(result),
+                err=json_out == "-")
 
 
 commands = [compile_cmd, quantize_cmd, bench_cmd]
