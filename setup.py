@@ -17,7 +17,7 @@ setup(
     packages=find_packages(include=["edgekit", "edgekit.*"]),
     # the CUDA sources and their host-emulation harness: `--target cuda-fused` compiles them from a wheel too
     package_data={"edgekit": ["assets/*.pt", "assets/*.json", "kernels/cuda/*.cu", "kernels/cuda/emu/*.h",
-                              "kernels/cuda/emu/*.cpp"]},
+                              "kernels/cuda/emu/*.cpp", "kernels/cpu/*.cpp"]},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",

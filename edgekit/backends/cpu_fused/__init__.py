@@ -1,0 +1,31 @@
+"""``cpu-fused``: GMBINet on edgekit's own fused CPU kernels (C++17, AVX2 / AVX-512, loaded with ctypes).
+
+Build (``build.py``): the folded weights and one kernel library per ISA level, compiled with the system
+C++ compiler at compile time. Run (``runner.py``): the fastest library this CPU supports. The kernels
+follow the GPU path's plan (``edgekit.kernels.gmbinet.plan_gmbinet``); see ``kernels/README.md`` Part 3.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from edgekit.backends.registry import BackendSpec, register_backend
+
+
+def _build(ctx) -> dict:
+    from edgekit.backends.cpu_fused.build import build_cpu_fused
+
+    return build_cpu_fused(ctx.source.checkpoint, ctx.folder, ctx.precision, log=ctx.log)
+
+
+def _load(path: Path, threads: Optional[int] = None, isa: Optional[str] = None, fuse_head: bool = True):
+    from edgekit.backends.cpu_fused.runner import CpuFusedRunner
+
+    return CpuFusedRunner(Path(path), threads=threads, isa=isa, fuse_head=fuse_head)
+
+
+SPEC = register_backend(BackendSpec(
+    name="cpu-fused", description="edgekit's fused CPU kernels (C++, AVX2 / AVX-512; needs g++ to compile)",
+    precisions=("fp32",), build=_build, load=_load, device="cpu", load_options=("threads", "isa", "fuse_head"),
+    from_artifacts=(),
+))

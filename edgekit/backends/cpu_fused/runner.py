@@ -1,0 +1,66 @@
+"""Run a ``cpu-fused`` artifact: the library for the best ISA this CPU has, loaded with ctypes.
+
+``CpuFusedRunner(folder, threads=N)`` verifies the manifest's hashes (weights and libraries), picks the
+fastest library the CPU can run (``choose_isa``; one line naming what the CPU has and what the artifact
+needs when it runs none), starts the kernels' persistent pool of ``N`` threads, and plans each batch size
+once (``plan_gmbinet``: buffers preallocated, the op program built).  ``infer`` copies the batch in, runs
+the program, copies the probabilities out.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from edgekit.errors import EdgekitError
+from edgekit.backends.artifact_runner import ArtifactRunner
+
+TARGET = "cpu-fused"
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class CpuFusedRunner(ArtifactRunner):
+    name = TARGET
+
+    def __init__(self, folder: Path, threads: Optional[int] = None, isa: Optional[str] = None,
+                 fuse_head: bool = True):
+        super().__init__(folder)  # verifies every file's sha256 first
+        from edgekit.backends.cpu_fused.build import read_weights
+        from edgekit.kernels.cpu_fused import CpuKernels, FusedNet, choose_isa
+        from edgekit.kernels.gmbinet import FoldedGMBINet
+
+        m = self.manifest
+        libs = m.get("kernels", {}).get("libraries", {})
+        if not libs or "net" not in m or "param_layout" not in m:
+            raise EdgekitError(f"{folder}: not a complete cpu-fused artifact (no kernel libraries or layout)")
+        if isa is not None:
+            if isa not in libs:
+                raise EdgekitError(f"{folder}: has no {isa} library (it holds {', '.join(libs)})")
+            choose_isa([isa])  # still refuse an ISA this CPU lacks
+            self.isa = isa
+        else:
+            self.isa = choose_isa(list(libs))
+        self.threads = int(threads) if threads else default_threads()
+        self.kernels = CpuKernels(Path(folder) / libs[self.isa]["file"], self.threads)
+        n = m["net"]
+        net = FoldedGMBINet(in_channels=n["in_channels"], widths=tuple(n["widths"]), depths=tuple(n["depths"]),
+                            out_channels=n["out_channels"], head_width=n["head_width"])
+        offsets = {k: (int(v[0]), int(v[1])) for k, v in m["param_layout"].items()}
+        self.fused = FusedNet(self.kernels, net, read_weights(folder, m), offsets, fuse_head=fuse_head)
+        if net.in_channels != self.spec.channels:
+            raise EdgekitError(f"{folder}: the model takes {net.in_channels} channels, its preprocessing gives "
+                               f"{self.spec.channels}")
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.fused.forward(self._check_batch(batch))
+
+    def describe(self) -> str:
+        return f"{self.name} {self.precision} {self.isa} x{self.threads} threads ({self.source})"

@@ -1,0 +1,743 @@
+// edgekit cpu-fused: the eval-mode GMBINet as fused CPU kernels (one source, compiled once per ISA level).
+//
+// Layout and design (see kernels/README.md, "CPU kernels"):
+//  * NCHW activations, as the GPU plan lays them out (edgekit.kernels.gmbinet.plan_gmbinet owns the buffers).
+//  * A task is a band of FULL-WIDTH output rows of one image.  Full width makes every band of every
+//    channel one contiguous run, so each layer ends in a plain GEMM  out[co][p] = sum_k W[k][co] * panel[k][p]
+//    over the band's pixels, and horizontal borders are zero columns of padded row buffers (no bounds checks).
+//  * Each layer builds its K x P panel in per-thread scratch (stem: im2col of the stride-2 3x3; DownBlock:
+//    the stride-2 depthwise; decoder fusion: depthwise of low + nearest-up(high); GMBI: z of the whole
+//    four-group chain), then one register-blocked GEMM with the epilogue (bias, ReLU, residual, sigmoid).
+//    Group split/merge is pointer arithmetic into x and into the panel, never a copy.
+//  * SIMD: GCC vector extensions with VW floats per vector (8: AVX2, 16: AVX-512), chosen by the compile flags
+//    of this translation unit.  Register blocking is a template on (output channels per block, vectors per block).
+//  * A persistent worker pool (spin briefly, then sleep on a condition variable): no thread start-up per op.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+#include <chrono>
+#include <ctime>
+#include <immintrin.h>
+
+#if defined(__AVX512F__)
+#define VW 16
+#define EK_ISA "avx512"
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VW 8
+#define EK_ISA "avx2"
+#else
+#error "cpu-fused needs at least AVX2 + FMA"
+#endif
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+static inline vf vload(const float* p) { vf v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
+static inline void vstore(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(v)); }
+#if VW == 16
+static inline vf vset1(float x) { return (vf)_mm512_set1_ps(x); }
+static inline vf vrcp(vf x) { return (vf)_mm512_rcp14_ps((__m512)x); }
+#else
+static inline vf vset1(float x) { return (vf)_mm256_set1_ps(x); }
+static inline vf vrcp(vf x) { return (vf)_mm256_rcp_ps((__m256)x); }
+#endif
+// even and odd lanes of two consecutive vectors (a = in[0..VW), b = in[VW..2VW))
+static inline vf vevens(vf a, vf b) {
+#if VW == 16
+  return __builtin_shuffle(a, b, vi{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30});
+#else
+  return __builtin_shuffle(a, b, vi{0, 2, 4, 6, 8, 10, 12, 14});
+#endif
+}
+static inline vf vodds(vf a, vf b) {
+#if VW == 16
+  return __builtin_shuffle(a, b, vi{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31});
+#else
+  return __builtin_shuffle(a, b, vi{1, 3, 5, 7, 9, 11, 13, 15});
+#endif
+}
+// a[0]a[0]a[1]a[1]... : the low and high halves of a nearest 2x upsample of a
+static inline vf vdup_lo(vf a) {
+#if VW == 16
+  return __builtin_shuffle(a, vi{0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7});
+#else
+  return __builtin_shuffle(a, vi{0, 0, 1, 1, 2, 2, 3, 3});
+#endif
+}
+static inline vf vdup_hi(vf a) {
+#if VW == 16
+  return __builtin_shuffle(a, vi{8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15});
+#else
+  return __builtin_shuffle(a, vi{4, 4, 5, 5, 6, 6, 7, 7});
+#endif
+}
+// dst[2j] = dst[2j+1] = src[j], j < n
+static inline void upsample2_row(float* dst, const float* src, int n) {
+  int j = 0;
+  for (; j + VW <= n; j += VW) { vf v = vload(src + j); vstore(dst + 2 * j, vdup_lo(v)); vstore(dst + 2 * j + VW, vdup_hi(v)); }
+  for (; j < n; ++j) dst[2 * j] = dst[2 * j + 1] = src[j];
+}
+static inline vf vmax0(vf a) { return a > 0.0f ? a : vset1(0.0f); }
+
+// exp(x) for x in [-87.3, 88.7] (clamped outside): Cephes expf polynomial, ~2 ulp.  Rounding by the
+// 1.5*2^23 trick, so this file must NOT be built with -ffast-math.
+static inline vf vexp(vf x) {
+  x = x < 88.3762626647949f ? x : vset1(88.3762626647949f);
+  x = x > -87.3365447504019f ? x : vset1(-87.3365447504019f);
+  const float magic = 12582912.0f;  // 1.5 * 2^23
+  vf t = x * 1.44269504088896341f + magic;
+  vi ni = (vi)t - 0x4B400000;
+  vf n = t - magic;
+  vf r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = vset1(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  vi bits = (ni + 127) << 23;
+  return p * (vf)bits;
+}
+// 1 / (1 + e^-x): hardware reciprocal estimate + one Newton step (rel. error ~1e-7, no divide)
+static inline vf vsigmoid(vf x) {
+#ifdef EK_SIGMOID_DIV
+  return 1.0f / (1.0f + vexp(-x));
+#endif
+  vf d = 1.0f + vexp(-x);
+  vf r = vrcp(d);
+  return r * (2.0f - d * r);
+}
+static inline float ssigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+// ---------------------------------------------------------------------------------------------
+// worker pool
+
+namespace {
+
+struct Scratch {
+  std::vector<float*> bufs;
+  std::vector<size_t> sizes;
+  float* get(int slot, size_t n) {
+    if ((int)bufs.size() <= slot) { bufs.resize(slot + 1, nullptr); sizes.resize(slot + 1, 0); }
+    if (sizes[slot] < n) {
+      std::free(bufs[slot]);
+      size_t bytes = ((n * sizeof(float) + 4 * 64 + 63) / 64) * 64;
+      bufs[slot] = static_cast<float*>(std::aligned_alloc(64, bytes));
+      sizes[slot] = n;
+    }
+    return bufs[slot];
+  }
+  ~Scratch() { for (float* b : bufs) std::free(b); }
+};
+
+typedef void (*TaskFn)(const void* ctx, int task, Scratch& s);
+
+struct Pool {
+  // A job is (id, fn, ctx, n), published under the mutex; tasks are claimed from one 64-bit ticket
+  // (job id << 32 | next index) by compare-and-swap, so a worker still holding an old job can never
+  // claim (or lose) an index of a newer one.
+  int nthreads;
+  std::vector<std::thread> workers;
+  std::vector<Scratch> scratch;
+  std::mutex m;
+  std::condition_variable cv;
+  uint64_t job_id = 0;  // guarded by m
+  TaskFn job_fn = nullptr;
+  const void* job_ctx = nullptr;
+  int job_n = 0;
+  bool stop = false;
+  std::atomic<uint64_t> gen{0};
+  std::atomic<uint64_t> ticket{0};
+  std::atomic<int> done{0};
+
+  explicit Pool(int n) : nthreads(std::max(1, n)), scratch(std::max(1, n)) {
+    for (int t = 1; t < nthreads; ++t) workers.emplace_back([this, t] { loop(t); });
+  }
+  ~Pool() {
+    { std::lock_guard<std::mutex> g(m); stop = true; gen.fetch_add(1); }
+    cv.notify_all();
+    for (auto& w : workers) w.join();
+  }
+  void drain(int tid, uint64_t id, TaskFn fn, const void* ctx, int n) {
+    for (;;) {
+      uint64_t t = ticket.load(std::memory_order_acquire);
+      if ((t >> 32) != id || (int)(t & 0xffffffffu) >= n) return;
+      if (ticket.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) {
+        fn(ctx, (int)(t & 0xffffffffu), scratch[tid]);
+        done.fetch_add(1, std::memory_order_release);
+      }
+    }
+  }
+  void loop(int tid) {
+    uint64_t seen = 0;
+    for (;;) {
+      // Spin a little (the next layer follows within microseconds), then sleep: the machine is shared.
+      for (int spins = 0; gen.load(std::memory_order_acquire) == seen && spins < 4000; ++spins) _mm_pause();
+      uint64_t id; TaskFn fn; const void* ctx; int n;
+      {
+        std::unique_lock<std::mutex> lk(m);
+        cv.wait(lk, [&] { return gen.load() != seen; });
+        seen = gen.load();
+        if (stop) return;
+        id = job_id; fn = job_fn; ctx = job_ctx; n = job_n;
+      }
+      drain(tid, id, fn, ctx, n);
+    }
+  }
+  void run(TaskFn f, const void* c, int n) {
+    if (n <= 0) return;
+    if (nthreads == 1 || n == 1) {
+      for (int k = 0; k < n; ++k) f(c, k, scratch[0]);
+      return;
+    }
+    uint64_t id;
+    {
+      std::lock_guard<std::mutex> g(m);
+      id = ++job_id;
+      job_fn = f; job_ctx = c; job_n = n;
+      done.store(0, std::memory_order_relaxed);
+      ticket.store(id << 32, std::memory_order_release);
+      gen.fetch_add(1, std::memory_order_release);
+    }
+    cv.notify_all();
+    drain(0, id, f, c, n);
+    // The last tasks run on other threads: spin briefly, then yield the core (on an oversubscribed machine
+    // spinning would only keep those threads off it).
+    for (int spins = 0; done.load(std::memory_order_acquire) < n; ++spins) {
+      if (spins < 2000) _mm_pause(); else std::this_thread::yield();
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// GEMM over a band:  out[co][p] = epi(bias[co] + sum_k wt[k*cout + co] * panel[k*ld + p])
+// epilogue: ReLU, then optionally + res[co*res_cs + p].
+
+struct Gemm {
+  const float* panel; long ld;  // K rows of P pixels, row stride ld floats
+  const float* wt; const float* bias;  // wt [K][cout]
+  int K, cout, P;
+  float* out; long out_cs;  // channel stride of out (pixel p of channel co at out[co*out_cs + p])
+  const float* res; long res_cs;  // residual (nullptr: none)
+};
+
+template <int COB, int NV>
+static inline void micro(const Gemm& g, int co, const float* pan, long ld, float* out, long out_cs,
+                         const float* res, long res_cs) {
+  vf acc[COB][NV];
+  for (int j = 0; j < COB; ++j) {
+    vf b = vset1(g.bias[co + j]);
+    for (int v = 0; v < NV; ++v) acc[j][v] = b;
+  }
+  const float* w = g.wt + co;
+  for (int k = 0; k < g.K; ++k) {
+    vf z[NV];
+    for (int v = 0; v < NV; ++v) z[v] = vload(pan + k * ld + v * VW);
+    for (int j = 0; j < COB; ++j) {
+      vf wj = vset1(w[(long)k * g.cout + j]);
+      for (int v = 0; v < NV; ++v) acc[j][v] += wj * z[v];
+    }
+  }
+  for (int j = 0; j < COB; ++j)
+    for (int v = 0; v < NV; ++v) {
+      vf o = vmax0(acc[j][v]);
+      if (res) o += vload(res + (co + j) * res_cs + v * VW);
+      vstore(out + (co + j) * out_cs + v * VW, o);
+    }
+}
+
+#if VW == 16
+constexpr int COB_MAIN = 8, NV_MAIN = 3;  // 24 accumulators of 32 zmm
+#else
+// 12 accumulators + 2 panel vectors + 1 broadcast of 16 ymm.  Measured (GEMM-only builds, 1 thread, CPU time):
+// 6x2 and 4x2 ran the GMBI 1x1s in ~9 ms, 4x3 (which GCC spills) and 2x6 in ~12.5 ms, 8x1 in 10.5 ms.
+constexpr int COB_MAIN = 6, NV_MAIN = 2;
+#endif
+constexpr int PBLK = NV_MAIN * VW;
+
+static void gemm_block(const Gemm& g, const float* pan, long ld, float* out, long out_cs, const float* res,
+                       long res_cs) {
+  // as many COB_MAIN blocks as leave a multiple of 4 (every width but the head's is one), then blocks of 4
+  int main_end = (g.cout / COB_MAIN) * COB_MAIN;
+  while (main_end > 0 && (g.cout - main_end) % 4) main_end -= COB_MAIN;
+  int co = 0;
+  for (; co < main_end; co += COB_MAIN) micro<COB_MAIN, NV_MAIN>(g, co, pan, ld, out, out_cs, res, res_cs);
+  for (; co + 4 <= g.cout; co += 4) micro<4, NV_MAIN>(g, co, pan, ld, out, out_cs, res, res_cs);
+  for (; co < g.cout; ++co) micro<1, NV_MAIN>(g, co, pan, ld, out, out_cs, res, res_cs);
+}
+
+static void gemm(const Gemm& g, Scratch& s) {
+  int p = 0;
+  for (; p + PBLK <= g.P; p += PBLK)
+    gemm_block(g, g.panel + p, g.ld, g.out + p, g.out_cs, g.res ? g.res + p : nullptr, g.res_cs);
+  int tail = g.P - p;
+  if (tail > 0) {  // copy the last columns into a padded panel; compute into a temp; copy the valid part
+    float* tp = s.get(7, (size_t)g.K * PBLK);
+    float* to = s.get(8, (size_t)g.cout * PBLK);
+    float* tr = g.res ? s.get(9, (size_t)g.cout * PBLK) : nullptr;
+    for (int k = 0; k < g.K; ++k) {
+      std::memcpy(tp + (long)k * PBLK, g.panel + (long)k * g.ld + p, tail * sizeof(float));
+      std::memset(tp + (long)k * PBLK + tail, 0, (PBLK - tail) * sizeof(float));
+    }
+    if (tr)
+      for (int c = 0; c < g.cout; ++c) {
+        std::memcpy(tr + (long)c * PBLK, g.res + (long)c * g.res_cs + p, tail * sizeof(float));
+        std::memset(tr + (long)c * PBLK + tail, 0, (PBLK - tail) * sizeof(float));
+      }
+    gemm_block(g, tp, PBLK, to, PBLK, tr, PBLK);
+    for (int c = 0; c < g.cout; ++c)
+      std::memcpy(g.out + (long)c * g.out_cs + p, to + (long)c * PBLK, tail * sizeof(float));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// padded row buffers: a row of W floats at column offset PADC, zero columns either side (taps up to
+// dilation 4 need no bounds checks); rows out of the image read a shared zero row.
+
+constexpr int PADC = 16;  // >= the largest dilation, and keeps every row 64-byte aligned
+static inline int padded_stride(int W) { return ((W + 2 * PADC + 15) / 16) * 16; }
+
+struct RowBuf {
+  float* base; int stride; int row0; int nrows; const float* zero;
+  float* row(int r) { return base + (long)(r - row0) * stride + PADC; }
+  const float* tap(int r, int H) const {
+    return (r < 0 || r >= H) ? zero + PADC : base + (long)(r - row0) * stride + PADC;
+  }
+};
+
+static RowBuf rowbuf(Scratch& s, int slot, int row0, int nrows, int W, const float* zero) {
+  int st = padded_stride(W);
+  float* b = s.get(slot, (size_t)st * std::max(nrows, 1));
+  for (int r = 0; r < nrows; ++r) {  // zero the pad columns (the row itself is always written)
+    std::memset(b + (long)r * st, 0, PADC * sizeof(float));
+    std::memset(b + (long)r * st + PADC + W, 0, (st - PADC - W) * sizeof(float));
+  }
+  return RowBuf{b, st, row0, nrows, zero};
+}
+
+static const float* zero_row(Scratch& s, int W) {
+  int st = padded_stride(W);
+  float* z = s.get(10, st);
+  std::memset(z, 0, st * sizeof(float));
+  return z;
+}
+
+// one output row of a stride-1 dilated 3x3 depthwise conv (+bias, ReLU): out[x], x in [0, W)
+static inline void dw_row(float* out, const float* a, const float* b, const float* c, const float* w, float bias,
+                          int W, int d) {
+  const vf w0 = vset1(w[0]), w1 = vset1(w[1]), w2 = vset1(w[2]), w3 = vset1(w[3]), w4 = vset1(w[4]),
+           w5 = vset1(w[5]), w6 = vset1(w[6]), w7 = vset1(w[7]), w8 = vset1(w[8]), vb = vset1(bias);
+  int x = 0;
+  for (; x + VW <= W; x += VW) {
+    vf s = vb + w0 * vload(a + x - d) + w1 * vload(a + x) + w2 * vload(a + x + d) + w3 * vload(b + x - d) +
+           w4 * vload(b + x) + w5 * vload(b + x + d) + w6 * vload(c + x - d) + w7 * vload(c + x) +
+           w8 * vload(c + x + d);
+    vstore(out + x, vmax0(s));
+  }
+  for (; x < W; ++x) {
+    float s = bias + w[0] * a[x - d] + w[1] * a[x] + w[2] * a[x + d] + w[3] * b[x - d] + w[4] * b[x] +
+              w[5] * b[x + d] + w[6] * c[x - d] + w[7] * c[x] + w[8] * c[x + d];
+    out[x] = s > 0.0f ? s : 0.0f;
+  }
+}
+
+// y = ReLU(dw(a, b, c)) and, in the same pass, u = sigmoid(y) * x + x (forward guidance of the next group)
+static inline void dw_gate_row(float* y, float* u, const float* a, const float* b, const float* c, const float* w,
+                               float bias, const float* xn, int W, int d) {
+  const vf w0 = vset1(w[0]), w1 = vset1(w[1]), w2 = vset1(w[2]), w3 = vset1(w[3]), w4 = vset1(w[4]),
+           w5 = vset1(w[5]), w6 = vset1(w[6]), w7 = vset1(w[7]), w8 = vset1(w[8]), vb = vset1(bias);
+  int x = 0;
+  for (; x + VW <= W; x += VW) {
+    vf s = vb + w0 * vload(a + x - d) + w1 * vload(a + x) + w2 * vload(a + x + d) + w3 * vload(b + x - d) +
+           w4 * vload(b + x) + w5 * vload(b + x + d) + w6 * vload(c + x - d) + w7 * vload(c + x) +
+           w8 * vload(c + x + d);
+    s = vmax0(s);
+    vstore(y + x, s);
+    vf xv = vload(xn + x);
+    vstore(u + x, vsigmoid(s) * xv + xv);
+  }
+  for (; x < W; ++x) {
+    float s = bias + w[0] * a[x - d] + w[1] * a[x] + w[2] * a[x + d] + w[3] * b[x - d] + w[4] * b[x] +
+              w[5] * b[x + d] + w[6] * c[x - d] + w[7] * c[x] + w[8] * c[x + d];
+    s = s > 0.0f ? s : 0.0f;
+    y[x] = s;
+    u[x] = ssigmoid(s) * xn[x] + xn[x];
+  }
+}
+
+static inline void gate_inplace(float* y, const float* g, int n) {  // y = sigmoid(g) * y + y
+  int i = 0;
+  for (; i + VW <= n; i += VW) { vf yv = vload(y + i); vstore(y + i, vsigmoid(vload(g + i)) * yv + yv); }
+  if (i < n) {  // the tail through the same vector code, so a pixel's value never depends on the band it is in
+    float yb[VW] = {0}, gb[VW] = {0};
+    std::memcpy(yb, y + i, (n - i) * sizeof(float));
+    std::memcpy(gb, g + i, (n - i) * sizeof(float));
+    vf yv = vload(yb);
+    vstore(yb, vsigmoid(vload(gb)) * yv + yv);
+    std::memcpy(y + i, yb, (n - i) * sizeof(float));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the layers.  Every kernel: a task = (image, band of output rows [r0, r1)).
+
+struct Bands { int n, rows, per_image; };
+static inline void band_of(int task, int per_image, int rows, int H, int& img, int& r0, int& r1) {
+  img = task / per_image;
+  r0 = (task % per_image) * rows;
+  r1 = std::min(H, r0 + rows);
+}
+
+// --- GMBI: one pass per band (see kernels/README.md for the halo arithmetic: 10, 9, 7, 4, 0)
+constexpr int HALO_R1 = 9, HALO_R2 = 7, HALO_R3 = 4;
+
+struct GmbiArgs {
+  const float *x, *dw_w, *dw_b, *pw_wt, *pw_b; float* out;
+  int N, C, H, W, band;
+};
+
+static void gmbi_task(const void* vctx, int task, Scratch& s) {
+  const GmbiArgs& a = *static_cast<const GmbiArgs*>(vctx);
+  const int C = a.C, H = a.H, W = a.W, G = C / 4;
+  const int per = (H + a.band - 1) / a.band;
+  int img, r0, r1;
+  band_of(task, per, a.band, H, img, r0, r1);
+  const long HW = (long)H * W;
+  const float* x = a.x + (long)img * C * HW;
+  float* out = a.out + (long)img * C * HW;
+  const int rows = r1 - r0, P = rows * W;
+  const float* zero = zero_row(s, W);
+  // regions, clipped to the image
+  auto lo = [&](int h) { return std::max(0, r0 - h); };
+  auto hi = [&](int h) { return std::min(H, r1 + h); };
+  const int x0a = lo(HALO_R1 + 1), x0b = hi(HALO_R1 + 1);
+  const int a1 = lo(HALO_R1), b1 = hi(HALO_R1), a2 = lo(HALO_R2), b2 = hi(HALO_R2), a3 = lo(HALO_R3), b3 = hi(HALO_R3);
+  float* z = s.get(0, (size_t)C * P + VW);
+  float* yt = s.get(1, (size_t)W + VW);
+  RowBuf X0 = rowbuf(s, 2, x0a, x0b - x0a, W, zero);
+  RowBuf U1 = rowbuf(s, 3, a1, b1 - a1, W, zero);
+  RowBuf U2 = rowbuf(s, 4, a2, b2 - a2, W, zero);
+  RowBuf U3 = rowbuf(s, 5, a3, b3 - a3, W, zero);
+#ifndef EK_PROFILE_NO_CHAIN
+  for (int c = 0; c < G; ++c) {  // lane c: channels c, G+c, 2G+c, 3G+c
+    const float* xc[4];
+    for (int i = 0; i < 4; ++i) xc[i] = x + (long)(i * G + c) * HW;
+    float* zc[4];
+    for (int i = 0; i < 4; ++i) zc[i] = z + (long)(i * G + c) * P;
+    const float* wts[4]; float bs[4];
+    for (int i = 0; i < 4; ++i) { wts[i] = a.dw_w + (i * G + c) * 9; bs[i] = a.dw_b[i * G + c]; }
+    for (int r = x0a; r < x0b; ++r) std::memcpy(X0.row(r), xc[0] + (long)r * W, W * sizeof(float));
+    // stage 1: y0 (dil 1) on R1, u1 = sig(y0) x1 + x1
+    for (int r = a1; r < b1; ++r) {
+      float* y = (r >= r0 && r < r1) ? zc[0] + (long)(r - r0) * W : yt;
+      dw_gate_row(y, U1.row(r), X0.tap(r - 1, H), X0.tap(r, H), X0.tap(r + 1, H), wts[0], bs[0],
+                  xc[1] + (long)r * W, W, 1);
+    }
+    // stage 2: y1 (dil 2) on R2, u2
+    for (int r = a2; r < b2; ++r) {
+      float* y = (r >= r0 && r < r1) ? zc[1] + (long)(r - r0) * W : yt;
+      dw_gate_row(y, U2.row(r), U1.tap(r - 2, H), U1.tap(r, H), U1.tap(r + 2, H), wts[1], bs[1],
+                  xc[2] + (long)r * W, W, 2);
+    }
+    // stage 3: y2 (dil 3) on R3, u3
+    for (int r = a3; r < b3; ++r) {
+      float* y = (r >= r0 && r < r1) ? zc[2] + (long)(r - r0) * W : yt;
+      dw_gate_row(y, U3.row(r), U2.tap(r - 3, H), U2.tap(r, H), U2.tap(r + 3, H), wts[2], bs[2],
+                  xc[3] + (long)r * W, W, 3);
+    }
+    // stage 4: y3 (dil 4) on the band
+    for (int r = r0; r < r1; ++r)
+      dw_row(zc[3] + (long)(r - r0) * W, U3.tap(r - 4, H), U3.tap(r, H), U3.tap(r + 4, H), wts[3], bs[3], W, 4);
+    // backward enhancement, in place: z_i = sig(y_{i+1}) y_i + y_i (in order, so y_{i+1} is still raw)
+    for (int i = 0; i < 3; ++i) gate_inplace(zc[i], zc[i + 1], P);
+  }
+#endif
+  Gemm g{z, P, a.pw_wt, a.pw_b, C, C, P, out + (long)r0 * W, HW, x + (long)r0 * W, HW};
+#ifndef EK_PROFILE_NO_GEMM
+  gemm(g, s);
+#endif
+}
+
+static inline int nearest_src(int dst, float scale, int in) {
+  // PyTorch's nearest: min(floor(dst * scale), in - 1), scale = float(in) / float(out)
+  int s = (int)std::floor((float)dst * scale);
+  return std::min(s, in - 1);
+}
+
+// --- head: 1x1 (cin -> cout) + sigmoid at d1's resolution, written straight into the nearest-upsampled output.
+// x: row r0 of channel 0 of the band (rows of w1 floats, channels cs apart); out: this image's output.
+struct HeadParams { const float *w, *b; int cin, cout, h1, w1, H, W; float sh, sw; };
+
+static void head_band(const HeadParams& a, const float* x, long cs, int r0, int r1, float* out, Scratch& s) {
+  const long HW = (long)a.H * a.W;
+  float* prob = s.get(11, (size_t)a.w1 + VW);
+  int* ix = reinterpret_cast<int*>(s.get(12, a.W));
+  for (int j = 0; j < a.W; ++j) ix[j] = nearest_src(j, a.sw, a.w1);
+  // output rows whose source row lies in the band: a contiguous range (the map is monotone)
+  int oy0 = 0;
+  while (oy0 < a.H && nearest_src(oy0, a.sh, a.h1) < r0) ++oy0;
+  for (int co = 0; co < a.cout; ++co) {
+    const float* wc = a.w + (long)co * a.cin;
+    float* oc = out + (long)co * HW;
+    int oy = oy0;
+    for (int r = r0; r < r1; ++r) {
+      const float* xr = x + (long)(r - r0) * a.w1;
+      int j = 0;
+      for (; j + VW <= a.w1; j += VW) {
+        vf acc = vset1(a.b[co]);
+        for (int c = 0; c < a.cin; ++c) acc += wc[c] * vload(xr + c * cs + j);
+        vstore(prob + j, vsigmoid(acc));
+      }
+      for (; j < a.w1; ++j) {
+        float acc = a.b[co];
+        for (int c = 0; c < a.cin; ++c) acc += wc[c] * xr[c * cs + j];
+        prob[j] = ssigmoid(acc);
+      }
+      for (; oy < a.H && nearest_src(oy, a.sh, a.h1) == r; ++oy) {
+        float* o = oc + (long)oy * a.W;
+        if (a.W == 2 * a.w1) {
+          upsample2_row(o, prob, a.w1);
+        } else {
+          for (int q = 0; q < a.W; ++q) o[q] = prob[ix[q]];
+        }
+      }
+    }
+  }
+}
+
+struct HeadArgs { const float* x; float* out; HeadParams h; int N, band; };
+
+static void head_task(const void* vctx, int task, Scratch& s) {
+  const HeadArgs& a = *static_cast<const HeadArgs*>(vctx);
+  const int per = (a.h.h1 + a.band - 1) / a.band;
+  int img, r0, r1;
+  band_of(task, per, a.band, a.h.h1, img, r0, r1);
+  const long hw1 = (long)a.h.h1 * a.h.w1;
+  head_band(a.h, a.x + (long)img * a.h.cin * hw1 + (long)r0 * a.h.w1, hw1, r0, r1,
+            a.out + (long)img * a.h.cout * a.h.H * a.h.W, s);
+}
+
+// --- DW (stride 2, or stride 1 on low + up(high)) + PW, and PW alone.
+enum { DWPW_S2 = 0, DWPW_UP = 1, PW_ONLY = 2 };
+
+struct DwpwArgs {
+  int mode;
+  const float *x, *high, *dw_w, *dw_b, *pw_wt, *pw_b; float* out;
+  int N, cin, cout, ho, wo, hi, wi, hh, wh; float sh, sw; int band;
+  const HeadParams* head;  // non-null: DF1 + head, the DF output stays in scratch and out is the probability map
+};
+
+// even / odd columns of an input row: E[j] = in[2j] (j < wo), O[j+1] = in[2j+1], O[0] = 0, zero past the end.
+static inline void deinterleave(const float* in, int wi, int wo, float* E, float* O) {
+  O[0] = 0.0f;
+  int j = 0;
+  for (; 2 * (j + VW) <= wi; j += VW) {
+    vf a = vload(in + 2 * j), b = vload(in + 2 * j + VW);
+    vstore(E + j, vevens(a, b));
+    vstore(O + j + 1, vodds(a, b));
+  }
+  for (; j < wo; ++j) {
+    E[j] = in[2 * j];
+    O[j + 1] = (2 * j + 1 < wi) ? in[2 * j + 1] : 0.0f;
+  }
+}
+
+static void dwpw_task(const void* vctx, int task, Scratch& s) {
+  const DwpwArgs& a = *static_cast<const DwpwArgs*>(vctx);
+  const int per = (a.ho + a.band - 1) / a.band;
+  int img, r0, r1;
+  band_of(task, per, a.band, a.ho, img, r0, r1);
+  const long HWo = (long)a.ho * a.wo, HWi = (long)a.hi * a.wi;
+  const int P = (r1 - r0) * a.wo;
+  const float* x = a.x + (long)img * a.cin * HWi;
+  float* out = a.out + (long)img * a.cout * HWo + (long)r0 * a.wo;
+  if (a.mode == PW_ONLY) {  // the band of x is the panel: K rows of P pixels, channel stride HW
+    Gemm g{x + (long)r0 * a.wi, HWi, a.pw_wt, a.pw_b, a.cin, a.cout, P, out, HWo, nullptr, 0};
+    gemm(g, s);
+    return;
+  }
+  float* panel = s.get(0, (size_t)a.cin * P + VW);
+  if (a.mode == DWPW_S2) {
+    float* E = s.get(1, a.wo + 2 * VW);
+    float* O = s.get(2, a.wo + 1 + 2 * VW);
+    for (int c = 0; c < a.cin; ++c) {
+      const float* w = a.dw_w + c * 9; const float b = a.dw_b[c];
+      const float* xc = x + (long)c * HWi;
+      float* pc = panel + (long)c * P;
+      for (int r = r0; r < r1; ++r) {
+        float* o = pc + (long)(r - r0) * a.wo;
+        for (int j = 0; j < a.wo; ++j) o[j] = b;
+        for (int ky = 0; ky < 3; ++ky) {
+          int iy = 2 * r - 1 + ky;
+          if (iy < 0 || iy >= a.hi) continue;
+          deinterleave(xc + (long)iy * a.wi, a.wi, a.wo, E, O);
+          const float w0 = w[ky * 3], w1 = w[ky * 3 + 1], w2 = w[ky * 3 + 2];
+          for (int j = 0; j < a.wo; ++j) o[j] += w0 * O[j] + w1 * E[j] + w2 * O[j + 1];
+        }
+        for (int j = 0; j < a.wo; ++j) o[j] = o[j] > 0.0f ? o[j] : 0.0f;
+      }
+    }
+  } else {  // DWPW_UP: depthwise 3x3 (dil 1) of low + nearest-up(high), the sum built row by row
+    const float* zero = zero_row(s, a.wo);
+    RowBuf S = rowbuf(s, 3, std::max(0, r0 - 1), std::min(a.ho, r1 + 1) - std::max(0, r0 - 1), a.wo, zero);
+    int* ix = reinterpret_cast<int*>(s.get(4, a.wo));
+    for (int j = 0; j < a.wo; ++j) ix[j] = nearest_src(j, a.sw, a.wh);
+    const float* high = a.high + (long)img * a.cin * a.hh * a.wh;
+    const bool twice = (a.wh * 2 == a.wo);
+    for (int c = 0; c < a.cin; ++c) {
+      const float* lc = x + (long)c * HWi;
+      const float* hc = high + (long)c * a.hh * a.wh;
+      for (int r = S.row0; r < S.row0 + S.nrows; ++r) {
+        float* d = S.row(r);
+        const float* l = lc + (long)r * a.wi;
+        const float* h = hc + (long)nearest_src(r, a.sh, a.hh) * a.wh;
+        if (twice) {
+          upsample2_row(d, h, a.wh);
+          for (int j = 0; j < a.wo; ++j) d[j] += l[j];
+        } else {
+          for (int j = 0; j < a.wo; ++j) d[j] = l[j] + h[ix[j]];
+        }
+      }
+      float* pc = panel + (long)c * P;
+      for (int r = r0; r < r1; ++r)
+        dw_row(pc + (long)(r - r0) * a.wo, S.tap(r - 1, a.ho), S.tap(r, a.ho), S.tap(r + 1, a.ho), a.dw_w + c * 9,
+               a.dw_b[c], a.wo, 1);
+    }
+  }
+  if (a.head) {
+    float* d = s.get(5, (size_t)a.cout * P + VW);
+    Gemm g{panel, P, a.pw_wt, a.pw_b, a.cin, a.cout, P, d, P, nullptr, 0};
+    gemm(g, s);
+    head_band(*a.head, d, P, r0, r1, a.out + (long)img * a.head->cout * a.head->H * a.head->W, s);
+    return;
+  }
+  Gemm g{panel, P, a.pw_wt, a.pw_b, a.cin, a.cout, P, out, HWo, nullptr, 0};
+  gemm(g, s);
+}
+
+// --- stem: 3x3 stride-2 conv (+bias, ReLU) as im2col (cin*9 rows) of the band + GEMM
+struct StemArgs { const float *x, *w, *b; float* out; int N, cin, cout, H, W, h1, w1, band; };
+
+static void stem_task(const void* vctx, int task, Scratch& s) {
+  const StemArgs& a = *static_cast<const StemArgs*>(vctx);
+  const int per = (a.h1 + a.band - 1) / a.band;
+  int img, r0, r1;
+  band_of(task, per, a.band, a.h1, img, r0, r1);
+  const int P = (r1 - r0) * a.w1, K = a.cin * 9;
+  const long HW = (long)a.H * a.W;
+  float* panel = s.get(0, (size_t)K * P + VW);
+  float* E = s.get(1, a.w1 + 2 * VW);
+  float* O = s.get(2, a.w1 + 1 + 2 * VW);
+  for (int c = 0; c < a.cin; ++c) {
+    const float* xc = a.x + ((long)img * a.cin + c) * HW;
+    for (int r = r0; r < r1; ++r)
+      for (int ky = 0; ky < 3; ++ky) {
+        float* p0 = panel + (long)(c * 9 + ky * 3) * P + (long)(r - r0) * a.w1;
+        float* p1 = p0 + P;
+        float* p2 = p1 + P;
+        int iy = 2 * r - 1 + ky;
+        if (iy < 0 || iy >= a.H) {
+          std::memset(p0, 0, a.w1 * sizeof(float)); std::memset(p1, 0, a.w1 * sizeof(float));
+          std::memset(p2, 0, a.w1 * sizeof(float));
+          continue;
+        }
+        deinterleave(xc + (long)iy * a.W, a.W, a.w1, E, O);
+        std::memcpy(p0, O, a.w1 * sizeof(float));
+        std::memcpy(p1, E, a.w1 * sizeof(float));
+        std::memcpy(p2, O + 1, a.w1 * sizeof(float));
+      }
+  }
+  float* out = a.out + (long)img * a.cout * a.h1 * a.w1 + (long)r0 * a.w1;
+  Gemm g{panel, P, a.w, a.b, K, a.cout, P, out, (long)a.h1 * a.w1, nullptr, 0};
+  gemm(g, s);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// C interface (ctypes)
+
+extern "C" {
+
+// One planned layer (edgekit.kernels.cpu_fused builds these from plan_gmbinet's launches).
+enum { OP_STEM = 0, OP_S2 = 1, OP_PW = 2, OP_UP = 3, OP_GMBI = 4, OP_HEAD = 5, OP_UP_HEAD = 6 };
+struct EkOp {
+  int32_t kind, n, band, pad;
+  int64_t ptr[10];
+  int32_t i[12];
+  float f[4];
+};
+
+const char* ek_isa() { return EK_ISA; }
+int ek_vector_width() { return VW; }
+int ek_abi_version() { return 2; }
+void ek_gmbi_halos(int* out) { out[0] = HALO_R1; out[1] = HALO_R2; out[2] = HALO_R3; }
+
+void* ek_pool_create(int threads) { return new Pool(threads); }
+void ek_pool_destroy(void* p) { delete static_cast<Pool*>(p); }
+int ek_pool_threads(void* p) { return static_cast<Pool*>(p)->nthreads; }
+
+static double now_ms(bool cpu) {
+  if (cpu) {  // CPU time of the calling thread: robust to preemption on a shared machine (1 thread only)
+    timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+  }
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+static void run_op(Pool& pool, const EkOp& op, double* ms, bool cpu) {
+  double t0 = ms ? now_ms(cpu) : 0.0;
+  auto F = [&](int k) { return reinterpret_cast<float*>(op.ptr[k]); };
+  switch (op.kind) {
+    case OP_STEM: {
+      StemArgs a{F(0), F(2), F(3), F(1), op.n, op.i[0], op.i[1], op.i[2], op.i[3], op.i[4], op.i[5], op.band};
+      pool.run(stem_task, &a, op.n * ((a.h1 + a.band - 1) / a.band));
+      break;
+    }
+    case OP_S2: case OP_PW: case OP_UP: case OP_UP_HEAD: {
+      int mode = op.kind == OP_S2 ? DWPW_S2 : (op.kind == OP_UP || op.kind == OP_UP_HEAD) ? DWPW_UP : PW_ONLY;
+      // OP_UP_HEAD: DF1's arguments, then the head's weights (ptr 7, 8), out channels, H, W and scales
+      HeadParams hp{F(7), F(8), op.i[1], op.i[8], op.i[2], op.i[3], op.i[9], op.i[10], op.f[2], op.f[3]};
+      DwpwArgs a{mode, F(0), F(1), F(3), F(4), F(5), F(6), F(2), op.n, op.i[0], op.i[1], op.i[2], op.i[3],
+                 op.i[4], op.i[5], op.i[6], op.i[7], op.f[0], op.f[1], op.band,
+                 op.kind == OP_UP_HEAD ? &hp : nullptr};
+      pool.run(dwpw_task, &a, op.n * ((a.ho + a.band - 1) / a.band));
+      break;
+    }
+    case OP_GMBI: {
+      GmbiArgs a{F(0), F(2), F(3), F(4), F(5), F(1), op.n, op.i[0], op.i[1], op.i[2], op.band};
+      pool.run(gmbi_task, &a, op.n * ((a.H + a.band - 1) / a.band));
+      break;
+    }
+    case OP_HEAD: {
+      HeadArgs a{F(0), F(1), HeadParams{F(2), F(3), op.i[0], op.i[1], op.i[2], op.i[3], op.i[4], op.i[5], op.f[0],
+                                        op.f[1]}, op.n, op.band};
+      pool.run(head_task, &a, op.n * ((a.h.h1 + a.band - 1) / a.band));
+      break;
+    }
+  }
+  if (ms) *ms += now_ms(cpu) - t0;
+}
+
+// Run a planned sequence.  ms (optional, one per op) accumulates each op's wall time (cpu_clock: the
+// calling thread's CPU time instead, meaningful at 1 thread).
+int ek_run(void* pool, const EkOp* ops, int count, double* ms, int cpu_clock) {
+  Pool& p = *static_cast<Pool*>(pool);
+  for (int k = 0; k < count; ++k) {
+    if (ops[k].kind < OP_STEM || ops[k].kind > OP_UP_HEAD || ops[k].band < 1) return -(k + 1);
+    run_op(p, ops[k], ms ? ms + k : nullptr, cpu_clock != 0);
+  }
+  return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,292 @@
+"""cpu-fused: edgekit's fused CPU kernels against the PyTorch layers they replace, and the artifact around them.
+
+The kernel library is built once per module with the system C++ compiler (skipped with a reason where there
+is none, or where the CPU runs none of the ISA levels).  Every run starts from a NaN-poisoned activation arena,
+so a value a kernel forgot to write shows up as a mismatch.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgekit.errors import EdgekitError
+from edgekit.models.gmbinet import GMBINet, GMBINetConfig
+
+from conftest import one_error_line
+
+cpu_fused = pytest.importorskip("edgekit.kernels.cpu_fused")
+
+
+def _skip_without_kernels():
+    if shutil.which("g++") is None:
+        pytest.skip("cpu-fused builds its kernels with g++, which is not installed")
+    if not cpu_fused.supported_isas():
+        pytest.skip("this CPU has neither AVX2+FMA nor AVX-512: the cpu-fused kernels cannot run here")
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory) -> Path:
+    _skip_without_kernels()
+    isa = cpu_fused.supported_isas()[0]
+    out = tmp_path_factory.mktemp("cpu_fused") / f"libgmbinet_{isa}.so"
+    cpu_fused.build_library(isa, out)
+    return out
+
+
+def random_gmbinet(cfg: GMBINetConfig, seed: int = 0) -> GMBINet:
+    """A GMBINet in eval mode with random weights and non-trivial BN statistics."""
+    g = torch.Generator().manual_seed(seed)
+    m = GMBINet(cfg)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Conv2d):
+                fan_in = mod.weight[0].numel()
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+                if mod.bias is not None:
+                    mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.1)
+            elif isinstance(mod, torch.nn.BatchNorm2d):
+                c = mod.num_features
+                mod.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                mod.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                mod.weight.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
+                mod.bias.copy_(torch.randn(c, generator=g) * 0.1)
+    return m.eval()
+
+
+def fused(library: Path, model: GMBINet, threads: int, fuse_head: bool = True):
+    from edgekit.kernels.gmbinet import fold_gmbinet
+
+    net = fold_gmbinet(model)
+    blob, offsets = net.param_layout()
+    return cpu_fused.FusedNet(cpu_fused.CpuKernels(library, threads), net, blob, offsets, fuse_head=fuse_head)
+
+
+def _up(t, like):
+    return F.interpolate(t, size=like.shape[-2:], mode="nearest")
+
+
+def torch_layer(model: GMBINet, layer: str, inputs):
+    """The PyTorch module a plan layer replaces, applied to the kernel's own input buffer(s)."""
+    t = [torch.from_numpy(a) for a in inputs]
+    if layer == "stem":
+        return model.encoder1(t[0])
+    if layer.startswith("down"):
+        return getattr(model, f"encoder{layer[4]}")[0](t[0])
+    if layer.startswith("gmbi"):
+        s, i = layer[4:].split("_")
+        return getattr(model, f"encoder{s}")[int(i)](t[0])
+    if layer == "decoder5":
+        return model.decoder5(t[0])
+    if layer.startswith("DF"):
+        return getattr(model, layer)(t[0], _up(t[1], t[0]))
+    if layer == "head":
+        return _up(model.conv_out1(t[0]), t[1])
+    raise AssertionError(layer)
+
+
+def check_every_layer(net, model: GMBINet, x: np.ndarray, tol: float = 1e-4):
+    """Run the program one op at a time from a poisoned arena; after each op, compare its output buffer
+    with its PyTorch layer applied to the op's own input buffers (read before later ops overwrite them:
+    the GMBI modules ping-pong between two buffers)."""
+    from edgekit.kernels.cpu_fused import EkOp
+
+    plan, acts, ops, layers = net.state(x.shape[0], *x.shape[2:])
+    acts.fill(0xFF)
+    net.view(plan, acts, plan.input)[...] = x
+    by_layer = {ln.layer: ln for ln in plan.launches}
+    checked = []
+    with torch.no_grad():
+        for op, names in zip(ops, layers):
+            assert len(names) == 1, "check_every_layer runs an unfused program"
+            ln = by_layer[names[0]]
+            io = [v for k, v in ln.args if k == "act"]
+            if ln.kind in ("gmbi", "head"):  # (x, out)
+                src, dst = [io[0]], io[1]
+            elif ln.kind == "up":  # (low, high, out)
+                src, dst = [io[0], io[1]], io[2]
+            else:  # stem: (x, out); s2 / pw: (x, x, out)
+                src, dst = [io[0]], io[-1]
+            ins = [net.view(plan, acts, b).copy() for b in src]
+            if ln.kind == "head":
+                ins.append(x)
+            assert not any(np.isnan(a).any() for a in ins), f"{ln.layer}: its input buffer was never written"
+            net.kernels.run((EkOp * 1)(op))
+            got = net.view(plan, acts, dst)
+            ref = torch_layer(model, ln.layer, ins).numpy()
+            assert got.shape == ref.shape, ln.layer
+            assert not np.isnan(got).any(), f"{ln.layer}: output not fully written"
+            err = float(np.abs(got - ref).max())
+            assert err <= tol * max(1.0, float(np.abs(ref).max())), f"{ln.layer}: max |diff| {err:.3g}"
+            checked.append(ln.layer)
+    return checked
+
+
+SMALL = GMBINetConfig(widths=(8, 16, 24, 32, 40), depths=(1, 2, 1, 1), out_channels=2)
+PRUNED = GMBINetConfig(widths=(12, 20, 36, 44, 52), depths=(2, 1, 1, 1), head_width=8)
+
+
+@pytest.mark.parametrize("cfg,shape,threads", [
+    (SMALL, (1, 3, 64, 64), 1),
+    (SMALL, (3, 3, 37, 53), 2),   # odd sizes, batch 3
+    (PRUNED, (1, 3, 45, 31), 2),  # widths that are multiples of 4 only, odd sizes
+    (PRUNED, (3, 3, 16, 24), 1),
+])
+def test_each_kernel_matches_its_torch_layer_random(library, cfg, shape, threads):
+    model = random_gmbinet(cfg, seed=sum(shape))
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    checked = check_every_layer(fused(library, model, threads, fuse_head=False), model, x)
+    assert {"stem", "down2", "decoder5", "DF1", "head"} <= set(checked) and any(c.startswith("gmbi") for c in checked)
+
+
+def _real_batch(sd900, spec, n, size=None):
+    from edgekit.data.datasets import limit_samples, open_segmentation
+    from edgekit.data.preprocess import preprocess
+
+    samples = limit_samples(open_segmentation(str(sd900), "test").samples, n)
+    if size is not None:
+        from dataclasses import replace
+
+        spec = replace(spec, input_size=size)
+    return np.concatenate([preprocess([s.image()], spec) for s in samples])
+
+
+@pytest.mark.parametrize("threads,n,size", [(2, 1, None), (1, 3, (96, 72)), (2, 3, (61, 83))])
+def test_each_kernel_matches_its_torch_layer_real(library, published_ckpt, sd900, threads, n, size):
+    from edgekit.models.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(published_ckpt)
+    model = ck.build().eval()
+    x = _real_batch(sd900, ck.preprocess, n, size)
+    check_every_layer(fused(library, model, threads, fuse_head=False), model, x)
+
+
+@pytest.mark.parametrize("cfg,shape,threads", [(SMALL, (3, 3, 37, 53), 2), (PRUNED, (1, 3, 64, 48), 1)])
+def test_fused_df1_head_matches_torch(library, cfg, shape, threads):
+    model = random_gmbinet(cfg, seed=3)
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    net = fused(library, model, threads, fuse_head=True)
+    plan, _, _, layers = net.state(shape[0], *shape[2:])
+    assert ["DF1", "head"] in layers
+    got = net.forward(x, poison=True)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_same_result_with_1_and_2_threads_and_repeated_runs(library):
+    model = random_gmbinet(SMALL, seed=5)
+    x = np.random.default_rng(3).standard_normal((2, 3, 70, 66)).astype(np.float32)
+    a = fused(library, model, 1).forward(x, poison=True)
+    net2 = fused(library, model, 2)
+    b, c = net2.forward(x, poison=True), net2.forward(x, poison=True)
+    np.testing.assert_array_equal(a, b)  # bands do not depend on the thread that runs them
+    np.testing.assert_array_equal(b, c)
+
+
+# ----------------------------------------------------------------------------------------------
+# the artifact
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, published_ckpt):
+    _skip_without_kernels()
+    from edgekit.pipeline.compile import compile_model
+
+    out = tmp_path_factory.mktemp("cpu_fused_art") / "A"
+    compile_model(str(published_ckpt), "cpu-fused", "fp32", str(out), parity_data="synthetic:2", log=lambda *_: None)
+    return out
+
+
+def test_whole_network_on_sd900_matches_pytorch(artifact, published_ckpt, sd900):
+    from edgekit import runtime
+    from edgekit.data.datasets import open_segmentation
+    from edgekit.pipeline.parity import parity
+    from edgekit.backends.torch_eager import TorchRunner
+    from edgekit.models.checkpoint import load_checkpoint
+
+    man = json.loads((artifact / "manifest.json").read_text())
+    assert man["target"] == "cpu-fused" and man["isa"] and man["kernels"]["libraries"]
+    runner = runtime.load(artifact, threads=2)
+    assert runner.name == "cpu-fused"
+    p = parity(TorchRunner(load_checkpoint(published_ckpt)), runner, open_segmentation(str(sd900), "test"), limit=6)
+    assert p["max_abs_diff"] <= 1e-4 and p["mask_iou_agreement"] >= 0.999, p
+    x = _real_batch(sd900, runner.spec, 3)
+    with torch.no_grad():
+        ref = load_checkpoint(published_ckpt).build().eval()(torch.from_numpy(x)).numpy()
+    assert np.abs(runner.infer(x) - ref).max() <= 1e-4  # batch 3 through the runner
+
+
+def _copy(artifact: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(artifact, dst)
+    return dst
+
+
+@pytest.mark.parametrize("victim", ["weights.bin", "library"])
+def test_corrupt_weights_or_library_refused(artifact, tmp_path, victim):
+    from edgekit import runtime
+
+    art = _copy(artifact, tmp_path)
+    man = json.loads((art / "manifest.json").read_text())
+    name = man["model_file"] if victim == "weights.bin" else next(iter(man["kernels"]["libraries"].values()))["file"]
+    data = bytearray((art / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (art / name).write_bytes(bytes(data))
+    with pytest.raises(EdgekitError, match="does not match its sha256"):
+        runtime.load(art)
+
+
+def test_isa_the_cpu_lacks_is_refused_at_load(artifact, tmp_path):
+    from edgekit.kernels.cpu_fused import ISA_LEVELS, choose_isa, supported_isas
+
+    # what a CPU without AVX2 (or without AVX-512) says, whatever this machine has
+    with pytest.raises(EdgekitError, match="cannot run the cpu-fused artifact: it was built for avx2"):
+        choose_isa(["avx2"], features={"AVX2": False, "FMA3": True})
+    lacking = [isa for isa in ISA_LEVELS if isa not in supported_isas()]
+    if not lacking:
+        pytest.skip("this CPU runs every ISA level; the load-time refusal is covered by choose_isa above")
+    from edgekit.backends.cpu_fused.build import build_cpu_fused
+    from edgekit.models.checkpoint import load_checkpoint
+    from edgekit.artifact import write_manifest
+    from edgekit import runtime
+
+    art = _copy(artifact, tmp_path)
+    man = json.loads((art / "manifest.json").read_text())
+    for lib in man["kernels"]["libraries"].values():
+        (art / lib["file"]).unlink()
+    fields = build_cpu_fused(load_checkpoint(man["source"]["path"]), art, isas=lacking[:1], log=lambda *_: None)
+    files = [fields["model_file"], *fields.pop("extra_files")]
+    keep = {k: v for k, v in man.items() if k not in ("files", "size_bytes", "format", "format_version", "created")}
+    write_manifest(art, {**keep, **fields}, files)
+    with pytest.raises(EdgekitError, match=f"cannot run the cpu-fused artifact: it was built for {lacking[0]}"):
+        runtime.load(art)
+
+
+def test_no_compiler_is_one_line_at_compile_time(published_ckpt, tmp_path, monkeypatch, cli):
+    monkeypatch.setenv("CXX", "no-such-compiler-edgekit")
+    res = cli("compile", published_ckpt, "--target", "cpu-fused", "--out", tmp_path / "A")
+    assert "C++17 compiler" in one_error_line(res)
+    assert not (tmp_path / "A").exists()
+
+
+def test_cli_compile_and_eval(published_ckpt, sd900, tmp_path, cli):
+    _skip_without_kernels()
+    out = tmp_path / "A"
+    # parity on 2 synthetic images keeps this fast; real-image parity: test_whole_network_on_sd900_matches_pytorch
+    res = cli("compile", published_ckpt, "--target", "cpu-fused", "--out", out, "--parity-data", "synthetic:2")
+    assert res.exit_code == 0, res.stderr
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["parity"]["max_abs_diff"] <= 1e-4 and man["parity"]["mask_iou_agreement"] >= 0.999
+    libs = {lib["file"] for lib in man["kernels"]["libraries"].values()}
+    assert man["target"] == "cpu-fused" and set(man["files"]) == {"weights.bin", *libs}  # every file hashed
+    got = cli("eval", out, "--data", sd900, "--split", "test", "--limit", 6, "--json")
+    ref = cli("eval", published_ckpt, "--data", sd900, "--split", "test", "--limit", 6, "--json")
+    assert got.exit_code == 0 and ref.exit_code == 0, got.stderr + ref.stderr
+    iou = json.loads(got.stdout)["overall"]["iou"]
+    assert abs(iou - json.loads(ref.stdout)["overall"]["iou"]) <= 1e-3
