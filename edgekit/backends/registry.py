@@ -26,6 +26,7 @@ BACKEND_MODULES = (
     "edgekit.backends.openvino",
     "edgekit.backends.tensorrt",
     "edgekit.backends.cuda_fused",
+    "edgekit.backends.executorch",
 )
 
 
