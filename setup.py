@@ -29,7 +29,7 @@ setup(
         "cpu": ["onnx>=1.16", "onnxruntime>=1.18", "onnxsim>=0.4", "openvino>=2024.4", "nncf>=2.12",
                 "matplotlib>=3.8"],
         "prune": ["torch-pruning>=1.5"],
-        "ota": ["cryptography>=42", "safetensors>=0.4"],
+        "ota": ["cryptography>=42", "safetensors>=0.4", "tuf>=7,<8", "securesystemslib>=1.0"],
         "gpu": ["pycuda>=2024.1"],
         "trt": ["tensorrt>=8.5"],
         "test": ["pytest>=8"],

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "edgekit.commands.train",  # train
     "edgekit.commands.prune",  # prune
     "edgekit.commands.adapt",
+    "edgekit.commands.fleet",  # repo init|add|delegate|publish|rotate|status, update
 )
 
 

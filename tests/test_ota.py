@@ -18,7 +18,7 @@ from edgekit.ota import (active_adapter_dir, build_package, generate_keypair, in
                          load_adapter, load_installed_adapter, parse_version, rollback, save_adapter)
 from edgekit.ota import install as ota_install
 from edgekit.ota.keys import key_id, load_private_key
-from edgekit.ota.package import manifest_to_bytes
+from edgekit.ota.package import manifest_to_bytes, seal_archive
 
 BACKBONE_SHA = hashlib.sha256(b"the backbone artifact").hexdigest()
 META = {"task": "steel-defects", "classes": ["inclusion", "patches", "scratches"], "backbone": "gmbinet-sd900",
@@ -61,8 +61,12 @@ def one_error_line(result, phrase):
     return lines[0]
 
 
-def rewrite_zip(src: Path, dst: Path, change=lambda name, data: data, extra=()):
-    """Copy a package, passing each member through ``change`` (None drops it), then append ``extra``."""
+def rewrite_zip(src: Path, dst: Path, change=lambda name, data: data, extra=(), seal_with=None):
+    """Copy a package, passing each member through ``change`` (None drops it), then append ``extra``.
+
+    ``seal_with``: a private key that seals the result, as a trusted but careless or hostile signer would, so
+    the checks behind the file seal are reached; without it the copy carries no valid seal.
+    """
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
         for info in zin.infolist():
             data = change(info.filename, zin.read(info))
@@ -70,13 +74,15 @@ def rewrite_zip(src: Path, dst: Path, change=lambda name, data: data, extra=()):
                 zout.writestr(info, data)
         for member, data in extra:
             zout.writestr(member, data)
+    if seal_with is not None:
+        dst.write_bytes(seal_archive(dst.read_bytes(), load_private_key(seal_with)))
     return dst
 
 
 def signed_zip(path: Path, private_key_path: Path, payload: dict, manifest_changes=None):
     """A correctly signed package over an arbitrary payload, for checks that sit behind the signature."""
     key = load_private_key(private_key_path)
-    manifest = {"format": "edgekit-ota-package", "format_version": 1, **{k: META[k] for k in
+    manifest = {"format": "edgekit-ota-package", "format_version": 2, **{k: META[k] for k in
                 ("task", "classes", "backbone", "backbone_sha256", "input")},
                 "version": "2.0.0", "created_utc": "2024-01-01T00:00:00Z", "key_id": key_id(key.public_key()),
                 "files": [{"name": n, "sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}
@@ -88,6 +94,7 @@ def signed_zip(path: Path, private_key_path: Path, payload: dict, manifest_chang
         zf.writestr("manifest.sig", key.sign(data))
         for name, content in payload.items():
             zf.writestr("payload/" + name, content)
+    path.write_bytes(seal_archive(path.read_bytes(), key))
     return path
 
 
@@ -206,7 +213,7 @@ def test_tampered_manifest_fails_signature(cli, tmp_path, make_package, keys, ro
                          ids=["empty", "absent"])
 def test_missing_signature_refused(cli, tmp_path, make_package, keys, root_with_v1, signature, phrase):
     unsigned = rewrite_zip(make_package("2.0.0"), tmp_path / "unsigned.zip",
-                           lambda n, d: d if n != "manifest.sig" else signature)
+                           lambda n, d: d if n != "manifest.sig" else signature, seal_with=keys[0])
     before = snapshot(root_with_v1)
     one_error_line(cli("install", unsigned, "--root", root_with_v1, "--pubkey", keys[1]), phrase)
     assert snapshot(root_with_v1) == before
@@ -216,7 +223,7 @@ def test_tampered_payload_fails_hash(cli, tmp_path, make_package, keys, root_wit
     def flip_a_weight_byte(name, data):
         return data[:-1] + bytes([data[-1] ^ 1]) if name == "payload/adapter.safetensors" else data
 
-    tampered = rewrite_zip(make_package("2.0.0"), tmp_path / "tampered.zip", flip_a_weight_byte)
+    tampered = rewrite_zip(make_package("2.0.0"), tmp_path / "tampered.zip", flip_a_weight_byte, seal_with=keys[0])
     one_error_line(cli("verify", tampered, "--pubkey", keys[1]), "does not match its sha256")
     before = snapshot(root_with_v1)
     one_error_line(cli("install", tampered, "--root", root_with_v1, "--pubkey", keys[1]), "does not match its sha256")
@@ -264,7 +271,8 @@ def _device_member(name):
     (_device_member("payload/null"), "device"),
 ], ids=["dotdot", "nested-dotdot", "absolute", "backslash", "symlink", "device"])
 def test_unsafe_members_refused(cli, tmp_path, make_package, keys, root_with_v1, member, phrase):
-    evil = rewrite_zip(make_package("2.0.0"), tmp_path / "evil.zip", extra=[(member, b"/etc/passwd")])
+    evil = rewrite_zip(make_package("2.0.0"), tmp_path / "evil.zip", extra=[(member, b"/etc/passwd")],
+                       seal_with=keys[0])
     name = member.filename if isinstance(member, zipfile.ZipInfo) else member
     assert name in zipfile.ZipFile(evil).namelist()  # the hostile name really is in the archive
     one_error_line(cli("verify", evil, "--pubkey", keys[1]), phrase)
@@ -280,7 +288,7 @@ def test_size_limits_packed_and_unpacked(cli, tmp_path, make_package, keys, root
     one_error_line(cli("install", pkg, "--root", root_with_v1, "--pubkey", keys[1], "--max-size", 256),
                    "size limit")
     # a decompression bomb: 4 MiB of zeros packs into a few KiB
-    bomb = rewrite_zip(pkg, tmp_path / "bomb.zip", extra=[("payload/zeros.bin", bytes(4 << 20))])
+    bomb = rewrite_zip(pkg, tmp_path / "bomb.zip", extra=[("payload/zeros.bin", bytes(4 << 20))], seal_with=keys[0])
     assert bomb.stat().st_size < 64 << 10
     one_error_line(cli("install", bomb, "--root", root_with_v1, "--pubkey", keys[1], "--max-size", 1 << 20),
                    "would unpack to")

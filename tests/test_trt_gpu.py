@@ -230,17 +230,20 @@ def test_trt_precisions_checked_first(cli, tiny_ckpt, tmp_path):
 
 
 def test_trt_builds_only_from_checkpoints_and_onnx(tiny_ckpt, tmp_path):
-    """An OpenVINO artifact is refused before anything is built (TensorRT parses ONNX only)."""
+    """An OpenVINO artifact is refused before anything is built (TensorRT parses ONNX only): the
+    spec's from_artifacts, checked by the pipeline (called past the package check, which needs TensorRT)."""
     pytest.importorskip("openvino", reason="openvino not installed (pip install 'edgekit[cpu]')")
-    from edgekit.data.datasets import open_segmentation
-    from edgekit.pipeline.compile import Source, compile_model
+    from edgekit.backends.registry import get_backend
+    from edgekit.pipeline.build import build_artifact
+    from edgekit.pipeline.compile import compile_model
 
     compile_model(str(tiny_ckpt), "openvino", "fp32", str(tmp_path / "ov"), parity_data="synthetic:2",
                   log=lambda *_: None)
-    src = Source.open(str(tmp_path / "ov"))
-    with pytest.raises(EdgekitError, match="openvino artifact; compile trt from the checkpoint"):
-        trt.build_for_compile(src, tmp_path / "ov" / "model.xml", tmp_path / "out", "fp16",
-                              open_segmentation("synthetic:2", "test"), None, 2, "stem-head-float", print)
+    with pytest.raises(EdgekitError, match="openvino artifact; compile trt from the checkpoint or an artifact of onnx, ort"):
+        build_artifact(get_backend("trt"), str(tmp_path / "ov"), "fp16", str(tmp_path / "out"),
+                       parity_data="synthetic:2", calib=None, subset=2, int8_scheme="stem-head-float", max_drop=None,
+                       metric="iou", val=None, force=False, threads=None, log=print)
+    assert not (tmp_path / "out").exists()
 
 
 def _fake_trt_artifact(folder, tiny_ckpt):

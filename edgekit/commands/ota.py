@@ -36,17 +36,45 @@ def keygen_cmd(out_dir, force):
 @click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False), help="Private key PEM.")
 @click.option("--version", "version", required=True, help="Package version, MAJOR.MINOR.PATCH (e.g. 1.2.3).")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Package file to write.")
-def package_cmd(adapter, key_path, version, out_path):
-    """Sign an adapter folder into one OTA package (zip with manifest.json + manifest.sig)."""
+@click.option("--samples", "samples", multiple=True, type=click.Path(exists=True),
+              help="Sample images (files or a folder) for the device's health check; repeat. MLFF adapters only.")
+@click.option("--backbone", "backbone_ref", default=None, metavar="CKPT|NAME",
+              help="Backbone the samples run on (default: the backbone of the adapter's registry).")
+@click.option("--max-samples", type=click.IntRange(1, 16), default=4, show_default=True,
+              help="Sample images kept, evenly spread over the given ones in name order.")
+def package_cmd(adapter, key_path, version, out_path, samples, backbone_ref, max_samples):
+    """Sign an adapter folder into one OTA package (zip with manifest.json + manifest.sig, sealed)."""
     from edgekit.ota.package import DEFAULT_MAX_SIZE, build_package
 
-    manifest = build_package(adapter, key_path, version, out_path)
+    health = info = None
+    if samples:
+        from edgekit.data.images import expand_image_paths
+        from edgekit.fleet.health import record_health
+        from edgekit.models.backbones import load_backbone
+
+        found = sorted(expand_image_paths(list(samples), recursive=True))
+        n = min(max_samples, len(found))
+        images = [found[i * len(found) // n] for i in range(n)]  # spread over the folder (and its classes)
+        health, info = record_health(adapter, load_backbone(backbone_ref or _registry_backbone(adapter)), images)
+    manifest = build_package(adapter, key_path, version, out_path, health=health, health_info=info)
     size = Path(out_path).stat().st_size
     click.echo(f"wrote {out_path} ({size:,} bytes): {manifest['task']} {manifest['version']}, "
-               f"{len(manifest['files'])} payload files, signed by key {_short(manifest['key_id'])}")
+               f"{len(manifest['files'])} payload files, signed by key {_short(manifest['key_id'])}"
+               + (f", {info['images']} health samples" if info else ""))
     if size > DEFAULT_MAX_SIZE:
         click.echo(f"note: larger than the default install limit of {DEFAULT_MAX_SIZE:,} bytes; "
                    "devices need --max-size", err=True)
+
+
+def _registry_backbone(adapter_dir) -> str:
+    """The backbone ref of the registry an adapter folder sits in (REGISTRY/adapters/NN-task)."""
+    from edgekit.errors import EdgekitError
+    from edgekit.mlff.registry import REGISTRY_NAME, Registry
+
+    registry = Path(adapter_dir).resolve().parent.parent
+    if not (registry / REGISTRY_NAME).is_file():
+        raise EdgekitError(f"{adapter_dir} is not inside an adapter registry; give --backbone for the samples")
+    return Registry.open(registry).meta["backbone_ref"]
 
 
 @click.command("verify")
@@ -83,14 +111,26 @@ def verify_cmd(package, pubkeys, max_size, as_json):
 @click.option("--pubkey", "pubkeys", required=True, multiple=True, type=click.Path(dir_okay=False),
               help="Trusted public key PEM; repeat for a set of trusted keys.")
 @click.option("--backbone-sha256", default=None,
-              help="sha256 of the device's backbone artifact (default: ROOT/backbone.sha256 if present).")
+              help="backbone_sha256 of the device's backbone: the sha256 of its weights file, which a compiled "
+                   "artifact records as model.backbone_sha256 (default: ROOT/backbone.json or ROOT/backbone.sha256).")
+@click.option("--backbone", "backbone_ref", default=None, metavar="ARTIFACT|CKPT|NAME",
+              help="The device's backbone (compiled artifact folder, weights file or name): its backbone_sha256 is "
+                   "checked instead of --backbone-sha256.")
 @click.option("--allow-downgrade", is_flag=True, help="Also install a version older than or equal to the current.")
 @click.option("--max-size", type=click.IntRange(min=1), default=None, help=MAX_SIZE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def install_cmd(package, root, pubkeys, backbone_sha256, allow_downgrade, max_size, as_json):
+def install_cmd(package, root, pubkeys, backbone_sha256, backbone_ref, allow_downgrade, max_size, as_json):
     """Verify a package and put it in service atomically; the replaced version is kept for rollback."""
+    from edgekit.errors import EdgekitError
     from edgekit.ota.install import BACKBONE_FILE, install_package
     from edgekit.ota.package import DEFAULT_MAX_SIZE
+
+    if backbone_ref is not None:
+        from edgekit.fleet.backbone import resolve_backbone
+
+        if backbone_sha256 is not None:
+            raise EdgekitError("give --backbone or --backbone-sha256, not both")
+        backbone_sha256 = resolve_backbone(backbone_ref).sha256
 
     result = install_package(package, root, pubkeys, backbone_sha256=backbone_sha256,
                              allow_downgrade=allow_downgrade, max_size=max_size or DEFAULT_MAX_SIZE)

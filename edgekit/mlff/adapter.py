@@ -11,7 +11,7 @@ An adapter is a folder::
      "task": "steel-defects", "classes": ["inclusion", "patches", "scratches"],
      "version": "1.2.0",                      # optional; the package version is authoritative
      "backbone": "gmbinet-sd900",             # id of the frozen backbone the adapter sits on
-     "backbone_sha256": "<64 hex>",           # sha256 of that backbone artifact file
+     "backbone_sha256": "<64 hex>",           # sha256 of that backbone's weights file (edgekit.fleet.backbone)
      "input": {"shape": [3, 512, 512], ...},  # input spec
      "config": {...},                         # optional model config of the adapter head
      "weights": ["adapter.safetensors"],      # weight files, all safetensors, keys unique across files

@@ -10,6 +10,7 @@ Install root layout::
     ROOT/state.json               {"format": "edgekit-ota-state", "format_version": 1,
                                    "current": {"version", "dir"}, "previous": {"version", "dir"} | null,
                                    "history": [{"time", "action", "version", "from", "key_id"}, ...]}
+    ROOT/backbone.json            optional: the deployed backbone (id, backbone_sha256, ref), see below
     ROOT/backbone.sha256          optional, written by whoever deploys the backbone (see below)
     ROOT/.staging-*               an install in progress (or a crashed one, removed by the next install)
 
@@ -22,11 +23,14 @@ after the switch, so ``current`` is the truth: if a crash falls between the two,
 ``current`` differs from state.json's record and take the recorded version as the previous one
 (exactly what the finished operation would have written). Rollback switches ``current`` the same way.
 
-Device backbone. An adapter only fits the backbone artifact it was trained on. The device's backbone
-sha256 comes from ``--backbone-sha256`` or else from ROOT/backbone.sha256 (its first word, so
-``sha256sum backbone.pt > ROOT/backbone.sha256`` works), written by whatever deploys the backbone;
-it is not inferred from earlier adapters, which may predate a backbone upgrade. When neither is
-there, the check is skipped and the result says so.
+Device backbone. An adapter only fits the backbone it was trained on, identified by ``backbone_sha256``: the
+sha256 of the backbone's weights file (defined once in ``edgekit.fleet.backbone``; a compiled backbone
+artifact records that value as ``model.backbone_sha256`` in its manifest, it is not the hash of the
+artifact's files). The device's value comes from ``--backbone-sha256`` (or ``edgekit install --backbone
+ARTIFACT|CKPT|NAME``), else ROOT/backbone.json (written by ``edgekit update --backbone``), else
+ROOT/backbone.sha256 (its first word: ``jq -r .model.backbone_sha256 ART/manifest.json`` for an artifact,
+``sha256sum weights.pt`` for a weights file). It is not inferred from earlier adapters, which may predate a
+backbone upgrade. When none is there, the check is skipped and the result says so.
 
 Every refusal (signature, key, hashes, members, size, backbone, version) happens before ROOT is
 touched; install and rollback hold an flock on ROOT so two of them never interleave.
@@ -59,6 +63,7 @@ STATE_FORMAT_VERSION = 1
 CURRENT_LINK = "current"
 VERSIONS_DIR = "versions"
 BACKBONE_FILE = "backbone.sha256"
+DEVICE_BACKBONE_FILE = "backbone.json"
 STAGING_PREFIX = ".staging-"
 LINK_TMP_PREFIX = ".current-"
 HISTORY_KEPT = 100
@@ -204,11 +209,21 @@ def load_installed_adapter(root: str | os.PathLike):
 
 
 def device_backbone_sha256(root: Path, override: Optional[str] = None) -> Optional[str]:
-    """The device's backbone sha256: ``override`` (--backbone-sha256), else ROOT/backbone.sha256, else None."""
+    """The device's backbone sha256: ``override`` (--backbone-sha256), else ROOT/backbone.json, else
+    ROOT/backbone.sha256, else None."""
     if override is not None:
         value = override.strip().lower()
         if not is_sha256(value):
             raise EdgekitError(f"--backbone-sha256 {override!r} is not a sha256 (64 hex digits)")
+        return value
+    recorded = root / DEVICE_BACKBONE_FILE
+    if recorded.is_file():
+        try:
+            value = json.loads(recorded.read_text(encoding="utf-8"))["backbone_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            value = None
+        if not is_sha256(value):
+            raise EdgekitError(f"{recorded} has no valid backbone_sha256; fix or remove it")
         return value
     path = root / BACKBONE_FILE
     if not path.is_file():
@@ -381,8 +396,10 @@ def _record(root: Path, state: InstallState) -> None:
                            f"updated ({_os_error_text(e)}); it is reconciled on the next install or rollback") from e
 
 
-def rollback(root: str | os.PathLike) -> dict:
-    """Put the previous version back in service (the current one becomes the previous)."""
+def rollback(root: str | os.PathLike, reason: Optional[str] = None) -> dict:
+    """Put the previous version back in service (the current one becomes the previous).
+
+    ``reason`` (e.g. a failed health check) is recorded in the history entry."""
     root = Path(root)
     _check_root(root)
     if not root.is_dir():
@@ -411,7 +428,8 @@ def rollback(root: str | os.PathLike) -> dict:
         new_state = InstallState(
             current=state.previous, previous=state.current,
             history=state.history + [{"time": utc_now(), "action": "rollback", "version": state.previous["version"],
-                                      "from": state.current["version"], "key_id": manifest.get("key_id")}])
+                                      "from": state.current["version"], "key_id": manifest.get("key_id"),
+                                      **({"reason": reason} if reason else {})}])
         _record(root, new_state)
     return {"version": new_state.current["version"], "from": new_state.previous["version"],
             "path": str(folder.resolve())}

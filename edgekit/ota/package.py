@@ -2,13 +2,23 @@
 
 A package is a zip archive::
 
-    manifest.json              what the package is (below); its exact bytes are what is signed
+    manifest.json              what the package is (below)
     manifest.sig               the 64-byte raw Ed25519 signature of manifest.json
     payload/adapter.json       the adapter folder's files (see edgekit.mlff.adapter)
     payload/adapter.safetensors
+    payload/health.safetensors optional: sample images and the adapter's outputs on them at packaging
+                               time (edgekit.fleet.health), for the device's health check
+    (zip comment)              the file seal: MAGIC, the signer's raw key id (32 bytes) and the Ed25519
+                               signature (64 bytes, the file's last bytes) of every byte before it
+
+The seal binds the exact file: the signature covers every byte of the archive (local headers, data,
+central directory, end record and the start of the comment) except the signature itself, so one byte
+added, removed or changed anywhere makes verification fail. It is checked first, before the zip is
+parsed; manifest.sig is kept so the manifest stays verifiable on its own.
 
 ``manifest.json``: format, format_version, task, classes, version, backbone, backbone_sha256, input,
-created_utc, key_id (the signer's key id) and files: [{name, sha256, size}] for every payload file.
+created_utc, key_id (the signer's key id), files: [{name, sha256, size}] for every payload file and,
+with sample images, health: {file, images, ...}. Format version 1 (no seal) is refused.
 
 Why zip rather than tar.gz: the zip central directory lists every member's name, type and size
 before anything is decompressed, so the verifier rejects unsafe paths, links, devices and
@@ -40,7 +50,7 @@ from edgekit.mlff.version import parse_version
 from edgekit.utils import atomic_write
 
 PACKAGE_FORMAT = "edgekit-ota-package"
-PACKAGE_FORMAT_VERSION = 1
+PACKAGE_FORMAT_VERSION = 2  # 2: the file seal; version 1 packages are refused (their bytes were not bound)
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 PAYLOAD_PREFIX = "payload/"
@@ -51,6 +61,9 @@ SIGNATURE_SIZE = 64
 # The manifest fields copied from adapter.json; verify checks the two still agree.
 ADAPTER_FIELDS = ("task", "classes", "backbone", "backbone_sha256", "input")
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+SEAL_MAGIC = b"edgekit-seal-v1\n"  # 16 bytes
+SEAL_SIZE = len(SEAL_MAGIC) + 32 + SIGNATURE_SIZE
+HEALTH_NAME = "health.safetensors"
 
 
 def utc_now() -> str:
@@ -69,9 +82,29 @@ def _zip_member(name: str) -> zipfile.ZipInfo:
     return info
 
 
+def seal_archive(archive: bytes, private_key) -> bytes:
+    """The zip ``archive`` (no comment) with its seal as the zip comment: the signature of every byte before it."""
+    buf = io.BytesIO(archive)
+    with zipfile.ZipFile(buf, "a") as zf:  # rewrites the end record with the comment's length
+        zf.comment = SEAL_MAGIC + _raw_key_id(private_key.public_key()) + bytes(SIGNATURE_SIZE)
+    data = buf.getvalue()
+    if not data.endswith(bytes(SIGNATURE_SIZE)):
+        raise EdgekitError("internal error: the package seal is not at the end of the archive")
+    return data[:-SIGNATURE_SIZE] + private_key.sign(data[:-SIGNATURE_SIZE])
+
+
+def _raw_key_id(public_key) -> bytes:
+    return bytes.fromhex(key_id(public_key))
+
+
 def build_package(adapter_dir: str | os.PathLike, private_key_path: str | os.PathLike, version: str,
-                  out: str | os.PathLike) -> dict:
-    """Sign the adapter folder as package ``out`` (written atomically); returns the manifest."""
+                  out: str | os.PathLike, health: Optional[bytes] = None,
+                  health_info: Optional[Mapping] = None) -> dict:
+    """Sign the adapter folder as package ``out`` (written atomically); returns the manifest.
+
+    ``health``: the bytes of a health.safetensors (``edgekit.fleet.health.record_health``) shipped with it,
+    described by ``health_info`` in the manifest.
+    """
     parse_version(version)
     adapter_dir = Path(adapter_dir)
     _, meta = load_adapter(adapter_dir)  # loads the weights too: never ship an adapter that does not load
@@ -79,6 +112,8 @@ def build_package(adapter_dir: str | os.PathLike, private_key_path: str | os.Pat
         raise EdgekitError(f"{adapter_dir / META_NAME} says version {meta['version']}, but --version is {version}")
     private_key = load_private_key(private_key_path)
     payload = {name: (adapter_dir / name).read_bytes() for name in adapter_files(meta)}
+    if health is not None:
+        payload[HEALTH_NAME] = health
     manifest = {
         "format": PACKAGE_FORMAT, "format_version": PACKAGE_FORMAT_VERSION,
         **{k: meta[k] for k in ADAPTER_FIELDS},
@@ -89,13 +124,19 @@ def build_package(adapter_dir: str | os.PathLike, private_key_path: str | os.Pat
         "files": [{"name": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
                   for name, data in payload.items()],
     }
+    if health is not None:
+        manifest["health"] = {"file": HEALTH_NAME, **dict(health_info or {})}
     manifest_bytes = manifest_to_bytes(manifest)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(_zip_member(MANIFEST_NAME), manifest_bytes)
+        zf.writestr(_zip_member(SIGNATURE_NAME), private_key.sign(manifest_bytes))
+        for name, data in payload.items():
+            zf.writestr(_zip_member(PAYLOAD_PREFIX + name), data)
+    sealed = seal_archive(buf.getvalue(), private_key)
     try:
-        with atomic_write(out) as f, zipfile.ZipFile(f, "w") as zf:
-            zf.writestr(_zip_member(MANIFEST_NAME), manifest_bytes)
-            zf.writestr(_zip_member(SIGNATURE_NAME), private_key.sign(manifest_bytes))
-            for name, data in payload.items():
-                zf.writestr(_zip_member(PAYLOAD_PREFIX + name), data)
+        with atomic_write(out) as f:
+            f.write(sealed)
     except OSError as e:
         raise EdgekitError(f"cannot write {out}: {e.strerror or e}") from None
     return manifest
@@ -207,6 +248,25 @@ def _check_signature(manifest_bytes: bytes, signature: bytes, trusted: Mapping[s
     raise EdgekitError(f"{where}: bad signature: manifest.json was altered or not signed by a trusted key")
 
 
+def _check_seal(data: bytes, trusted: Mapping[str, TrustedKey], where: str) -> TrustedKey:
+    """The trusted key whose signature covers every byte of the file before the signature itself."""
+    magic_at = len(data) - SEAL_SIZE
+    if len(data) < SEAL_SIZE + 22 or data[magic_at:magic_at + len(SEAL_MAGIC)] != SEAL_MAGIC:
+        if data[:2] != b"PK":
+            raise EdgekitError(f"{where} is not an edgekit package (not a zip archive)")
+        raise EdgekitError(f"{where}: bad signature: the file has no edgekit seal at its end (altered, or an "
+                           "unsealed format-1 package: re-package it with this edgekit)")
+    claimed = data[magic_at + len(SEAL_MAGIC):len(data) - SIGNATURE_SIZE].hex()
+    key = trusted.get(claimed)
+    if key is None:
+        raise EdgekitError(f"{where} is signed by unknown key {claimed[:16]}…, not one of the {len(trusted)} "
+                           "trusted key(s) given with --pubkey")
+    if not key.verifies(data[-SIGNATURE_SIZE:], data[:-SIGNATURE_SIZE]):
+        raise EdgekitError(f"{where}: bad signature: the file was altered after signing (its seal does not "
+                           "verify)")
+    return key
+
+
 def _parse_manifest(manifest_bytes: bytes, where: str) -> dict:
     try:
         manifest = json.loads(manifest_bytes)
@@ -222,6 +282,8 @@ def _parse_manifest(manifest_bytes: bytes, where: str) -> dict:
     fv = manifest.get("format_version")
     need(isinstance(fv, int) and fv <= PACKAGE_FORMAT_VERSION,
          f"format_version {fv!r} is newer than this edgekit reads ({PACKAGE_FORMAT_VERSION}); upgrade edgekit")
+    need(fv == PACKAGE_FORMAT_VERSION, f"format_version {fv!r} is no longer accepted (its file bytes are not bound "
+         "by the signature); re-package it with this edgekit")
     parse_version(manifest.get("version"))
     need(is_sha256(manifest.get("key_id")), "has no valid key_id")
     need(isinstance(manifest.get("created_utc"), str), "has no created_utc")
@@ -233,6 +295,10 @@ def _parse_manifest(manifest_bytes: bytes, where: str) -> dict:
              f"has a malformed files entry {entry!r}")
     names = [e["name"] for e in files]
     need(len(set(names)) == len(names), "lists a payload file twice")
+    health = manifest.get("health")
+    need(health is None or (isinstance(health, dict) and health.get("file") == HEALTH_NAME and HEALTH_NAME in names),
+         "has a malformed health entry")
+    need(health is not None or HEALTH_NAME not in names, f"lists {HEALTH_NAME} without a health entry")
     return manifest
 
 
@@ -255,12 +321,15 @@ def verify_package(path: str | os.PathLike, trusted_keys: Mapping[str, TrustedKe
         data = f.read(max_size + 1)  # one read: the bytes checked are the bytes installed
     if len(data) > max_size:
         raise EdgekitError(f"{where} grew past the {max_size:,}-byte size limit while being read")
+    sealed_by = _check_seal(data, trusted, where)  # before anything parses the archive
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError):
         raise EdgekitError(f"{where} is not an edgekit package (not a zip archive)") from None
 
     with zf:
+        if zf.comment != data[-SEAL_SIZE:]:
+            raise EdgekitError(f"{where}: the seal is not the archive's comment; refused")
         members = _check_members(zf, where, max_size)
         for required in (MANIFEST_NAME, SIGNATURE_NAME):
             if required not in members:
@@ -270,6 +339,8 @@ def verify_package(path: str | os.PathLike, trusted_keys: Mapping[str, TrustedKe
         manifest_bytes = _read_member(zf, members[MANIFEST_NAME], where)
         signature = _read_member(zf, members[SIGNATURE_NAME], where)
         signer = _check_signature(manifest_bytes, signature, trusted, where)
+        if signer.key_id != sealed_by.key_id:
+            raise EdgekitError(f"{where}: manifest.sig and the file seal are by different keys")
         manifest = _parse_manifest(manifest_bytes, where)
         if manifest["key_id"] != signer.key_id:
             raise EdgekitError(f"{where}: manifest names key {manifest['key_id'][:16]}… but was signed by "
@@ -303,13 +374,14 @@ def _check_adapter_payload(manifest: dict, files: Dict[str, bytes], where: str) 
     except ValueError:
         raise EdgekitError(f"{where}: payload {META_NAME} is not valid JSON") from None
     meta = validate_adapter_meta(meta, f"{where}: payload {META_NAME}")
-    if sorted(adapter_files(meta)) != sorted(files):
+    expected = sorted(adapter_files(meta) + ([HEALTH_NAME] if manifest.get("health") else []))
+    if expected != sorted(files):
         raise EdgekitError(f"{where}: payload files {sorted(files)} differ from those {META_NAME} names "
-                           f"{sorted(adapter_files(meta))}")
+                           f"{expected}")
     for field in ADAPTER_FIELDS:
         if manifest.get(field) != meta.get(field):
             raise EdgekitError(f"{where}: manifest and payload {META_NAME} disagree on {field!r}")
     if meta.get("version") is not None and meta["version"] != manifest["version"]:
         raise EdgekitError(f"{where}: manifest and payload {META_NAME} disagree on 'version'")
-    for name in meta["weights"]:
+    for name in meta["weights"] + ([HEALTH_NAME] if manifest.get("health") else []):
         load_weights_bytes(name, files[name])

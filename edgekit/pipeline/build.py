@@ -28,7 +28,7 @@ def build_artifact(spec: BackendSpec, source_path: str, precision: str, out: str
     src = open_source(source_path, as_backbone)
     if src.artifact_target is not None and spec.from_artifacts is not None \
             and src.artifact_target not in spec.from_artifacts:
-        hint = f"the checkpoint or a {' / '.join(spec.from_artifacts)} artifact" if spec.from_artifacts else "the checkpoint"
+        hint = f"the checkpoint or an artifact of {', '.join(spec.from_artifacts)}" if spec.from_artifacts else "the checkpoint"
         raise EdgekitError(f"{source_path} is a {src.artifact_target} artifact; compile {spec.name} from {hint}")
     parity_set = src.parity_data(parity_data)
     calib_set = src.calibration_data(calib) if precision == "int8" and spec.int8 is not None else None

@@ -1,0 +1,184 @@
+"""Fleet commands on The Update Framework: ``edgekit repo init|add|delegate|publish|rotate|status`` (build
+machine) and ``edgekit update`` (device)."""
+from __future__ import annotations
+
+import click
+# The optional 'ota' extra: imported here so that, when missing, the CLI lists these commands as unavailable.
+import securesystemslib  # noqa: F401
+import tuf  # noqa: F401
+
+from edgekit.commands._common import echo_json, print_table
+
+SIGN_WITH = click.option("--sign-with", "sign_with", multiple=True, type=click.Path(),
+                         help="A private key (keygen folder or PEM) not at its recorded place, e.g. an offline "
+                              "root key; repeat.")
+
+
+def _note(text: str) -> None:
+    click.echo(text, err=True)
+
+
+@click.group("repo")
+def repo_group():
+    """An adapter repository (TUF metadata + packages) to serve to a fleet as static files."""
+
+
+@repo_group.command("init")
+@click.argument("folder", type=click.Path(file_okay=False), metavar="DIR")
+@click.option("--keys", "keydir", required=True, type=click.Path(file_okay=False),
+              help="Key folder: created with new keys when missing, else root-1..N, targets, snapshot, timestamp.")
+@click.option("--root-keys", type=click.IntRange(1, 16), default=3, show_default=True, help="Number of root keys.")
+@click.option("--root-threshold", type=click.IntRange(1, 16), default=2, show_default=True,
+              help="Root signatures needed for a root change.")
+@click.option("--expires", default=None, help="Expiry per role, e.g. root=365d,targets=90d,snapshot=7d,timestamp=1d.")
+@click.option("--package-key", "package_keys", multiple=True, type=click.Path(),
+              help="Public key that adapter packages are signed with (edgekit keygen); repeat.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def init_cmd(folder, keydir, root_keys, root_threshold, expires, package_keys, as_json):
+    """Create a TUF repository (root, targets, snapshot, timestamp; consistent snapshots)."""
+    from edgekit.fleet.repository import init_repository
+
+    r = init_repository(folder, keydir, root_keys, root_threshold, expires, package_keys)
+    if as_json:
+        echo_json(r)
+        return
+    click.echo(f"created repository {r['repository']}: serve its metadata/ and targets/ folders as static files")
+    click.echo(f"devices trust {r['trust_root']} (give it to edgekit update --trust)")
+    click.echo(f"OFFLINE root keys ({r['root_threshold']} of {len(r['root_keys'])} sign a root change): move these "
+               "files off the build machine, each to its own safe place:")
+    for p in r["root_keys"]:
+        click.echo(f"  {p}")
+    click.echo("online keys (stay on the build machine): " + ", ".join(f"{k} {v}" for k, v in r["online_keys"].items()))
+
+
+@repo_group.command("add")
+@click.argument("folder", type=click.Path(file_okay=False), metavar="DIR")
+@click.argument("packages", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="PACKAGE...")
+@click.option("--role", default=None, help="Role that signs them (default: the delegated role whose paths match, "
+                                            "else targets).")
+@click.option("--pubkey", "pubkeys", multiple=True, type=click.Path(),
+              help="Trust this package signing public key (kept for later adds); repeat.")
+@SIGN_WITH
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def add_cmd(folder, packages, role, pubkeys, sign_with, as_json):
+    """Add signed adapter packages as targets (then: edgekit repo publish DIR)."""
+    from edgekit.fleet.repository import add_packages
+
+    rows = add_packages(folder, packages, role, pubkeys, sign_with)
+    if as_json:
+        echo_json(rows)
+        return
+    for r in rows:
+        click.echo(f"added {r['package']} as {r['target']} ({r['length']:,} bytes), {r['role']} version "
+                   f"{r['role_version']}")
+    _note(f"note: devices see it after edgekit repo publish {folder}")
+
+
+@repo_group.command("delegate")
+@click.argument("folder", type=click.Path(file_okay=False), metavar="DIR")
+@click.argument("name")
+@click.option("--paths", "paths", multiple=True, required=True,
+              help="Target path pattern the role may publish, e.g. 'adapters/crack-*'; repeat.")
+@click.option("--key", "key", required=True, type=click.Path(), help="The role's key (keygen folder or PEM).")
+@SIGN_WITH
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def delegate_cmd(folder, name, paths, key, sign_with, as_json):
+    """Delegate target paths to a new role with its own key (one product line or task)."""
+    from edgekit.fleet.repository import delegate
+
+    r = delegate(folder, name, paths, key, sign_with)
+    if as_json:
+        echo_json(r)
+        return
+    click.echo(f"delegated {', '.join(r['paths'])} to role {r['role']} (key {r['keyid'][:16]}…); "
+               f"targets version {r['targets_version']}")
+    _note(f"note: devices see it after edgekit repo publish {folder}")
+
+
+@repo_group.command("publish")
+@click.argument("folder", type=click.Path(file_okay=False), metavar="DIR")
+@click.option("--timestamp-expires", default=None, help="Expiry of this timestamp (30s, 10m, 1d, ...).")
+@SIGN_WITH
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def publish_cmd(folder, timestamp_expires, sign_with, as_json):
+    """Write a new snapshot (if targets changed) and a new timestamp: what devices see next."""
+    from edgekit.fleet.repository import publish
+
+    r = publish(folder, timestamp_expires, sign_with)
+    if as_json:
+        echo_json(r)
+        return
+    click.echo(f"published snapshot {r['snapshot_version']}{' (new)' if r['snapshot_new'] else ''}, timestamp "
+               f"{r['timestamp_version']} (expires {r['timestamp_expires']})")
+
+
+@repo_group.command("rotate")
+@click.argument("folder", type=click.Path(file_okay=False), metavar="DIR")
+@click.option("--role", required=True, help="root, targets, snapshot, timestamp or a delegated role.")
+@click.option("--add-key", "add_keys", multiple=True, type=click.Path(), help="Key to add (keygen folder or PEM).")
+@click.option("--remove-key", "remove_keys", multiple=True, help="Key to revoke: key file/folder or key id.")
+@SIGN_WITH
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def rotate_cmd(folder, role, add_keys, remove_keys, sign_with, as_json):
+    """Rotate or revoke a role's keys (root changes: signed by the old and the new root threshold)."""
+    from edgekit.fleet.repository import rotate
+
+    r = rotate(folder, role, add_keys, remove_keys, sign_with)
+    if as_json:
+        echo_json(r)
+        return
+    click.echo(f"{role}: added {len(r['added'])} key(s), revoked {len(r['removed'])}; wrote {', '.join(r['written'])}")
+    _note(f"note: devices see it after edgekit repo publish {folder}")
+
+
+@repo_group.command("status")
+@click.argument("folder", type=click.Path(file_okay=False), metavar="DIR")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status_cmd(folder, as_json):
+    """Roles, keys, versions, expiry and adapters of a repository."""
+    from edgekit.fleet.repository import status
+
+    s = status(folder)
+    if as_json:
+        echo_json(s)
+        return
+    rows = []
+    for r in s["roles"]:
+        keys = ", ".join(k["keyid"][:12] + ("" if k["private_key_present"] else " (offline)") for k in r["keys"])
+        rows.append((r["role"], r["version"], r["expires"] + (" EXPIRED" if r["expired"] else ""),
+                     f"{r['threshold']} of {len(r['keys'])}", keys, ", ".join(r.get("paths", [])) or "-"))
+    print_table(f"repository {s['repository']}", ["role", "version", "expires", "threshold", "keys", "paths"], rows,
+                numeric=False)
+    arows = [(a["target"], a["role"], a["task"], a["version"], a["backbone"], f"{a['length']:,}") for a in s["adapters"]]
+    print_table("adapters", ["target", "role", "task", "version", "backbone", "bytes"], arows, numeric=False)
+
+
+@click.command("update")
+@click.option("--repo", "repo_url", required=True, help="URL of the repository folder (serving metadata/, targets/).")
+@click.option("--root", required=True, type=click.Path(file_okay=False), help="Install root on the device.")
+@click.option("--trust", required=True, type=click.Path(dir_okay=False), help="Trusted root metadata (1.root.json).")
+@click.option("--backbone", default=None, metavar="ARTIFACT|CKPT|NAME",
+              help="The deployed backbone (default: the one recorded in ROOT/backbone.json).")
+@click.option("--task", default=None, help="The device's task (default: the installed adapter's).")
+@click.option("--timeout", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Seconds without data before a request is given up.")
+@click.option("--no-health-check", is_flag=True, help="Skip the health check (not recommended).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def update_cmd(repo_url, root, trust, backbone, task, timeout, no_health_check, as_json):
+    """Fetch, verify (TUF + package), install and health-check the newest adapter; safe from cron."""
+    from edgekit.fleet.update import update
+
+    r = update(repo_url, root, trust, backbone, task, timeout, health=not no_health_check)
+    if as_json:
+        echo_json(r)
+        return
+    if r["action"] == "none":
+        click.echo(f"up to date: {r['reason']}")
+        return
+    h = r.get("health")
+    checked = (f"; health check passed on {h['images']} images (max abs diff {h['max_abs_diff']:.3g})" if h else
+               "; no health check (the package carries no samples)")
+    click.echo(f"installed {r['task']} {r['version']}" + (f" (was {r['previous']})" if r["previous"] else "") + checked)
+
+
+commands = [repo_group, update_cmd]

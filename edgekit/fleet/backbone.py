@@ -1,0 +1,95 @@
+"""The device's backbone: what ``backbone_sha256`` means, once, and how a device names its backbone.
+
+``backbone_sha256`` is the sha256 of the backbone's **weights file**: the file ``edgekit adapt`` trained on
+(for EfficientNet-Lite0 the packaged weights file, for a GMBINet backbone its checkpoint file), i.e.
+``edgekit.models.backbones.Backbone.weights_sha256``. Adapters, registries and packages record it, and a
+compiled ``mlff-backbone`` artifact records the same value as ``model.backbone_sha256`` in its manifest (the
+artifact's own files have other hashes, checked by its manifest). So a device with a compiled backbone gets
+the value from the artifact's manifest, never by hashing the artifact's files.
+
+A device names its backbone by an artifact folder, a weights/checkpoint file or a backbone name
+(``--backbone``); ``resolve_backbone`` gives its identity and ``load_device_backbone`` an object with the
+``preprocess`` / ``pooled`` interface the health check runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from edgekit.errors import EdgekitError
+from edgekit.mlff.adapter import is_sha256
+from edgekit.ota.install import DEVICE_BACKBONE_FILE  # in the install root: the deployed backbone
+from edgekit.utils import atomic_write
+
+
+@dataclass(frozen=True)
+class BackboneIdentity:
+    id: str
+    sha256: str  # backbone_sha256: the sha256 of the backbone weights file (see the module docstring)
+    ref: str  # what was given: artifact folder, weights file or name
+    kind: str  # "artifact" or "weights"
+
+    def to_json(self) -> dict:
+        return {"backbone": self.id, "backbone_sha256": self.sha256, "ref": self.ref, "kind": self.kind}
+
+
+def _is_artifact(path: Path) -> bool:
+    return path.is_dir() and (path / "manifest.json").is_file()
+
+
+def resolve_backbone(ref: str | os.PathLike) -> BackboneIdentity:
+    """The identity of a backbone artifact folder, weights / checkpoint file, or backbone name."""
+    path = Path(ref)
+    if _is_artifact(path):
+        from edgekit.mlff.runner import read_backbone_manifest
+
+        m = read_backbone_manifest(path)["model"]
+        return BackboneIdentity(m["backbone"], m["backbone_sha256"], str(path.resolve()), "artifact")
+    if path.is_dir():
+        raise EdgekitError(f"backbone {ref} is a folder without manifest.json, not a compiled backbone artifact")
+    from edgekit.models.backbones import load_backbone
+
+    bb = load_backbone(str(ref))
+    return BackboneIdentity(bb.id, bb.weights_sha256, str(path.resolve()) if path.exists() else str(ref), "weights")
+
+
+def load_device_backbone(identity: BackboneIdentity):
+    """The backbone, runnable: a CompiledBackbone for an artifact, else the frozen PyTorch backbone."""
+    if identity.kind == "artifact":
+        from edgekit.mlff.runner import CompiledBackbone
+
+        bb = CompiledBackbone(identity.ref)
+    else:
+        from edgekit.models.backbones import load_backbone
+
+        bb = load_backbone(identity.ref)
+    if (bb.id, bb.weights_sha256) != (identity.id, identity.sha256):
+        raise EdgekitError(f"backbone {identity.ref} changed since it was recorded (now {bb.id}, sha256 "
+                           f"{bb.weights_sha256[:16]}…)")
+    return bb
+
+
+def record_device_backbone(root: str | os.PathLike, identity: BackboneIdentity) -> None:
+    """Write ROOT/backbone.json (what ``edgekit install`` and ``edgekit update`` check packages against)."""
+    with atomic_write(Path(root) / DEVICE_BACKBONE_FILE, "w") as f:
+        os.fchmod(f.fileno(), 0o644)
+        json.dump(identity.to_json(), f, indent=2)
+        f.write("\n")
+
+
+def read_device_backbone(root: str | os.PathLike) -> Optional[BackboneIdentity]:
+    """ROOT/backbone.json, or None when the install root records no backbone."""
+    path = Path(root) / DEVICE_BACKBONE_FILE
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        identity = BackboneIdentity(d["backbone"], d["backbone_sha256"], d["ref"], d["kind"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EdgekitError(f"{path} is unreadable ({e}); fix it or give --backbone") from None
+    if not is_sha256(identity.sha256) or identity.kind not in ("artifact", "weights"):
+        raise EdgekitError(f"{path} is malformed; fix it or give --backbone")
+    return identity
