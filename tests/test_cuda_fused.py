@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from conftest import emulator_available, needs_emulator
 from edgekit.errors import EdgekitError, MissingBackendError
 from edgekit.kernels import build as kbuild
+from edgekit.kernels import cuda_module
 from edgekit.kernels import gmbinet as G
 from edgekit.models.gmbinet import GMBINet, GMBINetConfig
 
@@ -162,12 +163,12 @@ def test_nvcc_network_kernels_compile_without_spills(tmp_path, monkeypatch):
     entry = manifest["sources"][G.LAYERS_SOURCE]
     assert entry["sha256"] == G.source_digest(G.layers_source_path())
     assert entry["artifacts"] == {"sm_87": "gmbinet_layers.fatbin", "sm_90": "gmbinet_layers.fatbin"}
-    monkeypatch.setenv("EDGEKIT_KERNEL_BUILD_DIR", str(tmp_path))
-    assert G._prebuilt_net_artifact("sm_90") == tmp_path / "gmbinet_layers.fatbin"
-    assert G._prebuilt_net_artifact("sm_89") is None
+    src = G.layers_source_path()
+    assert cuda_module.prebuilt_artifact(src, "sm_90", tmp_path)[0] == tmp_path / "gmbinet_layers.fatbin"
+    assert cuda_module.prebuilt_artifact(src, "sm_89", tmp_path)[0] is None
     entry["sha256"] = "0" * 64  # stale (e.g. gmbi_fused.cu changed since): never used
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    assert G._prebuilt_net_artifact("sm_90") is None
+    assert cuda_module.prebuilt_artifact(src, "sm_90", tmp_path)[0] is None
 
 
 def test_source_digest_covers_the_included_kernel(tmp_path):
@@ -305,27 +306,54 @@ def _cuda_device() -> bool:
 needs_gpu = pytest.mark.skipif(not _cuda_device(), reason="no CUDA device / pycuda not installed")
 
 
+# GPU tolerances, against the float64 model. PyTorch's own fp32 on the CPU differs from float64 by
+# rel L2 2.5e-7 / max abs 2.2e-6 (embedded checkpoint, 4 SD-900 test images at 256x256) and 5.4e-7 /
+# 1.5e-5 (published checkpoint, 512x512); on random-normal input rel L2 1.4e-6 / 1.6e-6 (measured
+# here, 2026-12-01). The host emulator's fp32 kernels are within 2.8e-7 of PyTorch fp32. On the
+# device, expf (2 ulp) and FMA contraction change each operation's rounding by about one ulp, the
+# size of a reordered sum: such errors stay of PyTorch's own order, so fp32 is allowed 20x PyTorch's
+# rel L2 on real images (1e-5) and about 10x its max abs on the published model (2e-4), far below
+# what moves a mask decision at 0.5. fp16 keeps the emulator-backed 2e-3 rel L2.
+GPU_BOUNDS = {"fp32": {"rel_l2": 1e-5, "max_abs": 2e-4, "iou": 0.999}, "fp16": {"rel_l2": 2e-3, "iou": 0.99}}
+
+
+def _sd900_images(sd900, spec, count=4):
+    from edgekit.data.datasets import load_sd900
+    from edgekit.data.preprocess import preprocess
+
+    ds = load_sd900(sd900, "test")
+    picks = [ds.samples[i * (len(ds) - 1) // (count - 1)] for i in range(count)]  # spread over the 3 classes
+    return preprocess([s.image() for s in picks], spec)
+
+
 @needs_gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_runner_on_gpu_matches_pytorch(precision):
+def test_runner_on_gpu_matches_pytorch(precision, sd900):
+    """The embedded checkpoint on 4 real SD-900 test images, batch 1 (CUDA graph) and batch 4
+    (sequential launches), against the float64 model, within ``GPU_BOUNDS``; random-normal input at
+    batch 3 as a stress case (relative L2 only: a max-abs bound on random input says little)."""
     from edgekit.models.checkpoint import load_checkpoint
     from edgekit.models.default import DEFAULT_CHECKPOINT
     from edgekit.backends.cuda_fused.runner import CudaFusedRunner
 
+    bound = GPU_BOUNDS[precision]
     ck = load_checkpoint(DEFAULT_CHECKPOINT)
     runner = CudaFusedRunner(ck, precision=precision)
-    x = np.random.default_rng(0).standard_normal((3, *runner.input_shape)).astype(np.float32)
-    ref = _reference(ck.build(), x, torch.float32)
-    y1 = np.concatenate([runner.infer(x[i:i + 1]) for i in range(3)])  # batch 1: CUDA graph
-    y3 = runner.infer(x)  # batch 3: sequential launches
+    x = _sd900_images(sd900, ck.preprocess)
+    ref = _reference(ck.build(), x)  # float64
+    y1 = np.concatenate([runner.infer(x[i:i + 1]) for i in range(len(x))])  # batch 1: CUDA graph
+    y4 = runner.infer(x)  # batch 4: sequential launches
     print("\n" + runner.describe())
-    for y in (y1, y3):
+    for y in (y1, y4):
         assert y.shape == ref.shape and not np.isnan(y).any()
-        if precision == "fp32":
-            assert np.abs(y - ref).max() <= 2e-5
-        else:
-            assert rel_l2(y, ref) <= 2e-3
+        err, max_abs = rel_l2(y, ref), float(np.abs(y - ref).max())
+        ious = [iou_agreement(y[i, 0], ref[i, 0]) for i in range(len(x))]
+        print(f"{precision} vs float64: rel L2 {err:.2e}, max abs {max_abs:.2e}, mask IoU agreement {min(ious):.4f}")
+        assert err <= bound["rel_l2"] and min(ious) >= bound["iou"]
+        assert max_abs <= bound.get("max_abs", 1.0)
     np.testing.assert_array_equal(runner.infer(x[:1]), y1[:1])  # graph replay is deterministic
+    xr = np.random.default_rng(0).standard_normal((3, *runner.input_shape)).astype(np.float32)
+    assert rel_l2(runner.infer(xr), _reference(ck.build(), xr)) <= bound["rel_l2"]
     if torch.cuda.is_available():  # the device-to-device path `edgekit bench --device gpu` times
         yd = runner.infer_device(torch.from_numpy(x[:1]).cuda()).cpu().numpy()
         np.testing.assert_array_equal(yd, y1[:1])
@@ -415,7 +443,8 @@ class _FakeNetCuda:
         drv.module_from_buffer = lambda buf: Module()
         drv.module_from_file = lambda path: Module()
         drv.to_device = lambda a: Alloc(np.frombuffer(np.ascontiguousarray(a).tobytes(), np.uint8).copy(), "p")
-        drv.mem_alloc = lambda n: Alloc(np.full(int(n), 0xFF, np.uint8), "a")  # NaN poison
+        drv.mem_alloc = lambda n: Alloc(np.full(int(n), 0x00, np.uint8), "a")
+        drv.memset_d8 = lambda a, value, n: a.data.__setitem__(slice(0, int(n)), value)  # the runner's NaN poison
         drv.pagelocked_empty = lambda shape, dtype: np.empty(shape, dtype)
 
         def htod(dst, src, stream=None):
@@ -494,8 +523,9 @@ def test_runner_on_fake_pycuda(net_emulator, tmp_path, monkeypatch, precision):
     fake = _FakeNetCuda(net_emulator, tmp_path)
     for name, mod in fake.modules.items():
         monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.setattr(G, "_NET_MODULES", {})
+    monkeypatch.setattr(cuda_module, "_MODULES", {})
     monkeypatch.setenv("EDGEKIT_KERNEL_BUILD_DIR", str(tmp_path / "no-build"))  # force the run-time compile
+    monkeypatch.setattr(cuda_module, "find_nvcc", lambda: "nvcc")  # the fake compiler stands in for nvcc
     model = random_gmbinet(SMALL, seed=11)
     ck = Checkpoint.from_model(model, preprocess=PreprocessSpec(input_size=(21, 26)))
     runner = CudaFusedRunner(ck, precision=precision)

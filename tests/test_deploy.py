@@ -150,7 +150,7 @@ def test_bench_json_schema(cli, artifacts, tiny_ckpt, tmp_path):
     assert names[:2] == ["torch", "onnx"] and names[2].startswith("openvino:fp32")
     for row in d["rows"]:
         assert {"size_bytes", "iou", "mae", "latency_ms", "fps_b1", "best_batch", "fps_best"} <= set(row)
-        assert row["latency_ms"]["p50"] <= row["latency_ms"]["p90"] <= row["latency_ms"]["p99"]
+        assert row["latency_ms"]["p50"] <= row["latency_ms"]["p90"] and row["latency_ms"]["p99"] is None  # 2 samples
         assert set(row["fps_by_batch"]) == {"1", "2"} and row["fps_b1"] > 0
     assert (tmp_path / "b.png").stat().st_size > 1000
 

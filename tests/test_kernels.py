@@ -16,6 +16,7 @@ from conftest import needs_emulator
 from edgekit.errors import EdgekitError, MissingBackendError
 from edgekit.kernels import FusedGMBI, fold_gmbi, plan_gmbi, reference_gmbi
 from edgekit.kernels import build as kbuild
+from edgekit.kernels import cuda_module
 from edgekit.kernels import gmbi as kgmbi
 from edgekit.models.gmbinet import GMBI
 
@@ -170,12 +171,13 @@ def test_fatbin_build_manifest_and_prebuilt_lookup(tmp_path, monkeypatch):
     assert manifest["artifacts"] == {"sm_87": "gmbi_fused.fatbin", "sm_90": "gmbi_fused.fatbin"}
     assert (tmp_path / "gmbi_fused.fatbin").stat().st_size > 0
     assert all(not r.spills for r in res.resources)
-    monkeypatch.setenv("EDGEKIT_KERNEL_BUILD_DIR", str(tmp_path))
-    assert kgmbi._prebuilt_artifact("sm_90") == tmp_path / "gmbi_fused.fatbin"
-    assert kgmbi._prebuilt_artifact("sm_89") is None  # not in this build: compile at run time
-    manifest["source_sha256"] = "0" * 64  # stale build: never used
+    assert manifest["cuda_version"] == "%d.%d" % cuda_module.nvcc_cuda_version(kbuild.find_nvcc())
+    src = kgmbi.kernel_source_path()
+    assert cuda_module.prebuilt_artifact(src, "sm_90", tmp_path)[0] == tmp_path / "gmbi_fused.fatbin"
+    assert cuda_module.prebuilt_artifact(src, "sm_89", tmp_path)[0] is None  # not in this build: compile at run time
+    manifest["sources"]["gmbi_fused.cu"]["sha256"] = "0" * 64  # stale build: never used
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    assert kgmbi._prebuilt_artifact("sm_90") is None
+    assert cuda_module.prebuilt_artifact(src, "sm_90", tmp_path)[0] is None
 
 
 def test_compile_kernels_errors(tmp_path):
@@ -333,8 +335,9 @@ def test_fused_wrapper_on_fake_gpu(asan_emulator, monkeypatch, dtype):
     fake = _FakeCuda(asan_emulator, sm_count=8)
     for name, mod in fake.modules.items():
         monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.setattr(kgmbi, "_MODULES", {})
+    monkeypatch.setattr(cuda_module, "_MODULES", {})
     monkeypatch.setenv("EDGEKIT_KERNEL_BUILD_DIR", "/nonexistent")  # force the run-time compile path
+    monkeypatch.setattr(cuda_module, "find_nvcc", lambda: "nvcc")  # the fake compiler stands in for nvcc
     params = fold_gmbi(random_gmbi(24, seed=4))
     fused = FusedGMBI(params, dtype=dtype)
     compile_kw = [c[1] for c in fake.calls if c[0] == "compile"][0]

@@ -101,13 +101,14 @@ def test_a_limit_takes_images_across_all_classes(sd900):
     """SD-900 lists are sorted by class: 'the first N' would be N inclusions (calibration, parity
     checks and eval --limit all take their N images through limit_samples)."""
     from edgekit.data.datasets import limit_samples
-    from edgekit.pipeline.compile import calibration_batches
+    from edgekit.pipeline.sources import GMBINetSource
 
     train = open_segmentation(str(sd900), "train")
     assert {s.cls for s in train.samples[:100]} == {"inclusion"}
     picked = limit_samples(train.samples, 9)
     assert [s.cls for s in picked].count("inclusion") == 3 and len({s.cls for s in picked}) == 3
     spec = PreprocessSpec(input_size=(32, 32))
-    np.testing.assert_array_equal(np.concatenate(calibration_batches(train, spec, 9)),
+    source = GMBINetSource(sd900, spec, base={})
+    np.testing.assert_array_equal(np.concatenate(source.calibration_batches(train, 9)),
                                   preprocess([s.image() for s in picked], spec))
     assert limit_samples(train.samples, None) == train.samples

@@ -44,6 +44,11 @@ class Runner:
     def describe(self) -> str:
         return f"{self.name} {self.precision} ({self.source})"
 
+    def executed_precision(self) -> Optional[dict]:
+        """What the backend reports it actually runs, read back after compilation (``label``: e.g. "f32"),
+        or None where there is nothing to read back and the declared ``precision`` is what runs."""
+        return None
+
     def _check_batch(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != 4 or tuple(batch.shape[1:]) != tuple(self.input_shape):

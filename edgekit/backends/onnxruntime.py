@@ -29,9 +29,9 @@ class OnnxRuntimeRunner(ArtifactRunner):
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
-        model_file = Path(folder) / self.manifest["model_file"]
-        self.session = ort.InferenceSession(str(model_file), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(self.model_path), opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        self.adopt_input(self.session.get_inputs()[0].shape)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: self._check_batch(batch)})[0]
@@ -62,6 +62,6 @@ _COMMON = dict(precisions=("fp32", "int8"), load=_load, package="onnxruntime", p
                int8="nncf", quantize_format="onnx", needs={"int8": ("calibration",)},
                tools=("onnx", "onnxruntime", "onnxsim"), kinds=("gmbinet", "mlff-backbone"), from_artifacts=("onnx", "ort"))
 ONNX = register_backend(BackendSpec(name="onnx", description="ONNX file (opset 17, simplified), run by ONNX Runtime",
-                                    build=build_onnx, **_COMMON))
+                                    build=build_onnx, model_suffixes=(".onnx",), **_COMMON))
 ORT = register_backend(BackendSpec(name="ort", description="ONNX Runtime offline-optimised graph", build=build_ort,
                                    **_COMMON))

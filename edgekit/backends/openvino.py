@@ -7,6 +7,7 @@ with AMX/AVX-512-BF16 is bf16, so "fp32" must be asked for.
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Dict
 
@@ -17,6 +18,8 @@ from edgekit.backends.artifact_runner import ArtifactRunner
 from edgekit.backends.registry import BackendSpec, register_backend
 
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+# Execution-graph layer types that carry the arithmetic: their runtime precision is what a row "ran".
+COMPUTE_LAYERS = ("Convolution", "Deconvolution", "FullyConnected", "MatMul")
 
 
 class OpenVINORunner(ArtifactRunner):
@@ -29,7 +32,8 @@ class OpenVINORunner(ArtifactRunner):
         except ImportError:
             raise MissingBackendError("running OpenVINO artifacts", "openvino") from None
         self.core = ov.Core()
-        self.model = self.core.read_model(str(Path(folder) / self.manifest["model_file"]))
+        self.model = self.core.read_model(str(self.model_path))
+        self.adopt_input([d.get_length() if d.is_static else None for d in self.model.inputs[0].get_partial_shape()])
         self.config = {"PERFORMANCE_HINT": hint, "NUM_STREAMS": "1" if hint == "LATENCY" else "AUTO"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -54,6 +58,27 @@ class OpenVINORunner(ArtifactRunner):
         req = self._requests[n]
         req.infer({0: batch})
         return np.array(req.get_output_tensor(0).data, copy=True)
+
+    def executed_precision(self, batch: int = 1) -> dict:
+        """Read back from the compiled model: the CPU plugin runs f32 where the CPU lacks bf16 (a bf16
+        artifact is then an f32 one), and an INT8 IR runs u8/i8 only on the layers NNCF quantized."""
+        compiled = self.compiled(batch)
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        layers = Counter()
+        for op in compiled.get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            if info["layerType"].astype(str) in COMPUTE_LAYERS:
+                layers[info["runtimePrecision"].astype(str)] += 1
+        total = sum(layers.values())
+        int8 = sum(n for p, n in layers.items() if p in ("u8", "i8"))
+        if int8:
+            label = f"int8 on {int8}/{total} conv, {hint} rest"
+        elif len(layers) == 1:  # one precision; the hint beside it where the two disagree
+            label = next(iter(layers)) + ("" if next(iter(layers)) == hint else f" conv, hint {hint}")
+        else:
+            label = hint + (" (" + ", ".join(f"{p} {n}" for p, n in layers.most_common()) + ")" if layers else "")
+        return {"label": label, "inference_precision_hint": hint, "compute_layers": dict(layers),
+                "source": "OpenVINO compiled model: INFERENCE_PRECISION_HINT and the execution graph's runtimePrecision"}
 
     def throughput_queue(self, batch: int, jobs: int):
         """An AsyncInferQueue with ``jobs`` requests in flight (the THROUGHPUT-style measurement)."""
@@ -86,5 +111,5 @@ SPEC = register_backend(BackendSpec(
     precisions=("fp32", "bf16", "fp16", "int8", "default"), build=build, load=_load, package="openvino",
     pip_name="openvino", extra="cpu", int8="nncf", quantize_format="openvino", needs={"int8": ("calibration",)},
     load_options=("threads", "hint"), async_queue=True, tools=("onnx", "onnxsim", "openvino"),
-    bench_default=("default", "fp32", "int8"), kinds=("gmbinet", "mlff-backbone"),
+    bench_default=("default", "fp32", "int8"), kinds=("gmbinet", "mlff-backbone"), model_suffixes=(".xml",),
 ))

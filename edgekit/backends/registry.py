@@ -65,6 +65,8 @@ class BackendSpec:
     verifier: Optional[Callable] = None
     # load options of a benchmark row, e.g. {"graph": {"cuda_graph": True}} (torch's variants)
     variants: Dict[str, dict] = field(default_factory=dict)
+    # plain model files (no manifest) ``load`` also runs, by suffix, with the default preprocessing
+    model_suffixes: Tuple[str, ...] = ()
 
     @property
     def compile_precisions(self) -> Tuple[str, ...]:
@@ -184,6 +186,15 @@ def tool_packages() -> Tuple[str, ...]:
             if t not in seen:
                 seen.append(t)
     return tuple(seen)
+
+
+def spec_for_model_file(path: Path) -> Optional[BackendSpec]:
+    """The backend that runs a plain model file (``model.onnx``, ``model.xml``) by its suffix, if any."""
+    return next((b for b in backends() if path.suffix.lower() in b.model_suffixes and b.load), None)
+
+
+def model_file_suffixes() -> Tuple[str, ...]:
+    return tuple(s for b in backends() for s in b.model_suffixes)
 
 
 def spec_for_folder(folder: Path, manifest: dict) -> BackendSpec:

@@ -4,83 +4,95 @@ Timing: every row is warmed up, then measured in interleaved rounds (row A, row 
 so drift on a noisy machine hits all rows alike. The headline FPS is what an application sees:
 one synchronous request, one image at a time (1 / median latency at batch 1). Throughput with
 several requests in flight is a separate column, for backends that offer async queues.
+
+What makes a figure believable on a shared machine: each row reports the spread of its per-round
+medians; a ratio to the baseline is the median of the per-round paired ratios (round k of both rows
+saw the same machine), and is "within noise" when their min-max range contains 1.0; p99 is given
+only from at least ``MIN_P99_SAMPLES`` samples; the precision a backend actually ran is read back;
+the CPU model and its ISA flags, and the data behind every accuracy figure, are in the result.
 """
 from __future__ import annotations
 
 import os
 import platform
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-from edgekit.data.datasets import open_segmentation
+from edgekit.data.datasets import SegDataset, open_segmentation
 from edgekit.eval.evaluate import evaluate
 from edgekit.artifact import is_artifact, now_utc, read_manifest
-from edgekit.progress import progress
 from edgekit.backends.base import Runner
+from edgekit.eval.timing import Row, time_rows  # noqa: F401  (the rows bench times)
 
-PAPER_ROW = {"name": "paper (arXiv 2508.16397, their CPU)", "fps_b1": 16.53, "iou": 0.8728, "mae": 0.0126,
-             "note": "reported on the authors' split and hardware; batch size not stated"}
+PAPER_ROW = {"name": "paper's own figures (its split, its CPU)", "fps_b1": 16.53,
+             "iou": 0.8728, "mae": 0.0126,
+             "note": "reported by the paper on the authors' own SD-Saliency-900 split and hardware; batch size "
+                     "not stated; not measured here",
+             "accuracy_data": {"dataset": "SD-Saliency-900", "split": "the authors' own split (not published)",
+                               "images": None, "source": "the paper's own figure, not measured by edgekit"},
+             "plot_label": "paper's own figures (its split, its CPU)"}
 SCHEMA = "edgekit-bench/1"
+MIN_P99_SAMPLES = 100  # below this the 99th percentile is one of the two slowest calls, not a statistic
+# ISA flags worth naming in a benchmark (as /proc/cpuinfo spells them): x86 SIMD levels, then Arm's.
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
+             "asimd", "asimddp", "asimdhp", "sve", "sve2", "i8mm", "bf16")
+ARM_FLAGS = ("asimd", "asimddp", "asimdhp", "sve", "sve2", "i8mm", "bf16")
+
+
+def cpu_record(cpuinfo: Optional[str] = None) -> dict:
+    """CPU model and ISA flags from /proc/cpuinfo (the first processor's entry); ``cpuinfo``: its text."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    model, flags = None, None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if model is None and key in ("model name", "hardware", "cpu model"):
+            model = value.strip()
+        if flags is None and key in ("flags", "features"):  # x86: flags, Arm: Features
+            flags = set(value.split())
+    flags = flags or set()
+    arm = bool(flags & {"asimd", "neon"})
+    checked = [f for f in ISA_FLAGS if (f in ARM_FLAGS) == arm]
+    return {"cpu": model or platform.processor() or platform.machine(), "arch": platform.machine(),
+            "isa": [f for f in checked if f in flags], "isa_absent": [f for f in checked if f not in flags],
+            "isa_source": "/proc/cpuinfo" if cpuinfo else "unavailable (no /proc/cpuinfo)"}
+
+
+def load_average() -> Optional[List[float]]:
+    """1/5/15-minute load averages: how busy the machine was (other processes share its cores)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
 
 
 def machine_description() -> dict:
-    cpu = platform.processor() or platform.machine()
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu in ("", platform.machine()):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "isa": isa, "os": platform.platform(),
+    return {**cpu_record(), "logical_cpus": os.cpu_count(), "os": platform.platform(),
             "python": platform.python_version()}
 
 
-@dataclass
-class Row:
-    name: str
-    runner: Runner
-    size_bytes: int
-    lat: Dict[int, List[float]] = field(default_factory=dict)  # batch -> per-call seconds
-    result: dict = field(default_factory=dict)
+def describe_isa(machine: dict) -> str:
+    """'sse4_2 avx avx2 fma f16c; absent: avx512f avx512_vnni avx512_bf16 amx_bf16' for captions."""
+    isa = " ".join(machine.get("isa") or []) or "unknown"
+    absent = [f for f in machine.get("isa_absent") or []
+              if f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "sve", "i8mm", "bf16")]
+    return isa + (f"; absent: {' '.join(absent)}" if absent else "")
 
 
 def model_size(path: Path) -> int:
     if is_artifact(path):
         return int(read_manifest(path, verify=False).get("size_bytes", 0))
+    if path.is_file() and path.suffix.lower() == ".xml" and path.with_suffix(".bin").is_file():  # OpenVINO IR
+        return path.stat().st_size + path.with_suffix(".bin").stat().st_size
     return path.stat().st_size if path.is_file() else 0
-
-
-def time_rows(rows: List[Row], batches: List[int], rounds: int, iters: int, warmup: int, show_progress: bool):
-    rng = np.random.default_rng(0)
-    inputs = {b: rng.standard_normal((b, *rows[0].runner.input_shape)).astype(np.float32) for b in batches}
-    for r in rows:
-        for b in batches:
-            for _ in range(warmup):
-                r.runner.infer(inputs[b])
-            r.lat[b] = []
-    with progress(total=rounds * len(rows) * len(batches), desc="timing", enabled=show_progress, unit="run") as bar:
-        for _ in range(rounds):
-            for b in batches:
-                for r in rows:  # interleaved: each round visits every row
-                    n = max(1, iters // b)
-                    for _ in range(n):
-                        t0 = time.perf_counter()
-                        r.runner.infer(inputs[b])
-                        r.lat[b].append(time.perf_counter() - t0)
-                    bar.update(1)
 
 
 def throughput(runner: Runner, batch: int, jobs: int, seconds: float) -> Optional[float]:
@@ -100,49 +112,221 @@ def throughput(runner: Runner, batch: int, jobs: int, seconds: float) -> Optiona
     return done / (time.perf_counter() - t0)
 
 
+def latency_percentiles(seconds: Sequence[float]) -> dict:
+    """p50/p90 in ms; p99 only from at least MIN_P99_SAMPLES samples (None, with the reason, below)."""
+    ms = np.asarray(seconds, dtype=float) * 1e3
+    out = {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)), "p99": None,
+           "samples": int(len(ms))}
+    if len(ms) >= MIN_P99_SAMPLES:
+        out["p99"] = float(np.percentile(ms, 99))
+    else:
+        out["p99_note"] = f"not computed from {len(ms)} samples (needs {MIN_P99_SAMPLES}: raise --rounds x --iters)"
+    return out
+
+
+def spread(per_round: Sequence[float]) -> dict:
+    """Min, median and max of per-round figures."""
+    v = [float(x) for x in per_round]
+    return {"rounds": len(v), "min": min(v), "median": float(np.median(v)), "max": max(v), "per_round": v}
+
+
+def ratio_with_spread(row_rounds: Sequence[float], base_rounds: Sequence[float]) -> dict:
+    """A row's FPS over the baseline's, round by round (both measured in the same interleaved round).
+
+    ``ratio`` is the median of the per-round ratios, ``low``/``high`` their min and max;
+    ``within_noise`` is True when that range contains 1.0 (the row is not measurably faster or slower),
+    None when one round gives no spread to judge by.
+    """
+    if len(row_rounds) != len(base_rounds) or not row_rounds:
+        raise ValueError("ratio_with_spread needs the same, non-zero number of rounds for row and baseline")
+    ratios = [a / b for a, b in zip(row_rounds, base_rounds)]
+    low, high = min(ratios), max(ratios)
+    return {"ratio": float(np.median(ratios)), "low": float(low), "high": float(high), "rounds": len(ratios),
+            "within_noise": bool(low <= 1.0 <= high) if len(ratios) > 1 else None}
+
+
+def add_baseline_ratios(out_rows: List[dict], rows: List[Row], baseline: Optional[str]) -> Optional[dict]:
+    """``speedup_vs_baseline`` (median per-round ratio) and ``speedup_spread`` on every row; the baseline row."""
+    by_name = {r.name: r for r in rows}
+    base = next((r for r in out_rows if r["name"] == baseline), None) if baseline else None
+    for r in out_rows:
+        r["speedup_vs_baseline"], r["speedup_spread"] = None, None
+        if base is None:
+            continue
+        if r is base:
+            r["speedup_vs_baseline"] = 1.0
+            r["speedup_spread"] = {"baseline": True}
+            continue
+        ratio = ratio_with_spread(by_name[r["name"]].round_fps(1), by_name[base["name"]].round_fps(1))
+        r["speedup_vs_baseline"] = ratio.pop("ratio")
+        r["speedup_spread"] = ratio
+    return base
+
+
 def row_summary(r: Row, batches, async_jobs: int) -> dict:
-    """One JSON row: identity, size, ``r.result`` (accuracy), latency percentiles at batch 1, FPS per batch."""
-    l1 = np.array(r.lat[1]) * 1e3
+    """One JSON row: identity, what it ran, size, ``r.result`` (accuracy), latency at batch 1, FPS per batch
+    with its spread over the rounds."""
     fps_by_batch = {b: b / float(np.median(r.lat[b])) for b in batches}
     best = max(fps_by_batch, key=fps_by_batch.get)
     tp = throughput(r.runner, 1, async_jobs, 2.0)
+    rounds_b1 = r.round_fps(1)
     return {
         "name": r.name, "backend": r.runner.name, "precision": r.runner.precision,
+        "executed_precision": r.runner.executed_precision(),
         "source": str(r.runner.source), "size_bytes": r.size_bytes, **r.result,
-        "latency_ms": {"p50": float(np.percentile(l1, 50)), "p90": float(np.percentile(l1, 90)),
-                       "p99": float(np.percentile(l1, 99)), "samples": int(len(l1))},
-        "fps_b1": fps_by_batch[1], "fps_by_batch": {str(b): v for b, v in fps_by_batch.items()},
+        "latency_ms": latency_percentiles(r.lat[1]),
+        "fps_b1": fps_by_batch[1], "fps_b1_spread": spread(rounds_b1) if rounds_b1 else None,
+        "fps_by_batch": {str(b): v for b, v in fps_by_batch.items()},
         "best_batch": best, "fps_best": fps_by_batch[best],
         "throughput_fps": tp, "throughput_jobs": async_jobs if tp else None,
     }
 
 
+def accuracy_data(dataset: SegDataset, images: int, limit: Optional[int]) -> dict:
+    """What one accuracy figure is on: dataset, split and the number of images actually scored."""
+    if images < len(dataset):
+        selection = f"{images} of {len(dataset)}, taken round-robin over the classes (--eval-limit {limit})"
+    else:
+        selection = f"all {images}"
+    return {"dataset": dataset.name or dataset.description, "split": dataset.split or None, "images": images,
+            "available": len(dataset), "selection": selection, "synthetic": dataset.synthetic}
+
+
+def describe_accuracy_data(d: dict) -> str:
+    """'SD-Saliency-900 test split, 30 of 225 images (round-robin over the classes)'."""
+    split = d.get("split")
+    text = d["dataset"] + (f" {split}" if split and split.endswith("seed") else f" {split} split" if split else "")
+    if d.get("available") and d["images"] < d["available"]:
+        return f"{text}, {d['images']} of {d['available']} images (round-robin over the classes)"
+    return f"{text}, {d['images']} images"
+
+
 def run_bench(rows: List[Row], data: str = "synthetic", batches=(1, 8), rounds: int = 5, iters: int = 20,
               warmup: int = 5, eval_limit: Optional[int] = None, async_jobs: int = 2,
-              show_progress: bool = True, baseline: Optional[str] = None) -> dict:
+              show_progress: bool = True, baseline: Optional[str] = None,
+              log: Callable[[str], None] = lambda _: None) -> dict:
     batches = sorted(set(batches) | {1})
     dataset = open_segmentation(data, "test")
-    for r in rows:
+    load_start = load_average()
+    scopes = []
+    for i, r in enumerate(rows, 1):
+        log(f"accuracy {i}/{len(rows)}: {r.name} on {dataset.description}"
+            + (f", {eval_limit} images" if eval_limit and eval_limit < len(dataset) else ""))
         acc = evaluate(r.runner, dataset, batch_size=1, show_progress=show_progress, limit=eval_limit)
-        r.result.update(iou=acc["overall"]["iou"], mae=acc["overall"]["mae"], max_f=acc["overall"]["max_f"])
-    time_rows(rows, batches, rounds, iters, warmup, show_progress)
+        scope = accuracy_data(dataset, acc["overall"]["images"], eval_limit)
+        scopes.append(scope)
+        r.result.update(iou=acc["overall"]["iou"], mae=acc["overall"]["mae"], max_f=acc["overall"]["max_f"],
+                        accuracy_data=scope)
+    time_rows(rows, batches, rounds, iters, warmup, show_progress, log=log)
+    if async_jobs and any(getattr(r.runner, "throughput_queue", None) for r in rows):
+        log(f"async throughput, {async_jobs} requests in flight, 2 s per row that offers a queue")
     out_rows = [row_summary(r, batches, async_jobs) for r in rows]
-    base = next((r for r in out_rows if r["name"] == baseline), None) if baseline else None
+    add_baseline_ratios(out_rows, rows, baseline)
     for r in out_rows:
-        r["speedup_vs_baseline"] = r["fps_b1"] / base["fps_b1"] if base else None
         r["iou_delta_vs_torch"] = None
     torch_row = next((r for r in out_rows if r["backend"] == "torch"), None)
     if torch_row:
         for r in out_rows:
             r["iou_delta_vs_torch"] = r["iou"] - torch_row["iou"]
+    scope = scopes[0] if scopes else accuracy_data(dataset, len(dataset), eval_limit)
     return {
         "schema": SCHEMA, "device": "cpu", "date": now_utc(), "machine": machine_description(),
-        "data": dataset.description, "synthetic": dataset.synthetic, "eval_images": eval_limit or len(dataset),
+        "data": describe_accuracy_data(scope) + ("" if dataset.synthetic else f" at {data}"),
+        "accuracy_data": scope, "synthetic": dataset.synthetic, "eval_images": scope["images"],
         "settings": {"batches": batches, "rounds": rounds, "iters_per_round": iters, "warmup": warmup,
                      "threads": rows[0].runner.meta.get("threads") if rows else None,
-                     "timing": "interleaved rounds, synchronous single request; FPS = batch / median latency"},
+                     "min_p99_samples": MIN_P99_SAMPLES,
+                     "load_average": {"start": load_start, "end": load_average()},
+                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                     "timing": "interleaved rounds, synchronous single request; FPS = batch / median latency; "
+                               "spread = min/max of the per-round medians; ratio = median of per-round paired "
+                               "ratios, within noise when their min-max contains 1.0"},
         "baseline": baseline, "rows": out_rows, "reference": PAPER_ROW,
     }
+
+
+def _num(v: float) -> str:
+    """Three significant digits without an exponent: 4.12, 59.9, 280, 1048."""
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+
+
+def format_latency(lat: dict) -> str:
+    """'p50/p90/p99' in ms; '-' for a p99 not computed, with the sample count."""
+    p99 = _num(lat["p99"]) if lat.get("p99") is not None else f"- (n={lat['samples']})"
+    return f"{_num(lat['p50'])}/{_num(lat['p90'])}/{p99}"
+
+
+def format_fps(row: dict) -> str:
+    """'123 (118-130)': the headline FPS and the min-max of its round medians."""
+    s = row.get("fps_b1_spread")
+    text = _num(row["fps_b1"])
+    return text + (f" ({_num(s['min'])}-{_num(s['max'])})" if s and s["rounds"] > 1 else "")
+
+
+def format_speedup(row: dict) -> str:
+    """'1.45x (1.38-1.52)', '1.02x (0.95-1.10) within noise', 'baseline' or '-'."""
+    ratio, s = row.get("speedup_vs_baseline"), row.get("speedup_spread")
+    if ratio is None:
+        return "-"
+    if s is None:  # a result written without per-round figures
+        return f"{ratio:.2f}x"
+    if s.get("baseline"):
+        return "baseline"
+    if s["within_noise"] is None:
+        return f"{ratio:.2f}x (1 round: no spread)"
+    return f"{ratio:.2f}x ({s['low']:.2f}-{s['high']:.2f})" + (" within noise" if s["within_noise"] else "")
+
+
+def format_precision(row: dict) -> str:
+    """Declared precision, and what the backend reports it ran where that says more ('bf16 (ran f32)')."""
+    ran = row.get("executed_precision") or {}
+    declared = row["precision"]
+    layers = ran.get("compute_layers") or {}
+    int8 = sum(n for p, n in layers.items() if p in ("u8", "i8"))
+    if int8:
+        return f"{declared} ({int8}/{sum(layers.values())} conv int8)"
+    label = ran.get("label")
+    if not label or label == {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}.get(declared):
+        return declared
+    return f"{declared} (ran {label})"
+
+
+def table_columns(async_jobs: int = 2) -> List[str]:
+    return ["row", "precision (ran)", "size", "IoU", "MAE", "latency ms p50/p90/p99 (b1)", "FPS b1 (min-max)",
+            "FPS best batch", f"FPS async x{async_jobs}", "vs baseline (min-max)"]
+
+
+def table_rows(result: dict) -> List[tuple]:
+    out = []
+    for r in result["rows"]:
+        tp = f"{r['throughput_fps']:.0f}" if r.get("throughput_fps") else "-"
+        out.append((r["name"], format_precision(r), f"{r['size_bytes'] / 1e6:.2f} MB", f"{r['iou']:.4f}",
+                    f"{r['mae']:.4f}", format_latency(r["latency_ms"]), format_fps(r),
+                    f"{_num(r['fps_best'])} (b{r['best_batch']})", tp, format_speedup(r)))
+    p = result.get("reference")
+    if p:
+        out.append((p["name"], "-", "-", f"{p['iou']:.4f}", f"{p['mae']:.4f}", "-", f"{p['fps_b1']:.2f}", "-", "-", "-"))
+    return out
+
+
+def table_title(result: dict) -> str:
+    m = result["machine"]
+    return f"edgekit bench --device cpu  ({m['cpu']}, {m['logical_cpus']} logical CPUs, {result['settings'].get('threads')} threads)"
+
+
+def table_caption(result: dict) -> str:
+    s, m = result["settings"], result["machine"]
+    lines = [f"CPU {m['cpu']}; ISA {describe_isa(m)} (from {m.get('isa_source', '/proc/cpuinfo')})",
+             f"IoU/MAE of the measured rows: {result['data']}"]
+    if result.get("reference"):
+        lines.append("paper row: arXiv 2508.16397's own figures, on the authors' SD-900 split and CPU (not measured here)")
+    base = result.get("baseline")
+    load = (s.get("load_average") or {}).get("start")
+    lines.append(f"{s['rounds']} interleaved rounds x {s['iters_per_round']} calls; (min-max) = over the round medians; "
+                 f"p99 only from >= {MIN_P99_SAMPLES} samples"
+                 + (f"; load average {load[0]:.1f} at the start" if load else "")
+                 + (f"; baseline = {base}: ONNX -> OpenVINO, plugin default precision" if base else ""))
+    return "\n".join(lines)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -163,7 +347,9 @@ def plot(result: dict, path: Path) -> None:
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xscale("log")
     ax.set_xlabel("FPS, batch 1, synchronous (log scale)")
-    ax.set_ylabel(("top-1 accuracy" if metric == "accuracy" else "IoU@0.5") + (" (synthetic data)" if result["synthetic"] else ""))
+    scope = result.get("accuracy_data")
+    on = f" on {describe_accuracy_data(scope)}" if scope else (" (synthetic data)" if result["synthetic"] else "")
+    ax.set_ylabel(("top-1 accuracy" if metric == "accuracy" else "IoU@0.5") + on, fontsize=8)
     ax.set_title(f"edgekit bench, {(result['machine'].get('gpu') or result['machine']['cpu'])[:40]}", fontsize=9)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()

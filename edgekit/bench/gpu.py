@@ -23,8 +23,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from edgekit.errors import EdgekitError
 from edgekit.backends.base import Runner
+from edgekit.errors import EdgekitError, MissingBackendError
 
 PAPER_GPU_ROW = {"name": "paper (arXiv 2508.16397, their GPU)", "fps_b1": 1048.0, "iou": 0.8728, "mae": 0.0126,
                  "note": "reported on the authors' split and GPU; batch size not stated",
@@ -210,10 +210,7 @@ def open_row(row: PlannedRow, *, max_autotune: bool, calib: Optional[str], log: 
         return TorchGpuRunner(load_checkpoint(row.path), row.mode, row.precision, max_autotune=max_autotune)
     if row.kind == FUSED_BACKEND:
         backend = next(b for b in runtime.backends() if b.name == FUSED_BACKEND)
-        try:
-            return backend.load(row.path, precision=row.precision)
-        except TypeError:  # a loader without a precision option
-            return backend.load(row.path)
+        return backend.load(row.path, precision=row.precision)  # never retried without: the row names it
     path = row.path
     if row.build:
         from edgekit.bench.plan import artifact_for
@@ -223,41 +220,90 @@ def open_row(row: PlannedRow, *, max_autotune: bool, calib: Optional[str], log: 
     return runtime.load(path)
 
 
-def time_gpu_rows(rows, batches: Sequence[int], rounds: int, iters: int, warmup: int, show_progress: bool) -> None:
-    """Per-call latencies (seconds) into ``row.lat[batch]``: CUDA events around each synchronous call."""
-    import torch
+def failure_reason(e: BaseException) -> str:
+    """One line for a row that failed: the exception's type and the first line of its message
+    (a PyCUDA ``CompileError`` carries nvcc's whole log)."""
+    if isinstance(e, EdgekitError):
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        return lines[0] if lines else type(e).__name__
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
+
+class CudaEventTiming:
+    """How ``bench --device gpu`` times a call: random-normal input already on the GPU, CUDA events
+    recorded on the current stream around the call, then synchronised."""
+
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+        self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def inputs(self, shape, batches):
+        """({batch: CUDA tensor}, {batch: the same values as a numpy array})."""
+        torch = self.torch
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        device = {b: torch.randn(b, *shape, device="cuda", generator=gen) for b in batches}
+        return device, {b: device[b].cpu().numpy() for b in batches}
+
+    def synchronize(self) -> None:
+        self.torch.cuda.synchronize()
+
+    def measure(self, call) -> float:
+        self.start.record()
+        call()
+        self.end.record()
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end) / 1e3
+
+
+def time_gpu_rows(rows, batches: Sequence[int], rounds: int, iters: int, warmup: int, show_progress: bool,
+                  timing=None) -> dict:
+    """Per-call latencies (seconds) into ``row.lat[batch]``, measured by ``timing`` (default
+    :class:`CudaEventTiming`).
+
+    A row whose call raises (a launch failure, an illegal address surfacing at the synchronisation)
+    is dropped from the remaining rounds; returns {row name: reason} for those rows. Their ``lat``
+    is left incomplete: callers discard it."""
     from edgekit.progress import progress
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    shape = rows[0].runner.input_shape
-    inputs = {b: torch.randn(b, *shape, device="cuda", generator=gen) for b in batches}
-    host = {b: inputs[b].cpu().numpy() for b in batches}
+    timing = timing or CudaEventTiming()
+    failed: dict = {}
+    inputs, host = timing.inputs(rows[0].runner.input_shape, batches)
 
     def caller(runner):
         fn = device_call(runner)[0]
-        return (lambda b: fn(inputs[b])) if fn is not None else (lambda b: runner.infer(host[b]))
+        if fn is not None and all(inputs.get(b) is not None for b in batches):
+            return lambda b: fn(inputs[b])
+        return lambda b: runner.infer(host[b])
 
     calls = {id(r): caller(r.runner) for r in rows}
     for r in rows:
-        for b in batches:
-            for _ in range(warmup):
-                calls[id(r)](b)
-            r.lat[b] = []
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        try:
+            for b in batches:
+                r.lat[b], r.rounds[b] = [], []
+                for _ in range(warmup):
+                    calls[id(r)](b)
+            timing.synchronize()
+        except Exception as e:  # noqa: BLE001 - any backend error becomes the row's reason
+            failed[r.name] = f"warm-up: {failure_reason(e)}"
     with progress(total=rounds * len(rows) * len(batches), desc="timing", enabled=show_progress, unit="run") as bar:
         for _ in range(rounds):
             for b in batches:
                 for r in rows:  # interleaved: each round visits every row
+                    if r.name in failed:
+                        bar.update(1)
+                        continue
                     call = calls[id(r)]
-                    for _ in range(iters):
-                        start.record()
-                        call(b)
-                        end.record()
-                        end.synchronize()
-                        r.lat[b].append(start.elapsed_time(end) / 1e3)
+                    try:
+                        r.start_round(b)
+                        for _ in range(iters):
+                            r.record(b, timing.measure(lambda: call(b)))
+                    except Exception as e:  # noqa: BLE001
+                        failed[r.name] = f"timing batch {b}: {failure_reason(e)}"
                     bar.update(1)
+    return failed
 
 
 def machine_description() -> dict:
@@ -266,11 +312,13 @@ def machine_description() -> dict:
     from edgekit.bench.cpu import machine_description as cpu_machine
 
     out = {"gpu": None, "compute_capability": None, "gpu_memory_gb": None, "torch": torch.__version__,
-           "cuda": torch.version.cuda, "cudnn": None, **{k: v for k, v in cpu_machine().items() if k != "isa"}}
+           "cuda": torch.version.cuda, "cudnn": None, **cpu_machine()}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         out.update(gpu=props.name, compute_capability=f"{props.major}.{props.minor}",
-                   gpu_memory_gb=round(props.total_memory / 2 ** 30, 1), cudnn=torch.backends.cudnn.version())
+                   gpu_memory_gb=round(props.total_memory / 2 ** 30, 1), cudnn=torch.backends.cudnn.version(),
+                   # PyTorch's fp32 convolutions run in TF32 on Ampere and newer unless this is False
+                   cudnn_allow_tf32=bool(torch.backends.cudnn.allow_tf32))
     try:
         import tensorrt
 
@@ -284,78 +332,138 @@ def machine_description() -> dict:
 def run_gpu_bench(planned: List[PlannedRow], *, data: str = "synthetic", batches=DEFAULT_GPU_BATCHES, rounds: int = 5,
                   iters: int = 50, warmup: int = 10, eval_limit: Optional[int] = None, max_autotune: bool = False,
                   calib: Optional[str] = None, skipped: Optional[List[dict]] = None, show_progress: bool = True,
-                  log: Callable = print) -> dict:
-    from edgekit.bench.cpu import Row, model_size, row_summary
+                  log: Callable = print, timing=None, opener: Callable = None) -> dict:
+    """Open, evaluate and time ``planned``. A row that cannot open, evaluate or run (a PyCUDA
+    ``CompileError``, ``LogicError``/``LaunchError``, nvcc missing, ...) becomes an entry of
+    ``failed`` with its reason; the other rows still run and the table still prints.
+
+    ``timing`` (default :class:`CudaEventTiming`, which needs CUDA) and ``opener`` (default
+    :func:`open_row`) are the seams the CPU tests use."""
+    from edgekit.bench.cpu import (Row, accuracy_data, add_baseline_ratios, describe_accuracy_data, model_size,
+                                   row_summary)
     from edgekit.data.datasets import open_segmentation
     from edgekit.eval.evaluate import evaluate
     from edgekit.artifact import now_utc
 
-    require_cuda()
+    if timing is None:
+        require_cuda()
+        timing = CudaEventTiming()
+    opener = opener or open_row
     batches = sorted(set(batches) | {1})
     dataset = open_segmentation(data, "test")
-    rows, skipped = [], list(skipped or [])
-    for p in planned:
-        try:
-            runner = open_row(p, max_autotune=max_autotune, calib=calib, log=log)
-        except EdgekitError as e:  # e.g. the fused backend without PyCUDA: a note, not the end of the run
-            skipped.append({"name": p.name, "reason": str(e)})
-            log(f"skipping {p.name}: {e}")
-            continue
-        rows.append(Row(p.name, runner, model_size(p.path)))
+    skipped, failed = list(skipped or []), []
+
+    def fail(name: str, stage: str, reason: str) -> None:
+        failed.append({"name": name, "stage": stage, "reason": reason})
+        log(f"{name} failed ({stage}): {reason}")
+
+    def open_and_evaluate(group: List[PlannedRow]) -> List[Row]:
+        opened = []
+        for p in group:
+            try:
+                runner = opener(p, max_autotune=max_autotune, calib=calib, log=log)
+            except MissingBackendError as e:  # e.g. the fused backend without PyCUDA: a note, not a failure
+                skipped.append({"name": p.name, "reason": str(e)})
+                log(f"skipping {p.name}: {e}")
+                continue
+            except Exception as e:  # noqa: BLE001 - nvcc missing, CompileError, LogicError, ...: a failed row
+                fail(p.name, "load", failure_reason(e))
+                continue
+            row = Row(p.name, runner, model_size(p.path))
+            try:
+                acc = evaluate(runner, dataset, batch_size=1, show_progress=show_progress, limit=eval_limit)
+            except Exception as e:  # noqa: BLE001
+                fail(p.name, "accuracy", failure_reason(e))
+                continue
+            row.result.update(iou=acc["overall"]["iou"], mae=acc["overall"]["mae"], max_f=acc["overall"]["max_f"],
+                              accuracy_data=accuracy_data(dataset, acc["overall"]["images"], eval_limit))
+            opened.append(row)
+        return opened
+
+    def keep_timed(group: List[Row], failures: dict) -> List[Row]:
+        for r in group:
+            if r.name in failures:
+                fail(r.name, "timing", failures[r.name])
+        return [r for r in group if r.name not in failures]
+
+    # Phase 1, PyTorch rows alone: a fault in our own kernels (phase 2) poisons the CUDA context
+    # every later call shares, so the baseline rows are measured before any such kernel is loaded.
+    torch_rows = open_and_evaluate([p for p in planned if p.kind == "torch"])
+    if torch_rows:
+        torch_rows = keep_timed(torch_rows, time_gpu_rows(torch_rows, batches, rounds, iters, warmup, show_progress,
+                                                               timing))
+    # Phase 2, the other backends, interleaved with the PyTorch rows again (ratios from one run). If
+    # phase 2 breaks the context, the PyTorch rows keep their phase-1 times.
+    other_rows = open_and_evaluate([p for p in planned if p.kind != "torch"])
+    phase = {r.name: 1 for r in torch_rows}
+    if other_rows:
+        phase1 = {r.name: ({b: list(v) for b, v in r.lat.items()}, {b: [list(x) for x in v] for b, v in r.rounds.items()})
+                  for r in torch_rows}
+        failures = time_gpu_rows(torch_rows + other_rows, batches, rounds, iters, warmup, show_progress, timing)
+        other_rows = keep_timed(other_rows, failures)
+        for r in torch_rows:
+            if r.name in failures:
+                r.lat, r.rounds = phase1[r.name]
+                log(f"{r.name}: phase-2 timing failed ({failures[r.name]}); keeping its phase-1 times")
+            else:
+                phase[r.name] = 2
+    rows = torch_rows + other_rows
     if not rows:
-        raise EdgekitError("no GPU row could be opened: " + "; ".join(f"{s['name']}: {s['reason']}" for s in skipped))
-    for r in rows:
-        acc = evaluate(r.runner, dataset, batch_size=1, show_progress=show_progress, limit=eval_limit)
-        r.result.update(iou=acc["overall"]["iou"], mae=acc["overall"]["mae"], max_f=acc["overall"]["max_f"])
-    time_gpu_rows(rows, batches, rounds, iters, warmup, show_progress)
+        raise EdgekitError("no GPU row ran: " + "; ".join(f"{f['name']}: {f['reason']}" for f in failed + skipped))
+    scope = rows[0].result["accuracy_data"]
     out_rows = []
     for r in rows:
         row = row_summary(r, batches, async_jobs=0)
         row["on_device"] = device_call(r.runner)[1]  # False: the row's times include host copies
+        row["timing_phase"] = phase.get(r.name, 2)
         out_rows.append(row)
-    base = next((r for r in out_rows if r["name"] == BASELINE), None)  # eager fp32: also the accuracy reference
+    base = add_baseline_ratios(out_rows, rows, BASELINE)  # eager fp32: also the accuracy reference
     for r in out_rows:
-        r["speedup_vs_baseline"] = r["fps_b1"] / base["fps_b1"] if base else None
         r["iou_delta_vs_torch"] = r["iou"] - base["iou"] if base else None
     return {
         "schema": SCHEMA, "device": "gpu", "date": now_utc(), "machine": machine_description(),
-        "data": dataset.description, "synthetic": dataset.synthetic, "eval_images": eval_limit or len(dataset),
+        "data": describe_accuracy_data(scope) + ("" if dataset.synthetic else f" at {data}"),
+        "accuracy_data": scope, "synthetic": dataset.synthetic, "eval_images": scope["images"],
         "settings": {"batches": batches, "rounds": rounds, "iters_per_round": iters, "warmup": warmup,
                      "max_autotune": max_autotune, "threads": None,
                      "timing": "input on the GPU; CUDA events around each synchronous call after warm-up; "
-                               "interleaved rounds; FPS = batch / median latency"},
-        "baseline": base["name"] if base else None, "rows": out_rows, "skipped": skipped,
+                               "interleaved rounds; FPS = batch / median latency; PyTorch rows first (phase 1), "
+                               "then every row again with the other backends (phase 2, the reported times "
+                               "unless phase 2 failed for that row)"},
+        "baseline": base["name"] if base else None, "rows": out_rows, "skipped": skipped, "failed": failed,
         "reference": PAPER_GPU_ROW,
     }
 
 
 def table_rows(result: dict) -> List[tuple]:
+    from edgekit.bench.cpu import format_fps, format_latency, format_speedup
+
     out = []
     for r in result["rows"]:
-        su = f"{r['speedup_vs_baseline']:.2f}x" if r["speedup_vs_baseline"] else "-"
+        su = format_speedup(r)
         fps = {int(b): v for b, v in r["fps_by_batch"].items()}
         big = max(fps)
         out.append((r["name"] + ("" if r.get("on_device", True) else " (host copies)"),
                     f"{r['size_bytes'] / 1e6:.2f} MB", f"{r['iou']:.4f}", f"{r['mae']:.4f}",
-                    f"{r['latency_ms']['p50']:.3f}/{r['latency_ms']['p90']:.3f}/{r['latency_ms']['p99']:.3f}",
-                    f"{r['fps_b1']:.0f}", f"{fps[big]:.0f} (b{big})" if big > 1 else "-", su))
+                    format_latency(r["latency_ms"]),
+                    format_fps(r), f"{fps[big]:.0f} (b{big})" if big > 1 else "-", su))
     p = result["reference"]
     out.append((p["name"], "-", f"{p['iou']:.4f}", f"{p['mae']:.4f}", "-", f"{p['fps_b1']:.0f}", "-", "-"))
+    for f in result.get("failed", []):
+        out.append((f"{f['name']} (FAILED at {f['stage']}: {f['reason']})", "-", "-", "-", "-", "-", "-", "-"))
     for s in result.get("skipped", []):
         out.append((f"{s['name']} (not run: {s['reason']})", "-", "-", "-", "-", "-", "-", "-"))
     return out
 
 
-TABLE_COLUMNS = ["row", "size", "IoU", "MAE", "latency ms p50/p90/p99 (b1)", "FPS b1", "FPS large batch", "vs eager fp32"]
+TABLE_COLUMNS = ["row", "size", "IoU", "MAE", "latency ms p50/p90/p99 (b1)", "FPS b1 (min-max)", "FPS large batch",
+                 "vs eager fp32 (min-max)"]
 
 
-def bench_gpu_command(models: Sequence[str], *, backends: Optional[str], batches: Sequence[int], data: str,
-                      calib: Optional[str], rounds: int, iters: int, eval_limit: Optional[int],
-                      json_out: Optional[str], plot_out: Optional[str], max_autotune: bool, command: str,
-                      log: Callable) -> dict:
-    """The ``--device gpu`` branch of ``edgekit bench``: plan (argument errors first), then require CUDA."""
-    from edgekit.bench.cpu import plot
-    from edgekit.commands._common import print_table, write_json
+def gpu_bench(models: Sequence[str], *, backends: Optional[str], batches: Sequence[int], data: str,
+              calib: Optional[str], rounds: int, iters: int, eval_limit: Optional[int], max_autotune: bool,
+              log: Callable) -> dict:
+    """The ``--device gpu`` branch of ``edgekit bench``: plan (argument errors first), require CUDA, run."""
     from edgekit.models.default import resolve_model
 
     specs = [s.strip() for s in backends.split(",") if s.strip()] if backends else list(DEFAULT_GPU_BACKENDS)
@@ -365,18 +473,21 @@ def bench_gpu_command(models: Sequence[str], *, backends: Optional[str], batches
     planned, skipped = plan_gpu_rows(list(models) or [resolve_model(None)], specs,
                                      fused_available=fused_backend_available(),
                                      tensorrt_available=tensorrt_available(), explicit=bool(backends))
-    if calib is None and not data.startswith("synthetic"):
+    if calib is None:  # int8 rows calibrate on --data (its train split), as on the CPU path
         calib = data
     result = run_gpu_bench(planned, data=data, batches=batches, rounds=rounds, iters=iters, eval_limit=eval_limit,
                            max_autotune=max_autotune, calib=calib, skipped=skipped, log=log)
-    result["command"] = command
-    if json_out:
-        write_json(json_out, result)
-        plot_out = plot_out or str(Path(json_out).with_suffix(".png"))
-    if plot_out:
-        plot(result, Path(plot_out))
-    m = result["machine"]
-    print_table(f"edgekit bench --device gpu  ({m['gpu']}, sm_{str(m['compute_capability']).replace('.', '')}, "
-                f"torch {m['torch']}, CUDA {m['cuda']})", TABLE_COLUMNS, table_rows(result),
-                caption=f"accuracy on {result['data']}; CUDA-event timing, input on the GPU; baseline = {BASELINE}")
+    if result["failed"]:
+        log(f"{len(result['failed'])} GPU row(s) failed: {', '.join(f['name'] for f in result['failed'])} (reasons in "
+            f"the table)")
     return result
+
+
+def table_title(result: dict) -> str:
+    m = result["machine"]
+    return (f"edgekit bench --device gpu  ({m['gpu']}, sm_{str(m['compute_capability']).replace('.', '')}, "
+            f"torch {m['torch']}, CUDA {m['cuda']})")
+
+
+def table_caption(result: dict) -> str:
+    return f"accuracy on {result['data']}; CUDA-event timing, input on the GPU; baseline = {BASELINE}"

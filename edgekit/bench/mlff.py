@@ -19,7 +19,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from edgekit.bench.cpu import Row, machine_description, row_summary, time_rows
+from edgekit.bench.cpu import Row, add_baseline_ratios, machine_description, row_summary, time_rows
 from edgekit.bench.plan import cache_root, parse_backend
 from edgekit.errors import EdgekitError
 from edgekit.artifact import is_artifact, now_utc, read_manifest
@@ -134,11 +134,10 @@ def run_mlff_bench(rows: List[Row], data: str, batches=(1, 8), rounds: int = 5, 
     del arrays
     time_rows(rows, batches, rounds, iters, warmup, show_progress)
     out_rows = [row_summary(r, batches, async_jobs) for r in rows]
-    base = next((r for r in out_rows if r["name"] == baseline), None) if baseline else None
+    base = add_baseline_ratios(out_rows, rows, baseline)
     ref = next((r for r in out_rows if r["backend"].startswith("torch")), None)
     key = (lambda q: (q.get("task"), q["class"]))
     for r in out_rows:
-        r["speedup_vs_baseline"] = r["fps_b1"] / base["fps_b1"] if base else None
         r["accuracy_delta_vs_torch"] = r["accuracy"] - ref["accuracy"] if ref else None
         r["top1_agreement_vs_torch"] = float(np.mean([key(a) == key(b) for a, b in zip(preds[r["name"]], preds[ref["name"]])])) \
             if ref else None

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import List, Optional
 
-from edgekit.backends.registry import get_backend
+from edgekit.backends.registry import get_backend, spec_for_model_file
 from edgekit.errors import EdgekitError
 from edgekit.artifact import is_artifact, read_manifest
 from edgekit.utils import sha256_file
@@ -14,11 +14,16 @@ from edgekit.utils import sha256_file
 BASELINE = "openvino:default"
 
 
-def default_cpu_backends() -> list:
-    """The rows of ``edgekit bench`` without ``--backends``: each backend's ``bench_default``."""
-    from edgekit.backends.registry import default_bench_rows
+def default_cpu_backends(all_rows: bool = False) -> list:
+    """The rows of ``edgekit bench CKPT`` without ``--backends``: each CPU backend's ``bench_default``
+    (the one place that chooses them, in the backend's spec); ``all_rows``: every CPU backend x
+    precision it offers (``--all``)."""
+    from edgekit.backends.registry import backends, default_bench_rows
 
-    return default_bench_rows("cpu")
+    if not all_rows:
+        return default_bench_rows("cpu")
+    return [b.name if b.build is None else f"{b.name}:{p}" for b in backends()
+            if b.device == "cpu" and "gmbinet" in b.kinds for p in (b.precisions if b.build is not None else ("",))]
 
 
 def cache_root() -> Path:
@@ -39,28 +44,38 @@ def artifact_for(ckpt: Path, spec: str, calib: Optional[str], parity_data: str, 
     if is_artifact(folder):
         try:
             read_manifest(folder)
+            log(f"  cached: {folder}")
             return folder
         except EdgekitError:
             pass  # stale or corrupt cache entry: rebuild it
+    log(f"  compiling into {folder} (cached for the next run)")
     compile_model(str(ckpt), target, precision, str(folder), calib=calib, parity_data=parity_data,
                        force=True, threads=threads, log=log)
     return folder
 
 
 def plan_rows(models: List[str], backends: List[str], calib: Optional[str], parity_data: str, threads, log):
-    """[(row name, path)] for the benchmark."""
-    rows = []
+    """[(row name, path)] for the benchmark; says on ``log`` which artifact it compiles or reuses."""
+    for m in models:
+        if not Path(m).exists():
+            raise EdgekitError(f"model not found: {m}")
+    rows, builds = [], [(Path(m), s) for m in models if not is_artifact(Path(m)) for s in backends
+                        if get_backend(parse_backend(s)[0]).build is not None]
+    built = 0
     for m in models:
         p = Path(m)
-        if not p.exists():
-            raise EdgekitError(f"model not found: {p}")
         if is_artifact(p):
             man = read_manifest(p)
             rows.append((f"{man['target']}:{man['precision']} ({p.name})", p))
+            continue
+        if spec_for_model_file(p) is not None:  # a plain model.onnx / model.xml: run as given
+            rows.append((f"{p.name}", p))
             continue
         for spec in backends:
             if get_backend(parse_backend(spec)[0]).build is None:  # runs the checkpoint itself (torch)
                 rows.append((parse_backend(spec)[0], p))
             else:
+                built += 1
+                log(f"artifact {built}/{len(builds)}: {spec} of {p.name}")
                 rows.append((spec, artifact_for(p, spec, calib, parity_data, threads, log)))
     return rows

@@ -1,18 +1,118 @@
-"""Helpers shared by the command modules: JSON output, tables, thread settings."""
+"""Helpers shared by the command modules: the shared options (defined once here, meaning the same in
+every command), JSON output, tables, thread settings, the model argument.
+
+--threads N   CPU threads for inference and compilation checks (torch and the runtime backends)
+--json        the result on stdout as exactly one JSON document; notes and progress go to stderr
+--out PATH    where the command writes its result (a file or a folder, as the command says)
+--force       replace what --out names if it exists (without it an existing --out is refused,
+              before anything is loaded)
+--limit N     use N images only, taken across all classes
+"""
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import click
 
+from edgekit.errors import EdgekitError
 from edgekit.utils import atomic_write
 
 
+def threads_option(default: int | None = None):
+    return click.option("--threads", type=click.IntRange(1, 256), default=default, show_default=default is not None,
+                        help="CPU threads for inference (torch and the runtime backends).")
+
+
+_result_stream = None  # the real stdout while a --json command runs (everything else printed goes to stderr)
+
+
+@contextlib.contextmanager
+def result_stdout():
+    """Inside: stdout is stderr, except for ``echo_json``, which writes the one result document."""
+    global _result_stream
+    _result_stream = sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _result_stream = None
+
+
+def json_option(command):
+    """``--json`` (flag, ``as_json``): stdout carries exactly one JSON document, written by ``echo_json``;
+    whatever else the command or a library prints to stdout meanwhile (NNCF progress...) goes to stderr."""
+
+    @functools.wraps(command)
+    def run(*args, as_json=False, **kwargs):
+        if not as_json:
+            return command(*args, as_json=as_json, **kwargs)
+        with result_stdout():
+            return command(*args, as_json=as_json, **kwargs)
+
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print the result on stdout as one JSON document (notes and progress: stderr).")(run)
+force_option = click.option("--force", is_flag=True, help="Replace what --out names if it exists.")
+
+
+def limit_option(dest: str = "limit", *aliases: str):
+    return click.option("--limit", *aliases, dest, type=click.IntRange(1), default=None,
+                        help="Use N images only, taken across all classes.")
+
+
+def out_option(kind: str, help: str, required: bool = True, dest: str = "out"):
+    """``--out`` naming a ``"file"`` or a ``"folder"``."""
+    return click.option("--out", dest, required=required, help=help,
+                        type=click.Path(file_okay=kind == "file", dir_okay=kind == "folder"))
+
+
+def check_out(out, force: bool) -> None:
+    """Refuse an existing ``--out`` without ``--force``: checked before anything is loaded."""
+    if out is not None and Path(out).exists() and not force:
+        raise EdgekitError(f"{out} already exists (use --force to replace it)")
+
+
+def note(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def looks_like_model(path: str) -> bool:
+    """A path that names a model rather than an image: by suffix (even when missing: checkpoints and the
+    model files a backend runs, e.g. .onnx, .xml), or an artifact folder."""
+    from edgekit.artifact import is_artifact
+    from edgekit.backends.registry import model_file_suffixes
+    from edgekit.runtime import CHECKPOINT_SUFFIXES
+
+    p = Path(path)
+    return p.suffix.lower() in CHECKPOINT_SUFFIXES + model_file_suffixes() or is_artifact(p)
+
+
+def model_path(model: str | None, registry_ok: bool = False, quiet: bool = False) -> str:
+    """The MODEL argument: the path given, checked (it exists; a folder is an artifact or, where
+    ``registry_ok``, an MLFF adapter registry), or the embedded default (said on stderr unless ``quiet``)."""
+    from edgekit.artifact import MANIFEST, not_an_artifact
+    from edgekit.models.default import resolve_model
+
+    if not model:
+        return resolve_model(None, note=None if quiet else note)
+    p = Path(model)
+    if not registry_ok and not p.exists():  # (with registry_ok, a name such as efficientnet-lite0 is a model too)
+        raise EdgekitError(f"model not found: {p}")
+    if p.is_dir() and not (p / MANIFEST).is_file():
+        from edgekit.mlff.registry import REGISTRY_NAME
+
+        if not (registry_ok and (p / REGISTRY_NAME).is_file()):
+            raise not_an_artifact(p)
+    return model
+
+
 def echo_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2))
+    click.echo(json.dumps(obj, indent=2), file=_result_stream)
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -22,8 +122,8 @@ def write_json(path: str | Path, obj) -> None:
 
 
 def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence], caption: str | None = None,
-                numeric: bool = True) -> None:
-    """A rich table on stdout; columns after the first are right-aligned when ``numeric``."""
+                numeric: bool = True, err: bool = False) -> None:
+    """A rich table on stdout (``err``: on stderr); columns after the first are right-aligned when ``numeric``."""
     from rich.console import Console
     from rich.table import Table
 
@@ -32,13 +132,11 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence], ca
         table.add_column(c, justify="right" if i and numeric else "left")
     for r in rows:
         table.add_row(*[str(v) for v in r])
-    Console(width=max(160, shutil.get_terminal_size().columns)).print(table)
+    Console(width=max(160, shutil.get_terminal_size().columns), stderr=err).print(table)
 
 
 def parse_batches(batch: str) -> list[int]:
     """``--batch 1,8`` -> [1, 8]; one error line for anything else."""
-    from edgekit.errors import EdgekitError
-
     try:
         batches = sorted({int(b) for b in batch.split(",") if b.strip()})
     except ValueError:
@@ -54,6 +152,3 @@ def set_threads(threads: int | None) -> None:
 
         torch.set_num_threads(int(threads))
 
-
-def model_argument(required: bool = False):
-    return click.argument("model", required=required, metavar="[CKPT|ARTIFACT]" if not required else "CKPT|ARTIFACT")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from edgekit.commands._common import echo_json, print_table, set_threads
+from edgekit.commands._common import echo_json, json_option, print_table, set_threads, threads_option
 from edgekit.errors import EdgekitError
 
 DEFAULT_REGISTRY = "adapters"
@@ -29,8 +29,8 @@ DEFAULT_REGISTRY = "adapters"
 @click.option("--holdout", default=0.0, show_default=True, type=click.FloatRange(0, 0.9),
               help="Leave out this fraction of each class (the fixed holdout_split, seed 0) for testing; "
                    "0.2 is the held-out part edgekit bench and benchmarks/mlff_neu.py test on.")
-@click.option("--threads", default=None, type=int)
-@click.option("--json", "as_json", is_flag=True)
+@threads_option()
+@json_option
 def adapt_cmd(backbone, task, data, classes, rehearsal, distill, setting, registry, epochs, seed, fc_dim, cache,
               holdout, threads, as_json):
     """Add a task to an adapter registry: a small MLFF adapter on a frozen backbone."""
@@ -65,7 +65,7 @@ def adapt_cmd(backbone, task, data, classes, rehearsal, distill, setting, regist
 
 @click.command("adapters")
 @click.option("--registry", default=DEFAULT_REGISTRY, show_default=True, type=click.Path())
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def adapters_cmd(registry, as_json):
     """List the tasks and adapters of a registry."""
     from edgekit.mlff.registry import Registry
@@ -88,8 +88,8 @@ def adapters_cmd(registry, as_json):
               help="Run the backbone from this compiled MLFF backbone artifact (edgekit compile REGISTRY ...) "
                    "instead of PyTorch; refused if it was compiled from another backbone.")
 @click.option("--task", default=None, help="Task-incremental: which task's head (default: the most confident).")
-@click.option("--threads", default=None, type=click.IntRange(1, 256))
-@click.option("--json", "as_json", is_flag=True)
+@threads_option()
+@json_option
 def classify_cmd(images, registry, backbone_artifact, task, threads, as_json):
     """Classify images with the backbone + the registry's newest adapter."""
     from edgekit.data.images import expand_image_paths

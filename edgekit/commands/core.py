@@ -5,20 +5,29 @@ from pathlib import Path
 
 import click
 
-from edgekit.commands._common import echo_json, print_table, write_json
+from edgekit.commands._common import (check_out, echo_json, force_option, json_option, limit_option,
+                                     looks_like_model, model_path, note, out_option, print_table, threads_option,
+                                     write_json)
 from edgekit.errors import EdgekitError
-from edgekit.models.default import resolve_model
 
 
 @click.command("info")
-@click.argument("model", required=False, metavar="[CKPT]")
+@click.argument("model", required=False, metavar="[CKPT|ARTIFACT|MODEL.onnx|MODEL.xml]")
 @click.option("--size", default=None, type=int, help="Input size for MAC counting (default: the model's own).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@json_option
 def info_cmd(model, size, as_json):
-    """Architecture, parameters, MACs and input spec of a checkpoint."""
+    """Architecture, parameters, MACs and input spec of a checkpoint; what an artifact or model file is."""
+    from edgekit.artifact import is_artifact
+    from edgekit.backends.registry import spec_for_model_file
+
+    path = Path(model_path(model))
+    if is_artifact(path):
+        return _artifact_info(path, as_json)
+    if spec_for_model_file(path) is not None:
+        return _plain_model_info(path, as_json)
     from edgekit.models.info import checkpoint_info
 
-    d = checkpoint_info(resolve_model(model), size)
+    d = checkpoint_info(str(path), size)
     if as_json:
         echo_json(d)
         return
@@ -40,26 +49,91 @@ def info_cmd(model, size, as_json):
     print_table("edgekit info", ["field", "value"], rows, numeric=False)
 
 
+def _spec_text(pre: dict) -> str:
+    h, w = pre["input_size"]
+    return (f"{pre['channels']} x {h} x {w} float32; gray/{pre['scale']}, (x-{pre['mean']})/{pre['std']}, "
+            f"gray->{pre['channels']}ch, bilinear resize")
+
+
+def _artifact_info(folder: Path, as_json: bool) -> None:
+    """An artifact folder: its manifest (file hashes checked first), as recorded at compile time."""
+    from edgekit.artifact import read_manifest
+
+    m = read_manifest(folder)
+    if as_json:
+        echo_json({"kind": "artifact", "path": str(folder), **m})
+        return
+    src = m.get("source") or {}
+    rows = [("artifact", str(folder)), ("target / precision", f"{m.get('target')} / {m.get('precision')}"),
+            ("model", f"{(m.get('model') or {}).get('kind', m.get('model_kind', '-'))}"),
+            ("input", _spec_text(m["preprocess"]) if "preprocess" in m else "-"),
+            ("files", ", ".join(f"{n} ({h[:12]}…)" for n, h in m.get("files", {}).items())),
+            ("size", f"{m.get('size_bytes', 0) / 1e6:.2f} MB"), ("created", m.get("created", "-"))]
+    if isinstance(src, dict) and src:
+        rows.append(("source", f"{src.get('path', '-')} (sha256 {str(src.get('sha256', ''))[:12]}…)"))
+    p = m.get("parity")
+    if p:
+        agree = f", mask IoU agreement {p['mask_iou_agreement']:.4f}" if "mask_iou_agreement" in p else ""
+        rows.append(("parity", f"max |diff| {p['max_abs_diff']:.2e}{agree} on {p['images']} images of "
+                               f"{p.get('data', '-')} vs {p.get('reference', '-')}"))
+    q = m.get("quantization")
+    if q:
+        rows.append(("quantization", ", ".join(f"{k}={v}" for k, v in q.items() if not isinstance(v, (dict, list)))))
+    rows.append(("tools", ", ".join(f"{k} {v}" for k, v in (m.get("tools") or {}).items())))
+    print_table("edgekit info", ["field", "value"], rows, numeric=False)
+
+
+def _plain_model_info(path: Path, as_json: bool) -> None:
+    """A plain model.onnx / model.xml: what the runtime reads off it, and the preprocessing assumed."""
+    from edgekit import runtime
+    from edgekit.utils import sha256_file
+
+    runner = runtime.load(path)
+    d = {"kind": "model file", "path": str(path), "backend": runner.name, "sha256": sha256_file(path),
+         "size_bytes": path.stat().st_size, "input": [runner.spec.channels, *runner.spec.input_size],
+         "preprocess": runner.spec.to_dict(), "preprocess_assumed": runner.meta.get("preprocess_assumed")}
+    if as_json:
+        echo_json(d)
+        return
+    rows = [("model file", d["path"]), ("runs on", runner.name), ("sha256", d["sha256"][:16] + "…"),
+            ("size", f"{d['size_bytes'] / 1e6:.2f} MB"), ("input", _spec_text(d["preprocess"])),
+            ("preprocessing", d["preprocess_assumed"] or "-")]
+    print_table("edgekit info", ["field", "value"], rows, numeric=False)
+
+
+def load_runner(model: str | None, threads):
+    """``runtime.load`` of the MODEL argument; a plain model file's assumed preprocessing said on stderr."""
+    from edgekit import runtime
+
+    runner = runtime.load(model_path(model), threads=threads)
+    if runner.meta.get("preprocess_assumed"):
+        note(f"note: {runner.meta['preprocess_assumed']}")
+    return runner
+
+
 @click.command("eval")
-@click.argument("model", required=False, metavar="[CKPT|ARTIFACT]")
+@click.argument("model", required=False, metavar="[CKPT|ARTIFACT|MODEL.onnx|MODEL.xml]")
 @click.option("--data", default="synthetic", show_default=True,
               help="SD-900 folder, images/+masks/ folder, or synthetic[:N].")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "all"]))
 @click.option("--batch", "batch_size", default=4, show_default=True, type=click.IntRange(1, 1024))
-@click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads for the runtime.")
-@click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate N images only, taken across all classes.")
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-@click.option("--out", "out_json", type=click.Path(dir_okay=False), default=None, help="Also write the JSON here.")
-def eval_cmd(model, data, split, batch_size, threads, limit, as_json, out_json):
-    """Per-class MAE, IoU@0.5 and max F-measure of a checkpoint or artifact."""
-    from edgekit import runtime
+@threads_option()
+@limit_option()
+@json_option
+@out_option("file", "Also write the JSON here.", required=False, dest="out_json")
+@force_option
+def eval_cmd(model, data, split, batch_size, threads, limit, as_json, out_json, force):
+    """Per-class MAE, IoU@0.5 and max F-measure of a checkpoint, artifact or model file."""
     from edgekit.data.datasets import open_segmentation
     from edgekit.eval.evaluate import evaluate
 
+    check_out(out_json, force)
     dataset = open_segmentation(data, split)
-    runner = runtime.load(resolve_model(model), threads=threads)
+    runner = load_runner(model, threads)
     result = evaluate(runner, dataset, batch_size=batch_size, limit=limit, show_progress=not as_json)
     result["split"] = split
+    if runner.meta.get("preprocess_assumed"):
+        result["preprocess_assumed"] = runner.meta["preprocess_assumed"]
     if out_json:
         write_json(out_json, result)
     if as_json:
@@ -74,24 +148,40 @@ def eval_cmd(model, data, split, batch_size, threads, limit, as_json, out_json):
 
 
 @click.command("predict")
-@click.argument("inputs", nargs=-1, required=True, metavar="[CKPT|ARTIFACT] IMAGES...")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.argument("inputs", nargs=-1, required=True, metavar="[CKPT|ARTIFACT|MODEL.onnx|MODEL.xml] IMAGES...")
+@out_option("folder", "Output folder.", dest="out_dir")
 @click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1))
-@click.option("--threads", type=click.IntRange(1, 256), default=None)
-@click.option("--json", "as_json", is_flag=True)
-def predict_cmd(inputs, out_dir, threshold, threads, as_json):
-    """Write <name>_mask.png and <name>_overlay.png for each image (or folder of images)."""
-    from edgekit import runtime
-    from edgekit.data.images import is_image_name
-    from edgekit.eval.predict import predict
+@threads_option()
+@force_option
+@json_option
+def predict_cmd(inputs, out_dir, threshold, threads, force, as_json):
+    """Write <name>_mask.png and <name>_overlay.png for each image (or folder of images).
+
+    The first argument is the model when it looks like one (.pt/.pth/.ckpt/.bin/.onnx/.xml, or an
+    artifact folder); without one, the embedded default checkpoint is used (said on stderr).
+    """
+    from edgekit.data.images import expand_image_paths, is_image_name
+    from edgekit.eval.predict import output_names, predict
 
     first = Path(inputs[0])
-    is_model = (first.is_file() and not is_image_name(first)) or (first / "manifest.json").is_file()
-    model, images = (inputs[0], inputs[1:]) if is_model else (None, inputs)
+    if len(inputs) > 1 and first.is_dir() and not any(is_image_name(p) for p in first.iterdir()):
+        from edgekit.artifact import not_an_artifact
+
+        raise not_an_artifact(first)  # meant as the model (images follow), but not an artifact folder
+    model, images = (inputs[0], inputs[1:]) if looks_like_model(inputs[0]) else (None, inputs)
     if not images:
-        raise EdgekitError("no input images given")
-    runner = runtime.load(resolve_model(model), threads=threads)
-    results = predict(runner, images, Path(out_dir), threshold=threshold, show_progress=not as_json)
+        raise EdgekitError(f"no input images given (after the model {model})")
+    model_path(model, quiet=True)  # a missing model is named before the images are looked at
+    paths = expand_image_paths(images, unique_stems=True)
+    if not force:
+        for p in paths:
+            for out in output_names(p, Path(out_dir)):
+                check_out(out, force)
+    runner = load_runner(model, threads)
+    results = predict(runner, [str(p) for p in paths], Path(out_dir), threshold=threshold, show_progress=not as_json)
+    if runner.meta.get("preprocess_assumed"):
+        for r in results:
+            r["preprocess_assumed"] = runner.meta["preprocess_assumed"]
     if as_json:
         echo_json(results)
     else:
@@ -101,12 +191,14 @@ def predict_cmd(inputs, out_dir, threshold, threads, as_json):
 
 @click.command("import")
 @click.argument("source", type=click.Path(dir_okay=False))
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False))
+@out_option("file", "edgekit checkpoint to write.", dest="out_path")
+@force_option
 @click.option("--classes", default=None, help="Comma-separated class names to record.")
-def import_cmd(source, out_path, classes):
+def import_cmd(source, out_path, force, classes):
     """Convert a plain GMBINet state_dict (e.g. the authors' checkpoint) to an edgekit checkpoint."""
     from edgekit.models.checkpoint import load_checkpoint
 
+    check_out(out_path, force)
     ck = load_checkpoint(source)
     if classes:
         ck.classes = [c.strip() for c in classes.split(",") if c.strip()]

@@ -6,11 +6,12 @@ from pathlib import Path
 import click
 
 from edgekit.backends.registry import targets
-from edgekit.commands._common import echo_json, parse_batches, write_json
+from edgekit.commands._common import (check_out, echo_json, force_option, json_option, limit_option, model_path,
+                                     out_option, parse_batches, result_stdout, threads_option, write_json)
 from edgekit.errors import EdgekitError
-from edgekit.models.default import resolve_model
 
-
+CALIB_HELP = ("Calibration images for int8 (required): a folder, an SD-900 folder (its train split), or "
+              "synthetic[:N] to calibrate on edgekit's synthetic images.")
 PARITY_HELP = ("Images for the parity check (default: the real images given by --val, else --calib, "
                "else synthetic:12).")
 
@@ -29,35 +30,40 @@ _AS_BACKBONE = click.option("--as-backbone", is_flag=True,
 @click.option("--target", required=True, metavar="TARGET", help=targets_help())
 @click.option("--precision", default="fp32", show_default=True,
               help="fp32 | bf16 | fp16 | int8 | default | auto (what each target offers: see --target)")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact folder to write.")
-@click.option("--calib", default=None, help="Calibration data for int8: folder, SD-900 folder or synthetic[:N].")
+@out_option("folder", "Artifact folder to write.")
+@click.option("--calib", default=None, help=CALIB_HELP)
 @click.option("--subset", default=100, show_default=True, type=click.IntRange(1), help="Calibration images.")
 @click.option("--int8-scheme", default="pointwise", show_default=True,
               type=click.Choice(["default", "stem-head-float", "conv-only", "pointwise", "trt-entropy"]),
               help="NNCF Q/DQ placement; trt-entropy: TensorRT's own entropy calibrator (TensorRT 8.5-10.x).")
 @click.option("--parity-data", default=None, help=PARITY_HELP)
-@click.option("--threads", type=click.IntRange(1, 256), default=None)
-@click.option("--force", is_flag=True, help="Replace an existing artifact folder.")
+@threads_option()
+@force_option
 @_AS_BACKBONE
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@json_option
 def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, parity_data, threads, force, as_backbone,
                 as_json):
     """Compile a checkpoint, or the frozen backbone of an MLFF adapter registry, into a verified artifact folder."""
+    check_out(out, force)  # before anything is imported or loaded
+    source = model_path(model, registry_ok=True)
     from edgekit.pipeline.compile import compile_model
 
-    manifest = compile_model(resolve_model(model), target, precision, out, parity_data=parity_data,
+    manifest = compile_model(source, target, precision, out, parity_data=parity_data,
                              calib=calib, subset=subset, int8_scheme=int8_scheme, force=force,
-                             threads=threads, log=(lambda *_: None) if as_json else click.echo,
-                             as_backbone=as_backbone)
+                             threads=threads, log=_log(as_json), as_backbone=as_backbone)
     if as_json:
         echo_json(manifest)
+
+
+def _log(as_json: bool):
+    """Compile progress: stdout is the result's, so with --json the lines go to stderr."""
+    return (lambda m: click.echo(m, err=True)) if as_json else click.echo
 
 
 @click.command("quantize")
 @click.argument("model", required=False, metavar="[CKPT|ARTIFACT|REGISTRY|BACKBONE]")
 @click.option("--target", required=True, type=click.Choice([t.name for t in targets() if t.int8 == "nncf"]))
-@click.option("--calib", default=None, help="Calibration images: folder, SD-900 folder (train split) or "
-              "synthetic[:N] (default: the embedded synthetic generator).")
+@click.option("--calib", default=None, help=CALIB_HELP)
 @click.option("--subset", default=100, show_default=True, type=click.IntRange(1), help="Calibration images used.")
 @click.option("--max-drop", default=None, type=click.FloatRange(0),
               help="Refuse if the metric drops by more (MLFF backbone: the adapter's top-1 accuracy on --val).")
@@ -66,48 +72,88 @@ def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, parit
 @click.option("--int8-scheme", default="pointwise", show_default=True,
               type=click.Choice(["default", "stem-head-float", "conv-only", "pointwise"]))
 @click.option("--parity-data", default=None, help=PARITY_HELP)
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--threads", type=click.IntRange(1, 256), default=None)
-@click.option("--force", is_flag=True)
+@out_option("folder", "Artifact folder to write.")
+@threads_option()
+@force_option
 @_AS_BACKBONE
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_scheme, parity_data, out, threads,
                  force, as_backbone, as_json):
     """INT8 post-training quantization with NNCF (accuracy-controlled with --max-drop and --val)."""
+    check_out(out, force)  # before anything is imported or loaded
+    source = model_path(model, registry_ok=True)
     from edgekit.pipeline.compile import compile_model
 
-    manifest = compile_model(resolve_model(model), target, "int8", out, parity_data=parity_data, calib=calib,
+    manifest = compile_model(source, target, "int8", out, parity_data=parity_data, calib=calib,
                              subset=subset, int8_scheme=int8_scheme, max_drop=max_drop, metric=metric, val=val,
-                             force=force, threads=threads, log=(lambda *_: None) if as_json else click.echo,
-                             as_backbone=as_backbone)
+                             force=force, threads=threads, log=_log(as_json), as_backbone=as_backbone)
     if as_json:
         echo_json(manifest)
 
 
 
 @click.command("bench")
-@click.argument("models", nargs=-1, metavar="[CKPT|ARTIFACT]... | REGISTRY")
+@click.argument("models", nargs=-1, metavar="[CKPT|ARTIFACT|MODEL.onnx|MODEL.xml]... | REGISTRY")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "gpu"]))
 @click.option("--backends", default=None, help="Comma list of target[:precision] for checkpoints, e.g. "
-              "torch,openvino:bf16,openvino:int8 (default: all CPU backends).")
+              "torch,openvino:bf16,openvino:int8 (default: each backend's bench_default rows).")
+@click.option("--all", "all_rows", is_flag=True, help="Every CPU backend x precision the registry offers (onnx and ort "
+              "fp32/int8, openvino fp32/bf16/fp16/int8/default): 9 artifacts to build instead of 3.")
 @click.option("--batch", "batch", default="1,8", show_default=True, help="Comma list of batch sizes.")
-@click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True)
+@threads_option(default=2)
 @click.option("--data", default="synthetic", show_default=True, help="Accuracy data (SD-900 test split when given).")
-@click.option("--calib", default=None, help="Calibration data for int8 rows (default: --data's train split).")
+@click.option("--calib", default=None, help="Calibration data for int8 rows (default: --data's train split, or the "
+              "synthetic generator).")
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--iters", default=20, show_default=True, type=click.IntRange(1), help="Calls per row per round.")
-@click.option("--eval-limit", default=None, type=click.IntRange(1), help="Evaluate on N images only, taken across all classes.")
-@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write results JSON here.")
+@limit_option("eval_limit", "--eval-limit")
+@click.option("--json", "json_out", is_flag=False, flag_value="-", default=None, type=click.Path(dir_okay=False),
+              help="Print the results on stdout as one JSON document (the table goes to stderr). "
+                   "--json FILE, the older form, writes them to FILE like --out.")
+@out_option("file", "Write the results JSON here (and the plot beside it).", required=False, dest="out_json")
+@force_option
 @click.option("--plot", "plot_out", default=None, type=click.Path(dir_okay=False),
-              help="FPS-vs-IoU PNG (default: beside --json).")
+              help="FPS-vs-IoU PNG (default: beside --out).")
 @click.option("--max-autotune", is_flag=True, help="GPU: torch.compile rows with mode=max-autotune (minutes per batch size).")
-def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, iters, eval_limit, json_out, plot_out,
-              max_autotune=False):
+@click.option("--server", default=None, metavar="URL", help="A served model's row (HOST:PORT, http://, grpc://; Open "
+              "Inference Protocol), beside the local rows of any ARTIFACT given.")
+@click.option("--model", "served_model", default=None, metavar="NAME", help="With --server: the model name.")
+@click.option("--spec-from", default=None, metavar="ARTIFACT", help="With --server: take the preprocessing from this "
+              "artifact (servers without Triton's model-config API, e.g. OVMS).")
+@click.option("--concurrency", default=2, show_default=True, type=click.IntRange(1),
+              help="Requests in flight for the async column (with --server: FPS at concurrency N).")
+def bench_cmd(models, device, backends, all_rows, batch, threads, data, calib, rounds, iters, eval_limit, json_out,
+              out_json, force, plot_out, max_autotune=False, server=None, served_model=None, spec_from=None,
+              concurrency=2):
     """One table: size, IoU/MAE, latency p50/p90/p99 and FPS of every backend x precision.
 
+    Without --backends a checkpoint (default: the embedded one) gets the backends' default rows:
+    torch, the plain OpenVINO baseline (openvino:default), OpenVINO fp32 and INT8; their artifacts
+    are compiled once and cached. --all gives every CPU backend x precision.
+
     Given an MLFF adapter REGISTRY (and --data class folders): its backbone per backend + the adapter heads,
-    with top-1 accuracy on the held-out part of --data.
+    with top-1 accuracy on the held-out part of --data. With --server: a served model's row beside the local ones.
     """
+    import tempfile
+
+    as_json = json_out == "-"
+    check_out(out_json, force)
+    models = [model_path(m, registry_ok=True) for m in models] or ([] if server else [model_path(None)])
+    served = dict(server=server, served_model=served_model, spec_from=spec_from, concurrency=concurrency)
+    if not as_json:
+        return _bench(models, device, backends, all_rows, batch, threads, data, calib, rounds, iters, eval_limit,
+                      out_json or json_out, plot_out, max_autotune, **served)
+    with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmp, result_stdout():
+        written = Path(out_json) if out_json else Path(tmp) / "bench.json"
+        _bench(models, device, backends, all_rows, batch, threads, data, calib, rounds, iters, eval_limit, str(written),
+               plot_out or (None if out_json else str(Path(tmp) / "bench.png")), max_autotune, **served)
+        import json
+
+        echo_json(json.loads(written.read_text()))
+
+
+def _bench(models, device, backends, all_rows, batch, threads, data, calib, rounds, iters, eval_limit, json_out,
+           plot_out, max_autotune=False, server=None, served_model=None, spec_from=None, concurrency=2):
     import os
 
     # Rows share one process: torch's OpenMP workers must not spin-wait while OpenVINO's threads run
@@ -115,10 +161,12 @@ def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, ite
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     from edgekit import runtime
-    from edgekit.bench.cpu import Row, model_size, run_bench
+    from edgekit.bench.cpu import Row, model_size, run_bench, table_caption, table_columns, table_rows, table_title
     from edgekit.bench.plan import BASELINE, default_cpu_backends, plan_rows
     from edgekit.commands._common import print_table, set_threads
 
+    if backends and all_rows:
+        raise EdgekitError("--all and --backends choose the rows two ways: give one of them")
     if device == "gpu":
         return _bench_gpu(models, backends, batch, data, calib, rounds, iters, eval_limit, json_out, plot_out, max_autotune)
     batches = parse_batches(batch)
@@ -129,31 +177,29 @@ def bench_cmd(models, device, backends, batch, threads, data, calib, rounds, ite
             raise EdgekitError("bench takes one adapter registry at a time (no other models beside it)")
         return _bench_mlff(models[0], backends, batches, threads, data, calib, rounds, iters, eval_limit, json_out,
                            plot_out)
-    specs = [s.strip() for s in backends.split(",")] if backends else default_cpu_backends()
+    specs = [s.strip() for s in backends.split(",")] if backends else default_cpu_backends(all_rows)
     _check_backend_specs(specs)
     set_threads(threads)
     if calib is None:  # int8 rows calibrate on --data (its train split), said in the row's manifest
         calib = data
-    planned = plan_rows(list(models) or [resolve_model(None)], specs, calib, "synthetic:12", threads,
-                        lambda m: click.echo(m, err=True))
+    log = lambda m: click.echo(f"bench: {m}", err=True)  # noqa: E731 - stage lines on stderr
+    if server and not served_model:
+        raise EdgekitError("--server needs --model NAME (the served model)")
+    served = None
+    if server:  # the served row first: a server that is not up fails before anything is compiled
+        from edgekit.serve.client import ServerRunner
+
+        served = ServerRunner(server, served_model, spec_from=spec_from)
+    planned = plan_rows(list(models), specs, calib, "synthetic:12", threads, log)
     rows = [Row(name, runtime.load(path, threads=threads), model_size(path)) for name, path in planned]
+    if served:
+        rows.append(Row(f"served {served_model} ({served.protocol})", served, served.size_bytes))
     result = run_bench(rows, data=data, batches=batches, rounds=rounds, iters=iters, eval_limit=eval_limit,
-                       baseline=next((n for n, _ in planned if n.startswith(BASELINE)), None))
+                       baseline=next((n for n, _ in planned if n.startswith(BASELINE)), None), async_jobs=concurrency,
+                       log=log)
     _save_result(result, threads, json_out, plot_out)
-    table = []
-    for r in result["rows"]:
-        su = f"{r['speedup_vs_baseline']:.2f}x" if r["speedup_vs_baseline"] else "-"
-        tp = f"{r['throughput_fps']:.0f}" if r["throughput_fps"] else "-"
-        table.append((r["name"], f"{r['size_bytes'] / 1e6:.2f} MB", f"{r['iou']:.4f}", f"{r['mae']:.4f}",
-                      f"{r['latency_ms']['p50']:.2f}/{r['latency_ms']['p90']:.2f}/{r['latency_ms']['p99']:.2f}",
-                      f"{r['fps_b1']:.1f}", f"{r['fps_best']:.1f} (b{r['best_batch']})", tp, su))
-    p = result["reference"]
-    table.append((p["name"], "-", f"{p['iou']:.4f}", f"{p['mae']:.4f}", "-", f"{p['fps_b1']:.2f}", "-", "-", "-"))
-    m = result["machine"]
-    print_table(f"edgekit bench --device cpu  ({m['cpu']}, {m['logical_cpus']} CPUs, {threads} threads)",
-                ["row", "size", "IoU", "MAE", "latency ms p50/p90/p99", "FPS b1", "FPS best batch",
-                 f"FPS async x{2}", "vs baseline"], table,
-                caption=f"accuracy on {result['data']}; baseline = {BASELINE} (ONNX -> OpenVINO, plugin default precision)")
+    print_table(table_title(result), table_columns(concurrency), table_rows(result), caption=table_caption(result),
+                err=json_out == "-")
 
 
 def _check_backend_specs(specs, allow_auto: bool = True) -> None:
@@ -180,7 +226,9 @@ def _save_result(result: dict, threads, json_out, plot_out) -> None:
 
     result["settings"]["threads"] = threads
     result["command"] = "edgekit " + " ".join(sys.argv[1:])
-    if json_out:
+    if json_out == "-":
+        echo_json(result)  # the one document on stdout; the table goes to stderr
+    elif json_out:
         write_json(json_out, result)
         plot_out = plot_out or str(Path(json_out).with_suffix(".png"))
     if plot_out:
@@ -189,6 +237,7 @@ def _save_result(result: dict, threads, json_out, plot_out) -> None:
 
 def _bench_mlff(registry, backends, batches, threads, data, calib, rounds, iters, eval_limit, json_out, plot_out):
     """``edgekit bench REGISTRY``: backbone (torch / compiled) + the registry's adapter heads, per image."""
+    from edgekit.bench.cpu import format_fps, format_latency, format_speedup
     from edgekit.bench.mlff import MLFF_BASELINE, default_mlff_backends, plan_mlff_rows, run_mlff_bench
     from edgekit.commands._common import print_table, set_threads
 
@@ -204,33 +253,43 @@ def _bench_mlff(registry, backends, batches, threads, data, calib, rounds, iters
     _save_result(result, threads, json_out, plot_out)
     table = []
     for r in result["rows"]:
-        su = f"{r['speedup_vs_baseline']:.2f}x" if r["speedup_vs_baseline"] else "-"
         table.append((r["name"], f"{r['backbone_bytes'] / 1e6:.2f} MB", f"{r['adapter_bytes'] / 1e3:.1f} kB",
                       f"{r['accuracy']:.4f}", f"{r['top1_agreement_vs_torch']:.4f}"
                       if r["top1_agreement_vs_torch"] is not None else "-",
-                      f"{r['latency_ms']['p50']:.2f}/{r['latency_ms']['p90']:.2f}/{r['latency_ms']['p99']:.2f}",
-                      f"{r['fps_b1']:.1f}", f"{r['fps_best']:.1f} (b{r['best_batch']})", su))
+                      format_latency(r["latency_ms"]), format_fps(r), f"{r['fps_best']:.1f} (b{r['best_batch']})",
+                      format_speedup(r)))
     m, mo = result["machine"], result["model"]
     print_table(f"edgekit bench {registry}: {mo['backbone']} + {mo['heads']} head(s)  ({m['cpu']}, "
                 f"{m['logical_cpus']} CPUs, {threads} threads)",
-                ["row", "backbone", "adapter", "accuracy", "agree vs torch", "latency ms p50/p90/p99", "FPS b1",
-                 "FPS best batch", "vs torch"], table,
+                ["row", "backbone", "adapter", "accuracy", "agree vs torch", "latency ms p50/p90/p99",
+                 "FPS b1 (round min-max)", "FPS best batch", "vs torch (round min-max)"], table,
                 caption=f"top-1 accuracy on {result['eval_images']} images of {result['data']}; latency per image: "
-                        "backbone + adapter trunk + all heads")
+                        "backbone + adapter trunk + all heads", err=json_out == "-")
 
 
 def _bench_gpu(models, backends, batch, data, calib, rounds, iters, eval_limit, json_out, plot_out, max_autotune):
     """``bench --device gpu`` (edgekit.bench.gpu): batch 1 and 32 unless --batch is given."""
     import sys
 
-    from edgekit.bench.gpu import DEFAULT_GPU_BATCHES, bench_gpu_command
+    from edgekit.bench.cpu import plot
+    from edgekit.bench.gpu import DEFAULT_GPU_BATCHES, TABLE_COLUMNS, gpu_bench, table_caption, table_rows, table_title
+    from edgekit.commands._common import print_table
 
     if click.get_current_context().get_parameter_source("batch") == click.core.ParameterSource.DEFAULT:
         batch = ",".join(map(str, DEFAULT_GPU_BATCHES))
     batches = parse_batches(batch)
-    bench_gpu_command(models, backends=backends, batches=batches, data=data, calib=calib, rounds=rounds, iters=iters,
-                      eval_limit=eval_limit, json_out=json_out, plot_out=plot_out, max_autotune=max_autotune,
-                      command="edgekit " + " ".join(sys.argv[1:]), log=lambda m: click.echo(m, err=True))
+    result = gpu_bench(models, backends=backends, batches=batches, data=data, calib=calib, rounds=rounds, iters=iters,
+                       eval_limit=eval_limit, max_autotune=max_autotune, log=lambda m: click.echo(m, err=True))
+    result["command"] = "edgekit " + " ".join(sys.argv[1:])
+    if json_out == "-":
+        echo_json(result)  # the one document on stdout; the table goes to stderr
+    elif json_out:
+        write_json(json_out, result)
+        plot_out = plot_out or str(Path(json_out).with_suffix(".png"))
+    if plot_out:
+        plot(result, Path(plot_out))
+    print_table(table_title(result), TABLE_COLUMNS, table_rows(result), caption=table_caption(result),
+                err=json_out == "-")
 
 
 commands = [compile_cmd, quantize_cmd, bench_cmd]

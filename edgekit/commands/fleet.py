@@ -3,11 +3,13 @@ machine) and ``edgekit update`` (device)."""
 from __future__ import annotations
 
 import click
-# The optional 'ota' extra: imported here so that, when missing, the CLI lists these commands as unavailable.
-import securesystemslib  # noqa: F401
-import tuf  # noqa: F401
 
-from edgekit.commands._common import echo_json, print_table
+from edgekit.commands._common import echo_json, json_option, print_table
+
+# The optional extra these commands need: when a package is missing, edgekit.cli lists them as
+# needing it and each call fails with the pip line (the TUF modules load inside the commands).
+EXTRA = "ota"
+REQUIRES = ("tuf", "securesystemslib")
 
 SIGN_WITH = click.option("--sign-with", "sign_with", multiple=True, type=click.Path(),
                          help="A private key (keygen folder or PEM) not at its recorded place, e.g. an offline "
@@ -33,7 +35,7 @@ def repo_group():
 @click.option("--expires", default=None, help="Expiry per role, e.g. root=365d,targets=90d,snapshot=7d,timestamp=1d.")
 @click.option("--package-key", "package_keys", multiple=True, type=click.Path(),
               help="Public key that adapter packages are signed with (edgekit keygen); repeat.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 def init_cmd(folder, keydir, root_keys, root_threshold, expires, package_keys, as_json):
     """Create a TUF repository (root, targets, snapshot, timestamp; consistent snapshots)."""
     from edgekit.fleet.repository import init_repository
@@ -59,7 +61,7 @@ def init_cmd(folder, keydir, root_keys, root_threshold, expires, package_keys, a
 @click.option("--pubkey", "pubkeys", multiple=True, type=click.Path(),
               help="Trust this package signing public key (kept for later adds); repeat.")
 @SIGN_WITH
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 def add_cmd(folder, packages, role, pubkeys, sign_with, as_json):
     """Add signed adapter packages as targets (then: edgekit repo publish DIR)."""
     from edgekit.fleet.repository import add_packages
@@ -81,7 +83,7 @@ def add_cmd(folder, packages, role, pubkeys, sign_with, as_json):
               help="Target path pattern the role may publish, e.g. 'adapters/crack-*'; repeat.")
 @click.option("--key", "key", required=True, type=click.Path(), help="The role's key (keygen folder or PEM).")
 @SIGN_WITH
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 def delegate_cmd(folder, name, paths, key, sign_with, as_json):
     """Delegate target paths to a new role with its own key (one product line or task)."""
     from edgekit.fleet.repository import delegate
@@ -99,7 +101,7 @@ def delegate_cmd(folder, name, paths, key, sign_with, as_json):
 @click.argument("folder", type=click.Path(file_okay=False), metavar="DIR")
 @click.option("--timestamp-expires", default=None, help="Expiry of this timestamp (30s, 10m, 1d, ...).")
 @SIGN_WITH
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 def publish_cmd(folder, timestamp_expires, sign_with, as_json):
     """Write a new snapshot (if targets changed) and a new timestamp: what devices see next."""
     from edgekit.fleet.repository import publish
@@ -118,7 +120,7 @@ def publish_cmd(folder, timestamp_expires, sign_with, as_json):
 @click.option("--add-key", "add_keys", multiple=True, type=click.Path(), help="Key to add (keygen folder or PEM).")
 @click.option("--remove-key", "remove_keys", multiple=True, help="Key to revoke: key file/folder or key id.")
 @SIGN_WITH
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 def rotate_cmd(folder, role, add_keys, remove_keys, sign_with, as_json):
     """Rotate or revoke a role's keys (root changes: signed by the old and the new root threshold)."""
     from edgekit.fleet.repository import rotate
@@ -133,7 +135,7 @@ def rotate_cmd(folder, role, add_keys, remove_keys, sign_with, as_json):
 
 @repo_group.command("status")
 @click.argument("folder", type=click.Path(file_okay=False), metavar="DIR")
-@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@json_option
 def status_cmd(folder, as_json):
     """Roles, keys, versions, expiry and adapters of a repository."""
     from edgekit.fleet.repository import status
@@ -163,7 +165,7 @@ def status_cmd(folder, as_json):
 @click.option("--timeout", type=click.IntRange(min=1), default=10, show_default=True,
               help="Seconds without data before a request is given up.")
 @click.option("--no-health-check", is_flag=True, help="Skip the health check (not recommended).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 def update_cmd(repo_url, root, trust, backbone, task, timeout, no_health_check, as_json):
     """Fetch, verify (TUF + package), install and health-check the newest adapter; safe from cron."""
     from edgekit.fleet.update import update

@@ -4,12 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-# The optional 'ota' extra: imported here so that, when missing, the CLI lists these commands as
-# unavailable instead of failing when one runs. The edgekit.ota modules load lazily (they pull in torch).
-import cryptography  # noqa: F401
-import safetensors  # noqa: F401
 
-from edgekit.commands._common import echo_json, print_table
+from edgekit.commands._common import echo_json, force_option, json_option, out_option, print_table
+
+# The optional extra these commands need: when a package is missing, edgekit.cli lists them as
+# needing it and each call fails with the pip line. The edgekit.ota modules load inside the commands.
+EXTRA = "ota"
+REQUIRES = ("cryptography", "safetensors")
 
 MAX_SIZE_HELP = "Refuse packages larger than this, packed or unpacked (bytes; default 16 MiB)."
 
@@ -19,8 +20,8 @@ def _short(key_id: str) -> str:
 
 
 @click.command("keygen")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the key pair.")
-@click.option("--force", is_flag=True, help="Replace an existing key pair.")
+@out_option("folder", "Folder for the key pair.", dest="out_dir")
+@force_option
 def keygen_cmd(out_dir, force):
     """Create an Ed25519 key pair for signing adapter packages."""
     from edgekit.ota.keys import generate_keypair
@@ -82,7 +83,7 @@ def _registry_backbone(adapter_dir) -> str:
 @click.option("--pubkey", "pubkeys", required=True, multiple=True, type=click.Path(dir_okay=False),
               help="Trusted public key PEM; repeat for a set of trusted keys.")
 @click.option("--max-size", type=click.IntRange(min=1), default=None, help=MAX_SIZE_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Print the verified manifest as JSON.")
+@json_option
 def verify_cmd(package, pubkeys, max_size, as_json):
     """Check a package's signature, signer, payload hashes and members; nothing is written."""
     from edgekit.ota.package import DEFAULT_MAX_SIZE, verify_package
@@ -118,7 +119,7 @@ def verify_cmd(package, pubkeys, max_size, as_json):
                    "checked instead of --backbone-sha256.")
 @click.option("--allow-downgrade", is_flag=True, help="Also install a version older than or equal to the current.")
 @click.option("--max-size", type=click.IntRange(min=1), default=None, help=MAX_SIZE_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 def install_cmd(package, root, pubkeys, backbone_sha256, backbone_ref, allow_downgrade, max_size, as_json):
     """Verify a package and put it in service atomically; the replaced version is kept for rollback."""
     from edgekit.errors import EdgekitError
@@ -145,7 +146,7 @@ def install_cmd(package, root, pubkeys, backbone_sha256, backbone_ref, allow_dow
 
 @click.command("rollback")
 @click.option("--root", required=True, type=click.Path(file_okay=False), help="Install root on the device.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 def rollback_cmd(root, as_json):
     """Put the previous version back in service (running it again returns to the one rolled back from)."""
     from edgekit.ota.install import rollback

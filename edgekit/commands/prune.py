@@ -8,8 +8,12 @@ from pathlib import Path
 
 import click
 
-from edgekit.commands._common import echo_json
+from edgekit.commands._common import (check_out, echo_json, force_option, json_option, model_path, out_option,
+                                     threads_option)
 from edgekit.errors import EdgekitError
+
+EXTRA = "prune"  # Torch-Pruning: without it edgekit.cli lists prune as needing edgekit[prune]
+REQUIRES = ("torch_pruning",)
 
 
 @click.command("prune")
@@ -31,23 +35,21 @@ from edgekit.errors import EdgekitError
 @click.option("--bn-images", default=200, show_default=True, type=click.IntRange(0),
               help="Train images for the BatchNorm recalibration after pruning (0: keep the old statistics).")
 @click.option("--iterations", default=None, type=click.IntRange(1), help="Override the profile's iterations.")
-@click.option("--threads", default=None, type=click.IntRange(1, 256), help="Override the profile's train.threads.")
+@threads_option()
 @click.option("--limit-images", default=None, type=click.IntRange(1), help="At most N images per split (smoke tests).")
 @click.option("--work", "work_dir", default=None, type=click.Path(file_okay=False),
               help="Keep the fine-tuning run (last.pt, best.pt, report.json) here; default: a temporary folder.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Pruned checkpoint to write.")
-@click.option("--force", is_flag=True, help="Replace an existing --out file.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@out_option("file", "Pruned checkpoint to write.")
+@force_option
+@json_option
 def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn_images, iterations, threads,
               limit_images, work_dir, out, force, as_json):
     """Remove channels (equally from every GMBI group), optionally fine-tune; save an edgekit checkpoint."""
     from edgekit.train.prune import prune_with_data
     from edgekit.models.checkpoint import load_checkpoint
-    from edgekit.models.default import resolve_model
 
     out_path = Path(out)
-    if out_path.exists() and not force:
-        raise EdgekitError(f"{out_path} exists (pass --force to replace it)")
+    check_out(out_path, force)
     if not out_path.parent.is_dir():
         raise EdgekitError(f"--out: folder {out_path.parent} does not exist")
     r = None
@@ -57,7 +59,7 @@ def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn
         r = load_recipe(recipe, profile)  # a bad recipe fails before any work
         if threads:
             r.train.threads = threads
-    ck = load_checkpoint(resolve_model(model))
+    ck = load_checkpoint(model_path(model, quiet=True))  # quiet: a refused ratio stays one error line
     data = data or (r.data_path() if r is not None else None)
     pruned, report = prune_with_data(ck, ratio, data, importance=importance, taylor_images=taylor_images,
                                      bn_images=bn_images, val_limit=limit_images)

@@ -21,20 +21,37 @@ from edgekit.errors import EdgekitError
 @click.option("--iterations", default=None, type=click.IntRange(1), help="Override train.iterations (smoke tests).")
 @click.option("--limit-images", default=None, type=click.IntRange(1),
               help="Use at most N images of each split, all classes kept (smoke tests).")
-def train_cmd(recipe, profile, data, out_dir, resume, init_ckpt, seed, iterations, limit_images):
+@click.option("--nproc", default=1, show_default=True, type=click.IntRange(1),
+              help="Processes on this machine, started by torch.distributed.run (gloo on the CPU, NCCL on GPUs); "
+                   "train.batch stays the global batch. Several machines: run under torchrun (README).")
+def train_cmd(recipe, profile, data, out_dir, resume, init_ckpt, seed, iterations, limit_images, nproc):
     """Train from a recipe; writes last.pt (resumable), best.pt (best val IoU) and report.json (test split)."""
     from tqdm import tqdm
 
     from edgekit.train.loop import train
     from edgekit.train.recipe import load_recipe
 
-    r = load_recipe(recipe, profile)
+    r = load_recipe(recipe, profile)  # a bad recipe fails here, once, before any process starts
+    if init_ckpt and resume:
+        raise EdgekitError("--init and --resume exclude each other (a resumed run has its own weights)")
+    if nproc > 1:
+        from edgekit.train.distributed import launch
+
+        if r.train.batch % nproc:
+            raise EdgekitError(f"train.batch {r.train.batch} (the global batch) does not split over {nproc} "
+                               f"processes: use a multiple of {nproc}")
+        args = [recipe]
+        for flag, value in (("--profile", profile), ("--data", data), ("--out", out_dir), ("--resume", resume),
+                            ("--init", init_ckpt), ("--seed", seed), ("--iterations", iterations),
+                            ("--limit-images", limit_images)):
+            if value is not None:
+                args += [flag, str(value)]
+        click.echo(launch(nproc, args).stdout.strip())
+        return
     init = None
     if init_ckpt:
         from edgekit.models.checkpoint import load_checkpoint
 
-        if resume:
-            raise EdgekitError("--init and --resume exclude each other (a resumed run has its own weights)")
         init = load_checkpoint(init_ckpt)
 
     def log(msg: str) -> None:
@@ -42,6 +59,8 @@ def train_cmd(recipe, profile, data, out_dir, resume, init_ckpt, seed, iteration
 
     res = train(r, data=data, out_dir=out_dir, resume=resume, seed=seed, iterations=iterations,
                 limit_images=limit_images, log=log, init=init)
+    if res.test is None:  # a rank other than 0 of a distributed run: rank 0 reports
+        return
     o = res.test["overall"]
     click.echo(f"best.pt: {res.best} (iteration {res.best_iteration}, val IoU {res.best_val_iou:.4f}); "
                f"test MAE {o['mae']:.4f} IoU {o['iou']:.4f} max F {o['max_f']:.4f}; report: {res.report}; "

@@ -18,7 +18,10 @@ benchmarks/RESULTS.md): NNCF's default placement wraps the GMBI element-wise cha
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -56,6 +59,29 @@ def ignored_scope(scheme: str, backend: str):
     return nncf.IgnoredScope(patterns=patterns, types=types, validate=False)
 
 
+@contextlib.contextmanager
+def _nncf_output_on_stderr():
+    """NNCF logs through a handler bound to stdout and draws its rich progress bars on stdout; a
+    command's stdout carries only its result (``--json``: one document). Its log goes to stderr;
+    its bars too when stderr is a terminal (as edgekit's own bars, ``edgekit.progress``), else nowhere:
+    a refused command's stderr is its one error line."""
+    from nncf.common.logging import nncf_logger
+
+    moved = [(h, h.stream) for h in nncf_logger.handlers
+             if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.__stdout__)]
+    for h, _ in moved:
+        h.setStream(sys.stderr)
+    show = sys.stderr.isatty() and not os.environ.get("EDGEKIT_NO_PROGRESS")
+    try:
+        with contextlib.ExitStack() as stack:
+            bars = sys.stderr if show else stack.enter_context(open(os.devnull, "w"))
+            stack.enter_context(contextlib.redirect_stdout(bars))  # rich resolves sys.stdout when it writes
+            yield
+    finally:
+        for h, stream in moved:
+            h.setStream(stream)
+
+
 def quantize_model(model, backend: str, calibration: Sequence[np.ndarray], scheme: str = "pointwise",
                    subset_size: int = 100, input_name: str = "image", validation=None,
                    validation_fn: Optional[Callable] = None, max_drop: Optional[float] = None,
@@ -85,7 +111,9 @@ def quantize_model(model, backend: str, calibration: Sequence[np.ndarray], schem
         # whole validation set takes tens of minutes on a 2-core machine.
         restorer = nncf.AdvancedAccuracyRestorerParameters(
             max_num_iterations=max_iterations, ranking_subset_size=min(len(validation), 32), num_ranking_workers=1)
-        return nncf.quantize_with_accuracy_control(
-            model, calib, nncf.Dataset(validation), validation_fn=validation_fn, max_drop=max_drop,
-            drop_type=nncf.DropType.ABSOLUTE, advanced_accuracy_restorer_parameters=restorer, **kwargs)
-    return nncf.quantize(model, calib, **kwargs)
+        with _nncf_output_on_stderr():
+            return nncf.quantize_with_accuracy_control(
+                model, calib, nncf.Dataset(validation), validation_fn=validation_fn, max_drop=max_drop,
+                drop_type=nncf.DropType.ABSOLUTE, advanced_accuracy_restorer_parameters=restorer, **kwargs)
+    with _nncf_output_on_stderr():
+        return nncf.quantize(model, calib, **kwargs)

@@ -50,6 +50,9 @@ class SegDataset:
     classes: List[str]
     description: str
     synthetic: bool = False
+    # What the images are, for reports that must say which data a figure is on (bench captions).
+    name: str = ""   # "SD-Saliency-900", "synthetic steel defects", "image/mask folders"
+    split: str = ""  # the split or seed the samples come from
 
     def __len__(self):
         return len(self.samples)
@@ -115,7 +118,8 @@ def load_sd900(root: Path, split: str = "test") -> SegDataset:
     if not samples:
         raise EdgekitError(f"no images in {img_dir}")
     classes = sorted({s.cls for s in samples})
-    return SegDataset(samples, classes, f"SD-Saliency-900 {split} split ({len(samples)} images) at {root}")
+    return SegDataset(samples, classes, f"SD-Saliency-900 {split} split ({len(samples)} images) at {root}",
+                      name="SD-Saliency-900", split=split)
 
 
 def load_pairs(images: Path, masks: Optional[Path]) -> SegDataset:
@@ -128,7 +132,8 @@ def load_pairs(images: Path, masks: Optional[Path]) -> SegDataset:
     if masks and not any(s.mask_path for s in samples):
         raise EdgekitError(f"no mask in {masks} matches an image name in {images}")
     classes = sorted({s.cls for s in samples})
-    return SegDataset(samples, classes, f"image/mask folders {images} ({len(samples)} images)")
+    return SegDataset(samples, classes, f"image/mask folders {images} ({len(samples)} images)",
+                      name=f"image/mask folders {images}", split="all")
 
 
 def open_segmentation(data: str, split: str = "test") -> SegDataset:
@@ -203,4 +208,5 @@ def synthetic_dataset(n: int = 48, split: str = "test", size: Tuple[int, int] = 
     for i in range(n):
         img, mask, cls = generate(i, size, seed)
         samples.append(SegSample(f"syn_{cls}_{i:04d}", cls, _image=img, _mask=mask))
-    return SegDataset(samples, list(CLASSES), f"synthetic steel defects ({n} images, {split} seed)", synthetic=True)
+    return SegDataset(samples, list(CLASSES), f"synthetic steel defects ({n} images, {split} seed)", synthetic=True,
+                      name="synthetic steel defects", split=f"{split} seed")

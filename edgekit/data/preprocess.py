@@ -10,8 +10,6 @@ from dataclasses import asdict, dataclass, fields
 from typing import Sequence, Tuple
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from edgekit.errors import EdgekitError
 
@@ -42,6 +40,9 @@ class PreprocessSpec:
 
 def preprocess(images: Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
     """Grayscale uint8 images (any sizes) -> float32 batch ``N x C x H x W`` at ``spec.input_size``."""
+    import torch  # here, not at import: the spec alone (CLI start-up, backend registry) needs no torch
+    import torch.nn.functional as F
+
     out = np.empty((len(images), spec.channels, *spec.input_size), dtype=np.float32)
     for i, img in enumerate(images):
         x = torch.from_numpy(np.asarray(img, dtype=np.float32))
@@ -58,6 +59,9 @@ def preprocess(images: Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarray
 
 def resize_probs(probs: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     """One ``H x W`` (or ``1 x H x W``) probability map -> ``size``, bilinear, clipped to [0, 1]."""
+    import torch
+    import torch.nn.functional as F
+
     p = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32)).reshape(1, 1, *probs.shape[-2:])
     if tuple(p.shape[-2:]) != tuple(size):
         p = F.interpolate(p, size=tuple(size), mode="bilinear", align_corners=False)

@@ -23,6 +23,11 @@ def overlay(gray: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarr
     return rgb.clip(0, 255).astype(np.uint8)
 
 
+def output_names(image: Path, out_dir: Path) -> List[Path]:
+    """The files ``predict`` writes for one input image."""
+    return [out_dir / f"{Path(image).stem}_mask.png", out_dir / f"{Path(image).stem}_overlay.png"]
+
+
 def predict(runner: Runner, inputs: Sequence[str], out_dir: Path, threshold: float = 0.5,
             batch_size: int = 4, show_progress: bool = True) -> List[dict]:
     paths = expand_image_paths(inputs, unique_stems=True)
@@ -35,10 +40,10 @@ def predict(runner: Runner, inputs: Sequence[str], out_dir: Path, threshold: flo
             group = images[i:i + batch_size]
             for p, img, prob in zip(paths[i:i + batch_size], group, predict_probs(runner, group)):
                 mask = prob >= threshold
-                write_png(out_dir / f"{p.stem}_mask.png", (mask * 255).astype(np.uint8))
-                write_png(out_dir / f"{p.stem}_overlay.png", overlay(img, mask))
-                results.append({"image": str(p), "mask": str(out_dir / f"{p.stem}_mask.png"),
-                                "overlay": str(out_dir / f"{p.stem}_overlay.png"),
+                mask_path, overlay_path = output_names(p, out_dir)
+                write_png(mask_path, (mask * 255).astype(np.uint8))
+                write_png(overlay_path, overlay(img, mask))
+                results.append({"image": str(p), "mask": str(mask_path), "overlay": str(overlay_path),
                                 "defect_fraction": float(mask.mean()), "max_prob": float(prob.max())})
             bar.update(len(group))
     return results

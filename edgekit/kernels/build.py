@@ -1,9 +1,15 @@
-"""Ahead-of-time build and compile check of the CUDA kernels (``kernels/gmbi_fused.cu`` and
-``kernels/gmbinet_layers.cu``, the whole-network module).
+"""Ahead-of-time build and compile check of the CUDA kernels (``edgekit/kernels/cuda/gmbi_fused.cu`` and
+``edgekit/kernels/cuda/gmbinet_layers.cu``, the whole-network module).
 
-    python -m edgekit.kernels.build                       # cubins for sm_87 sm_89 sm_90 -> kernels/build
+    python -m edgekit.kernels.build                       # cubins for sm_87 sm_89 sm_90 -> edgekit/kernels/cuda/build
     python -m edgekit.kernels.build --format fatbin       # one fatbin (+ PTX of the newest arch)
     python -m edgekit.kernels.build --check --arch sm_90  # compile only, report, write nothing
+    python -m edgekit.kernels.build --arch sm_87 --driver-cuda 12.6   # Jetson Orin, JetPack 6 (CUDA 12.x)
+
+A driver loads PTX and cubins only from a toolkit no newer than itself: Orin kernels must be built
+with the CUDA toolkit matching the board's driver (JetPack 6 = CUDA 12.x, not this machine's CUDA 13).
+``--driver-cuda`` refuses a newer nvcc with one line; the manifest records nvcc's CUDA version and
+the loader refuses artifacts newer than the driver it runs on.
 
 Every build runs ``nvcc`` with ``-Xptxas -v``; the ptxas report is parsed into per-kernel
 registers / shared memory / stack / spill bytes, and the build fails on compile errors, on missing
@@ -25,6 +31,7 @@ from typing import Iterable, List, Optional, Sequence
 
 from edgekit.errors import EdgekitError
 from edgekit.kernels.gmbi import KERNEL_NAMES, NVCC_FLAGS, kernel_build_dir, kernel_dir, kernel_source_path
+from edgekit.kernels.cuda_module import find_nvcc, fmt_version, nvcc_cuda_version, parse_cuda_version, toolkit_driver_problem
 from edgekit.kernels.gmbinet import LAYERS_SOURCE, NET_KERNEL_NAMES, source_digest
 
 # Every source compiled by default, with the entry points it must define.  gmbinet_layers.cu
@@ -117,10 +124,6 @@ def parse_ptxas(text: str) -> List[KernelResources]:
     return out
 
 
-def find_nvcc() -> Optional[str]:
-    return shutil.which("nvcc")
-
-
 def _arch_num(arch: str) -> str:
     m = re.fullmatch(r"sm_(\d+[a-z]?)", arch)
     if not m:
@@ -137,14 +140,17 @@ def _run(cmd: Sequence[str]) -> subprocess.CompletedProcess:
 
 def compile_kernels(archs: Iterable[str] = DEFAULT_ARCHS, fmt: str = "cubin", out_dir: Optional[Path] = None,
                     source: Optional[Path] = None, extra_flags: Sequence[str] = (),
-                    allow_spills: bool = False, nvcc: Optional[str] = None) -> BuildResult:
+                    allow_spills: bool = False, nvcc: Optional[str] = None,
+                    driver_cuda: Optional[str] = None) -> BuildResult:
     """Compile the kernel sources (every file of ``SOURCES``, or just ``source``) with ``nvcc -cubin``
     (one file per source and arch) or ``-fatbin`` (one file per source, plus PTX of the newest arch
     for forward compatibility), with ``-Xptxas -v``.
 
     ``out_dir=None`` compiles into a temporary folder and keeps nothing (a compile check).  Raises
-    ``EdgekitError`` when nvcc is missing or fails, an entry point is missing, or (unless
-    ``allow_spills``) any kernel spills registers."""
+    ``EdgekitError`` when nvcc is missing or fails, an entry point is missing, (unless
+    ``allow_spills``) any kernel spills registers, or ``driver_cuda`` (the CUDA version of the
+    target's driver, e.g. ``12.6`` for a Jetson Orin on JetPack 6) is older than nvcc's toolkit: that
+    driver could not load what this nvcc builds."""
     archs = list(dict.fromkeys(archs))
     if not archs:
         raise EdgekitError("no CUDA architecture given")
@@ -154,6 +160,17 @@ def compile_kernels(archs: Iterable[str] = DEFAULT_ARCHS, fmt: str = "cubin", ou
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
         raise EdgekitError("nvcc is not on PATH: install the CUDA toolkit to build the fused kernels")
+    toolkit = nvcc_cuda_version(nvcc)
+    if driver_cuda is not None:
+        target = parse_cuda_version(str(driver_cuda))
+        if target is None:
+            raise EdgekitError(f"--driver-cuda {driver_cuda!r}: expected a CUDA version such as 12.6")
+        if toolkit is None:
+            raise EdgekitError(f"cannot tell the CUDA version of {nvcc} (nvcc --version) to compare with the "
+                               f"target's driver CUDA {fmt_version(target)}")
+        problem = toolkit_driver_problem(toolkit, target, f"nvcc ({nvcc}) is")
+        if problem:
+            raise EdgekitError(problem.replace("this driver's", "the target driver's"))
     if source is not None:
         sources = [Path(source)]
     else:
@@ -211,6 +228,8 @@ def compile_kernels(archs: Iterable[str] = DEFAULT_ARCHS, fmt: str = "cubin", ou
             nvcc_version = _run([nvcc, "--version"]).stdout.strip().splitlines()
             manifest = {
                 "nvcc": nvcc_version[-1] if nvcc_version else "",
+                # the driver loading these must support at least this CUDA version (checked at load)
+                "cuda_version": fmt_version(toolkit) if toolkit else None,
                 "flags": [*NVCC_FLAGS, *extra_flags],
                 "format": fmt,
                 # per source: SHA-256 over the file and the local files it #includes, and its artifacts
@@ -248,9 +267,9 @@ def emulator_available() -> bool:
 def build_emulator(out: Path, sanitize: str = "address", compiler: Optional[str] = None,
                    cuda_include: Optional[Path] = None, program: str = "gmbi", opt: str = "-O1") -> Path:
     """Compile a host-emulation program with a C++20 compiler and the given sanitizer (``address`` =
-    ASan + UBSan, ``thread`` = TSan, ``none``): ``program="gmbi"`` is ``kernels/emu/gmbi_emu_main.cpp``
-    (one fused GMBI launch), ``"gmbinet"`` is ``kernels/emu/gmbinet_emu_main.cpp`` (a whole planned
-    GMBINet launch sequence over every kernel of ``kernels/gmbinet_layers.cu``)."""
+    ASan + UBSan, ``thread`` = TSan, ``none``): ``program="gmbi"`` is ``edgekit/kernels/cuda/emu/gmbi_emu_main.cpp``
+    (one fused GMBI launch), ``"gmbinet"`` is ``edgekit/kernels/cuda/emu/gmbinet_emu_main.cpp`` (a whole planned
+    GMBINet launch sequence over every kernel of ``edgekit/kernels/cuda/gmbinet_layers.cu``)."""
     if program not in EMULATOR_PROGRAMS:
         raise EdgekitError(f"unknown emulator program {program!r}: {', '.join(EMULATOR_PROGRAMS)}")
     cxx = compiler or _cxx()
@@ -277,14 +296,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m edgekit.kernels.build", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", action="append", help=f"target architecture, repeatable (default: {' '.join(DEFAULT_ARCHS)})")
     ap.add_argument("--format", choices=("cubin", "fatbin"), default="cubin")
-    ap.add_argument("--out", type=Path, default=None, help="output folder (default: kernels/build)")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default: edgekit/kernels/cuda/build)")
     ap.add_argument("--check", action="store_true", help="compile and report only; write nothing")
     ap.add_argument("--allow-spills", action="store_true", help="report register spills instead of failing")
     ap.add_argument("--json", action="store_true", help="print the per-kernel resources as JSON")
+    ap.add_argument("--driver-cuda", metavar="X.Y", default=None,
+                    help="CUDA version of the target board's driver (nvidia-smi / JetPack: Orin on JetPack 6 = 12.x); "
+                         "refuse to build with a newer nvcc, whose output that driver cannot load")
     args = ap.parse_args(argv)
     out = None if args.check else (args.out or kernel_build_dir())
     try:
-        res = compile_kernels(args.arch or DEFAULT_ARCHS, fmt=args.format, out_dir=out, allow_spills=args.allow_spills)
+        res = compile_kernels(args.arch or DEFAULT_ARCHS, fmt=args.format, out_dir=out, allow_spills=args.allow_spills,
+                              driver_cuda=args.driver_cuda)
     except EdgekitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,7 +5,7 @@ Everything except :class:`FusedGMBI` (and :func:`load_kernel_module`) works with
 without PyCUDA: :func:`fold_gmbi` turns a ``GMBI`` module into plain folded arrays,
 :func:`reference_gmbi` is the float64 PyTorch definition the kernel is tested against, and
 :func:`plan_gmbi` computes the launch configuration.  The kernel source is
-``kernels/gmbi_fused.cu`` (see ``kernels/README.md`` for the design).
+``edgekit/kernels/cuda/gmbi_fused.cu`` (see ``kernels/README.md`` for the design).
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgekit.errors import EdgekitError, MissingBackendError
+from edgekit.errors import EdgekitError
+from edgekit.kernels.cuda_module import NVCC_FLAGS, _require_pycuda, ensure_context, load_module  # noqa: F401
 
 # ----------------------------------------------------------------------------------------------
 # where the kernel lives, how it is compiled
@@ -35,7 +36,6 @@ MAX_GROUP_CHANNELS = 32
 # The largest dynamic shared memory a block can opt in to: sm_89 99 KB, sm_87 163 KB, sm_90 227 KB.
 PORTABLE_SMEM_LIMIT = 99 * 1024
 DEFAULT_SMEM_LIMIT_48K = 48 * 1024  # above this a kernel must opt in (cuFuncSetAttribute)
-NVCC_FLAGS = ("-O3", "-std=c++17")
 KERNEL_NAMES = {"float32": "gmbi_fused_f32", "float16": "gmbi_fused_f16"}
 # PyCUDA argument format: x, out, dw_w, dw_b, pw_wt, pw_b, then C H W tile_h tile_w co_per_block
 # co_splits buf_a buf_b.
@@ -43,9 +43,10 @@ ARG_FORMAT = "PPPPPPiiiiiiiii"
 
 
 def kernel_dir() -> Path:
-    """The folder holding ``gmbi_fused.cu`` (``$EDGEKIT_KERNEL_DIR`` or ``<repo>/kernels``)."""
+    """The folder holding ``gmbi_fused.cu`` (``$EDGEKIT_KERNEL_DIR``, else the package's own
+    ``edgekit/kernels/cuda``: the sources are package data, so an installed wheel has them)."""
     env = os.environ.get("EDGEKIT_KERNEL_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "kernels"
+    return Path(env) if env else Path(__file__).resolve().parent / "cuda"
 
 
 def kernel_source_path() -> Path:
@@ -58,7 +59,7 @@ def kernel_source_path() -> Path:
 
 
 def kernel_build_dir() -> Path:
-    """Where prebuilt cubins/fatbins are looked for (``$EDGEKIT_KERNEL_BUILD_DIR`` or ``kernels/build``)."""
+    """Where prebuilt cubins/fatbins are looked for (``$EDGEKIT_KERNEL_BUILD_DIR`` or ``<kernel_dir>/build``)."""
     env = os.environ.get("EDGEKIT_KERNEL_BUILD_DIR")
     return Path(env) if env else kernel_dir() / "build"
 
@@ -283,14 +284,14 @@ def plan_gmbi(n: int, channels: int, height: int, width: int, *, sm_count: int =
 
 
 # ----------------------------------------------------------------------------------------------
-# host emulation (CPU test harness for the kernel source, see kernels/emu/)
+# host emulation (CPU test harness for the kernel source, see edgekit/kernels/cuda/emu/)
 
 _EMU_MAGIC = 0x474D4249
 
 
 def run_emulated(exe: Union[str, Path], x: np.ndarray, params: GMBIParams, plan: GMBIPlan,
                  timeout: float = 600) -> np.ndarray:
-    """Run ``kernels/gmbi_fused.cu`` compiled for host emulation (``edgekit.kernels.build.build_emulator``)
+    """Run ``edgekit/kernels/cuda/gmbi_fused.cu`` compiled for host emulation (``edgekit.kernels.build.build_emulator``)
     on a float32 or float16 NCHW array; returns the kernel's output (NaN where it wrote nothing)."""
     x = np.ascontiguousarray(x)
     if x.dtype not in (np.float32, np.float16):
@@ -317,70 +318,12 @@ def run_emulated(exe: Union[str, Path], x: np.ndarray, params: GMBIParams, plan:
 # PyCUDA loader and launcher
 
 
-def _require_pycuda():
-    try:
-        import pycuda.driver as drv
-        import pycuda.gpuarray as gpuarray
-    except ImportError:
-        raise MissingBackendError("the fused CUDA kernel", "pycuda") from None
-    return drv, gpuarray
-
-
-def ensure_context():
-    """Make sure a CUDA context is current (the device's primary context, shared with the CUDA
-    runtime, so PyTorch / TensorRT buffers and streams are usable)."""
-    drv, _ = _require_pycuda()
-    drv.init()
-    if drv.Context.get_current() is None:
-        import pycuda.autoprimaryctx  # noqa: F401
-    return drv.Context.get_current()
-
-
-_MODULES: Dict[Tuple[int, str], object] = {}
-
-
-def _prebuilt_artifact(arch: str) -> Optional[Path]:
-    import json
-
-    build = kernel_build_dir()
-    manifest = build / "manifest.json"
-    if not manifest.is_file():
-        return None
-    try:
-        meta = json.loads(manifest.read_text())
-        if meta.get("source_sha256") != source_sha256():
-            return None  # stale: built from another version of gmbi_fused.cu
-        name = meta.get("artifacts", {}).get(arch)
-    except (ValueError, OSError, AttributeError):
-        return None
-    path = build / name if name else None
-    return path if path is not None and path.is_file() else None
-
-
 def load_kernel_module(arch: Optional[str] = None):
     """The kernel's ``pycuda.driver.Module`` for the current context: a prebuilt cubin/fatbin from
-    :func:`kernel_build_dir` when its manifest matches the current source, otherwise compiled at run
-    time with ``pycuda.compiler`` (which caches the cubin on disk)."""
-    drv, _ = _require_pycuda()
-    ctx = ensure_context()
-    if arch is None:
-        major, minor = ctx.get_device().compute_capability()
-        arch = f"sm_{major}{minor}"
-    key = (hash(ctx), arch)  # pycuda hashes a Context by its CUcontext handle
-    if key in _MODULES:
-        return _MODULES[key]
-    path = _prebuilt_artifact(arch)
-    if path is not None:
-        module = drv.module_from_file(str(path))
-    else:
-        from pycuda.compiler import compile as nvcc_compile
-
-        src = kernel_source_path()
-        cubin = nvcc_compile(src.read_text(), options=list(NVCC_FLAGS), no_extern_c=True, arch=arch,
-                             include_dirs=[str(src.parent)])
-        module = drv.module_from_buffer(cubin)
-    _MODULES[key] = module
-    return module
+    :func:`kernel_build_dir` when its manifest matches the current source, otherwise compiled at load
+    time with ``pycuda.compiler`` (nvcc on PATH; see ``edgekit.kernels.cuda_module.load_module``)."""
+    _require_pycuda()
+    return load_module(kernel_source_path(), kernel_build_dir(), arch)
 
 
 def _kernel_function(dtype: str):

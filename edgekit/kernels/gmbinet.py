@@ -5,7 +5,7 @@ memory, arguments, buffer layout).
 The same :class:`NetPlan` drives both executors:
 
 * :func:`run_net_emulated` runs it on the CPU through the host emulator
-  (``kernels/emu/gmbinet_emu_main.cpp``: the same ``.cu`` sources compiled by g++), and
+  (``edgekit/kernels/cuda/emu/gmbinet_emu_main.cpp``: the same ``.cu`` sources compiled by g++), and
 * ``edgekit.backends.cuda_fused.runner`` runs it on a GPU with PyCUDA (optionally as a CUDA graph),
 
 so what the emulator tests is what the GPU runs.  Nothing here needs PyCUDA or a GPU.
@@ -22,10 +22,7 @@ published architecture)::
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import re
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -39,18 +36,16 @@ from edgekit.errors import EdgekitError
 from edgekit.kernels.gmbi import (
     ARG_FORMAT as GMBI_ARG_FORMAT,
     DEFAULT_SMEM_LIMIT_48K,
-    NVCC_FLAGS,
     PORTABLE_SMEM_LIMIT,
     THREADS,
     GMBIParams,
-    _require_pycuda,
-    ensure_context,
     fold_conv_bn,
     fold_gmbi,
     kernel_build_dir,
     kernel_dir,
     plan_gmbi,
 )
+from edgekit.kernels.cuda_module import _require_pycuda, load_module, source_digest
 
 LAYERS_SOURCE = "gmbinet_layers.cu"  # #includes gmbi_fused.cu: one module holds every network kernel
 
@@ -77,24 +72,6 @@ def layers_source_path() -> Path:
         raise EdgekitError(f"the GMBINet layer kernels are missing: {path} (set EDGEKIT_KERNEL_DIR to the folder "
                            f"holding {LAYERS_SOURCE} and gmbi_fused.cu)")
     return path
-
-
-_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
-
-
-def source_digest(path: Path) -> str:
-    """SHA-256 of a kernel source and, recursively, of the local files it ``#include "..."``s (for a
-    file without local includes, the plain SHA-256 of the file)."""
-    path = Path(path)
-    data = path.read_bytes()
-    deps = [path.parent / name for name in _LOCAL_INCLUDE.findall(data.decode("utf-8", "replace"))]
-    deps = [d for d in deps if d.is_file()]
-    h = hashlib.sha256(data)
-    if not deps:
-        return h.hexdigest()
-    for dep in deps:
-        h.update(source_digest(dep).encode())
-    return h.hexdigest()
 
 
 def kernel_name(kind: str, dtype: str) -> str:
@@ -457,7 +434,7 @@ def plan_gmbinet(net: FoldedGMBINet, n: int, height: int, width: int, dtype="flo
 
 
 # ----------------------------------------------------------------------------------------------
-# host emulation of a whole plan (CPU test harness; see kernels/emu/gmbinet_emu_main.cpp)
+# host emulation of a whole plan (CPU test harness; see edgekit/kernels/cuda/emu/gmbinet_emu_main.cpp)
 
 
 def _plan_text(plan: NetPlan, param_offsets: Dict[str, Tuple[int, int]]) -> str:
@@ -512,48 +489,13 @@ def run_net_emulated(exe: Union[str, Path], net: FoldedGMBINet, plan: NetPlan, x
 # ----------------------------------------------------------------------------------------------
 # the network's kernel module on a GPU (PyCUDA)
 
-_NET_MODULES: Dict[Tuple[int, str], object] = {}
-
-
-def _prebuilt_net_artifact(arch: str, build: Optional[Path] = None) -> Optional[Path]:
-    build = Path(build) if build is not None else kernel_build_dir()
-    try:
-        meta = json.loads((build / "manifest.json").read_text())
-        entry = meta["sources"][LAYERS_SOURCE]
-        if entry.get("sha256") != source_digest(layers_source_path()):
-            return None  # stale: built from other sources
-        name = entry.get("artifacts", {}).get(arch)
-    except (ValueError, OSError, KeyError, TypeError, AttributeError):
-        return None
-    path = build / name if name else None
-    return path if path is not None and path.is_file() else None
-
-
 def load_net_module(arch: Optional[str] = None, build_dir: Optional[Path] = None):
     """The ``pycuda.driver.Module`` holding every network kernel (``gmbinet_layers.cu``) for the
     current context: a prebuilt cubin/fatbin whose manifest matches the sources (in ``build_dir``, e.g.
-    a cuda-fused artifact's ``kernels/``, else the default build folder), otherwise compiled at run
-    time with ``pycuda.compiler`` (cached on disk by PyCUDA)."""
-    drv, _ = _require_pycuda()
-    ctx = ensure_context()
-    if arch is None:
-        major, minor = ctx.get_device().compute_capability()
-        arch = f"sm_{major}{minor}"
-    key = (hash(ctx), arch, str(build_dir))
-    if key in _NET_MODULES:
-        return _NET_MODULES[key]
-    path = _prebuilt_net_artifact(arch, build_dir)
-    if path is not None:
-        module = drv.module_from_file(str(path))
-    else:
-        from pycuda.compiler import compile as nvcc_compile
-
-        src = layers_source_path()
-        cubin = nvcc_compile(src.read_text(), options=list(NVCC_FLAGS), no_extern_c=True, arch=arch,
-                             include_dirs=[str(src.parent)])
-        module = drv.module_from_buffer(cubin)
-    _NET_MODULES[key] = module
-    return module
+    a cuda-fused artifact's ``kernels/``, else the default build folder), otherwise compiled at load
+    time with ``pycuda.compiler`` (nvcc on PATH; see ``edgekit.kernels.cuda_module.load_module``)."""
+    _require_pycuda()
+    return load_module(layers_source_path(), Path(build_dir) if build_dir is not None else kernel_build_dir(), arch)
 
 
 def launch_count(depths: Sequence[int]) -> int:

@@ -11,8 +11,12 @@ An edgekit checkpoint is a dict of plain Python values and tensors, so it loads 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import pickle
+import pickletools
+import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,11 +97,64 @@ def _torch_load(path: Path):
         raise EdgekitError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise EdgekitError(f"{path} is a folder, not a checkpoint file")
+    if path.stat().st_size == 0:
+        raise EdgekitError(f"{path} is an empty file (0 bytes), not a PyTorch checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EdgekitError(f"cannot read checkpoint {path}: truncated or not a PyTorch checkpoint ({msg[:120]})") from None
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols; the error below says more
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises KeyError/IndexError/RuntimeError/... on foreign bytes: say what it is
+        raise EdgekitError(f"{path}: {describe_unloadable(path, e)}") from None
+
+
+def describe_unloadable(path: Path, error: Exception) -> str:
+    """What a file that ``torch.load(weights_only=True)`` refused is, in a few words (nothing is executed)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if isinstance(error, pickle.UnpicklingError) and head.startswith((b"\x80", b"PK")):
+        found = re.findall(r"GLOBAL ([\w.]+)", str(error)) or _pickle_globals(path, head)
+        names = f" ({', '.join(dict.fromkeys(found))})" if found else ""
+        return ("refused: contains objects other than tensors and plain values" + names +
+                "; edgekit loads checkpoints only with torch.load(weights_only=True), which never runs pickled code")
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                if not any(n.endswith("/data.pkl") for n in zf.namelist()):
+                    return "a zip archive, not a PyTorch checkpoint (no data.pkl inside)"
+        except (zipfile.BadZipFile, OSError):
+            pass
+        return "truncated or damaged PyTorch checkpoint (its zip archive cannot be read)"
+    if head[:1] == b"\x80":  # a pickle (the legacy torch.save format)
+        return "truncated or damaged pickle (legacy PyTorch format)"
+    try:
+        text = path.read_bytes().decode("utf-8") if path.stat().st_size < (16 << 20) else None
+    except UnicodeDecodeError:
+        text = None
+    if text is not None:
+        try:
+            json.loads(text)
+            return "a JSON file, not a PyTorch checkpoint"
+        except ValueError:
+            return "a text file, not a PyTorch checkpoint"
+    return "not a PyTorch checkpoint (neither a zip archive nor a pickle)"
+
+
+def _pickle_globals(path: Path, head: bytes) -> list:
+    """The classes a plain pickle names, read with pickletools (which parses and never executes)."""
+    if not head.startswith(b"\x80"):
+        return []
+    names, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(path.read_bytes()):
+            if op.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # a damaged pickle: name what was read so far
+        pass
+    return names[:3]
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -42,9 +42,8 @@ def generate_keypair(out_dir: str | os.PathLike, force: bool = False) -> Tuple[P
     public_pem = private_key.public_key().public_bytes(serialization.Encoding.PEM,
                                                        serialization.PublicFormat.SubjectPublicKeyInfo)
     try:
-        # atomic_write's temporary file is created 0600, so the private key is never readable by others
-        with atomic_write(private_path) as f:
-            os.fchmod(f.fileno(), 0o600)
+        # created 0600 before the key is written, so the private key is never readable by others
+        with atomic_write(private_path, permissions=0o600) as f:
             f.write(private_pem)
         with atomic_write(public_path) as f:
             os.fchmod(f.fileno(), 0o644)

@@ -25,7 +25,7 @@ def compile_auto(source_path: str, target: str, out: str, *, parity_data: str, c
                  int8_scheme: str, max_drop: Optional[float], metric: str, val: Optional[str], force: bool,
                  threads: Optional[int], log: Callable = print) -> dict:
     from edgekit import runtime
-    from edgekit.bench.cpu import Row, time_rows
+    from edgekit.eval.timing import Row, time_rows
     from edgekit.data.datasets import open_segmentation
     from edgekit.eval.evaluate import evaluate
     from edgekit.backends.registry import get_backend

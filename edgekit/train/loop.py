@@ -38,6 +38,7 @@ from edgekit.errors import EdgekitError
 from edgekit.models.checkpoint import Checkpoint, load_checkpoint, load_state_dict_strict
 from edgekit.models.gmbinet import GMBINet, GMBINetConfig
 from edgekit.data.datasets import limit_samples
+from edgekit.train import distributed
 from edgekit.train.data import EpochSampler, batch_generator, build_trainset, make_batch, preload
 from edgekit.train.losses import DeepSupervisionLoss
 from edgekit.train.recipe import Recipe
@@ -199,10 +200,10 @@ def _subset(ds: SegDataset, n: Optional[int], what: str) -> SegDataset:
     return SegDataset(samples, sorted({s.cls for s in samples}), desc, ds.synthetic)
 
 
-def _progress(total: int, initial: int):
+def _progress(total: int, initial: int, enabled: bool = True):
     from tqdm import tqdm
 
-    disabled = bool(os.environ.get("EDGEKIT_NO_PROGRESS"))
+    disabled = bool(os.environ.get("EDGEKIT_NO_PROGRESS")) or not enabled
     tty = sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc="train", unit="it", file=sys.stderr, disable=disabled,
                 dynamic_ncols=True, mininterval=0.5 if tty else 30.0, smoothing=0.05)
@@ -231,6 +232,7 @@ def train(recipe: Recipe, data: Optional[str] = None, out_dir: Optional[str] = N
         return _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_after, log, init, teacher)
     finally:
         torch.set_num_threads(threads)
+        distributed.shutdown()
 
 
 def _adopt_init(r: Recipe, init: Checkpoint) -> None:
@@ -295,8 +297,12 @@ def _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_a
     seed = int(r.train.seed if seed is None else seed)
 
     device = _resolve_device(r)
+    dist = distributed.context(device, r.train.batch)  # one process unless started by torchrun / --nproc
+    device = dist.device(device)
+    if not dist.is_main:
+        write = lambda msg: None  # noqa: E731 - rank 0 logs for the run
     if device.type == "cpu":
-        torch.set_num_threads(r.train.threads)
+        torch.set_num_threads(max(1, r.train.threads // dist.local_world))  # the ranks share the cores
     if r.train.amp == "fp16" and device.type != "cuda":
         raise EdgekitError("train.amp fp16 needs CUDA; use amp: none (or bf16) on the CPU")
     if device.type == "cuda":
@@ -323,7 +329,9 @@ def _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_a
     ts = build_trainset(train_ds, train_samples, spec.input_size)
     classes = sorted(set(train_ds.classes) | set(val_ds.classes) | set(test_full.classes))
     write(f"data: {len(ts)} train / {len(val_ds)} val images from {data}; input {spec.input_size[0]}x"
-          f"{spec.input_size[1]}, batch {r.train.batch}, {total} iterations on {device}")
+          f"{spec.input_size[1]}, batch {r.train.batch}, {total} iterations on {device}"
+          + (f", {dist.world} processes ({dist.backend}, {r.train.batch // dist.world} images each)"
+             if dist.enabled else ""))
 
     if teacher is not None:
         teacher = teacher.to(device).eval()
@@ -370,7 +378,8 @@ def _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_a
     if device.type == "cuda":  # augment and preprocess on the GPU: the (uint8) train split lives there
         ts.images, ts.masks = ts.images.to(device), ts.masks.to(device)
     out.mkdir(parents=True, exist_ok=True)
-    if state is not None and not best_path.exists() and (Path(resume).parent / "best.pt").is_file():
+    net = dist.wrap(model, device)  # averages gradients over the ranks; ``model`` is what is saved
+    if dist.is_main and state is not None and not best_path.exists() and (Path(resume).parent / "best.pt").is_file():
         import shutil  # resuming into another folder: carry the best-so-far along
 
         shutil.copyfile(Path(resume).parent / "best.pt", best_path)
@@ -422,19 +431,22 @@ def _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_a
                                             "val_max_f": round(val["overall"]["max_f"], 6), "val_iteration": it})
         ck.save(best_path)
 
-    bar = _progress(total, it)
+    bar = _progress(total, it, enabled=dist.is_main)
     loss_ema = None
     stopped = False
     try:
         while it < total:
-            model.train()
+            net.train()
             idx = sampler.indices(it)
             x, y = make_batch(ts, idx, r.augment, spec, batch_generator(seed, it))
+            x, y = dist.shard(x, y)  # the global batch is drawn whole, so any N sees the same samples
+            if dist.rank:  # rank 0 keeps a single process's RNG stream (saved in last.pt); dropout differs per rank
+                torch.manual_seed(distributed.rank_seed(seed, dist.rank, it))
             x = x.to(device, non_blocking=True).contiguous(memory_format=mf)
             y = y.to(device, non_blocking=True)
             ctx = torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
             with ctx:
-                outs = model(x)
+                outs = net(x)
             loss = criterion([o.float() for o in outs], y)
             if teacher is not None and r.loss.distill > 0:
                 with torch.no_grad():
@@ -453,14 +465,14 @@ def _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_a
                 opt.step()
             sched.step()
             it += 1
-            lv = float(loss.detach())
+            lv = dist.mean(loss)
             loss_ema = lv if loss_ema is None else 0.95 * loss_ema + 0.05 * lv
             bar.update(1)
             if it % r.train.log_every == 0 or it == total:
                 last_val = best.get("last_val_iou")
                 bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{sched.get_last_lr():.2e}",
                                 val_iou="-" if last_val is None else f"{last_val:.4f}", refresh=False)
-            if it % r.train.val_every == 0 or it == total:
+            if dist.is_main and (it % r.train.val_every == 0 or it == total):
                 val = _validate(model, val_ds, spec, device, r.train.val_batch)
                 v = val["overall"]
                 improved = v["iou"] > best["val_iou"]
@@ -475,16 +487,20 @@ def _train(recipe, data, out_dir, resume, seed, iterations, limit_images, stop_a
                 msg = (f"iter {it}/{total}: loss {loss_ema:.4f}, val IoU {v['iou']:.4f} MAE {v['mae']:.4f}"
                        f"{' (best, saved best.pt)' if improved else ''}")
                 write(msg)
-            if it % r.train.checkpoint_every == 0 or it == total:
+            if dist.is_main and (it % r.train.checkpoint_every == 0 or it == total):
                 save_state()
             if stop_after is not None and it >= stop_after and it < total:
-                save_state()
+                if dist.is_main:
+                    save_state()
                 stopped = True
                 break
     finally:
         bar.close()
 
     wall = time.time() - t_start
+    if not dist.is_main:  # rank 0 writes the final state, evaluates best.pt on the test split and reports
+        return TrainResult(out, None, last_path, None, it, best["val_iou"], best["iteration"], stopped_early=stopped,
+                           wall_s=wall)
     if stopped:
         return TrainResult(out, best_path if best_path.exists() else None, last_path, None, it, best["val_iou"],
                            best["iteration"], stopped_early=True, wall_s=wall)

@@ -39,11 +39,17 @@ def build(ctx) -> dict:
     fields = {"model_file": "model.pt", "runtime": "pycuda", "launches": launch_count(model.config.depths),
               "kernel_source_sha256": source_digest(layers_source_path())}
     if find_nvcc() is None:
-        fields["kernels"] = {"prebuilt": False, "note": "nvcc not found: PyCUDA compiles them at load time"}
+        fields["kernels"] = {"prebuilt": False, "note": "nvcc not found: PyCUDA compiles them at load time, which "
+                                                        "needs nvcc on the GPU machine's PATH"}
         return fields
     res = compile_kernels(DEFAULT_ARCHS, fmt="fatbin", out_dir=folder / "kernels", source=layers_source_path())
     regs = [r.registers for r in res.resources]
+    import json
+
+    built = json.loads((folder / "kernels" / "manifest.json").read_text())
     fields["kernels"] = {"prebuilt": True, "format": "fatbin", "archs": list(res.archs),
+                         # a driver older than this CUDA version cannot load them (JetPack 6 on Orin: 12.x)
+                         "cuda_version": built.get("cuda_version"),
                          "max_registers": max(regs) if regs else None,
                          "spills": sum(r.spill_stores + r.spill_loads for r in res.resources)}
     fields["extra_files"] = [f"kernels/{name}" for name in res.files()] + ["kernels/manifest.json"]

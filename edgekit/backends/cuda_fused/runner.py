@@ -57,25 +57,35 @@ def _require_gpu():
     return drv
 
 
+def _libcuda():
+    return ctypes.CDLL("libcuda.so.1")
+
+
 class _CudaGraph:
-    """A CUDA graph captured from a stream with the driver API (ctypes on libcuda)."""
+    """A CUDA graph captured from a stream with the driver API (ctypes on libcuda; ``lib`` for tests).
+    Whatever fails during capture or instantiation, the partial graph is destroyed before the error
+    propagates (a failed capture must not leak device memory per retry)."""
 
     CAPTURE_MODE_THREAD_LOCAL = 1
 
-    def __init__(self, stream, enqueue):
-        self.lib = ctypes.CDLL("libcuda.so.1")
+    def __init__(self, stream, enqueue, lib=None):
+        self.lib = lib if lib is not None else _libcuda()
+        self.graph, self.exec = ctypes.c_void_p(), ctypes.c_void_p()
         h = ctypes.c_void_p(int(stream.handle))
         self._check(self.lib.cuStreamBeginCapture_v2(h, ctypes.c_int(self.CAPTURE_MODE_THREAD_LOCAL)), "begin capture")
-        graph = ctypes.c_void_p()
         try:
             enqueue()
-        finally:
-            rc_end = self.lib.cuStreamEndCapture(h, ctypes.byref(graph))
-        self._check(rc_end, "end capture")
-        self.graph = graph
-        self.exec = ctypes.c_void_p()
-        self._check(self.lib.cuGraphInstantiateWithFlags(ctypes.byref(self.exec), graph, ctypes.c_ulonglong(0)),
-                    "instantiate")
+        except BaseException:
+            self.lib.cuStreamEndCapture(h, ctypes.byref(self.graph))  # ends the (invalidated) capture
+            self.destroy()
+            raise
+        try:
+            self._check(self.lib.cuStreamEndCapture(h, ctypes.byref(self.graph)), "end capture")
+            self._check(self.lib.cuGraphInstantiateWithFlags(ctypes.byref(self.exec), self.graph,
+                                                             ctypes.c_ulonglong(0)), "instantiate")
+        except BaseException:
+            self.destroy()
+            raise
 
     def _check(self, rc: int, what: str):
         if rc != 0:
@@ -84,12 +94,17 @@ class _CudaGraph:
     def launch(self, stream):
         self._check(self.lib.cuGraphLaunch(self.exec, ctypes.c_void_p(int(stream.handle))), "launch")
 
+    def destroy(self):
+        if self.exec.value:
+            self.lib.cuGraphExecDestroy(self.exec)
+            self.exec = ctypes.c_void_p()
+        if self.graph.value:
+            self.lib.cuGraphDestroy(self.graph)
+            self.graph = ctypes.c_void_p()
+
     def __del__(self):
         try:
-            if getattr(self, "exec", None):
-                self.lib.cuGraphExecDestroy(self.exec)
-            if getattr(self, "graph", None):
-                self.lib.cuGraphDestroy(self.graph)
+            self.destroy()
         except Exception:
             pass
 
@@ -172,6 +187,7 @@ class CudaFusedRunner(Runner):
         drv = self.drv
         plan = self.plan(n)
         acts = drv.mem_alloc(plan.act_bytes)
+        drv.memset_d8(acts, 0xFF, plan.act_bytes)  # NaN poison: an element no kernel writes reads back as NaN
         launches = plan.resolve(self.param_offsets, int(self.params), int(acts))
         for ln, _ in launches:  # prepare + shared-memory opt-in outside any capture
             self._function(ln.kernel, ln.fmt, plan.max_smem(ln.kernel))
@@ -214,6 +230,10 @@ class CudaFusedRunner(Runner):
         graph (or the launches).  Synchronous; what ``edgekit bench --device gpu`` times."""
         import torch
 
+        if not getattr(x, "is_cuda", False):
+            where = getattr(x, "device", type(x).__name__)
+            raise EdgekitError(f"{self.name}: infer_device takes a CUDA tensor, got one on {where}; "
+                               f"use infer() for host arrays")
         x = x.to(torch.float32).contiguous()
         if x.dim() != 4 or tuple(x.shape[1:]) != tuple(self.input_shape):
             raise EdgekitError(f"{self.name}: expected a batch N x {' x '.join(map(str, self.input_shape))}, "

@@ -1,7 +1,10 @@
 """TensorRT runner for ``trt`` artifacts (GPU; untested in this project's environment, see README).
 
-Buffers and the stream come from torch's CUDA allocator (torch is there anyway; PyCUDA is not on
-the offline GPU machine). TensorRT >= 8.5: the name-based tensor API (``set_input_shape``,
+Buffers come from torch's CUDA allocator and the runner's own stream is a ``torch.cuda.Stream``
+(torch is there anyway; PyCUDA is not on the offline GPU machine). TensorRT never runs on the legacy
+default stream, where ``enqueueV3`` adds synchronisations of its own (TensorRT warns about it); the
+runner's stream waits for the caller's current stream before it reads the input, and the caller's
+stream waits for it before the output is used. TensorRT >= 8.5: the name-based tensor API (``set_input_shape``,
 ``set_tensor_address``, ``execute_async_v3``); older: bindings (``execute_async_v2``). One execution
 context per optimization profile (batch 1, and 2..max batch). Before deserializing, the manifest's
 TensorRT version and GPU are compared with this machine's: an engine built elsewhere is refused with
@@ -54,7 +57,8 @@ class TensorRTRunner(ArtifactRunner):
         profiles = self.manifest.get("tensorrt", {}).get("profiles") or [{"min": 1, "opt": 1, "max": 1}]
         self.profiles = profiles
         self.contexts = []
-        stream = torch.cuda.current_stream(self.device).cuda_stream
+        self.stream = torch.cuda.Stream(device=self.device)  # TensorRT's own, not the legacy default stream
+        stream = self.stream.cuda_stream
         for i, _p in enumerate(profiles):
             ctx = self.engine.create_execution_context()
             if i and hasattr(ctx, "set_optimization_profile_async"):
@@ -80,12 +84,22 @@ class TensorRTRunner(ArtifactRunner):
                            f"(max {max(p['max'] for p in self.profiles)}); rebuild with a larger max batch")
 
     def infer_device(self, x):
-        """Run on a CUDA tensor (N x C x H x W float32), on torch's current stream; returns a CUDA tensor."""
+        """Run on a CUDA tensor (N x C x H x W float32) on the runner's own stream, ordered after the
+        caller's current stream; returns a CUDA tensor the caller's current stream may use at once."""
         torch, trt = self.torch, self.trt
         x = x.to(self.device, torch.float32).contiguous()
         n = int(x.shape[0])
         idx, ctx = self._context(n)
-        stream = torch.cuda.current_stream(self.device).cuda_stream
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)  # x (and whatever produced it) is complete before TensorRT reads it
+        out = self._enqueue(x, idx, ctx, self.stream.cuda_stream)
+        x.record_stream(self.stream)  # the allocator must not reuse x / out before TensorRT is done with them
+        out.record_stream(self.stream)
+        caller.wait_stream(self.stream)
+        return out
+
+    def _enqueue(self, x, idx, ctx, stream: int):
+        torch, trt = self.torch, self.trt
         if self.named_api:
             ctx.set_input_shape(self.input_name, tuple(x.shape))
             out_shape = tuple(ctx.get_tensor_shape(self.output_name))

@@ -4,7 +4,7 @@
 //
 //   stem        3x3 stride-2 conv + ReLU                          gmbinet_stem_{f32,f16}
 //   DownBlock   DW 3x3 stride 2 + ReLU, then PW 1x1 + ReLU        gmbinet_dwpw_s2_{f32,f16}
-//   GMBI        (kernels/gmbi_fused.cu, included below)           gmbi_fused_{f32,f16}
+//   GMBI        (edgekit/kernels/cuda/gmbi_fused.cu, included below)           gmbi_fused_{f32,f16}
 //   ConvBlock   PW 1x1 + ReLU                                      gmbinet_pw_{f32,f16}
 //   DecoderFusion  DW 3x3 + ReLU on (low + nearest-up(high)), then PW 1x1 + ReLU
 //                                                                   gmbinet_dwpw_up_{f32,f16}
@@ -37,7 +37,7 @@
 // src = min(floor(dst * (float(in) / float(out))), in - 1) in fp32, src = dst when the sizes match;
 // the fp32 scale is computed on the host and passed in.
 //
-// This file also compiles as plain C++ under host emulation (kernels/emu/gmbinet_emu_main.cpp).
+// This file also compiles as plain C++ under host emulation (edgekit/kernels/cuda/emu/gmbinet_emu_main.cpp).
 
 #include "gmbi_fused.cu"
 

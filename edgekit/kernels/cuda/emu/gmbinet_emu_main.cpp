@@ -1,5 +1,5 @@
 // CPU runner for a whole GMBINet launch sequence under host emulation (see gmbi_emu.h): the
-// kernels of kernels/gmbinet_layers.cu (which includes gmbi_fused.cu), executed launch by launch
+// kernels of edgekit/kernels/cuda/gmbinet_layers.cu (which includes gmbi_fused.cu), executed launch by launch
 // exactly as edgekit.kernels.gmbinet.plan_gmbinet planned them for the GPU.
 //
 //   gmbinet_emu PLAN PARAMS ACTS_IN ACTS_OUT

@@ -1,4 +1,4 @@
-// Host emulation of the few CUDA features kernels/gmbi_fused.cu uses, so the kernel source can be
+// Host emulation of the few CUDA features edgekit/kernels/cuda/gmbi_fused.cu uses, so the kernel source can be
 // compiled as plain C++ (g++ -std=c++20) and run on a CPU: one std::thread per CUDA thread,
 // std::barrier for __syncthreads (whole block) and __syncwarp (per 32-thread warp).
 //

@@ -41,7 +41,7 @@
 //   co_per_block must be a multiple of 4.  Pointers to the fp32 parameter arrays must be 16-byte
 //   aligned (float4 loads).
 //
-// This file also compiles as plain C++ (GMBI_HOST_EMULATION, see kernels/emu/) so the exact same
+// This file also compiles as plain C++ (GMBI_HOST_EMULATION, see edgekit/kernels/cuda/emu/) so the exact same
 // source can be executed on a CPU with one host thread per CUDA thread for testing.
 
 #ifndef GMBI_HOST_EMULATION

@@ -1,4 +1,4 @@
-// CPU runner for kernels/gmbi_fused.cu under host emulation (see gmbi_emu.h).
+// CPU runner for edgekit/kernels/cuda/gmbi_fused.cu under host emulation (see gmbi_emu.h).
 //
 //   gmbi_emu IN OUT
 //
