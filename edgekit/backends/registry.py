@@ -27,6 +27,7 @@ BACKEND_MODULES = (
     "edgekit.backends.tensorrt",
     "edgekit.backends.cuda_fused",
     "edgekit.backends.cpu_fused",
+    "edgekit.backends.executorch",
 )
 
 
