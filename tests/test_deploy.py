@@ -119,8 +119,10 @@ def test_int8_artifact(tiny_ckpt, tmp_path, target):
     assert runner.infer(np.zeros((1, 3, 64, 64), np.float32)).shape == (1, 1, 64, 64)
 
 
-def test_quantize_refuses_over_budget(cli, tiny_ckpt, tmp_path, monkeypatch):
-    """A quantized model that loses more than --max-drop is refused and nothing is written."""
+@pytest.mark.parametrize("command", ["quantize", "compile"])
+def test_quantize_refuses_over_budget(cli, tiny_ckpt, tmp_path, monkeypatch, command):
+    """A quantized model that loses more than --max-drop is refused and nothing is written, by
+    `quantize` and by `compile --precision int8` alike (the pipeline's one INT8 budget check)."""
     import edgekit.compress.quantize as quant
 
     def broken(model, backend, calibration, **kw):  # stands in for a quantizer that ruins the model
@@ -133,7 +135,8 @@ def test_quantize_refuses_over_budget(cli, tiny_ckpt, tmp_path, monkeypatch):
         return ov.Model([ones], [image])
 
     monkeypatch.setattr(quant, "quantize_model", broken)
-    line = one_error_line(cli("quantize", tiny_ckpt, "--target", "openvino", "--calib", "synthetic:4",
+    args = ["--precision", "int8"] if command == "compile" else []
+    line = one_error_line(cli(command, tiny_ckpt, "--target", "openvino", *args, "--calib", "synthetic:4",
                                "--val", "synthetic:6", "--max-drop", "0.005", "--metric", "mae", "--out", tmp_path / "q"))
     assert "over --max-drop" in line and "nothing written" in line
     assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q.*"))

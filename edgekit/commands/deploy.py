@@ -25,6 +25,15 @@ _AS_BACKBONE = click.option("--as-backbone", is_flag=True,
                                  "features. A registry folder or a backbone name (efficientnet-lite0) is one anyway.")
 
 
+# The INT8 accuracy budget: the same options and rule for compile (every INT8 target) and quantize (NNCF).
+_MAX_DROP = click.option("--max-drop", default=None, type=click.FloatRange(0),
+                         help="INT8: refuse, writing nothing, if the metric on --val drops by more (MLFF backbone: the "
+                              "adapter's top-1 accuracy).")
+_METRIC = click.option("--metric", default="iou", show_default=True, type=click.Choice(["iou", "mae", "max_f"]))
+_VAL = click.option("--val", default=None, help="Validation images with masks for --max-drop (SD-900 folder: its val "
+                                                "split); INT8 before/after is recorded in the manifest.")
+
+
 @click.command("compile")
 @click.argument("model", required=False, metavar="[CKPT|REGISTRY|BACKBONE]")
 @click.option("--target", required=True, metavar="TARGET", help=targets_help())
@@ -36,21 +45,24 @@ _AS_BACKBONE = click.option("--as-backbone", is_flag=True,
 @click.option("--int8-scheme", default="pointwise", show_default=True,
               type=click.Choice(["default", "stem-head-float", "conv-only", "pointwise", "trt-entropy"]),
               help="NNCF Q/DQ placement; trt-entropy: TensorRT's own entropy calibrator (TensorRT 8.5-10.x).")
+@_MAX_DROP
+@_METRIC
+@_VAL
 @click.option("--parity-data", default=None, help=PARITY_HELP)
 @threads_option()
 @force_option
 @_AS_BACKBONE
 @json_option
-def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, parity_data, threads, force, as_backbone,
-                as_json):
+def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, max_drop, metric, val, parity_data, threads,
+                force, as_backbone, as_json):
     """Compile a checkpoint, or the frozen backbone of an MLFF adapter registry, into a verified artifact folder."""
     check_out(out, force)  # before anything is imported or loaded
     source = model_path(model, registry_ok=True)
     from edgekit.pipeline.compile import compile_model
 
     manifest = compile_model(source, target, precision, out, parity_data=parity_data,
-                             calib=calib, subset=subset, int8_scheme=int8_scheme, force=force,
-                             threads=threads, log=_log(as_json), as_backbone=as_backbone)
+                             calib=calib, subset=subset, int8_scheme=int8_scheme, max_drop=max_drop, metric=metric,
+                             val=val, force=force, threads=threads, log=_log(as_json), as_backbone=as_backbone)
     if as_json:
         echo_json(manifest)
 
@@ -65,10 +77,9 @@ def _log(as_json: bool):
 @click.option("--target", required=True, type=click.Choice([t.name for t in targets() if t.int8 == "nncf"]))
 @click.option("--calib", default=None, help=CALIB_HELP)
 @click.option("--subset", default=100, show_default=True, type=click.IntRange(1), help="Calibration images used.")
-@click.option("--max-drop", default=None, type=click.FloatRange(0),
-              help="Refuse if the metric drops by more (MLFF backbone: the adapter's top-1 accuracy on --val).")
-@click.option("--metric", default="iou", show_default=True, type=click.Choice(["iou", "mae", "max_f"]))
-@click.option("--val", default=None, help="Validation images with masks (SD-900 folder: its val split).")
+@_MAX_DROP
+@_METRIC
+@_VAL
 @click.option("--int8-scheme", default="pointwise", show_default=True,
               type=click.Choice(["default", "stem-head-float", "conv-only", "pointwise"]))
 @click.option("--parity-data", default=None, help=PARITY_HELP)
