@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from edgekit.commands._common import echo_json
+from edgekit.commands._common import echo_json, force_option, json_option, threads_option
 
 EXTRA = "serve"  # tritonclient: Triton's config protobuf and the Open Inference Protocol client
 REQUIRES = ("tritonclient",)
@@ -28,9 +28,9 @@ REQUIRES = ("tritonclient",)
 @click.option("--accelerator", default="none", show_default=True, type=click.Choice(["none", "openvino", "tensorrt"]),
               help="ONNX artifacts on Triton's onnxruntime backend: OpenVINO (CPU) or TensorRT (GPU) execution provider.")
 @click.option("--no-warmup", is_flag=True, help="Triton: no model_warmup section.")
-@click.option("--force", is_flag=True, help="Replace an existing repository.")
+@force_option
 @click.option("--add", is_flag=True, help="Add models / new versions to an existing repository.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def export_repo_cmd(artifacts, fmt, out, name, version, max_batch, instances, dynamic_batching, queue_delay_us,
                     triton_backend, accelerator, no_warmup, force, add, as_json):
     """A Triton Inference Server or OpenVINO Model Server model repository from edgekit artifacts."""
@@ -54,8 +54,8 @@ def export_repo_cmd(artifacts, fmt, out, name, version, max_batch, instances, dy
 @click.argument("repo", type=click.Path(file_okay=False))
 @click.option("--http", default="127.0.0.1:8000", show_default=True, help="HTTP (KServe v2 REST) address.")
 @click.option("--grpc", default="127.0.0.1:8001", show_default=True, help="gRPC address ('off': none).")
-@click.option("--threads", default=None, type=click.IntRange(1, 256), help="Inference threads per model instance.")
-@click.option("--install", is_flag=True, help=f"Install the bundled tritonserver first if it is not there "
+@threads_option()  # per model instance
+@click.option("--install", is_flag=True, help="Install the bundled tritonserver first if it is not there "
               "(nvidia-pytriton, no dependencies, into edgekit's cache).")
 @click.option("--poll", "poll_secs", default=None, type=click.IntRange(1), metavar="SECONDS",
               help="Re-read the repository every SECONDS: new versions (export-repo --add) load without a restart.")

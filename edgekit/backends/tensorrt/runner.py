@@ -86,7 +86,7 @@ class TensorRTRunner(ArtifactRunner):
     def infer_device(self, x):
         """Run on a CUDA tensor (N x C x H x W float32) on the runner's own stream, ordered after the
         caller's current stream; returns a CUDA tensor the caller's current stream may use at once."""
-        torch, trt = self.torch, self.trt
+        torch = self.torch
         x = x.to(self.device, torch.float32).contiguous()
         n = int(x.shape[0])
         idx, ctx = self._context(n)
