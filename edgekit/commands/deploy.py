@@ -230,7 +230,8 @@ def _check_backend_specs(specs, allow_auto: bool = True) -> None:
 
 
 def _save_result(result: dict, threads, json_out, plot_out) -> None:
-    """Record the settings and the command line, write the JSON and the plot (beside the JSON by default)."""
+    """Record the settings and the command line, write the JSON (``-``: on stdout) and the plot (beside the
+    JSON by default): the CPU, MLFF and GPU benches alike."""
     import sys
 
     from edgekit.bench.cpu import plot
@@ -280,9 +281,6 @@ def _bench_mlff(registry, backends, batches, threads, data, calib, rounds, iters
 
 def _bench_gpu(models, backends, batch, data, calib, rounds, iters, eval_limit, json_out, plot_out, max_autotune):
     """``bench --device gpu`` (edgekit.bench.gpu): batch 1 and 32 unless --batch is given."""
-    import sys
-
-    from edgekit.bench.cpu import plot
     from edgekit.bench.gpu import DEFAULT_GPU_BATCHES, TABLE_COLUMNS, gpu_bench, table_caption, table_rows, table_title
     from edgekit.commands._common import print_table
 
@@ -291,14 +289,7 @@ def _bench_gpu(models, backends, batch, data, calib, rounds, iters, eval_limit, 
     batches = parse_batches(batch)
     result = gpu_bench(models, backends=backends, batches=batches, data=data, calib=calib, rounds=rounds, iters=iters,
                        eval_limit=eval_limit, max_autotune=max_autotune, log=lambda m: click.echo(m, err=True))
-    result["command"] = "edgekit " + " ".join(sys.argv[1:])
-    if json_out == "-":
-        echo_json(result)  # the one document on stdout; the table goes to stderr
-    elif json_out:
-        write_json(json_out, result)
-        plot_out = plot_out or str(Path(json_out).with_suffix(".png"))
-    if plot_out:
-        plot(result, Path(plot_out))
+    _save_result(result, None, json_out, plot_out)  # the GPU rows set no CPU thread count
     print_table(table_title(result), TABLE_COLUMNS, table_rows(result), caption=table_caption(result),
                 err=json_out == "-")
 

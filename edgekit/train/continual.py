@@ -1,13 +1,7 @@
 """Continual learning with MLFF adapters: a local adapter registry, cached backbone features, rehearsal
 and distillation. Behind ``edgekit adapt`` / ``edgekit adapters``.
 
-Registry folder::
-
-    registry.json                  backbone (id, ref, sha256), setting, fc_dim, the tasks in order
-    adapters/<NN>-<task>/          the adapter after task NN, in edgekit.mlff.adapter format
-                                   (adapter.json + adapter.safetensors; trunk and every head so far)
-    exemplars.safetensors          rehearsal buffer: pooled backbone features of K images per class
-    cache/                         pooled backbone features per image (default feature cache)
+The registry folder's format is ``edgekit.mlff.registry``; this module trains what goes into it.
 
 Backbone features are computed once per image and cached on disk under
 ``<cache>/<backbone id>-<weights sha256[:12]>-<preprocess hash>/<image sha256>.npy``; a cached feature
