@@ -337,7 +337,7 @@ def test_gpu_table_rows_from_a_result():
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_torch_gpu_rows_match_cpu(tiny_ckpt, mode, precision):
     from edgekit import runtime
-    from edgekit.bench.gpu import TorchGpuRunner
+    from edgekit.backends.torch_eager import TorchGpuRunner
     from edgekit.models.checkpoint import load_checkpoint
 
     x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)

@@ -1,8 +1,10 @@
 """``torch``: PyTorch eager, the reference every artifact is compared with.
 
 It runs checkpoints as they are (edgekit checkpoints and plain GMBINet state_dicts): a backend
-like the others, but not a compile target. Load options: ``threads``, ``device``. torch is imported
-when a runner is made, so listing the registry stays cheap.
+like the others, but not a compile target. Load options: ``threads``, ``device``; on a CUDA device
+also ``mode`` (``eager``, ``graph``: eager replayed from a CUDA graph per batch size, ``compile``:
+``torch.compile``), ``precision`` (fp32, fp16) and ``max_autotune``. torch is imported when a runner
+is made, so listing the registry stays cheap.
 """
 from __future__ import annotations
 
@@ -34,14 +36,76 @@ class TorchRunner(Runner):
             return self.model(x).float().cpu().numpy()
 
 
-def _load(path: Path, threads: int | None = None, device: str = "cpu") -> TorchRunner:
+class TorchGpuRunner(Runner):
+    """GMBINet on the GPU: eager, eager replayed from CUDA graphs (one per batch size), or torch.compile."""
+
+    def __init__(self, checkpoint, mode: str = "eager", precision: str = "fp32", max_autotune: bool = False):
+        import torch
+
+        super().__init__(checkpoint.preprocess, checkpoint.path or Path("."), {"checkpoint_sha256": checkpoint.sha256})
+        self.torch = torch
+        self.name, self.precision, self.mode = f"torch-{mode}", precision, mode
+        self.device = torch.device("cuda")
+        self.dtype = torch.float16 if precision == "fp16" else torch.float32
+        torch.backends.cudnn.benchmark = True
+        model = checkpoint.build().eval().to(self.device, self.dtype)
+        if mode == "compile":
+            model = torch.compile(model, mode="max-autotune" if max_autotune else None)
+        self.model = model
+        self._graphs: dict = {}
+
+    def _graph(self, n: int):
+        torch = self.torch
+        if n not in self._graphs:
+            static_in = torch.randn(n, *self.input_shape, device=self.device, dtype=self.dtype)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.no_grad(), torch.cuda.stream(side):
+                for _ in range(3):  # warm-up (cuDNN autotuning) outside the capture
+                    self.model(static_in)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.no_grad(), torch.cuda.graph(graph):
+                static_out = self.model(static_in)
+            self._graphs[n] = (graph, static_in, static_out)
+        return self._graphs[n]
+
+    def infer_device(self, x):
+        """CUDA tensor in, CUDA tensor out (for CUDA-graph rows: the graph's own output buffer)."""
+        torch = self.torch
+        if self.mode == "graph":
+            graph, static_in, static_out = self._graph(int(x.shape[0]))
+            static_in.copy_(x)
+            graph.replay()
+            return static_out
+        with torch.inference_mode():
+            return self.model(x.to(self.dtype))
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        x = self.torch.from_numpy(self._check_batch(batch)).to(self.device)
+        return self.infer_device(x).float().cpu().numpy()
+
+
+TORCH_MODES = ("eager", "graph", "compile")
+
+
+def _load(path: Path, threads: int | None = None, device: str = "cpu", mode: str = "eager", precision: str = "fp32",
+          max_autotune: bool = False) -> Runner:
+    from edgekit.errors import EdgekitError
     from edgekit.models.checkpoint import load_checkpoint
 
+    if mode not in TORCH_MODES:
+        raise EdgekitError(f"torch: unknown mode {mode!r} (choose from {', '.join(TORCH_MODES)})")
+    if str(device).startswith("cuda"):
+        return TorchGpuRunner(load_checkpoint(path), mode, precision, max_autotune=max_autotune)
+    if mode != "eager" or precision != "fp32":
+        raise EdgekitError(f"torch on the CPU runs eager fp32 (mode {mode!r}, precision {precision!r} need a CUDA device)")
     return TorchRunner(load_checkpoint(path), threads=threads, device=device)
 
 
 SPEC = register_backend(BackendSpec(
     name="torch", description="PyTorch eager (the source model; runs checkpoints, not a compile target)",
-    precisions=("fp32",), load=_load, package="torch", pip_name="torch", load_options=("threads", "device"),
+    precisions=("fp32", "fp16"), load=_load, package="torch", pip_name="torch",
+    load_options=("threads", "device", "mode", "precision", "max_autotune"),
     tools=("torch",), bench_default=("fp32",),
 ))

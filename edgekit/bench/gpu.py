@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-import numpy as np
-
 from edgekit.backends.base import Runner
 from edgekit.errors import EdgekitError, MissingBackendError
 
@@ -144,56 +142,6 @@ def tensorrt_available() -> bool:
 # Runners and timing (CUDA)
 # ---------------------------------------------------------------------------------------------
 
-class TorchGpuRunner(Runner):
-    """GMBINet on the GPU: eager, eager replayed from CUDA graphs (one per batch size), or torch.compile."""
-
-    def __init__(self, checkpoint, mode: str = "eager", precision: str = "fp32", max_autotune: bool = False):
-        import torch
-
-        super().__init__(checkpoint.preprocess, checkpoint.path or Path("."), {"checkpoint_sha256": checkpoint.sha256})
-        self.torch = torch
-        self.name, self.precision, self.mode = f"torch-{mode}", precision, mode
-        self.device = torch.device("cuda")
-        self.dtype = torch.float16 if precision == "fp16" else torch.float32
-        torch.backends.cudnn.benchmark = True
-        model = checkpoint.build().eval().to(self.device, self.dtype)
-        if mode == "compile":
-            model = torch.compile(model, mode="max-autotune" if max_autotune else None)
-        self.model = model
-        self._graphs: dict = {}
-
-    def _graph(self, n: int):
-        torch = self.torch
-        if n not in self._graphs:
-            static_in = torch.randn(n, *self.input_shape, device=self.device, dtype=self.dtype)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.no_grad(), torch.cuda.stream(side):
-                for _ in range(3):  # warm-up (cuDNN autotuning) outside the capture
-                    self.model(static_in)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.no_grad(), torch.cuda.graph(graph):
-                static_out = self.model(static_in)
-            self._graphs[n] = (graph, static_in, static_out)
-        return self._graphs[n]
-
-    def infer_device(self, x):
-        """CUDA tensor in, CUDA tensor out (for CUDA-graph rows: the graph's own output buffer)."""
-        torch = self.torch
-        if self.mode == "graph":
-            graph, static_in, static_out = self._graph(int(x.shape[0]))
-            static_in.copy_(x)
-            graph.replay()
-            return static_out
-        with torch.inference_mode():
-            return self.model(x.to(self.dtype))
-
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        x = self.torch.from_numpy(self._check_batch(batch)).to(self.device)
-        return self.infer_device(x).float().cpu().numpy()
-
-
 def device_call(runner: Runner) -> Tuple[Optional[Callable], bool]:
     """(call on a CUDA tensor or None, whether the row's timing stays on the device). Runners without
     ``infer_device`` are timed numpy in -> numpy out: their rows include the host copies."""
@@ -204,10 +152,8 @@ def device_call(runner: Runner) -> Tuple[Optional[Callable], bool]:
 def open_row(row: PlannedRow, *, max_autotune: bool, calib: Optional[str], log: Callable) -> Runner:
     from edgekit import runtime
 
-    if row.kind == "torch":
-        from edgekit.models.checkpoint import load_checkpoint
-
-        return TorchGpuRunner(load_checkpoint(row.path), row.mode, row.precision, max_autotune=max_autotune)
+    if row.kind == "torch":  # eager / CUDA graph / torch.compile: load options of the torch backend
+        return runtime.load(row.path, device="cuda", mode=row.mode, precision=row.precision, max_autotune=max_autotune)
     if row.kind == FUSED_BACKEND:
         backend = next(b for b in runtime.backends() if b.name == FUSED_BACKEND)
         return backend.load(row.path, precision=row.precision)  # never retried without: the row names it

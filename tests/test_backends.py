@@ -1,0 +1,38 @@
+"""The backend registry: one spec per backend, and what is derived from it."""
+import pytest
+
+from edgekit import runtime
+from edgekit.backends.registry import backends, default_bench_rows, get_backend, target_names
+from edgekit.errors import EdgekitError
+
+
+def test_one_name_per_backend_everywhere(cli, tiny_ckpt, tmp_path):
+    names = [b.name for b in backends()]
+    assert len(names) == len(set(names))
+    assert {"torch", "onnx", "ort", "openvino", "executorch", "cpu-fused", "trt", "cuda-fused"} <= set(names)
+    assert "torch" not in target_names()  # a backend, not a compile target
+    help_text = cli("compile", "--help").output
+    for name in target_names():  # the CLI's help lists what the registry holds
+        assert f"{name}:" in help_text
+    line = cli("compile", tiny_ckpt, "--target", "nope", "--out", tmp_path / "o").stderr.strip()
+    assert line == f"error: unknown target 'nope' (choose from {', '.join(target_names())})"
+
+
+def test_bench_defaults_come_from_the_specs():
+    rows = default_bench_rows("cpu")
+    assert rows[0] == "torch" and "openvino:default" in rows
+    for row in rows:
+        name, _, precision = row.partition(":")
+        spec = get_backend(name)
+        assert spec.device == "cpu" and (not precision or precision in spec.precisions)
+
+
+def test_torch_variants_are_load_options(tiny_ckpt):
+    runner = runtime.load(tiny_ckpt, threads=1)
+    assert runner.name == "torch" and runner.precision == "fp32"
+    with pytest.raises(EdgekitError, match="need a CUDA device"):
+        runtime.load(tiny_ckpt, mode="graph")
+    with pytest.raises(EdgekitError, match="unknown mode"):
+        runtime.load(tiny_ckpt, mode="jit")
+    # options a backend does not declare are not passed to it
+    assert get_backend("onnx").load_kwargs({"threads": 2, "mode": "graph", "device": None}) == {"threads": 2}
