@@ -108,8 +108,8 @@ def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_schem
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "gpu"]))
 @click.option("--backends", default=None, help="Comma list of target[:precision] for checkpoints, e.g. "
               "torch,openvino:bf16,openvino:int8 (default: each backend's bench_default rows).")
-@click.option("--all", "all_rows", is_flag=True, help="Every CPU backend x precision the registry offers (onnx and ort "
-              "fp32/int8, openvino fp32/bf16/fp16/int8/default): 9 artifacts to build instead of 3.")
+@click.option("--all", "all_rows", is_flag=True, help="Every CPU backend x precision the registry offers (onnx, ort, "
+              "openvino, executorch, cpu-fused: about a dozen artifacts to build instead of 3).")
 @click.option("--batch", "batch", default="1,8", show_default=True, help="Comma list of batch sizes.")
 @threads_option(default=2)
 @click.option("--data", default="synthetic", show_default=True, help="Accuracy data (SD-900 test split when given).")
