@@ -95,3 +95,28 @@ def tiny_ckpt(tmp_path_factory):
     ck = Checkpoint.from_model(GMBINet(tiny_config()).eval(), classes=["inclusion", "patches", "scratches"])
     ck.preprocess.input_size = (64, 64)
     return ck.save(tmp_path_factory.mktemp("ck") / "tiny.pt")
+
+
+def random_gmbinet(cfg, seed: int = 0):
+    """A GMBINet in eval mode with random weights and non-trivial BN statistics (the fused-kernel tests'
+    model: CUDA and CPU alike)."""
+    import torch
+
+    from edgekit.models.gmbinet import GMBINet
+
+    g = torch.Generator().manual_seed(seed)
+    m = GMBINet(cfg)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Conv2d):
+                fan_in = mod.weight[0].numel()
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+                if mod.bias is not None:
+                    mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.1)
+            elif isinstance(mod, torch.nn.BatchNorm2d):
+                c = mod.num_features
+                mod.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                mod.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                mod.weight.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
+                mod.bias.copy_(torch.randn(c, generator=g) * 0.1)
+    return m.eval()

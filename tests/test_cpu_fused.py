@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from edgekit.errors import EdgekitError
 from edgekit.models.gmbinet import GMBINet, GMBINetConfig
 
-from conftest import one_error_line
+from conftest import one_error_line, random_gmbinet
 
 cpu_fused = pytest.importorskip("edgekit.kernels.cpu_fused")
 
@@ -37,26 +37,6 @@ def library(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cpu_fused") / f"libgmbinet_{isa}.so"
     cpu_fused.build_library(isa, out)
     return out
-
-
-def random_gmbinet(cfg: GMBINetConfig, seed: int = 0) -> GMBINet:
-    """A GMBINet in eval mode with random weights and non-trivial BN statistics."""
-    g = torch.Generator().manual_seed(seed)
-    m = GMBINet(cfg)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.Conv2d):
-                fan_in = mod.weight[0].numel()
-                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
-                if mod.bias is not None:
-                    mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.1)
-            elif isinstance(mod, torch.nn.BatchNorm2d):
-                c = mod.num_features
-                mod.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-                mod.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-                mod.weight.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
-                mod.bias.copy_(torch.randn(c, generator=g) * 0.1)
-    return m.eval()
 
 
 def fused(library: Path, model: GMBINet, threads: int, fuse_head: bool = True):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import emulator_available, needs_emulator
+from conftest import emulator_available, needs_emulator, random_gmbinet
 from edgekit.errors import EdgekitError, MissingBackendError
 from edgekit.kernels import build as kbuild
 from edgekit.kernels import cuda_module
@@ -23,26 +23,6 @@ from edgekit.models.gmbinet import GMBINet, GMBINetConfig
 
 OUT_INDEX = {"stem": 1, "s2": 2, "pw": 2, "up": 2, "gmbi": 1, "head": 1}
 IN_INDICES = {"stem": (0,), "s2": (0,), "pw": (0,), "up": (0, 1), "gmbi": (0,), "head": (0,)}
-
-
-def random_gmbinet(cfg: GMBINetConfig, seed: int = 0) -> GMBINet:
-    """A GMBINet in eval mode with random weights and non-trivial BN statistics."""
-    g = torch.Generator().manual_seed(seed)
-    m = GMBINet(cfg)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.Conv2d):
-                fan_in = mod.weight[0].numel()
-                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
-                if mod.bias is not None:
-                    mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.1)
-            elif isinstance(mod, torch.nn.BatchNorm2d):
-                c = mod.num_features
-                mod.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-                mod.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-                mod.weight.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
-                mod.bias.copy_(torch.randn(c, generator=g) * 0.1)
-    return m.eval()
 
 
 SMALL = GMBINetConfig(widths=(8, 16, 24, 32, 40), depths=(1, 2, 1, 1), out_channels=2)

@@ -21,7 +21,8 @@ from edgekit.errors import EdgekitError
 from edgekit.kernels import build as kbuild
 from edgekit.kernels import cuda_module
 from edgekit.kernels import gmbinet as G
-from test_cuda_fused import SMALL, _FakeNetCuda, random_gmbinet
+from conftest import random_gmbinet
+from test_cuda_fused import SMALL, _FakeNetCuda
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUT = (21, 26)
