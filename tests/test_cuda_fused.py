@@ -562,8 +562,6 @@ def test_cuda_fused_artifact_manifest_and_emulated_parity(cuda_fused_artifact):
 
 
 def test_cuda_fused_artifact_is_claimed_by_its_backend(cuda_fused_artifact, cli):
-    from edgekit import runtime
-
     folder, _ = cuda_fused_artifact
     from edgekit.artifact import read_manifest
     from edgekit.backends.registry import spec_for_folder
