@@ -195,6 +195,18 @@ def band_rows(kind: str, n: int, rows: int, width: int, panel_channels: int, thr
     return r
 
 
+GMBI_MODES = {"banded": 0, "two-phase": 1}  # EkOp.i[3] of a gmbi op, as in gmbinet_cpu.cpp
+GMBI_TWO_PHASE_MAX_ROWS = 64
+
+
+def gmbi_mode(n: int, channels: int, rows: int, width: int, threads: int) -> str:
+    """How a GMBI module is cut into tasks.  banded: a task = a band of rows through the whole module, its
+    halo (up to 10 rows either side) recomputed; two-phase: the chain per (image, lane) over the whole
+    image, then the 1x1 per band.  A band's halo is a fixed 2 x 10 rows, so it is the small images
+    (stages 3-5 at 512 px) where it costs more than the z round trip through memory of two-phase."""
+    return "two-phase" if rows <= GMBI_TWO_PHASE_MAX_ROWS else "banded"
+
+
 def _ints(vals: Iterable) -> List[int]:
     return [int(v) for v in vals]
 
@@ -213,7 +225,10 @@ def _fill(op: EkOp, kind: str, n: int, vals: Sequence, nptr: int, threads: int, 
         op.band = band_rows(kind, n, ints[2], ints[3], ints[0], threads, panel_bytes)
     elif kind == "gmbi":  # C H W (then the GPU's tiling)
         ints = _ints(scal[:3])
-        op.band = band_rows(kind, n, ints[1], ints[2], ints[0], threads, panel_bytes)
+        mode = gmbi_mode(n, ints[0], ints[1], ints[2], threads)
+        ints.append(GMBI_MODES[mode])
+        # two-phase: the bands are only the 1x1's (halo 0), sized like any other layer's
+        op.band = band_rows("gmbi" if mode == "banded" else "pw", n, ints[1], ints[2], ints[0], threads, panel_bytes)
     elif kind == "head":  # cin cout h1 w1 H W sh sw
         ints = _ints(scal[:6])
         op.f[0], op.f[1] = float(scal[6]), float(scal[7])
@@ -274,6 +289,7 @@ class FusedNet:
         self.params = _aligned(blob.nbytes)
         self.params[:] = blob
         self._states: Dict[Tuple[int, int, int], tuple] = {}
+        self._io: Dict[Tuple[int, int, int], dict] = {}
 
     def state(self, n: int, height: int, width: int):
         key = (n, height, width)
@@ -284,7 +300,18 @@ class FusedNet:
             ops, layers = build_program(plan, self.offsets, self.params.ctypes.data, acts.ctypes.data,
                                         self.kernels.threads, self.panel_bytes, self.fuse_head)
             self._states[key] = (plan, acts, ops, layers)
+            # where the program reads the input and writes the output: forward() points those at the
+            # caller's batch and a fresh result array (no copies of 3 MB in and 1 MB out per 512x512 image)
+            io = {plan.input: [], plan.output: []}
+            for name, slots in io.items():
+                addr = acts.ctypes.data + plan.buffers[name].offset
+                slots += [(k, j) for k, op in enumerate(ops) for j in range(len(op.ptr)) if op.ptr[j] == addr]
+            self._io[key] = io
         return self._states[key]
+
+    def _point(self, key, name: str, addr: int) -> None:
+        for k, j in self._io[key][name]:
+            self._states[key][2][k].ptr[j] = addr
 
     def view(self, plan: NetPlan, acts: np.ndarray, name: str) -> np.ndarray:
         b = plan.buffers[name]
@@ -296,14 +323,27 @@ class FusedNet:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 4 or x.shape[1] != self.net.in_channels:
             raise EdgekitError(f"cpu-fused: expected N x {self.net.in_channels} x H x W, got {x.shape}")
-        plan, acts, ops, _ = self.state(*x.shape[:1], *x.shape[2:])
+        key = (x.shape[0], *x.shape[2:])
+        plan, acts, ops, _ = self.state(*key)
         if poison:
             acts.fill(0xFF)
-        self.view(plan, acts, plan.input)[...] = x
-        self.kernels.run(ops, timings, cpu_clock)
-        if buffers:
+        if buffers:  # every buffer, the input and output included, in the plan's own memory
+            for name in (plan.input, plan.output):
+                self._point(key, name, acts.ctypes.data + plan.buffers[name].offset)
+            self.view(plan, acts, plan.input)[...] = x
+            self.kernels.run(ops, timings, cpu_clock)
             return {name: self.view(plan, acts, name).copy() for name in plan.buffers}
-        return self.view(plan, acts, plan.output).copy()
+        out = np.empty(plan.buffers[plan.output].shape, dtype=np.float32)
+        if poison:
+            out.fill(np.nan)
+        self._point(key, plan.input, x.ctypes.data)
+        self._point(key, plan.output, out.ctypes.data)
+        try:
+            self.kernels.run(ops, timings, cpu_clock)
+        finally:  # never leave the program pointing at memory the caller may free
+            self._point(key, plan.input, acts.ctypes.data + plan.buffers[plan.input].offset)
+            self._point(key, plan.output, acts.ctypes.data + plan.buffers[plan.output].offset)
+        return out
 
 
 __all__ = ["ISA_LEVELS", "CpuKernels", "EkOp", "FusedNet", "band_rows", "build_library", "build_program",

@@ -158,6 +158,9 @@ struct Pool {
   std::atomic<uint64_t> gen{0};
   std::atomic<uint64_t> ticket{0};
   std::atomic<int> done{0};
+  Scratch shared;  // buffers every task of a job reads (the two-phase GMBI's z); grown by the calling thread only
+
+  float* shared_z(size_t n) { return shared.get(0, n); }
 
   explicit Pool(int n) : nthreads(std::max(1, n)), scratch(std::max(1, n)) {
     for (int t = 1; t < nthreads; ++t) workers.emplace_back([this, t] { loop(t); });
@@ -304,6 +307,9 @@ static void gemm(const Gemm& g, Scratch& s) {
 // dilation 4 need no bounds checks); rows out of the image read a shared zero row.
 
 constexpr int PADC = 16;  // >= the largest dilation, and keeps every row 64-byte aligned
+// Row stride of a K x P panel: P rounded up plus 16 floats, so the K rows the GEMM streams at once never sit a
+// multiple of 4 KB apart (they would all map to one L1 set: at stage 2, P = 4096, that cost the 1x1s ~2x).
+static inline long panel_ld(int P) { return ((long)(P + 15) / 16) * 16 + 16; }
 static inline int padded_stride(int W) { return ((W + 2 * PADC + 15) / 16) * 16; }
 
 struct RowBuf {
@@ -350,9 +356,41 @@ static inline void dw_row(float* out, const float* a, const float* b, const floa
   }
 }
 
-// y = ReLU(dw(a, b, c)) and, in the same pass, u = sigmoid(y) * x + x (forward guidance of the next group)
-static inline void dw_gate_row(float* y, float* u, const float* a, const float* b, const float* c, const float* w,
-                               float bias, const float* xn, int W, int d) {
+// sigmoid(y) for y >= 0 (every gate's argument is a ReLU output): e^-y = 2^t, t = -y log2(e) in [-115, 0], as
+// 2^round(t) (exponent bits) x 2^f, f in [-0.5, 0.5] (Cephes exp2f polynomial, ~2e-7 relative), then the
+// reciprocal estimate + one Newton step.  No clamp below (y >= 0), none at the top but y <= 80 (the exponent
+// add must not reach denormals).  About 18 vector ops, against ~25 for the general vsigmoid.
+static inline vf vsigmoid_pos(vf y) {
+  y = y < 80.0f ? y : vset1(80.0f);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: t + magic rounds t to an integer in the low mantissa bits
+  vf t = y * -1.44269504088896341f;
+  vf tm = t + magic;
+  vf n = tm - magic;
+  vf f = t - n;
+  vi ni = (vi)tm - 0x4B400000;
+  vf p = vset1(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  vf e = (vf)((vi)p + (ni << 23));
+  vf d = 1.0f + e;
+  vf r = vrcp(d);
+  return r * (2.0f - d * r);
+}
+
+// One row of one stage of a GMBI lane (the four dilated depthwise convs, guidance forward and back), fused:
+//   y = ReLU(dw_d(a, b, c) + bias), s = sigmoid(y)
+//   U: u = s * xn + xn          forward guidance: the next stage's input (stages 1-3, band and halo rows)
+//   Y: y stored                 the raw stage output, into the 1x1's panel (band rows)
+//   Z: zp = s * zp + zp         backward enhancement of the previous stage's raw output, which sits in the
+//                               panel: z_{i-1} = sigmoid(y_i) y_{i-1} + y_{i-1} (band rows, stages 2-4)
+// so each sigmoid is computed once: four per lane pixel (the separate backward pass recomputed three more).
+template <bool U, bool Y, bool Z>
+static inline void dw_stage_row(float* y, float* u, float* zp, const float* a, const float* b, const float* c,
+                                const float* w, float bias, const float* xn, int W, int d) {
   const vf w0 = vset1(w[0]), w1 = vset1(w[1]), w2 = vset1(w[2]), w3 = vset1(w[3]), w4 = vset1(w[4]),
            w5 = vset1(w[5]), w6 = vset1(w[6]), w7 = vset1(w[7]), w8 = vset1(w[8]), vb = vset1(bias);
   int x = 0;
@@ -361,29 +399,19 @@ static inline void dw_gate_row(float* y, float* u, const float* a, const float* 
            w4 * vload(b + x) + w5 * vload(b + x + d) + w6 * vload(c + x - d) + w7 * vload(c + x) +
            w8 * vload(c + x + d);
     s = vmax0(s);
-    vstore(y + x, s);
-    vf xv = vload(xn + x);
-    vstore(u + x, vsigmoid(s) * xv + xv);
+    if (Y) vstore(y + x, s);
+    vf g = vsigmoid_pos(s);
+    if (U) { vf xv = vload(xn + x); vstore(u + x, g * xv + xv); }
+    if (Z) { vf zv = vload(zp + x); vstore(zp + x, g * zv + zv); }
   }
   for (; x < W; ++x) {
     float s = bias + w[0] * a[x - d] + w[1] * a[x] + w[2] * a[x + d] + w[3] * b[x - d] + w[4] * b[x] +
               w[5] * b[x + d] + w[6] * c[x - d] + w[7] * c[x] + w[8] * c[x + d];
     s = s > 0.0f ? s : 0.0f;
-    y[x] = s;
-    u[x] = ssigmoid(s) * xn[x] + xn[x];
-  }
-}
-
-static inline void gate_inplace(float* y, const float* g, int n) {  // y = sigmoid(g) * y + y
-  int i = 0;
-  for (; i + VW <= n; i += VW) { vf yv = vload(y + i); vstore(y + i, vsigmoid(vload(g + i)) * yv + yv); }
-  if (i < n) {  // the tail through the same vector code, so a pixel's value never depends on the band it is in
-    float yb[VW] = {0}, gb[VW] = {0};
-    std::memcpy(yb, y + i, (n - i) * sizeof(float));
-    std::memcpy(gb, g + i, (n - i) * sizeof(float));
-    vf yv = vload(yb);
-    vstore(yb, vsigmoid(vload(gb)) * yv + yv);
-    std::memcpy(y + i, yb, (n - i) * sizeof(float));
+    if (Y) y[x] = s;
+    float g = ssigmoid(s);
+    if (U) u[x] = g * xn[x] + xn[x];
+    if (Z) zp[x] = g * zp[x] + zp[x];
   }
 }
 
@@ -403,8 +431,67 @@ constexpr int HALO_R1 = 9, HALO_R2 = 7, HALO_R3 = 4;
 struct GmbiArgs {
   const float *x, *dw_w, *dw_b, *pw_wt, *pw_b; float* out;
   int N, C, H, W, band;
+  float* z;  // two-phase mode: every image's z (N x C x zld floats); nullptr: banded mode
+  long zld;
 };
 
+// The depthwise chain of lane c (channels c, G+c, 2G+c, 3G+c) of one image for output rows [r0, r1):
+// z[(i G + c) * ld + (r - r0) W + x] = z_i.  Rows outside [r0, r1) that the dilations reach are recomputed
+// (the halo: 10 rows of x, 9, 7, 4 of u1..u3).
+static void gmbi_chain_lane(const GmbiArgs& a, const float* x, int c, int r0, int r1, float* z, long LD, Scratch& s) {
+  const int C = a.C, H = a.H, W = a.W, G = C / 4;
+  const long HW = (long)H * W;
+  (void)C;
+  const float* zero = zero_row(s, W);
+  auto lo = [&](int h) { return std::max(0, r0 - h); };
+  auto hi = [&](int h) { return std::min(H, r1 + h); };
+  const int x0a = lo(HALO_R1 + 1), x0b = hi(HALO_R1 + 1);
+  const int a1 = lo(HALO_R1), b1 = hi(HALO_R1), a2 = lo(HALO_R2), b2 = hi(HALO_R2), a3 = lo(HALO_R3), b3 = hi(HALO_R3);
+  RowBuf X0 = rowbuf(s, 2, x0a, x0b - x0a, W, zero);
+  RowBuf U1 = rowbuf(s, 3, a1, b1 - a1, W, zero);
+  RowBuf U2 = rowbuf(s, 4, a2, b2 - a2, W, zero);
+  RowBuf U3 = rowbuf(s, 5, a3, b3 - a3, W, zero);
+  {
+    const float* xc[4];
+    for (int i = 0; i < 4; ++i) xc[i] = x + (long)(i * G + c) * HW;
+    float* zc[4];
+    for (int i = 0; i < 4; ++i) zc[i] = z + (long)(i * G + c) * LD;
+    const float* wts[4]; float bs[4];
+    for (int i = 0; i < 4; ++i) { wts[i] = a.dw_w + (i * G + c) * 9; bs[i] = a.dw_b[i * G + c]; }
+    for (int r = x0a; r < x0b; ++r) std::memcpy(X0.row(r), xc[0] + (long)r * W, W * sizeof(float));
+    // Stage k (dilation k) runs on its region (band + halo k); on band rows it also writes y_{k-1} into the
+    // panel and, from stage 2 on, turns y_{k-2} there into z_{k-2} with the same sigmoid.
+    for (int r = a1; r < b1; ++r) {  // stage 1: y0, u1 = sig(y0) x1 + x1
+      const float *ta = X0.tap(r - 1, H), *tb = X0.tap(r, H), *tc = X0.tap(r + 1, H), *xn = xc[1] + (long)r * W;
+      if (r >= r0 && r < r1)
+        dw_stage_row<true, true, false>(zc[0] + (long)(r - r0) * W, U1.row(r), nullptr, ta, tb, tc, wts[0], bs[0], xn, W, 1);
+      else
+        dw_stage_row<true, false, false>(nullptr, U1.row(r), nullptr, ta, tb, tc, wts[0], bs[0], xn, W, 1);
+    }
+    for (int r = a2; r < b2; ++r) {  // stage 2: y1, u2; z0 = sig(y1) y0 + y0
+      const float *ta = U1.tap(r - 2, H), *tb = U1.tap(r, H), *tc = U1.tap(r + 2, H), *xn = xc[2] + (long)r * W;
+      if (r >= r0 && r < r1)
+        dw_stage_row<true, true, true>(zc[1] + (long)(r - r0) * W, U2.row(r), zc[0] + (long)(r - r0) * W, ta, tb, tc,
+                                       wts[1], bs[1], xn, W, 2);
+      else
+        dw_stage_row<true, false, false>(nullptr, U2.row(r), nullptr, ta, tb, tc, wts[1], bs[1], xn, W, 2);
+    }
+    for (int r = a3; r < b3; ++r) {  // stage 3: y2, u3; z1 = sig(y2) y1 + y1
+      const float *ta = U2.tap(r - 3, H), *tb = U2.tap(r, H), *tc = U2.tap(r + 3, H), *xn = xc[3] + (long)r * W;
+      if (r >= r0 && r < r1)
+        dw_stage_row<true, true, true>(zc[2] + (long)(r - r0) * W, U3.row(r), zc[1] + (long)(r - r0) * W, ta, tb, tc,
+                                       wts[2], bs[2], xn, W, 3);
+      else
+        dw_stage_row<true, false, false>(nullptr, U3.row(r), nullptr, ta, tb, tc, wts[2], bs[2], xn, W, 3);
+    }
+    for (int r = r0; r < r1; ++r)  // stage 4: y3 (= z3) on the band; z2 = sig(y3) y2 + y2
+      dw_stage_row<false, true, true>(zc[3] + (long)(r - r0) * W, nullptr, zc[2] + (long)(r - r0) * W, U3.tap(r - 4, H),
+                                      U3.tap(r, H), U3.tap(r + 4, H), wts[3], bs[3], nullptr, W, 4);
+  }
+}
+
+// Banded mode: a task = (image, band of rows); the chain of every lane for the band (with its halo), then the
+// 1x1 on the band's panel in this thread's scratch (L2-sized).
 static void gmbi_task(const void* vctx, int task, Scratch& s) {
   const GmbiArgs& a = *static_cast<const GmbiArgs*>(vctx);
   const int C = a.C, H = a.H, W = a.W, G = C / 4;
@@ -414,57 +501,37 @@ static void gmbi_task(const void* vctx, int task, Scratch& s) {
   const long HW = (long)H * W;
   const float* x = a.x + (long)img * C * HW;
   float* out = a.out + (long)img * C * HW;
-  const int rows = r1 - r0, P = rows * W;
-  const float* zero = zero_row(s, W);
-  // regions, clipped to the image
-  auto lo = [&](int h) { return std::max(0, r0 - h); };
-  auto hi = [&](int h) { return std::min(H, r1 + h); };
-  const int x0a = lo(HALO_R1 + 1), x0b = hi(HALO_R1 + 1);
-  const int a1 = lo(HALO_R1), b1 = hi(HALO_R1), a2 = lo(HALO_R2), b2 = hi(HALO_R2), a3 = lo(HALO_R3), b3 = hi(HALO_R3);
-  float* z = s.get(0, (size_t)C * P + VW);
-  float* yt = s.get(1, (size_t)W + VW);
-  RowBuf X0 = rowbuf(s, 2, x0a, x0b - x0a, W, zero);
-  RowBuf U1 = rowbuf(s, 3, a1, b1 - a1, W, zero);
-  RowBuf U2 = rowbuf(s, 4, a2, b2 - a2, W, zero);
-  RowBuf U3 = rowbuf(s, 5, a3, b3 - a3, W, zero);
+  const int P = (r1 - r0) * W;
+  const long LD = panel_ld(P);
+  float* z = s.get(0, (size_t)C * LD + VW);
 #ifndef EK_PROFILE_NO_CHAIN
-  for (int c = 0; c < G; ++c) {  // lane c: channels c, G+c, 2G+c, 3G+c
-    const float* xc[4];
-    for (int i = 0; i < 4; ++i) xc[i] = x + (long)(i * G + c) * HW;
-    float* zc[4];
-    for (int i = 0; i < 4; ++i) zc[i] = z + (long)(i * G + c) * P;
-    const float* wts[4]; float bs[4];
-    for (int i = 0; i < 4; ++i) { wts[i] = a.dw_w + (i * G + c) * 9; bs[i] = a.dw_b[i * G + c]; }
-    for (int r = x0a; r < x0b; ++r) std::memcpy(X0.row(r), xc[0] + (long)r * W, W * sizeof(float));
-    // stage 1: y0 (dil 1) on R1, u1 = sig(y0) x1 + x1
-    for (int r = a1; r < b1; ++r) {
-      float* y = (r >= r0 && r < r1) ? zc[0] + (long)(r - r0) * W : yt;
-      dw_gate_row(y, U1.row(r), X0.tap(r - 1, H), X0.tap(r, H), X0.tap(r + 1, H), wts[0], bs[0],
-                  xc[1] + (long)r * W, W, 1);
-    }
-    // stage 2: y1 (dil 2) on R2, u2
-    for (int r = a2; r < b2; ++r) {
-      float* y = (r >= r0 && r < r1) ? zc[1] + (long)(r - r0) * W : yt;
-      dw_gate_row(y, U2.row(r), U1.tap(r - 2, H), U1.tap(r, H), U1.tap(r + 2, H), wts[1], bs[1],
-                  xc[2] + (long)r * W, W, 2);
-    }
-    // stage 3: y2 (dil 3) on R3, u3
-    for (int r = a3; r < b3; ++r) {
-      float* y = (r >= r0 && r < r1) ? zc[2] + (long)(r - r0) * W : yt;
-      dw_gate_row(y, U3.row(r), U2.tap(r - 3, H), U2.tap(r, H), U2.tap(r + 3, H), wts[2], bs[2],
-                  xc[3] + (long)r * W, W, 3);
-    }
-    // stage 4: y3 (dil 4) on the band
-    for (int r = r0; r < r1; ++r)
-      dw_row(zc[3] + (long)(r - r0) * W, U3.tap(r - 4, H), U3.tap(r, H), U3.tap(r + 4, H), wts[3], bs[3], W, 4);
-    // backward enhancement, in place: z_i = sig(y_{i+1}) y_i + y_i (in order, so y_{i+1} is still raw)
-    for (int i = 0; i < 3; ++i) gate_inplace(zc[i], zc[i + 1], P);
-  }
+  for (int c = 0; c < G; ++c) gmbi_chain_lane(a, x, c, r0, r1, z, LD, s);
 #endif
-  Gemm g{z, P, a.pw_wt, a.pw_b, C, C, P, out + (long)r0 * W, HW, x + (long)r0 * W, HW};
+  Gemm g{z, LD, a.pw_wt, a.pw_b, C, C, P, out + (long)r0 * W, HW, x + (long)r0 * W, HW};
 #ifndef EK_PROFILE_NO_GEMM
   gemm(g, s);
 #endif
+}
+
+// Two-phase mode, for small images where a band's halo would cost more than its rows: phase 1, a task =
+// (image, lane) over the whole image (no halo at all), into the shared z; phase 2, a task = (image, band of
+// rows) of the 1x1 over z.
+static void gmbi_lane_task(const void* vctx, int task, Scratch& s) {
+  const GmbiArgs& a = *static_cast<const GmbiArgs*>(vctx);
+  const int G = a.C / 4, img = task / G, c = task % G;
+  const long HW = (long)a.H * a.W;
+  gmbi_chain_lane(a, a.x + (long)img * a.C * HW, c, 0, a.H, a.z + (long)img * a.C * a.zld, a.zld, s);
+}
+
+static void gmbi_pw_task(const void* vctx, int task, Scratch& s) {
+  const GmbiArgs& a = *static_cast<const GmbiArgs*>(vctx);
+  const int per = (a.H + a.band - 1) / a.band;
+  int img, r0, r1;
+  band_of(task, per, a.band, a.H, img, r0, r1);
+  const long HW = (long)a.H * a.W, off = (long)r0 * a.W;
+  Gemm g{a.z + (long)img * a.C * a.zld + off, a.zld, a.pw_wt, a.pw_b, a.C, a.C, (int)((r1 - r0) * a.W),
+         a.out + (long)img * a.C * HW + off, HW, a.x + (long)img * a.C * HW + off, HW};
+  gemm(g, s);
 }
 
 static inline int nearest_src(int dst, float scale, int in) {
@@ -565,14 +632,15 @@ static void dwpw_task(const void* vctx, int task, Scratch& s) {
     gemm(g, s);
     return;
   }
-  float* panel = s.get(0, (size_t)a.cin * P + VW);
+  const long LD = panel_ld(P);
+  float* panel = s.get(0, (size_t)a.cin * LD + VW);
   if (a.mode == DWPW_S2) {
     float* E = s.get(1, a.wo + 2 * VW);
     float* O = s.get(2, a.wo + 1 + 2 * VW);
     for (int c = 0; c < a.cin; ++c) {
       const float* w = a.dw_w + c * 9; const float b = a.dw_b[c];
       const float* xc = x + (long)c * HWi;
-      float* pc = panel + (long)c * P;
+      float* pc = panel + (long)c * LD;
       for (int r = r0; r < r1; ++r) {
         float* o = pc + (long)(r - r0) * a.wo;
         for (int j = 0; j < a.wo; ++j) o[j] = b;
@@ -607,20 +675,20 @@ static void dwpw_task(const void* vctx, int task, Scratch& s) {
           for (int j = 0; j < a.wo; ++j) d[j] = l[j] + h[ix[j]];
         }
       }
-      float* pc = panel + (long)c * P;
+      float* pc = panel + (long)c * LD;
       for (int r = r0; r < r1; ++r)
         dw_row(pc + (long)(r - r0) * a.wo, S.tap(r - 1, a.ho), S.tap(r, a.ho), S.tap(r + 1, a.ho), a.dw_w + c * 9,
                a.dw_b[c], a.wo, 1);
     }
   }
   if (a.head) {
-    float* d = s.get(5, (size_t)a.cout * P + VW);
-    Gemm g{panel, P, a.pw_wt, a.pw_b, a.cin, a.cout, P, d, P, nullptr, 0};
+    float* d = s.get(5, (size_t)a.cout * LD + VW);
+    Gemm g{panel, LD, a.pw_wt, a.pw_b, a.cin, a.cout, P, d, LD, nullptr, 0};
     gemm(g, s);
-    head_band(*a.head, d, P, r0, r1, a.out + (long)img * a.head->cout * a.head->H * a.head->W, s);
+    head_band(*a.head, d, LD, r0, r1, a.out + (long)img * a.head->cout * a.head->H * a.head->W, s);
     return;
   }
-  Gemm g{panel, P, a.pw_wt, a.pw_b, a.cin, a.cout, P, out, HWo, nullptr, 0};
+  Gemm g{panel, LD, a.pw_wt, a.pw_b, a.cin, a.cout, P, out, HWo, nullptr, 0};
   gemm(g, s);
 }
 
@@ -634,16 +702,17 @@ static void stem_task(const void* vctx, int task, Scratch& s) {
   band_of(task, per, a.band, a.h1, img, r0, r1);
   const int P = (r1 - r0) * a.w1, K = a.cin * 9;
   const long HW = (long)a.H * a.W;
-  float* panel = s.get(0, (size_t)K * P + VW);
+  const long LD = panel_ld(P);
+  float* panel = s.get(0, (size_t)K * LD + VW);
   float* E = s.get(1, a.w1 + 2 * VW);
   float* O = s.get(2, a.w1 + 1 + 2 * VW);
   for (int c = 0; c < a.cin; ++c) {
     const float* xc = a.x + ((long)img * a.cin + c) * HW;
     for (int r = r0; r < r1; ++r)
       for (int ky = 0; ky < 3; ++ky) {
-        float* p0 = panel + (long)(c * 9 + ky * 3) * P + (long)(r - r0) * a.w1;
-        float* p1 = p0 + P;
-        float* p2 = p1 + P;
+        float* p0 = panel + (long)(c * 9 + ky * 3) * LD + (long)(r - r0) * a.w1;
+        float* p1 = p0 + LD;
+        float* p2 = p1 + LD;
         int iy = 2 * r - 1 + ky;
         if (iy < 0 || iy >= a.H) {
           std::memset(p0, 0, a.w1 * sizeof(float)); std::memset(p1, 0, a.w1 * sizeof(float));
@@ -657,7 +726,7 @@ static void stem_task(const void* vctx, int task, Scratch& s) {
       }
   }
   float* out = a.out + (long)img * a.cout * a.h1 * a.w1 + (long)r0 * a.w1;
-  Gemm g{panel, P, a.w, a.b, K, a.cout, P, out, (long)a.h1 * a.w1, nullptr, 0};
+  Gemm g{panel, LD, a.w, a.b, K, a.cout, P, out, (long)a.h1 * a.w1, nullptr, 0};
   gemm(g, s);
 }
 
@@ -669,6 +738,7 @@ static void stem_task(const void* vctx, int task, Scratch& s) {
 extern "C" {
 
 // One planned layer (edgekit.kernels.cpu_fused builds these from plan_gmbinet's launches).
+enum { GMBI_BANDED = 0, GMBI_TWO_PHASE = 1 };  // EkOp.i[3] of an OP_GMBI
 enum { OP_STEM = 0, OP_S2 = 1, OP_PW = 2, OP_UP = 3, OP_GMBI = 4, OP_HEAD = 5, OP_UP_HEAD = 6 };
 struct EkOp {
   int32_t kind, n, band, pad;
@@ -715,8 +785,15 @@ static void run_op(Pool& pool, const EkOp& op, double* ms, bool cpu) {
       break;
     }
     case OP_GMBI: {
-      GmbiArgs a{F(0), F(2), F(3), F(4), F(5), F(1), op.n, op.i[0], op.i[1], op.i[2], op.band};
-      pool.run(gmbi_task, &a, op.n * ((a.H + a.band - 1) / a.band));
+      GmbiArgs a{F(0), F(2), F(3), F(4), F(5), F(1), op.n, op.i[0], op.i[1], op.i[2], op.band, nullptr, 0};
+      if (op.i[3] == GMBI_TWO_PHASE) {
+        a.zld = panel_ld(a.H * a.W);
+        a.z = pool.shared_z((size_t)a.N * a.C * a.zld + VW);
+        pool.run(gmbi_lane_task, &a, op.n * (a.C / 4));
+        pool.run(gmbi_pw_task, &a, op.n * ((a.H + a.band - 1) / a.band));
+      } else {
+        pool.run(gmbi_task, &a, op.n * ((a.H + a.band - 1) / a.band));
+      }
       break;
     }
     case OP_HEAD: {
