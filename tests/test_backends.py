@@ -30,6 +30,25 @@ def test_bench_defaults_come_from_the_specs():
         assert spec.device == "cpu" and (not precision or precision in spec.precisions)
 
 
+def test_a_backend_this_machine_cannot_build_leaves_the_default_rows(monkeypatch):
+    """cpu-fused is a default row where it can be built (a C++ compiler, AVX2+FMA); elsewhere it is left out
+    of the default and --all rows with a note, instead of failing the whole benchmark."""
+    import dataclasses
+
+    from edgekit.backends import registry
+    from edgekit.bench.plan import default_cpu_backends
+
+    spec = get_backend("cpu-fused")
+    if spec.not_here() is None:
+        assert "cpu-fused:fp32" in default_bench_rows("cpu")
+    monkeypatch.setitem(registry._SPECS, "cpu-fused", dataclasses.replace(spec, not_here=lambda: "no C++ compiler (g++)"))
+    notes = []
+    assert not any(r.startswith("cpu-fused") for r in default_bench_rows("cpu", notes.append))
+    assert not any(r.startswith("cpu-fused") for r in default_cpu_backends(True, notes.append))
+    assert notes == ["default rows: no cpu-fused row here (no C++ compiler (g++))",
+                     "--all: no cpu-fused rows here (no C++ compiler (g++))"]
+
+
 def test_torch_variants_are_load_options(tiny_ckpt):
     runner = runtime.load(tiny_ckpt, threads=1)
     assert runner.name == "torch" and runner.precision == "fp32"

@@ -59,6 +59,8 @@ class BackendSpec:
     async_queue: bool = False  # the runner offers throughput_queue(batch, jobs)
     tools: Tuple[str, ...] = ()  # pip package names recorded in manifest["tools"]
     bench_default: Tuple[str, ...] = ()  # precisions in `edgekit bench`'s default rows
+    # optional: () -> None, or why this machine cannot build it (no compiler, an ISA it lacks): default rows skip it
+    not_here: Optional[Callable[[], Optional[str]]] = None
     kinds: Tuple[str, ...] = ("gmbinet",)  # model kinds it compiles
     # artifact targets it can be compiled from (besides checkpoints); None: any float artifact
     from_artifacts: Optional[Tuple[str, ...]] = None
@@ -173,10 +175,20 @@ def get_backend(name: str) -> BackendSpec:
     return _SPECS[name]
 
 
-def default_bench_rows(device: str = "cpu") -> List[str]:
-    """``target:precision`` rows of ``edgekit bench`` without ``--backends``."""
-    return [f"{b.name}:{p}" if b.build is not None else b.name
-            for b in backends() if b.device == device for p in b.bench_default]
+def default_bench_rows(device: str = "cpu", log: Optional[Callable[[str], None]] = None) -> List[str]:
+    """``target:precision`` rows of ``edgekit bench`` without ``--backends`` (a backend this machine cannot
+    build, by its ``not_here``, is left out and said on ``log``)."""
+    rows = []
+    for b in backends():
+        if b.device != device or not b.bench_default:
+            continue
+        why = b.not_here() if b.not_here else None
+        if why:
+            if log:
+                log(f"default rows: no {b.name} row here ({why})")
+            continue
+        rows += [f"{b.name}:{p}" if b.build is not None else b.name for p in b.bench_default]
+    return rows
 
 
 def tool_packages() -> Tuple[str, ...]:

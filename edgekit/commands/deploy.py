@@ -109,7 +109,7 @@ def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_schem
 @click.option("--backends", default=None, help="Comma list of target[:precision] for checkpoints, e.g. "
               "torch,openvino:bf16,openvino:int8 (default: each backend's bench_default rows).")
 @click.option("--all", "all_rows", is_flag=True, help="Every CPU backend x precision the registry offers (onnx, ort, "
-              "openvino, executorch, cpu-fused: about a dozen artifacts to build instead of 3).")
+              "openvino, executorch, cpu-fused: about a dozen artifacts to build instead of 4).")
 @click.option("--batch", "batch", default="1,8", show_default=True, help="Comma list of batch sizes.")
 @threads_option(default=2)
 @click.option("--data", default="synthetic", show_default=True, help="Accuracy data (SD-900 test split when given).")
@@ -139,8 +139,8 @@ def bench_cmd(models, device, backends, all_rows, batch, threads, data, calib, r
     """One table: size, IoU/MAE, latency p50/p90/p99 and FPS of every backend x precision.
 
     Without --backends a checkpoint (default: the embedded one) gets the backends' default rows:
-    torch, the plain OpenVINO baseline (openvino:default), OpenVINO fp32 and INT8; their artifacts
-    are compiled once and cached. --all gives every CPU backend x precision.
+    torch, the plain OpenVINO baseline (openvino:default), OpenVINO fp32 and INT8, and cpu-fused fp32
+    where a C++ compiler and AVX2 are present; their artifacts are compiled once and cached. --all gives every CPU backend x precision.
 
     Given an MLFF adapter REGISTRY (and --data class folders): its backbone per backend + the adapter heads,
     with top-1 accuracy on the held-out part of --data. With --server: a served model's row beside the local ones.
@@ -188,12 +188,12 @@ def _bench(models, device, backends, all_rows, batch, threads, data, calib, roun
             raise EdgekitError("bench takes one adapter registry at a time (no other models beside it)")
         return _bench_mlff(models[0], backends, batches, threads, data, calib, rounds, iters, eval_limit, json_out,
                            plot_out)
-    specs = [s.strip() for s in backends.split(",")] if backends else default_cpu_backends(all_rows)
+    log = lambda m: click.echo(f"bench: {m}", err=True)  # noqa: E731 - stage lines on stderr
+    specs = [s.strip() for s in backends.split(",")] if backends else default_cpu_backends(all_rows, log)
     _check_backend_specs(specs)
     set_threads(threads)
     if calib is None:  # int8 rows calibrate on --data (its train split), said in the row's manifest
         calib = data
-    log = lambda m: click.echo(f"bench: {m}", err=True)  # noqa: E731 - stage lines on stderr
     if server and not served_model:
         raise EdgekitError("--server needs --model NAME (the served model)")
     served = None

@@ -6,6 +6,7 @@ follow the GPU path's plan (``edgekit.kernels.gmbinet.plan_gmbinet``); see ``ker
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -24,8 +25,19 @@ def _load(path: Path, threads: Optional[int] = None, isa: Optional[str] = None, 
     return CpuFusedRunner(Path(path), threads=threads, isa=isa, fuse_head=fuse_head)
 
 
+def _not_here() -> Optional[str]:
+    import shutil
+
+    from edgekit.kernels.cpu_fused import supported_isas
+
+    if not supported_isas():
+        return "this CPU has neither AVX2+FMA nor AVX-512"
+    cxx = os.environ.get("CXX", "g++")
+    return None if shutil.which(cxx) else f"no C++ compiler ({cxx}) to build its kernels"
+
+
 SPEC = register_backend(BackendSpec(
     name="cpu-fused", description="edgekit's fused CPU kernels (C++, AVX2 / AVX-512; needs g++ to compile)",
     precisions=("fp32",), build=_build, load=_load, device="cpu", load_options=("threads", "isa", "fuse_head"),
-    from_artifacts=(),
+    from_artifacts=(), bench_default=("fp32",), not_here=_not_here,
 ))
