@@ -24,7 +24,7 @@ from edgekit.kernels.gmbi import HALO_R1, HALO_R2, HALO_R3
 from edgekit.kernels.gmbinet import FoldedGMBINet, NetPlan, plan_gmbinet
 
 SOURCE_NAME = "gmbinet_cpu.cpp"
-ABI_VERSION = 2
+ABI_VERSION = 3
 CXX_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno")  # never -ffast-math: see vexp()
 # ISA level -> (compiler flags, CPU features it needs as numpy's CPU dispatcher names them), fastest first.
 ISA_LEVELS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
@@ -267,6 +267,11 @@ def build_program(plan: NetPlan, param_offsets: Dict[str, Tuple[int, int]], para
             k += 2
             continue
         _fill(op, ln.kind, plan.n, vals, nptr, threads, panel_bytes)
+        if ln.kind == "gmbi" and f"{ln.layer}.pw_q" in param_offsets:  # the INT8 1x1 (quantize_gmbi_1x1)
+            op.i[4] = 1
+            op.ptr[6] = param_base + param_offsets[f"{ln.layer}.pw_q"][0]
+            op.ptr[7] = param_base + param_offsets[f"{ln.layer}.pw_qscale"][0]
+            op.f[0] = ctypes.c_float.from_address(param_base + param_offsets[f"{ln.layer}.pw_qinv"][0]).value
         program.append((op, [ln.layer]))
         k += 1
     ops = (EkOp * len(program))(*[op for op, _ in program])
@@ -346,5 +351,63 @@ class FusedNet:
         return out
 
 
+# ----------------------------------------------------------------------------------------------
+# INT8 1x1 of the GMBI modules
+
+Q_LEVELS = 127  # 7-bit unsigned activations: vpmaddubsw's s16 pair sums (2 x 127 x 127) never saturate
+
+
+def gmbi_1x1_ranges(model, batches: Sequence[np.ndarray]) -> Dict[str, float]:
+    """{gmbi layer name: max of its 1x1's input z} over the calibration batches (real images, preprocessed),
+    read with forward pre-hooks on each module's ``fusion`` in PyTorch (the reference the kernels match)."""
+    import torch
+
+    ranges: Dict[str, float] = {}
+    hooks = []
+    for s in range(2, 6):
+        for i, blk in enumerate(list(getattr(model, f"encoder{s}").children())[1:], start=1):
+            name = f"gmbi{s}_{i}"
+
+            def grab(_mod, inputs, name=name):
+                ranges[name] = max(ranges.get(name, 0.0), float(inputs[0].detach().amax()))
+            hooks.append(blk.fusion.register_forward_pre_hook(grab))
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return ranges
+
+
+def quantize_gmbi_1x1(net: FoldedGMBINet, ranges: Dict[str, float]) -> Dict[str, dict]:
+    """Add the INT8 1x1 arrays to every GMBI layer of ``net`` (in place): ``pw_q`` the s8 weights, symmetric
+    per output channel, packed as [G][C] words whose 4 bytes are the input channels c, G+c, 2G+c, 3G+c (the
+    order in which the chain's stage-4 pass packs z); ``pw_qscale`` s_z * s_w[co]; ``pw_qinv`` 1 / s_z.
+    Returns the per-layer record for the manifest."""
+    report = {}
+    for name, layer in net.layers.items():
+        if layer.kind != "gmbi":
+            continue
+        if name not in ranges:
+            raise EdgekitError(f"cpu-fused int8: no calibration range for {name}")
+        wt = np.asarray(layer.arrays["pw_wt"], dtype=np.float64)  # [cin][cout]
+        cin, cout = wt.shape
+        g = cin // 4
+        s_w = np.abs(wt).max(axis=0) / Q_LEVELS
+        s_w[s_w == 0] = 1.0
+        q = np.clip(np.rint(wt / s_w), -Q_LEVELS, Q_LEVELS).astype(np.int8)  # [cin][cout]
+        packed = np.stack([q[i * g:(i + 1) * g, :] for i in range(4)], axis=-1)  # [G][cout][4]
+        s_z = max(float(ranges[name]), 1e-12) / Q_LEVELS
+        layer.arrays["pw_q"] = np.ascontiguousarray(packed).view(np.uint32).reshape(g, cout)
+        layer.arrays["pw_qscale"] = (s_z * s_w).astype(np.float32)
+        layer.arrays["pw_qinv"] = np.array([1.0 / s_z], dtype=np.float32)
+        w_err = float(np.abs(q * s_w - wt).max())
+        report[name] = {"z_max": float(ranges[name]), "weight_max_abs_err": w_err}
+    return report
+
+
 __all__ = ["ISA_LEVELS", "CpuKernels", "EkOp", "FusedNet", "band_rows", "build_library", "build_program",
-           "choose_isa", "cpu_description", "cpu_features", "find_compiler", "source_path", "supported_isas"]
+           "choose_isa", "cpu_description", "cpu_features", "find_compiler", "gmbi_1x1_ranges", "quantize_gmbi_1x1",
+           "source_path", "supported_isas"]

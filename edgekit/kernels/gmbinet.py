@@ -116,7 +116,8 @@ class FoldedGMBINet:
     gmbi: Dict[str, GMBIParams] = field(default_factory=dict)  # float64 originals, for references
 
     def param_layout(self) -> Tuple[np.ndarray, Dict[str, Tuple[int, int]]]:
-        """All parameter arrays in one byte blob (each 256-byte aligned): (blob, {"layer.array": (offset, nbytes)})."""
+        """All parameter arrays in one byte blob (each 256-byte aligned): (blob, {"layer.array": (offset, nbytes)}).
+        Float arrays are stored as fp32, integer arrays (the CPU INT8 path's packed weights) byte for byte."""
         offsets: Dict[str, Tuple[int, int]] = {}
         pos = 0
         for lname, layer in self.layers.items():
@@ -127,7 +128,9 @@ class FoldedGMBINet:
         for lname, layer in self.layers.items():
             for aname, arr in layer.arrays.items():
                 off, nb = offsets[f"{lname}.{aname}"]
-                blob[off:off + nb] = np.frombuffer(np.ascontiguousarray(arr, dtype=np.float32).tobytes(), np.uint8)
+                a = np.ascontiguousarray(arr)  # float arrays as fp32; packed integer words as they are
+                a = a.astype(np.float32) if a.dtype.kind == "f" else a
+                blob[off:off + nb] = np.frombuffer(a.tobytes(), np.uint8)
         return blob, offsets
 
 

@@ -3,6 +3,8 @@
 Build (``build.py``): the folded weights and one kernel library per ISA level, compiled with the system
 C++ compiler at compile time. Run (``runner.py``): the fastest library this CPU supports. The kernels
 follow the GPU path's plan (``edgekit.kernels.gmbinet.plan_gmbinet``); see ``kernels/README.md`` Part 3.
+Precisions: fp32, and int8 (the GMBI modules' 1x1 convs INT8, calibrated on ``--calib`` images, under the
+pipeline's ``--max-drop`` budget like every INT8 target).
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from edgekit.backends.registry import BackendSpec, register_backend
 def _build(ctx) -> dict:
     from edgekit.backends.cpu_fused.build import build_cpu_fused
 
-    return build_cpu_fused(ctx.source.checkpoint, ctx.folder, ctx.precision, log=ctx.log)
+    return build_cpu_fused(ctx.source.checkpoint, ctx.folder, ctx.precision, calibration=ctx.calibration,
+                           calibration_description=ctx.calibration_description, log=ctx.log)
 
 
 def _load(path: Path, threads: Optional[int] = None, isa: Optional[str] = None, fuse_head: bool = True):
@@ -37,7 +40,7 @@ def _not_here() -> Optional[str]:
 
 
 SPEC = register_backend(BackendSpec(
-    name="cpu-fused", description="edgekit's fused CPU kernels (C++, AVX2 / AVX-512; needs g++ to compile)",
-    precisions=("fp32",), build=_build, load=_load, device="cpu", load_options=("threads", "isa", "fuse_head"),
+    name="cpu-fused", description="edgekit's fused CPU kernels (C++, AVX2 / AVX-512, fp32 or INT8 1x1; needs g++ to compile)",
+    precisions=("fp32", "int8"), build=_build, int8="builder", needs={"int8": ("calibration",)}, load=_load, device="cpu", load_options=("threads", "isa", "fuse_head"),
     from_artifacts=(), bench_default=("fp32",), not_here=_not_here,
 ))

@@ -6,6 +6,7 @@ Folder::
     kernels/libgmbinet_avx2.so     gmbinet_cpu.cpp built with -mavx2 -mfma (the baseline)
     kernels/libgmbinet_avx512.so   the same source with -mavx512f/vl/bw/dq
     manifest.json                  + the parameter layout, the ISA levels, compiler and flags per library
+                                     (int8: + "quantization", every GMBI module's calibrated z range)
 
 The manifest's file hashes cover the weights and every library, so a corrupt or replaced file is refused
 before anything is loaded.  The compiler is needed here only: a deployed device loads the library.
@@ -21,7 +22,7 @@ import numpy as np
 from edgekit.errors import EdgekitError
 
 WEIGHTS_FILE = "weights.bin"
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "int8")
 
 
 def library_name(isa: str) -> str:
@@ -29,9 +30,14 @@ def library_name(isa: str) -> str:
 
 
 def build_cpu_fused(checkpoint, folder: Path, precision: str = "fp32", *, isas: Optional[Sequence[str]] = None,
+                    calibration: Optional[Sequence[np.ndarray]] = None, calibration_description: Optional[str] = None,
                     log: Callable = print) -> dict:
-    """Write the weights and the libraries into ``folder``; returns the manifest fields."""
-    from edgekit.kernels.cpu_fused import ISA_LEVELS, build_library, find_compiler, source_path
+    """Write the weights and the libraries into ``folder``; returns the manifest fields.
+
+    ``int8``: the GMBI modules' 1x1 convs run INT8 (``quantize_gmbi_1x1``), their activation ranges
+    calibrated in PyTorch on ``calibration`` (preprocessed real images); everything else stays fp32."""
+    from edgekit.kernels.cpu_fused import (ISA_LEVELS, build_library, find_compiler, gmbi_1x1_ranges,
+                                           quantize_gmbi_1x1, source_path)
     from edgekit.kernels.gmbinet import fold_gmbinet, source_digest
 
     if checkpoint is None:
@@ -45,7 +51,18 @@ def build_cpu_fused(checkpoint, folder: Path, precision: str = "fp32", *, isas: 
     if unknown:
         raise EdgekitError(f"cpu-fused: unknown ISA level {unknown[0]!r} (choose from {', '.join(ISA_LEVELS)})")
     cxx = find_compiler()  # one line, before anything is written, when there is no compiler
-    net = fold_gmbinet(checkpoint.build().eval())  # refuses (one line) what the kernels cannot run
+    if precision == "int8" and not calibration:
+        raise EdgekitError("cpu-fused int8 calibrates its 1x1 activation ranges on real images: give --calib")
+    model = checkpoint.build().eval()
+    net = fold_gmbinet(model)  # refuses (one line) what the kernels cannot run
+    quantization = None
+    if precision == "int8":
+        log(f"cpu-fused: calibrating the GMBI 1x1 input ranges on {len(calibration)} images")
+        layers = quantize_gmbi_1x1(net, gmbi_1x1_ranges(model, calibration))
+        quantization = {"tool": "edgekit cpu-fused", "scheme": "GMBI 1x1 convs: weights s8 symmetric per output "
+                        "channel; input z u7 per module (max over the calibration images); everything else fp32",
+                        "calibration": calibration_description, "calibration_images": len(calibration),
+                        "int8_layers": len(layers), "layers": layers}
     blob, offsets = net.param_layout()
     folder = Path(folder)
     blob.tofile(folder / WEIGHTS_FILE)
@@ -56,7 +73,7 @@ def build_cpu_fused(checkpoint, folder: Path, precision: str = "fp32", *, isas: 
     for isa, info in zip(isas, built):
         libs[isa] = {"file": library_name(isa), "compiler": info["compiler"], "flags": info["flags"]}
         log(f"cpu-fused: {isa} kernels built with {info['compiler']}")
-    return {
+    fields = {
         "model_file": WEIGHTS_FILE,
         "extra_files": [libs[i]["file"] for i in isas],
         "runtime": "cpu-fused (ctypes)",
@@ -67,6 +84,9 @@ def build_cpu_fused(checkpoint, folder: Path, precision: str = "fp32", *, isas: 
         "param_layout": {name: [int(off), int(nb)] for name, (off, nb) in offsets.items()},
         "weights_bytes": int(blob.nbytes),
     }
+    if quantization is not None:
+        fields["quantization"] = quantization
+    return fields
 
 
 def read_weights(folder: Path, manifest: dict) -> np.ndarray:

@@ -428,17 +428,148 @@ static inline void band_of(int task, int per_image, int rows, int H, int& img, i
 // --- GMBI: one pass per band (see kernels/README.md for the halo arithmetic: 10, 9, 7, 4, 0)
 constexpr int HALO_R1 = 9, HALO_R2 = 7, HALO_R3 = 4;
 
+// ---------------------------------------------------------------------------------------------
+// INT8 1x1 of the GMBI modules (precision int8).  z >= 0 (ReLU outputs times 1 + sigmoid), so it is quantized
+// unsigned, per module: q = min(round(z / s_z), 127); weights symmetric per output channel, s8.  The 1x1's K
+// order is free, so the four z of one lane (channels c, G+c, 2G+c, 3G+c) form one 32-bit word per pixel,
+// written by the chain's stage-4 pass the moment all four are final: the quantized panel is G rows of P words
+// and the float z never reaches the 1x1.  The GEMM is vpmaddubsw (u8 x s8 pairs -> s16) + vpmaddwd (pairs
+// -> s32): 7-bit activations keep every s16 pair sum below 2 x 127 x 127 = 32258, so nothing saturates.
+#if VW == 16
+typedef __m512i vq;
+static inline vq q_load(const uint32_t* p) { return _mm512_loadu_si512(p); }
+static inline vq q_set1(uint32_t w) { return _mm512_set1_epi32((int)w); }
+static inline vq q_dot4(vq acc, vq z, vq w) {  // acc += sum of 4 u8 x s8 products per 32-bit lane
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(z, w), _mm512_set1_epi16(1)));
+}
+static inline vf q_to_f(vq a) { return (vf)_mm512_cvtepi32_ps(a); }
+static inline vq q_zero() { return _mm512_setzero_si512(); }
+static inline vi q_round(vf x) { return (vi)_mm512_cvtps_epi32((__m512)x); }
+#else
+typedef __m256i vq;
+static inline vq q_load(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+static inline vq q_set1(uint32_t w) { return _mm256_set1_epi32((int)w); }
+static inline vq q_dot4(vq acc, vq z, vq w) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(z, w), _mm256_set1_epi16(1)));
+}
+static inline vf q_to_f(vq a) { return (vf)_mm256_cvtepi32_ps(a); }
+static inline vq q_zero() { return _mm256_setzero_si256(); }
+static inline vi q_round(vf x) { return (vi)_mm256_cvtps_epi32((__m256)x); }
+#endif
+
+static inline vi q7(vf z, vf inv) {  // round(z / s_z) clamped to [0, 127] (z >= 0)
+  vi q = q_round(z * inv);
+  q = q < 127 ? q : 127;
+  return q > 0 ? q : 0;
+}
+static inline uint32_t q7s(float z, float inv) {
+  long q = std::lrint(z * inv);
+  return (uint32_t)std::min(127L, std::max(0L, q));
+}
+
+// Stage 4 of a lane with the INT8 1x1: y3 = ReLU(dw), z2 = sig(y3) y2 + y2, z3 = y3, and the lane's four z
+// (z0, z1 final since stages 2 and 3) quantized into one word per pixel.
+static inline void dw_stage4_q_row(uint32_t* q, const float* z0, const float* z1, const float* y2, const float* a,
+                                   const float* b, const float* c, const float* w, float bias, float inv, int W) {
+  const int d = 4;
+  const vf w0 = vset1(w[0]), w1 = vset1(w[1]), w2 = vset1(w[2]), w3 = vset1(w[3]), w4 = vset1(w[4]),
+           w5 = vset1(w[5]), w6 = vset1(w[6]), w7 = vset1(w[7]), w8 = vset1(w[8]), vb = vset1(bias), vinv = vset1(inv);
+  int x = 0;
+  for (; x + VW <= W; x += VW) {
+    vf s = vb + w0 * vload(a + x - d) + w1 * vload(a + x) + w2 * vload(a + x + d) + w3 * vload(b + x - d) +
+           w4 * vload(b + x) + w5 * vload(b + x + d) + w6 * vload(c + x - d) + w7 * vload(c + x) +
+           w8 * vload(c + x + d);
+    s = vmax0(s);
+    vf yv = vload(y2 + x);
+    vf z2 = vsigmoid_pos(s) * yv + yv;
+    vi word = q7(vload(z0 + x), vinv) | (q7(vload(z1 + x), vinv) << 8) | (q7(z2, vinv) << 16) | (q7(s, vinv) << 24);
+    __builtin_memcpy(q + x, &word, sizeof(word));
+  }
+  for (; x < W; ++x) {
+    float s = bias + w[0] * a[x - d] + w[1] * a[x] + w[2] * a[x + d] + w[3] * b[x - d] + w[4] * b[x] +
+              w[5] * b[x + d] + w[6] * c[x - d] + w[7] * c[x] + w[8] * c[x + d];
+    s = s > 0.0f ? s : 0.0f;
+    float z2 = ssigmoid(s) * y2[x] + y2[x];
+    q[x] = q7s(z0[x], inv) | (q7s(z1[x], inv) << 8) | (q7s(z2, inv) << 16) | (q7s(s, inv) << 24);
+  }
+}
+
+// out[co][p] = ReLU(scale[co] * sum_c dot4(panel[c][p], wq[c][co]) + bias[co]) + res[co][p]
+struct GemmQ {
+  const uint32_t* panel; long ld;  // G rows of P words
+  const uint32_t* wq; const float* scale; const float* bias;  // wq [G][cout] words of 4 s8
+  int G, cout, P;
+  float* out; long out_cs;
+  const float* res; long res_cs;
+};
+
+constexpr int QCOB = 4, QNV = 2, QPBLK = QNV * VW;  // 8 accumulators + 2 panel + weight + temporaries of 16 ymm
+
+static inline void micro_q(const GemmQ& g, int co, const uint32_t* pan, long ld, float* out, long out_cs,
+                           const float* res, long res_cs) {
+  vq acc[QCOB][QNV];
+  for (int j = 0; j < QCOB; ++j)
+    for (int v = 0; v < QNV; ++v) acc[j][v] = q_zero();
+  const uint32_t* w = g.wq + co;
+  for (int c = 0; c < g.G; ++c) {
+    vq z[QNV];
+    for (int v = 0; v < QNV; ++v) z[v] = q_load(pan + c * ld + v * VW);
+    for (int j = 0; j < QCOB; ++j) {
+      vq wj = q_set1(w[(long)c * g.cout + j]);
+      for (int v = 0; v < QNV; ++v) acc[j][v] = q_dot4(acc[j][v], z[v], wj);
+    }
+  }
+  for (int j = 0; j < QCOB; ++j) {
+    const vf sc = vset1(g.scale[co + j]), b = vset1(g.bias[co + j]);
+    for (int v = 0; v < QNV; ++v) {
+      vf o = vmax0(q_to_f(acc[j][v]) * sc + b);
+      if (res) o += vload(res + (co + j) * res_cs + v * VW);
+      vstore(out + (co + j) * out_cs + v * VW, o);
+    }
+  }
+}
+
+static void gemm_q(const GemmQ& g, Scratch& s) {  // cout is a multiple of 4 (GMBI widths are)
+  int p = 0;
+  for (; p + QPBLK <= g.P; p += QPBLK)
+    for (int co = 0; co < g.cout; co += QCOB)
+      micro_q(g, co, g.panel + p, g.ld, g.out + p, g.out_cs, g.res ? g.res + p : nullptr, g.res_cs);
+  int tail = g.P - p;
+  if (tail > 0) {  // the last columns through a padded copy, as in gemm()
+    uint32_t* tp = reinterpret_cast<uint32_t*>(s.get(7, (size_t)g.G * QPBLK));
+    float* to = s.get(8, (size_t)g.cout * QPBLK);
+    float* tr = g.res ? s.get(9, (size_t)g.cout * QPBLK) : nullptr;
+    for (int c = 0; c < g.G; ++c) {
+      std::memcpy(tp + (long)c * QPBLK, g.panel + (long)c * g.ld + p, tail * sizeof(uint32_t));
+      std::memset(tp + (long)c * QPBLK + tail, 0, (QPBLK - tail) * sizeof(uint32_t));
+    }
+    if (tr)
+      for (int c = 0; c < g.cout; ++c) {
+        std::memcpy(tr + (long)c * QPBLK, g.res + (long)c * g.res_cs + p, tail * sizeof(float));
+        std::memset(tr + (long)c * QPBLK + tail, 0, (QPBLK - tail) * sizeof(float));
+      }
+    for (int co = 0; co < g.cout; co += QCOB) micro_q(g, co, tp, QPBLK, to, QPBLK, tr, QPBLK);
+    for (int c = 0; c < g.cout; ++c)
+      std::memcpy(g.out + (long)c * g.out_cs + p, to + (long)c * QPBLK, tail * sizeof(float));
+  }
+}
+
 struct GmbiArgs {
   const float *x, *dw_w, *dw_b, *pw_wt, *pw_b; float* out;
   int N, C, H, W, band;
   float* z;  // two-phase mode: every image's z (N x C x zld floats); nullptr: banded mode
   long zld;
+  // INT8 1x1 (wq non-null): weights, per-channel scales, 1 / s_z; the two-phase z is then N x G x zld words
+  const uint32_t* wq; const float* qscale; float qinv;
 };
 
 // The depthwise chain of lane c (channels c, G+c, 2G+c, 3G+c) of one image for output rows [r0, r1):
 // z[(i G + c) * ld + (r - r0) W + x] = z_i.  Rows outside [r0, r1) that the dilations reach are recomputed
 // (the halo: 10 rows of x, 9, 7, 4 of u1..u3).
-static void gmbi_chain_lane(const GmbiArgs& a, const float* x, int c, int r0, int r1, float* z, long LD, Scratch& s) {
+// a.wq set: z0..z2 of the lane stay in this thread's scratch (4 rows of LD floats) and stage 4 writes the lane's
+// quantized words to zq[c * LD + (r - r0) W + x] instead.
+static void gmbi_chain_lane(const GmbiArgs& a, const float* x, int c, int r0, int r1, float* z, long LD, Scratch& s,
+                            uint32_t* zq = nullptr) {
   const int C = a.C, H = a.H, W = a.W, G = C / 4;
   const long HW = (long)H * W;
   (void)C;
@@ -455,7 +586,7 @@ static void gmbi_chain_lane(const GmbiArgs& a, const float* x, int c, int r0, in
     const float* xc[4];
     for (int i = 0; i < 4; ++i) xc[i] = x + (long)(i * G + c) * HW;
     float* zc[4];
-    for (int i = 0; i < 4; ++i) zc[i] = z + (long)(i * G + c) * LD;
+    for (int i = 0; i < 4; ++i) zc[i] = zq ? z + (long)i * LD : z + (long)(i * G + c) * LD;
     const float* wts[4]; float bs[4];
     for (int i = 0; i < 4; ++i) { wts[i] = a.dw_w + (i * G + c) * 9; bs[i] = a.dw_b[i * G + c]; }
     for (int r = x0a; r < x0b; ++r) std::memcpy(X0.row(r), xc[0] + (long)r * W, W * sizeof(float));
@@ -484,6 +615,14 @@ static void gmbi_chain_lane(const GmbiArgs& a, const float* x, int c, int r0, in
       else
         dw_stage_row<true, false, false>(nullptr, U3.row(r), nullptr, ta, tb, tc, wts[2], bs[2], xn, W, 3);
     }
+    if (zq) {  // stage 4 with the INT8 1x1: the lane's four z quantized into one word per pixel
+      for (int r = r0; r < r1; ++r) {
+        const long o = (long)(r - r0) * W;
+        dw_stage4_q_row(zq + (long)c * LD + o, zc[0] + o, zc[1] + o, zc[2] + o, U3.tap(r - 4, H), U3.tap(r, H),
+                        U3.tap(r + 4, H), wts[3], bs[3], a.qinv, W);
+      }
+      return;
+    }
     for (int r = r0; r < r1; ++r)  // stage 4: y3 (= z3) on the band; z2 = sig(y3) y2 + y2
       dw_stage_row<false, true, true>(zc[3] + (long)(r - r0) * W, nullptr, zc[2] + (long)(r - r0) * W, U3.tap(r - 4, H),
                                       U3.tap(r, H), U3.tap(r + 4, H), wts[3], bs[3], nullptr, W, 4);
@@ -503,6 +642,14 @@ static void gmbi_task(const void* vctx, int task, Scratch& s) {
   float* out = a.out + (long)img * C * HW;
   const int P = (r1 - r0) * W;
   const long LD = panel_ld(P);
+  if (a.wq) {  // INT8 1x1: a panel of G rows of words; each lane's float z only in a 4-row scratch
+    uint32_t* zq = reinterpret_cast<uint32_t*>(s.get(1, (size_t)G * LD + VW));
+    float* zf = s.get(0, (size_t)4 * LD + VW);
+    for (int c = 0; c < G; ++c) gmbi_chain_lane(a, x, c, r0, r1, zf, LD, s, zq);
+    GemmQ g{zq, LD, a.wq, a.qscale, a.pw_b, G, C, P, out + (long)r0 * W, HW, x + (long)r0 * W, HW};
+    gemm_q(g, s);
+    return;
+  }
   float* z = s.get(0, (size_t)C * LD + VW);
 #ifndef EK_PROFILE_NO_CHAIN
   for (int c = 0; c < G; ++c) gmbi_chain_lane(a, x, c, r0, r1, z, LD, s);
@@ -520,6 +667,12 @@ static void gmbi_lane_task(const void* vctx, int task, Scratch& s) {
   const GmbiArgs& a = *static_cast<const GmbiArgs*>(vctx);
   const int G = a.C / 4, img = task / G, c = task % G;
   const long HW = (long)a.H * a.W;
+  if (a.wq) {
+    uint32_t* zq = reinterpret_cast<uint32_t*>(a.z) + (long)img * G * a.zld;
+    float* zf = s.get(0, (size_t)4 * a.zld + VW);
+    gmbi_chain_lane(a, a.x + (long)img * a.C * HW, c, 0, a.H, zf, a.zld, s, zq);
+    return;
+  }
   gmbi_chain_lane(a, a.x + (long)img * a.C * HW, c, 0, a.H, a.z + (long)img * a.C * a.zld, a.zld, s);
 }
 
@@ -529,6 +682,13 @@ static void gmbi_pw_task(const void* vctx, int task, Scratch& s) {
   int img, r0, r1;
   band_of(task, per, a.band, a.H, img, r0, r1);
   const long HW = (long)a.H * a.W, off = (long)r0 * a.W;
+  if (a.wq) {
+    const uint32_t* zq = reinterpret_cast<const uint32_t*>(a.z) + (long)img * (a.C / 4) * a.zld + off;
+    GemmQ g{zq, a.zld, a.wq, a.qscale, a.pw_b, a.C / 4, a.C, (int)((r1 - r0) * a.W), a.out + (long)img * a.C * HW + off,
+            HW, a.x + (long)img * a.C * HW + off, HW};
+    gemm_q(g, s);
+    return;
+  }
   Gemm g{a.z + (long)img * a.C * a.zld + off, a.zld, a.pw_wt, a.pw_b, a.C, a.C, (int)((r1 - r0) * a.W),
          a.out + (long)img * a.C * HW + off, HW, a.x + (long)img * a.C * HW + off, HW};
   gemm(g, s);
@@ -749,7 +909,7 @@ struct EkOp {
 
 const char* ek_isa() { return EK_ISA; }
 int ek_vector_width() { return VW; }
-int ek_abi_version() { return 2; }
+int ek_abi_version() { return 3; }
 void ek_gmbi_halos(int* out) { out[0] = HALO_R1; out[1] = HALO_R2; out[2] = HALO_R3; }
 
 void* ek_pool_create(int threads) { return new Pool(threads); }
@@ -785,10 +945,13 @@ static void run_op(Pool& pool, const EkOp& op, double* ms, bool cpu) {
       break;
     }
     case OP_GMBI: {
-      GmbiArgs a{F(0), F(2), F(3), F(4), F(5), F(1), op.n, op.i[0], op.i[1], op.i[2], op.band, nullptr, 0};
+      // INT8 1x1 (i[4] = 1): ptr 6 the packed weights, ptr 7 the per-channel scales, f[0] = 1 / s_z
+      const bool q = op.i[4] == 1;
+      GmbiArgs a{F(0), F(2), F(3), F(4), F(5), F(1), op.n, op.i[0], op.i[1], op.i[2], op.band, nullptr, 0,
+                 q ? reinterpret_cast<const uint32_t*>(op.ptr[6]) : nullptr, q ? F(7) : nullptr, op.f[0]};
       if (op.i[3] == GMBI_TWO_PHASE) {
         a.zld = panel_ld(a.H * a.W);
-        a.z = pool.shared_z((size_t)a.N * a.C * a.zld + VW);
+        a.z = pool.shared_z((size_t)a.N * (q ? a.C / 4 : a.C) * a.zld + VW);
         pool.run(gmbi_lane_task, &a, op.n * (a.C / 4));
         pool.run(gmbi_pw_task, &a, op.n * ((a.H + a.band - 1) / a.band));
       } else {
