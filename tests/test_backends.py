@@ -45,7 +45,7 @@ def test_a_backend_this_machine_cannot_build_leaves_the_default_rows(monkeypatch
     notes = []
     assert not any(r.startswith("cpu-fused") for r in default_bench_rows("cpu", notes.append))
     assert not any(r.startswith("cpu-fused") for r in default_cpu_backends(True, notes.append))
-    assert notes == ["default rows: no cpu-fused row here (no C++ compiler (g++))",
+    assert notes == ["default rows: no cpu-fused rows here (no C++ compiler (g++))",
                      "--all: no cpu-fused rows here (no C++ compiler (g++))"]
 
 

@@ -178,17 +178,17 @@ def get_backend(name: str) -> BackendSpec:
 def default_bench_rows(device: str = "cpu", log: Optional[Callable[[str], None]] = None) -> List[str]:
     """``target:precision`` rows of ``edgekit bench`` without ``--backends`` (a backend this machine cannot
     build, by its ``not_here``, is left out and said on ``log``)."""
-    rows = []
-    for b in backends():
-        if b.device != device or not b.bench_default:
-            continue
-        why = b.not_here() if b.not_here else None
-        if why:
-            if log:
-                log(f"default rows: no {b.name} row here ({why})")
-            continue
-        rows += [f"{b.name}:{p}" if b.build is not None else b.name for p in b.bench_default]
-    return rows
+    return [f"{b.name}:{p}" if b.build is not None else b.name
+            for b in backends() if b.device == device and b.bench_default and buildable_here(b, log, "default rows")
+            for p in b.bench_default]
+
+
+def buildable_here(spec: BackendSpec, log: Optional[Callable[[str], None]] = None, rows: str = "rows") -> bool:
+    """False, said on ``log``, when the spec's ``not_here`` names why this machine cannot build it."""
+    why = spec.not_here() if spec.not_here else None
+    if why and log:
+        log(f"{rows}: no {spec.name} rows here ({why})")
+    return not why
 
 
 def tool_packages() -> Tuple[str, ...]:

@@ -18,21 +18,13 @@ def default_cpu_backends(all_rows: bool = False, log=None) -> list:
     """The rows of ``edgekit bench CKPT`` without ``--backends``: each CPU backend's ``bench_default``
     (the one place that chooses them, in the backend's spec); ``all_rows``: every CPU backend x
     precision it offers (``--all``)."""
-    from edgekit.backends.registry import backends, default_bench_rows
+    from edgekit.backends.registry import backends, buildable_here, default_bench_rows
 
     if not all_rows:
         return default_bench_rows("cpu", log)
-    rows = []
-    for b in backends():
-        if b.device != "cpu" or "gmbinet" not in b.kinds:
-            continue
-        why = b.not_here() if b.not_here else None
-        if why:
-            if log:
-                log(f"--all: no {b.name} rows here ({why})")
-            continue
-        rows += [b.name] if b.build is None else [f"{b.name}:{p}" for p in b.precisions]
-    return rows
+    return [b.name if b.build is None else f"{b.name}:{p}" for b in backends()
+            if b.device == "cpu" and "gmbinet" in b.kinds and buildable_here(b, log, "--all")
+            for p in (b.precisions if b.build is not None else ("",))]
 
 
 def cache_root() -> Path:
