@@ -278,6 +278,19 @@ static void gemm_block(const Gemm& g, const float* pan, long ld, float* out, lon
   for (; co < g.cout; ++co) micro<1, NV_MAIN>(g, co, pan, ld, out, out_cs, res, res_cs);
 }
 
+// A GEMM's last columns (fewer than a pixel block) go through padded copies: rows x tail of src into rows x blk
+// of dst, zero-filled; and back.
+template <typename T>
+static void pad_tail(T* dst, int blk, const T* src, long ld, int rows, int p, int tail) {
+  for (int r = 0; r < rows; ++r) {
+    std::memcpy(dst + (long)r * blk, src + (long)r * ld + p, tail * sizeof(T));
+    std::memset(dst + (long)r * blk + tail, 0, (blk - tail) * sizeof(T));
+  }
+}
+static void unpad_tail(float* dst, long ld, const float* src, int blk, int rows, int p, int tail) {
+  for (int r = 0; r < rows; ++r) std::memcpy(dst + (long)r * ld + p, src + (long)r * blk, tail * sizeof(float));
+}
+
 static void gemm(const Gemm& g, Scratch& s) {
   int p = 0;
   for (; p + PBLK <= g.P; p += PBLK)
@@ -287,18 +300,10 @@ static void gemm(const Gemm& g, Scratch& s) {
     float* tp = s.get(7, (size_t)g.K * PBLK);
     float* to = s.get(8, (size_t)g.cout * PBLK);
     float* tr = g.res ? s.get(9, (size_t)g.cout * PBLK) : nullptr;
-    for (int k = 0; k < g.K; ++k) {
-      std::memcpy(tp + (long)k * PBLK, g.panel + (long)k * g.ld + p, tail * sizeof(float));
-      std::memset(tp + (long)k * PBLK + tail, 0, (PBLK - tail) * sizeof(float));
-    }
-    if (tr)
-      for (int c = 0; c < g.cout; ++c) {
-        std::memcpy(tr + (long)c * PBLK, g.res + (long)c * g.res_cs + p, tail * sizeof(float));
-        std::memset(tr + (long)c * PBLK + tail, 0, (PBLK - tail) * sizeof(float));
-      }
+    pad_tail(tp, PBLK, g.panel, g.ld, g.K, p, tail);
+    if (tr) pad_tail(tr, PBLK, g.res, g.res_cs, g.cout, p, tail);
     gemm_block(g, tp, PBLK, to, PBLK, tr, PBLK);
-    for (int c = 0; c < g.cout; ++c)
-      std::memcpy(g.out + (long)c * g.out_cs + p, to + (long)c * PBLK, tail * sizeof(float));
+    unpad_tail(g.out, g.out_cs, to, PBLK, g.cout, p, tail);
   }
 }
 
@@ -539,18 +544,10 @@ static void gemm_q(const GemmQ& g, Scratch& s) {  // cout is a multiple of 4 (GM
     uint32_t* tp = reinterpret_cast<uint32_t*>(s.get(7, (size_t)g.G * QPBLK));
     float* to = s.get(8, (size_t)g.cout * QPBLK);
     float* tr = g.res ? s.get(9, (size_t)g.cout * QPBLK) : nullptr;
-    for (int c = 0; c < g.G; ++c) {
-      std::memcpy(tp + (long)c * QPBLK, g.panel + (long)c * g.ld + p, tail * sizeof(uint32_t));
-      std::memset(tp + (long)c * QPBLK + tail, 0, (QPBLK - tail) * sizeof(uint32_t));
-    }
-    if (tr)
-      for (int c = 0; c < g.cout; ++c) {
-        std::memcpy(tr + (long)c * QPBLK, g.res + (long)c * g.res_cs + p, tail * sizeof(float));
-        std::memset(tr + (long)c * QPBLK + tail, 0, (QPBLK - tail) * sizeof(float));
-      }
+    pad_tail(tp, QPBLK, g.panel, g.ld, g.G, p, tail);
+    if (tr) pad_tail(tr, QPBLK, g.res, g.res_cs, g.cout, p, tail);
     for (int co = 0; co < g.cout; co += QCOB) micro_q(g, co, tp, QPBLK, to, QPBLK, tr, QPBLK);
-    for (int c = 0; c < g.cout; ++c)
-      std::memcpy(g.out + (long)c * g.out_cs + p, to + (long)c * QPBLK, tail * sizeof(float));
+    unpad_tail(g.out, g.out_cs, to, QPBLK, g.cout, p, tail);
   }
 }
 
