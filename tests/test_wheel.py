@@ -79,3 +79,18 @@ def test_installed_wheel_runs_away_from_the_checkout(installed, tiny_ckpt, tmp_p
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())  # parity checked with ONNX Runtime
     assert manifest["target"] == "onnx" and manifest["parity"]["max_abs_diff"] < 1e-4
+
+
+def test_installed_wheel_builds_and_runs_cpu_fused(installed, tiny_ckpt, tmp_path):
+    """The kernel source is package data: the installed wheel compiles cpu-fused (with the system g++) and
+    runs it, away from the checkout."""
+    from edgekit.kernels.cpu_fused import supported_isas
+
+    if shutil.which("g++") is None or not supported_isas():
+        pytest.skip("cpu-fused needs g++ and an AVX2+FMA (or AVX-512) CPU")
+    r = _edgekit(installed, tmp_path, "compile", tiny_ckpt, "--target", "cpu-fused", "--out", "cf")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "cf" / "manifest.json").read_text())
+    assert manifest["target"] == "cpu-fused" and manifest["parity"]["max_abs_diff"] < 1e-4
+    r = _edgekit(installed, tmp_path, "eval", "cf", "--data", "synthetic:2", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["overall"]["images"] == 2, r.stderr
