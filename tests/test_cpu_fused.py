@@ -451,3 +451,19 @@ def test_pruned_checkpoint_compiles_and_matches_pytorch_on_sd900(library, publis
     else:
         torch_fp32_err = float(np.abs(ref - ref64).max())
         assert np.abs(got - ref64).max() <= 1e-4 + torch_fp32_err, torch_fp32_err
+
+
+def test_precision_auto_measures_fp32_and_int8_and_keeps_a_loadable_artifact(tiny_ckpt, tmp_path):
+    """--precision auto builds both candidates, times them here, and keeps one whole artifact folder (the
+    kernel libraries sit in kernels/, a subfolder, which the copy must keep)."""
+    _skip_without_kernels()
+    from edgekit import runtime
+    from edgekit.pipeline.compile import compile_model
+
+    out = tmp_path / "auto"
+    man = compile_model(str(tiny_ckpt), "cpu-fused", "auto", str(out), parity_data="synthetic:4",
+                        calib="synthetic:8", subset=8, val="synthetic:4", max_drop=1.0, log=lambda *_: None)
+    assert {c["precision"] for c in man["auto"]["candidates"]} == {"fp32", "int8"}
+    libs = [lib["file"] for lib in man["kernels"]["libraries"].values()]
+    assert man["auto"]["chosen"] == man["precision"] and libs and all((out / f).is_file() for f in libs)
+    assert runtime.load(out, threads=1).infer(np.zeros((1, 3, 64, 64), np.float32)).shape == (1, 1, 64, 64)

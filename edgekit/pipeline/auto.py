@@ -74,8 +74,11 @@ def compile_auto(source_path: str, target: str, out: str, *, parity_data: str, c
         best = max(ok, key=lambda c: c["fps_b1"])
         chosen = Path(tmp) / best["precision"]
         with artifact_writer(out, force=force) as folder:
-            for f in chosen.iterdir():
-                shutil.copy2(f, folder / f.name)
+            for f in chosen.iterdir():  # files and folders (cpu-fused keeps its libraries in kernels/)
+                if f.is_dir():
+                    shutil.copytree(f, folder / f.name)
+                else:
+                    shutil.copy2(f, folder / f.name)
             manifest = read_manifest(folder)
             manifest["auto"] = {"metric": metric, "budget": budget, "data": dataset.description,
                                 "reference": reference, "candidates": candidates, "chosen": best["precision"]}
