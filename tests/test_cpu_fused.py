@@ -140,9 +140,10 @@ def test_gmbi_banded_and_two_phase_match_torch(library, monkeypatch, mode, cfg, 
     assert sum(c.startswith("gmbi") for c in checked) == sum(cfg.depths)
 
 
-def int8_gmbi_reference(model: GMBINet, net, layer: str, x: np.ndarray) -> np.ndarray:
-    """The INT8 GMBI module as arithmetic: PyTorch's z (the 1x1's input), quantized as the kernel quantizes it
-    (u7 per module, s8 per output channel, from the folded net's own arrays), the 1x1 in float64."""
+def int8_gmbi_reference(model: GMBINet, net, layer: str, x: np.ndarray):
+    """(output, one quantization level x the largest weight): the INT8 GMBI module as arithmetic, PyTorch's z
+    (the 1x1's input) quantized as the kernel quantizes it (u7 per module; the s8 weight codes unpacked from
+    the packed pw_q words), the 1x1 in float64."""
     s, i = layer[4:].split("_")
     blk = getattr(model, f"encoder{s}")[int(i)]
     z = {}
@@ -153,8 +154,10 @@ def int8_gmbi_reference(model: GMBINet, net, layer: str, x: np.ndarray) -> np.nd
     a = net.layers[layer].arrays
     s_z = 1.0 / float(a["pw_qinv"][0])
     s_w = a["pw_qscale"].astype(np.float64) / s_z
-    wt = a["pw_wt"].astype(np.float64)
-    w_deq = np.clip(np.rint(wt / s_w), -127, 127) * s_w
+    packed = a["pw_q"].view(np.int8).reshape(a["pw_q"].shape[0], -1, 4)  # [G][cout][4]: channels c, G+c, 2G+c, 3G+c
+    codes = np.concatenate([packed[:, :, i] for i in range(4)], axis=0)  # [cin][cout]
+    assert np.abs(codes * s_w - a["pw_wt"]).max() <= s_w.max() / 2 + 1e-7  # the codes are the weights, rounded
+    w_deq = codes.astype(np.float64) * s_w
     zq = np.clip(np.rint(z["z"] / s_z), 0, 127) * s_z
     out = np.einsum("nkhw,kc->nchw", zq, w_deq) + a["pw_b"].astype(np.float64)[None, :, None, None]
     return np.maximum(out, 0) + x, s_z * np.abs(w_deq).max()
@@ -183,7 +186,9 @@ def test_int8_gmbi_1x1_matches_its_quantized_arithmetic_real(library, published_
     fn = cpu_fused.FusedNet(cpu_fused.CpuKernels(library, threads), net, blob, offsets, fuse_head=False)
     x = _real_batch(sd900, ck.preprocess, n, size)
     plan, acts, ops, layers = fn.state(x.shape[0], *x.shape[2:])
-    assert all(op.i[4] == 1 for op, ly in zip(ops, layers) if ly[0].startswith("gmbi"))  # every 1x1 INT8
+    gmbi_ops = [op for op, ly in zip(ops, layers) if ly[0].startswith("gmbi")]
+    assert all(op.i[4] == 1 for op in gmbi_ops)  # every 1x1 INT8
+    assert {op.i[3] for op in gmbi_ops} == {cpu_fused.GMBI_MODES[mode]}
     acts.fill(0xFF)
     fn.view(plan, acts, plan.input)[...] = x
     by_layer = {ln.layer: ln for ln in plan.launches}
@@ -467,3 +472,52 @@ def test_precision_auto_measures_fp32_and_int8_and_keeps_a_loadable_artifact(tin
     libs = [lib["file"] for lib in man["kernels"]["libraries"].values()]
     assert man["auto"]["chosen"] == man["precision"] and libs and all((out / f).is_file() for f in libs)
     assert runtime.load(out, threads=1).infer(np.zeros((1, 3, 64, 64), np.float32)).shape == (1, 1, 64, 64)
+
+
+def test_forward_reads_the_callers_batch_and_restores_its_program(library, monkeypatch):
+    """The program reads the caller's batch and writes a fresh result array in place of copies: the batch is
+    left as it was, each call's result is its own, and afterwards (also after a failing run) every pointer
+    of the program is back inside the plan's own memory."""
+    model = random_gmbinet(SMALL, seed=11)
+    net = fused(library, model, 2)
+    x = np.random.default_rng(5).standard_normal((2, 3, 40, 48)).astype(np.float32)
+    x0 = x.copy()
+    a, b = net.forward(x), net.forward(x[::-1].copy())
+    assert np.array_equal(x, x0) and not np.shares_memory(a, b)
+    assert np.array_equal(net.forward(x), a) and np.array_equal(b[::-1], a)  # per image, whatever its slot
+    with torch.no_grad():
+        assert np.abs(a - model(torch.from_numpy(x0)).numpy()).max() <= 1e-4
+    plan, acts, ops, _ = net.state(2, 40, 48)
+    lo, hi = acts.ctypes.data, acts.ctypes.data + acts.nbytes
+
+    def inside():
+        return all(lo <= ops[k].ptr[j] < hi for slots in net._io[(2, 40, 48)].values() for k, j in slots)
+
+    assert inside() and all(net._io[(2, 40, 48)].values())
+    monkeypatch.setattr(net.kernels, "run", lambda *a, **k: (_ for _ in ()).throw(EdgekitError("boom")))
+    with pytest.raises(EdgekitError, match="boom"):
+        net.forward(x)
+    assert inside()
+
+
+def test_bench_cache_rebuilds_an_artifact_built_from_other_kernels(tiny_ckpt, tmp_path, monkeypatch):
+    """A cached cpu-fused artifact whose libraries came from another gmbinet_cpu.cpp is rebuilt, not timed."""
+    _skip_without_kernels()
+    from edgekit.bench.plan import artifact_for
+
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "cache"))
+    notes = []
+    folder = artifact_for(tiny_ckpt, "cpu-fused:fp32", None, "synthetic:2", 1, notes.append)
+    assert any("compiling into" in n for n in notes)
+    assert artifact_for(tiny_ckpt, "cpu-fused:fp32", None, "synthetic:2", 1, notes.append) == folder
+    assert notes[-1].startswith("  cached:")
+    man = json.loads((folder / "manifest.json").read_text())
+    man["kernels"]["source_sha256"] = "0" * 64  # as if built by an older edgekit
+    (folder / "manifest.json").write_text(json.dumps(man))
+    notes.clear()
+    artifact_for(tiny_ckpt, "cpu-fused:fp32", None, "synthetic:2", 1, notes.append)
+    assert any("outdated" in n and "gmbinet_cpu.cpp" in n for n in notes) and any("compiling into" in n for n in notes)
+    from edgekit.kernels.cpu_fused import source_path
+    from edgekit.kernels.gmbinet import source_digest
+
+    assert json.loads((folder / "manifest.json").read_text())["kernels"]["source_sha256"] == source_digest(source_path())

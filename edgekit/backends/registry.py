@@ -60,6 +60,8 @@ class BackendSpec:
     tools: Tuple[str, ...] = ()  # pip package names recorded in manifest["tools"]
     bench_default: Tuple[str, ...] = ()  # precisions in `edgekit bench`'s default rows
     # optional: () -> None, or why this machine cannot build it (no compiler, an ISA it lacks): default rows skip it
+    # optional: (manifest) -> None, or why an artifact built earlier no longer matches this edgekit (a cache rebuilds it)
+    outdated: Optional[Callable[[dict], Optional[str]]] = None
     not_here: Optional[Callable[[], Optional[str]]] = None
     kinds: Tuple[str, ...] = ("gmbinet",)  # model kinds it compiles
     # artifact targets it can be compiled from (besides checkpoints); None: any float artifact

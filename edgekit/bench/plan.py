@@ -44,9 +44,12 @@ def artifact_for(ckpt: Path, spec: str, calib: Optional[str], parity_data: str, 
     folder = cache_root() / "bench" / sha256_file(ckpt)[:16] / f"{target}_{precision}"
     if is_artifact(folder):
         try:
-            read_manifest(folder)
-            log(f"  cached: {folder}")
-            return folder
+            why = get_backend(target).outdated
+            why = why(read_manifest(folder)) if why else None
+            if why is None:
+                log(f"  cached: {folder}")
+                return folder
+            log(f"  cached artifact is outdated ({why}): rebuilding")
         except EdgekitError:
             pass  # stale or corrupt cache entry: rebuild it
     log(f"  compiling into {folder} (cached for the next run)")

@@ -14,6 +14,7 @@ import ctypes
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -199,11 +200,13 @@ GMBI_MODES = {"banded": 0, "two-phase": 1}  # EkOp.i[3] of a gmbi op, as in gmbi
 GMBI_TWO_PHASE_MAX_ROWS = 64
 
 
-def gmbi_mode(n: int, channels: int, rows: int, width: int, threads: int) -> str:
-    """How a GMBI module is cut into tasks.  banded: a task = a band of rows through the whole module, its
-    halo (up to 10 rows either side) recomputed; two-phase: the chain per (image, lane) over the whole
-    image, then the 1x1 per band.  A band's halo is a fixed 2 x 10 rows, so it is the small images
-    (stages 3-5 at 512 px) where it costs more than the z round trip through memory of two-phase."""
+def gmbi_mode(rows: int) -> str:
+    """How a GMBI module of ``rows`` image rows is cut into tasks.  banded: a task = a band of rows through
+    the whole module, its halo (up to 10 rows either side) recomputed; two-phase: the chain per (image,
+    lane) over the whole image, then the 1x1 per band.  A band's halo is a fixed 2 x 10 rows, so it is the
+    small images (stages 3-5 at 512 px) where it costs more than two-phase's z round trip through memory;
+    the 64-row threshold is measured at batch 1 (kernels/README.md), and kept at larger batches, where
+    two-phase still balances better (lanes x images tasks)."""
     return "two-phase" if rows <= GMBI_TWO_PHASE_MAX_ROWS else "banded"
 
 
@@ -225,7 +228,7 @@ def _fill(op: EkOp, kind: str, n: int, vals: Sequence, nptr: int, threads: int, 
         op.band = band_rows(kind, n, ints[2], ints[3], ints[0], threads, panel_bytes)
     elif kind == "gmbi":  # C H W (then the GPU's tiling)
         ints = _ints(scal[:3])
-        mode = gmbi_mode(n, ints[0], ints[1], ints[2], threads)
+        mode = gmbi_mode(ints[1])
         ints.append(GMBI_MODES[mode])
         # two-phase: the bands are only the 1x1's (halo 0), sized like any other layer's
         op.band = band_rows("gmbi" if mode == "banded" else "pw", n, ints[1], ints[2], ints[0], threads, panel_bytes)
@@ -295,6 +298,7 @@ class FusedNet:
         self.params[:] = blob
         self._states: Dict[Tuple[int, int, int], tuple] = {}
         self._io: Dict[Tuple[int, int, int], dict] = {}
+        self._lock = threading.Lock()
 
     def state(self, n: int, height: int, width: int):
         key = (n, height, width)
@@ -328,6 +332,10 @@ class FusedNet:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 4 or x.shape[1] != self.net.in_channels:
             raise EdgekitError(f"cpu-fused: expected N x {self.net.in_channels} x H x W, got {x.shape}")
+        with self._lock:  # one call at a time: the program, its arena and the worker pool are shared
+            return self._forward(x, poison, timings, cpu_clock, buffers)
+
+    def _forward(self, x, poison, timings, cpu_clock, buffers):
         key = (x.shape[0], *x.shape[2:])
         plan, acts, ops, _ = self.state(*key)
         if poison:

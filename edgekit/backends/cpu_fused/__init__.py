@@ -39,8 +39,17 @@ def _not_here() -> Optional[str]:
     return None if shutil.which(cxx) else f"no C++ compiler ({cxx}) to build its kernels"
 
 
+def _outdated(manifest: dict) -> Optional[str]:
+    from edgekit.kernels.cpu_fused import source_path
+    from edgekit.kernels.gmbinet import source_digest
+
+    if manifest.get("kernels", {}).get("source_sha256") != source_digest(source_path()):
+        return "its kernel libraries were built from another version of gmbinet_cpu.cpp"
+    return None
+
+
 SPEC = register_backend(BackendSpec(
     name="cpu-fused", description="edgekit's fused CPU kernels (C++, AVX2 / AVX-512, fp32 or INT8 1x1; needs g++ to compile)",
     precisions=("fp32", "int8"), build=_build, int8="builder", needs={"int8": ("calibration",)}, load=_load, device="cpu", load_options=("threads", "isa", "fuse_head"),
-    from_artifacts=(), bench_default=("fp32",), not_here=_not_here,
+    from_artifacts=(), bench_default=("fp32",), not_here=_not_here, outdated=_outdated,
 ))

@@ -3,8 +3,9 @@
 ``CpuFusedRunner(folder, threads=N)`` verifies the manifest's hashes (weights and libraries), picks the
 fastest library the CPU can run (``choose_isa``; one line naming what the CPU has and what the artifact
 needs when it runs none), starts the kernels' persistent pool of ``N`` threads, and plans each batch size
-once (``plan_gmbinet``: buffers preallocated, the op program built).  ``infer`` copies the batch in, runs
-the program, copies the probabilities out.
+once (``plan_gmbinet``: buffers preallocated, the op program built).  ``infer`` points the program's input
+and output at the caller's batch and a fresh result array (no copies), runs it, and returns the result;
+calls on one runner are serialised.
 """
 from __future__ import annotations
 

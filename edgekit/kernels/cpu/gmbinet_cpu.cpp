@@ -312,9 +312,12 @@ static void gemm(const Gemm& g, Scratch& s) {
 // dilation 4 need no bounds checks); rows out of the image read a shared zero row.
 
 constexpr int PADC = 16;  // >= the largest dilation, and keeps every row 64-byte aligned
-// Row stride of a K x P panel: P rounded up plus 16 floats, so the K rows the GEMM streams at once never sit a
-// multiple of 4 KB apart (they would all map to one L1 set: at stage 2, P = 4096, that cost the 1x1s ~2x).
-static inline long panel_ld(int P) { return ((long)(P + 15) / 16) * 16 + 16; }
+// Row stride of a K x P panel: P rounded up to 16 floats, plus 16 more when that is a multiple of 4 KB, so the K
+// rows the GEMM streams at once are never a multiple of 4 KB apart (they would all map to one L1 set).
+static inline long panel_ld(int P) {
+  long ld = ((long)(P + 15) / 16) * 16;
+  return ld % 1024 ? ld : ld + 16;
+}
 static inline int padded_stride(int W) { return ((W + 2 * PADC + 15) / 16) * 16; }
 
 struct RowBuf {
@@ -462,14 +465,17 @@ static inline vq q_zero() { return _mm256_setzero_si256(); }
 static inline vi q_round(vf x) { return (vi)_mm256_cvtps_epi32((__m256)x); }
 #endif
 
-static inline vi q7(vf z, vf inv) {  // round(z / s_z) clamped to [0, 127] (z >= 0)
-  vi q = q_round(z * inv);
-  q = q < 127 ? q : 127;
-  return q > 0 ? q : 0;
+// round(z / s_z) clamped to [0, 127] (z >= 0).  Clamped in float first: the conversion of anything above 2^31
+// is INT_MIN, which an integer clamp would turn into 0 instead of 127.
+static inline vi q7(vf z, vf inv) {
+  vf t = z * inv;
+  t = t < 127.0f ? t : vset1(127.0f);
+  t = t > 0.0f ? t : vset1(0.0f);
+  return q_round(t);
 }
 static inline uint32_t q7s(float z, float inv) {
-  long q = std::lrint(z * inv);
-  return (uint32_t)std::min(127L, std::max(0L, q));
+  float t = std::min(127.0f, std::max(0.0f, z * inv));
+  return (uint32_t)std::lrint(t);
 }
 
 // Stage 4 of a lane with the INT8 1x1: y3 = ReLU(dw), z2 = sig(y3) y2 + y2, z3 = y3, and the lane's four z
