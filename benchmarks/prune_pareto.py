@@ -75,12 +75,10 @@ def reusable(folder: Path, ck, target: str, precision: str) -> bool:
     if (man.get("source", {}).get("sha256") != ck.sha256 or man.get("target") != target
             or man.get("precision") != precision):
         return False
-    if target == "cpu-fused":
-        from edgekit.kernels.cpu_fused import source_path
-        from edgekit.kernels.cuda_module import source_digest
+    from edgekit.backends.registry import get_backend
 
-        return man.get("kernels", {}).get("source_sha256") == source_digest(source_path())
-    return True
+    outdated = get_backend(target).outdated  # e.g. cpu-fused built from another kernel source
+    return outdated is None or outdated(man) is None
 
 
 def round_ratio(row: dict, base: dict):
@@ -103,6 +101,8 @@ def main() -> None:
     ap.add_argument("--threads", default="2")
     ap.add_argument("--rounds", default="7", help="edgekit bench --rounds")
     ap.add_argument("--iters", default="20", help="edgekit bench --iters (calls per row per round)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="re-render pareto.{md,json,png} from the artifacts and bench.json already in --out")
     a = ap.parse_args()
     targets = parse_targets(a.targets)
 
@@ -127,14 +127,17 @@ def main() -> None:
                      "test_iou_recorded": ck.metrics.get("test_iou")})
         for target, prec in targets:
             folder = arts / f"r{ratio:g}_{target}_{prec}"
-            if not reusable(folder, ck, target, prec):
+            if not a.report_only and not reusable(folder, ck, target, prec):
                 calib = ["--calib", a.data] if prec == "int8" else []  # int8: its train split calibrates
                 edgekit("compile", str(ck_path), "--target", target, "--precision", prec, "--out", str(folder),
                         "--threads", a.threads, "--parity-data", a.data, *calib, "--force")
             artifacts.append((i, target, prec, folder))
     bench_json = out / "bench.json"
-    edgekit("bench", *[str(f) for *_, f in artifacts], "--device", "cpu", "--threads", a.threads, "--batch", "1",
-            "--data", a.data, "--rounds", a.rounds, "--iters", a.iters, "--json", str(bench_json))
+    if a.report_only and not bench_json.is_file():
+        raise SystemExit(f"--report-only: no {bench_json}")
+    if not a.report_only:
+        edgekit("bench", *[str(f) for *_, f in artifacts], "--device", "cpu", "--threads", a.threads, "--batch", "1",
+                "--data", a.data, "--rounds", a.rounds, "--iters", a.iters, "--json", str(bench_json))
     bench = json.loads(bench_json.read_text())
     assert len(bench["rows"]) == len(artifacts), (len(bench["rows"]), len(artifacts))
     rows = []
@@ -147,27 +150,37 @@ def main() -> None:
                      "p50_ms": r["latency_ms"]["p50"], "iou": r["iou"], "mae": r["mae"]})
     for r in rows:
         base = next(b for b in rows if b["ratio"] == rows[0]["ratio"] and b["row"] == r["row"])
-        r["fps_vs_unpruned"] = r["fps_b1"] / base["fps_b1"]
+        # the headline, as edgekit bench's: the median of the per-round paired ratios (None with one round)
         r["fps_vs_unpruned_per_round"] = round_ratio(r, base)
+        r["fps_vs_unpruned_overall"] = r["fps_b1"] / base["fps_b1"]  # ratio of the two rows' overall medians
+        spread = r["fps_vs_unpruned_per_round"]
+        r["fps_vs_unpruned"] = spread["ratio"] if spread else r["fps_vs_unpruned_overall"]
         r["iou_delta_vs_unpruned"] = r["iou"] - base["iou"]
     # one block of rows per target:precision, checkpoints in the order given (the bench ran them interleaved)
     rows.sort(key=lambda r: (targets.index((r["target"], r["precision"])), r["checkpoint_index"]))
+    settings = bench.get("settings", {})
+    rounds, iters = settings.get("rounds", a.rounds), settings.get("iters_per_round", a.iters)
     result = {"date": bench["date"], "machine": bench["machine"], "data": bench["data"],
-              "settings": {"threads": int(a.threads), "rounds": int(a.rounds), "iters": int(a.iters), "batch": 1,
-                           "targets": [f"{t}:{p}" for t, p in targets]},
+              "settings": {"threads": settings.get("threads", int(a.threads)), "rounds": int(rounds),
+                           "iters": int(iters), "batch": 1, "targets": [f"{t}:{p}" for t, p in targets]},
               "command": " ".join(["python", "benchmarks/prune_pareto.py", *sys.argv[1:]]), "rows": rows}
+    if a.report_only and (out / "pareto.json").is_file():  # keep the command that measured it
+        result["rendered_by"] = result["command"]
+        result["command"] = json.loads((out / "pareto.json").read_text()).get("command", result["command"])
     (out / "pareto.json").write_text(json.dumps(result, indent=2) + "\n")
 
     lines = [f"Date {bench['date']}, {bench['machine']['cpu']}, {bench['machine']['logical_cpus']} CPUs, "
-             f"batch 1, {a.threads} threads, 512x512, all rows in one interleaved bench run "
-             f"({a.rounds} rounds x {a.iters} calls). FPS vs unpruned: against the ratio-0 row of the same "
-             f"target:precision (in brackets: min-max of the per-round ratios).", "",
+             f"batch 1, {result['settings']['threads']} threads, 512x512, all rows in one interleaved bench run "
+             f"({rounds} rounds x {iters} calls). FPS vs unpruned: against the ratio-0 row of the same "
+             f"target:precision, the median of the per-round paired ratios (in brackets their min-max; "
+             f"'within noise' when that range holds 1.0).", "",
              "| target:precision | ratio | widths | params | GMACs | p50 ms | FPS | FPS vs unpruned | test IoU | ΔIoU | MAE |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         spread = r["fps_vs_unpruned_per_round"]
-        vs = f"{r['fps_vs_unpruned']:.2f}x" + (f" ({spread['low']:.2f}-{spread['high']:.2f})"
-                                                if spread and spread["rounds"] > 1 and r["ratio"] != rows[0]["ratio"] else "")
+        vs = f"{r['fps_vs_unpruned']:.2f}x"
+        if spread and spread["rounds"] > 1 and r["ratio"] != rows[0]["ratio"]:
+            vs += f" ({spread['low']:.2f}-{spread['high']:.2f})" + (", within noise" if spread["within_noise"] else "")
         lines.append(f"| {r['row']} | {r['ratio']:g} | {r['widths']} | {r['params']:,} | {r['macs'] / 1e9:.3f} | "
                      f"{r['p50_ms']:.1f} | {r['fps_b1']:.1f} | {vs} | {r['iou']:.4f} | "
                      f"{r['iou_delta_vs_unpruned']:+.4f} | {r['mae']:.4f} |")
