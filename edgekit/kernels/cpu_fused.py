@@ -26,7 +26,7 @@ from edgekit.kernels.gmbinet import FoldedGMBINet, NetPlan, plan_gmbinet
 
 SOURCE_NAME = "gmbinet_cpu.cpp"
 ABI_VERSION = 3
-CXX_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno")  # never -ffast-math: see vexp()
+CXX_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno")  # never -ffast-math: see vsigmoid_pos()
 # ISA level -> (compiler flags, CPU features it needs as numpy's CPU dispatcher names them), fastest first.
 ISA_LEVELS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
     "avx512": (("-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mfma", "-mavx2"), ("AVX512F", "AVX512_SKX")),

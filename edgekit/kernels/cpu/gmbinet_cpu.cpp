@@ -86,36 +86,6 @@ static inline void upsample2_row(float* dst, const float* src, int n) {
 }
 static inline vf vmax0(vf a) { return a > 0.0f ? a : vset1(0.0f); }
 
-// exp(x) for x in [-87.3, 88.7] (clamped outside): Cephes expf polynomial, ~2 ulp.  Rounding by the
-// 1.5*2^23 trick, so this file must NOT be built with -ffast-math.
-static inline vf vexp(vf x) {
-  x = x < 88.3762626647949f ? x : vset1(88.3762626647949f);
-  x = x > -87.3365447504019f ? x : vset1(-87.3365447504019f);
-  const float magic = 12582912.0f;  // 1.5 * 2^23
-  vf t = x * 1.44269504088896341f + magic;
-  vi ni = (vi)t - 0x4B400000;
-  vf n = t - magic;
-  vf r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vf p = vset1(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  vi bits = (ni + 127) << 23;
-  return p * (vf)bits;
-}
-// 1 / (1 + e^-x): hardware reciprocal estimate + one Newton step (rel. error ~1e-7, no divide)
-static inline vf vsigmoid(vf x) {
-#ifdef EK_SIGMOID_DIV
-  return 1.0f / (1.0f + vexp(-x));
-#endif
-  vf d = 1.0f + vexp(-x);
-  vf r = vrcp(d);
-  return r * (2.0f - d * r);
-}
 static inline float ssigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
 // ---------------------------------------------------------------------------------------------
@@ -367,7 +337,8 @@ static inline void dw_row(float* out, const float* a, const float* b, const floa
 // sigmoid(y) for y >= 0 (every gate's argument is a ReLU output): e^-y = 2^t, t = -y log2(e) in [-115, 0], as
 // 2^round(t) (exponent bits) x 2^f, f in [-0.5, 0.5] (Cephes exp2f polynomial, ~2e-7 relative), then the
 // reciprocal estimate + one Newton step.  No clamp below (y >= 0), none at the top but y <= 80 (the exponent
-// add must not reach denormals).  About 18 vector ops, against ~25 for the general vsigmoid.
+// add must not reach denormals); the rounding is the 1.5 * 2^23 trick, so this file must NOT be built with
+// -ffast-math.  About 18 vector ops (a Cephes expf with clamps on both sides was ~25).
 static inline vf vsigmoid_pos(vf y) {
   y = y < 80.0f ? y : vset1(80.0f);
   const float magic = 12582912.0f;  // 1.5 * 2^23: t + magic rounds t to an integer in the low mantissa bits
@@ -387,6 +358,14 @@ static inline vf vsigmoid_pos(vf y) {
   vf d = 1.0f + e;
   vf r = vrcp(d);
   return r * (2.0f - d * r);
+}
+
+// sigmoid(x) of either sign (the head's logits): s = sigmoid(|x|), then 1 - s where x < 0.  The same
+// polynomial as the gates, so there is one exponential in this file.
+static inline vf vsigmoid(vf x) {
+  vf ax = x < 0.0f ? -x : x;
+  vf s = vsigmoid_pos(ax);
+  return x < 0.0f ? 1.0f - s : s;
 }
 
 // One row of one stage of a GMBI lane (the four dilated depthwise convs, guidance forward and back), fused:
@@ -593,30 +572,25 @@ static void gmbi_chain_lane(const GmbiArgs& a, const float* x, int c, int r0, in
     const float* wts[4]; float bs[4];
     for (int i = 0; i < 4; ++i) { wts[i] = a.dw_w + (i * G + c) * 9; bs[i] = a.dw_b[i * G + c]; }
     for (int r = x0a; r < x0b; ++r) std::memcpy(X0.row(r), xc[0] + (long)r * W, W * sizeof(float));
-    // Stage k (dilation k) runs on its region (band + halo k); on band rows it also writes y_{k-1} into the
-    // panel and, from stage 2 on, turns y_{k-2} there into z_{k-2} with the same sigmoid.
-    for (int r = a1; r < b1; ++r) {  // stage 1: y0, u1 = sig(y0) x1 + x1
-      const float *ta = X0.tap(r - 1, H), *tb = X0.tap(r, H), *tc = X0.tap(r + 1, H), *xn = xc[1] + (long)r * W;
-      if (r >= r0 && r < r1)
-        dw_stage_row<true, true, false>(zc[0] + (long)(r - r0) * W, U1.row(r), nullptr, ta, tb, tc, wts[0], bs[0], xn, W, 1);
-      else
-        dw_stage_row<true, false, false>(nullptr, U1.row(r), nullptr, ta, tb, tc, wts[0], bs[0], xn, W, 1);
-    }
-    for (int r = a2; r < b2; ++r) {  // stage 2: y1, u2; z0 = sig(y1) y0 + y0
-      const float *ta = U1.tap(r - 2, H), *tb = U1.tap(r, H), *tc = U1.tap(r + 2, H), *xn = xc[2] + (long)r * W;
-      if (r >= r0 && r < r1)
-        dw_stage_row<true, true, true>(zc[1] + (long)(r - r0) * W, U2.row(r), zc[0] + (long)(r - r0) * W, ta, tb, tc,
-                                       wts[1], bs[1], xn, W, 2);
-      else
-        dw_stage_row<true, false, false>(nullptr, U2.row(r), nullptr, ta, tb, tc, wts[1], bs[1], xn, W, 2);
-    }
-    for (int r = a3; r < b3; ++r) {  // stage 3: y2, u3; z1 = sig(y2) y1 + y1
-      const float *ta = U2.tap(r - 3, H), *tb = U2.tap(r, H), *tc = U2.tap(r + 3, H), *xn = xc[3] + (long)r * W;
-      if (r >= r0 && r < r1)
-        dw_stage_row<true, true, true>(zc[2] + (long)(r - r0) * W, U3.row(r), zc[1] + (long)(r - r0) * W, ta, tb, tc,
-                                       wts[2], bs[2], xn, W, 3);
-      else
-        dw_stage_row<true, false, false>(nullptr, U3.row(r), nullptr, ta, tb, tc, wts[2], bs[2], xn, W, 3);
+    // Stage k+1 (dilation k+1) runs on its region (band + its halo); on band rows it also writes y_k into the
+    // panel and, from stage 2 on, turns y_(k-1) there into z_(k-1) with the same sigmoid.
+    const int ra[3] = {a1, a2, a3}, rb[3] = {b1, b2, b3};
+    const RowBuf* src[3] = {&X0, &U1, &U2};
+    RowBuf* dst[3] = {&U1, &U2, &U3};
+    for (int k = 0; k < 3; ++k) {  // y_k, u_(k+1) = sig(y_k) x_(k+1) + x_(k+1)
+      const int d = k + 1;
+      for (int r = ra[k]; r < rb[k]; ++r) {
+        const float *ta = src[k]->tap(r - d, H), *tb = src[k]->tap(r, H), *tc = src[k]->tap(r + d, H);
+        const float* xn = xc[k + 1] + (long)r * W;
+        float* u = dst[k]->row(r);
+        const long o = (long)(r - r0) * W;
+        if (r < r0 || r >= r1)  // halo row: only the guidance the next stage reads
+          dw_stage_row<true, false, false>(nullptr, u, nullptr, ta, tb, tc, wts[k], bs[k], xn, W, d);
+        else if (k == 0)
+          dw_stage_row<true, true, false>(zc[0] + o, u, nullptr, ta, tb, tc, wts[0], bs[0], xn, W, d);
+        else
+          dw_stage_row<true, true, true>(zc[k] + o, u, zc[k - 1] + o, ta, tb, tc, wts[k], bs[k], xn, W, d);
+      }
     }
     if (zq) {  // stage 4 with the INT8 1x1: the lane's four z quantized into one word per pixel
       for (int r = r0; r < r1; ++r) {
