@@ -315,22 +315,39 @@ static const float* zero_row(Scratch& s, int W) {
   return z;
 }
 
+// One channel's depthwise 3x3 (dilation d, + bias, ReLU) at column x of three padded rows a, b, c: the taps
+// broadcast once per row call, the vector form for VW columns and the scalar form for the tail.
+struct Dw3x3 {
+  vf w[9], vb;
+  const float* ws; float bs;
+  Dw3x3(const float* w_, float bias) : ws(w_), bs(bias) {
+    for (int k = 0; k < 9; ++k) w[k] = vset1(w_[k]);
+    vb = vset1(bias);
+  }
+  vf operator()(const float* a, const float* b, const float* c, int x, int d) const {
+    return vmax0(vb + w[0] * vload(a + x - d) + w[1] * vload(a + x) + w[2] * vload(a + x + d) +
+                 w[3] * vload(b + x - d) + w[4] * vload(b + x) + w[5] * vload(b + x + d) + w[6] * vload(c + x - d) +
+                 w[7] * vload(c + x) + w[8] * vload(c + x + d));
+  }
+  float scalar(const float* a, const float* b, const float* c, int x, int d) const {
+    float s = bs + ws[0] * a[x - d] + ws[1] * a[x] + ws[2] * a[x + d] + ws[3] * b[x - d] + ws[4] * b[x] +
+              ws[5] * b[x + d] + ws[6] * c[x - d] + ws[7] * c[x] + ws[8] * c[x + d];
+    return s > 0.0f ? s : 0.0f;
+  }
+};
+
 // one output row of a stride-1 dilated 3x3 depthwise conv (+bias, ReLU): out[x], x in [0, W)
 static inline void dw_row(float* out, const float* a, const float* b, const float* c, const float* w, float bias,
                           int W, int d) {
-  const vf w0 = vset1(w[0]), w1 = vset1(w[1]), w2 = vset1(w[2]), w3 = vset1(w[3]), w4 = vset1(w[4]),
-           w5 = vset1(w[5]), w6 = vset1(w[6]), w7 = vset1(w[7]), w8 = vset1(w[8]), vb = vset1(bias);
+  const Dw3x3 dw(w, bias);
   int x = 0;
   for (; x + VW <= W; x += VW) {
-    vf s = vb + w0 * vload(a + x - d) + w1 * vload(a + x) + w2 * vload(a + x + d) + w3 * vload(b + x - d) +
-           w4 * vload(b + x) + w5 * vload(b + x + d) + w6 * vload(c + x - d) + w7 * vload(c + x) +
-           w8 * vload(c + x + d);
-    vstore(out + x, vmax0(s));
+    vf s = dw(a, b, c, x, d);
+    vstore(out + x, s);
   }
   for (; x < W; ++x) {
-    float s = bias + w[0] * a[x - d] + w[1] * a[x] + w[2] * a[x + d] + w[3] * b[x - d] + w[4] * b[x] +
-              w[5] * b[x + d] + w[6] * c[x - d] + w[7] * c[x] + w[8] * c[x + d];
-    out[x] = s > 0.0f ? s : 0.0f;
+    float s = dw.scalar(a, b, c, x, d);
+    out[x] = s;
   }
 }
 
@@ -378,23 +395,17 @@ static inline vf vsigmoid(vf x) {
 template <bool U, bool Y, bool Z>
 static inline void dw_stage_row(float* y, float* u, float* zp, const float* a, const float* b, const float* c,
                                 const float* w, float bias, const float* xn, int W, int d) {
-  const vf w0 = vset1(w[0]), w1 = vset1(w[1]), w2 = vset1(w[2]), w3 = vset1(w[3]), w4 = vset1(w[4]),
-           w5 = vset1(w[5]), w6 = vset1(w[6]), w7 = vset1(w[7]), w8 = vset1(w[8]), vb = vset1(bias);
+  const Dw3x3 dw(w, bias);
   int x = 0;
   for (; x + VW <= W; x += VW) {
-    vf s = vb + w0 * vload(a + x - d) + w1 * vload(a + x) + w2 * vload(a + x + d) + w3 * vload(b + x - d) +
-           w4 * vload(b + x) + w5 * vload(b + x + d) + w6 * vload(c + x - d) + w7 * vload(c + x) +
-           w8 * vload(c + x + d);
-    s = vmax0(s);
+    vf s = dw(a, b, c, x, d);
     if (Y) vstore(y + x, s);
     vf g = vsigmoid_pos(s);
     if (U) { vf xv = vload(xn + x); vstore(u + x, g * xv + xv); }
     if (Z) { vf zv = vload(zp + x); vstore(zp + x, g * zv + zv); }
   }
   for (; x < W; ++x) {
-    float s = bias + w[0] * a[x - d] + w[1] * a[x] + w[2] * a[x + d] + w[3] * b[x - d] + w[4] * b[x] +
-              w[5] * b[x + d] + w[6] * c[x - d] + w[7] * c[x] + w[8] * c[x + d];
-    s = s > 0.0f ? s : 0.0f;
+    float s = dw.scalar(a, b, c, x, d);
     if (Y) y[x] = s;
     float g = ssigmoid(s);
     if (U) u[x] = g * xn[x] + xn[x];
@@ -462,23 +473,18 @@ static inline uint32_t q7s(float z, float inv) {
 static inline void dw_stage4_q_row(uint32_t* q, const float* z0, const float* z1, const float* y2, const float* a,
                                    const float* b, const float* c, const float* w, float bias, float inv, int W) {
   const int d = 4;
-  const vf w0 = vset1(w[0]), w1 = vset1(w[1]), w2 = vset1(w[2]), w3 = vset1(w[3]), w4 = vset1(w[4]),
-           w5 = vset1(w[5]), w6 = vset1(w[6]), w7 = vset1(w[7]), w8 = vset1(w[8]), vb = vset1(bias), vinv = vset1(inv);
+  const Dw3x3 dw(w, bias);
+  const vf vinv = vset1(inv);
   int x = 0;
   for (; x + VW <= W; x += VW) {
-    vf s = vb + w0 * vload(a + x - d) + w1 * vload(a + x) + w2 * vload(a + x + d) + w3 * vload(b + x - d) +
-           w4 * vload(b + x) + w5 * vload(b + x + d) + w6 * vload(c + x - d) + w7 * vload(c + x) +
-           w8 * vload(c + x + d);
-    s = vmax0(s);
+    vf s = dw(a, b, c, x, d);
     vf yv = vload(y2 + x);
     vf z2 = vsigmoid_pos(s) * yv + yv;
     vi word = q7(vload(z0 + x), vinv) | (q7(vload(z1 + x), vinv) << 8) | (q7(z2, vinv) << 16) | (q7(s, vinv) << 24);
     __builtin_memcpy(q + x, &word, sizeof(word));
   }
   for (; x < W; ++x) {
-    float s = bias + w[0] * a[x - d] + w[1] * a[x] + w[2] * a[x + d] + w[3] * b[x - d] + w[4] * b[x] +
-              w[5] * b[x + d] + w[6] * c[x - d] + w[7] * c[x] + w[8] * c[x + d];
-    s = s > 0.0f ? s : 0.0f;
+    float s = dw.scalar(a, b, c, x, d);
     float z2 = ssigmoid(s) * y2[x] + y2[x];
     q[x] = q7s(z0[x], inv) | (q7s(z1[x], inv) << 8) | (q7s(z2, inv) << 16) | (q7s(s, inv) << 24);
   }
