@@ -483,3 +483,27 @@ def test_serve_binds_loopback_by_default():
     assert opts["http"].startswith("127.0.0.1:") and opts["grpc"].startswith("127.0.0.1:")
     sig = inspect.signature(TritonServer.__init__).parameters
     assert sig["http"].default.startswith("127.0.0.1:") and sig["grpc"].default.startswith("127.0.0.1:")
+
+
+def test_library_swapped_after_verification_is_not_the_one_loaded(cf_art, marker_lib, keys, tmp_path, no_env_keys):
+    """The time-of-check/time-of-use window: the runner loads the bytes it hashed (a sealed memfd), so a
+    library replaced between verify_artifact and the load is refused, never loaded."""
+    from edgekit import runtime
+    from edgekit.artifact import verify_artifact
+
+    lib, marker = marker_lib
+    marker.unlink(missing_ok=True)
+    art = _copy(cf_art, tmp_path)
+    verified = verify_artifact(art, [keys["public"]])
+    shutil.copyfile(lib, art / _lib_name(art))  # swapped after the check, before the runner reads it
+    with pytest.raises(EdgekitError, match="changed after it was verified"):
+        runtime.load(verified)
+    assert not marker.exists()
+
+
+def test_compile_sign_with_a_wrong_key_is_one_line_before_any_work(keys, tmp_path, cli):
+    out = tmp_path / "A"
+    line = one_error_line(cli("compile", EMBEDDED, "--target", "onnx", "--out", out, "--sign", keys["public"]))
+    assert "not a PEM private key" in line and not out.exists()
+    line = one_error_line(cli("compile", EMBEDDED, "--target", "onnx", "--out", out, "--sign", tmp_path / "none.pem"))
+    assert "not found" in line and not out.exists()
