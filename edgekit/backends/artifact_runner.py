@@ -3,26 +3,60 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgekit.artifact import read_manifest
+from edgekit.artifact import VerifiedArtifact, verify_artifact
 from edgekit.backends.base import Runner
 from edgekit.data.preprocess import PreprocessSpec
+from edgekit.errors import EdgekitError
+
+
+# What a manifest may ask of a runner's input (channels, H, W) before any buffer is sized from it.
+MAX_INPUT_CHANNELS = 16
+MAX_INPUT_SIDE = 8192
+
+
+def check_input_geometry(source, spec: PreprocessSpec) -> None:
+    c, (h, w) = spec.channels, spec.input_size
+    if not (isinstance(c, int) and 1 <= c <= MAX_INPUT_CHANNELS) or not all(
+            isinstance(v, int) and 1 <= v <= MAX_INPUT_SIDE for v in (h, w)):
+        raise EdgekitError(f"{source}: implausible input geometry in the manifest ({c} channels, {h}x{w}; "
+                           f"at most {MAX_INPUT_CHANNELS} channels and {MAX_INPUT_SIDE} px a side)")
 
 
 class ArtifactRunner(Runner):
     """An artifact folder (its manifest verified), or a plain model file (``model.onnx``, ``model.xml``)
     with the default preprocessing, which the subclass fits to the model's input with ``adopt_input``."""
 
-    def __init__(self, folder: Path):
-        folder = Path(folder)
-        if folder.is_file():  # a plain model file: nothing recorded, so the published model's preprocessing
+    def __init__(self, folder):
+        """``folder``: a ``VerifiedArtifact`` (``runtime.load`` verified it), an artifact folder (verified
+        here, with the ``EDGEKIT_TRUSTED_KEYS`` policy), or a plain model file."""
+        self.artifact = None
+        if isinstance(folder, VerifiedArtifact):
+            self.artifact = folder
+        elif Path(folder).is_file():  # a plain model file: nothing recorded, so the published model's preprocessing
+            folder = Path(folder)
             self.manifest = {"model_file": folder.name, "precision": "fp32", "preprocess": PreprocessSpec().to_dict()}
             self.model_path = folder
         else:
-            self.manifest = read_manifest(folder)  # verifies file hashes first
-            self.model_path = folder / self.manifest["model_file"]
-        super().__init__(PreprocessSpec.from_dict(self.manifest["preprocess"]), folder, self.manifest)
+            self.artifact = verify_artifact(folder)  # signature (if keys are trusted), paths, every file's hash
+        if self.artifact is not None:
+            self.manifest = self.artifact.manifest
+            self.model_path = self.artifact.path(self.manifest.get("model_file"), "model_file")
+            folder = self.artifact.folder
+        try:
+            spec = PreprocessSpec.from_dict(self.manifest["preprocess"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise EdgekitError(f"{folder}: the manifest's preprocess record is missing or malformed") from None
+        check_input_geometry(folder, spec)
+        super().__init__(spec, folder, self.manifest)
         self.name = self.manifest.get("target", self.name)  # the backend's one name (a plain file: the class's)
         self.precision = self.manifest.get("precision", "fp32")
+
+    def model_bytes(self) -> bytes:
+        """The model file's bytes: an artifact's read once and hashed as read (the bytes checked are the
+        bytes the backend parses), a plain model file's as they are."""
+        if self.artifact is not None:
+            return self.artifact.read(self.manifest["model_file"], "model_file")
+        return self.model_path.read_bytes()
 
     def adopt_input(self, shape) -> None:
         """A plain model file: input channels and size from the model (N x C x H x W; a dynamic H/W keeps

@@ -168,7 +168,7 @@ class ExecuTorchRunner(ArtifactRunner):
             _unsafe_reset_threadpool(int(threads))  # XNNPACK's thread pool is process-wide
         runtime = Runtime.get()
         with contextlib.redirect_stdout(io.StringIO()):  # keep stdout for results
-            self.program = runtime.load_program(Path(folder) / self.manifest["model_file"])
+            self.program = runtime.load_program(self.model_path)  # a verified member of the artifact
             self.method = self.program.load_method("forward")
 
     def infer(self, batch: np.ndarray) -> np.ndarray:

@@ -29,7 +29,10 @@ class OnnxRuntimeRunner(ArtifactRunner):
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(self.model_path), opts, providers=["CPUExecutionProvider"])
+        # an artifact's model from the verified bytes, not the path again (ONNX external data, which would be
+        # read from beside it, is not supported from bytes, and edgekit never writes it)
+        model = self.model_bytes() if self.artifact is not None else str(self.model_path)
+        self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.adopt_input(self.session.get_inputs()[0].shape)
 

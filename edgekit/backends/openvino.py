@@ -32,7 +32,13 @@ class OpenVINORunner(ArtifactRunner):
         except ImportError:
             raise MissingBackendError("running OpenVINO artifacts", "openvino") from None
         self.core = ov.Core()
-        self.model = self.core.read_model(str(self.model_path))
+        if self.artifact is not None:  # the IR and its weights from the verified bytes, not the paths again
+            weights = self.artifact.read(self.model_path.with_suffix(".bin").relative_to(self.artifact.folder).as_posix(),
+                                         "OpenVINO weights")
+            self.model = self.core.read_model(self.model_bytes().decode("utf-8", "replace"),
+                                              ov.Tensor(np.frombuffer(weights, dtype=np.uint8).copy()))
+        else:
+            self.model = self.core.read_model(str(self.model_path))
         self.adopt_input([d.get_length() if d.is_static else None for d in self.model.inputs[0].get_partial_shape()])
         self.config = {"PERFORMANCE_HINT": hint, "NUM_STREAMS": "1" if hint == "LATENCY" else "AUTO"}
         if threads:

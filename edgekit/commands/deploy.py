@@ -20,6 +20,21 @@ def targets_help() -> str:
     return "; ".join(f"{t.name}: {t.description} ({', '.join(t.compile_precisions)})" for t in targets())
 
 
+_SIGN = click.option("--sign", "sign_key", default=None, type=click.Path(dir_okay=False), metavar="PRIVATE_KEY",
+                     help="Sign the artifact: manifest.sig, an Ed25519 signature (edgekit keygen's private_key.pem) "
+                          "over manifest.json, which holds every file's sha256. Devices verify it with the public "
+                          "key (runtime.load(..., trusted_keys=...), EDGEKIT_TRUSTED_KEYS, serve --trusted-key).")
+
+
+def _load_sign_key(path):
+    """The signing key, loaded (one error line) before any work starts."""
+    if path is None:
+        return None
+    from edgekit.keys import load_private_key
+
+    return load_private_key(path)
+
+
 _AS_BACKBONE = click.option("--as-backbone", is_flag=True,
                             help="MODEL is an MLFF backbone (a weights or checkpoint file): compile its pooled tap "
                                  "features. A registry folder or a backbone name (efficientnet-lite0) is one anyway.")
@@ -52,17 +67,20 @@ _VAL = click.option("--val", default=None, help="Validation images with masks fo
 @threads_option()
 @force_option
 @_AS_BACKBONE
+@_SIGN
 @json_option
 def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, max_drop, metric, val, parity_data, threads,
-                force, as_backbone, as_json):
+                force, as_backbone, sign_key, as_json):
     """Compile a checkpoint, or the frozen backbone of an MLFF adapter registry, into a verified artifact folder."""
     check_out(out, force)  # before anything is imported or loaded
+    key = _load_sign_key(sign_key)
     source = model_path(model, registry_ok=True)
     from edgekit.pipeline.compile import compile_model
 
     manifest = compile_model(source, target, precision, out, parity_data=parity_data,
                              calib=calib, subset=subset, int8_scheme=int8_scheme, max_drop=max_drop, metric=metric,
-                             val=val, force=force, threads=threads, log=_log(as_json), as_backbone=as_backbone)
+                             val=val, force=force, threads=threads, log=_log(as_json), as_backbone=as_backbone,
+                             sign_key=key)
     if as_json:
         echo_json(manifest)
 
@@ -87,17 +105,20 @@ def _log(as_json: bool):
 @threads_option()
 @force_option
 @_AS_BACKBONE
+@_SIGN
 @json_option
 def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_scheme, parity_data, out, threads,
-                 force, as_backbone, as_json):
+                 force, as_backbone, sign_key, as_json):
     """INT8 post-training quantization with NNCF (accuracy-controlled with --max-drop and --val)."""
     check_out(out, force)  # before anything is imported or loaded
+    key = _load_sign_key(sign_key)
     source = model_path(model, registry_ok=True)
     from edgekit.pipeline.compile import compile_model
 
     manifest = compile_model(source, target, "int8", out, parity_data=parity_data, calib=calib,
                              subset=subset, int8_scheme=int8_scheme, max_drop=max_drop, metric=metric, val=val,
-                             force=force, threads=threads, log=_log(as_json), as_backbone=as_backbone)
+                             force=force, threads=threads, log=_log(as_json), as_backbone=as_backbone,
+                             sign_key=key)
     if as_json:
         echo_json(manifest)
 

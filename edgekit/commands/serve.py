@@ -1,6 +1,8 @@
 """Serving commands: export-repo (Triton / OVMS model repositories), serve (the bundled tritonserver)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from edgekit.commands._common import echo_json, force_option, json_option, threads_option
@@ -52,15 +54,21 @@ def export_repo_cmd(artifacts, fmt, out, name, version, max_batch, instances, dy
 
 @click.command("serve")
 @click.argument("repo", type=click.Path(file_okay=False))
-@click.option("--http", default="127.0.0.1:8000", show_default=True, help="HTTP (KServe v2 REST) address.")
-@click.option("--grpc", default="127.0.0.1:8001", show_default=True, help="gRPC address ('off': none).")
+@click.option("--http", default="127.0.0.1:8000", show_default=True,
+              help="HTTP (KServe v2 REST) address. Loopback by default: the server has no TLS and no authentication "
+                   "of its own; to serve other machines put a TLS/mTLS reverse proxy in front (README: Serving).")
+@click.option("--grpc", default="127.0.0.1:8001", show_default=True, help="gRPC address ('off': none); loopback by "
+              "default, like --http.")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False), metavar="PUBLIC_KEY",
+              help="Serve only artifacts signed by this key (edgekit keygen's public_key.pem; repeat for several). "
+                   "Default: the keys in EDGEKIT_TRUSTED_KEYS, else the hashes only.")
 @threads_option()  # per model instance
 @click.option("--install", is_flag=True, help="Install the bundled tritonserver first if it is not there "
               "(nvidia-pytriton, no dependencies, into edgekit's cache).")
 @click.option("--poll", "poll_secs", default=None, type=click.IntRange(1), metavar="SECONDS",
               help="Re-read the repository every SECONDS: new versions (export-repo --add) load without a restart.")
 @click.option("--log", "log_file", default=None, type=click.Path(dir_okay=False), help="tritonserver's log file.")
-def serve_cmd(repo, http, grpc, threads, install, poll_secs, log_file):
+def serve_cmd(repo, http, grpc, trusted_keys, threads, install, poll_secs, log_file):
     """Serve a Triton model repository (python-backend models) with the tritonserver of nvidia-pytriton.
 
     Runs until interrupted (Ctrl-C / SIGTERM), then stops the server.
@@ -70,9 +78,12 @@ def serve_cmd(repo, http, grpc, threads, install, poll_secs, log_file):
 
     from edgekit.serve.triton import TritonServer, find_triton, install_triton
 
+    from edgekit.serve.triton import check_repository
+
+    check_repository(Path(repo), list(trusted_keys) or None)  # every file of every model, before anything starts
     dist = install_triton(log=lambda m: click.echo(m, err=True)) if install else find_triton()
     server = TritonServer(repo, http=http, grpc=None if grpc == "off" else grpc, dist=dist, log_file=log_file,
-                          threads=threads, poll_secs=poll_secs)
+                          threads=threads, poll_secs=poll_secs, trusted_keys=list(trusted_keys) or None)
     def on_term(*_):  # SIGTERM stops the server like Ctrl-C (a background job may ignore SIGINT)
         raise KeyboardInterrupt
 

@@ -124,12 +124,15 @@ class EkOp(ctypes.Structure):
                 ("ptr", ctypes.c_int64 * 10), ("i", ctypes.c_int32 * 12), ("f", ctypes.c_float * 4)]
 
 
+_LIBRARY_FDS: List[int] = []
+
+
 class CpuKernels:
     """A loaded kernel library and its persistent worker pool (``threads`` workers, the caller included)."""
 
-    def __init__(self, library: Path, threads: int = 1):
+    def __init__(self, library: Path, threads: int = 1, *, _load_path: Optional[str] = None):
         try:
-            lib = ctypes.CDLL(str(library))
+            lib = ctypes.CDLL(_load_path or str(library))
         except OSError as e:
             raise EdgekitError(f"cpu-fused: cannot load {library}: {e}") from None
         for name, res, args in (("ek_isa", ctypes.c_char_p, []), ("ek_abi_version", ctypes.c_int, []),
@@ -154,6 +157,34 @@ class CpuKernels:
         self.vector_width = lib.ek_vector_width()
         self.threads = max(1, int(threads))
         self._pool = lib.ek_pool_create(self.threads)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str, threads: int = 1) -> "CpuKernels":
+        """Load a library from bytes already verified, never from its path again (no window between the
+        check and the load): the bytes go into a sealed memfd and the loader opens ``/proc/self/fd/N``.
+        Without memfd (not Linux): a private temporary copy of the same bytes."""
+        if hasattr(os, "memfd_create") and Path("/proc/self/fd").is_dir():
+            import fcntl
+
+            fd = os.memfd_create("edgekit-" + Path(name).name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            view, done = memoryview(data), 0
+            while done < len(data):
+                done += os.write(fd, view[done:])
+            if os.fstat(fd).st_size != len(data):
+                os.close(fd)
+                raise EdgekitError(f"cpu-fused: cannot stage {name} in memory")
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+                        | fcntl.F_SEAL_SEAL)
+            # Never closed: ctypes never unloads a library, and the loader matches a later dlopen of the
+            # same /proc/self/fd/N name to the library already loaded; a reused fd number would do that.
+            _LIBRARY_FDS.append(fd)
+            return cls(Path(name), threads, _load_path=f"/proc/self/fd/{fd}")
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="edgekit-kernels-"))  # 0700: nobody else can swap the copy
+        copy = tmp / Path(name).name
+        copy.write_bytes(data)
+        return cls(Path(name), threads, _load_path=str(copy))
 
     def run(self, ops, timings: Optional[np.ndarray] = None, cpu_clock: bool = False) -> None:
         """Run a program; ``timings`` (float64, one per op) accumulates each op's milliseconds: wall time,
@@ -294,6 +325,12 @@ class FusedNet:
                  offsets: Dict[str, Tuple[int, int]], panel_bytes: int = PANEL_BYTES, fuse_head: bool = True):
         self.kernels, self.net, self.offsets, self.panel_bytes = kernels, net, offsets, panel_bytes
         self.fuse_head = fuse_head
+        # the last guard before native code: every parameter inside the blob (the manifest's layout was
+        # checked against the net by the runner; this holds for any caller)
+        for pname, (off, nb) in offsets.items():
+            if not (0 <= int(off) and 0 <= int(nb) and int(off) + int(nb) <= blob.nbytes):
+                raise EdgekitError(f"cpu-fused: parameter {pname} at [{off}, {off}+{nb}) lies outside the "
+                                   f"{blob.nbytes}-byte weights")
         self.params = _aligned(blob.nbytes)
         self.params[:] = blob
         self._states: Dict[Tuple[int, int, int], tuple] = {}

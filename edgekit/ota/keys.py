@@ -6,26 +6,20 @@ A key's id is the sha256 of its raw 32-byte public key, in hex; manifests name t
 """
 from __future__ import annotations
 
-import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Tuple
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgekit.errors import EdgekitError
+# the load/verify primitives live in the base layer, so artifacts and the runtime verify without the OTA layer
+from edgekit.keys import TrustedKey, key_id, load_private_key, load_public_key  # noqa: F401  (re-exported)
 from edgekit.utils import atomic_write
 
 PRIVATE_KEY_NAME = "private_key.pem"
 PUBLIC_KEY_NAME = "public_key.pem"
-
-
-def key_id(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()
 
 
 def generate_keypair(out_dir: str | os.PathLike, force: bool = False) -> Tuple[Path, Path, str]:
@@ -51,55 +45,6 @@ def generate_keypair(out_dir: str | os.PathLike, force: bool = False) -> Tuple[P
     except OSError as e:
         raise EdgekitError(f"cannot write the key pair to {out_dir}: {e.strerror or e}") from None
     return private_path, public_path, key_id(private_key.public_key())
-
-
-def _read_pem(path: Path, what: str) -> bytes:
-    if not path.is_file():
-        raise EdgekitError(f"{what} file {path} not found")
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise EdgekitError(f"cannot read {what} file {path}: {e.strerror}") from None
-
-
-def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:
-    path = Path(path)
-    data = _read_pem(path, "private key")
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except TypeError:
-        raise EdgekitError(f"{path} is an encrypted private key; edgekit needs an unencrypted one") from None
-    except ValueError:
-        raise EdgekitError(f"{path} is not a PEM private key (use the private_key.pem from edgekit keygen)") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise EdgekitError(f"{path} is not an Ed25519 private key")
-    return key
-
-
-def load_public_key(path: str | os.PathLike) -> Ed25519PublicKey:
-    path = Path(path)
-    data = _read_pem(path, "public key")
-    try:
-        key = serialization.load_pem_public_key(data)
-    except ValueError:
-        raise EdgekitError(f"{path} is not a PEM public key (use the public_key.pem from edgekit keygen)") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise EdgekitError(f"{path} is not an Ed25519 public key")
-    return key
-
-
-@dataclass(frozen=True)
-class TrustedKey:
-    key_id: str
-    public_key: Ed25519PublicKey
-    path: str
-
-    def verifies(self, signature: bytes, message: bytes) -> bool:
-        try:
-            self.public_key.verify(signature, message)
-            return True
-        except InvalidSignature:
-            return False
 
 
 def load_trusted_keys(paths: Iterable[str | os.PathLike]) -> Dict[str, TrustedKey]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from edgekit.errors import EdgekitError
-from edgekit.artifact import artifact_writer, read_manifest, write_manifest
+from edgekit.artifact import artifact_writer, read_manifest, sign_artifact, verify_artifact, write_manifest
 
 
 
@@ -23,7 +23,7 @@ def candidates_for(target: str):
 
 def compile_auto(source_path: str, target: str, out: str, *, parity_data: str, calib: Optional[str], subset: int,
                  int8_scheme: str, max_drop: Optional[float], metric: str, val: Optional[str], force: bool,
-                 threads: Optional[int], log: Callable = print) -> dict:
+                 threads: Optional[int], log: Callable = print, sign_key=None) -> dict:
     from edgekit import runtime
     from edgekit.eval.timing import Row, time_rows
     from edgekit.data.datasets import open_segmentation
@@ -46,7 +46,7 @@ def compile_auto(source_path: str, target: str, out: str, *, parity_data: str, c
                 build_artifact(get_backend(target), source_path, precision, str(folder), parity_data=parity_data,
                                calib=calib, subset=subset, int8_scheme=int8_scheme, max_drop=None, metric=metric,
                                val=None, force=False, threads=threads, log=lambda *_: None)
-                runner = runtime.load(folder, threads=threads)
+                runner = runtime.load(verify_artifact(folder, use_env=False), threads=threads)  # not signed yet
                 runner.warmup()
             except EdgekitError as e:
                 log(f"auto: {precision} skipped ({e})")
@@ -86,5 +86,7 @@ def compile_auto(source_path: str, target: str, out: str, *, parity_data: str, c
             for k in ("format", "format_version", "created", "size_bytes"):
                 manifest.pop(k, None)
             manifest = write_manifest(folder, manifest, files)
+            if sign_key is not None:
+                sign_artifact(folder, sign_key)
     log(f"auto: kept {best['precision']} ({best['fps_b1']:.1f} FPS, {metric} drop {best['drop']:+.4f}) -> {out}")
     return manifest

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from edgekit.artifact import artifact_writer, tool_versions, write_manifest
+from edgekit.artifact import artifact_writer, sign_artifact, tool_versions, verify_artifact, write_manifest
 from edgekit.backends.base import Runner
 from edgekit.backends.registry import BackendSpec, BuildContext
 from edgekit.errors import EdgekitError
@@ -23,8 +23,11 @@ from edgekit.pipeline.sources import open_source
 def build_artifact(spec: BackendSpec, source_path: str, precision: str, out: str, *, parity_data: str,
                    calib: Optional[str], subset: int, int8_scheme: str, max_drop: Optional[float], metric: str,
                    val: Optional[str], force: bool, threads: Optional[int], log: Callable,
-                   as_backbone: bool = False) -> dict:
-    """One artifact folder of ``source_path`` for ``spec`` at ``precision`` (checked by the caller)."""
+                   as_backbone: bool = False, sign_key=None) -> dict:
+    """One artifact folder of ``source_path`` for ``spec`` at ``precision`` (checked by the caller).
+
+    ``sign_key`` (an Ed25519 private key, loaded by the caller before any work): ``manifest.sig`` is
+    written over the final manifest inside the temporary folder, so the folder appears signed or not at all."""
     src = open_source(source_path, as_backbone)
     if src.artifact_target is not None and spec.from_artifacts is not None \
             and src.artifact_target not in spec.from_artifacts:
@@ -68,12 +71,15 @@ def build_artifact(spec: BackendSpec, source_path: str, precision: str, out: str
         else:
             manifest["parity"] = src.parity(_load(spec, folder, threads), parity_set, threads)
         manifest = write_manifest(folder, manifest, files)
+        if sign_key is not None:
+            sign_artifact(folder, sign_key)
     log(src.summary(out, manifest))
     return manifest
 
 
 def _load(spec: BackendSpec, folder: Path, threads) -> Runner:
-    return spec.load(folder, **spec.load_kwargs({"threads": threads}))
+    # the folder being built is not signed yet: hash-only, whatever EDGEKIT_TRUSTED_KEYS says on this machine
+    return spec.load(verify_artifact(folder, use_env=False), **spec.load_kwargs({"threads": threads}))
 
 
 def _nncf_quantize(src, spec: BackendSpec, folder: Path, manifest: dict, calibration, calib_set, subset: int,

@@ -47,7 +47,7 @@ def compile_model(source_path: str, target: str, precision: str, out: str, *, pa
                   calib: Optional[str] = None, subset: int = 100, int8_scheme: str = "pointwise",
                   max_drop: Optional[float] = None, metric: str = "iou", val: Optional[str] = None,
                   force: bool = False, threads: Optional[int] = None, log: Callable = print,
-                  as_backbone: bool = False) -> dict:
+                  as_backbone: bool = False, sign_key=None) -> dict:
     """Build one artifact folder; returns its manifest.
 
     ``parity_data``: images for the parity check; by default the real images given (``val``, then
@@ -64,7 +64,7 @@ def compile_model(source_path: str, target: str, precision: str, out: str, *, pa
 
         return compile_auto(source_path, target, out, parity_data=parity_data, calib=calib, subset=subset,
                             int8_scheme=int8_scheme, max_drop=max_drop, metric=metric, val=val, force=force,
-                            threads=threads, log=log)
+                            threads=threads, log=log, sign_key=sign_key)
     return build_artifact(spec, source_path, precision, out, parity_data=parity_data, calib=calib, subset=subset,
                           int8_scheme=int8_scheme, max_drop=max_drop, metric=metric, val=val, force=force,
-                          threads=threads, log=log, as_backbone=as_backbone)
+                          threads=threads, log=log, as_backbone=as_backbone, sign_key=sign_key)

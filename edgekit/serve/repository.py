@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from edgekit.errors import EdgekitError, MissingBackendError
-from edgekit.artifact import artifact_writer, is_artifact, now_utc, read_manifest
+from edgekit.artifact import artifact_writer, is_artifact, now_utc, read_manifest, verify_artifact
 from edgekit.utils import sha256_file
 
 FORMATS = ("triton", "ovms")
@@ -247,6 +247,39 @@ def _place_triton(entry: ModelEntry, repo: Path, opts: ServeOptions) -> None:
     _write_served_manifest(entry, vdir, "triton", copied)
     cfg = triton_config(entry, opts)
     (mdir / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+
+
+def verify_python_model(vdir: Path, trusted_keys=None) -> None:
+    """Before a python-backend model version is served, every file in its folder: ``model.py`` byte for byte
+    this edgekit's ``triton_model.py`` (Triton runs it, and puts its folder on the stub's ``sys.path``, so
+    any other ``.py`` there could be imported in its place), ``edgekit.json``, and the artifact folder
+    verified like ``runtime.load`` does (signature when keys are trusted, paths, every file's sha256, nothing
+    unlisted); anything else in the folder (a new module, ``__pycache__``) is refused. One error line."""
+    where = f"{vdir.parent.name} version {vdir.name}"
+    model_py = vdir / "model.py"
+    if not model_py.is_file() or model_py.is_symlink():
+        raise EdgekitError(f"{where}: no model.py (write the repository with edgekit export-repo)")
+    if sha256_file(model_py) != sha256_file(TRITON_MODEL_PY):
+        raise EdgekitError(f"{where}: model.py is not edgekit's triton_model.py (modified, or written by another "
+                           "edgekit version: re-export the repository); refused before serving")
+    for f in sorted(vdir.iterdir()):
+        if f.name in ("model.py", SERVED_MANIFEST) and f.is_file() and not f.is_symlink():
+            continue
+        if f.name == PYTHON_ARTIFACT_DIR and f.is_dir() and not f.is_symlink():
+            continue
+        raise EdgekitError(f"{where}: {f.name} is not part of the exported model (only model.py, {SERVED_MANIFEST} "
+                           f"and {PYTHON_ARTIFACT_DIR}/ are); refused before serving")
+    try:
+        served = json.loads((vdir / SERVED_MANIFEST).read_text())
+        recorded = {k: v["sha256"] for k, v in served["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise EdgekitError(f"{where}: {SERVED_MANIFEST} is missing or not edgekit's; refused before serving") from None
+    art = verify_artifact(vdir / PYTHON_ARTIFACT_DIR, trusted_keys)
+    for dst, digest in recorded.items():
+        name = dst.removeprefix(PYTHON_ARTIFACT_DIR + "/")
+        if name != "manifest.json" and art.manifest["files"].get(name) != digest:
+            raise EdgekitError(f"{where}: {dst} is not the file exported ({SERVED_MANIFEST} disagrees with the "
+                               "artifact's manifest); refused before serving")
 
 
 def _check_copies(entry: ModelEntry, vdir: Path, copied: dict) -> None:

@@ -29,7 +29,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from edgekit.errors import EdgekitError
 
@@ -143,6 +143,8 @@ def server_env(dist: TritonDist) -> dict:
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, str(dist.libs), env.get("LD_LIBRARY_PATH")) if p)
     env["EDGEKIT_SERVE_PYTHONPATH"] = os.pathsep.join([str(dist.stub_site), *stub_python_path()])
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # no __pycache__ beside model.py: the repository check refuses any file it did not export
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
 
 
@@ -153,9 +155,12 @@ def parse_address(addr: str, what: str) -> Tuple[str, int]:
     return host, int(port)
 
 
-def check_repository(repo: Path) -> List[str]:
-    """Model names of a Triton repository the bundled server can run (python backend only), or one error line."""
-    from edgekit.serve.repository import parse_triton_config
+def check_repository(repo: Path, trusted_keys=None) -> List[str]:
+    """Model names of a Triton repository the bundled server can run (python backend only), or one error line.
+
+    Every version folder of every model is checked file by file first (``verify_python_model``: model.py,
+    the artifact's signature with ``trusted_keys`` or ``EDGEKIT_TRUSTED_KEYS``, every hash, nothing extra)."""
+    from edgekit.serve.repository import parse_triton_config, verify_python_model
 
     if not repo.is_dir():
         raise EdgekitError(f"{repo}: no such model repository")
@@ -170,6 +175,11 @@ def check_repository(repo: Path) -> List[str]:
             raise EdgekitError(f"{cfg.parent.name}: {route} models need Triton's {route} backend, which the bundled "
                                "tritonserver lacks (python backend only): re-export with --triton-backend python, "
                                "or serve the repository with NVIDIA's Triton container")
+        versions = [v for v in sorted(cfg.parent.iterdir()) if v.is_dir() and v.name.isdigit()]
+        if not versions:
+            raise EdgekitError(f"{cfg.parent.name}: no version folder to serve")
+        for vdir in versions:
+            verify_python_model(vdir, trusted_keys)
         names.append(c.name or cfg.parent.name)
     if not names:
         raise EdgekitError(f"{repo}: no models (no */config.pbtxt): write one with edgekit export-repo --format triton")
@@ -181,9 +191,11 @@ class TritonServer:
 
     def __init__(self, repo, http: str = "127.0.0.1:8000", grpc: Optional[str] = "127.0.0.1:8001",
                  dist: Optional[TritonDist] = None, log_file: Optional[Path] = None, threads: Optional[int] = None,
-                 poll_secs: Optional[int] = None):
+                 poll_secs: Optional[int] = None, trusted_keys: Optional[Sequence] = None):
         self.repo = Path(repo).resolve()
-        self.models = check_repository(self.repo)
+        self.models = check_repository(self.repo, trusted_keys)
+        # the model.py in the server verifies again as it loads (runtime.load): the same keys, by file
+        self.trusted_key_files = [str(Path(k).resolve()) for k in trusted_keys] if trusted_keys else None
         self.http = parse_address(http, "--http")
         self.grpc = parse_address(grpc, "--grpc") if grpc else None
         self.dist = dist or find_triton()
@@ -228,6 +240,10 @@ class TritonServer:
         env = server_env(self.dist)
         if self.threads:
             env["EDGEKIT_SERVE_THREADS"] = str(self.threads)
+        if self.trusted_key_files:
+            from edgekit.artifact import TRUSTED_KEYS_ENV
+
+            env[TRUSTED_KEYS_ENV] = os.pathsep.join(self.trusted_key_files)
         self._log = open(self.log_file, "wb")
         self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)

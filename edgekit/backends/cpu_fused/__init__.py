@@ -25,7 +25,7 @@ def _build(ctx) -> dict:
 def _load(path: Path, threads: Optional[int] = None, isa: Optional[str] = None, fuse_head: bool = True):
     from edgekit.backends.cpu_fused.runner import CpuFusedRunner
 
-    return CpuFusedRunner(Path(path), threads=threads, isa=isa, fuse_head=fuse_head)
+    return CpuFusedRunner(path, threads=threads, isa=isa, fuse_head=fuse_head)  # a VerifiedArtifact passes through
 
 
 def _not_here() -> Optional[str]:

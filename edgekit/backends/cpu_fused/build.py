@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -89,10 +89,90 @@ def build_cpu_fused(checkpoint, folder: Path, precision: str = "fp32", *, isas: 
     return fields
 
 
-def read_weights(folder: Path, manifest: dict) -> np.ndarray:
-    path = Path(folder) / manifest["model_file"]
-    blob = np.fromfile(path, dtype=np.uint8)
-    if blob.nbytes != int(manifest.get("weights_bytes", -1)):
-        raise EdgekitError(f"{folder}: {manifest['model_file']} has {blob.nbytes} bytes, the manifest says "
-                           f"{manifest.get('weights_bytes')}")
-    return blob
+# What a manifest may claim before anything is sized from it: far above any GMBINet edgekit builds
+# (widths 16..128, depths 3..6), far below what would need gigabytes of parameters.
+MAX_CHANNELS = 16  # in_channels, out_channels
+MAX_WIDTH = 1024  # stage widths, head width
+MAX_DEPTH = 32  # GMBI modules per stage
+MAX_ACTIVATION_BYTES = 2 << 30  # one image's activation arena (plan_gmbinet's act_bytes; 512x512: 21 MB, 4096x4096: 1.3 GB)
+
+
+def _plausible_int(v, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def expected_param_layout(net: dict, int8: bool) -> Tuple[Dict[str, Tuple[int, int]], int]:
+    """({"layer.array": (offset, nbytes)}, blob bytes) that ``fold_gmbinet(..).param_layout()`` (and
+    ``quantize_gmbi_1x1`` for INT8) writes for a net of these dimensions: the only layout the kernels
+    may be given, since every array's size follows from the widths, depths and channels."""
+    from edgekit.kernels.gmbinet import ALIGN
+
+    cin, w, d, cout, hw = net["in_channels"], net["widths"], net["depths"], net["out_channels"], net["head_width"]
+    f = 4  # fp32
+    arrays: List[Tuple[str, int]] = [("stem.w", cin * 9 * w[0] * f), ("stem.b", w[0] * f)]
+
+    def dwpw(layer, ci, co):
+        return [(f"{layer}.dw_w", ci * 9 * f), (f"{layer}.dw_b", ci * f), (f"{layer}.pw_wt", ci * co * f),
+                (f"{layer}.pw_b", co * f)]
+    for s in range(2, 6):
+        arrays += dwpw(f"down{s}", w[s - 2], w[s - 1])
+        c = w[s - 1]
+        for i in range(1, d[s - 2] + 1):
+            arrays += dwpw(f"gmbi{s}_{i}", c, c)
+            if int8:  # s8 weights packed 4 to a word [C/4][C], per-channel scale, 1 / s_z
+                arrays += [(f"gmbi{s}_{i}.pw_q", c * c), (f"gmbi{s}_{i}.pw_qscale", c * f), (f"gmbi{s}_{i}.pw_qinv", f)]
+    arrays += [("decoder5.pw_wt", w[4] * w[3] * f), ("decoder5.pw_b", w[3] * f)]
+    for name, ci, co in (("DF4", w[3], w[2]), ("DF3", w[2], w[1]), ("DF2", w[1], w[0]), ("DF1", w[0], hw)):
+        arrays += dwpw(name, ci, co)
+    arrays += [("head.w", cout * hw * f), ("head.b", cout * f)]
+    layout, pos = {}, 0
+    for name, nb in arrays:
+        layout[name] = (pos, nb)
+        pos += -(-nb // ALIGN) * ALIGN
+    return layout, max(pos, ALIGN)
+
+
+def check_geometry(folder, manifest: dict, weights_size: int):
+    """(FoldedGMBINet, offsets) from a cpu-fused manifest, every value checked before native code sees it.
+
+    The net's dimensions must be plausible (``MAX_*``: one line instead of gigabytes or a crash), the
+    parameter layout must be exactly the one those dimensions give (so no offset or size points outside
+    the weights and every array has its parameter's shape), and the weights file (already hashed) must be
+    exactly as long as that layout.  The input size comes from the preprocess record (checked by the
+    runner) and the activation arena it gives is bounded too."""
+    from edgekit.kernels.gmbinet import FoldedGMBINet, plan_gmbinet
+
+    n, layout = manifest.get("net"), manifest.get("param_layout")
+    if not isinstance(n, dict) or not isinstance(layout, dict):
+        raise EdgekitError(f"{folder}: not a complete cpu-fused artifact (no net or parameter layout)")
+    widths, depths, hw = n.get("widths"), n.get("depths"), n.get("head_width")
+    ok = (_plausible_int(n.get("in_channels"), 1, MAX_CHANNELS) and _plausible_int(n.get("out_channels"), 1, MAX_CHANNELS)
+          and isinstance(widths, list) and len(widths) == 5 and isinstance(depths, list) and len(depths) == 4
+          and all(_plausible_int(v, 4, MAX_WIDTH) and v % 4 == 0 for v in (*widths, hw))
+          and all(_plausible_int(v, 1, MAX_DEPTH) for v in depths))
+    if not ok:
+        raise EdgekitError(f"{folder}: implausible cpu-fused net in the manifest ({n!r}: 5 widths and a head width "
+                           f"in 4..{MAX_WIDTH}, multiples of 4; 4 depths in 1..{MAX_DEPTH}; channels 1..{MAX_CHANNELS})")
+    int8 = manifest.get("precision") == "int8"
+    expected, total = expected_param_layout(n, int8)
+    got = {}
+    for k, v in layout.items():
+        if not (isinstance(v, list) and len(v) == 2 and all(_plausible_int(x, 0, 1 << 62) for x in v)):
+            raise EdgekitError(f"{folder}: parameter {k!r} has layout {v!r}, not [offset, bytes]")
+        got[k] = (v[0], v[1])
+    if got != expected:
+        bad = next((k for k in (*expected, *got) if got.get(k) != expected.get(k)), "?")
+        raise EdgekitError(f"{folder}: the manifest's parameter layout does not match its net ({bad}: "
+                           f"{list(got[bad]) if bad in got else 'missing'}, the net's shapes give "
+                           f"{list(expected[bad]) if bad in expected else 'no such parameter'}); refused")
+    if manifest.get("weights_bytes") != total or weights_size != total:
+        raise EdgekitError(f"{folder}: {manifest.get('model_file')} has {weights_size} bytes, the manifest says "
+                           f"{manifest.get('weights_bytes')}, its net needs {total}; refused")
+    net = FoldedGMBINet(in_channels=n["in_channels"], widths=tuple(widths), depths=tuple(depths),
+                        out_channels=n["out_channels"], head_width=hw)
+    h, w = manifest["preprocess"]["input_size"]
+    arena = plan_gmbinet(net, 1, int(h), int(w), "float32").act_bytes
+    if arena > MAX_ACTIVATION_BYTES:
+        raise EdgekitError(f"{folder}: a {h}x{w} input through this net needs {arena / 2**30:.1f} GiB of activations "
+                           f"per image (at most {MAX_ACTIVATION_BYTES >> 30} GiB); refused")
+    return net, expected

@@ -31,17 +31,21 @@ def default_threads() -> int:
 class CpuFusedRunner(ArtifactRunner):
     name = TARGET
 
-    def __init__(self, folder: Path, threads: Optional[int] = None, isa: Optional[str] = None,
+    def __init__(self, folder, threads: Optional[int] = None, isa: Optional[str] = None,
                  fuse_head: bool = True):
-        super().__init__(folder)  # verifies every file's sha256 first
-        from edgekit.backends.cpu_fused.build import read_weights
+        super().__init__(folder)  # verified first: signature (keys trusted), paths, every file's sha256
+        from edgekit.backends.cpu_fused.build import check_geometry
         from edgekit.kernels.cpu_fused import CpuKernels, FusedNet, choose_isa
-        from edgekit.kernels.gmbinet import FoldedGMBINet
 
-        m = self.manifest
+        if self.artifact is None:
+            raise EdgekitError(f"{folder}: cpu-fused runs artifact folders (edgekit compile --target cpu-fused)")
+        folder, m = self.artifact.folder, self.manifest
         libs = m.get("kernels", {}).get("libraries", {})
-        if not libs or "net" not in m or "param_layout" not in m:
-            raise EdgekitError(f"{folder}: not a complete cpu-fused artifact (no kernel libraries or layout)")
+        if not libs or not all(isinstance(v, dict) for v in libs.values()):
+            raise EdgekitError(f"{folder}: not a complete cpu-fused artifact (no kernel libraries)")
+        # every geometry value checked against the hashed weights' size before any native code is loaded
+        weights_size = self.artifact.path(m.get("model_file"), "model_file").stat().st_size
+        net, offsets = check_geometry(folder, m, weights_size)
         if isa is not None:
             if isa not in libs:
                 raise EdgekitError(f"{folder}: has no {isa} library (it holds {', '.join(libs)})")
@@ -50,12 +54,13 @@ class CpuFusedRunner(ArtifactRunner):
         else:
             self.isa = choose_isa(list(libs))
         self.threads = int(threads) if threads else default_threads()
-        self.kernels = CpuKernels(Path(folder) / libs[self.isa]["file"], self.threads)
-        n = m["net"]
-        net = FoldedGMBINet(in_channels=n["in_channels"], widths=tuple(n["widths"]), depths=tuple(n["depths"]),
-                            out_channels=n["out_channels"], head_width=n["head_width"])
-        offsets = {k: (int(v[0]), int(v[1])) for k, v in m["param_layout"].items()}
-        self.fused = FusedNet(self.kernels, net, read_weights(folder, m), offsets, fuse_head=fuse_head)
+        weights = np.frombuffer(self.artifact.read(m["model_file"], "model_file"), dtype=np.uint8)
+        if weights.nbytes != weights_size:
+            raise EdgekitError(f"{folder}: {m['model_file']} changed after it was verified; refused")
+        lib_name = libs[self.isa].get("file")
+        library = self.artifact.read(lib_name, f"kernel library ({self.isa})")  # hashed as read, loaded as read
+        self.kernels = CpuKernels.from_bytes(library, f"{folder}/{lib_name}", self.threads)
+        self.fused = FusedNet(self.kernels, net, weights, offsets, fuse_head=fuse_head)
         if net.in_channels != self.spec.channels:
             raise EdgekitError(f"{folder}: the model takes {net.in_channels} channels, its preprocessing gives "
                                f"{self.spec.channels}")

@@ -265,27 +265,30 @@ def _is_cuda_fused_artifact(p: Path) -> bool:
     return is_artifact(p) and read_manifest(p, verify=False).get("target") == TARGET
 
 
-def _load(p: Path, precision: Optional[str] = None, use_graph: bool = True, **_) -> CudaFusedRunner:
+def _load(p, precision: Optional[str] = None, use_graph: bool = True, **_) -> CudaFusedRunner:
     """A checkpoint (precision default fp16) or a ``cuda-fused`` artifact folder (its own precision,
-    its prebuilt kernels; the manifest's file hashes are verified first)."""
-    if _is_cuda_fused_artifact(p):
-        from edgekit.artifact import read_manifest
+    its prebuilt kernels; verified first: signature when keys are trusted, paths, every file's sha256)."""
+    from edgekit.artifact import VerifiedArtifact, verify_artifact
 
-        man = read_manifest(p)  # verifies every file's sha256
+    if isinstance(p, VerifiedArtifact) or _is_cuda_fused_artifact(Path(p)):
+        art = p if isinstance(p, VerifiedArtifact) else verify_artifact(p)
+        man = art.manifest
         if precision not in (None, man["precision"]):
-            raise EdgekitError(f"{p} is a cuda-fused {man['precision']} artifact, not {precision}")
-        kernels = p / "kernels"
-        runner = CudaFusedRunner(load_checkpoint(p / man["model_file"]), precision=man["precision"],
+            raise EdgekitError(f"{art.folder} is a cuda-fused {man['precision']} artifact, not {precision}")
+        kernels = art.folder / "kernels"
+        if kernels.is_dir() and "kernels/manifest.json" not in man["files"]:
+            raise EdgekitError(f"{art.folder}: its kernels/ folder is not covered by the manifest's hashes")
+        runner = CudaFusedRunner(load_checkpoint(art.path(man["model_file"], "model_file")), precision=man["precision"],
                                  use_graph=use_graph, kernel_build=kernels if kernels.is_dir() else None)
-        runner.source = p
+        runner.source = art.folder
         return runner
-    return CudaFusedRunner(load_checkpoint(p), precision=precision or "fp16", use_graph=use_graph)
+    return CudaFusedRunner(load_checkpoint(Path(p)), precision=precision or "fp16", use_graph=use_graph)
 
 
 def load_cuda_fused(path, precision: Optional[str] = None, use_graph: bool = True) -> CudaFusedRunner:
     """The cuda-fused runner for a GMBINet checkpoint (an edgekit checkpoint or a plain state_dict;
     fp16 unless ``precision`` says otherwise) or a ``cuda-fused`` artifact folder."""
-    return _load(Path(path), precision=precision, use_graph=use_graph)
+    return _load(path, precision=precision, use_graph=use_graph)
 
 
 class EmulatedCudaFusedRunner(Runner):

@@ -50,7 +50,7 @@ class TensorRTRunner(ArtifactRunner):
         self.device = torch.device("cuda", device)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine((Path(folder) / self.manifest["model_file"]).read_bytes())
+        self.engine = self.runtime.deserialize_cuda_engine(self.model_bytes())  # verified bytes
         if self.engine is None:
             raise EdgekitError(f"{folder}: TensorRT could not deserialize the engine (see its log above)")
         self.named_api = hasattr(self.engine, "num_io_tensors")
