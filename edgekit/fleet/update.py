@@ -113,6 +113,7 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
             raise EdgekitError(f"no adapter installed at {root} yet; give --task")
         if current and task != current["task"]:
             raise EdgekitError(f"--task {task}: the adapter in service is for task {current['task']}")
+        adapter_keys = bundle.require_keys_for("adapter", task)  # refused before anything is fetched
 
         base = repo_url.rstrip("/")
         meta_dir, downloads = state_dir / "metadata", state_dir / "downloads"
@@ -158,8 +159,7 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
             raise EdgekitError(f"update refused: download of {path} {version} failed or did not verify "
                                f"({_why(e)}); {_serving(current)}") from None
         try:
-            result = _install_checked(file, root, meta, identity, current, health, version,
-                                      bundle.require_keys_for("adapter", task), task)
+            result = _install_checked(file, root, meta, identity, current, health, version, adapter_keys, task)
         finally:
             shutil.rmtree(downloads, ignore_errors=True)
         return {**base_result, **result}
