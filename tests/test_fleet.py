@@ -193,13 +193,13 @@ def fleet(tmp_path_factory):
     build_package(adapters[0], pkg_key, "1.2.0", pkgs["bad-health"], health=health, health_info=info)
 
     repo, keys, device = w / "repo", w / "keys", w / "device"
-    init = ok(cli("repo", "init", repo, "--keys", keys, "--package-key", pkg_pub, "--json"))
+    init = ok(cli("repo", "init", repo, "--keys", keys, "--package-key", pkg_pub, "--tasks", "crack-*", "--json"))
     ok(cli("repo", "delegate", repo, "crack", "--paths", "adapters/crack-*", "--key",
            generate_keypair(w / "crack-key")[0]))
     ok(cli("repo", "delegate", repo, "paint", "--paths", "adapters/paint-*", "--key",
            generate_keypair(w / "paint-key")[0]))
-    trust = w / "trusted-root.json"  # what ships with a device
-    shutil.copy(repo / "metadata" / "1.root.json", trust)
+    trust = w / "trust-bundle"  # what ships with a device: root metadata + the package keys per task
+    ok(cli("repo", "provision", repo, "--out", trust))
     ts_initial = (repo / "metadata" / "timestamp.json").read_bytes()
     server_cm = serve(repo)
     server, url = server_cm.__enter__()

@@ -35,17 +35,23 @@ def repo_group():
 @click.option("--expires", default=None, help="Expiry per role, e.g. root=365d,targets=90d,snapshot=7d,timestamp=1d.")
 @click.option("--package-key", "package_keys", multiple=True, type=click.Path(),
               help="Public key that adapter packages are signed with (edgekit keygen); repeat.")
+@click.option("--tasks", "tasks", default="*", show_default=True,
+              help="Tasks the --package-key keys may sign: comma-separated patterns, e.g. 'crack-*,scratch-*'.")
+@click.option("--backbones", "backbones", default="",
+              help="Backbone names the --package-key keys may sign (backbone packages), e.g. 'efficientnet-lite0'.")
 @json_option
-def init_cmd(folder, keydir, root_keys, root_threshold, expires, package_keys, as_json):
+def init_cmd(folder, keydir, root_keys, root_threshold, expires, package_keys, tasks, backbones, as_json):
     """Create a TUF repository (root, targets, snapshot, timestamp; consistent snapshots)."""
     from edgekit.fleet.repository import init_repository
 
-    r = init_repository(folder, keydir, root_keys, root_threshold, expires, package_keys)
+    r = init_repository(folder, keydir, root_keys, root_threshold, expires, package_keys, _patterns(tasks),
+                        _patterns(backbones))
     if as_json:
         echo_json(r)
         return
     click.echo(f"created repository {r['repository']}: serve its metadata/ and targets/ folders as static files")
-    click.echo(f"devices trust {r['trust_root']} (give it to edgekit update --trust)")
+    click.echo(f"provision devices with a trust bundle: edgekit repo provision {r['repository']} --out BUNDLE "
+               "(then edgekit update --trust BUNDLE)")
     click.echo(f"OFFLINE root keys ({r['root_threshold']} of {len(r['root_keys'])} sign a root change): move these "
                "files off the build machine, each to its own safe place:")
     for p in r["root_keys"]:
@@ -74,6 +80,55 @@ def add_cmd(folder, packages, role, pubkeys, sign_with, as_json):
         click.echo(f"added {r['package']} as {r['target']} ({r['length']:,} bytes), {r['role']} version "
                    f"{r['role_version']}")
     _note(f"note: devices see it after edgekit repo publish {folder}")
+
+
+def _patterns(text: str):
+    return [p.strip() for p in (text or "").split(",") if p.strip()]
+
+
+@repo_group.command("package-key")
+@click.argument("folder", type=click.Path(file_okay=False), metavar="DIR")
+@click.argument("key", metavar="KEY")
+@click.option("--tasks", "tasks", default="", help="Tasks this key may sign: comma-separated patterns ('crack-*').")
+@click.option("--backbones", "backbones", default="", help="Backbone names this key may sign (backbone packages).")
+@click.option("--remove", is_flag=True, help="Stop trusting KEY (a key file or key id).")
+@json_option
+def package_key_cmd(folder, key, tasks, backbones, remove, as_json):
+    """Trust a package-signing key for some tasks/backbones (replacing its scope), or --remove it.
+
+    Devices follow only when re-provisioned (edgekit repo provision): the repository cannot widen what a
+    device trusts."""
+    from edgekit.fleet.repository import package_key
+
+    r = package_key(folder, key, _patterns(tasks), _patterns(backbones), remove)
+    if as_json:
+        echo_json(r)
+        return
+    if r.get("removed"):
+        click.echo(f"package key {r['key_id'][:16]}… is no longer trusted by {folder}")
+    else:
+        click.echo(f"package key {r['key_id'][:16]}… may sign tasks {', '.join(r['tasks']) or '-'}; backbones "
+                   f"{', '.join(r['backbones']) or '-'}")
+    _note("note: devices follow after edgekit repo provision and a new --trust bundle on each device")
+
+
+@repo_group.command("provision")
+@click.argument("folder", type=click.Path(file_okay=False), metavar="DIR")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Trust bundle folder to write.")
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+@json_option
+def provision_cmd(folder, out, force, as_json):
+    """Write a device trust bundle: the newest root, timestamp and snapshot, and the package keys with their
+    scopes (give it to edgekit update --trust on each device)."""
+    from edgekit.fleet.repository import provision
+
+    r = provision(folder, out, force)
+    if as_json:
+        echo_json(r)
+        return
+    click.echo(f"wrote trust bundle {r['bundle']} (root v{r['root_version']}, timestamp v{r['timestamp_version']}, "
+               f"snapshot v{r['snapshot_version']}, {len(r['package_keys'])} package key(s)); install it on each "
+               "device and give it to edgekit update --trust")
 
 
 @repo_group.command("delegate")
@@ -151,16 +206,24 @@ def status_cmd(folder, as_json):
                      f"{r['threshold']} of {len(r['keys'])}", keys, ", ".join(r.get("paths", [])) or "-"))
     print_table(f"repository {s['repository']}", ["role", "version", "expires", "threshold", "keys", "paths"], rows,
                 numeric=False)
-    arows = [(a["target"], a["role"], a["task"], a["version"], a["backbone"], f"{a['length']:,}") for a in s["adapters"]]
-    print_table("adapters", ["target", "role", "task", "version", "backbone", "bytes"], arows, numeric=False)
+    arows = [(a["target"], a["role"], a["task"] or "-", a["version"], a["backbone"], f"{a['length']:,}")
+             for a in s["adapters"]]
+    print_table("targets", ["target", "role", "task", "version", "backbone", "bytes"], arows, numeric=False)
+    krows = [(k["key_id"][:16] + "…", ", ".join(k["tasks"]) or "-", ", ".join(k["backbones"]) or "-")
+             for k in s["package_keys"]]
+    print_table("package keys (devices trust them through their provisioned bundle)", ["key", "tasks", "backbones"],
+                krows, numeric=False)
 
 
 @click.command("update")
 @click.option("--repo", "repo_url", required=True, help="URL of the repository folder (serving metadata/, targets/).")
 @click.option("--root", required=True, type=click.Path(file_okay=False), help="Install root on the device.")
-@click.option("--trust", required=True, type=click.Path(dir_okay=False), help="Trusted root metadata (1.root.json).")
-@click.option("--backbone", default=None, metavar="ARTIFACT|CKPT|NAME",
-              help="The deployed backbone (default: the one recorded in ROOT/backbone.json).")
+@click.option("--trust", required=True, type=click.Path(),
+              help="The device's trust bundle (folder from edgekit repo provision: root metadata and the package "
+                   "keys trusted per task).")
+@click.option("--backbone", default=None, metavar="ARTIFACT|CKPT|NAME|repo:NAME",
+              help="The deployed backbone (default: the one recorded in ROOT/backbone.json); repo:NAME fetches "
+                   "backbone NAME from the repository (TUF + the trust bundle's backbone keys) into ROOT/backbones/.")
 @click.option("--task", default=None, help="The device's task (default: the installed adapter's).")
 @click.option("--timeout", type=click.IntRange(min=1), default=10, show_default=True,
               help="Seconds without data before a request is given up.")

@@ -33,7 +33,7 @@ def keygen_cmd(out_dir, force):
 
 
 @click.command("package")
-@click.argument("adapter", type=click.Path(file_okay=False), metavar="ADAPTER_DIR")
+@click.argument("adapter", type=click.Path(file_okay=False), metavar="ADAPTER_DIR|BACKBONE_ARTIFACT")
 @click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False), help="Private key PEM.")
 @click.option("--version", "version", required=True, help="Package version, MAJOR.MINOR.PATCH (e.g. 1.2.3).")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Package file to write.")
@@ -44,9 +44,21 @@ def keygen_cmd(out_dir, force):
 @click.option("--max-samples", type=click.IntRange(1, 16), default=4, show_default=True,
               help="Sample images kept, evenly spread over the given ones in name order.")
 def package_cmd(adapter, key_path, version, out_path, samples, backbone_ref, max_samples):
-    """Sign an adapter folder into one OTA package (zip with manifest.json + manifest.sig, sealed)."""
-    from edgekit.ota.package import DEFAULT_MAX_SIZE, build_package
+    """Sign an adapter folder (or a compiled MLFF backbone artifact) into one OTA package (sealed zip)."""
+    from edgekit.artifact import is_artifact
+    from edgekit.ota.package import DEFAULT_MAX_SIZE, build_backbone_package, build_package
 
+    if is_artifact(Path(adapter)):
+        if samples:
+            from edgekit.errors import EdgekitError
+
+            raise EdgekitError("--samples is for adapter packages; a backbone package carries its artifact only")
+        manifest = build_backbone_package(adapter, key_path, version, out_path)
+        size = Path(out_path).stat().st_size
+        click.echo(f"wrote {out_path} ({size:,} bytes): backbone {manifest['backbone']} {manifest['version']} "
+                   f"({manifest['target']} {manifest['precision']}), {len(manifest['files'])} files, signed by key "
+                   f"{_short(manifest['key_id'])}")
+        return
     health = info = None
     if samples:
         from edgekit.data.images import expand_image_paths
@@ -88,9 +100,18 @@ def verify_cmd(package, pubkeys, max_size, as_json):
     """Check a package's signature, signer, payload hashes and members; nothing is written."""
     from edgekit.ota.package import DEFAULT_MAX_SIZE, verify_package
 
-    summary = verify_package(package, pubkeys, max_size or DEFAULT_MAX_SIZE).summary()
+    summary = verify_package(package, pubkeys, max_size or DEFAULT_MAX_SIZE, kind=None).summary()
     if as_json:
         echo_json(summary)
+        return
+    if summary.get("kind") == "backbone":
+        rows = [("backbone", f"{summary['backbone']} (sha256 {summary['backbone_sha256'][:16]}…)"),
+                ("version", summary["version"]), ("artifact", f"{summary['target']} {summary['precision']}"),
+                ("created (UTC)", summary["created_utc"]),
+                ("signed by", f"key {_short(summary['key_id'])} ({summary['key_file']})"),
+                ("payload", ", ".join(f"{f['name']} ({f['size']:,} B)" for f in summary["files"])),
+                ("archive", f"{summary['archive_size']:,} bytes")]
+        print_table(f"verified: {summary['package']}", ["field", "value"], rows)
         return
     rows = [
         ("task", summary["task"]),

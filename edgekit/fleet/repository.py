@@ -15,9 +15,15 @@ Repository folder (serve ``metadata/`` and ``targets/`` as static files: any HTT
     targets/adapters/<sha256>.<task>.<backbone sha256[:16]>.zip   packages, named by content hash
 
 A package's target path is ``adapters/<task>.<backbone_sha256[:16]>.zip``: one path per task and backbone,
-holding its newest version, so a device asks for exactly one path. Its custom metadata (signed by the
-role) carries the task, version, backbone and the package signer's public key, which the device uses to
-verify the package's own seal (``edgekit.ota.package``) after TUF has checked its length and sha256.
+holding its newest version, so a device asks for exactly one path; a backbone package's is
+``backbones/<backbone name>.zip``. Its custom metadata (signed by the role) carries the task, version,
+backbone and, for information, the package signer's key. Devices do NOT take the signer's key from it: they
+verify the package's seal against the keys of their own trust bundle (``edgekit.ota.trust``, written by
+``provision``), scoped per task, so that no online key alone can authorise a package.
+
+Package keys (``edgekit-repository.json`` ``package_keys``): key id -> {"public": raw hex, "tasks": [patterns],
+"backbones": [patterns]}. ``add`` refuses a package whose signer's scope does not cover it, and
+``provision`` copies keys and scopes into the device trust bundle.
 
 Keys: ``edgekit keygen`` key pairs (Ed25519, PKCS#8 PEM), one folder per key: ``KEYDIR/root-1`` ...,
 ``KEYDIR/targets``, ``KEYDIR/snapshot``, ``KEYDIR/timestamp``. Root keys are offline keys: only root
@@ -75,7 +81,16 @@ def parse_expires(text: Optional[str]) -> Dict[str, int]:
 
 def target_path(task: str, backbone_sha256: str) -> str:
     """The one target path of a task's adapter for a backbone (newest version)."""
-    return f"adapters/{task}.{backbone_sha256[:16]}.zip"
+    from edgekit.mlff.names import check_name
+
+    return f"adapters/{check_name(task, 'task name')}.{backbone_sha256[:16]}.zip"
+
+
+def backbone_target_path(name: str) -> str:
+    """The one target path of a backbone package (newest version)."""
+    from edgekit.mlff.names import check_name
+
+    return f"backbones/{check_name(name, 'backbone name')}.zip"
 
 
 def _utc_now() -> _dt.datetime:
@@ -337,8 +352,12 @@ def _edit_guard(what: str):
 
 def init_repository(folder: str | os.PathLike, keydir: str | os.PathLike, root_keys: int = 3,
                     root_threshold: int = 2, expires: Optional[str] = None,
-                    package_keys: Sequence[str | os.PathLike] = ()) -> dict:
+                    package_keys: Sequence[str | os.PathLike] = (), package_tasks: Sequence[str] = ("*",),
+                    package_backbones: Sequence[str] = ()) -> dict:
     """Create a TUF repository in ``folder`` (new or empty) with the keys in ``keydir``.
+
+    ``package_keys`` are trusted for the tasks matching ``package_tasks`` and the backbones matching
+    ``package_backbones`` (narrow or add keys later with ``package_key``).
 
     ``keydir`` missing: created with a new key pair per key (root-1..N, targets, snapshot, timestamp).
     Present: those key folders must be there. The repository is written to a temporary sibling folder and
@@ -367,7 +386,7 @@ def init_repository(folder: str | os.PathLike, keydir: str | os.PathLike, root_k
               "key_files": {keys[n].keyid: str((keydir / n / "private_key.pem").resolve()) for n in names},
               "package_keys": {}}
     for ref in package_keys:
-        _add_package_key(config, ref)
+        _add_package_key(config, ref, package_tasks, package_backbones)
 
     parent = folder.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -385,6 +404,7 @@ def init_repository(folder: str | os.PathLike, keydir: str | os.PathLike, root_k
             repo.do_snapshot(force=True)
             repo.do_timestamp(force=True)
         (tmp / TARGETS_DIR / "adapters").mkdir(parents=True)
+        (tmp / TARGETS_DIR / "backbones").mkdir()
         os.chmod(tmp, 0o755)
         if folder.exists():
             folder.rmdir()
@@ -401,17 +421,76 @@ def init_repository(folder: str | os.PathLike, keydir: str | os.PathLike, root_k
             "keys_created": created_keys, "expires": seconds}
 
 
-def _add_package_key(config: dict, ref) -> str:
-    """Trust a package signing key (edgekit keygen public key): stored as its raw public bytes."""
+def _add_package_key(config: dict, ref, tasks: Sequence[str] = ("*",), backbones: Sequence[str] = ()) -> str:
+    """Trust a package signing key (edgekit keygen public key) for ``tasks`` and ``backbones`` (patterns)."""
     from cryptography.hazmat.primitives import serialization
 
     from edgekit.ota.keys import key_id, load_private_key, load_public_key
+    from edgekit.ota.trust import check_pattern
 
     priv, pub = _key_files(ref)
     crypto = load_public_key(pub) if pub is not None else load_private_key(priv).public_key()
     kid = key_id(crypto)
-    config["package_keys"][kid] = crypto.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+    tasks = [check_pattern(t, "--tasks pattern") for t in tasks]
+    backbones = [check_pattern(b, "--backbones pattern") for b in backbones]
+    if not tasks and not backbones:
+        raise EdgekitError("a package key must be trusted for some tasks or backbones (--tasks / --backbones)")
+    raw = crypto.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+    config["package_keys"][kid] = {"public": raw, "tasks": tasks, "backbones": backbones}
     return kid
+
+
+def _package_keys(config: dict) -> Dict[str, dict]:
+    """The configured package keys; a key stored by an older edgekit (raw hex only) is trusted for every task."""
+    out = {}
+    for kid, entry in (config.get("package_keys") or {}).items():
+        out[kid] = {"public": entry, "tasks": ["*"], "backbones": []} if isinstance(entry, str) else entry
+    return out
+
+
+def _scoped_keys(config: dict) -> list:
+    from edgekit.ota.trust import scoped_key_from_raw
+
+    return [scoped_key_from_raw(e["public"], e.get("tasks", []), e.get("backbones", []))
+            for e in _package_keys(config).values()]
+
+
+def package_key(folder: str | os.PathLike, key: str | os.PathLike, tasks: Sequence[str] = (),
+                backbones: Sequence[str] = (), remove: bool = False) -> dict:
+    """Trust a package key for ``tasks``/``backbones`` (replacing its scope), or stop trusting it.
+
+    Devices learn of the change only when they are re-provisioned with a new trust bundle (``provision``):
+    the repository cannot widen what a device trusts, which is the point of the second authority."""
+    repo = open_repository(folder)
+    if remove:
+        kid = _keyid_of(str(key), list(_package_keys(repo.config)))
+        del repo.config["package_keys"][kid]
+        _write_config(repo.folder, repo.config)
+        return {"key_id": kid, "removed": True}
+    kid = _add_package_key(repo.config, key, tasks, backbones)
+    _write_config(repo.folder, repo.config)
+    return {"key_id": kid, **repo.config["package_keys"][kid]}
+
+
+def provision(folder: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> dict:
+    """Write a device trust bundle (``edgekit.ota.trust``): the newest root, timestamp and snapshot metadata
+    and the package keys with their scopes, issued now."""
+    from edgekit.ota.trust import ROOT_NAME, TRUST_NAME, write_bundle
+
+    repo = open_repository(folder)
+    keys = _scoped_keys(repo.config)
+    if not keys:
+        raise EdgekitError("the repository trusts no package key yet (repo init --package-key, or repo package-key)")
+    root_version = repo.latest_version("root")
+    root = (repo.meta_dir / f"{root_version}.root.json").read_bytes()
+    seeds = {"timestamp": (repo.meta_dir / "timestamp.json").read_bytes()}
+    snap = repo.latest_version("snapshot")
+    if snap:
+        seeds["snapshot"] = (repo.meta_dir / f"{snap}.snapshot.json").read_bytes()
+    path = write_bundle(out, root, keys, seeds, force=force)
+    return {"bundle": str(path), "root_version": root_version, "timestamp_version": repo.timestamp().version,
+            "snapshot_version": snap, "files": sorted(p.name for p in path.iterdir()),
+            "package_keys": [k.to_json() for k in keys], "root": ROOT_NAME, "trust": TRUST_NAME}
 
 
 def _role_for_path(repo, path: str, role: Optional[str]) -> str:
@@ -437,11 +516,9 @@ def _role_for_path(repo, path: str, role: Optional[str]) -> str:
 
 def add_packages(folder: str | os.PathLike, packages: Sequence[str | os.PathLike], role: Optional[str] = None,
                  pubkeys: Sequence[str | os.PathLike] = (), sign_with: Sequence[str | os.PathLike] = ()) -> List[dict]:
-    """Add signed adapter packages as targets (a new version of each role that changed; publish to serve)."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    from edgekit.ota.keys import TrustedKey
-    from edgekit.ota.package import verify_package
+    """Add signed adapter (or backbone) packages as targets (a new version of each role that changed; publish
+    to serve). Each must be sealed by a package key whose scope covers its task or backbone name."""
+    from edgekit.ota.package import BACKBONE_KIND, BACKBONE_MAX_SIZE, verify_package
     from edgekit.mlff.version import parse_version
 
     md, _ = _tuf()
@@ -449,21 +526,25 @@ def add_packages(folder: str | os.PathLike, packages: Sequence[str | os.PathLike
     if pubkeys:
         for ref in pubkeys:
             _add_package_key(repo.config, ref)
-    if not repo.config["package_keys"]:
+    scoped = {k.key.key_id: k for k in _scoped_keys(repo.config)}
+    if not scoped:
         raise EdgekitError("no package signing key is trusted by this repository: give the public key packages are "
                            "signed with (--pubkey, kept for later adds)")
-    trusted = {kid: TrustedKey(kid, Ed25519PublicKey.from_public_bytes(bytes.fromhex(raw)), f"repository key {kid[:16]}…")
-               for kid, raw in repo.config["package_keys"].items()}
+    trusted = {kid: k.key for kid, k in scoped.items()}
     if not packages:
         raise EdgekitError("no package given")
     plan: Dict[str, list] = {}
     seen = set()
     for p in packages:
-        pkg = verify_package(p, trusted)
+        pkg = verify_package(p, trusted, max_size=BACKBONE_MAX_SIZE, kind=None)
         m = pkg.manifest
-        path = target_path(m["task"], m["backbone_sha256"])
+        if not scoped[pkg.signer.key_id].may_sign(pkg.kind, pkg.name):
+            what = "task" if pkg.kind != BACKBONE_KIND else "backbone"
+            raise EdgekitError(f"{Path(p).name}: package key {pkg.signer.key_id[:16]}… may not sign {what} {pkg.name} "
+                               f"(edgekit repo package-key sets its scope)")
+        path = backbone_target_path(pkg.name) if pkg.kind == BACKBONE_KIND else target_path(m["task"], m["backbone_sha256"])
         if path in seen:
-            raise EdgekitError(f"two packages for task {m['task']} and the same backbone; add one at a time")
+            raise EdgekitError(f"two packages for {path}; add one at a time")
         seen.add(path)
         name = _role_for_path(repo, path, role)
         current = repo.targets(name).targets.get(path) if repo.latest_version(name) else None
@@ -473,10 +554,13 @@ def add_packages(folder: str | os.PathLike, packages: Sequence[str | os.PathLike
                                f"repository already serves at {path}")
         data = Path(p).read_bytes()
         tf = md.TargetFile.from_data(path, data, ["sha256"])
-        tf.unrecognized_fields["custom"] = {"edgekit": {
-            "task": m["task"], "version": m["version"], "classes": m["classes"], "backbone": m["backbone"],
-            "backbone_sha256": m["backbone_sha256"], "package_key_id": pkg.signer.key_id,
-            "package_key": repo.config["package_keys"][pkg.signer.key_id], "created_utc": m["created_utc"]}}
+        # informational: devices verify the seal against their own trust bundle, never against this key
+        custom = {"kind": pkg.kind, "version": m["version"], "backbone": m["backbone"],
+                  "backbone_sha256": m["backbone_sha256"], "package_key_id": pkg.signer.key_id,
+                  "created_utc": m["created_utc"]}
+        if pkg.kind != BACKBONE_KIND:
+            custom.update(task=m["task"], classes=m["classes"])
+        tf.unrecognized_fields["custom"] = {"edgekit": custom}
         plan.setdefault(name, []).append((tf, data, m))
     # package files first (content-addressed: never overwritten), then each role's new metadata version
     for items in plan.values():
@@ -484,6 +568,9 @@ def add_packages(folder: str | os.PathLike, packages: Sequence[str | os.PathLike
             digest = tf.hashes["sha256"]
             dirname, _, base = tf.path.rpartition("/")
             out = repo.folder / TARGETS_DIR / dirname / f"{digest}.{base}"
+            # names are checked (edgekit.mlff.names), and the written file must still be inside targets/
+            if not out.resolve().is_relative_to((repo.folder / TARGETS_DIR).resolve()):
+                raise EdgekitError(f"target {tf.path} would be written outside {repo.folder / TARGETS_DIR}; refused")
             out.parent.mkdir(parents=True, exist_ok=True)
             if not out.is_file():
                 with atomic_write(out) as f:
@@ -495,7 +582,7 @@ def add_packages(folder: str | os.PathLike, packages: Sequence[str | os.PathLike
             for tf, _, m in items:
                 targets.targets[tf.path] = tf
         for tf, data, m in items:
-            results.append({"package": m["task"] + " " + m["version"], "target": tf.path, "role": name,
+            results.append({"package": m.get("task", m["backbone"]) + " " + m["version"], "target": tf.path, "role": name,
                             "length": len(data), "sha256": tf.hashes["sha256"],
                             "role_version": repo.latest_version(name)})
     if pubkeys:
@@ -638,7 +725,10 @@ def status(folder: str | os.PathLike) -> dict:
     for name in ["targets"] + repo.delegated_roles():
         for path, tf in repo.targets(name).targets.items():
             e = (tf.custom or {}).get("edgekit", {})
-            adapters.append({"target": path, "role": name, "task": e.get("task"), "version": e.get("version"),
+            adapters.append({"target": path, "role": name, "kind": e.get("kind", "adapter"), "task": e.get("task"),
+                             "version": e.get("version"),
                              "backbone": e.get("backbone"), "length": tf.length})
     return {"repository": str(repo.folder), "consistent_snapshot": root.consistent_snapshot, "roles": roles,
-            "adapters": adapters, "package_keys": sorted(repo.config["package_keys"])}
+            "adapters": adapters, "package_keys": [{"key_id": kid, "tasks": e.get("tasks", []),
+                                                    "backbones": e.get("backbones", [])}
+                                                   for kid, e in sorted(_package_keys(repo.config).items())]}

@@ -1,15 +1,19 @@
 """The device side: ``edgekit update``, one safe run from cron or a systemd timer.
 
 1. Lock ROOT/tuf/update.lock (a second run at the same time is refused at once, with one line).
-2. TUF refresh with python-tuf's ``ngclient.Updater``: the trust anchor is ``--trust ROOT.json`` (the
-   repository's first root, shipped with the device); the newest trusted metadata is kept in
-   ROOT/tuf/metadata, so a replayed old timestamp or snapshot, an expired one, metadata signed by a
-   revoked key or by too few root keys, and mix-and-match are refused by TUF. Every request has a socket
-   timeout, so a server that never answers ends the run.
+2. TUF refresh with python-tuf's ``ngclient.Updater``: the trust anchor is the device's trust bundle
+   (``--trust BUNDLE``, ``edgekit.ota.trust``: the repository's root at provisioning, plus its timestamp and
+   snapshot, seeded into ROOT/tuf/metadata on the first run so that a fresh device already refuses older
+   ones); the newest trusted metadata is kept in ROOT/tuf/metadata, so a replayed old timestamp or
+   snapshot, an expired one, metadata signed by a revoked key or by too few root keys, and mix-and-match
+   are refused by TUF. Every request has a socket timeout, so a server that never answers ends the run.
 3. The device's adapter: one target path per task and backbone (``repository.target_path``); nothing to
-   do when it is not newer than the version in service.
+   do when it is not newer than the version in service. ``--backbone repo:NAME`` first fetches the
+   backbone itself the same way (target ``backbones/NAME.zip``) and installs it under ROOT/backbones/.
 4. Download (TUF checks length and sha256 before anything else sees it), then the package's own
-   verification against the signer key the TUF-signed target metadata names, and the atomic install.
+   verification against the keys the device's trust bundle scopes to this task (never a key named by the
+   repository's metadata: two independent authorities must agree), the package's task, version and
+   backbone against what the device asked for, and the atomic install.
 5. Health check (``edgekit.fleet.health``): the installed adapter with the deployed backbone on the
    package's sample images, against the outputs recorded at packaging time; a failure rolls back to the
    previous version automatically (recorded in ROOT/state.json's history).
@@ -28,8 +32,11 @@ from pathlib import Path
 from typing import Optional
 
 from edgekit.errors import EdgekitError
+from edgekit.utils import atomic_write
 
 STATE_DIR = "tuf"
+BACKBONES_DIR = "backbones"  # ROOT/backbones/NAME-VERSION/: backbone artifacts fetched with --backbone repo:NAME
+REPO_PREFIX = "repo:"
 LOCK_NAME = "update.lock"
 DEFAULT_TIMEOUT = 10  # seconds without a byte before a download is given up
 
@@ -73,16 +80,23 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
     from edgekit.ota.install import installed
     from edgekit.mlff.version import parse_version
 
+    from edgekit.mlff.names import check_name
+    from edgekit.ota.trust import load_bundle
+
     root = Path(root)
-    trust = Path(trust)
-    if not trust.is_file():
-        raise EdgekitError(f"--trust {trust}: file not found (the repository's trusted root metadata)")
+    bundle = load_bundle(trust)
     if root.exists() and not root.is_dir():
         raise EdgekitError(f"install root {root} is not a folder")
     if timeout < 1:
         raise EdgekitError("--timeout must be at least 1 second")
-    identity = resolve_backbone(backbone) if backbone else None  # before anything is written
-    if identity is None and read_device_backbone(root) is None:
+    if task is not None:
+        check_name(task, "--task")
+    backbone_from_repo = backbone[len(REPO_PREFIX):] if backbone and backbone.startswith(REPO_PREFIX) else None
+    if backbone_from_repo is not None:
+        check_name(backbone_from_repo, "--backbone repo: name")
+    # before anything is written
+    identity = resolve_backbone(backbone) if backbone and backbone_from_repo is None else None
+    if identity is None and backbone_from_repo is None and read_device_backbone(root) is None:
         raise EdgekitError(f"no backbone recorded in {root}; give --backbone ARTIFACT|CKPT|NAME")
     if task is None and installed(root) is None:
         raise EdgekitError(f"no adapter installed at {root} yet; give --task")
@@ -90,8 +104,8 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
     state_dir.mkdir(parents=True, exist_ok=True)
     with _update_lock(state_dir):
         recorded = read_device_backbone(root)
-        identity = identity or recorded
-        if identity is None:
+        identity = identity or (recorded if backbone_from_repo is None else None)
+        if identity is None and backbone_from_repo is None:
             raise EdgekitError(f"no backbone recorded in {root}; give --backbone ARTIFACT|CKPT|NAME")
         current = installed(root)
         task = task or (current["task"] if current else None)
@@ -99,17 +113,25 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
             raise EdgekitError(f"no adapter installed at {root} yet; give --task")
         if current and task != current["task"]:
             raise EdgekitError(f"--task {task}: the adapter in service is for task {current['task']}")
+        adapter_keys = bundle.require_keys_for("adapter", task)  # refused before anything is fetched
 
         base = repo_url.rstrip("/")
         meta_dir, downloads = state_dir / "metadata", state_dir / "downloads"
         meta_dir.mkdir(exist_ok=True)
-        path = target_path(task, identity.sha256)
+        _seed_metadata(meta_dir, bundle)
         try:
             updater = Updater(str(meta_dir), f"{base}/{METADATA_DIR}/", str(downloads), f"{base}/{TARGETS_DIR}/",
-                              fetcher=Urllib3Fetcher(socket_timeout=timeout), bootstrap=trust.read_bytes())
+                              fetcher=Urllib3Fetcher(socket_timeout=timeout), bootstrap=bundle.root)
             updater.refresh()
-            info = updater.get_targetinfo(path)
         except Exception as e:  # network, HTTP, TUF verification, local metadata: all a refusal
+            raise EdgekitError(f"update refused: repository metadata did not verify or could not be fetched "
+                               f"({_why(e)}); {_serving(current)}") from None
+        if backbone_from_repo is not None:
+            identity = _fetch_backbone(updater, bundle, backbone_from_repo, root, downloads, current)
+        path = target_path(task, identity.sha256)
+        try:
+            info = updater.get_targetinfo(path)
+        except Exception as e:
             raise EdgekitError(f"update refused: repository metadata did not verify or could not be fetched "
                                f"({_why(e)}); {_serving(current)}") from None
         base_result = {"task": task, "target": path, "backbone": identity.id, "backbone_sha256": identity.sha256,
@@ -120,7 +142,7 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
             return {**base_result, "action": "none", "version": current["version"] if current else None,
                     "reason": f"the repository has no adapter for task {task} on backbone {identity.id}"}
         meta = (info.custom or {}).get("edgekit") if isinstance(info.custom, dict) else None
-        if not isinstance(meta, dict) or not isinstance(meta.get("package_key"), str):
+        if not isinstance(meta, dict):
             raise EdgekitError(f"update refused: target {path} has no edgekit metadata; {_serving(current)}")
         version = meta.get("version")
         parse_version(version)
@@ -137,27 +159,110 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
             raise EdgekitError(f"update refused: download of {path} {version} failed or did not verify "
                                f"({_why(e)}); {_serving(current)}") from None
         try:
-            result = _install_checked(file, root, meta, identity, current, health, version)
+            result = _install_checked(file, root, meta, identity, current, health, version, adapter_keys, task)
         finally:
             shutil.rmtree(downloads, ignore_errors=True)
         return {**base_result, **result}
 
 
-def _package_key(meta: dict):
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+def _seed_metadata(meta_dir: Path, bundle) -> None:
+    """A device's first run starts from the metadata its trust bundle was provisioned with (TUF then refuses
+    any older timestamp or snapshot version); later runs keep their own newer trusted copies."""
+    if (meta_dir / "timestamp.json").exists():
+        return
+    for role, data in bundle.seeds.items():
+        with atomic_write(meta_dir / f"{role}.json") as f:
+            f.write(data)
 
-    from edgekit.ota.keys import TrustedKey, key_id
 
+def _authorize(pkg, task: str, identity, version: str, current: Optional[dict]) -> None:
+    """The package is what this device asked for: its task, its backbone, the version TUF named. (The seal was
+    checked against the trust bundle's keys for this task.)"""
+    m = pkg.manifest
+    for what, got, want in (("task", m.get("task"), task), ("backbone", m.get("backbone_sha256"), identity.sha256),
+                            ("version", m.get("version"), version)):
+        if got != want:
+            shown = (got or "")[:16] + "…" if what == "backbone" else got
+            raise EdgekitError(f"update refused: the package is for {what} {shown}, this device needs "
+                               f"{want[:16] + '…' if what == 'backbone' else want}; {_serving(current)}")
+
+
+def _fetch_backbone(updater, bundle, name: str, root: Path, downloads: Path, current: Optional[dict]):
+    """Download, verify (TUF, then the trust bundle's keys for this backbone name) and install the backbone
+    package ``backbones/NAME.zip`` under ROOT/backbones/NAME-VERSION/; record it as the device's backbone."""
+    from edgekit.fleet.backbone import resolve_backbone
+    from edgekit.fleet.repository import backbone_target_path
+    from edgekit.ota.package import BACKBONE_KIND, BACKBONE_MAX_SIZE, verify_package
+
+    path = backbone_target_path(name)
+    keys = bundle.require_keys_for("backbone", name)
     try:
-        pk = Ed25519PublicKey.from_public_bytes(bytes.fromhex(meta["package_key"]))
-    except ValueError:
-        raise EdgekitError("update refused: the target's package key is malformed") from None
-    kid = key_id(pk)
-    return {kid: TrustedKey(kid, pk, f"repository package key {kid[:16]}…")}
+        info = updater.get_targetinfo(path)
+    except Exception as e:
+        raise EdgekitError(f"update refused: repository metadata did not verify ({_why(e)}); {_serving(current)}") \
+            from None
+    if info is None:
+        raise EdgekitError(f"update refused: the repository has no backbone {name} ({path}); {_serving(current)}")
+    meta = (info.custom or {}).get("edgekit") if isinstance(info.custom, dict) else None
+    version = meta.get("version") if isinstance(meta, dict) else None
+    shutil.rmtree(downloads, ignore_errors=True)
+    downloads.mkdir()
+    try:
+        try:
+            file = updater.download_target(info, filepath=str(downloads / f"{info.hashes['sha256']}.zip"))
+        except Exception as e:
+            raise EdgekitError(f"update refused: download of {path} failed or did not verify ({_why(e)}); "
+                               f"{_serving(current)}") from None
+        try:
+            pkg = verify_package(file, keys, max_size=BACKBONE_MAX_SIZE, kind=BACKBONE_KIND)
+        except EdgekitError as e:
+            raise EdgekitError(f"update refused: {e}; {_serving(current)}") from None
+        if (pkg.manifest["backbone"], pkg.manifest["version"]) != (name, version):
+            raise EdgekitError(f"update refused: the package is not the backbone its target metadata describes; "
+                               f"{_serving(current)}")
+        folder = _install_backbone(pkg, root)
+    finally:
+        shutil.rmtree(downloads, ignore_errors=True)
+    identity = resolve_backbone(folder)  # the artifact's manifest and every file's sha256, as installed
+    if identity.sha256 != pkg.manifest["backbone_sha256"]:
+        raise EdgekitError(f"update refused: backbone {name} {version} records another backbone_sha256 than its "
+                           f"package; {_serving(current)}")
+    return identity
+
+
+def _install_backbone(pkg, root: Path) -> Path:
+    """ROOT/backbones/NAME-VERSION/ from a verified backbone package: staged, fsynced, renamed into place
+    (an existing folder of the same version is kept when it holds the same files)."""
+    base = root / BACKBONES_DIR
+    folder = base / f"{pkg.manifest['backbone']}-{pkg.manifest['version']}"
+    if folder.is_dir():
+        if all((folder / n).is_file() and (folder / n).read_bytes() == d for n, d in pkg.files.items()):
+            return folder
+        raise EdgekitError(f"update refused: {folder} exists with other contents; remove it to re-fetch")
+    base.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=base))
+    try:
+        for n, d in pkg.files.items():
+            with open(staging / n, "wb") as f:
+                f.write(d)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(staging / n, 0o444)
+        os.chmod(staging, 0o755)
+        os.rename(staging, folder)
+        fd = os.open(base, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
 
 
 def _install_checked(file: str, root: Path, meta: dict, identity, current: Optional[dict], health: bool,
-                     version: str) -> dict:
+                     version: str, keys: dict, task: str) -> dict:
     """Verify + install the downloaded package, then the health check with rollback on failure."""
     from edgekit.fleet.backbone import load_device_backbone
     from edgekit.fleet.health import check_health
@@ -165,13 +270,10 @@ def _install_checked(file: str, root: Path, meta: dict, identity, current: Optio
     from edgekit.ota.package import verify_package
 
     try:
-        pkg = verify_package(file, _package_key(meta))
+        pkg = verify_package(file, keys)
     except EdgekitError as e:
         raise EdgekitError(f"update refused: {e}; {_serving(current)}") from None
-    if (pkg.manifest["task"], pkg.manifest["version"], pkg.manifest["backbone_sha256"]) != \
-            (meta.get("task"), version, meta.get("backbone_sha256")):
-        raise EdgekitError(f"update refused: the package is not the one its target metadata describes; "
-                           f"{_serving(current)}")
+    _authorize(pkg, task, identity, version, current)
     has_health = health and pkg.manifest.get("health")
     backbone = load_device_backbone(identity) if has_health else None
     if has_health and current is None:

@@ -30,6 +30,7 @@ import safetensors.torch
 import torch
 
 from edgekit.errors import EdgekitError
+from edgekit.mlff.names import RULE as NAME_RULE, is_safe_name
 from edgekit.mlff.version import parse_version
 from edgekit.utils import atomic_write
 
@@ -66,7 +67,7 @@ def validate_adapter_meta(meta: Mapping[str, Any], where: str = META_NAME) -> Di
     fv = meta.get("format_version", ADAPTER_FORMAT_VERSION)
     need(isinstance(fv, int) and fv <= ADAPTER_FORMAT_VERSION,
          f"format_version {fv!r} is newer than this edgekit reads ({ADAPTER_FORMAT_VERSION}); upgrade edgekit")
-    need(isinstance(meta.get("task"), str) and meta["task"].strip() != "", "'task' must be a non-empty string")
+    need(is_safe_name(meta.get("task")), f"'task' {meta.get('task')!r} must be {NAME_RULE}")
     classes = meta.get("classes")
     need(isinstance(classes, list) and classes and all(isinstance(c, str) and c for c in classes),
          "'classes' must be a non-empty list of class names")

@@ -45,6 +45,7 @@ from edgekit import __version__
 from edgekit.errors import EdgekitError
 from edgekit.mlff.adapter import (META_NAME, adapter_files, is_plain_file_name, is_sha256, load_adapter,
                                  load_weights_bytes, validate_adapter_meta)
+from edgekit.mlff.names import RULE as NAME_RULE, is_safe_name
 from edgekit.ota.keys import TrustedKey, key_id, load_private_key, load_trusted_keys
 from edgekit.mlff.version import parse_version
 from edgekit.utils import atomic_write
@@ -64,6 +65,10 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 SEAL_MAGIC = b"edgekit-seal-v1\n"  # 16 bytes
 SEAL_SIZE = len(SEAL_MAGIC) + 32 + SIGNATURE_SIZE
 HEALTH_NAME = "health.safetensors"
+# Package kinds: an MLFF adapter (the default, no "kind" field) or a compiled backbone artifact folder.
+ADAPTER_KIND, BACKBONE_KIND = "adapter", "backbone"
+BACKBONE_MAX_SIZE = 512 * 1024 * 1024  # a compiled backbone (e.g. EfficientNet-Lite0 fp32 ONNX, ~14 MB) is larger
+ARTIFACT_MANIFEST = "manifest.json"  # the artifact's own manifest, as payload/manifest.json
 
 
 def utc_now() -> str:
@@ -126,6 +131,49 @@ def build_package(adapter_dir: str | os.PathLike, private_key_path: str | os.Pat
     }
     if health is not None:
         manifest["health"] = {"file": HEALTH_NAME, **dict(health_info or {})}
+    _write_sealed(manifest, payload, private_key, out)
+    return manifest
+
+
+def build_backbone_package(artifact_dir: str | os.PathLike, private_key_path: str | os.PathLike, version: str,
+                           out: str | os.PathLike) -> dict:
+    """Sign a compiled MLFF backbone artifact folder as a package, so that devices receive their backbone
+    through the same TUF repository, and the same two checks, as their adapters (target
+    ``backbones/<backbone id>.zip``). The payload is the artifact's manifest.json and every file it hashes
+    (plus its detached signature files ``*.sig``, if any), all plain names."""
+    from edgekit.artifact import read_manifest
+    from edgekit.mlff.names import check_name
+
+    parse_version(version)
+    folder = Path(artifact_dir)
+    art = read_manifest(folder)  # every file's sha256 checked: never ship a folder that does not verify
+    model = art.get("model") or {}
+    if model.get("kind") != "mlff-backbone":
+        raise EdgekitError(f"{folder} is a {model.get('kind')!r} artifact; only compiled MLFF backbones "
+                           "(edgekit compile REGISTRY --target onnx|openvino) are shipped as backbone packages")
+    name = check_name(model.get("backbone"), "backbone name")
+    if not is_sha256(model.get("backbone_sha256")):
+        raise EdgekitError(f"{folder}: the manifest records no backbone_sha256")
+    names = [ARTIFACT_MANIFEST, *sorted(art.get("files") or {}),
+             *sorted(p.name for p in folder.iterdir() if p.name.endswith(".sig") and p.is_file())]
+    for n in names:
+        if not is_plain_file_name(n):
+            raise EdgekitError(f"{folder}: file {n!r} is not a plain file name in the artifact's folder; backbone "
+                               "packages carry flat artifacts only")
+    private_key = load_private_key(private_key_path)
+    payload = {n: (folder / n).read_bytes() for n in dict.fromkeys(names)}
+    manifest = {
+        "format": PACKAGE_FORMAT, "format_version": PACKAGE_FORMAT_VERSION, "kind": BACKBONE_KIND,
+        "backbone": name, "backbone_sha256": model["backbone_sha256"], "target": art.get("target"),
+        "precision": art.get("precision"), "version": version, "created_utc": utc_now(),
+        "created_by": f"edgekit {__version__}", "key_id": key_id(private_key.public_key()),
+        "files": [{"name": n, "sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for n, d in payload.items()],
+    }
+    _write_sealed(manifest, payload, private_key, out)
+    return manifest
+
+
+def _write_sealed(manifest: dict, payload: Mapping[str, bytes], private_key, out: str | os.PathLike) -> None:
     manifest_bytes = manifest_to_bytes(manifest)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
@@ -139,7 +187,6 @@ def build_package(adapter_dir: str | os.PathLike, private_key_path: str | os.Pat
             f.write(sealed)
     except OSError as e:
         raise EdgekitError(f"cannot write {out}: {e.strerror or e}") from None
-    return manifest
 
 
 @dataclass
@@ -158,8 +205,22 @@ class VerifiedPackage:
     def version(self) -> str:
         return self.manifest["version"]
 
+    @property
+    def kind(self) -> str:
+        return self.manifest.get("kind", ADAPTER_KIND)
+
+    @property
+    def name(self) -> str:
+        """What the package is for: the task of an adapter, the backbone name of a backbone."""
+        return self.manifest["backbone"] if self.kind == BACKBONE_KIND else self.manifest["task"]
+
     def summary(self) -> dict:
         m = self.manifest
+        if self.kind == BACKBONE_KIND:
+            return {"package": str(self.path), "verified": True, "kind": BACKBONE_KIND, "version": m["version"],
+                    "backbone": m["backbone"], "backbone_sha256": m["backbone_sha256"], "target": m.get("target"),
+                    "precision": m.get("precision"), "created_utc": m["created_utc"], "key_id": m["key_id"],
+                    "key_file": self.signer.path, "archive_size": self.archive_size, "files": m["files"]}
         return {"package": str(self.path), "verified": True, "version": m["version"], "task": m["task"],
                 "classes": m["classes"], "backbone": m["backbone"], "backbone_sha256": m["backbone_sha256"],
                 "input": m["input"], "created_utc": m["created_utc"], "key_id": m["key_id"],
@@ -285,6 +346,12 @@ def _parse_manifest(manifest_bytes: bytes, where: str) -> dict:
     need(fv == PACKAGE_FORMAT_VERSION, f"format_version {fv!r} is no longer accepted (its file bytes are not bound "
          "by the signature); re-package it with this edgekit")
     parse_version(manifest.get("version"))
+    need(manifest.get("kind", ADAPTER_KIND) in (ADAPTER_KIND, BACKBONE_KIND), f"kind {manifest.get('kind')!r} is unknown")
+    if manifest.get("kind") == BACKBONE_KIND:
+        need(is_safe_name(manifest.get("backbone")), f"backbone name {manifest.get('backbone')!r} must be {NAME_RULE}")
+        need(is_sha256(manifest.get("backbone_sha256")), "has no valid backbone_sha256")
+    else:
+        need(is_safe_name(manifest.get("task")), f"task {manifest.get('task')!r} must be {NAME_RULE}")
     need(is_sha256(manifest.get("key_id")), "has no valid key_id")
     need(isinstance(manifest.get("created_utc"), str), "has no created_utc")
     files = manifest.get("files")
@@ -303,11 +370,12 @@ def _parse_manifest(manifest_bytes: bytes, where: str) -> dict:
 
 
 def verify_package(path: str | os.PathLike, trusted_keys: Mapping[str, TrustedKey] | Iterable[str | os.PathLike],
-                   max_size: int = DEFAULT_MAX_SIZE) -> VerifiedPackage:
+                   max_size: int = DEFAULT_MAX_SIZE, kind: Optional[str] = ADAPTER_KIND) -> VerifiedPackage:
     """Check everything about a package, in memory, without writing anywhere.
 
     ``trusted_keys``: the result of ``load_trusted_keys`` or public key file paths. Order: size
     limits, member safety, signature by a trusted key, key id, payload hashes, adapter contents.
+    ``kind``: the package kind the caller expects (``None``: any); another kind is refused in one line.
     """
     path = Path(path)
     where = path.name
@@ -342,6 +410,10 @@ def verify_package(path: str | os.PathLike, trusted_keys: Mapping[str, TrustedKe
         if signer.key_id != sealed_by.key_id:
             raise EdgekitError(f"{where}: manifest.sig and the file seal are by different keys")
         manifest = _parse_manifest(manifest_bytes, where)
+        got = manifest.get("kind", ADAPTER_KIND)
+        if kind is not None and got != kind:
+            raise EdgekitError(f"{where} is a {got} package, not an {kind} package" if kind == ADAPTER_KIND else
+                               f"{where} is an {got} package, not a {kind} package")
         if manifest["key_id"] != signer.key_id:
             raise EdgekitError(f"{where}: manifest names key {manifest['key_id'][:16]}… but was signed by "
                                f"{signer.key_id[:16]}…")
@@ -360,7 +432,10 @@ def verify_package(path: str | os.PathLike, trusted_keys: Mapping[str, TrustedKe
                                    "manifest (tampered or corrupted)")
             files[entry["name"]] = content
 
-    _check_adapter_payload(manifest, files, where)
+    if manifest.get("kind") == BACKBONE_KIND:
+        _check_backbone_payload(manifest, files, where)
+    else:
+        _check_adapter_payload(manifest, files, where)
     return VerifiedPackage(path=path, archive_size=size, manifest=manifest, manifest_bytes=manifest_bytes,
                            signature=signature, files=files, signer=signer)
 
@@ -385,3 +460,27 @@ def _check_adapter_payload(manifest: dict, files: Dict[str, bytes], where: str) 
         raise EdgekitError(f"{where}: manifest and payload {META_NAME} disagree on 'version'")
     for name in meta["weights"] + ([HEALTH_NAME] if manifest.get("health") else []):
         load_weights_bytes(name, files[name])
+
+
+def _check_backbone_payload(manifest: dict, files: Dict[str, bytes], where: str) -> None:
+    """The signed payload is a complete MLFF backbone artifact that agrees with the package manifest."""
+    if ARTIFACT_MANIFEST not in files:
+        raise EdgekitError(f"{where}: the backbone payload has no {ARTIFACT_MANIFEST}")
+    try:
+        art = json.loads(files[ARTIFACT_MANIFEST])
+    except (ValueError, UnicodeDecodeError):
+        raise EdgekitError(f"{where}: the backbone payload's {ARTIFACT_MANIFEST} is not JSON") from None
+    model = art.get("model") if isinstance(art, dict) else None
+    if not isinstance(model, dict) or model.get("kind") != "mlff-backbone":
+        raise EdgekitError(f"{where}: the payload is not an MLFF backbone artifact")
+    if (model.get("backbone"), model.get("backbone_sha256")) != (manifest["backbone"], manifest["backbone_sha256"]):
+        raise EdgekitError(f"{where}: the package and its artifact disagree on the backbone")
+    hashed = art.get("files")
+    if not isinstance(hashed, dict) or not hashed:
+        raise EdgekitError(f"{where}: the artifact's manifest hashes no files")
+    for name, digest in hashed.items():
+        if name not in files or hashlib.sha256(files[name]).hexdigest() != digest:
+            raise EdgekitError(f"{where}: artifact file {name!r} is missing or differs from its sha256")
+    extra = sorted(set(files) - set(hashed) - {ARTIFACT_MANIFEST} - {n for n in files if n.endswith(".sig")})
+    if extra:
+        raise EdgekitError(f"{where}: payload file {extra[0]!r} is not one of the artifact's files")

@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,6 @@ from edgekit.models.mlff import SETTINGS, MLFFAdapter
 from edgekit.mlff.registry import Registry
 from edgekit.utils import atomic_write, sha256_file
 
-_TASK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SD900_PREFIX = {"In": "inclusion", "Pa": "patches", "Sc": "scratches"}
 
 
@@ -208,11 +206,11 @@ def add_task(registry: str | os.PathLike, backbone, task: str, data: TaskData, *
     Returns a summary (task, classes, trainable parameters, seconds, adapter folder and bytes).
     """
     from edgekit.mlff.adapter import save_adapter
+    from edgekit.mlff.names import check_name
 
     if setting not in SETTINGS:
         raise EdgekitError(f"--setting must be one of {', '.join(SETTINGS)}, not {setting!r}")
-    if not _TASK_RE.match(task or ""):
-        raise EdgekitError(f"task name {task!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+    check_name(task, "task name")
     if rehearsal < 0 or distill < 0 or epochs < 1:
         raise EdgekitError("--rehearsal and --distill must be >= 0 and --epochs >= 1")
     reg = Registry.open_or_create(registry, backbone, setting, fc_dim)
