@@ -39,6 +39,19 @@ class DeadlineFetcher(FetcherInterface):
         self._sockets: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
         self._headers = {"User-Agent": user_agent}
         self._managers: dict = {}
+        self._expired: Optional[threading.Event] = None  # the fetch in progress's
+
+    def _track(self, sock: socket.socket) -> None:
+        self._sockets.add(sock)
+        if self._expired is not None and self._expired.is_set():  # a retry's new connection after the deadline
+            self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # a blocked recv() returns at once
+        except OSError:
+            pass
 
     # --- connections whose sockets the watchdog can reach --------------------------------------------------------
 
@@ -48,7 +61,7 @@ class DeadlineFetcher(FetcherInterface):
         if not urllib.request.proxy_bypass(parts.hostname or ""):
             proxy = urllib.request.getproxies().get(parts.scheme)
         if proxy not in self._managers:
-            track = self._sockets.add
+            track = self._track
 
             class Conn(urllib3.connection.HTTPConnection):
                 def connect(self):
@@ -75,10 +88,7 @@ class DeadlineFetcher(FetcherInterface):
     def _cut(self, expired: threading.Event) -> None:
         expired.set()
         for sock in list(self._sockets):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # a blocked recv() returns at once
-            except OSError:
-                pass
+            self._shut(sock)
 
     # --- FetcherInterface ----------------------------------------------------------------------------------------
 
@@ -89,7 +99,7 @@ class DeadlineFetcher(FetcherInterface):
             raise exceptions.SlowRetrievalError(f"the update's deadline passed before {url} was fetched")
         what = (f"the update's deadline" if budget < self.file_deadline
                 else f"the deadline of {self.file_deadline:g} s per file")
-        expired = threading.Event()
+        expired = self._expired = threading.Event()
         watchdog = threading.Timer(budget, self._cut, (expired,))
         watchdog.daemon = True
         watchdog.start()
@@ -97,7 +107,8 @@ class DeadlineFetcher(FetcherInterface):
         try:
             response = self._manager(url).request("GET", url, preload_content=False,
                                                   timeout=urllib3.Timeout(connect=per_read, read=per_read),
-                                                  retries=urllib3.Retry(total=2, redirect=0, raise_on_status=False))
+                                                  retries=urllib3.Retry(total=2, read=0, redirect=0,
+                                                                        raise_on_status=False))
         except Exception as e:
             watchdog.cancel()
             if expired.is_set():
