@@ -13,7 +13,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +21,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("tuf", reason="tuf not installed (pip install 'edgekit[ota]')")
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'edgekit[cpu]')")
@@ -118,35 +116,43 @@ def _kill_at(proc, device, mode, delay):
     return proc.returncode
 
 
+def _timed_run(e, device):
+    """(seconds until the trial is on disk, seconds until the run ends) of one whole update."""
+    t0 = time.monotonic()
+    proc = _spawn_update(e, device)
+    t_trial = None
+    while proc.poll() is None:
+        if t_trial is None and _trial_started(device):
+            t_trial = time.monotonic() - t0
+        time.sleep(0.002)
+    proc.communicate()
+    return t_trial, time.monotonic() - t0, proc.returncode
+
+
 def test_kill9_at_random_instants_leaves_a_checked_version_serving(env):
-    """kill -9 of a real ``edgekit update`` at 14 random instants: 7 while a failing 1.2.0 is on trial (its health
-    check running), 7 anywhere in a run that installs a good 1.2.0. After each, the version serving passes its
-    health check, the state reads, the runtime's first load recovers the trial, and the next update ends right."""
+    """kill -9 of a real ``edgekit update`` at 12 random instants: 6 while a failing 1.2.0 is on trial (its health
+    check running), and for a good 1.2.0, 3 anywhere in the run and 3 during its trial (check, commit switch, state
+    write). After each, the version serving passes its health check, the state reads, the runtime's first load
+    recovers the trial, and the next update ends right. Seeded (EDGEKIT_TEST_SEED) so a failure can be replayed."""
     rng = random.Random(int(os.environ.get("EDGEKIT_TEST_SEED", "23")))
     base_device = env["device"]
-    # how long a full run takes here, so "anywhere in the run" means something on this machine
-    timing = base_device.parent / "timing-device"
-    shutil.copytree(base_device, timing, symlinks=True)
     good = make_package(env, "good", adapter_seed=1)
     bad = env["pkgs"]["bad-health"]
     outcomes = []
-    for scenario, package, instants in (("failing", bad, [("trial", None)] * 7),
-                                        ("good", good, [("run", None)] * 7)):
+    for scenario, package, instants in (("failing", bad, ["trial"] * 6), ("good", good, ["run", "trial"] * 3)):
         repo_copy = env["repo"].parent / f"repo-{scenario}"
         shutil.copytree(env["repo"], repo_copy, symlinks=True)
         env["server"].root = repo_copy
         publish(dict(env, repo=repo_copy), package)
-        full = None
-        if scenario == "good":
-            t0 = time.monotonic()
-            p = _spawn_update(env, timing)
-            p.communicate(timeout=120)
-            full = time.monotonic() - t0
-            assert p.returncode == 0 and installed(timing)["version"] == "1.2.0"
-        for i, (mode, _) in enumerate(instants):
+        # how long a whole run and its trial take here, so the instants fall inside them on this machine
+        timing = base_device.parent / f"timing-{scenario}"
+        shutil.copytree(base_device, timing, symlinks=True)
+        t_trial, t_end, rc = _timed_run(env, timing)
+        assert t_trial is not None and rc == (2 if scenario == "failing" else 0)
+        for i, mode in enumerate(instants):
             device = base_device.parent / f"device-{scenario}-{i}"
             shutil.copytree(base_device, device, symlinks=True)
-            delay = rng.uniform(0, 0.6) if mode == "trial" else rng.uniform(0.3 * full, 1.05 * full)
+            delay = rng.uniform(0, t_end - t_trial) if mode == "trial" else rng.uniform(0.3 * t_end, t_end)
             rc = _kill_at(_spawn_update(env, device), device, mode, delay)
             # 1. right after the kill: the version serving passed its check, the state file reads
             serving = serving_passed_its_check(env, device)
@@ -171,7 +177,7 @@ def test_kill9_at_random_instants_leaves_a_checked_version_serving(env):
             outcomes.append((scenario, mode, round(delay, 3), rc, serving))
     print("kill instants (scenario, mode, delay s, exit code, serving after the kill):", outcomes)
     # the kills did land inside the runs (a run that finished first would exit 0 or 2, not -9)
-    assert sum(rc == -signal.SIGKILL for *_, rc, _ in outcomes) >= 10
+    assert sum(rc == -signal.SIGKILL for *_, rc, _ in outcomes) >= 8
 
 
 def test_a_trial_interrupted_twice_is_blocked(env):

@@ -255,10 +255,19 @@ def _try_version(file: str, dev, meta: dict, identity, current: Optional[dict], 
         raise EdgekitError(f"update refused: the package is not the one its target metadata describes; "
                            f"{_serving(current)}")
     if pkg.manifest["backbone_sha256"] != identity.sha256:
-        raise EdgekitError(f"update refused: the package fits backbone sha256 {pkg.manifest['backbone_sha256'][:16]}…,"
-                           f" this device has {identity.sha256[:16]}…; {_serving(current)}")
+        raise EdgekitError(f"update refused: the package fits backbone sha256 "
+                           f"{pkg.manifest['backbone_sha256'][:16]}…, this device has {identity.sha256[:16]}…; "
+                           f"{_serving(current)}")
     has_health = bool(health and pkg.manifest.get("health"))
-    backbone = load_device_backbone(identity) if has_health else None  # a device fault: refused, not blocked
+    backbone = None
+    if has_health:  # a device fault, not the version's: refused, not blocked
+        try:
+            backbone = load_device_backbone(identity)
+        except EdgekitError as e:
+            raise EdgekitError(f"update refused: {e}; {_serving(current)}") from None
+        except Exception as e:  # noqa: BLE001 - a damaged artifact must not end in "internal error"
+            raise EdgekitError(f"update refused: the device's backbone {identity.ref} could not be loaded "
+                               f"({_why(e)}); {_serving(current)}") from None
     with dev.lock():
         rel_dir = dev.add_version(version, package_files(pkg),
                                   lambda folder: check_version_folder(folder, pkg.manifest))
