@@ -402,3 +402,43 @@ def test_clock_set_back_does_not_revive_an_expired_timestamp(env):
     # and a normal clock with a floor in the past changes nothing
     ok(env["cli"]("repo", "publish", env["repo"], "--timestamp-expires", "10d"))
     assert ok(update(env)).stdout.startswith("up to date")
+
+
+# --- the state machine's own guarantees ---------------------------------------------------------------------
+
+def test_a_trial_being_checked_is_left_alone_and_never_serves(env):
+    """While a process holds the install root (an update checking its trial), the runtime loads the committed
+    version and leaves the trial alone; once that process is gone, the trial is stale and is recovered."""
+    from edgekit.ota.install import check_version_folder, package_files
+    from edgekit.ota.package import verify_package
+
+    device = env["device"]
+    pkg = verify_package(env["pkgs"]["1.2.0"], {env["pkg_pub"]})
+    checker = InstallRoot(device)
+    with checker.lock():
+        rel = checker.add_version("1.2.0", package_files(pkg), lambda f: check_version_folder(f, pkg.manifest))
+        checker.begin_trial(rel, "1.2.0", pkg.signer.key_id)
+        runtime = InstallRoot(device)
+        assert runtime.recover() is None  # busy: not stale
+        tensors, meta = load_installed_adapter(device)
+        assert installed(device)["version"] == "1.1.0" and installed(device)["trial"] == "1.2.0"
+        assert os.readlink(device / "current") == "versions/1.1.0"
+        one_error_line(env["cli"]("rollback", "--root", device), "another install, update or rollback")
+    found = InstallRoot(device).recover()  # the "checker" is gone (its lock released, as a killed process's is)
+    assert found == {"version": "1.2.0", "reason": found["reason"], "blocked": False}
+    assert version_folders(device) == ["1.0.0", "1.1.0"] and installed(device)["trial"] is None
+
+
+def test_rollback_twice_and_a_manual_install_are_operator_acts(env):
+    """``edgekit rollback`` blocks the version it leaves and unblocks the one it returns to; ``edgekit install`` of a
+    blocked version (an operator installing a file by hand) lifts its block."""
+    cli, device = env["cli"], env["device"]
+    ok(cli("rollback", "--root", device))
+    assert InstallRoot(device).read().blocked == {"1.1.0": "rolled back by the operator"}
+    ok(cli("rollback", "--root", device))
+    assert InstallRoot(device).read().blocked == {"1.0.0": "rolled back by the operator"}
+    ok(cli("rollback", "--root", device))  # back on 1.0.0; 1.1.0 blocked
+    ok(cli("install", env["pkgs"]["1.1.0"], "--root", device, "--pubkey", env["pkg_pub"], "--allow-downgrade"))
+    state = InstallRoot(device).read()
+    assert state.current["version"] == "1.1.0" and "1.1.0" not in state.blocked
+    assert state.history[-1]["action"] == "install" and state.history[-1]["unblocked"]
