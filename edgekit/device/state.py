@@ -27,6 +27,7 @@ States of a version and the transitions (each a method of ``InstallRoot``; every
   the recorded trial means it was committed (only a trial that passed its check is ever switched to).
 * ``fail`` -> BLOCKED: the trial is discarded and its version goes on the block list with the reason (RAUC's
   mark-bad); ``update`` never installs a blocked version by itself again.
+* ``tidy``: removes what an interrupted transition left (staging folders, temp links, temp records, orphans).
 * ``recover``: a trial found with no process holding the lock was interrupted (kill -9, power loss). The first
   interruption of a version is forgiven (the next ``update`` retries it); the second blocks it, so a version that
   kills its checker every time cannot loop (RAUC's boot-attempt counter, BOOT_x_LEFT, in spirit).
@@ -153,6 +154,11 @@ def _parse_state(path: Path) -> DeviceState:
                        {str(k): str(v) for k, v in blocked.items()},
                        {str(k): int(v) for k, v in interrupted.items() if isinstance(v, int)},
                        pinned if isinstance(pinned, str) else None, list(d.get("history") or []))
+
+
+def _is_temp_record(name: str) -> bool:
+    """An ``atomic_write`` temp file of one of ROOT's records (``.state.json.<random>.tmp``)."""
+    return name.endswith(".tmp") and name.startswith((f".{STATE_NAME}.", f".{DEVICE_BACKBONE_FILE}."))
 
 
 class InstallRoot:
@@ -341,6 +347,9 @@ class InstallRoot:
             if entry.name.startswith(LINK_TMP_PREFIX) and entry.is_symlink():
                 with contextlib.suppress(OSError):
                     entry.unlink()
+            elif _is_temp_record(entry.name) and entry.is_file() and not entry.is_symlink():
+                with contextlib.suppress(OSError):
+                    entry.unlink()  # an atomic_write of state.json / backbone.json cut short
             elif entry.name.startswith(STAGING_PREFIX) and entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
         versions = self.path / VERSIONS_DIR
@@ -348,6 +357,23 @@ class InstallRoot:
             for entry in versions.iterdir():
                 if f"{VERSIONS_DIR}/{entry.name}" not in keep and entry.is_dir() and not entry.is_symlink():
                     self._rmtree(entry)
+
+    def tidy(self) -> bool:
+        """Remove what an interrupted transition left (staging folders, temp links and records, orphan version
+        folders), taking the lock only when there is something to remove; returns whether there was."""
+        if not self.path.is_dir():
+            return False
+        state = self.read()
+        keep = {e["dir"] for e in (state.current, state.previous, state.trial) if e}
+        versions = self.path / VERSIONS_DIR
+        orphans = versions.is_dir() and any(f"{VERSIONS_DIR}/{p.name}" not in keep for p in versions.iterdir())
+        stray = any(p.name.startswith((STAGING_PREFIX, LINK_TMP_PREFIX)) or _is_temp_record(p.name)
+                    for p in self.path.iterdir())
+        if not (orphans or stray):
+            return False
+        with self.lock(create=False):
+            self.remove_leftovers()
+        return True
 
     @staticmethod
     def _rmtree(folder: Path) -> None:

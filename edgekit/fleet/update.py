@@ -150,6 +150,7 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
     state_dir.mkdir(parents=True, exist_ok=True)
     with _update_lock(state_dir):
         recovered = dev.recover()  # a trial left by a killed run: discarded, counted
+        dev.tidy()  # and whatever else a killed run left (a staging folder, a temp record)
         if allow:
             dev.allow(allow)
         if unpin:
