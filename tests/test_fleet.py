@@ -494,15 +494,17 @@ def test_concurrent_run_is_refused(env):
         assert tree(env["device"]) == before
 
 
-def test_failing_health_check_rolls_back(env):
+def test_failing_health_check_never_serves_and_blocks(env):
+    """The failing version is only ever a trial: 1.1.0 keeps serving throughout, and 1.2.0 is blocked."""
     ok(env["cli"]("repo", "add", env["repo"], env["pkgs"]["bad-health"]))
     ok(env["cli"]("repo", "publish", env["repo"]))
     line = one_error_line(update(env), "health check of 1.2.0 failed")
-    assert "rolled back to 1.1.0" in line
+    assert "1.1.0 is still in service" in line and "1.2.0 is blocked" in line
     info = installed(env["device"])
-    assert (info["version"], info["previous"]) == ("1.1.0", "1.2.0")
+    assert (info["version"], info["previous"], info["trial"]) == ("1.1.0", "1.0.0", None)
+    assert "health check" in info["blocked"]["1.2.0"]
     last = info["history"][-1]
-    assert last["action"] == "rollback" and "health check" in last["reason"]
+    assert last["action"] == "failed" and "health check" in last["reason"]
 
 
 # --- key rotation ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from edgekit.errors import EdgekitError
 from edgekit.ota import (active_adapter_dir, build_package, generate_keypair, install_package, installed,
                          load_adapter, load_installed_adapter, parse_version, rollback, save_adapter)
-from edgekit.ota import install as ota_install
+from edgekit.device import state as device_state  # where the install root is written
 from edgekit.ota.keys import key_id, load_private_key
 from edgekit.ota.package import manifest_to_bytes, seal_archive
 
@@ -368,7 +368,7 @@ def test_install_api_and_runtime_side(tmp_path, make_package, keys):
 def test_interrupted_install_keeps_old_version(tmp_path, monkeypatch, make_package, keys, root_with_v1, step):
     pkg = make_package("2.0.0", seed=5)
     before = snapshot(root_with_v1)
-    real_replace, real_rename, real_write = os.replace, os.rename, ota_install._write_synced
+    real_replace, real_rename, real_write = os.replace, os.rename, device_state._write_synced
     calls = []
 
     def crash(*_):
@@ -380,7 +380,7 @@ def test_interrupted_install_keeps_old_version(tmp_path, monkeypatch, make_packa
             if len(calls) == 2:
                 crash()
             real_write(path, data)
-        monkeypatch.setattr(ota_install, "_write_synced", write_then_crash)
+        monkeypatch.setattr(device_state, "_write_synced", write_then_crash)
     elif step == "rename":
         monkeypatch.setattr(os, "rename", lambda src, dst: crash() if "versions" in str(dst) else real_rename(src, dst))
     else:  # the final switch of ROOT/current
@@ -416,7 +416,7 @@ def test_crash_between_switch_and_state_record(monkeypatch, make_package, keys, 
     def crash(*_):
         raise OSError("simulated power loss")
 
-    monkeypatch.setattr(ota_install, "_write_state", crash)
+    monkeypatch.setattr(device_state, "_write_state", crash)
     with pytest.raises(EdgekitError, match="2.0.0 is in service"):
         install_package(make_package("2.0.0", seed=2), root_with_v1, [keys[1]])
     monkeypatch.undo()

@@ -227,13 +227,30 @@ def status_cmd(folder, as_json):
 @click.option("--task", default=None, help="The device's task (default: the installed adapter's).")
 @click.option("--timeout", type=click.IntRange(min=1), default=10, show_default=True,
               help="Seconds without data before a request is given up.")
+@click.option("--deadline", type=click.FloatRange(min=0, min_open=True), default=300, show_default=True,
+              help="Seconds for all the downloads of this run, however slowly data arrives.")
+@click.option("--file-deadline", type=click.FloatRange(min=0, min_open=True), default=120, show_default=True,
+              help="Seconds for one file (metadata or package), headers and body.")
+@click.option("--allow", "allow", default=None, metavar="VERSION",
+              help="Unblock VERSION (it failed its health check or was rolled back) so this run may install it.")
+@click.option("--pin", "pin", default=None, metavar="VERSION", help="Hold the device at VERSION: install nothing else.")
+@click.option("--unpin", is_flag=True, help="Release a --pin.")
 @click.option("--no-health-check", is_flag=True, help="Skip the health check (not recommended).")
 @json_option
-def update_cmd(repo_url, root, trust, backbone, task, timeout, no_health_check, as_json):
-    """Fetch, verify (TUF + package), install and health-check the newest adapter; safe from cron."""
+def update_cmd(repo_url, root, trust, backbone, task, timeout, deadline, file_deadline, allow, pin, unpin,
+               no_health_check, as_json):
+    """Fetch, verify (TUF + package), try and health-check the newest adapter, commit it only if it passes.
+
+    Exit 0: installed or up to date; 3: the newest version is blocked on this device (it failed its check or
+    was rolled back; --allow VERSION to try it again); 2: refused (one error line)."""
     from edgekit.fleet.update import update
 
-    r = update(repo_url, root, trust, backbone, task, timeout, health=not no_health_check)
+    r = update(repo_url, root, trust, backbone, task, timeout, health=not no_health_check, deadline=deadline,
+               file_deadline=file_deadline, allow=allow, pin=pin, unpin=unpin)
+    rec = r.get("recovered")
+    if rec:
+        _note(f"note: discarded the trial of {rec['version']} left by an interrupted run ({rec['reason']})"
+              + ("; it is now blocked" if rec["blocked"] else "; it is tried once more"))
     if as_json:
         echo_json(r)
         return

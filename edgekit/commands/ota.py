@@ -169,7 +169,9 @@ def install_cmd(package, root, pubkeys, backbone_sha256, backbone_ref, allow_dow
 @click.option("--root", required=True, type=click.Path(file_okay=False), help="Install root on the device.")
 @json_option
 def rollback_cmd(root, as_json):
-    """Put the previous version back in service (running it again returns to the one rolled back from)."""
+    """Put the previous version back in service (running it again returns to the one rolled back from).
+
+    The version rolled back from is blocked: edgekit update does not install it again until --allow VERSION."""
     from edgekit.ota.install import rollback
 
     result = rollback(root)
@@ -177,6 +179,8 @@ def rollback_cmd(root, as_json):
         echo_json(result)
         return
     click.echo(f"rolled back to {result['version']} (from {result['from']}) at {result['path']}")
+    click.echo(f"note: {result['blocked']} is blocked for edgekit update (edgekit update --allow {result['blocked']} "
+               "lifts it)", err=True)
 
 
 commands = [keygen_cmd, package_cmd, verify_cmd, install_cmd, rollback_cmd]

@@ -13,16 +13,13 @@ A device names its backbone by an artifact folder, a weights/checkpoint file or 
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from edgekit.device.state import InstallRoot
 from edgekit.errors import EdgekitError
-from edgekit.mlff.adapter import is_sha256
-from edgekit.ota.install import DEVICE_BACKBONE_FILE  # in the install root: the deployed backbone
-from edgekit.utils import atomic_write
 
 
 @dataclass(frozen=True)
@@ -73,23 +70,12 @@ def load_device_backbone(identity: BackboneIdentity):
 
 
 def record_device_backbone(root: str | os.PathLike, identity: BackboneIdentity) -> None:
-    """Write ROOT/backbone.json (what ``edgekit install`` and ``edgekit update`` check packages against)."""
-    with atomic_write(Path(root) / DEVICE_BACKBONE_FILE, "w") as f:
-        os.fchmod(f.fileno(), 0o644)
-        json.dump(identity.to_json(), f, indent=2)
-        f.write("\n")
+    """Write ROOT/backbone.json (what ``edgekit install`` and ``edgekit update`` check packages against); the
+    record itself belongs to the install root's state (``edgekit.device.state``)."""
+    InstallRoot(root).record_backbone(identity.to_json())
 
 
 def read_device_backbone(root: str | os.PathLike) -> Optional[BackboneIdentity]:
     """ROOT/backbone.json, or None when the install root records no backbone."""
-    path = Path(root) / DEVICE_BACKBONE_FILE
-    if not path.is_file():
-        return None
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-        identity = BackboneIdentity(d["backbone"], d["backbone_sha256"], d["ref"], d["kind"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise EdgekitError(f"{path} is unreadable ({e}); fix it or give --backbone") from None
-    if not is_sha256(identity.sha256) or identity.kind not in ("artifact", "weights"):
-        raise EdgekitError(f"{path} is malformed; fix it or give --backbone")
-    return identity
+    d = InstallRoot(root).read_backbone()
+    return BackboneIdentity(d["backbone"], d["backbone_sha256"], d["ref"], d["kind"]) if d else None

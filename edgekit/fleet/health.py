@@ -7,7 +7,13 @@ device, after the install switch, the adapter in service is loaded with the *dep
 artifact or checkpoint), run on those images, and compared with the recorded outputs: the top-1 class of
 every head must agree on at least ``min_top1_agreement`` of the images and the largest logit difference
 must stay within ``rtol`` of the recorded logits' range. Anything else (a backbone the adapter does not fit,
-damaged weights, another preprocessing) fails the check, and ``edgekit update`` rolls back.
+damaged weights, another preprocessing) fails the check, and ``edgekit update`` discards the trial and blocks
+the version (``edgekit.device.state``).
+
+The check fails closed: a health entry that does not match the health data (a sample too many or too few,
+malformed tolerances or head sizes), recorded or computed outputs that are not finite (NaN, Inf), and any
+exception while it runs (MemoryError, a RuntimeError from the adapter, an OSError such as ENOSPC) are a *failed*
+check whose one-line reason names what failed; ``check_health`` never raises.
 
 health.safetensors: tensors ``image.<i>`` (uint8, PNG bytes) and ``logits`` (float32, N x outputs); its
 metadata header holds ``format``; the package manifest's ``health`` entry the image count, head sizes and
@@ -19,7 +25,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -107,41 +113,104 @@ def _top1_per_head(logits: np.ndarray, head_sizes: List[int]) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
-def check_health(version_dir: str | os.PathLike, backbone) -> dict:
-    """Run the adapter in ``version_dir`` (an installed version) with ``backbone`` on its recorded samples.
+def _fail(result: dict, reason: str) -> dict:
+    return {**result, "ok": False, "reason": reason}
 
-    Returns {"ok", "images", "top1_agreement", "max_abs_diff", "tolerance", "reason"}; never raises for a
-    failing adapter (a failure is a result), only for a version folder without health data.
+
+def _health_entry(info, recorded: Dict[str, torch.Tensor]) -> dict:
+    """The manifest's health entry, checked against the health data it describes; EdgekitError names the fault."""
+    if not isinstance(info, dict):
+        raise EdgekitError("the manifest's health entry is not an object")
+    try:
+        n, outputs = info["images"], info["outputs"]
+        rtol, agreement, head_sizes = info["rtol"], info["min_top1_agreement"], info["head_sizes"]
+    except KeyError as e:
+        raise EdgekitError(f"the manifest's health entry has no {e.args[0]!r}") from None
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_SAMPLES:
+        raise EdgekitError(f"the manifest's health entry names {n!r} images (1 to {MAX_SAMPLES})")
+    if not isinstance(head_sizes, list) or not head_sizes or not all(
+            isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in head_sizes):
+        raise EdgekitError(f"the manifest's health entry has malformed head_sizes {head_sizes!r}")
+    if not isinstance(outputs, int) or outputs != sum(head_sizes):
+        raise EdgekitError(f"the manifest's health entry says {outputs!r} outputs, its heads add up to "
+                           f"{sum(head_sizes)}")
+    for name, value, ok in (("rtol", rtol, lambda v: v > 0), ("min_top1_agreement", agreement, lambda v: 0 < v <= 1)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value) or not ok(value):
+            raise EdgekitError(f"the manifest's health entry has an invalid {name} {value!r}")
+    missing = [f"image.{i}" for i in range(n) if f"image.{i}" not in recorded]
+    if missing:
+        raise EdgekitError(f"health sample {missing[0]} is missing from {HEALTH_NAME_FOR_MESSAGES} (the manifest's "
+                           f"health entry names {n} images)")
+    if "logits" not in recorded:
+        raise EdgekitError(f"{HEALTH_NAME_FOR_MESSAGES} holds no recorded logits")
+    logits = recorded["logits"]
+    if tuple(logits.shape) != (n, outputs):
+        raise EdgekitError(f"recorded logits are {list(logits.shape)}, the health entry says [{n}, {outputs}]")
+    return {"images": n, "outputs": outputs, "rtol": float(rtol), "min_top1_agreement": float(agreement),
+            "head_sizes": head_sizes}
+
+
+def _first_non_finite(values: np.ndarray, what: str) -> Optional[str]:
+    bad = np.argwhere(~np.isfinite(values))
+    if not len(bad):
+        return None
+    i, j = (int(x) for x in bad[0])
+    return f"{what} are not finite ({values[i, j]} at sample {i}, output {j}; {len(bad)} value(s) in all)"
+
+
+def check_health(version_dir: str | os.PathLike, backbone) -> dict:
+    """Run the adapter in ``version_dir`` (an installed or trial version) with ``backbone`` on its recorded samples.
+
+    Returns {"ok", "images", "top1_agreement", "max_abs_diff", "tolerance", "reason"}. Never raises: any failure,
+    of any type, is a failed check with a one-line reason (fails closed).
     """
+    result = {"images": None, "tolerance": None, "max_abs_diff": None, "top1_agreement": None}
+    try:
+        return _check_health(Path(version_dir), backbone, result)
+    except EdgekitError as e:
+        return _fail(result, str(e))
+    except Exception as e:  # noqa: BLE001 - fail closed: MemoryError, RuntimeError, OSError (ENOSPC), ...
+        text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        return _fail(result, f"{type(e).__name__} while running the health check" + (f": {text}" if text else ""))
+
+
+HEALTH_NAME_FOR_MESSAGES = "health.safetensors"
+
+
+def _check_health(folder: Path, backbone, result: dict) -> dict:
     import safetensors.torch
 
     from edgekit.mlff.adapter import load_adapter
     from edgekit.ota.package import HEALTH_NAME, MANIFEST_NAME
 
-    folder = Path(version_dir)
     manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
-    info = manifest.get("health")
-    if not info or not (folder / HEALTH_NAME).is_file():
+    if not manifest.get("health") or not (folder / HEALTH_NAME).is_file():
         raise EdgekitError(f"{folder}: the package carries no health samples")
-    data = (folder / HEALTH_NAME).read_bytes()
-    recorded = safetensors.torch.load(data)
-    n = int(info["images"])
-    images = [_unpng(recorded[f"image.{i}"].numpy().tobytes()) for i in range(n)]
-    want = recorded["logits"].numpy()
-    head_sizes = [int(h) for h in info["head_sizes"]]
-    result = {"images": n, "tolerance": None, "max_abs_diff": None, "top1_agreement": None}
     try:
-        tensors, meta = load_adapter(folder)
-        got = adapter_logits(backbone, tensors, meta, images)
-    except EdgekitError as e:
-        return {**result, "ok": False, "reason": str(e)}
+        recorded = safetensors.torch.load((folder / HEALTH_NAME).read_bytes())
+    except Exception as e:  # noqa: BLE001 - a damaged file is a failed check
+        raise EdgekitError(f"{HEALTH_NAME} is unreadable ({type(e).__name__})") from None
+    info = _health_entry(manifest["health"], recorded)
+    n = info["images"]
+    result = {**result, "images": n}
+    images = [_unpng(recorded[f"image.{i}"].numpy().tobytes()) for i in range(n)]
+    want = recorded["logits"].numpy().astype(np.float32)
+    bad = _first_non_finite(want, "recorded logits")
+    if bad:
+        return _fail(result, bad)
+    tensors, meta = load_adapter(folder)
+    got = np.asarray(adapter_logits(backbone, tensors, meta, images), dtype=np.float32)
     if got.shape != want.shape:
-        return {**result, "ok": False, "reason": f"outputs {list(got.shape)}, recorded {list(want.shape)}"}
+        return _fail(result, f"outputs {list(got.shape)}, recorded {list(want.shape)}")
+    bad = _first_non_finite(got, "the adapter's outputs")
+    if bad:
+        return _fail(result, bad)
+    head_sizes = info["head_sizes"]
     scale = float(want.max() - want.min()) or 1.0
-    tol = float(info["rtol"]) * scale
+    tol = info["rtol"] * scale
     diff = float(np.abs(got - want).max())
     agree = float((_top1_per_head(got, head_sizes) == _top1_per_head(want, head_sizes)).all(axis=1).mean())
-    ok = bool(np.isfinite(got).all()) and diff <= tol and agree >= float(info["min_top1_agreement"])
+    ok = diff <= tol and agree >= info["min_top1_agreement"]
     reason = None if ok else (f"outputs differ from those recorded at packaging (max abs diff {diff:.4g} > "
                               f"{tol:.4g}, or top-1 agreement {agree:.2f} < {info['min_top1_agreement']})")
     return {**result, "ok": ok, "tolerance": tol, "max_abs_diff": diff, "top1_agreement": agree, "reason": reason}

@@ -1,25 +1,35 @@
 """The device side: ``edgekit update``, one safe run from cron or a systemd timer.
 
-1. Lock ROOT/tuf/update.lock (a second run at the same time is refused at once, with one line).
+1. Lock ROOT/tuf/update.lock (a second run at the same time is refused at once, with one line), then recover a
+   stale trial left by a run that was killed during its health check (``InstallRoot.recover``), and apply the
+   operator's acts given with this run (``--allow``, ``--pin``, ``--unpin``).
 2. TUF refresh with python-tuf's ``ngclient.Updater``: the trust anchor is the device's trust bundle
    (``--trust BUNDLE``, ``edgekit.ota.trust``: the repository's root at provisioning, plus its timestamp and
    snapshot, seeded into ROOT/tuf/metadata on the first run so that a fresh device already refuses older
-   ones); the newest trusted metadata is kept in ROOT/tuf/metadata, so a replayed old timestamp or
-   snapshot, an expired one, metadata signed by a revoked key or by too few root keys, and mix-and-match
-   are refused by TUF. Every request has a socket timeout, so a server that never answers ends the run.
+   ones); the newest trusted metadata is kept in ROOT/tuf/metadata, so a replayed old timestamp or snapshot, an expired one, metadata signed by a
+   revoked key or by too few root keys, and mix-and-match are refused by TUF. Liveness: every request has a
+   per-read timeout (``--timeout``) and every file and the whole run a total deadline (``--file-deadline``,
+   ``--deadline``; ``edgekit.fleet.fetch``), TUF's slow-retrieval defence. Time: expiry is judged against
+   max(device clock, the time floor), the floor being the highest time seen at a verified refresh (persisted in
+   ROOT/tuf/trusted-time.json), the trust bundle's issue time, or given by the caller (``time_floor``), so a
+   clock set back does not bring an expired timestamp back to life (TUF's freeze-attack defence needs a clock
+   that does not go back; Uptane's deployment best practices ask for a secure source of time).
 3. The device's adapter: one target path per task and backbone (``repository.target_path``); nothing to
-   do when it is not newer than the version in service. ``--backbone repo:NAME`` first fetches the
+   do when it is not newer than the version in service, when the device is pinned to another version, or when
+   it is blocked (it failed its check, was interrupted twice, or was rolled back): the latter exits 3 with one
+   line, so monitoring sees a bad version that stays published. ``--backbone repo:NAME`` first fetches the
    backbone itself the same way (target ``backbones/NAME.zip``) and installs it under ROOT/backbones/.
 4. Download (TUF checks length and sha256 before anything else sees it), then the package's own
    verification against the keys the device's trust bundle scopes to this task (never a key named by the
-   repository's metadata: two independent authorities must agree), the package's task, version and
-   backbone against what the device asked for, and the atomic install.
-5. Health check (``edgekit.fleet.health``): the installed adapter with the deployed backbone on the
-   package's sample images, against the outputs recorded at packaging time; a failure rolls back to the
-   previous version automatically (recorded in ROOT/state.json's history).
+   repository's metadata: two independent authorities must agree), the package's task, version and backbone
+   against what the device asked for, then the transaction (``edgekit.device.state``): the version is staged
+   and recorded as a TRIAL, never pointed to by ROOT/current; the health check (``edgekit.fleet.health``) runs on
+   the trial folder; only when it passes is ROOT/current switched to it (the commit). A failed check (of any
+   kind: ``check_health`` fails closed, and any exception around it is a failure too) discards the trial and
+   blocks the version. Any interruption (kill -9, power loss) leaves the previous committed version serving.
 
-Refusals before step 4's install leave the install root as it was (only ROOT/tuf, TUF's own trusted
-state, may advance) and the current version serving.
+Refusals before step 4 leave the install root as it was (only ROOT/tuf, TUF's own trusted state and the time
+floor, may advance) and the current version serving.
 """
 from __future__ import annotations
 
@@ -28,6 +38,8 @@ import fcntl
 import os
 import shutil
 import tempfile
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -39,6 +51,15 @@ BACKBONES_DIR = "backbones"  # ROOT/backbones/NAME-VERSION/: backbone artifacts 
 REPO_PREFIX = "repo:"
 LOCK_NAME = "update.lock"
 DEFAULT_TIMEOUT = 10  # seconds without a byte before a download is given up
+DEFAULT_DEADLINE = 300  # seconds for all the downloads of one run
+DEFAULT_FILE_DEADLINE = 120  # seconds for one file, headers and body
+BLOCKED_EXIT_CODE = 3
+
+
+class BlockedVersionError(EdgekitError):
+    """The repository's newest version for this device is blocked here: nothing is installed (exit 3)."""
+
+    exit_code = BLOCKED_EXIT_CODE
 
 
 @contextlib.contextmanager
@@ -66,21 +87,49 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+def _apply_time_floor(updater, floor: Optional[float]) -> None:
+    """Judge expiry against max(device clock, floor). python-tuf's TrustedMetadataSet takes its reference time
+    from the clock once, when it is created (``reference_time``); raising that attribute before ``refresh`` is
+    the one place to do it without forking python-tuf. Refuses (fails closed) if this python-tuf has no such
+    attribute."""
+    if not floor:
+        return
+    trusted = getattr(updater, "_trusted_set", None)
+    if trusted is None or not isinstance(getattr(trusted, "reference_time", None), datetime):
+        raise EdgekitError("update refused: this python-tuf keeps no reference time edgekit can hold at the device's "
+                           "time floor (install the tuf version setup.py names)")
+    floor_time = datetime.fromtimestamp(floor, timezone.utc)
+    if floor_time > trusted.reference_time:
+        trusted.reference_time = floor_time
+
+
 def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, backbone: Optional[str] = None,
-           task: Optional[str] = None, timeout: int = DEFAULT_TIMEOUT, health: bool = True) -> dict:
-    """One update run; returns what happened, raises EdgekitError (one line) on any refusal."""
+           task: Optional[str] = None, timeout: int = DEFAULT_TIMEOUT, health: bool = True,
+           deadline: float = DEFAULT_DEADLINE, file_deadline: float = DEFAULT_FILE_DEADLINE,
+           allow: Optional[str] = None, pin: Optional[str] = None, unpin: bool = False,
+           time_floor: Optional[float] = None) -> dict:
+    """One update run; returns what happened, raises EdgekitError (one line) on any refusal.
+
+    ``trust``: the device's trust bundle (``edgekit.ota.trust``); ``backbone``: an artifact folder, weights file,
+    name, or ``repo:NAME`` to fetch the backbone from the repository;
+    ``allow``: unblock that version first; ``pin`` / ``unpin``: hold the device at a version / release it;
+    ``time_floor`` (seconds since the epoch): expiry is judged at no earlier time than this (the trust bundle's
+    issue time always counts); ``deadline`` / ``file_deadline``: seconds for all downloads of the run / for one file.
+    """
+    started = time.monotonic()
     try:
-        from tuf.ngclient import Updater, Urllib3Fetcher
+        from tuf.ngclient import Updater
     except ImportError:
         from edgekit.errors import MissingBackendError
 
         raise MissingBackendError("edgekit update", "tuf") from None
+    from edgekit.device.state import InstallRoot
     from edgekit.fleet.backbone import read_device_backbone, record_device_backbone, resolve_backbone
+    from edgekit.fleet.fetch import DeadlineFetcher
     from edgekit.fleet.repository import METADATA_DIR, TARGETS_DIR, target_path
     from edgekit.ota.install import installed
-    from edgekit.mlff.version import parse_version
-
     from edgekit.mlff.names import check_name
+    from edgekit.mlff.version import parse_version
     from edgekit.ota.trust import load_bundle
 
     root = Path(root)
@@ -89,6 +138,18 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
         raise EdgekitError(f"install root {root} is not a folder")
     if timeout < 1:
         raise EdgekitError("--timeout must be at least 1 second")
+    if not deadline > 0 or not file_deadline > 0:
+        raise EdgekitError("--deadline and --file-deadline must be positive")
+    if pin and unpin:
+        raise EdgekitError("give --pin VERSION or --unpin, not both")
+    for opt, v in (("--allow", allow), ("--pin", pin)):
+        if v is not None:
+            try:
+                parse_version(v)
+            except EdgekitError as e:
+                raise EdgekitError(f"{opt}: {e}") from None
+    if time_floor is not None and not (time_floor == time_floor and abs(time_floor) < 1e11):
+        raise EdgekitError(f"time floor {time_floor!r} is not a time in seconds since the epoch")
     if task is not None:
         check_name(task, "--task")
     backbone_from_repo = backbone[len(REPO_PREFIX):] if backbone and backbone.startswith(REPO_PREFIX) else None
@@ -100,9 +161,18 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
         raise EdgekitError(f"no backbone recorded in {root}; give --backbone ARTIFACT|CKPT|NAME")
     if task is None and installed(root) is None:
         raise EdgekitError(f"no adapter installed at {root} yet; give --task")
+    dev = InstallRoot(root)
     state_dir = root / STATE_DIR
     state_dir.mkdir(parents=True, exist_ok=True)
     with _update_lock(state_dir):
+        recovered = dev.recover()  # a trial left by a killed run: discarded, counted
+        dev.tidy()  # and whatever else a killed run left (a staging folder, a temp record)
+        if allow:
+            dev.allow(allow)
+        if unpin:
+            dev.pin(None)
+        if pin:
+            dev.pin(pin)
         recorded = read_device_backbone(root)
         identity = identity or (recorded if backbone_from_repo is None else None)
         if identity is None and backbone_from_repo is None:
@@ -119,13 +189,19 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
         meta_dir, downloads = state_dir / "metadata", state_dir / "downloads"
         meta_dir.mkdir(exist_ok=True)
         _seed_metadata(meta_dir, bundle)
+        floor = max(dev.time_floor() or 0.0, time_floor or 0.0, bundle.issued.timestamp())
+        fetcher = DeadlineFetcher(timeout, file_deadline, started + deadline)
         try:
             updater = Updater(str(meta_dir), f"{base}/{METADATA_DIR}/", str(downloads), f"{base}/{TARGETS_DIR}/",
-                              fetcher=Urllib3Fetcher(socket_timeout=timeout), bootstrap=bundle.root)
+                              fetcher=fetcher, bootstrap=bundle.root)
+            _apply_time_floor(updater, floor)
             updater.refresh()
-        except Exception as e:  # network, HTTP, TUF verification, local metadata: all a refusal
+        except EdgekitError:
+            raise
+        except Exception as e:  # network, HTTP, deadline, TUF verification, local metadata: all a refusal
             raise EdgekitError(f"update refused: repository metadata did not verify or could not be fetched "
                                f"({_why(e)}); {_serving(current)}") from None
+        dev.raise_time_floor(max(floor, time.time()))  # a verified refresh: the clock may not go back past this
         if backbone_from_repo is not None:
             identity = _fetch_backbone(updater, bundle, backbone_from_repo, root, downloads, current)
         path = target_path(task, identity.sha256)
@@ -135,7 +211,7 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
             raise EdgekitError(f"update refused: repository metadata did not verify or could not be fetched "
                                f"({_why(e)}); {_serving(current)}") from None
         base_result = {"task": task, "target": path, "backbone": identity.id, "backbone_sha256": identity.sha256,
-                       "previous": current["version"] if current else None}
+                       "previous": current["version"] if current else None, "recovered": recovered}
         if backbone and identity != recorded:
             record_device_backbone(root, identity)  # the device's backbone, as given: fetching worked
         if info is None:
@@ -149,6 +225,15 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
         if current and parse_version(version) <= parse_version(current["version"]):
             return {**base_result, "action": "none", "version": current["version"],
                     "reason": f"{current['version']} is the newest for this task and backbone"}
+        state = dev.read()
+        if state.pinned and version != state.pinned:
+            return {**base_result, "action": "none", "version": current["version"] if current else None,
+                    "reason": f"pinned at {state.pinned} (edgekit update --unpin releases it); the repository "
+                              f"offers {version}"}
+        if version in state.blocked:
+            raise BlockedVersionError(
+                f"{version}, the newest the repository offers, is blocked on this device ({state.blocked[version]});"
+                f" {_serving(current)}; edgekit update --allow {version} tries it again")
 
         shutil.rmtree(downloads, ignore_errors=True)
         downloads.mkdir()
@@ -159,7 +244,7 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
             raise EdgekitError(f"update refused: download of {path} {version} failed or did not verify "
                                f"({_why(e)}); {_serving(current)}") from None
         try:
-            result = _install_checked(file, root, meta, identity, current, health, version, adapter_keys, task)
+            result = _try_version(file, dev, identity, current, health, version, adapter_keys, task)
         finally:
             shutil.rmtree(downloads, ignore_errors=True)
         return {**base_result, **result}
@@ -261,12 +346,12 @@ def _install_backbone(pkg, root: Path) -> Path:
     return folder
 
 
-def _install_checked(file: str, root: Path, meta: dict, identity, current: Optional[dict], health: bool,
-                     version: str, keys: dict, task: str) -> dict:
-    """Verify + install the downloaded package, then the health check with rollback on failure."""
+def _try_version(file: str, dev, identity, current: Optional[dict], health: bool, version: str, keys: dict,
+                 task: str) -> dict:
+    """Verify the downloaded package, then the transaction: trial, health check, commit or fail (block)."""
     from edgekit.fleet.backbone import load_device_backbone
     from edgekit.fleet.health import check_health
-    from edgekit.ota.install import install_package, rollback
+    from edgekit.ota.install import check_version_folder, package_files
     from edgekit.ota.package import verify_package
 
     try:
@@ -274,25 +359,34 @@ def _install_checked(file: str, root: Path, meta: dict, identity, current: Optio
     except EdgekitError as e:
         raise EdgekitError(f"update refused: {e}; {_serving(current)}") from None
     _authorize(pkg, task, identity, version, current)
-    has_health = health and pkg.manifest.get("health")
-    backbone = load_device_backbone(identity) if has_health else None
-    if has_health and current is None:
-        # a fresh device has nothing to roll back to: check the package before it goes in service
-        with tempfile.TemporaryDirectory(prefix=".health-", dir=root / "tuf") as tmp:
-            for name, data in {**pkg.files, "manifest.json": pkg.manifest_bytes}.items():
-                Path(tmp, name).write_bytes(data)
-            h = check_health(tmp, backbone)
-        if not h["ok"]:
-            raise EdgekitError(f"update refused: health check of {version} failed ({h['reason']}); nothing was "
-                               "installed")
-    result = install_package(pkg, root, backbone_sha256=identity.sha256)
-    out = {"action": "installed", "version": version, "path": result["path"], "health": None}
-    if has_health and current is not None:
-        h = check_health(result["path"], backbone)
-        out["health"] = h
-        if not h["ok"]:
-            back = rollback(root, reason=f"health check of {version} failed")
-            raise EdgekitError(f"health check of {version} failed ({h['reason']}); rolled back to {back['version']}")
-    elif has_health:
-        out["health"] = h
-    return out
+    if health and not pkg.manifest.get("health"):
+        # nothing could show that this adapter behaves on this device: refused unless the operator says so
+        raise EdgekitError(f"update refused: {task} {version} carries no health-check samples (edgekit package "
+                           f"--samples); run with --no-health-check to install it unchecked; {_serving(current)}")
+    has_health = bool(health and pkg.manifest.get("health"))
+    backbone = None
+    if has_health:  # a device fault, not the version's: refused, not blocked
+        try:
+            backbone = load_device_backbone(identity)
+        except EdgekitError as e:
+            raise EdgekitError(f"update refused: {e}; {_serving(current)}") from None
+        except Exception as e:  # noqa: BLE001 - a damaged artifact must not end in "internal error"
+            raise EdgekitError(f"update refused: the device's backbone {identity.ref} could not be loaded "
+                               f"({_why(e)}); {_serving(current)}") from None
+    with dev.lock():
+        rel_dir = dev.add_version(version, package_files(pkg),
+                                  lambda folder: check_version_folder(folder, pkg.manifest))
+        dev.begin_trial(rel_dir, version, pkg.signer.key_id)
+        h = None
+        if has_health:
+            try:
+                h = check_health(dev.path / rel_dir, backbone)
+            except Exception as e:  # noqa: BLE001 - fails closed, whatever check_health let through
+                h = {"ok": False, "reason": f"{type(e).__name__} while running the health check"}
+            if not h["ok"]:
+                reason = f"health check failed: {h['reason']}"
+                dev.fail(version, reason)
+                raise EdgekitError(f"health check of {version} failed ({h['reason']}); {version} is blocked on this "
+                                   f"device; {_serving(current)}")
+        state = dev.commit(version)
+    return {"action": "installed", "version": version, "path": str(dev.folder(state.current)), "health": h}

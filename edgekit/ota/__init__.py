@@ -2,7 +2,8 @@
 
 Build side: ``save_adapter`` -> ``generate_keypair`` -> ``build_package``.
 Device side: ``verify_package`` -> ``install_package`` / ``rollback``; the runtime asks
-``installed(root)`` or ``active_adapter_dir(root)`` and loads with ``load_adapter``.
+``installed(root)`` or ``active_adapter_dir(root)`` (which first recovers a stale trial) and loads with
+``load_adapter``. The install root's state itself (trial, committed, blocked, pinned) is ``edgekit.device.state``.
 Needs the optional packages ``cryptography`` and ``safetensors`` (``pip install edgekit[ota]``).
 """
 from edgekit.mlff.adapter import load_adapter, read_adapter_meta, save_adapter
