@@ -297,3 +297,15 @@ def test_backbone_shipped_through_tuf(env, tmp_path):
     # an adapter package is not a backbone, and a backbone package is not an adapter
     one_error_line(cli("install", bb_pkg, "--root", tmp_path / "d3", "--pubkey", bb_key.parent / "public_key.pem"),
                    "is a backbone package, not an adapter package")
+
+
+def test_package_without_health_samples_needs_the_operators_word(env, tmp_path):
+    """Nothing could show that an adapter without samples behaves on this device: refused, unless the operator
+    runs with --no-health-check."""
+    bare = tmp_path / "bare-1.2.0.zip"
+    build_package(env["adapters"][1], env["w"] / "package-key" / "private_key.pem", "1.2.0", bare)
+    ok(env["cli"]("repo", "add", env["repo"], bare))
+    ok(env["cli"]("repo", "publish", env["repo"]))
+    refused(env, "carries no health-check samples")
+    r = json.loads(ok(update(env, "--no-health-check", "--json")).stdout)
+    assert (r["action"], r["version"], r["health"]) == ("installed", "1.2.0", None)
