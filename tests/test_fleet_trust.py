@@ -309,3 +309,17 @@ def test_package_without_health_samples_needs_the_operators_word(env, tmp_path):
     refused(env, "carries no health-check samples")
     r = json.loads(ok(update(env, "--no-health-check", "--json")).stdout)
     assert (r["action"], r["version"], r["health"]) == ("installed", "1.2.0", None)
+
+
+def test_stolen_online_snapshot_and_timestamp_keys_can_only_replay_older_metadata(env):
+    """The snapshot and timestamp keys (online) together sign a snapshot that points the crack role back at an
+    older, validly signed version (the one without 1.1.0): TUF's rollback check against the device's trusted
+    snapshot refuses it. They cannot name a package at all: only targets and delegated roles list packages."""
+    from tuf.api.metadata import MetaFile
+
+    repo = open_repository(env["repo"])
+    crack_versions = sorted(int(p.name.split(".")[0]) for p in (env["repo"] / "metadata").glob("*.crack.json"))
+    with repo.edit_snapshot() as snap:
+        snap.meta["crack.json"] = MetaFile(version=crack_versions[-2])
+    repo.do_timestamp(force=True)
+    refused(env, "BadVersionNumberError")
