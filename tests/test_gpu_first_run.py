@@ -81,7 +81,7 @@ def torch_rows_on_cpu(row, **kw):
 def bench(ckpt, specs, timing, logs, rounds=1):
     from edgekit.bench.gpu import plan_gpu_rows, run_gpu_bench
 
-    planned, skipped = plan_gpu_rows([str(ckpt)], specs, fused_available=True, tensorrt_available=False)
+    planned, skipped = plan_gpu_rows([str(ckpt)], specs, available={"cuda-fused": True, "trt": False})
     return run_gpu_bench(planned, data="synthetic:2", batches=(1, 2), rounds=rounds, iters=2, warmup=1, eval_limit=2,
                          skipped=skipped, show_progress=False, log=logs.append, timing=timing,
                          opener=torch_rows_on_cpu)
