@@ -204,7 +204,8 @@ def test_recipe_profiles():
     assert (cpu.preprocess.mean, cpu.preprocess.std, cpu.preprocess.scale) == (0.4669, 0.2437, "max")
     assert cpu.train.device == "cpu" and max(cpu.preprocess.input_size) <= 256
     assert gpu.train.iterations == 50000 and gpu.preprocess.input_size == [512, 512]
-    assert gpu.train.amp == "fp16" and gpu.train.batch == 32 and gpu.train.device == "cuda"
+    assert gpu.train.amp == "auto" and gpu.train.batch == 32 and gpu.train.device == "cuda"
+    assert gpu.train.device_data and not cpu.train.device_data  # GPU-resident data: default on for the gpu profile
     assert cpu.model.config() == gpu.model.config()
     assert Path(cpu.data_path()) == SD900.resolve()
 
