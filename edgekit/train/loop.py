@@ -274,7 +274,7 @@ class BudgetPlan:
     timed_steps: int = 4
     step_s: Optional[float] = None  # median seconds per training step
     val_s: Optional[float] = None  # seconds of one validation
-    final_s: Optional[float] = None  # reserved for the final test, best.pt rewrite and report
+    final_s: Optional[float] = None  # reserved for the last validation, the final test, best.pt and the report
     planned: Optional[int] = None  # the horizon the cosine anneals to
     first_plan: Optional[int] = None
     replans: int = 0
@@ -614,8 +614,9 @@ class Trainer:
         b.step_s = float(np.median(steps_s))
         n_test = len(limit_samples(self.test_full.samples, self.limit_images))
         per_image = b.val_s / max(1, len(self.val_ds))
-        # the final test + rewriting best.pt + the report; the last validation is counted in per_it
-        b.final_s = per_image * n_test * 1.25 + 2.0 + 0.02 * b.budget_s
+        # the last validation (a whole one, at the last iteration), the final test, rewriting best.pt and the
+        # report, with a margin for a slower moment of a shared machine
+        b.final_s = b.val_s + per_image * n_test * 1.25 + 2.0 + 0.02 * b.budget_s
         left = b.budget_s - (time.time() - self.t_start) - b.final_s
         per_it = b.step_s + b.val_s / self.r.train.val_every
         planned = self.it + max(1, int(left / per_it))
