@@ -646,6 +646,7 @@ class Trainer:
         stopped = False
         timing: List[float] = []
         steps_since_plan, t_plan = 0, None
+        run_steps, run_step_s, vals = 0, 0.0, []  # training steps and seconds since the first plan, validations
         try:
             while self.it < self.total:
                 if b is not None and b.step_s is None and len(timing) < b.warmup_steps + b.timed_steps:
@@ -665,6 +666,7 @@ class Trainer:
                     timing.append(time.time() - t0)
                     if len(timing) == b.warmup_steps + b.timed_steps:  # measured: validate once, then plan
                         b.val_s = self.validate(self._loss_value(loss_ema))
+                        vals.append(b.val_s)
                         self.plan_horizon(timing[b.warmup_steps:])
                         self.write(f"budget {b.budget_s:.0f} s: {b.step_s * 1e3:.0f} ms per step, validation "
                                    f"{b.val_s:.1f} s: cosine horizon {b.planned} iterations")
@@ -684,10 +686,14 @@ class Trainer:
                                     val_iou="-" if last_val is None else f"{last_val:.4f}", refresh=False)
                 if dist.is_main and (it % r.train.val_every == 0 or it == self.total):
                     t_val = self.validate(self._loss_value(loss_ema))
-                    if b is not None and it < self.total and steps_since_plan:  # re-plan from the times so far
-                        b.val_s = 0.5 * (b.val_s + t_val)
-                        step_now = (time.time() - t_plan - t_val) / steps_since_plan
-                        self.plan_horizon([step_now])
+                    if b is not None and it < self.total and steps_since_plan:
+                        # re-plan from all the times since the first plan (means over the whole run so far:
+                        # one slow window on a shared machine would otherwise swing the horizon, and the lr)
+                        run_steps += steps_since_plan
+                        run_step_s += time.time() - t_plan - t_val
+                        vals.append(t_val)
+                        b.val_s = float(np.mean(vals))
+                        self.plan_horizon([run_step_s / run_steps])
                         steps_since_plan, t_plan = 0, time.time()
                 if dist.is_main and (it % r.train.checkpoint_every == 0 or it == self.total):
                     self.save_state()
