@@ -193,7 +193,7 @@ def test_recipe_profiles():
     cpu = load_recipe(RECIPE, "cpu")
     gpu = load_recipe(RECIPE, "gpu")
     assert load_recipe(RECIPE).profile == "cpu"  # the default profile
-    assert cpu.profiles == ["cpu", "gpu", "cpu-refine", "cpu-long", "finetune", "finetune-crop"]
+    assert cpu.profiles == ["cpu", "gpu", "cpu-budget", "cpu-refine", "cpu-long", "finetune", "finetune-crop"]
     ft = load_recipe(RECIPE, "finetune")  # after pruning: the deployed input size, a gentle lr
     assert ft.preprocess.input_size == [512, 512] and ft.optimizer.lr < cpu.optimizer.lr
     crop = load_recipe(RECIPE, "finetune-crop")  # the same object scale, windows of it

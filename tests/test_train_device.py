@@ -161,7 +161,10 @@ def test_budget_run_ends_on_time_with_lr_annealed_and_report(tmp_path, cli):
     assert r.exit_code == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
     b = report["budget"]
-    assert b["budget_s"] == 10 and b["step_s"] > 0 and b["planned_iterations"] == report["iterations"]
+    assert b["budget_s"] == 10 and b["step_s"] > 0 and b["ended_by"] in ("schedule", "time guard")
+    # the planned horizon, or fewer iterations where the guard ended a run whose steps slowed down (busy machine)
+    assert report["iterations"] == b["planned_iterations"] if b["ended_by"] == "schedule" else \
+        report["iterations"] < b["planned_iterations"]
     assert report["train_wall_s"] <= 10.0 and wall < 10.0 + 2.0, (report["train_wall_s"], wall)
     assert report["iterations"] > 10  # it did use the budget (tiny steps are ~10-50 ms here)
     last = report["history"][-1]
@@ -170,7 +173,7 @@ def test_budget_run_ends_on_time_with_lr_annealed_and_report(tmp_path, cli):
         assert last["lr"] == pytest.approx(1.0e-5, rel=1e-6)  # the cpu profile's min_lr: annealed
     assert (out / "best.pt").is_file() and "cosine horizon" in r.stderr
     ck = torch.load(out / "best.pt", weights_only=True)
-    assert ck["provenance"]["budget"]["planned_iterations"] == report["iterations"]
+    assert ck["provenance"]["budget"] == b and ck["provenance"]["iterations"] == report["iterations"]
 
 
 @pytest.mark.parametrize("args,expected", [

@@ -266,8 +266,8 @@ UNPLANNED = 10 ** 9  # the horizon of a budgeted run before its steps are timed
 
 @dataclass
 class BudgetPlan:
-    """A time-budgeted run (``--budget``): the horizon comes from measured times, re-planned at every
-    validation, so the run ends on time with its learning rate annealed (cosine to ``min_lr`` at the
+    """A time-budgeted run (``--budget``): the horizon comes from measured times, re-planned every
+    ``train.log_every`` steps from the means so far, so the run ends on time with its learning rate annealed (cosine to ``min_lr`` at the
     planned last iteration), its best-on-val checkpoint and its report written."""
     budget_s: float
     warmup_steps: int = 2  # not timed: cuDNN autotuning, torch.compile, allocator growth
@@ -306,6 +306,11 @@ class Trainer:
         self.history: List[dict] = []
         self.elapsed_before = 0.0
         self.resumed_from = None
+        # budgeted runs: durations of validations and checkpoint saves, steps and other seconds since the first plan
+        self._vals: List[float] = []
+        self._saves: List[float] = []
+        self._t_plan, self._steps_since_plan, self._other_s = 0.0, 0, 0.0
+        self._n_test: Optional[int] = None
 
     def run(self) -> TrainResult:
         self.check_arguments()
@@ -607,26 +612,38 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def plan_horizon(self, steps_s: List[float]) -> None:
-        """Set the cosine's horizon so that the remaining steps, their validations and the final test fit
-        what is left of the budget (first from the timed steps, then re-planned at each validation)."""
-        b = self.budget
-        b.step_s = float(np.median(steps_s))
-        n_test = len(limit_samples(self.test_full.samples, self.limit_images))
+    def plan_horizon(self, step_s: float) -> None:
+        """Set the cosine's horizon so that the remaining steps, their validations and checkpoints, a last
+        validation and the final test fit what is left of the budget."""
+        b, t = self.budget, self.r.train
+        b.step_s = step_s
+        b.val_s = float(np.mean(self._vals))
+        save_s = float(np.mean(self._saves)) if self._saves else 0.0
+        if self._n_test is None:
+            self._n_test = len(limit_samples(self.test_full.samples, self.limit_images))
+        n_test = self._n_test
         per_image = b.val_s / max(1, len(self.val_ds))
         # the last validation (a whole one, at the last iteration), the final test, rewriting best.pt and the
         # report, with a margin for a slower moment of a shared machine
         b.final_s = b.val_s + per_image * n_test * 1.25 + 2.0 + 0.02 * b.budget_s
         left = b.budget_s - (time.time() - self.t_start) - b.final_s
-        per_it = b.step_s + b.val_s / self.r.train.val_every
+        per_it = step_s + b.val_s / t.val_every + save_s / t.checkpoint_every
         planned = self.it + max(1, int(left / per_it))
-        if b.planned is not None:
+        if b.planned is None:
+            b.first_plan = planned
+            self._t_plan, self._steps_since_plan, self._other_s = time.time(), 0, 0.0
+        else:
             b.replans += 1
-        b.planned = planned
-        b.first_plan = b.first_plan or planned
-        self.total = self.sched.total = planned
-        self.bar.total = planned
-        self.bar.refresh()
+        b.planned = self.total = self.sched.total = planned
+        self.bar.total = planned  # shown at the bar's next update (a refresh per re-plan would flood a log)
+
+    def replan(self) -> None:
+        """Re-plan from the mean step time since the first plan (validations and checkpoints timed apart and
+        amortised by their intervals): means over the whole run, so one slow moment on a shared machine
+        moves the horizon, and the learning rate, only a little."""
+        steps = self._steps_since_plan
+        step_s = (time.time() - self._t_plan - self._other_s) / steps
+        self.plan_horizon(max(step_s, 1e-6))
 
     def out_of_time(self) -> bool:
         """True when one more step would leave too little of the budget for the final test (the guard for
@@ -644,12 +661,11 @@ class Trainer:
         self.bar = bar = _progress(None if self.total == UNPLANNED else self.total, self.it, enabled=dist.is_main)
         loss_ema = None  # a float (host pipeline) or a device tensor (device_data: read at the log points)
         stopped = False
-        timing: List[float] = []
-        steps_since_plan, t_plan = 0, None
-        run_steps, run_step_s, vals = 0, 0.0, []  # training steps and seconds since the first plan, validations
+        timing: List[float] = []  # the measured steps of a budgeted run
         try:
             while self.it < self.total:
-                if b is not None and b.step_s is None and len(timing) < b.warmup_steps + b.timed_steps:
+                measuring = b is not None and b.step_s is None
+                if measuring:
                     self._sync()
                     t0 = time.time()
                 loss = self.step(self.it)
@@ -661,42 +677,37 @@ class Trainer:
                     lv = dist.mean(loss)
                     loss_ema = lv if loss_ema is None else 0.95 * loss_ema + 0.05 * lv
                 bar.update(1)
-                if b is not None and b.step_s is None:
+                if measuring:
                     self._sync()
                     timing.append(time.time() - t0)
                     if len(timing) == b.warmup_steps + b.timed_steps:  # measured: validate once, then plan
-                        b.val_s = self.validate(self._loss_value(loss_ema))
-                        vals.append(b.val_s)
-                        self.plan_horizon(timing[b.warmup_steps:])
+                        self._vals.append(self.validate(self._loss_value(loss_ema)))
+                        self.plan_horizon(float(np.median(timing[b.warmup_steps:])))
                         self.write(f"budget {b.budget_s:.0f} s: {b.step_s * 1e3:.0f} ms per step, validation "
                                    f"{b.val_s:.1f} s: cosine horizon {b.planned} iterations")
-                        steps_since_plan, t_plan = 0, time.time()
                         continue
-                else:
-                    steps_since_plan += 1
-                end_now = b is not None and b.step_s is not None and it < self.total and self.out_of_time()
-                if end_now:  # the guard: stop here, validate and report within the budget
-                    b.ended_by = "time guard"
-                    self.write(f"budget: stopping at iteration {it} of the planned {self.total} (steps took longer "
-                               "than measured)")
-                    self.total = self.sched.total = it
+                elif b is not None:
+                    self._steps_since_plan += 1
+                    if self._steps_since_plan % r.train.log_every == 0:
+                        self.replan()
+                    if it < self.total and self.out_of_time():  # the guard: stop, validate and report in time
+                        b.ended_by = "time guard"
+                        self.write(f"budget: stopping at iteration {it} of the planned {self.total} (steps took "
+                                   "longer than measured)")
+                        self.total = self.sched.total = it
                 if it % r.train.log_every == 0 or it == self.total:
                     last_val = self.best.get("last_val_iou")
                     bar.set_postfix(loss=f"{self._loss_value(loss_ema):.4f}", lr=f"{self.sched.get_last_lr():.2e}",
                                     val_iou="-" if last_val is None else f"{last_val:.4f}", refresh=False)
                 if dist.is_main and (it % r.train.val_every == 0 or it == self.total):
                     t_val = self.validate(self._loss_value(loss_ema))
-                    if b is not None and it < self.total and steps_since_plan:
-                        # re-plan from all the times since the first plan (means over the whole run so far:
-                        # one slow window on a shared machine would otherwise swing the horizon, and the lr)
-                        run_steps += steps_since_plan
-                        run_step_s += time.time() - t_plan - t_val
-                        vals.append(t_val)
-                        b.val_s = float(np.mean(vals))
-                        self.plan_horizon([run_step_s / run_steps])
-                        steps_since_plan, t_plan = 0, time.time()
+                    self._vals.append(t_val)
+                    self._other_s += t_val
                 if dist.is_main and (it % r.train.checkpoint_every == 0 or it == self.total):
+                    t_save = time.time()
                     self.save_state()
+                    self._saves.append(time.time() - t_save)
+                    self._other_s += self._saves[-1]
                 if self.stop_after is not None and it >= self.stop_after and it < self.total:
                     if dist.is_main:
                         self.save_state()
