@@ -626,7 +626,8 @@ class Trainer:
         # the last validation (a whole one, at the last iteration), the final test, rewriting best.pt and the
         # report, with a margin for a slower moment of a shared machine
         b.final_s = b.val_s + per_image * n_test * 1.25 + 2.0 + 0.02 * b.budget_s
-        left = b.budget_s - (time.time() - self.t_start) - b.final_s
+        # one step less than fits: the guard (out_of_time) stops a step early when 1.5 steps no longer fit
+        left = b.budget_s - (time.time() - self.t_start) - b.final_s - step_s
         per_it = step_s + b.val_s / t.val_every + save_s / t.checkpoint_every
         planned = self.it + max(1, int(left / per_it))
         if b.planned is None:
