@@ -2,8 +2,11 @@
 machine, where ``../shared`` is absent:
 
     .gpu_carry/shared/checkpoints/gmbinet_sd900_official.pt      the published checkpoint
-    .gpu_carry/shared/datasets/sd-saliency-900/                  N test images + masks, and a split.json
-                                                                 whose test list is exactly those N
+    .gpu_carry/shared/datasets/sd-saliency-900/                  the whole train and val splits (for the
+                                                                 `train` and `prune` steps; images as
+                                                                 lossless PNG: ~20 MB instead of 43) and N
+                                                                 test images + masks, with a split.json
+                                                                 whose lists are exactly those
     .gpu_carry/whl/                                              PyCUDA's source and the wheels (Python 3.12,
                                                                  manylinux x86-64) of what the GPU image may lack
 
@@ -13,6 +16,7 @@ class (stratified, deterministic), so their accuracy is comparable between runs.
 
     python benchmarks/gpu_carry.py                 # 50 images + wheels (pip download: needs the network)
     python benchmarks/gpu_carry.py --no-wheels     # data only
+    python benchmarks/gpu_carry.py --no-train-data # test images only (no train/prune steps there)
 """
 from __future__ import annotations
 
@@ -51,7 +55,18 @@ def pick_test_images(split: dict, count: int) -> list:
     return picks
 
 
-def copy_data(shared: Path, out: Path, count: int) -> list:
+def _copy_image(src: Path, dst_dir: Path) -> None:
+    """Copy an image, BMP as lossless PNG (the same pixels, about 40 % of the bytes)."""
+    if src.suffix.lower() == ".bmp":
+        from PIL import Image
+
+        with Image.open(src) as im:
+            im.save(dst_dir / f"{src.stem}.png", format="PNG", optimize=True)
+    else:
+        shutil.copy2(src, dst_dir / src.name)
+
+
+def copy_data(shared: Path, out: Path, count: int, train_data: bool = True) -> list:
     ckpt = shared / "checkpoints" / "gmbinet_sd900_official.pt"
     sd = shared / "datasets" / "sd-saliency-900"
     for p in (ckpt, sd / "split.json"):
@@ -61,18 +76,21 @@ def copy_data(shared: Path, out: Path, count: int) -> list:
     shutil.copy2(ckpt, out / "checkpoints" / ckpt.name)
     split = json.loads((sd / "split.json").read_text())
     names = pick_test_images(split, count)
+    train, val = (list(split["train"]), list(split["val"])) if train_data else ([], [])
     dst = out / "datasets" / "sd-saliency-900"
     if dst.exists():
         shutil.rmtree(dst)
     for sub in ("Source Images", "Ground truth"):
         (dst / sub).mkdir(parents=True)
-    for n in names:
+    for n in [*train, *val, *names]:
         img = next(p for p in (sd / "Source Images" / f"{n}{e}" for e in (".bmp", ".png", ".jpg")) if p.is_file())
-        shutil.copy2(img, dst / "Source Images" / img.name)
+        _copy_image(img, dst / "Source Images")
         shutil.copy2(sd / "Ground truth" / f"{n}.png", dst / "Ground truth" / f"{n}.png")
-    carried = {"test": names, "train": [], "val": [],
-               "note": f"{len(names)} images of the test split of ../shared's split.json, carried by "
-                       f"benchmarks/gpu_carry.py; train/val are not carried"}
+    what = "the whole train and val splits and " if train_data else ""
+    carried = {"test": names, "train": train, "val": val,
+               "note": f"{what}{len(names)} images of the test split of ../shared's split.json, carried by "
+                       f"benchmarks/gpu_carry.py (images as lossless PNG)"
+                       + ("" if train_data else "; train/val are not carried")}
     if "classes" in split:
         carried["classes"] = split["classes"]
     (dst / "split.json").write_text(json.dumps(carried, indent=1) + "\n")
@@ -95,9 +113,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / ".gpu_carry", help="the folder to fill (git-ignored)")
     ap.add_argument("--images", type=int, default=50, help="SD-900 test images to carry")
     ap.add_argument("--no-wheels", action="store_true", help="skip the pip downloads")
+    ap.add_argument("--no-train-data", action="store_true",
+                    help="carry no train/val images (gpu_check.sh's train and prune steps then fail at once)")
     args = ap.parse_args(argv)
-    names = copy_data(args.shared, args.out / "shared", args.images)
-    print(f"{len(names)} SD-900 test images + the published checkpoint -> {args.out / 'shared'}", file=sys.stderr)
+    names = copy_data(args.shared, args.out / "shared", args.images, train_data=not args.no_train_data)
+    print(f"{len(names)} SD-900 test images{'' if args.no_train_data else ', the train and val splits'} + the "
+          f"published checkpoint -> {args.out / 'shared'}", file=sys.stderr)
     if not args.no_wheels:
         download_wheels(args.out / "whl")
         print(f"PyCUDA source + wheels -> {args.out / 'whl'}", file=sys.stderr)

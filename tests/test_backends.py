@@ -58,3 +58,74 @@ def test_torch_variants_are_load_options(tiny_ckpt):
         runtime.load(tiny_ckpt, mode="jit")
     # options a backend does not declare are not passed to it
     assert get_backend("onnx").load_kwargs({"threads": 2, "mode": "graph", "device": None}) == {"threads": 2}
+
+
+# --- GPU rows: bench --device gpu reads the same specs (no GPU needed to plan them) ------------------
+
+def test_gpu_bench_defaults_come_from_the_specs():
+    import edgekit.bench.gpu as gpu
+    from edgekit.backends.torch_eager import TORCH_MODES
+
+    rows = gpu.default_gpu_backends()
+    # what the bench ran before the rows came from the registry: same rows, same order
+    assert rows == ("eager:fp32", "eager:fp16", "graph:fp32", "graph:fp16", "compile:fp32", "compile:fp16",
+                    "cuda-fused:fp32", "cuda-fused:fp16", "trt:fp16", "trt:int8")
+    assert gpu.DEFAULT_GPU_BACKENDS == rows
+    assert not hasattr(gpu, "TORCH_MODES")  # defined once, in the torch backend
+    torch_spec = get_backend("torch")
+    assert tuple(torch_spec.variants) == TORCH_MODES and torch_spec.gpu_load_options == {"device": "cuda"}
+    for row in rows:
+        kind, precision = gpu.parse_gpu_backend(row)
+        spec = torch_spec if kind in TORCH_MODES else get_backend(kind)
+        assert precision in spec.precisions and precision in spec.gpu_bench_default
+        assert kind in TORCH_MODES or spec.device == "gpu"
+    assert gpu.parse_gpu_backend("trt") == ("trt", "fp16") and gpu.parse_gpu_backend("graph") == ("graph", "fp32")
+    with pytest.raises(EdgekitError, match=r"precision int8 \(choose from fp16, fp32\)"):
+        gpu.parse_gpu_backend("cuda-fused:int8")
+    with pytest.raises(EdgekitError, match="unknown GPU row 'openvino'"):
+        gpu.parse_gpu_backend("openvino")
+
+
+def test_cuda_fused_availability_is_honest(monkeypatch, tiny_ckpt):
+    """cuda-fused declares PyCUDA as its package: without it available() is False and its GPU rows are
+    notes with the install line; its compile target still builds without it (nvcc + host emulation)."""
+    import sys
+
+    from edgekit.bench.gpu import plan_gpu_rows
+
+    spec = get_backend("cuda-fused")
+    assert spec.package == "pycuda" and spec.builds_without_package
+    monkeypatch.setitem(sys.modules, "pycuda", None)  # import pycuda fails, as on a machine without it
+    assert not spec.available()
+    spec.check("fp32")  # no MissingBackendError: building needs no PyCUDA
+    rows, skipped = plan_gpu_rows([str(tiny_ckpt)], ["eager:fp32", "cuda-fused:fp16"])
+    assert [r.name for r in rows] == ["eager:fp32"]
+    assert skipped == [{"name": "cuda-fused:fp16", "reason": "pycuda is not installed: pip install pycuda"}]
+    with pytest.raises(EdgekitError, match="pip install pycuda"):
+        plan_gpu_rows([str(tiny_ckpt)], ["cuda-fused:fp16"], explicit=True)
+
+
+def test_a_new_gpu_backend_is_one_spec(monkeypatch, tiny_ckpt):
+    """Registering one spec with gpu_bench_default adds its default GPU rows, and bench opens them through
+    the spec's own loader with its gpu_load_options (here the real torch loader under another name, on
+    the CPU since no GPU is needed to check the plumbing)."""
+    import dataclasses
+
+    import numpy as np
+
+    from edgekit.backends import registry
+    from edgekit.bench.gpu import default_gpu_backends, open_row, plan_gpu_rows
+
+    torch_spec = get_backend("torch")
+    new = dataclasses.replace(torch_spec, name="torch-copy", description="a second GPU backend", variants={},
+                              gpu_bench_default=("fp32",), gpu_load_options={"device": "cpu"}, build=None,
+                              runs_checkpoints=True)
+    monkeypatch.setitem(registry._SPECS, "torch-copy", new)
+    assert default_gpu_backends()[-1] != "torch-copy:fp32"  # no compile step: it plans before the compile targets
+    assert "torch-copy:fp32" in default_gpu_backends()
+    rows, _ = plan_gpu_rows([str(tiny_ckpt)], ["torch-copy"])
+    (row,) = rows
+    assert (row.name, row.kind, row.mode, row.build) == ("torch-copy:fp32", "torch-copy", None, False)
+    runner = open_row(row, max_autotune=False, calib=None, log=print)
+    x = np.random.default_rng(0).standard_normal((1, *runner.input_shape)).astype(np.float32)
+    np.testing.assert_allclose(runner.infer(x), runtime.load(tiny_ckpt).infer(x), atol=1e-6)

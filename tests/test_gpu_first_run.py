@@ -4,6 +4,7 @@ is numpy, launches run through the whole-network host emulator), a fake libcuda 
 capture, a stand-in ``nvcc --version``, and the wheel setup.py builds."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -81,7 +82,7 @@ def torch_rows_on_cpu(row, **kw):
 def bench(ckpt, specs, timing, logs, rounds=1):
     from edgekit.bench.gpu import plan_gpu_rows, run_gpu_bench
 
-    planned, skipped = plan_gpu_rows([str(ckpt)], specs, fused_available=True, tensorrt_available=False)
+    planned, skipped = plan_gpu_rows([str(ckpt)], specs, available={"cuda-fused": True, "trt": False})
     return run_gpu_bench(planned, data="synthetic:2", batches=(1, 2), rounds=rounds, iters=2, warmup=1, eval_limit=2,
                          skipped=skipped, show_progress=False, log=logs.append, timing=timing,
                          opener=torch_rows_on_cpu)
@@ -423,3 +424,41 @@ def test_wheel_ships_the_cuda_sources(tmp_path):
     layers, emu = (Path(line) for line in out.stdout.split())
     assert layers == site / "edgekit/kernels/cuda/gmbinet_layers.cu" and layers.is_file()
     assert (emu / "gmbinet_emu_main.cpp").is_file()
+
+
+# ------------------------------------------------------------------------------------ benchmarks/gpu_check.sh
+
+
+def test_gpu_check_python_imports_resolve():
+    """The Python blocks gpu_check.sh runs only on a GPU (its eval step's heredoc) are never executed by
+    --dry-run: their imports are checked here, so a moved name cannot fail the first GPU run (the eval
+    step imported TorchGpuRunner from edgekit.bench.gpu, which never defined it)."""
+    import ast
+    import importlib
+    import re
+
+    text = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    blocks = re.findall(r"<<'EOF'[^\n]*\n(.*?)\nEOF\n", text, flags=re.S)
+    assert blocks, "no heredoc found in gpu_check.sh"
+    checked = 0
+    for src in blocks:
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("edgekit"):
+                mod = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(mod, alias.name), f"gpu_check.sh: {node.module} has no {alias.name}"
+                    checked += 1
+    assert checked >= 4
+
+
+def test_gpu_check_help_lists_every_step_and_the_returned_files():
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--help"], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0
+    steps = re.findall(r"^run_step (\w+) ", (ROOT / "benchmarks" / "gpu_check.sh").read_text(), flags=re.M)
+    assert steps == ["env", "deps", "pycuda", "tests", "compile", "eval", "bench", "train", "prune"]
+    for step in steps:
+        assert re.search(rf"^  {step} ", out.stdout, flags=re.M), step
+    files = ["summary.txt", "logs.tar.gz", "bench_gpu.json", "bench_gpu.png", "train_best.pt", "train_report.json",
+             "prune_0.25.pt", "prune_0.50.pt"]
+    assert all(f in out.stdout for f in files) and len(files) <= 8  # the device tool returns at most 8 files

@@ -193,7 +193,7 @@ def test_recipe_profiles():
     cpu = load_recipe(RECIPE, "cpu")
     gpu = load_recipe(RECIPE, "gpu")
     assert load_recipe(RECIPE).profile == "cpu"  # the default profile
-    assert cpu.profiles == ["cpu", "gpu", "cpu-refine", "cpu-long", "finetune", "finetune-crop"]
+    assert cpu.profiles == ["cpu", "gpu", "cpu-budget", "cpu-refine", "cpu-long", "finetune", "finetune-crop"]
     ft = load_recipe(RECIPE, "finetune")  # after pruning: the deployed input size, a gentle lr
     assert ft.preprocess.input_size == [512, 512] and ft.optimizer.lr < cpu.optimizer.lr
     crop = load_recipe(RECIPE, "finetune-crop")  # the same object scale, windows of it
@@ -204,7 +204,8 @@ def test_recipe_profiles():
     assert (cpu.preprocess.mean, cpu.preprocess.std, cpu.preprocess.scale) == (0.4669, 0.2437, "max")
     assert cpu.train.device == "cpu" and max(cpu.preprocess.input_size) <= 256
     assert gpu.train.iterations == 50000 and gpu.preprocess.input_size == [512, 512]
-    assert gpu.train.amp == "fp16" and gpu.train.batch == 32 and gpu.train.device == "cuda"
+    assert gpu.train.amp == "auto" and gpu.train.batch == 32 and gpu.train.device == "cuda"
+    assert gpu.train.device_data and not cpu.train.device_data  # GPU-resident data: default on for the gpu profile
     assert cpu.model.config() == gpu.model.config()
     assert Path(cpu.data_path()) == SD900.resolve()
 

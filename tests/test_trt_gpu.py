@@ -283,15 +283,13 @@ def test_bench_gpu_refused_without_cuda(cli, tiny_ckpt):
 def test_gpu_rows_planned_for_a_checkpoint(tiny_ckpt):
     from edgekit.bench.gpu import DEFAULT_GPU_BACKENDS, plan_gpu_rows
 
-    rows, skipped = plan_gpu_rows([str(tiny_ckpt)], DEFAULT_GPU_BACKENDS, fused_available=False,
-                                  tensorrt_available=False)
+    rows, skipped = plan_gpu_rows([str(tiny_ckpt)], DEFAULT_GPU_BACKENDS, available={"cuda-fused": False, "trt": False})
     assert [r.name for r in rows] == ["eager:fp32", "eager:fp16", "graph:fp32", "graph:fp16", "compile:fp32",
                                       "compile:fp16"]
     assert {r.mode for r in rows} == {"eager", "graph", "compile"} and {r.precision for r in rows} == {"fp32", "fp16"}
     assert [s["name"] for s in skipped] == ["cuda-fused:fp32", "cuda-fused:fp16", "trt:fp16", "trt:int8"]
     assert "pip install tensorrt" in skipped[-1]["reason"]
-    rows, skipped = plan_gpu_rows([str(tiny_ckpt)], DEFAULT_GPU_BACKENDS, fused_available=True,
-                                  tensorrt_available=True)
+    rows, skipped = plan_gpu_rows([str(tiny_ckpt)], DEFAULT_GPU_BACKENDS, available={"cuda-fused": True, "trt": True})
     assert not skipped and [r.name for r in rows][-4:] == ["cuda-fused:fp32", "cuda-fused:fp16", "trt:fp16", "trt:int8"]
     assert all(r.build for r in rows if r.kind == "trt")
 
@@ -300,7 +298,7 @@ def test_gpu_rows_explicit_request_that_cannot_run(tiny_ckpt):
     from edgekit.bench.gpu import plan_gpu_rows
 
     with pytest.raises(EdgekitError, match="pip install tensorrt"):
-        plan_gpu_rows([str(tiny_ckpt)], ["eager:fp32", "trt:int8"], fused_available=False, tensorrt_available=False,
+        plan_gpu_rows([str(tiny_ckpt)], ["eager:fp32", "trt:int8"], available={"cuda-fused": False, "trt": False},
                       explicit=True)
 
 
@@ -309,12 +307,12 @@ def test_gpu_rows_take_trt_artifacts_and_refuse_cpu_ones(tiny_ckpt, tmp_path):
     from edgekit.pipeline.compile import compile_model
 
     art = _fake_trt_artifact(tmp_path / "engine_fp16", tiny_ckpt)
-    rows, _ = plan_gpu_rows([str(art)], ["eager:fp32"], fused_available=False, tensorrt_available=False)
+    rows, _ = plan_gpu_rows([str(art)], ["eager:fp32"], available={"cuda-fused": False, "trt": False})
     assert [(r.name, r.kind, r.build) for r in rows] == [("trt:fp16 (engine_fp16)", "trt", False)]
     cpu_art = tmp_path / "onnx"
     compile_model(str(tiny_ckpt), "onnx", "fp32", str(cpu_art), parity_data="synthetic:2", log=lambda *_: None)
     with pytest.raises(EdgekitError, match="CPU backend"):
-        plan_gpu_rows([str(cpu_art)], ["eager:fp32"], fused_available=False, tensorrt_available=False)
+        plan_gpu_rows([str(cpu_art)], ["eager:fp32"], available={"cuda-fused": False, "trt": False})
 
 
 def test_gpu_table_rows_from_a_result():

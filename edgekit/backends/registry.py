@@ -72,6 +72,16 @@ class BackendSpec:
     variants: Dict[str, dict] = field(default_factory=dict)
     # plain model files (no manifest) ``load`` also runs, by suffix, with the default preprocessing
     model_suffixes: Tuple[str, ...] = ()
+    # ``edgekit bench --device gpu`` (edgekit.bench.gpu reads only these, as the CPU bench reads
+    # ``bench_default``): the precisions of its default rows, for each of ``variants`` where there are
+    # some (torch: eager, graph, compile), and the load options every GPU row passes (torch: device=cuda).
+    gpu_bench_default: Tuple[str, ...] = ()
+    gpu_load_options: Dict[str, object] = field(default_factory=dict)
+    # load() takes a checkpoint as it is (GPU bench rows skip the compile); torch always does (build is None)
+    runs_checkpoints: bool = False
+    # build() works without ``package`` (cuda-fused: nvcc and host emulation build and verify it; only
+    # running it needs PyCUDA), so ``check`` does not require the package for a compile
+    builds_without_package: bool = False
 
     @property
     def compile_precisions(self) -> Tuple[str, ...]:
@@ -81,7 +91,12 @@ class BackendSpec:
         return self.precisions + (("auto",) if len(choice) > 1 and self.device == "cpu" else ())
 
     def available(self) -> bool:
-        return self.package is None or importlib.util.find_spec(self.package) is not None
+        if self.package is None:
+            return True
+        try:
+            return importlib.util.find_spec(self.package) is not None
+        except ValueError:  # imported already, without a module spec (a stand-in module): it is there
+            return True
 
     def install_hint(self) -> str:
         return f"pip install 'edgekit[{self.extra}]'" if self.extra else f"pip install {self.pip_name or self.package}"
@@ -99,7 +114,8 @@ class BackendSpec:
                                f"(choose from {', '.join(self.compile_precisions)})")
         if kind not in self.kinds:
             raise EdgekitError(f"target {self.name} compiles {', '.join(self.kinds)} models, not {kind}")
-        self.require()
+        if not self.builds_without_package:
+            self.require()
 
     def load_kwargs(self, options: dict) -> dict:
         return {k: v for k, v in options.items() if k in self.load_options and v is not None}

@@ -16,6 +16,10 @@ from edgekit.backends.base import Runner
 from edgekit.backends.registry import BackendSpec, register_backend
 
 
+# The one list of the torch GPU modes: the loader checks it, and bench --device gpu's rows are its variants.
+TORCH_MODES = ("eager", "graph", "compile")
+
+
 class TorchRunner(Runner):
     name = "torch"
 
@@ -86,9 +90,6 @@ class TorchGpuRunner(Runner):
         return self.infer_device(x).float().cpu().numpy()
 
 
-TORCH_MODES = ("eager", "graph", "compile")
-
-
 def _load(path: Path, threads: int | None = None, device: str = "cpu", mode: str = "eager", precision: str = "fp32",
           max_autotune: bool = False) -> Runner:
     from edgekit.errors import EdgekitError
@@ -108,4 +109,6 @@ SPEC = register_backend(BackendSpec(
     precisions=("fp32", "fp16"), load=_load, package="torch", pip_name="torch",
     load_options=("threads", "device", "mode", "precision", "max_autotune"),
     tools=("torch",), bench_default=("fp32",),
+    variants={m: {"mode": m} for m in TORCH_MODES}, gpu_bench_default=("fp32", "fp16"),
+    gpu_load_options={"device": "cuda"}, runs_checkpoints=True,
 ))

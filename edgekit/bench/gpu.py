@@ -1,10 +1,12 @@
 """``edgekit bench --device gpu``: the CPU benchmark's table, JSON and plot, for CUDA paths.
 
-Rows (for a checkpoint): PyTorch eager, eager replayed from a CUDA graph (``torch.cuda.CUDAGraph``),
-``torch.compile`` (default mode; ``--max-autotune`` for mode="max-autotune", which takes minutes per
-batch size), each in fp32 and fp16; the fused CUDA kernels (backend ``cuda-fused``) in fp32 and fp16
-where that backend is available; TensorRT engines (``trt`` artifacts given on the command line, or
-compiled from the checkpoint when ``tensorrt`` is installed). Batch 1 and 32 by default.
+Rows come from the backend registry (``BackendSpec.gpu_bench_default``, ``variants``,
+``gpu_load_options``), as the CPU bench's do. Today (for a checkpoint): PyTorch eager, eager replayed
+from a CUDA graph (``torch.cuda.CUDAGraph``), ``torch.compile`` (default mode; ``--max-autotune`` for
+mode="max-autotune", which takes minutes per batch size), each in fp32 and fp16; the fused CUDA kernels
+(backend ``cuda-fused``) in fp32 and fp16 where PyCUDA imports; TensorRT engines (``trt`` artifacts
+given on the command line, or compiled from the checkpoint when ``tensorrt`` is installed). Batch 1
+and 32 by default.
 
 Timing: input already on the GPU (random normal, never zeros); every row warmed up, then timed in
 interleaved rounds, each call between two CUDA events recorded on the current stream and synchronised
@@ -19,7 +21,7 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 from edgekit.backends.base import Runner
 from edgekit.errors import EdgekitError, MissingBackendError
@@ -28,13 +30,8 @@ PAPER_GPU_ROW = {"name": "paper (arXiv 2508.16397, their GPU)", "fps_b1": 1048.0
                  "note": "reported on the authors' split and GPU; batch size not stated",
                  "plot_label": "paper (their GPU, their split)"}
 SCHEMA = "edgekit-bench/1"
-TORCH_MODES = ("eager", "graph", "compile")
-PRECISIONS = ("fp32", "fp16")
-DEFAULT_GPU_BACKENDS = tuple(f"{m}:{p}" for m in TORCH_MODES for p in PRECISIONS) + \
-    ("cuda-fused:fp32", "cuda-fused:fp16", "trt:fp16", "trt:int8")
 DEFAULT_GPU_BATCHES = (1, 32)
 BASELINE = "eager:fp32"
-FUSED_BACKEND = "cuda-fused"
 
 
 def no_cuda_reason() -> Optional[str]:
@@ -62,32 +59,73 @@ def require_cuda() -> None:
 @dataclass
 class PlannedRow:
     name: str
-    kind: str  # "torch" | "cuda-fused" | "trt"
+    kind: str  # the backend's registry name: "torch", "cuda-fused", "trt", ...
     precision: str
     path: Path
-    mode: Optional[str] = None  # torch: eager | graph | compile
-    build: bool = False  # trt from a checkpoint: compile the engine (cached) first
+    mode: Optional[str] = None  # the backend's variant (torch: eager | graph | compile)
+    build: bool = False  # a compile target that runs artifacts only, from a checkpoint: compile it (cached) first
+
+
+# Every GPU row comes from a ``BackendSpec`` (edgekit.backends.registry), as the CPU bench's rows do: a
+# backend that runs on the GPU declares ``gpu_bench_default`` (and ``variants`` when one backend gives
+# several rows, as torch's eager / CUDA-graph / torch.compile modes do). A new GPU backend is one module.
+
+def gpu_row_kinds() -> List[Tuple[str, object, Optional[str]]]:
+    """(row kind, spec, variant) for every GPU row kind, in the order of the default rows: backends that
+    run a checkpoint as it is first (no compile step, the reference among them), then compile targets."""
+    from edgekit.backends.registry import backends
+
+    specs = [b for b in backends() if b.gpu_bench_default]
+    specs.sort(key=lambda b: 0 if (b.build is None or b.runs_checkpoints) else 1)  # stable: registry order within
+    return [k for b in specs for k in ([(v, b, v) for v in b.variants] if b.variants else [(b.name, b, None)])]
+
+
+def default_gpu_backends() -> Tuple[str, ...]:
+    """``kind:precision`` of ``bench --device gpu`` without ``--backends``: each spec's ``gpu_bench_default``."""
+    return tuple(f"{kind}:{p}" for kind, spec, _ in gpu_row_kinds() for p in spec.gpu_bench_default)
+
+
+def __getattr__(name):  # DEFAULT_GPU_BACKENDS stays importable, computed from the registry when asked for
+    if name == "DEFAULT_GPU_BACKENDS":
+        return default_gpu_backends()
+    raise AttributeError(name)
+
+
+def _row_kind(kind: str):
+    for k, spec, variant in gpu_row_kinds():
+        if k == kind:
+            return spec, variant
+    raise EdgekitError(f"unknown GPU row {kind!r} (choose from {', '.join(default_gpu_backends())})")
 
 
 def parse_gpu_backend(spec: str) -> Tuple[str, str]:
+    """(row kind, precision) of ``kind[:precision]``; the precision defaults to the spec's first GPU default."""
     kind, _, precision = spec.strip().partition(":")
-    precision = precision or ("fp16" if kind == "trt" else "fp32")
-    if kind in TORCH_MODES or kind == FUSED_BACKEND:
-        if precision not in PRECISIONS:
-            raise EdgekitError(f"GPU row {spec!r}: precision {precision} (choose from {', '.join(PRECISIONS)})")
-    elif kind == "trt":
-        if precision not in ("fp16", "int8"):
-            raise EdgekitError(f"GPU row {spec!r}: precision {precision} (choose from fp16, int8)")
-    else:
-        raise EdgekitError(f"unknown GPU row {spec!r} (choose from {', '.join(DEFAULT_GPU_BACKENDS)})")
+    try:
+        backend, _ = _row_kind(kind)
+    except EdgekitError:
+        raise EdgekitError(f"unknown GPU row {spec!r} (choose from {', '.join(default_gpu_backends())})") from None
+    precision = precision or backend.gpu_bench_default[0]
+    if precision not in backend.precisions:
+        raise EdgekitError(f"GPU row {spec!r}: precision {precision} (choose from {', '.join(backend.precisions)})")
     return kind, precision
 
 
-def plan_gpu_rows(models: Sequence[str], specs: Sequence[str], *, fused_available: bool, tensorrt_available: bool,
+def unavailable_reason(spec, available: Optional[bool] = None) -> Optional[str]:
+    """None when ``spec``'s package imports here (or ``available`` says so), else the note a default row
+    that cannot run gets."""
+    if spec.available() if available is None else available:
+        return None
+    return f"{spec.package} is not installed: pip install {spec.pip_name or spec.package}"
+
+
+def plan_gpu_rows(models: Sequence[str], specs: Sequence[str], *, available: Optional[Mapping[str, bool]] = None,
                   explicit: bool = False) -> Tuple[List[PlannedRow], List[dict]]:
-    """(rows to run, rows left out with the reason). ``explicit``: the user listed ``specs`` (a row
-    that cannot run is then an error, not a note)."""
+    """(rows to run, rows left out with the reason). ``available``: backend name -> whether it can run here,
+    overriding the specs' own ``available()`` (tests plan without the packages). ``explicit``: the user
+    listed ``specs`` (a row that cannot run is then an error, not a note)."""
     from edgekit.artifact import is_artifact, read_manifest
+    from edgekit.backends.registry import get_backend
 
     parsed = [(s, *parse_gpu_backend(s)) for s in specs]
     rows, skipped = [], []
@@ -97,45 +135,30 @@ def plan_gpu_rows(models: Sequence[str], specs: Sequence[str], *, fused_availabl
             raise EdgekitError(f"model not found: {p}")
         if is_artifact(p):
             man = read_manifest(p, verify=False)
-            if man.get("target") != "trt":
-                raise EdgekitError(f"{p} is a {man.get('target')} artifact (a CPU backend); bench --device gpu takes "
-                                   f"checkpoints and trt artifacts")
-            rows.append(PlannedRow(f"trt:{man.get('precision')} ({p.name})", "trt", man.get("precision"), p))
+            target = man.get("target")
+            try:
+                backend = get_backend(target)
+            except EdgekitError:
+                backend = None
+            if backend is None or backend.device != "gpu":
+                raise EdgekitError(f"{p} is a {target} artifact (a CPU backend); bench --device gpu takes "
+                                   f"checkpoints and GPU artifacts")
+            rows.append(PlannedRow(f"{target}:{man.get('precision')} ({p.name})", target, man.get("precision"), p))
             continue
         for spec, kind, precision in parsed:
+            backend, variant = _row_kind(kind)
             name = f"{kind}:{precision}"
-            if kind in TORCH_MODES:
-                rows.append(PlannedRow(name, "torch", precision, p, mode=kind))
-            elif kind == FUSED_BACKEND:
-                if fused_available:
-                    rows.append(PlannedRow(name, kind, precision, p))
-                else:
-                    skipped.append({"name": name, "reason": f"no '{FUSED_BACKEND}' runtime backend is registered here"})
-            elif tensorrt_available:
-                rows.append(PlannedRow(name, "trt", precision, p, build=True))
-            else:
-                skipped.append({"name": name, "reason": "tensorrt is not installed: pip install tensorrt"})
+            why = unavailable_reason(backend, (available or {}).get(backend.name))
+            if why:
+                skipped.append({"name": name, "reason": why})
+                continue
+            compile_first = backend.build is not None and not backend.runs_checkpoints
+            rows.append(PlannedRow(name, backend.name, precision, p, mode=variant, build=compile_first))
     if explicit and skipped:
         raise EdgekitError(f"GPU row {skipped[0]['name']}: {skipped[0]['reason']}")
     if not rows:
         raise EdgekitError("no GPU rows to run")
     return rows, skipped
-
-
-def fused_backend_available() -> bool:
-    """The cuda-fused backend is registered always; it can run only where PyCUDA is installed."""
-    import importlib.util
-
-    from edgekit import runtime
-
-    registered = any(b.name == FUSED_BACKEND for b in runtime.backends())
-    return registered and importlib.util.find_spec("pycuda") is not None
-
-
-def tensorrt_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorrt") is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,20 +173,30 @@ def device_call(runner: Runner) -> Tuple[Optional[Callable], bool]:
 
 
 def open_row(row: PlannedRow, *, max_autotune: bool, calib: Optional[str], log: Callable) -> Runner:
+    """The row's runner, from its spec: an artifact as it is; a compile target that runs only artifacts
+    compiled (cached) first; a backend that runs checkpoints with its GPU load options, the variant's
+    options and the row's precision (never retried without them: the row names them)."""
     from edgekit import runtime
+    from edgekit.artifact import is_artifact
+    from edgekit.backends.registry import get_backend
 
-    if row.kind == "torch":  # eager / CUDA graph / torch.compile: load options of the torch backend
-        return runtime.load(row.path, device="cuda", mode=row.mode, precision=row.precision, max_autotune=max_autotune)
-    if row.kind == FUSED_BACKEND:
-        backend = next(b for b in runtime.backends() if b.name == FUSED_BACKEND)
-        return backend.load(row.path, precision=row.precision)  # never retried without: the row names it
-    path = row.path
     if row.build:
         from edgekit.bench.plan import artifact_for
 
-        path = artifact_for(row.path, f"trt:{row.precision}", calib, "synthetic:12", None, log)
-        row.path = path
-    return runtime.load(path)
+        row.path = artifact_for(row.path, f"{row.kind}:{row.precision}", calib, "synthetic:12", None, log)
+    if is_artifact(row.path):
+        return runtime.load(row.path)
+    spec = get_backend(row.kind)
+    options = {**spec.gpu_load_options, **spec.variants.get(row.mode, {}), "precision": row.precision,
+               "max_autotune": max_autotune}
+    return spec.load(row.path, **spec.load_kwargs(options))
+
+
+def is_reference_row(row: PlannedRow) -> bool:
+    """Rows of the backend that runs the source model as it is (torch): timed alone first (phase 1)."""
+    from edgekit.backends.registry import get_backend
+
+    return get_backend(row.kind).build is None
 
 
 def failure_reason(e: BaseException) -> str:
@@ -334,13 +367,13 @@ def run_gpu_bench(planned: List[PlannedRow], *, data: str = "synthetic", batches
 
     # Phase 1, PyTorch rows alone: a fault in our own kernels (phase 2) poisons the CUDA context
     # every later call shares, so the baseline rows are measured before any such kernel is loaded.
-    torch_rows = open_and_evaluate([p for p in planned if p.kind == "torch"])
+    torch_rows = open_and_evaluate([p for p in planned if is_reference_row(p)])
     if torch_rows:
         torch_rows = keep_timed(torch_rows, time_gpu_rows(torch_rows, batches, rounds, iters, warmup, show_progress,
                                                                timing))
     # Phase 2, the other backends, interleaved with the PyTorch rows again (ratios from one run). If
     # phase 2 breaks the context, the PyTorch rows keep their phase-1 times.
-    other_rows = open_and_evaluate([p for p in planned if p.kind != "torch"])
+    other_rows = open_and_evaluate([p for p in planned if not is_reference_row(p)])
     phase = {r.name: 1 for r in torch_rows}
     if other_rows:
         phase1 = {r.name: ({b: list(v) for b, v in r.lat.items()}, {b: [list(x) for x in v] for b, v in r.rounds.items()})
@@ -412,13 +445,11 @@ def gpu_bench(models: Sequence[str], *, backends: Optional[str], batches: Sequen
     """The ``--device gpu`` branch of ``edgekit bench``: plan (argument errors first), require CUDA, run."""
     from edgekit.models.default import resolve_model
 
-    specs = [s.strip() for s in backends.split(",") if s.strip()] if backends else list(DEFAULT_GPU_BACKENDS)
+    specs = [s.strip() for s in backends.split(",") if s.strip()] if backends else list(default_gpu_backends())
     for s in specs:
         parse_gpu_backend(s)
     require_cuda()
-    planned, skipped = plan_gpu_rows(list(models) or [resolve_model(None)], specs,
-                                     fused_available=fused_backend_available(),
-                                     tensorrt_available=tensorrt_available(), explicit=bool(backends))
+    planned, skipped = plan_gpu_rows(list(models) or [resolve_model(None)], specs, explicit=bool(backends))
     if calib is None:  # int8 rows calibrate on --data (its train split), as on the CPU path
         calib = data
     result = run_gpu_bench(planned, data=data, batches=batches, rounds=rounds, iters=iters, eval_limit=eval_limit,

@@ -35,6 +35,12 @@ REQUIRES = ("torch_pruning",)
 @click.option("--bn-images", default=200, show_default=True, type=click.IntRange(0),
               help="Train images for the BatchNorm recalibration after pruning (0: keep the old statistics).")
 @click.option("--iterations", default=None, type=click.IntRange(1), help="Override the profile's iterations.")
+@click.option("--budget", default=None, metavar="DURATION",
+              help="Fine-tune for a time budget (6m, 90s, ...) instead of the profile's iterations, as "
+                   "edgekit train --budget (e.g. with --profile gpu: the split on the GPU, bf16).")
+@click.option("--distill", default=None, type=click.FloatRange(0),
+              help="Weight of distillation from the unpruned model (BCE towards its main-head probabilities); "
+                   "overrides the recipe's loss.distill, 0 turns it off.")
 @threads_option()
 @click.option("--limit-images", default=None, type=click.IntRange(1), help="At most N images per split (smoke tests).")
 @click.option("--work", "work_dir", default=None, type=click.Path(file_okay=False),
@@ -42,8 +48,8 @@ REQUIRES = ("torch_pruning",)
 @out_option("file", "Pruned checkpoint to write.")
 @force_option
 @json_option
-def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn_images, iterations, threads,
-              limit_images, work_dir, out, force, as_json):
+def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn_images, iterations, budget, distill,
+              threads, limit_images, work_dir, out, force, as_json):
     """Remove channels (equally from every GMBI group), optionally fine-tune; save an edgekit checkpoint."""
     from edgekit.train.prune import prune_with_data
     from edgekit.models.checkpoint import load_checkpoint
@@ -53,12 +59,20 @@ def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn
     if not out_path.parent.is_dir():
         raise EdgekitError(f"--out: folder {out_path.parent} does not exist")
     r = None
+    budget_s = None
+    if (budget is not None or distill is not None) and not recipe:
+        raise EdgekitError("--budget and --distill are for fine-tuning: add --finetune RECIPE")
     if recipe:
-        from edgekit.train.recipe import load_recipe
+        from edgekit.train.recipe import load_recipe, parse_budget
 
+        budget_s = parse_budget(budget) if budget is not None else None
+        if budget_s and iterations:
+            raise EdgekitError("--budget and --iterations exclude each other (the budget sets the iterations)")
         r = load_recipe(recipe, profile)  # a bad recipe fails before any work
         if threads:
             r.train.threads = threads
+        if distill is not None:
+            r.loss.distill = float(distill)
     ck = load_checkpoint(model_path(model, quiet=True))  # quiet: a refused ratio stays one error line
     data = data or (r.data_path() if r is not None else None)
     pruned, report = prune_with_data(ck, ratio, data, importance=importance, taylor_images=taylor_images,
@@ -79,12 +93,12 @@ def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn
         try:
             teacher = ck.build() if r.loss.distill > 0 else None  # the unpruned model
             res = train(r, data=data, out_dir=str(run_dir), iterations=iterations, limit_images=limit_images,
-                        init=pruned, teacher=teacher, log=lambda m: tqdm.write(m, file=sys.stderr))
+                        init=pruned, teacher=teacher, log=lambda m: tqdm.write(m, file=sys.stderr), budget_s=budget_s)
             tuned = load_checkpoint(res.best)
             tuned.provenance = {**pruned.provenance, "finetune": tuned.provenance}
             tuned.save(out_path)
             result["finetune"] = {"recipe": r.name, "profile": r.profile, "iterations": res.iteration,
-                                  "distill": r.loss.distill,
+                                  "distill": r.loss.distill, "budget": tuned.provenance["finetune"].get("budget"),
                                   "best_iteration": res.best_iteration, "val_iou": res.best_val_iou,
                                   "test": res.test["overall"], "wall_s": round(res.wall_s, 1),
                                   "run": str(run_dir) if keep else None}

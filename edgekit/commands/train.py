@@ -24,16 +24,25 @@ from edgekit.errors import EdgekitError
 @click.option("--nproc", default=1, show_default=True, type=click.IntRange(1),
               help="Processes on this machine, started by torch.distributed.run (gloo on the CPU, NCCL on GPUs); "
                    "train.batch stays the global batch. Several machines: run under torchrun (README).")
-def train_cmd(recipe, profile, data, out_dir, resume, init_ckpt, seed, iterations, limit_images, nproc):
+@click.option("--budget", default=None, metavar="DURATION",
+              help="Train for a time budget (6m, 90s, 1h, 2m30s) instead of train.iterations: the cosine horizon "
+                   "is set from a measured step time so the run ends on time with its lr annealed, best.pt and "
+                   "report.json written.")
+def train_cmd(recipe, profile, data, out_dir, resume, init_ckpt, seed, iterations, limit_images, nproc, budget):
     """Train from a recipe; writes last.pt (resumable), best.pt (best val IoU) and report.json (test split)."""
     from tqdm import tqdm
 
     from edgekit.train.loop import train
     from edgekit.train.recipe import load_recipe
 
+    from edgekit.train.recipe import parse_budget
+
+    budget_s = parse_budget(budget) if budget is not None else None
     r = load_recipe(recipe, profile)  # a bad recipe fails here, once, before any process starts
     if init_ckpt and resume:
         raise EdgekitError("--init and --resume exclude each other (a resumed run has its own weights)")
+    if nproc > 1 and budget_s:
+        raise EdgekitError("--budget runs in one process (--nproc 1)")
     if nproc > 1:
         from edgekit.train.distributed import launch
 
@@ -58,7 +67,7 @@ def train_cmd(recipe, profile, data, out_dir, resume, init_ckpt, seed, iteration
         tqdm.write(msg, file=sys.stderr)
 
     res = train(r, data=data, out_dir=out_dir, resume=resume, seed=seed, iterations=iterations,
-                limit_images=limit_images, log=log, init=init)
+                limit_images=limit_images, log=log, init=init, budget_s=budget_s)
     if res.test is None:  # a rank other than 0 of a distributed run: rank 0 reports
         return
     o = res.test["overall"]

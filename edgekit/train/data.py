@@ -104,10 +104,16 @@ def augment(images: torch.Tensor, masks: torch.Tensor, cfg, gen: torch.Generator
     Returns float images (0..255, clamped) and float masks (0..1). The intensity scaling is about
     each image's mean, so the divide-by-max that follows does not cancel it (a plain gain would be).
     """
+    u = torch.rand(images.shape[0], 4, generator=gen).to(images.device)  # drawn on the CPU: the same on any device
+    return augment_with(images, masks, cfg, u)
+
+
+def augment_with(images: torch.Tensor, masks: torch.Tensor, cfg, u: torch.Tensor):
+    """:func:`augment` with its uniform draws given: ``u`` is ``B x 4`` in [0, 1) (hflip, vflip, scale,
+    shift). The host pipeline draws them on the CPU, the device-resident one on the device; the
+    arithmetic, hence the distributions, are these lines for both."""
     x = images.float()
     y = masks.float() / 255.0
-    b = x.shape[0]
-    u = torch.rand(b, 4, generator=gen).to(x.device)  # drawn on the CPU: the same on any device
     hf = (u[:, 0] < cfg.hflip)[:, None, None]
     vf = (u[:, 1] < cfg.vflip)[:, None, None]
     x = torch.where(hf, x.flip(-1), x)

@@ -110,8 +110,16 @@ class TrainSection:
     batch: int = 32
     seed: int = 900
     device: str = "auto"  # auto | cpu | cuda
-    amp: str = "none"  # none | fp16 | bf16 (torch.autocast; fp16 uses a GradScaler)
+    # none | fp16 | bf16 (torch.autocast; fp16 uses a GradScaler) | auto: on CUDA bf16 where the GPU
+    # supports it, else fp16; none on the CPU
+    amp: str = "none"
     channels_last: bool = False
+    # The decoded train split on the training device; batches drawn, augmented and preprocessed there
+    # (edgekit.train.device_data), with no host sync per step, and a fused optimizer where torch has one.
+    device_data: bool = False
+    # none | compile (torch.compile of the model for the training step) | graph (torch.compile's
+    # "reduce-overhead" mode: forward and backward replayed from CUDA graphs; CUDA only)
+    compile: str = "none"
     threads: int = 2  # torch.set_num_threads on CPU
     val_every: int = 1000  # iterations between val evaluations (and at the end)
     checkpoint_every: int = 1000  # iterations between last.pt saves (and at the end)
@@ -289,7 +297,8 @@ def _check_semantics(r: Recipe) -> None:
     for k in ("iterations", "batch", "threads", "val_every", "checkpoint_every", "val_batch", "log_every"):
         need(getattr(t, k) >= 1, f"'train.{k}' must be >= 1")
     need(t.device in ("auto", "cpu", "cuda"), "'train.device' must be auto, cpu or cuda")
-    need(t.amp in ("none", "fp16", "bf16"), "'train.amp' must be none, fp16 or bf16")
+    need(t.amp in ("none", "fp16", "bf16", "auto"), "'train.amp' must be none, fp16, bf16 or auto")
+    need(t.compile in ("none", "compile", "graph"), "'train.compile' must be none, compile or graph")
     try:
         r.model.config()
     except EdgekitError as e:
@@ -352,3 +361,19 @@ def load_recipe(path, profile: Optional[str] = None) -> Recipe:
     r = parse_recipe(text, profile, source=str(path))
     r.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     return r
+
+
+_BUDGET = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+def parse_budget(text: str) -> float:
+    """Seconds of a ``--budget`` such as ``6m``, ``90s``, ``1h``, ``2m30s`` or ``300`` (seconds)."""
+    t = str(text).strip().lower()
+    m = _BUDGET.match(t)
+    if not t or not m or not any(m.groups()):
+        raise EdgekitError(f"--budget {text!r}: give a duration such as 6m, 90s, 1h or 2m30s")
+    h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+    seconds = 3600 * h + 60 * mi + s
+    if seconds < 10:
+        raise EdgekitError(f"--budget {text!r} is under 10 s: too short to measure a step and validate")
+    return seconds

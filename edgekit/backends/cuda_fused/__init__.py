@@ -32,6 +32,8 @@ def _verify(folder: Path, precision: str, log):
 
 SPEC = register_backend(BackendSpec(
     name="cuda-fused", description="edgekit's fused CUDA kernels (GPU, PyCUDA)", precisions=("fp16", "fp32"),
-    build=_build, load=_load, pip_name="pycuda", extra="gpu", device="gpu", load_options=("precision", "use_graph"),
-    tools=("pycuda",), from_artifacts=(), verifier=_verify, bench_default=("fp32", "fp16"),
+    build=_build, load=_load, package="pycuda", pip_name="pycuda", extra="gpu", device="gpu",
+    load_options=("precision", "use_graph"), tools=("pycuda",), from_artifacts=(), verifier=_verify,
+    bench_default=("fp32", "fp16"), gpu_bench_default=("fp32", "fp16"), runs_checkpoints=True,
+    builds_without_package=True,  # nvcc prebuilds the kernels and host emulation verifies them: no PyCUDA needed
 ))

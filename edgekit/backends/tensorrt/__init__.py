@@ -23,5 +23,5 @@ SPEC = register_backend(BackendSpec(
     name="trt", description="TensorRT engine (GPU)", precisions=("fp16", "int8"), build=_build, load=_load,
     package="tensorrt", pip_name="tensorrt", extra="trt", device="gpu", int8="builder",
     needs={"int8": ("calibration",)}, load_options=("device",), tools=("onnx", "onnxruntime", "nncf", "tensorrt"),
-    from_artifacts=("onnx", "ort"), bench_default=("fp16",),
+    from_artifacts=("onnx", "ort"), bench_default=("fp16",), gpu_bench_default=("fp16", "int8"),
 ))
