@@ -26,6 +26,8 @@ setup(
         "tqdm>=4.66",
         "rich>=13",
         "pyyaml>=6",
+        # artifact and package signatures are verified where models run (edgekit.keys): not an optional extra
+        "cryptography>=42",
     ],
     extras_require={
         "cpu": ["onnx>=1.16", "onnxruntime>=1.18", "onnxsim>=0.4", "openvino>=2024.4", "nncf>=2.12",

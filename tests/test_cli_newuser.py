@@ -96,7 +96,7 @@ def test_existing_out_refused_before_loading(subprocess_env, tmp_path):
 # -- commands of a missing extra: listed, and one line with the pip install -------------------
 
 def test_missing_extra_lists_commands_and_names_the_install(subprocess_env, tmp_path):
-    hide = "sys.modules['cryptography'] = None  # as if edgekit[ota] were not installed"
+    hide = "sys.modules['safetensors'] = None  # as if edgekit[ota] were not installed"
     r = run_cli("--help", env=subprocess_env, prelude=hide)
     assert r.returncode == 0
     listed = {l.split()[0]: l for l in r.stdout.splitlines() if l.startswith("  ") and l.split()}
@@ -107,7 +107,7 @@ def test_missing_extra_lists_commands_and_names_the_install(subprocess_env, tmp_
         r = run_cli(*args, env=subprocess_env, prelude=hide)
         assert r.returncode == 2
         assert r.stderr.strip().splitlines() == [
-            f"error: edgekit {args[0]} needs the optional package cryptography: pip install 'edgekit[ota]'"]
+            f"error: edgekit {args[0]} needs the optional package safetensors: pip install 'edgekit[ota]'"]
     assert not (tmp_path / "keys").exists()
 
 

@@ -10,7 +10,7 @@ from edgekit.commands._common import echo_json, force_option, json_option, out_o
 # The optional extra these commands need: when a package is missing, edgekit.cli lists them as
 # needing it and each call fails with the pip line. The edgekit.ota modules load inside the commands.
 EXTRA = "ota"
-REQUIRES = ("cryptography", "safetensors")
+REQUIRES = ("safetensors",)  # cryptography is a core dependency (signed artifacts)
 
 MAX_SIZE_HELP = "Refuse packages larger than this, packed or unpacked (bytes; default 16 MiB)."
 
