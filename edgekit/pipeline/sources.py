@@ -19,7 +19,7 @@ from edgekit.data.datasets import SegDataset, limit_samples, open_segmentation
 from edgekit.data.preprocess import PreprocessSpec, preprocess, resize_probs
 from edgekit.errors import EdgekitError
 from edgekit.pipeline.onnx_export import INPUT_NAME, export_onnx
-from edgekit.pipeline.parity import parity
+from edgekit.pipeline.parity import PARITY_BUDGETS, parity
 
 METRICS = ("iou", "mae", "max_f")
 
@@ -107,7 +107,10 @@ class GMBINetSource:
 
     # -- verification -------------------------------------------------------------------------------
     def parity(self, candidate: Runner, dataset: SegDataset, threads=None, limit: int = 16) -> dict:
-        return parity(self.reference_runner(threads), candidate, dataset, limit=limit)
+        """Parity with the source model, enforced: non-finite values on either side, or a float
+        candidate outside its precision's ``PARITY_BUDGETS``, refuse the build (INT8 has --max-drop)."""
+        budget = PARITY_BUDGETS.get(getattr(candidate, "precision", None))
+        return parity(self.reference_runner(threads), candidate, dataset, limit=limit, budget=budget)
 
     def nncf_validation(self, dataset: SegDataset, metric: str, model_format: str):
         """(items, fn) for NNCF's accuracy-controlled quantization on ``dataset``."""
