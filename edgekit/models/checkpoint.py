@@ -114,7 +114,7 @@ def state_dict_diff(own: Dict[str, tuple], sd: Dict[str, torch.Tensor]) -> Optio
 
 # The most tensors and values a checkpoint may hold: GMBINet has 726 tensors and 0.2 M values;
 # the largest config GMBINetConfig's bounds allow is checked against MAX_VALUES too.
-MAX_TENSORS = 100_000
+MAX_TENSORS = 20_000
 MAX_VALUES = 64 << 20
 _WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -193,6 +193,25 @@ def check_architecture(model_name: str, config: dict, sd: Dict[str, torch.Tensor
     return model
 
 
+# The pickle that describes a checkpoint's structure (names, shapes, strides; the values live beside
+# it). Unpickling costs time per tensor, and stride-0 views let a small file hold many: the
+# published checkpoint's is 108 KB for 726 tensors; 2 MB bounds torch.load's work at ~19,000.
+MAX_PICKLE_BYTES = 2 << 20
+
+
+def _check_pickle_size(path: Path) -> None:
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # a legacy pickle: its file size is its structure's size, read at a bounded rate
+        with zipfile.ZipFile(path) as zf:
+            sizes = [i.file_size for i in zf.infolist() if i.filename.endswith("data.pkl")]
+    except (zipfile.BadZipFile, OSError):
+        return  # torch.load's own error, described by describe_unloadable
+    if sizes and max(sizes) > MAX_PICKLE_BYTES:
+        raise EdgekitError(f"{path}: its structure (data.pkl) is {max(sizes):,} bytes, more than the "
+                           f"{MAX_PICKLE_BYTES:,} a checkpoint of this project's models needs; refused before unpickling")
+
+
 def _torch_load(path: Path):
     if not path.exists():
         raise EdgekitError(f"checkpoint not found: {path}")
@@ -200,6 +219,7 @@ def _torch_load(path: Path):
         raise EdgekitError(f"{path} is a folder, not a checkpoint file")
     if path.stat().st_size == 0:
         raise EdgekitError(f"{path} is an empty file (0 bytes), not a PyTorch checkpoint")
+    _check_pickle_size(path)
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols; the error below says more
             warnings.simplefilter("ignore", UserWarning)

@@ -66,14 +66,22 @@ def first_nonfinite_layer(model):
             if "layer" in found:
                 return
             for t in (out if isinstance(out, (list, tuple)) else (out,)):
-                if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                # A finite sum proves every element finite (a NaN or Inf makes the sum NaN or Inf), at a
+                # twentieth of isfinite().all()'s cost on the CPU; a non-finite sum (possibly overflow
+                # of large finite values) gets the exact check.
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t.sum())) \
+                        and not bool(torch.isfinite(t).all()):
                     found["layer"] = f"{name} ({type(_module).__name__})"
                     found["kind"] = _nonfinite_kind(t.detach().float().cpu().numpy())
                     return
         return check
 
+    # Leaves only (convolutions, BatchNorms, activations, ...): a container's output is its last
+    # leaf's, or a functional op's whose NaN reaches the next leaf; and hooks on every container
+    # doubled the reference's time.
     for name, m in model.named_modules():
-        handles.append(m.register_forward_hook(hook(name or "model")))
+        if next(m.children(), None) is None:
+            handles.append(m.register_forward_hook(hook(name or "model")))
     try:
         yield found
     finally:
