@@ -93,13 +93,21 @@ def test_nonfinite_weight_refused_at_compile(cli, tmp_path, tensor, value, targe
 def test_nonfinite_weight_refused_by_quantize_eval_and_reported_by_info(cli, tmp_path):
     ck = _poisoned(tmp_path, "encoder4.1.conv2.0.weight", math.nan, count=1)
     for args in (("quantize", ck, "--target", "openvino", "--calib", "synthetic", "--out", tmp_path / "q"),
-                 ("eval", ck, "--data", "synthetic:2")):
+                 ("eval", ck, "--data", "synthetic:2"),
+                 ("predict", ck, _png(tmp_path), "--out", tmp_path / "pred")):
         line = one_error_line(cli(*args))
         assert "encoder4.1.conv2.0.weight holds NaN (1 of " in line, (args[0], line)
-    _nothing_written(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png", "poisoned.pt"]
     r = cli("info", ck, "--json")  # info is how one finds out what is wrong: it reports, it does not refuse
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["nonfinite_weights"].startswith("encoder4.1.conv2.0.weight holds NaN (1 of ")
+
+
+def _png(tmp: Path) -> Path:
+    from edgekit.data.images import write_png
+
+    write_png(tmp / "img.png", (np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64))
+    return tmp / "img.png"
 
 
 def test_prune_refuses_nonfinite_checkpoint(cli, tmp_path):
