@@ -387,3 +387,30 @@ def test_backbone_state_dict_with_blown_up_classifier_refused(tmp_path):
     torch.save(sd, tmp_path / "resnet.pt")
     with pytest.raises(EdgekitError, match=r"conv1.weight holds Inf \(1 of 9,408 values\)"):
         load_backbone(tmp_path / "resnet.pt")
+
+
+def test_every_malformed_field_is_one_error_line(tmp_path):
+    """Each config, preprocessing and top-level field replaced by a value of the wrong type or size:
+    every one is an EdgekitError of one line (never a TypeError, OverflowError, ... as "internal error")."""
+    from edgekit.models.checkpoint import load_checkpoint
+
+    base = _tiny().to_dict()
+    values = [None, "x", -1, 0, 1e300, float("nan"), [1] * 1000, {}, True, [8, 16, 16, 24], 3.5, 2 ** 63]
+    cases = [("config", k) for k in [*base["config"], "bogus"]] + \
+            [("preprocess", k) for k in ("mean", "std", "input_size", "channels", "scale")] + \
+            [(top, None) for top in ("config", "preprocess", "classes", "model", "format_version", "state_dict")]
+    refused = 0
+    for section, key in cases:
+        for v in values:
+            d = {**base, "config": dict(base["config"]), "preprocess": dict(base["preprocess"])}
+            if key is None:
+                d[section] = v
+            else:
+                d[section][key] = v
+            torch.save(d, tmp_path / "m.pt")
+            try:
+                load_checkpoint(tmp_path / "m.pt")
+            except EdgekitError as e:
+                assert "\n" not in str(e), (section, key, v)
+                refused += 1
+    assert refused > 0.8 * len(cases) * len(values)  # most are refused; the rest (e.g. dropout 0) are valid

@@ -136,7 +136,8 @@ def check_tensors(sd) -> None:
         if not isinstance(t, torch.Tensor):
             raise EdgekitError(f"{name} is a {type(t).__name__}, not a tensor")
         if t.layout != torch.strided or t.is_quantized or t.device.type not in ("cpu", "meta"):
-            raise EdgekitError(f"{name} is not a dense CPU tensor ({t.layout}, {t.device})")
+            what = "a quantized tensor" if t.is_quantized else f"{t.layout} on {t.device}"
+            raise EdgekitError(f"{name} is not a dense floating CPU tensor ({what})")
         counter = k.endswith("num_batches_tracked")
         if counter and (t.dtype != torch.int64 or t.dim() != 0):
             raise EdgekitError(f"{name} must be an int64 scalar, not {t.dtype} {list(t.shape)}")
@@ -290,8 +291,11 @@ def load_checkpoint(path: str | os.PathLike, allow_nonfinite: bool = False) -> C
     digest = sha256_file(path)
     try:
         if isinstance(obj, dict) and obj.get("format") == FORMAT:
-            if not isinstance(obj.get("format_version", 0), int) or obj.get("format_version", 0) > FORMAT_VERSION:
-                raise EdgekitError(f"{path} was written by a newer edgekit (format {obj['format_version']})")
+            version = obj.get("format_version", 0)
+            if isinstance(version, bool) or not isinstance(version, int):
+                raise EdgekitError(f"format_version {str(version)[:40]!r} is not an integer")
+            if version > FORMAT_VERSION:
+                raise EdgekitError(f"{path} was written by a newer edgekit (format {version})")
             try:
                 for k in ("model", "config", "state_dict"):
                     obj[k]
