@@ -110,10 +110,14 @@ def _png(tmp: Path) -> Path:
     return tmp / "img.png"
 
 
-def test_prune_refuses_nonfinite_checkpoint(cli, tmp_path):
+def test_prune_and_train_init_refuse_nonfinite_checkpoint(cli, tmp_path):
     ck = _poisoned(tmp_path, "conv_out1.1.weight", math.inf, count=1)
     line = one_error_line(cli("prune", ck, "--ratio", "0.25", "--out", tmp_path / "p.pt"))
     assert "conv_out1.1.weight holds Inf (1 of " in line
+    line = one_error_line(cli("train", ROOT / "recipes" / "gmbinet_sd900.yaml", "--init", ck, "--data", "synthetic:4",
+                              "--out", tmp_path / "run"))
+    assert "conv_out1.1.weight holds Inf (1 of " in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["poisoned.pt"]
 
 
 # -- non-finite activations and outputs -----------------------------------------------------------
