@@ -135,7 +135,7 @@ class GMBINetSource:
         p = manifest["parity"]
         return (f"wrote {out}: {manifest['target']} {manifest['precision']}, parity vs {p['reference']}: "
                 f"max |diff| {p['max_abs_diff']:.2e}, mask IoU agreement {p['mask_iou_agreement']:.4f} "
-                f"on {p['images']} images")
+                f"on {p['images']} images" + (f", within the {manifest['precision']} budget" if "budget" in p else ""))
 
 
 def open_source(path: str, as_backbone: bool = False):
