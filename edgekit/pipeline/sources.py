@@ -99,7 +99,11 @@ class GMBINetSource:
         samples = limit_samples(dataset.samples, limit)  # every class, not the first class only
         if not samples:
             raise EdgekitError(f"{dataset.description}: no calibration images")
-        return [preprocess([s.image()], self.spec) for s in samples]
+        batches = [preprocess([s.image()], self.spec) for s in samples]
+        for s, x in zip(samples, batches):  # every INT8 quantizer (NNCF or a builder's) takes these statistics
+            if not np.isfinite(x).all():
+                raise EdgekitError(f"calibration image {s.name} of {dataset.description} preprocesses to NaN or Inf")
+        return batches
 
     def check_batches(self, dataset: SegDataset, limit: int = 16) -> List[np.ndarray]:
         """A few preprocessed real images, for checks a builder makes before the pipeline's parity."""
