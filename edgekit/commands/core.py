@@ -44,6 +44,8 @@ def info_cmd(model, size, as_json):
         ("input", f"{d['input']['shape']} float32, " + d['input']['normalize']),
         ("classes", ", ".join(d["classes"]) or "-"),
     ]
+    if d.get("nonfinite_weights"):
+        rows.append(("non-finite weights", d["nonfinite_weights"] + " (compile, quantize and eval refuse it)"))
     if d.get("metrics"):
         rows.append(("recorded metrics", ", ".join(f"{k}={v}" for k, v in d["metrics"].items())))
     print_table("edgekit info", ["field", "value"], rows, numeric=False)

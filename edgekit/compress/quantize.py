@@ -92,6 +92,70 @@ def quantize_model(model, backend: str, calibration: Sequence[np.ndarray], schem
     nncf = _nncf()
     if not calibration:
         raise EdgekitError("no calibration images")
+    # Fail closed on non-finite numbers: NNCF would turn them into NaN/Inf quantizer ranges.
+    for i, x in enumerate(calibration):
+        if not np.isfinite(np.asarray(x)).all():
+            raise EdgekitError(f"INT8 calibration: batch {i} holds NaN or Inf; nothing written")
+    check_finite_model(model, backend, "the float model")
+    check_finite_outputs(model, backend, calibration[:2], "the float model", input_name)
+    quantized = _quantize(nncf, model, backend, calibration, scheme, subset_size, input_name, validation,
+                          validation_fn, max_drop, max_iterations, extra_ignored)
+    check_finite_model(quantized, backend, "the INT8 model (its quantizer ranges come from the calibration statistics)")
+    check_finite_outputs(quantized, backend, calibration[:4], "the INT8 model", input_name)
+    return quantized
+
+
+def _model_constants(model, backend: str):
+    """(name, numpy array) of every floating constant: OpenVINO Constant ops, ONNX initializers and
+    Constant nodes."""
+    if backend == "openvino":
+        for op in model.get_ordered_ops():
+            if op.get_type_name() == "Constant" and op.get_element_type().is_real():
+                yield op.get_friendly_name(), op.get_data()
+    else:
+        from onnx import numpy_helper
+
+        for t in model.graph.initializer:
+            yield t.name, numpy_helper.to_array(t)
+        for n in model.graph.node:
+            if n.op_type == "Constant":
+                for a in n.attribute:
+                    if a.t is not None and a.t.dims is not None and a.HasField("t"):
+                        yield n.name or n.output[0], numpy_helper.to_array(a.t)
+
+
+def check_finite_model(model, backend: str, what: str) -> None:
+    """Refuse, naming it, the first floating constant (weight, bias, quantizer range) with a NaN or Inf."""
+    for name, arr in _model_constants(model, backend):
+        arr = np.asarray(arr)
+        if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+            n = int((~np.isfinite(arr)).sum())
+            kind = "NaN" if np.isnan(arr).any() else "Inf"
+            raise EdgekitError(f"INT8 quantization: {what}: constant {name} holds {kind} ({n:,} of {arr.size:,} "
+                               f"values); nothing written")
+
+
+def check_finite_outputs(model, backend: str, batches, what: str, input_name: str = "image") -> None:
+    """Run ``model`` on a few calibration batches and refuse a NaN or Inf output."""
+    if backend == "openvino":
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(model, "CPU")
+        run = lambda x: compiled(x)[0]  # noqa: E731
+    else:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        run = lambda x: sess.run(None, {name: x})[0]  # noqa: E731
+    for i, x in enumerate(batches):
+        out = np.asarray(run(x))
+        if not np.isfinite(out).all():
+            raise EdgekitError(f"INT8 quantization: {what} gives NaN or Inf on calibration batch {i}; nothing written")
+
+
+def _quantize(nncf, model, backend, calibration, scheme, subset_size, input_name, validation, validation_fn, max_drop,
+              max_iterations, extra_ignored):
     if backend == "onnx":
         items = [{input_name: x} for x in calibration]
     else:

@@ -6,12 +6,21 @@ output (already a sigmoid probability) is resized back to the image size, biline
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Sequence, Tuple
 
 import numpy as np
 
 from edgekit.errors import EdgekitError
+
+
+MAX_INPUT_SIDE = 4096  # pixels per side of the network input; SD-900 models run at 512
+
+
+def _is_int(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v) and v == int(v)
 
 
 @dataclass
@@ -23,9 +32,25 @@ class PreprocessSpec:
     scale: str = "max"  # "max": divide by the image's own maximum; "255": divide by 255
 
     def __post_init__(self):
-        self.input_size = tuple(int(s) for s in self.input_size)
+        # A spec is read from checkpoints and manifests, i.e. untrusted input: bounded before any
+        # buffer is sized from it (an input of 60,000 x 60,000 would be a 43 GB batch).
+        size = self.input_size
+        if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(_is_int(v) for v in size):
+            raise EdgekitError(f"preprocess input_size must be [height, width] integers, not {size!r}"[:200])
+        self.input_size = tuple(int(v) for v in size)
+        if not all(1 <= v <= MAX_INPUT_SIDE for v in self.input_size):
+            raise EdgekitError(f"preprocess input_size {list(self.input_size)} is outside 1..{MAX_INPUT_SIDE} per side")
+        if not _is_int(self.channels) or not 1 <= int(self.channels) <= 64:
+            raise EdgekitError(f"preprocess channels must be an integer in 1..64, not {self.channels!r}"[:200])
+        self.channels = int(self.channels)
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or abs(v) > 1e6:
+                raise EdgekitError(f"preprocess {name} must be a finite number, not {v!r}"[:200])
+        if self.std <= 0:
+            raise EdgekitError(f"preprocess std must be > 0, not {self.std!r}")
         if self.scale not in ("max", "255"):
-            raise EdgekitError(f"preprocess scale must be 'max' or '255', not {self.scale!r}")
+            raise EdgekitError(f"preprocess scale must be 'max' or '255', not {self.scale!r}"[:200])
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -34,6 +59,8 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessSpec":
+        if not isinstance(d, dict):
+            raise EdgekitError(f"preprocess must be a mapping, not {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 

@@ -1,7 +1,7 @@
 """Evaluate any runner on a segmentation dataset: per-class MAE, IoU@0.5 and max F-measure."""
 from __future__ import annotations
 
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 
 import numpy as np
 
@@ -18,9 +18,18 @@ def batches(samples: List[SegSample], size: int) -> Iterator[List[SegSample]]:
         yield samples[i:i + size]
 
 
-def predict_probs(runner: Runner, images: List[np.ndarray]) -> List[np.ndarray]:
-    """Probability maps at each image's own size."""
-    out = runner.infer(preprocess(images, runner.spec))
+def predict_probs(runner: Runner, images: List[np.ndarray], names: Optional[List[str]] = None) -> List[np.ndarray]:
+    """Probability maps at each image's own size. A NaN or Inf output is refused, not scored: a NaN
+    map thresholds to "no defect" everywhere and would read as IoU 0 (or 1 on a defect-free image)."""
+    out = np.asarray(runner.infer(preprocess(images, runner.spec)))
+    finite = np.isfinite(out.reshape(len(images), -1)).all(axis=1)
+    if not finite.all():
+        i = int(np.argmin(finite))
+        which = names[i] if names else f"image {i}"
+        bad = out[i]
+        kinds = " and ".join(w for w, c in (("NaN", np.isnan(bad).any()), ("Inf", np.isinf(bad).any())) if c)
+        raise EdgekitError(f"{runner.describe()} outputs {kinds} on {which} "
+                           f"({int((~np.isfinite(bad)).sum()):,} of {bad.size:,} values); no score given")
     return [resize_probs(out[i, 0], img.shape) for i, img in enumerate(images)]
 
 
@@ -33,7 +42,7 @@ def evaluate(runner: Runner, dataset: SegDataset, batch_size: int = 4, show_prog
     with progress(total=len(samples), desc="eval", enabled=show_progress) as bar:
         for group in batches(samples, batch_size):
             loaded = [s.load() for s in group]
-            probs = predict_probs(runner, [img for img, _ in loaded])
+            probs = predict_probs(runner, [img for img, _ in loaded], [s.name for s in group])
             for s, (img, mask), p in zip(group, loaded, probs):
                 if mask is not None:
                     metrics.add(p, mask, s.cls)

@@ -34,16 +34,20 @@ def predict(runner: Runner, inputs: Sequence[str], out_dir: Path, threshold: flo
     # Read everything first: an unreadable input fails before any output is written.
     images = [read_gray(p) for p in paths]
     out_dir = Path(out_dir)
-    results = []
+    # Every mask first, then the files: a model that outputs NaN on the 9th batch (refused by
+    # predict_probs) leaves no outputs for the first eight behind.
+    masks = []
     with progress(total=len(paths), desc="predict", enabled=show_progress) as bar:
         for i in range(0, len(paths), batch_size):
             group = images[i:i + batch_size]
-            for p, img, prob in zip(paths[i:i + batch_size], group, predict_probs(runner, group)):
-                mask = prob >= threshold
-                mask_path, overlay_path = output_names(p, out_dir)
-                write_png(mask_path, (mask * 255).astype(np.uint8))
-                write_png(overlay_path, overlay(img, mask))
-                results.append({"image": str(p), "mask": str(mask_path), "overlay": str(overlay_path),
-                                "defect_fraction": float(mask.mean()), "max_prob": float(prob.max())})
+            for prob in predict_probs(runner, group, [p.name for p in paths[i:i + batch_size]]):
+                masks.append((prob >= threshold, float(prob.max())))
             bar.update(len(group))
+    results = []
+    for p, img, (mask, max_prob) in zip(paths, images, masks):
+        mask_path, overlay_path = output_names(p, out_dir)
+        write_png(mask_path, (mask * 255).astype(np.uint8))
+        write_png(overlay_path, overlay(img, mask))
+        results.append({"image": str(p), "mask": str(mask_path), "overlay": str(overlay_path),
+                        "defect_fraction": float(mask.mean()), "max_prob": max_prob})
     return results

@@ -160,6 +160,13 @@ def load_adapter(folder: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], Di
             if key in tensors:
                 raise EdgekitError(f"{folder}: tensor {key!r} appears in more than one weight file")
             tensors[key] = value
+    if "tap_dims" in meta.get("config", {}):  # a head from edgekit's MLFF: its shapes are known before building
+        from edgekit.models.mlff import check_adapter_tensors
+
+        try:
+            check_adapter_tensors(tensors, meta["config"])
+        except EdgekitError as e:
+            raise EdgekitError(f"{folder}: {e}") from None
     return tensors, meta
 
 

@@ -277,10 +277,29 @@ def efficientnet_lite0_weights() -> Path:
     return path
 
 
-def _load_sd(path: Path) -> dict:
-    from edgekit.models.checkpoint import _torch_load
+# A classifier head read off a weights file: at most this many classes (ImageNet-21k has 21,841).
+MAX_CLASSES = 100_000
 
-    return _torch_load(path)
+
+def _load_sd(path: Path) -> dict:
+    """A backbone state_dict, checked before any module is sized from it: tensor structure (no
+    stride-0 views blown up to a huge shape), a bounded classifier width, finite values."""
+    from edgekit.models.checkpoint import _torch_load, check_tensors, nonfinite_report
+
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        try:
+            check_tensors(obj)
+        except EdgekitError as e:
+            raise EdgekitError(f"backbone {path}: {e}") from None
+        for key in ("fc.weight", "_fc.weight"):
+            if key in obj and not (obj[key].dim() == 2 and 1 <= obj[key].shape[0] <= MAX_CLASSES):
+                raise EdgekitError(f"backbone {path}: {key} has shape {list(obj[key].shape)}; a classifier of 1.."
+                                   f"{MAX_CLASSES:,} classes is expected")
+        bad = nonfinite_report(obj)
+        if bad:
+            raise EdgekitError(f"backbone {path}: {bad}")
+    return obj
 
 
 def _strict(model: nn.Module, sd: dict, what: str):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import pickle
 import pickletools
@@ -28,7 +29,7 @@ import torch.nn as nn
 from edgekit import __version__
 from edgekit.data.preprocess import PreprocessSpec
 from edgekit.errors import EdgekitError
-from edgekit.models.gmbinet import GMBINet, config_from_state_dict
+from edgekit.models.gmbinet import config_from_state_dict
 from edgekit.models.registry import create_model
 from edgekit.utils import atomic_write, sha256_file
 
@@ -50,7 +51,9 @@ class Checkpoint:
     sha256: str = ""
 
     def build(self) -> nn.Module:
-        """The model with the weights loaded (every key matched), in eval mode."""
+        """The model with the weights loaded (every key matched), in eval mode. The config is checked
+        against the tensors on the meta device before any real module is allocated."""
+        check_architecture(self.model_name, self.config, self.state_dict)
         model = create_model(self.model_name, **self.config)
         load_state_dict_strict(model, self.state_dict)
         return model.eval()
@@ -92,6 +95,124 @@ def load_state_dict_strict(model: nn.Module, sd: Dict[str, torch.Tensor]) -> Non
     model.load_state_dict(sd, strict=True)
 
 
+def state_dict_diff(own: Dict[str, tuple], sd: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The keys that differ between an architecture's expected shapes and ``sd``, in one phrase."""
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [k for k in own if k in sd and tuple(own[k]) != tuple(sd[k].shape)]
+    if not (missing or unexpected or shape):
+        return None
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shape)):
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            if label == "wrong shape":
+                keys = [f"{k} {list(sd[k].shape)}, config implies {list(own[k])}" for k in keys]
+            parts.append(f"{label}: {', '.join(str(k)[:120] for k in keys[:3])}{more}")
+    return "; ".join(parts)
+
+
+# The most tensors and values a checkpoint may hold: GMBINet has 726 tensors and 0.2 M values;
+# the largest config GMBINetConfig's bounds allow is checked against MAX_VALUES too.
+MAX_TENSORS = 20_000
+MAX_VALUES = 64 << 20
+_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_tensors(sd) -> None:
+    """The state_dict's structure, checked before any value is read: names are strings, values are
+    dense floating tensors (integer counters only for ``num_batches_tracked``), and each tensor's
+    shape and strides stay inside its own storage without re-reading an element (a stride-0 view
+    lets a 1 KB file describe a 65,536 x 65,536 tensor)."""
+    if not isinstance(sd, dict) or not sd:
+        raise EdgekitError("state_dict must be a non-empty mapping of names to tensors")
+    if len(sd) > MAX_TENSORS:
+        raise EdgekitError(f"state_dict holds {len(sd):,} tensors (more than {MAX_TENSORS:,})")
+    total = 0
+    for k, t in sd.items():
+        name = str(k)[:120]
+        if not isinstance(k, str):
+            raise EdgekitError(f"state_dict key {name!r} is not a string")
+        if not isinstance(t, torch.Tensor):
+            raise EdgekitError(f"{name} is a {type(t).__name__}, not a tensor")
+        if t.layout != torch.strided or t.is_quantized or t.device.type not in ("cpu", "meta"):
+            what = "a quantized tensor" if t.is_quantized else f"{t.layout} on {t.device}"
+            raise EdgekitError(f"{name} is not a dense floating CPU tensor ({what})")
+        counter = k.endswith("num_batches_tracked")
+        if counter and (t.dtype != torch.int64 or t.dim() != 0):
+            raise EdgekitError(f"{name} must be an int64 scalar, not {t.dtype} {list(t.shape)}")
+        if not counter and t.dtype not in _WEIGHT_DTYPES:
+            raise EdgekitError(f"{name} has dtype {t.dtype}; weights must be floating point")
+        if t.dim() > 8:
+            raise EdgekitError(f"{name} has {t.dim()} dimensions")
+        n = t.numel()
+        if n:
+            if any(st < 0 for st in t.stride()):
+                raise EdgekitError(f"{name} has a negative stride {list(t.stride())}")
+            extent = t.storage_offset() + sum((d - 1) * st for d, st in zip(t.shape, t.stride())) + 1
+            stored = t.untyped_storage().nbytes() // t.element_size()
+            # Every element must have its own place in the storage (no stride-0 or overlapping
+            # views that multiply a small file into a huge tensor) and stay inside it.
+            if extent > stored or n > stored:
+                raise EdgekitError(f"{name} claims shape {list(t.shape)} (strides {list(t.stride())}) over a storage "
+                                   f"of {stored:,} values")
+        total += n
+        if total > MAX_VALUES:
+            raise EdgekitError(f"state_dict holds more than {MAX_VALUES:,} values")
+
+
+def nonfinite_report(sd: Dict[str, torch.Tensor]) -> Optional[str]:
+    """``"<tensor> holds NaN (3 of 288 values)"`` for the first tensor (in state_dict order) with a
+    NaN or infinite value, or None when every value is finite. Checked tensors: ``check_tensors``."""
+    for k, t in sd.items():
+        if not t.is_floating_point() or t.device.type == "meta":
+            continue
+        bad = ~torch.isfinite(t)
+        n = int(bad.sum())
+        if n:
+            nan, inf = int(torch.isnan(t).sum()), n - int(torch.isnan(t).sum())
+            kind = " and ".join(w for w, c in (("NaN", nan), ("Inf", inf)) if c)
+            return f"{k} holds {kind} ({n:,} of {t.numel():,} values)"
+    return None
+
+
+def check_architecture(model_name: str, config: dict, sd: Dict[str, torch.Tensor]) -> nn.Module:
+    """The model ``config`` describes, built on the meta device (no memory for weights), with every
+    expected key present in ``sd`` at the exact shape the config implies. The config's own bounds
+    are checked by its constructor first. Returns the meta model (for counts that need no values)."""
+    with torch.device("meta"):
+        try:
+            model = create_model(model_name, **config)
+        except TypeError as e:  # a config key the builder does not take
+            raise EdgekitError(f"{model_name} config: {e}"[:300]) from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if sum(math.prod(s) for s in expected.values()) > MAX_VALUES:
+        raise EdgekitError(f"{model_name} config describes more than {MAX_VALUES:,} weights")
+    diff = state_dict_diff(expected, sd)
+    if diff:
+        raise EdgekitError("state_dict does not match the architecture; " + diff)
+    return model
+
+
+# The pickle that describes a checkpoint's structure (names, shapes, strides; the values live beside
+# it). Unpickling costs time per tensor, and stride-0 views let a small file hold many: the
+# published checkpoint's is 108 KB for 726 tensors; 2 MB bounds torch.load's work at ~19,000.
+MAX_PICKLE_BYTES = 2 << 20
+
+
+def _check_pickle_size(path: Path) -> None:
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # a legacy pickle: its file size is its structure's size, read at a bounded rate
+        with zipfile.ZipFile(path) as zf:
+            sizes = [i.file_size for i in zf.infolist() if i.filename.endswith("data.pkl")]
+    except (zipfile.BadZipFile, OSError):
+        return  # torch.load's own error, described by describe_unloadable
+    if sizes and max(sizes) > MAX_PICKLE_BYTES:
+        raise EdgekitError(f"{path}: its structure (data.pkl) is {max(sizes):,} bytes, more than the "
+                           f"{MAX_PICKLE_BYTES:,} a checkpoint of this project's models needs; refused before unpickling")
+
+
 def _torch_load(path: Path):
     if not path.exists():
         raise EdgekitError(f"checkpoint not found: {path}")
@@ -99,6 +220,7 @@ def _torch_load(path: Path):
         raise EdgekitError(f"{path} is a folder, not a checkpoint file")
     if path.stat().st_size == 0:
         raise EdgekitError(f"{path} is an empty file (0 bytes), not a PyTorch checkpoint")
+    _check_pickle_size(path)
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols; the error below says more
             warnings.simplefilter("ignore", UserWarning)
@@ -157,26 +279,56 @@ def _pickle_globals(path: Path, head: bytes) -> list:
     return names[:3]
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read an edgekit checkpoint, or import a plain GMBINet ``state_dict`` (the published format)."""
+def load_checkpoint(path: str | os.PathLike, allow_nonfinite: bool = False) -> Checkpoint:
+    """Read an edgekit checkpoint, or import a plain GMBINet ``state_dict`` (the published format).
+
+    Everything is validated before any model is built: the tensors' structure (``check_tensors``),
+    the config's bounds and its agreement with every tensor's shape (``check_architecture``), the
+    preprocessing spec, and (unless ``allow_nonfinite``, for ``info``) that every value is finite.
+    """
     path = Path(path)
     obj = _torch_load(path)
     digest = sha256_file(path)
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        if obj.get("format_version", 0) > FORMAT_VERSION:
-            raise EdgekitError(f"{path} was written by a newer edgekit (format {obj['format_version']})")
-        try:
-            ck = Checkpoint(
-                model_name=obj["model"], config=dict(obj["config"]), state_dict=dict(obj["state_dict"]),
-                preprocess=PreprocessSpec.from_dict(obj.get("preprocess", {})),
-                classes=list(obj.get("classes", [])), provenance=dict(obj.get("provenance", {})),
-                metrics=dict(obj.get("metrics", {})), path=path, sha256=digest)
-        except KeyError as e:
-            raise EdgekitError(f"{path}: edgekit checkpoint lacks {e.args[0]!r}") from None
-        return ck
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return import_state_dict(obj, source=path, sha256=digest)
-    raise EdgekitError(f"{path} is neither an edgekit checkpoint nor a GMBINet state_dict")
+    try:
+        if isinstance(obj, dict) and obj.get("format") == FORMAT:
+            version = obj.get("format_version", 0)
+            if isinstance(version, bool) or not isinstance(version, int):
+                raise EdgekitError(f"format_version {str(version)[:40]!r} is not an integer")
+            if version > FORMAT_VERSION:
+                raise EdgekitError(f"{path} was written by a newer edgekit (format {version})")
+            try:
+                for k in ("model", "config", "state_dict"):
+                    obj[k]
+                if not isinstance(obj["config"], dict) or not isinstance(obj["state_dict"], dict):
+                    raise EdgekitError("config and state_dict must be mappings")
+                check_tensors(obj["state_dict"])
+                ck = Checkpoint(
+                    model_name=str(obj["model"]), config=dict(obj["config"]), state_dict=dict(obj["state_dict"]),
+                    preprocess=PreprocessSpec.from_dict(obj.get("preprocess", {})),
+                    classes=list(obj.get("classes", [])), provenance=dict(obj.get("provenance", {})),
+                    metrics=dict(obj.get("metrics", {})), path=path, sha256=digest)
+            except KeyError as e:
+                raise EdgekitError(f"edgekit checkpoint lacks {e.args[0]!r}") from None
+            except (TypeError, ValueError) as e:
+                raise EdgekitError(f"malformed edgekit checkpoint ({e})"[:300]) from None
+            model = check_architecture(ck.model_name, ck.config, ck.state_dict)
+        elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            check_tensors(obj)
+            ck = import_state_dict(obj, source=path, sha256=digest)
+            model = check_architecture(ck.model_name, ck.config, ck.state_dict)
+        else:
+            raise EdgekitError("neither an edgekit checkpoint nor a GMBINet state_dict")
+        cin = getattr(getattr(model, "config", None), "in_channels", None)
+        if cin is not None and cin != ck.preprocess.channels:
+            raise EdgekitError(f"preprocess feeds {ck.preprocess.channels} channels but the model takes {cin}")
+        if not allow_nonfinite:
+            bad = nonfinite_report(ck.state_dict)
+            if bad:
+                raise EdgekitError(f"{bad}; a model with non-finite weights cannot give a trustworthy mask")
+    except EdgekitError as e:
+        msg = str(e)
+        raise EdgekitError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    return ck
 
 
 def import_state_dict(sd: Dict[str, torch.Tensor], source: Path | str = "", sha256: str = "") -> Checkpoint:
@@ -184,8 +336,9 @@ def import_state_dict(sd: Dict[str, torch.Tensor], source: Path | str = "", sha2
 
     The architecture is read off the tensor shapes; the weights must then load with every key matched.
     """
+    check_tensors(sd)
     cfg = config_from_state_dict(sd)
-    load_state_dict_strict(GMBINet(cfg), sd)  # validates names and shapes now, with a clear error
+    check_architecture("gmbinet", cfg.to_dict(), sd)  # names and shapes, on the meta device
     return Checkpoint(
         model_name="gmbinet", config=cfg.to_dict(), state_dict=dict(sd),
         preprocess=PreprocessSpec(), classes=list(SD900_CLASSES),

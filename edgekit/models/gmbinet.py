@@ -6,6 +6,8 @@ natively with every key matched.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import List, Optional, Tuple, Union
 
@@ -15,6 +17,27 @@ import torch.nn.functional as F
 
 from edgekit.errors import EdgekitError
 from edgekit.models.registry import register_model
+
+
+# Sane bounds for a checkpoint's architecture (inclusive). The published model is widths
+# 16..128, depths 3..6, 4 groups, 0.2 M parameters; these leave >30x headroom for wider or deeper
+# variants while keeping the largest model a config can ask for at a few hundred MB.
+LIMITS = {"in_channels": (1, 64), "width": (1, 2048), "depth": (0, 32), "scales": (1, 64), "out_channels": (1, 256)}
+
+
+def _bounded_int(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value != int(value):
+        raise EdgekitError(f"GMBINet config: {name} must be an integer, not {value!r}")
+    if not lo <= int(value) <= hi:
+        raise EdgekitError(f"GMBINet config: {name} {int(value)} is outside [{lo}, {hi}]")
+    return int(value)
+
+
+def _bounded_ints(name: str, values, n: int, lo: int, hi: int) -> tuple:
+    if not isinstance(values, (list, tuple)) or len(values) != n:
+        raise EdgekitError(f"GMBINet config needs {n} {name}, not {values!r}"[:200])
+    return tuple(_bounded_int(f"{name}[{i}]", v, lo, hi) for i, v in enumerate(values))
 
 
 @dataclass
@@ -33,16 +56,20 @@ class GMBINetConfig:
     head_width: Optional[int] = None
 
     def __post_init__(self):
-        self.widths = tuple(int(w) for w in self.widths)
-        self.depths = tuple(int(d) for d in self.depths)
-        if len(self.widths) != 5 or len(self.depths) != 4:
-            raise EdgekitError("GMBINet config needs 5 stage widths and 4 stage depths")
+        # Bounds first, before any module is sized from these numbers: a checkpoint's config is
+        # untrusted input, and widths of 65,536 or depths of 10^6 would otherwise allocate tens of GB.
+        self.in_channels = _bounded_int("in_channels", self.in_channels, *LIMITS["in_channels"])
+        self.widths = _bounded_ints("widths", self.widths, 5, *LIMITS["width"])
+        self.depths = _bounded_ints("depths", self.depths, 4, *LIMITS["depth"])
+        self.scales = _bounded_int("scales", self.scales, *LIMITS["scales"])
+        self.out_channels = _bounded_int("out_channels", self.out_channels, *LIMITS["out_channels"])
         if self.head_width is not None:
-            self.head_width = int(self.head_width)
-            if self.head_width < 1:
-                raise EdgekitError("GMBINet config: head_width must be >= 1")
-        if self.scales < 1:
-            raise EdgekitError("GMBINet config: scales must be >= 1")
+            self.head_width = _bounded_int("head_width", self.head_width, *LIMITS["width"])
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) \
+                or not 0.0 <= float(self.dropout) < 1.0:
+            raise EdgekitError(f"GMBINet config: dropout must be a number in [0, 1), not {self.dropout!r}")
+        if not isinstance(self.upstream_extras, bool):
+            raise EdgekitError(f"GMBINet config: upstream_extras must be true or false, not {self.upstream_extras!r}")
         for w in self.widths[1:]:
             if w % self.scales:
                 raise EdgekitError(
@@ -59,7 +86,7 @@ class GMBINetConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise EdgekitError(f"GMBINet config has unknown keys: {', '.join(sorted(unknown))}")
+            raise EdgekitError(f"GMBINet config has unknown keys: {', '.join(sorted(map(str, unknown)))}"[:300])
         return cls(**d)
 
 
@@ -249,6 +276,8 @@ def config_from_state_dict(sd: dict) -> GMBINetConfig:
         head_width = int(sd["DF1.conv.3.weight"].shape[0])
     except KeyError as e:
         raise EdgekitError(f"not a GMBINet state_dict: key {e.args[0]!r} is missing") from None
+    except (IndexError, AttributeError):
+        raise EdgekitError("not a GMBINet state_dict: a convolution weight is not 4-dimensional") from None
     return GMBINetConfig(
         in_channels=int(w0[1]), widths=tuple(widths), depths=tuple(depths), scales=scales or 4,
         out_channels=out_ch, upstream_extras="conv_final.1.weight" in sd,

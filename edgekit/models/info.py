@@ -1,13 +1,19 @@
 """What ``edgekit info`` reports about a checkpoint."""
 from __future__ import annotations
 
-from edgekit.models.checkpoint import load_checkpoint, parameter_count
+from edgekit.data.preprocess import MAX_INPUT_SIDE
+from edgekit.errors import EdgekitError
+from edgekit.models.checkpoint import check_architecture, load_checkpoint, nonfinite_report, parameter_count
 from edgekit.models.summary import count_macs
 
 
 def checkpoint_info(path: str, size: int | None = None) -> dict:
-    ck = load_checkpoint(path)
-    model = ck.build()
+    # Non-finite weights are reported, not refused: info is how one finds out what is wrong.
+    ck = load_checkpoint(path, allow_nonfinite=True)
+    if size is not None and not 1 <= size <= MAX_INPUT_SIDE:
+        raise EdgekitError(f"--size {size} is outside 1..{MAX_INPUT_SIDE}")
+    # Counting needs shapes only: the model on the meta device allocates nothing at any input size.
+    model = check_architecture(ck.model_name, ck.config, ck.state_dict).eval()
     spec = ck.preprocess
     h, w = (size, size) if size else spec.input_size
     shape = (1, spec.channels, h, w)
@@ -29,4 +35,5 @@ def checkpoint_info(path: str, size: int | None = None) -> dict:
         "classes": ck.classes,
         "provenance": ck.provenance,
         "metrics": ck.metrics,
+        "nonfinite_weights": nonfinite_report(ck.state_dict),
     }

@@ -64,7 +64,58 @@ class MLFFAdapter(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
+# Bounds on an adapter config read from a file (inclusive): ResNet-50's deepest tap has 2,048
+# channels, EfficientNet-Lite0's head 1,280; the default fc_dim is 160.
+ADAPTER_LIMITS = {"levels": 16, "tap_dim": 8192, "fc_dim": 16384, "heads": 1024, "head_size": 100_000}
+
+
+def _ints(name: str, values, lo: int, hi: int, most: int) -> List[int]:
+    if not isinstance(values, (list, tuple)) or len(values) > most:
+        raise EdgekitError(f"adapter config: {name} must be a list of at most {most} integers")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise EdgekitError(f"adapter config: {name} holds {v!r}, not an integer in {lo}..{hi}"[:200])
+        out.append(int(v))
+    return out
+
+
+def check_adapter_config(config) -> tuple:
+    """``(tap_dims, fc_dim, head_sizes)`` of an adapter config, each within ``ADAPTER_LIMITS``: checked
+    before any layer is sized from them (an fc_dim of 10^9 would allocate 8 GB per layer)."""
+    if not isinstance(config, dict):
+        raise EdgekitError("adapter config must be an object")
+    try:
+        tap_dims = _ints("tap_dims", config["tap_dims"], 1, ADAPTER_LIMITS["tap_dim"], ADAPTER_LIMITS["levels"])
+        fc_dim = _ints("fc_dim", [config["fc_dim"]], 1, ADAPTER_LIMITS["fc_dim"], 1)[0]
+        heads = _ints("head_sizes", config["head_sizes"], 1, ADAPTER_LIMITS["head_size"], ADAPTER_LIMITS["heads"])
+    except KeyError as e:
+        raise EdgekitError(f"adapter config lacks {e.args[0]!r}") from None
+    if not tap_dims:
+        raise EdgekitError("adapter config: tap_dims is empty")
+    return tap_dims, fc_dim, heads
+
+
+def check_adapter_tensors(tensors: Dict[str, torch.Tensor], config: dict) -> None:
+    """The adapter's tensors against its config, before a real module is built: structure and
+    dtypes (``check_tensors``), every expected key at the exact shape the config implies (on the
+    meta device), and finite values, naming the first tensor that is not."""
+    from edgekit.models.checkpoint import check_tensors, nonfinite_report, state_dict_diff
+
+    tap_dims, fc_dim, heads = check_adapter_config(config)
+    check_tensors(dict(tensors))
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in MLFFAdapter(tap_dims, fc_dim, heads).state_dict().items()}
+    diff = state_dict_diff(expected, tensors)
+    if diff:
+        raise EdgekitError(f"adapter weights do not match its config; {diff}")
+    bad = nonfinite_report(tensors)
+    if bad:
+        raise EdgekitError(f"adapter weight {bad}")
+
+
 def adapter_from_tensors(tensors: Dict[str, torch.Tensor], config: dict) -> MLFFAdapter:
+    check_adapter_tensors(tensors, config)
     ad = MLFFAdapter(config["tap_dims"], config["fc_dim"], config["head_sizes"])
     try:
         ad.load_state_dict(tensors, strict=True)

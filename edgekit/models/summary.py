@@ -39,7 +39,9 @@ def count_macs(model: nn.Module, input_shape: Tuple[int, ...]) -> Dict[str, int]
             handles.append(m.register_forward_hook(ew_hook))
     try:
         with torch.no_grad():
-            model(torch.zeros(input_shape))
+            # On the model's device: a meta-device model counts without allocating activations.
+            device = next(model.parameters()).device
+            model(torch.zeros(input_shape, device=device))
     finally:
         for h in handles:
             h.remove()

@@ -263,6 +263,10 @@ class BackboneSource:
             fa.append(reference.infer(x))
             fb.append(np.concatenate([candidate.infer(x[i:i + 1]) for i in range(len(x))]))
         a, b = np.concatenate(fa).astype(np.float64), np.concatenate(fb).astype(np.float64)
+        for side, arr, runner in (("reference", a, reference), ("candidate", b, candidate)):
+            if not np.isfinite(arr).all():  # fail closed: NaN compares false with every budget
+                raise EdgekitError(f"parity: the {side} ({runner.describe()}) gives non-finite features "
+                                   f"({int((~np.isfinite(arr)).sum()):,} of {arr.size:,} values); nothing written")
         d = np.abs(a - b)
         out = {"images": len(idx), "data": images.description, "reference": reference.describe(),
                "max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()),

@@ -19,7 +19,7 @@ from edgekit.data.datasets import SegDataset, limit_samples, open_segmentation
 from edgekit.data.preprocess import PreprocessSpec, preprocess, resize_probs
 from edgekit.errors import EdgekitError
 from edgekit.pipeline.onnx_export import INPUT_NAME, export_onnx
-from edgekit.pipeline.parity import parity
+from edgekit.pipeline.parity import PARITY_BUDGETS, parity
 
 METRICS = ("iou", "mae", "max_f")
 
@@ -99,7 +99,11 @@ class GMBINetSource:
         samples = limit_samples(dataset.samples, limit)  # every class, not the first class only
         if not samples:
             raise EdgekitError(f"{dataset.description}: no calibration images")
-        return [preprocess([s.image()], self.spec) for s in samples]
+        batches = [preprocess([s.image()], self.spec) for s in samples]
+        for s, x in zip(samples, batches):  # every INT8 quantizer (NNCF or a builder's) takes these statistics
+            if not np.isfinite(x).all():
+                raise EdgekitError(f"calibration image {s.name} of {dataset.description} preprocesses to NaN or Inf")
+        return batches
 
     def check_batches(self, dataset: SegDataset, limit: int = 16) -> List[np.ndarray]:
         """A few preprocessed real images, for checks a builder makes before the pipeline's parity."""
@@ -107,7 +111,10 @@ class GMBINetSource:
 
     # -- verification -------------------------------------------------------------------------------
     def parity(self, candidate: Runner, dataset: SegDataset, threads=None, limit: int = 16) -> dict:
-        return parity(self.reference_runner(threads), candidate, dataset, limit=limit)
+        """Parity with the source model, enforced: non-finite values on either side, or a float
+        candidate outside its precision's ``PARITY_BUDGETS``, refuse the build (INT8 has --max-drop)."""
+        budget = PARITY_BUDGETS.get(getattr(candidate, "precision", None))
+        return parity(self.reference_runner(threads), candidate, dataset, limit=limit, budget=budget)
 
     def nncf_validation(self, dataset: SegDataset, metric: str, model_format: str):
         """(items, fn) for NNCF's accuracy-controlled quantization on ``dataset``."""
@@ -132,7 +139,7 @@ class GMBINetSource:
         p = manifest["parity"]
         return (f"wrote {out}: {manifest['target']} {manifest['precision']}, parity vs {p['reference']}: "
                 f"max |diff| {p['max_abs_diff']:.2e}, mask IoU agreement {p['mask_iou_agreement']:.4f} "
-                f"on {p['images']} images")
+                f"on {p['images']} images" + (f", within the {manifest['precision']} budget" if "budget" in p else ""))
 
 
 def open_source(path: str, as_backbone: bool = False):
