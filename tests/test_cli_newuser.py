@@ -255,6 +255,19 @@ def test_info_describes_artifacts(cli, compiled, tiny_ckpt):
         assert field in text
 
 
+@pytest.mark.parametrize("target", ["onnx", "openvino"])
+def test_predict_takes_a_compiled_artifact_folder(cli, compiled, tmp_path, target):
+    """The documented `edgekit predict ARTIFACT IMAGES --out DIR`: the folder is the model (it was refused as a
+    'folder without manifest.json' because a folder holding no images was taken for a wrong model)."""
+    from PIL import Image
+
+    img = tmp_path / "part.png"
+    Image.new("L", (40, 30), 128).save(img)
+    r = cli("predict", compiled[target], img, "--out", tmp_path / "out")
+    assert r.exit_code == 0, r.stderr
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"part_mask.png", "part_overlay.png"}
+
+
 @pytest.mark.parametrize("kind", ["onnx_file", "xml_file"])
 def test_plain_model_files_run_with_stated_preprocessing(cli, compiled, tiny_ckpt, tmp_path, kind):
     import numpy as np

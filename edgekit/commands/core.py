@@ -165,10 +165,11 @@ def predict_cmd(inputs, out_dir, threshold, threads, force, as_json):
     from edgekit.data.images import expand_image_paths, is_image_name
     from edgekit.eval.predict import output_names, predict
 
-    first = Path(inputs[0])
-    if len(inputs) > 1 and first.is_dir() and not any(is_image_name(p) for p in first.iterdir()):
-        from edgekit.artifact import not_an_artifact
+    from edgekit.artifact import is_artifact, not_an_artifact
 
+    first = Path(inputs[0])
+    if (len(inputs) > 1 and first.is_dir() and not is_artifact(first)
+            and not any(is_image_name(p) for p in first.iterdir())):
         raise not_an_artifact(first)  # meant as the model (images follow), but not an artifact folder
     model, images = (inputs[0], inputs[1:]) if looks_like_model(inputs[0]) else (None, inputs)
     if not images:
