@@ -244,6 +244,15 @@ class InstallRoot:
                 version = state.trial["version"]
                 state.previous, state.current, state.trial = state.current, {"version": version, "dir": active}, None
                 state.interrupted.pop(version, None)
+            elif state.previous is not None and state.previous.get("dir") == active:
+                # a rollback's switch, its state write cut short: only ``rollback`` switches back to the kept
+                # previous folder (installs and commits always switch to a new folder), so the version switched
+                # away from was rolled back and stays blocked, as the completed rollback would have recorded
+                back, away = state.previous, state.current
+                state.current, state.previous = back, away
+                if away is not None:
+                    state.blocked.setdefault(away["version"], "rolled back by the operator")
+                state.blocked.pop(back["version"], None)
             else:  # a direct install's switch, unrecorded
                 state.previous = state.current
                 state.current = {"version": self._version_of_dir(active), "dir": active}

@@ -1,0 +1,75 @@
+"""Attacks on the gaps between edgekit's checks (issue #23 review): each test is one attack or power cut that
+got through, kept as a regression test next to its fix.
+
+Real parts only: the fleet of tests/test_fleet.py (a real TUF repository served over HTTP on 127.0.0.1, a device
+with 1.1.0 committed and 1.0.0 kept), real ``edgekit`` processes, and crashes injected as a real process exit
+(``os._exit``, no cleanup runs, the same as kill -9 or a power cut at that instant).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tuf", reason="tuf not installed (pip install 'edgekit[ota]')")
+pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'edgekit[cpu]')")
+
+from edgekit.device.state import InstallRoot  # noqa: E402
+from edgekit.ota import generate_keypair, installed  # noqa: E402
+
+from test_fleet import TASK, env, fleet, ok, one_error_line, tree, update  # noqa: E402,F401  (fixtures)
+from test_fleet_transactions import EDGEKIT, make_package, publish  # noqa: E402
+from test_fleet_trust import publish_raw  # noqa: E402
+
+SUBPROCESS_ENV = {**os.environ, "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+
+
+def crash_during(device: Path, code: str, crash_at: str) -> int:
+    """Run ``code`` in a fresh Python process in which the call ``crash_at`` (``module:attr`` or
+    ``module:Class.attr``) ends the process at once (``os._exit``: no finally, no flush, like a power cut)."""
+    module, _, attr = crash_at.partition(":")
+    owner, _, name = attr.rpartition(".")
+    script = (f"import os, importlib\n"
+              f"m = importlib.import_module({module!r})\n"
+              f"o = getattr(m, {owner!r}) if {owner!r} else m\n"
+              f"setattr(o, {name!r}, lambda *a, **k: os._exit(137))\n"
+              f"ROOT = {str(device)!r}\n" + code)
+    return subprocess.run([sys.executable, "-c", script], env=SUBPROCESS_ENV, capture_output=True,
+                          timeout=120).returncode
+
+
+# --- a power cut inside a rollback --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("crash_at", ["edgekit.device.state:InstallRoot._switch_current",  # before the switch
+                                      "edgekit.device.state:_fsync_dir",  # after os.replace, before its fsync
+                                      "edgekit.device.state:_write_state"])  # switched, state not yet written
+def test_power_cut_at_each_write_of_a_rollback_never_reinstalls_the_rolled_back_version(env, crash_at):
+    """Attack: power cut during ``edgekit rollback`` after ROOT/current was switched back and before state.json
+    recorded the rollback. The reconcile on read took the unrecorded switch for a direct install, so the version
+    the operator rolled back was not blocked and the next cron ``update`` installed it again. Before the switch,
+    the rollback simply did not happen (1.2.0 serves, and the next update leaves it)."""
+    publish(env, env["pkgs"]["1.2.0"])
+    ok(update(env))
+    device = env["device"]
+    assert installed(device)["version"] == "1.2.0"
+    rc = crash_during(device, "from edgekit.ota.install import rollback; rollback(ROOT)", crash_at)
+    assert rc == 137
+    assert os.readlink(device / "current") == InstallRoot(device).read().current["dir"]
+    if installed(device)["version"] == "1.2.0":  # cut before the switch: no rollback happened
+        assert crash_at.endswith("_switch_current")
+        assert ok(update(env)).stdout.startswith("up to date")
+        assert installed(device)["version"] == "1.2.0"
+        return
+    r = update(env)
+    assert r.exit_code == 3, (r.stdout, r.stderr)
+    one_error_line(r, "1.2.0, the newest the repository offers, is blocked on this device")
+    assert installed(device)["version"] == "1.1.0"
