@@ -73,3 +73,75 @@ def test_power_cut_at_each_write_of_a_rollback_never_reinstalls_the_rolled_back_
     assert r.exit_code == 3, (r.stdout, r.stderr)
     one_error_line(r, "1.2.0, the newest the repository offers, is blocked on this device")
     assert installed(device)["version"] == "1.1.0"
+
+
+# --- an operator's act while an update is downloading ---------------------------------------------------------
+
+class _GateHandler(BaseHTTPRequestHandler):
+    """Serves the repository; a GET of ``server.gated`` waits for ``server.gate`` (set ``server.hit`` first)."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        path = Path(self.server.root) / self.path.lstrip("/")
+        if not path.is_file():
+            self.send_error(404)
+            return
+        if self.path == self.server.gated:
+            self.server.hit.set()
+            self.server.gate.wait(30)
+        data = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@contextlib.contextmanager
+def gated_server(root: Path, gated: str):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _GateHandler)
+    server.root, server.gated, server.daemon_threads = root, gated, True
+    server.gate, server.hit = threading.Event(), threading.Event()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.gate.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_an_install_while_update_downloads_is_not_overwritten_by_an_older_version(env):
+    """Attack (a race, no key needed): ``update`` decides that 1.2.0 is newer than what serves, then downloads it
+    (seconds to minutes). Meanwhile the operator installs 1.3.0 by hand (``edgekit install`` takes the install
+    root's lock, which the downloading update does not hold). The update then committed 1.2.0 over 1.3.0: a
+    downgrade nobody asked for. The update must re-check under the lock what it decided without it."""
+    import hashlib
+
+    device = env["device"]
+    publish(env, env["pkgs"]["1.2.0"])
+    digest = hashlib.sha256(env["pkgs"]["1.2.0"].read_bytes()).hexdigest()
+    (target,) = (env["repo"] / "targets" / "adapters").glob(f"{digest}.*")
+    newer = make_package(env, "hand", version="1.3.0", adapter_seed=1)
+    with gated_server(env["repo"], "/" + str(target.relative_to(env["repo"]))) as (server, url):
+        proc = subprocess.Popen(EDGEKIT + ["update", "--repo", url, "--root", str(device), "--trust", str(env["trust"]),
+                                           "--timeout", "30"], env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            assert server.hit.wait(60), "the update never asked for the package"
+            ok(env["cli"]("install", newer, "--root", device, "--pubkey", env["pkg_pub"]))
+            assert installed(device)["version"] == "1.3.0"
+            server.gate.set()
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert installed(device)["version"] == "1.3.0", (out, err)
+    assert proc.returncode == 0, err
+    assert "1.3.0" in out and "up to date" in out, out
+    assert InstallRoot(device).read().trial is None
+

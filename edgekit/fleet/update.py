@@ -351,6 +351,7 @@ def _try_version(file: str, dev, identity, current: Optional[dict], health: bool
     """Verify the downloaded package, then the transaction: trial, health check, commit or fail (block)."""
     from edgekit.fleet.backbone import load_device_backbone
     from edgekit.fleet.health import check_health
+    from edgekit.mlff.version import parse_version
     from edgekit.ota.install import check_version_folder, package_files
     from edgekit.ota.package import verify_package
 
@@ -374,6 +375,20 @@ def _try_version(file: str, dev, identity, current: Optional[dict], health: bool
             raise EdgekitError(f"update refused: the device's backbone {identity.ref} could not be loaded "
                                f"({_why(e)}); {_serving(current)}") from None
     with dev.lock():
+        # again under the lock: what was decided before the download (newer than what serves, not blocked, not
+        # pinned elsewhere) may have changed since, by an operator's install or rollback that does not wait for
+        # the update lock; committing anyway would downgrade a version installed meanwhile
+        now = dev.read()
+        if now.current and parse_version(version) <= parse_version(now.current["version"]):
+            return {"action": "none", "version": now.current["version"],
+                    "reason": f"{now.current['version']} is in service (installed while {version} downloaded), and "
+                              f"{version} is not newer"}
+        if version in now.blocked:
+            raise BlockedVersionError(f"{version} was blocked on this device while it downloaded "
+                                      f"({now.blocked[version]}); nothing installed")
+        if now.pinned and version != now.pinned:
+            return {"action": "none", "version": now.current["version"] if now.current else None,
+                    "reason": f"pinned at {now.pinned} (while {version} downloaded)"}
         rel_dir = dev.add_version(version, package_files(pkg),
                                   lambda folder: check_version_folder(folder, pkg.manifest))
         dev.begin_trial(rel_dir, version, pkg.signer.key_id)
