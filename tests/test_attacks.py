@@ -145,3 +145,40 @@ def test_an_install_while_update_downloads_is_not_overwritten_by_an_older_versio
     assert "1.3.0" in out and "up to date" in out, out
     assert InstallRoot(device).read().trial is None
 
+
+# --- the backbone through TUF: an older, validly signed backbone ------------------------------------------------
+
+def test_older_backbone_package_replayed_by_a_stolen_targets_key_is_refused(env, tmp_path):
+    """Attack (one online key): the holder of the ``targets`` key points ``backbones/NAME.zip`` back at the older,
+    validly sealed backbone 1.0.0 after the device installed 1.1.0. Adapters are refused when not newer than the
+    version in service, backbones were not: ``update --backbone repo:NAME`` installed 1.0.0 and recorded it as the
+    device's backbone (Uptane keeps a rollback counter per image; TUF's own rollback check covers metadata, not
+    which file a freshly signed targets role names)."""
+    cli = env["cli"]
+    name = json.loads((env["art"] / "manifest.json").read_text())["model"]["backbone"]
+    bb_key = generate_keypair(tmp_path / "bb-key")[0]
+    ok(cli("repo", "package-key", env["repo"], bb_key.parent / "public_key.pem", "--backbones", "gmbinet-*"))
+    bb = {}
+    for version in ("1.0.0", "1.1.0"):
+        bb[version] = tmp_path / f"backbone-{version}.zip"
+        ok(cli("package", env["art"], "--key", bb_key, "--version", version, "--out", bb[version]))
+    ok(cli("repo", "add", env["repo"], bb["1.0.0"]))
+    ok(cli("repo", "publish", env["repo"]))
+    bundle = tmp_path / "bundle"
+    ok(cli("repo", "provision", env["repo"], "--out", bundle))
+    dev = tmp_path / "dev"
+
+    def run(*extra):
+        return cli("update", "--repo", env["url"], "--root", dev, "--trust", bundle, "--backbone", f"repo:{name}",
+                   "--task", TASK, *extra)
+
+    ok(run())
+    ok(cli("repo", "add", env["repo"], bb["1.1.0"]))
+    ok(cli("repo", "publish", env["repo"]))
+    ok(run())
+    recorded = (dev / "backbone.json").read_bytes()
+    assert Path(json.loads(recorded)["ref"]).name == f"{name}-1.1.0"
+    publish_raw(env, "targets", f"backbones/{name}.zip", bb["1.0.0"].read_bytes())
+    one_error_line(run(), "older than")
+    assert (dev / "backbone.json").read_bytes() == recorded
+

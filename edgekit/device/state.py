@@ -282,17 +282,20 @@ class InstallRoot:
     # --- the backbone record -------------------------------------------------------------------------------------
 
     def read_backbone(self) -> Optional[dict]:
-        """ROOT/backbone.json as a dict (backbone, backbone_sha256, ref, kind), or None."""
+        """ROOT/backbone.json as a dict (backbone, backbone_sha256, ref, kind, and version when it came from the
+        repository), or None."""
         path = self.path / DEVICE_BACKBONE_FILE
         if not path.is_file():
             return None
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
             record = {k: d[k] for k in ("backbone", "backbone_sha256", "ref", "kind")}
+            if "version" in d:  # a backbone installed from the repository: its package version
+                record["version"] = d["version"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise EdgekitError(f"{path} is unreadable ({e}); fix it or give --backbone") from None
         if not (isinstance(record["backbone_sha256"], str) and _SHA256_RE.match(record["backbone_sha256"])) \
-                or record["kind"] not in ("artifact", "weights"):
+                or record["kind"] not in ("artifact", "weights") or not isinstance(record.get("version", ""), str):
             raise EdgekitError(f"{path} is malformed; fix it or give --backbone")
         return record
 

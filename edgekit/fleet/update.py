@@ -39,6 +39,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -275,8 +276,9 @@ def _authorize(pkg, task: str, identity, version: str, current: Optional[dict]) 
 def _fetch_backbone(updater, bundle, name: str, root: Path, downloads: Path, current: Optional[dict]):
     """Download, verify (TUF, then the trust bundle's keys for this backbone name) and install the backbone
     package ``backbones/NAME.zip`` under ROOT/backbones/NAME-VERSION/; record it as the device's backbone."""
-    from edgekit.fleet.backbone import resolve_backbone
+    from edgekit.fleet.backbone import read_device_backbone, resolve_backbone
     from edgekit.fleet.repository import backbone_target_path
+    from edgekit.mlff.version import parse_version
     from edgekit.ota.package import BACKBONE_KIND, BACKBONE_MAX_SIZE, verify_package
 
     path = backbone_target_path(name)
@@ -290,6 +292,17 @@ def _fetch_backbone(updater, bundle, name: str, root: Path, downloads: Path, cur
         raise EdgekitError(f"update refused: the repository has no backbone {name} ({path}); {_serving(current)}")
     meta = (info.custom or {}).get("edgekit") if isinstance(info.custom, dict) else None
     version = meta.get("version") if isinstance(meta, dict) else None
+    try:
+        parse_version(version)
+    except EdgekitError as e:
+        raise EdgekitError(f"update refused: target {path}: {e}; {_serving(current)}") from None
+    recorded = read_device_backbone(root)
+    if recorded is not None and recorded.id == name and recorded.version is not None \
+            and parse_version(version) < parse_version(recorded.version):
+        # the rollback counter of the backbone (Uptane): whoever holds the targets key may name an older, validly
+        # sealed backbone package; TUF's rollback protection covers the metadata, not this choice
+        raise EdgekitError(f"update refused: the repository offers backbone {name} {version}, older than the "
+                           f"{recorded.version} this device has installed; {_serving(current)}")
     shutil.rmtree(downloads, ignore_errors=True)
     downloads.mkdir()
     try:
@@ -308,7 +321,7 @@ def _fetch_backbone(updater, bundle, name: str, root: Path, downloads: Path, cur
         folder = _install_backbone(pkg, root)
     finally:
         shutil.rmtree(downloads, ignore_errors=True)
-    identity = resolve_backbone(folder)  # the artifact's manifest and every file's sha256, as installed
+    identity = replace(resolve_backbone(folder), version=version)  # the artifact's manifest and files, as installed
     if identity.sha256 != pkg.manifest["backbone_sha256"]:
         raise EdgekitError(f"update refused: backbone {name} {version} records another backbone_sha256 than its "
                            f"package; {_serving(current)}")
