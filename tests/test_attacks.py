@@ -182,3 +182,35 @@ def test_older_backbone_package_replayed_by_a_stolen_targets_key_is_refused(env,
     one_error_line(run(), "older than")
     assert (dev / "backbone.json").read_bytes() == recorded
 
+
+# --- a crafted state.json --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("entry", ["previous", "trial"])
+def test_state_entries_naming_folders_outside_versions_are_refused(env, tmp_path, entry):
+    """Attack (write access to state.json, e.g. a restored backup or a careless edit): ``previous`` or ``trial``
+    names ``../outside``, a copy of a real version folder outside ROOT/versions. Only ROOT/current's target was
+    checked against the version-folder rule; ``rollback`` switched ROOT/current to the outside folder (after which
+    every read of the install root failed), and a stale trial outside was taken as one. Every entry's folder
+    must obey the same rule as ROOT/current's target."""
+    device = env["device"]
+    outside = tmp_path / "outside"
+    state = json.loads((device / "state.json").read_text())
+    shutil.copytree(device / state["previous"]["dir"], outside)
+    rel = os.path.relpath(outside, device)
+    state[entry] = {"version": "1.0.0", "dir": rel, **({"started": "2026-01-01T00:00:00Z"} if entry == "trial" else {})}
+    os.chmod(device / "state.json", 0o644)
+    (device / "state.json").write_text(json.dumps(state))
+    one_error_line(env["cli"]("rollback", "--root", device), "state.json")
+    assert os.readlink(device / "current") == "versions/1.1.0"
+    assert installed_or_error(device) is None
+    assert outside.is_dir() and (outside / "manifest.json").is_file()
+
+
+def installed_or_error(device):
+    """None when reading the install root is refused with one EdgekitError line."""
+    from edgekit.errors import EdgekitError
+
+    try:
+        return installed(device)
+    except EdgekitError:
+        return None

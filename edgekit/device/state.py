@@ -142,8 +142,12 @@ def _parse_state(path: Path) -> DeviceState:
         raise EdgekitError(f"{path} is not an edgekit install state; fix or remove it")
 
     def entry(v):
-        return v if isinstance(v, dict) and isinstance(v.get("version"), str) and isinstance(v.get("dir"), str) \
-            else None
+        if not (isinstance(v, dict) and isinstance(v.get("version"), str) and isinstance(v.get("dir"), str)):
+            return None
+        if not _VERSION_DIR_RE.match(v["dir"]):  # the rule ROOT/current's target obeys: never a path out of ROOT
+            raise EdgekitError(f"{path} is malformed (a version folder {v['dir']!r} outside "
+                               f"{VERSIONS_DIR}/); fix or remove it")
+        return v
 
     blocked = d.get("blocked") or {}
     interrupted = d.get("interrupted") or {}
