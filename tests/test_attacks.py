@@ -214,3 +214,32 @@ def installed_or_error(device):
         return installed(device)
     except EdgekitError:
         return None
+
+
+# --- a backbone change the adapter in service does not fit -----------------------------------------------------
+
+def test_a_new_backbone_is_not_recorded_while_the_adapter_in_service_does_not_fit_it(env, tmp_path):
+    """Failure class (a wrong pairing that stays unnoticed): ``update --backbone NEW`` (a new backbone: other
+    weights, so another backbone_sha256) recorded NEW as the device's backbone at once, before looking for an
+    adapter trained on it. With none published yet the run said "up to date" (exit 0), and the device was left
+    recording a backbone that the adapter in service was never trained on. A station that pairs ROOT/current with
+    the recorded backbone then runs a wrong model, and no later run noticed. The record must only move together
+    with an adapter that fits it (or when the adapter in service already fits)."""
+    import torch
+
+    from edgekit.data.preprocess import PreprocessSpec
+    from edgekit.models.checkpoint import Checkpoint
+    from edgekit.models.gmbinet import GMBINet, GMBINetConfig
+
+    device = env["device"]
+    torch.manual_seed(7)  # the fleet's backbone architecture, other weights
+    net = GMBINet(GMBINetConfig(widths=(8, 8, 8, 16, 16), depths=(1, 1, 1, 1), scales=4))
+    other = Checkpoint.from_model(net, preprocess=PreprocessSpec(input_size=(32, 32))).save(tmp_path / "other.pt")
+    recorded = (device / "backbone.json").read_bytes()
+    before = tree(device)
+    line = one_error_line(update(env, "--backbone", other), "no adapter")
+    assert "1.1.0 is still in service" in line
+    assert (device / "backbone.json").read_bytes() == recorded and tree(device) == before
+    assert installed(device)["version"] == "1.1.0"
+    assert ok(update(env)).stdout.startswith("up to date")  # the cron run, on the recorded backbone, is unaffected
+

@@ -213,24 +213,37 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
                                f"({_why(e)}); {_serving(current)}") from None
         base_result = {"task": task, "target": path, "backbone": identity.id, "backbone_sha256": identity.sha256,
                        "previous": current["version"] if current else None, "recovered": recovered}
-        if backbone and identity != recorded:
+        # The device's backbone record moves only together with an adapter that fits it: at once when the adapter
+        # in service (if any) already does, else in the same locked step as the commit of an adapter trained on
+        # it. Recording it first left a device pairing the adapter in service with a backbone it was never trained
+        # on, reported as "up to date" (a wrong model that stays unnoticed).
+        pending_backbone = identity if backbone and identity != recorded else None
+        if pending_backbone and (current is None or current.get("backbone_sha256") == identity.sha256):
             record_device_backbone(root, identity)  # the device's backbone, as given: fetching worked
-        if info is None:
+            pending_backbone = None
+
+        def nothing_to_install(reason: str) -> dict:
+            if pending_backbone is not None:
+                raise EdgekitError(f"update refused: {reason}, and the adapter in service ({task} {current['version']}) "
+                                   f"was trained on another backbone than {identity.id} ({identity.sha256[:16]}…); "
+                                   f"the device keeps its backbone {recorded.id if recorded else '(unrecorded)'} until "
+                                   f"an adapter for {identity.id} can be installed; {_serving(current)}")
             return {**base_result, "action": "none", "version": current["version"] if current else None,
-                    "reason": f"the repository has no adapter for task {task} on backbone {identity.id}"}
+                    "reason": reason}
+
+        if info is None:
+            return nothing_to_install(f"the repository has no adapter for task {task} on backbone {identity.id}")
         meta = (info.custom or {}).get("edgekit") if isinstance(info.custom, dict) else None
         if not isinstance(meta, dict):
             raise EdgekitError(f"update refused: target {path} has no edgekit metadata; {_serving(current)}")
         version = meta.get("version")
         parse_version(version)
         if current and parse_version(version) <= parse_version(current["version"]):
-            return {**base_result, "action": "none", "version": current["version"],
-                    "reason": f"{current['version']} is the newest for this task and backbone"}
+            return nothing_to_install(f"{current['version']} is the newest for this task and backbone")
         state = dev.read()
         if state.pinned and version != state.pinned:
-            return {**base_result, "action": "none", "version": current["version"] if current else None,
-                    "reason": f"pinned at {state.pinned} (edgekit update --unpin releases it); the repository "
-                              f"offers {version}"}
+            return nothing_to_install(f"pinned at {state.pinned} (edgekit update --unpin releases it); the "
+                                      f"repository offers {version}")
         if version in state.blocked:
             raise BlockedVersionError(
                 f"{version}, the newest the repository offers, is blocked on this device ({state.blocked[version]});"
@@ -245,7 +258,8 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
             raise EdgekitError(f"update refused: download of {path} {version} failed or did not verify "
                                f"({_why(e)}); {_serving(current)}") from None
         try:
-            result = _try_version(file, dev, identity, current, health, version, adapter_keys, task)
+            result = _try_version(file, dev, identity, current, health, version, adapter_keys, task,
+                                  record_backbone=pending_backbone is not None)
         finally:
             shutil.rmtree(downloads, ignore_errors=True)
         return {**base_result, **result}
@@ -360,7 +374,7 @@ def _install_backbone(pkg, root: Path) -> Path:
 
 
 def _try_version(file: str, dev, identity, current: Optional[dict], health: bool, version: str, keys: dict,
-                 task: str) -> dict:
+                 task: str, record_backbone: bool = False) -> dict:
     """Verify the downloaded package, then the transaction: trial, health check, commit or fail (block)."""
     from edgekit.fleet.backbone import load_device_backbone
     from edgekit.fleet.health import check_health
@@ -416,5 +430,9 @@ def _try_version(file: str, dev, identity, current: Optional[dict], health: bool
                 dev.fail(version, reason)
                 raise EdgekitError(f"health check of {version} failed ({h['reason']}); {version} is blocked on this "
                                    f"device; {_serving(current)}")
+        if record_backbone:  # the new backbone and the adapter that passed its check on it, in one locked step
+            from edgekit.fleet.backbone import record_device_backbone
+
+            record_device_backbone(dev.path, identity)
         state = dev.commit(version)
     return {"action": "installed", "version": version, "path": str(dev.folder(state.current)), "health": h}
