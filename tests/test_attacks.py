@@ -29,6 +29,7 @@ from edgekit.ota import generate_keypair, installed  # noqa: E402
 from test_fleet import TASK, env, fleet, ok, one_error_line, tree, update  # noqa: E402,F401  (fixtures)
 from test_fleet_transactions import EDGEKIT, make_package, publish  # noqa: E402
 from test_fleet_trust import publish_raw  # noqa: E402
+from test_artifact_trust import cf_art, keys, marker_lib  # noqa: E402,F401  (fixtures)
 
 SUBPROCESS_ENV = {**os.environ, "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
 
@@ -243,3 +244,24 @@ def test_a_new_backbone_is_not_recorded_while_the_adapter_in_service_does_not_fi
     assert installed(device)["version"] == "1.1.0"
     assert ok(update(env)).stdout.startswith("up to date")  # the cron run, on the recorded backbone, is unaffected
 
+
+# --- the device's key policy, set but empty -------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["", " ", os.pathsep])
+def test_trusted_keys_variable_set_but_naming_no_key_fails_closed(value, tmp_path, cli, monkeypatch, request):
+    """Attack on configuration: a station's unit file says ``EDGEKIT_TRUSTED_KEYS=${KEY_FILE}`` and KEY_FILE is
+    unset, so the variable is present but empty (or holds only separators). That silently meant "no keys:
+    hash-only", and a swapped cpu-fused library with a re-hashed manifest ran its constructor. A variable that
+    is set is a policy: when it names no key file, nothing loads."""
+    from test_artifact_trust import _copy, _lib_name, _manifest, _rehash
+
+    cf_art = request.getfixturevalue("cf_art")
+    lib, marker = request.getfixturevalue("marker_lib")
+    marker.unlink(missing_ok=True)
+    art = _copy(cf_art, tmp_path)
+    shutil.copyfile(lib, art / _lib_name(art))
+    _rehash(art, _manifest(art))
+    monkeypatch.setenv("EDGEKIT_TRUSTED_KEYS", value)
+    line = one_error_line(cli("eval", art, "--limit", "1"), "EDGEKIT_TRUSTED_KEYS")
+    assert "names no key file" in line
+    assert not marker.exists()
