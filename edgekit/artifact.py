@@ -113,7 +113,7 @@ SIGNATURE_FORMAT = "edgekit-artifact-signature"
 SIGNING_CONTEXT = b"edgekit-artifact-manifest-v1\n"
 TRUSTED_KEYS_ENV = "EDGEKIT_TRUSTED_KEYS"
 MAX_MANIFEST_BYTES = 16 << 20
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}\Z")
 _RESERVED = {MANIFEST, SIGNATURE}
 
 

@@ -265,3 +265,32 @@ def test_trusted_keys_variable_set_but_naming_no_key_fails_closed(value, tmp_pat
     line = one_error_line(cli("eval", art, "--limit", "1"), "EDGEKIT_TRUSTED_KEYS")
     assert "names no key file" in line
     assert not marker.exists()
+
+
+# --- names and versions with a trailing newline ------------------------------------------------------------------
+
+def test_names_versions_and_hashes_with_a_trailing_newline_are_refused(env, tmp_path):
+    """Class of problem: every validator used ``re.match(r"^...$")``, and ``$`` also matches before a final
+    newline. So ``1.2.0\\n`` was a valid version (another spelling of 1.2.0, which the block list, keyed by the
+    string, did not recognise), ``crack-line1\\n`` a valid task name (a path component with a newline, and inside
+    the trust bundle's ``crack-*`` scope), and ``<sha256>\\n`` a valid hash. All now end at ``\\Z``."""
+    from edgekit.errors import EdgekitError
+    from edgekit.mlff.adapter import is_plain_file_name, is_sha256
+    from edgekit.mlff.names import is_safe_name
+    from edgekit.mlff.version import parse_version
+    from edgekit.ota.trust import check_pattern
+
+    cli = env["cli"]
+    key = env["w"] / "package-key" / "private_key.pem"
+    one_error_line(cli("package", env["adapters"][0], "--key", key, "--version", "1.2.0\n", "--out",
+                       tmp_path / "p.zip"), "invalid version")
+    assert not (tmp_path / "p.zip").exists()
+    one_error_line(update(env, "--task", TASK + "\n"), "--task")
+    with pytest.raises(EdgekitError):
+        parse_version("1.2.0\n")
+    with pytest.raises(EdgekitError):
+        check_pattern("crack-*\n", "pattern")
+    assert not is_safe_name(TASK + "\n") and not is_sha256("0" * 64 + "\n")
+    assert not is_plain_file_name("adapter.json\n")
+    assert parse_version("1.2.0") == (1, 2, 0) and is_safe_name(TASK)  # the one spelling still passes
+

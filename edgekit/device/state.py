@@ -72,8 +72,8 @@ STAGING_PREFIX = ".staging-"
 LINK_TMP_PREFIX = ".current-"
 HISTORY_KEPT = 100
 MAX_TRIAL_INTERRUPTIONS = 2  # the second interrupted health check of a version blocks it
-_VERSION_DIR_RE = re.compile(r"^versions/[0-9]+\.[0-9]+\.[0-9]+(~[0-9]+)?$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_VERSION_DIR_RE = re.compile(r"^versions/[0-9]+\.[0-9]+\.[0-9]+(~[0-9]+)?\Z")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 def utc_now() -> str:
