@@ -294,3 +294,29 @@ def test_names_versions_and_hashes_with_a_trailing_newline_are_refused(env, tmp_
     assert not is_plain_file_name("adapter.json\n")
     assert parse_version("1.2.0") == (1, 2, 0) and is_safe_name(TASK)  # the one spelling still passes
 
+
+# --- a health entry that lies ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lie", [{"rtol": 1e9, "min_top1_agreement": 1e-9}, {"rtol": 1e9}, {"min_top1_agreement": 1e-9}])
+def test_a_health_entry_that_makes_the_check_vacuous_fails_it(env, lie):
+    """Attack (a careless or compromised packaging step, signed with the real key): the package's health entry
+    sets tolerances under which (nearly) any output passes (rtol 1e9, top-1 agreement 1e-9). The samples were
+    recorded on another adapter than the one shipped (the fleet's ``bad-health`` case), so an honest check
+    fails; with the lie, the wrong adapter passed and was committed. The tolerances are signed, but the device
+    must not let the package decide that its own check is vacuous: an entry looser than the device's limits
+    (``MAX_RTOL``, ``MIN_TOP1_AGREEMENT_FLOOR``) is a failed check."""
+    from edgekit.fleet.health import record_health
+    from edgekit.models.backbones import load_backbone
+    from edgekit.ota import build_package
+
+    health, info = record_health(env["adapters"][1], load_backbone(str(env["ckpt"])),
+                                 sorted(env["data"].rglob("*.png"))[::5])
+    info.update(lie)
+    pkg = env["w"] / f"lying-{time.monotonic_ns()}.zip"
+    build_package(env["adapters"][0], env["w"] / "package-key" / "private_key.pem", "1.2.0", pkg, health=health,
+                  health_info=info)
+    publish(env, pkg)
+    r = update(env)
+    assert installed(env["device"])["version"] == "1.1.0", r.stdout
+    assert "looser than this device accepts" in one_error_line(r, "health check of 1.2.0 failed")
+    assert "1.2.0" in InstallRoot(env["device"]).read().blocked
