@@ -320,3 +320,27 @@ def test_a_health_entry_that_makes_the_check_vacuous_fails_it(env, lie):
     assert installed(env["device"])["version"] == "1.1.0", r.stdout
     assert "looser than this device accepts" in one_error_line(r, "health check of 1.2.0 failed")
     assert "1.2.0" in InstallRoot(env["device"]).read().blocked
+
+
+def test_a_recorded_backbone_the_adapter_in_service_does_not_fit_is_never_up_to_date(env, tmp_path):
+    """Power cut between the backbone record and its adapter's commit (the one window left by the fix above):
+    ``backbone.json`` names the new backbone, the trial of its adapter is discarded, the old adapter serves. The
+    next cron run must not call that "up to date": one error line (exit 2) on every run until an adapter for
+    the recorded backbone is installed, so monitoring sees the mismatch. The state is written as that crash
+    leaves it (backbone.json with another weights file's identity)."""
+    import torch
+
+    from edgekit.data.preprocess import PreprocessSpec
+    from edgekit.fleet.backbone import record_device_backbone, resolve_backbone
+    from edgekit.models.checkpoint import Checkpoint
+    from edgekit.models.gmbinet import GMBINet, GMBINetConfig
+
+    device = env["device"]
+    torch.manual_seed(7)
+    net = GMBINet(GMBINetConfig(widths=(8, 8, 8, 16, 16), depths=(1, 1, 1, 1), scales=4))
+    other = Checkpoint.from_model(net, preprocess=PreprocessSpec(input_size=(32, 32))).save(tmp_path / "other.pt")
+    record_device_backbone(device, resolve_backbone(other))
+    for _ in range(2):
+        line = one_error_line(update(env), "does not fit the adapter in service")
+        assert "1.1.0 is still in service" in line
+    assert installed(device)["version"] == "1.1.0"

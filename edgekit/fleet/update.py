@@ -223,11 +223,15 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
             pending_backbone = None
 
         def nothing_to_install(reason: str) -> dict:
-            if pending_backbone is not None:
+            # never "up to date" while the adapter in service does not fit the device's backbone: a new one not
+            # yet recorded, or a recorded one left by a run cut between the record and its adapter's commit
+            if current is not None and current.get("backbone_sha256") != identity.sha256:
+                keeps = (f"the device keeps its backbone {recorded.id if recorded else '(unrecorded)'} until an "
+                         f"adapter for {identity.id} can be installed" if pending_backbone is not None else
+                         f"the device's recorded backbone does not fit the adapter in service")
                 raise EdgekitError(f"update refused: {reason}, and the adapter in service ({task} {current['version']}) "
                                    f"was trained on another backbone than {identity.id} ({identity.sha256[:16]}…); "
-                                   f"the device keeps its backbone {recorded.id if recorded else '(unrecorded)'} until "
-                                   f"an adapter for {identity.id} can be installed; {_serving(current)}")
+                                   f"{keeps}; {_serving(current)}")
             return {**base_result, "action": "none", "version": current["version"] if current else None,
                     "reason": reason}
 
