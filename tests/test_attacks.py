@@ -344,3 +344,25 @@ def test_a_recorded_backbone_the_adapter_in_service_does_not_fit_is_never_up_to_
         line = one_error_line(update(env), "does not fit the adapter in service")
         assert "1.1.0 is still in service" in line
     assert installed(device)["version"] == "1.1.0"
+
+
+# --- the update lock in odd states --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("odd", ["lock is a folder", "lock is a symlink", "tuf is a file"])
+def test_the_update_lock_in_odd_states_gives_one_line(env, tmp_path, odd):
+    """ROOT/tuf/update.lock a folder, a symlink planted to a file elsewhere, or ROOT/tuf a plain file (a careless
+    restore, another tool, a local attacker): ``update`` ended in "internal error (IsADirectoryError)" /
+    "(FileExistsError)", or opened (and would have created) the lock through the symlink. Now one error line,
+    nothing followed or written, 1.1.0 still serving."""
+    device = env["device"]
+    tuf, lock, target = device / "tuf", device / "tuf" / "update.lock", tmp_path / "elsewhere"
+    if odd == "tuf is a file":
+        shutil.rmtree(tuf)
+        tuf.write_text("")
+    else:
+        lock.unlink(missing_ok=True)
+        lock.mkdir() if odd == "lock is a folder" else os.symlink(target, lock)
+    before = tree(device)
+    one_error_line(update(env), "move away what is there")
+    assert tree(device) == before and not target.exists()
+    assert installed(device)["version"] == "1.1.0"

@@ -65,7 +65,12 @@ class BlockedVersionError(EdgekitError):
 
 @contextlib.contextmanager
 def _update_lock(state_dir: Path):
-    fd = os.open(state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = state_dir / LOCK_NAME
+    try:  # O_NOFOLLOW: a symlink planted at the lock's place is not followed (and not created through)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        raise EdgekitError(f"cannot open the update lock {lock} ({e.strerror or e}); move away what is there") \
+            from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -164,7 +169,10 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
         raise EdgekitError(f"no adapter installed at {root} yet; give --task")
     dev = InstallRoot(root)
     state_dir = root / STATE_DIR
-    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EdgekitError(f"cannot create {state_dir} ({e.strerror or e}); move away what is there") from None
     with _update_lock(state_dir):
         recovered = dev.recover()  # a trial left by a killed run: discarded, counted
         dev.tidy()  # and whatever else a killed run left (a staging folder, a temp record)
