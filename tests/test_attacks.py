@@ -366,3 +366,24 @@ def test_the_update_lock_in_odd_states_gives_one_line(env, tmp_path, odd):
     one_error_line(update(env), "move away what is there")
     assert tree(device) == before and not target.exists()
     assert installed(device)["version"] == "1.1.0"
+
+
+# --- the version in service, changed on disk ------------------------------------------------------------------
+
+def test_a_changed_byte_in_the_adapter_in_service_is_refused_at_load(env):
+    """Failure class (bit rot, a restore from a bad backup, a local edit): one byte of the committed adapter's
+    weights changes after its install. ``load_installed_adapter``, the station's way to load the adapter in
+    service, read the files without checking them against the package manifest kept beside them, so the changed
+    weights were used and nobody noticed. It now checks every payload file's size and sha256 first."""
+    from edgekit.errors import EdgekitError
+    from edgekit.ota import load_installed_adapter
+
+    device = env["device"]
+    folder = Path(installed(device)["path"])
+    weights = folder / "adapter.safetensors"
+    os.chmod(weights, 0o644)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the tensor data: still a loadable file, other weights
+    weights.write_bytes(bytes(data))
+    with pytest.raises(EdgekitError, match="adapter.safetensors does not match its sha256"):
+        load_installed_adapter(device)
