@@ -113,7 +113,7 @@ SIGNATURE_FORMAT = "edgekit-artifact-signature"
 SIGNING_CONTEXT = b"edgekit-artifact-manifest-v1\n"
 TRUSTED_KEYS_ENV = "EDGEKIT_TRUSTED_KEYS"
 MAX_MANIFEST_BYTES = 16 << 20
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}\Z")
 _RESERVED = {MANIFEST, SIGNATURE}
 
 
@@ -203,9 +203,16 @@ class VerifiedArtifact:
 
 def trusted_keys_from_env() -> Optional[list]:
     """``EDGEKIT_TRUSTED_KEYS``: public key files (os.pathsep-separated) every artifact must be signed by
-    one of; unset or empty: no signature required (hash-only)."""
-    value = os.environ.get(TRUSTED_KEYS_ENV, "").strip()
-    return [p for p in value.split(os.pathsep) if p.strip()] or None
+    one of; unset: no signature required (hash-only). Set but naming no file (empty, blanks, separators only:
+    typically ``EDGEKIT_TRUSTED_KEYS=${UNSET_VARIABLE}`` in a unit file) is refused, not read as "no keys": a
+    policy variable that is present must not silently turn signature checks off (fail closed)."""
+    if TRUSTED_KEYS_ENV not in os.environ:
+        return None
+    keys = [p for p in os.environ[TRUSTED_KEYS_ENV].split(os.pathsep) if p.strip()]
+    if not keys:
+        raise EdgekitError(f"{TRUSTED_KEYS_ENV} is set but names no key file; set it to the public key files "
+                           "artifacts must be signed by, or unset it for hash-only verification")
+    return keys
 
 
 def resolve_trusted_keys(trusted_keys) -> Dict[str, TrustedKey]:

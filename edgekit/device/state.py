@@ -72,8 +72,8 @@ STAGING_PREFIX = ".staging-"
 LINK_TMP_PREFIX = ".current-"
 HISTORY_KEPT = 100
 MAX_TRIAL_INTERRUPTIONS = 2  # the second interrupted health check of a version blocks it
-_VERSION_DIR_RE = re.compile(r"^versions/[0-9]+\.[0-9]+\.[0-9]+(~[0-9]+)?$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_VERSION_DIR_RE = re.compile(r"^versions/[0-9]+\.[0-9]+\.[0-9]+(~[0-9]+)?\Z")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 def utc_now() -> str:
@@ -142,8 +142,12 @@ def _parse_state(path: Path) -> DeviceState:
         raise EdgekitError(f"{path} is not an edgekit install state; fix or remove it")
 
     def entry(v):
-        return v if isinstance(v, dict) and isinstance(v.get("version"), str) and isinstance(v.get("dir"), str) \
-            else None
+        if not (isinstance(v, dict) and isinstance(v.get("version"), str) and isinstance(v.get("dir"), str)):
+            return None
+        if not _VERSION_DIR_RE.match(v["dir"]):  # the rule ROOT/current's target obeys: never a path out of ROOT
+            raise EdgekitError(f"{path} is malformed (a version folder {v['dir']!r} outside "
+                               f"{VERSIONS_DIR}/); fix or remove it")
+        return v
 
     blocked = d.get("blocked") or {}
     interrupted = d.get("interrupted") or {}
@@ -244,6 +248,15 @@ class InstallRoot:
                 version = state.trial["version"]
                 state.previous, state.current, state.trial = state.current, {"version": version, "dir": active}, None
                 state.interrupted.pop(version, None)
+            elif state.previous is not None and state.previous.get("dir") == active:
+                # a rollback's switch, its state write cut short: only ``rollback`` switches back to the kept
+                # previous folder (installs and commits always switch to a new folder), so the version switched
+                # away from was rolled back and stays blocked, as the completed rollback would have recorded
+                back, away = state.previous, state.current
+                state.current, state.previous = back, away
+                if away is not None:
+                    state.blocked.setdefault(away["version"], "rolled back by the operator")
+                state.blocked.pop(back["version"], None)
             else:  # a direct install's switch, unrecorded
                 state.previous = state.current
                 state.current = {"version": self._version_of_dir(active), "dir": active}
@@ -273,17 +286,20 @@ class InstallRoot:
     # --- the backbone record -------------------------------------------------------------------------------------
 
     def read_backbone(self) -> Optional[dict]:
-        """ROOT/backbone.json as a dict (backbone, backbone_sha256, ref, kind), or None."""
+        """ROOT/backbone.json as a dict (backbone, backbone_sha256, ref, kind, and version when it came from the
+        repository), or None."""
         path = self.path / DEVICE_BACKBONE_FILE
         if not path.is_file():
             return None
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
             record = {k: d[k] for k in ("backbone", "backbone_sha256", "ref", "kind")}
+            if "version" in d:  # a backbone installed from the repository: its package version
+                record["version"] = d["version"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise EdgekitError(f"{path} is unreadable ({e}); fix it or give --backbone") from None
         if not (isinstance(record["backbone_sha256"], str) and _SHA256_RE.match(record["backbone_sha256"])) \
-                or record["kind"] not in ("artifact", "weights"):
+                or record["kind"] not in ("artifact", "weights") or not isinstance(record.get("version", ""), str):
             raise EdgekitError(f"{path} is malformed; fix it or give --backbone")
         return record
 

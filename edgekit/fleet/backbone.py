@@ -14,7 +14,7 @@ A device names its backbone by an artifact folder, a weights/checkpoint file or 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -28,9 +28,13 @@ class BackboneIdentity:
     sha256: str  # backbone_sha256: the sha256 of the backbone weights file (see the module docstring)
     ref: str  # what was given: artifact folder, weights file or name
     kind: str  # "artifact" or "weights"
+    # the backbone package's version when it came from the repository (``update --backbone repo:NAME``): the
+    # device's rollback counter for its backbone, so an older package is never installed over a newer one
+    version: Optional[str] = field(default=None, compare=False)
 
     def to_json(self) -> dict:
-        return {"backbone": self.id, "backbone_sha256": self.sha256, "ref": self.ref, "kind": self.kind}
+        return {"backbone": self.id, "backbone_sha256": self.sha256, "ref": self.ref, "kind": self.kind,
+                **({"version": self.version} if self.version else {})}
 
 
 def _is_artifact(path: Path) -> bool:
@@ -78,4 +82,4 @@ def record_device_backbone(root: str | os.PathLike, identity: BackboneIdentity) 
 def read_device_backbone(root: str | os.PathLike) -> Optional[BackboneIdentity]:
     """ROOT/backbone.json, or None when the install root records no backbone."""
     d = InstallRoot(root).read_backbone()
-    return BackboneIdentity(d["backbone"], d["backbone_sha256"], d["ref"], d["kind"]) if d else None
+    return BackboneIdentity(d["backbone"], d["backbone_sha256"], d["ref"], d["kind"], d.get("version")) if d else None

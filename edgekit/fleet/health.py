@@ -35,6 +35,11 @@ from edgekit.errors import EdgekitError
 HEALTH_FORMAT = "edgekit-health"
 DEFAULT_RTOL = 0.05  # of the recorded logits' range: fp32/bf16 artifacts sit far below, a wrong backbone far above
 DEFAULT_MIN_AGREEMENT = 1.0
+# The device's own limits on the signed tolerances: a package may ask for a stricter check, never for one so
+# loose that a wrong backbone or adapter passes (rtol 1e9 made any output pass). 5x the default rtol leaves room
+# for low-precision compiled backbones; below half the samples agreeing the check says nothing.
+MAX_RTOL = 0.25
+MIN_TOP1_AGREEMENT_FLOOR = 0.5
 MAX_SAMPLES = 16
 
 
@@ -85,8 +90,9 @@ def record_health(adapter_dir: str | os.PathLike, backbone, image_paths: Sequenc
         raise EdgekitError("--samples: no images")
     if len(image_paths) > MAX_SAMPLES:
         raise EdgekitError(f"--samples: {len(image_paths)} images, at most {MAX_SAMPLES} go into a package")
-    if not (0 < rtol) or not (0 < min_top1_agreement <= 1):
-        raise EdgekitError("health tolerances: rtol must be > 0 and min_top1_agreement in (0, 1]")
+    if not (0 < rtol <= MAX_RTOL) or not (MIN_TOP1_AGREEMENT_FLOOR <= min_top1_agreement <= 1):
+        raise EdgekitError(f"health tolerances: rtol must be in (0, {MAX_RTOL}] and min_top1_agreement in "
+                           f"[{MIN_TOP1_AGREEMENT_FLOOR}, 1] (a device refuses looser ones)")
     tensors, meta = load_adapter(adapter_dir)
     if (backbone.id, backbone.weights_sha256) != (meta["backbone"], meta["backbone_sha256"]):
         raise EdgekitError(f"--backbone {backbone.id} is not the backbone adapter {adapter_dir} was trained on "
@@ -137,6 +143,10 @@ def _health_entry(info, recorded: Dict[str, torch.Tensor]) -> dict:
     for name, value, ok in (("rtol", rtol, lambda v: v > 0), ("min_top1_agreement", agreement, lambda v: 0 < v <= 1)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value) or not ok(value):
             raise EdgekitError(f"the manifest's health entry has an invalid {name} {value!r}")
+    if rtol > MAX_RTOL or agreement < MIN_TOP1_AGREEMENT_FLOOR:
+        raise EdgekitError(f"the manifest's health entry (rtol {rtol!r}, min_top1_agreement {agreement!r}) is looser "
+                           f"than this device accepts (rtol at most {MAX_RTOL}, agreement at least "
+                           f"{MIN_TOP1_AGREEMENT_FLOOR})")
     missing = [f"image.{i}" for i in range(n) if f"image.{i}" not in recorded]
     if missing:
         raise EdgekitError(f"health sample {missing[0]} is missing from {HEALTH_NAME_FOR_MESSAGES} (the manifest's "

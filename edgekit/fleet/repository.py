@@ -52,7 +52,7 @@ TOP_LEVEL = ("root", "targets", "snapshot", "timestamp")
 DEFAULT_EXPIRES = {"root": "365d", "targets": "90d", "snapshot": "7d", "timestamp": "1d"}
 _DURATION_RE = re.compile(r"^([1-9][0-9]*)([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_ROLE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_ROLE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
 
 
 # --- durations and paths -----------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -64,7 +65,12 @@ class BlockedVersionError(EdgekitError):
 
 @contextlib.contextmanager
 def _update_lock(state_dir: Path):
-    fd = os.open(state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = state_dir / LOCK_NAME
+    try:  # O_NOFOLLOW: a symlink planted at the lock's place is not followed (and not created through)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        raise EdgekitError(f"cannot open the update lock {lock} ({e.strerror or e}); move away what is there") \
+            from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -163,7 +169,10 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
         raise EdgekitError(f"no adapter installed at {root} yet; give --task")
     dev = InstallRoot(root)
     state_dir = root / STATE_DIR
-    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EdgekitError(f"cannot create {state_dir} ({e.strerror or e}); move away what is there") from None
     with _update_lock(state_dir):
         recovered = dev.recover()  # a trial left by a killed run: discarded, counted
         dev.tidy()  # and whatever else a killed run left (a staging folder, a temp record)
@@ -212,24 +221,41 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
                                f"({_why(e)}); {_serving(current)}") from None
         base_result = {"task": task, "target": path, "backbone": identity.id, "backbone_sha256": identity.sha256,
                        "previous": current["version"] if current else None, "recovered": recovered}
-        if backbone and identity != recorded:
+        # The device's backbone record moves only together with an adapter that fits it: at once when the adapter
+        # in service (if any) already does, else in the same locked step as the commit of an adapter trained on
+        # it. Recording it first left a device pairing the adapter in service with a backbone it was never trained
+        # on, reported as "up to date" (a wrong model that stays unnoticed).
+        pending_backbone = identity if backbone and identity != recorded else None
+        if pending_backbone and (current is None or current.get("backbone_sha256") == identity.sha256):
             record_device_backbone(root, identity)  # the device's backbone, as given: fetching worked
-        if info is None:
+            pending_backbone = None
+
+        def nothing_to_install(reason: str) -> dict:
+            # never "up to date" while the adapter in service does not fit the device's backbone: a new one not
+            # yet recorded, or a recorded one left by a run cut between the record and its adapter's commit
+            if current is not None and current.get("backbone_sha256") != identity.sha256:
+                keeps = (f"the device keeps its backbone {recorded.id if recorded else '(unrecorded)'} until an "
+                         f"adapter for {identity.id} can be installed" if pending_backbone is not None else
+                         f"the device's recorded backbone does not fit the adapter in service")
+                raise EdgekitError(f"update refused: {reason}, and the adapter in service ({task} {current['version']}) "
+                                   f"was trained on another backbone than {identity.id} ({identity.sha256[:16]}…); "
+                                   f"{keeps}; {_serving(current)}")
             return {**base_result, "action": "none", "version": current["version"] if current else None,
-                    "reason": f"the repository has no adapter for task {task} on backbone {identity.id}"}
+                    "reason": reason}
+
+        if info is None:
+            return nothing_to_install(f"the repository has no adapter for task {task} on backbone {identity.id}")
         meta = (info.custom or {}).get("edgekit") if isinstance(info.custom, dict) else None
         if not isinstance(meta, dict):
             raise EdgekitError(f"update refused: target {path} has no edgekit metadata; {_serving(current)}")
         version = meta.get("version")
         parse_version(version)
         if current and parse_version(version) <= parse_version(current["version"]):
-            return {**base_result, "action": "none", "version": current["version"],
-                    "reason": f"{current['version']} is the newest for this task and backbone"}
+            return nothing_to_install(f"{current['version']} is the newest for this task and backbone")
         state = dev.read()
         if state.pinned and version != state.pinned:
-            return {**base_result, "action": "none", "version": current["version"] if current else None,
-                    "reason": f"pinned at {state.pinned} (edgekit update --unpin releases it); the repository "
-                              f"offers {version}"}
+            return nothing_to_install(f"pinned at {state.pinned} (edgekit update --unpin releases it); the "
+                                      f"repository offers {version}")
         if version in state.blocked:
             raise BlockedVersionError(
                 f"{version}, the newest the repository offers, is blocked on this device ({state.blocked[version]});"
@@ -244,7 +270,8 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
             raise EdgekitError(f"update refused: download of {path} {version} failed or did not verify "
                                f"({_why(e)}); {_serving(current)}") from None
         try:
-            result = _try_version(file, dev, identity, current, health, version, adapter_keys, task)
+            result = _try_version(file, dev, identity, current, health, version, adapter_keys, task,
+                                  record_backbone=pending_backbone is not None)
         finally:
             shutil.rmtree(downloads, ignore_errors=True)
         return {**base_result, **result}
@@ -275,8 +302,9 @@ def _authorize(pkg, task: str, identity, version: str, current: Optional[dict]) 
 def _fetch_backbone(updater, bundle, name: str, root: Path, downloads: Path, current: Optional[dict]):
     """Download, verify (TUF, then the trust bundle's keys for this backbone name) and install the backbone
     package ``backbones/NAME.zip`` under ROOT/backbones/NAME-VERSION/; record it as the device's backbone."""
-    from edgekit.fleet.backbone import resolve_backbone
+    from edgekit.fleet.backbone import read_device_backbone, resolve_backbone
     from edgekit.fleet.repository import backbone_target_path
+    from edgekit.mlff.version import parse_version
     from edgekit.ota.package import BACKBONE_KIND, BACKBONE_MAX_SIZE, verify_package
 
     path = backbone_target_path(name)
@@ -290,6 +318,17 @@ def _fetch_backbone(updater, bundle, name: str, root: Path, downloads: Path, cur
         raise EdgekitError(f"update refused: the repository has no backbone {name} ({path}); {_serving(current)}")
     meta = (info.custom or {}).get("edgekit") if isinstance(info.custom, dict) else None
     version = meta.get("version") if isinstance(meta, dict) else None
+    try:
+        parse_version(version)
+    except EdgekitError as e:
+        raise EdgekitError(f"update refused: target {path}: {e}; {_serving(current)}") from None
+    recorded = read_device_backbone(root)
+    if recorded is not None and recorded.id == name and recorded.version is not None \
+            and parse_version(version) < parse_version(recorded.version):
+        # the rollback counter of the backbone (Uptane): whoever holds the targets key may name an older, validly
+        # sealed backbone package; TUF's rollback protection covers the metadata, not this choice
+        raise EdgekitError(f"update refused: the repository offers backbone {name} {version}, older than the "
+                           f"{recorded.version} this device has installed; {_serving(current)}")
     shutil.rmtree(downloads, ignore_errors=True)
     downloads.mkdir()
     try:
@@ -308,7 +347,7 @@ def _fetch_backbone(updater, bundle, name: str, root: Path, downloads: Path, cur
         folder = _install_backbone(pkg, root)
     finally:
         shutil.rmtree(downloads, ignore_errors=True)
-    identity = resolve_backbone(folder)  # the artifact's manifest and every file's sha256, as installed
+    identity = replace(resolve_backbone(folder), version=version)  # the artifact's manifest and files, as installed
     if identity.sha256 != pkg.manifest["backbone_sha256"]:
         raise EdgekitError(f"update refused: backbone {name} {version} records another backbone_sha256 than its "
                            f"package; {_serving(current)}")
@@ -347,10 +386,11 @@ def _install_backbone(pkg, root: Path) -> Path:
 
 
 def _try_version(file: str, dev, identity, current: Optional[dict], health: bool, version: str, keys: dict,
-                 task: str) -> dict:
+                 task: str, record_backbone: bool = False) -> dict:
     """Verify the downloaded package, then the transaction: trial, health check, commit or fail (block)."""
     from edgekit.fleet.backbone import load_device_backbone
     from edgekit.fleet.health import check_health
+    from edgekit.mlff.version import parse_version
     from edgekit.ota.install import check_version_folder, package_files
     from edgekit.ota.package import verify_package
 
@@ -374,6 +414,20 @@ def _try_version(file: str, dev, identity, current: Optional[dict], health: bool
             raise EdgekitError(f"update refused: the device's backbone {identity.ref} could not be loaded "
                                f"({_why(e)}); {_serving(current)}") from None
     with dev.lock():
+        # again under the lock: what was decided before the download (newer than what serves, not blocked, not
+        # pinned elsewhere) may have changed since, by an operator's install or rollback that does not wait for
+        # the update lock; committing anyway would downgrade a version installed meanwhile
+        now = dev.read()
+        if now.current and parse_version(version) <= parse_version(now.current["version"]):
+            return {"action": "none", "version": now.current["version"],
+                    "reason": f"{now.current['version']} is in service (installed while {version} downloaded), and "
+                              f"{version} is not newer"}
+        if version in now.blocked:
+            raise BlockedVersionError(f"{version} was blocked on this device while it downloaded "
+                                      f"({now.blocked[version]}); nothing installed")
+        if now.pinned and version != now.pinned:
+            return {"action": "none", "version": now.current["version"] if now.current else None,
+                    "reason": f"pinned at {now.pinned} (while {version} downloaded)"}
         rel_dir = dev.add_version(version, package_files(pkg),
                                   lambda folder: check_version_folder(folder, pkg.manifest))
         dev.begin_trial(rel_dir, version, pkg.signer.key_id)
@@ -388,5 +442,9 @@ def _try_version(file: str, dev, identity, current: Optional[dict], health: bool
                 dev.fail(version, reason)
                 raise EdgekitError(f"health check of {version} failed ({h['reason']}); {version} is blocked on this "
                                    f"device; {_serving(current)}")
+        if record_backbone:  # the new backbone and the adapter that passed its check on it, in one locked step
+            from edgekit.fleet.backbone import record_device_backbone
+
+            record_device_backbone(dev.path, identity)
         state = dev.commit(version)
     return {"action": "installed", "version": version, "path": str(dev.folder(state.current)), "health": h}

@@ -39,9 +39,9 @@ ADAPTER_FORMAT_VERSION = 1
 META_NAME = "adapter.json"
 WEIGHTS_NAME = "adapter.safetensors"
 
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 # Payload file names are plain names: no folders, no hidden files, nothing a shell or archive could misread.
-_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
 
 def is_sha256(value: Any) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 from edgekit.errors import EdgekitError
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 RULE = "one path component of letters, digits, '.', '_' or '-', starting with a letter or digit, at most 64"
 
 

@@ -10,7 +10,7 @@ from typing import Tuple
 
 from edgekit.errors import EdgekitError
 
-_VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})$")
+_VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})\Z")
 
 
 def parse_version(text) -> Tuple[int, int, int]:

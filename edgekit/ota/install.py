@@ -90,6 +90,13 @@ def load_installed_adapter(root: str | os.PathLike):
     folder = active_adapter_dir(root)
     if folder is None:
         raise EdgekitError(f"no adapter installed at {root}")
+    # every payload file against the package manifest kept beside it (its size and sha256, as verified at install):
+    # a byte changed since (bit rot, a bad restore, an edit) is refused here instead of running unnoticed
+    try:
+        check_version_folder(folder)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EdgekitError(f"the adapter in service at {folder} cannot be checked against its manifest ({e})") \
+            from None
     return load_adapter(folder)
 
 

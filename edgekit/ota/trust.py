@@ -53,7 +53,7 @@ TRUST_FORMAT_VERSION = 1
 ROOT_NAME = "root.json"
 SEED_ROLES = ("timestamp", "snapshot")
 MAX_FILE = 1024 * 1024
-_PATTERN_RE = re.compile(r"^[A-Za-z0-9._*?-]{1,64}$")
+_PATTERN_RE = re.compile(r"^[A-Za-z0-9._*?-]{1,64}\Z")
 
 
 def check_pattern(pattern: str, what: str) -> str:

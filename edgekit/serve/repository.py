@@ -48,7 +48,7 @@ TRITON_MODEL_PY = Path(__file__).with_name("triton_model.py")
 OVMS_CONFIG = "config.json"
 # Triton's openvino backend and OpenVINO's CPU plugin take the precision hint by these names.
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
-_NAME_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_NAME_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
 
 
 @dataclass
