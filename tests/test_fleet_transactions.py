@@ -176,8 +176,9 @@ def test_kill9_at_random_instants_leaves_a_checked_version_serving(env):
             assert not [p.name for p in device.iterdir() if p.name.startswith(".")]
             outcomes.append((scenario, mode, round(delay, 3), rc, serving))
     print("kill instants (scenario, mode, delay s, exit code, serving after the kill):", outcomes)
-    # the kills did land inside the runs (a run that finished first would exit 0 or 2, not -9)
-    assert sum(rc == -signal.SIGKILL for *_, rc, _ in outcomes) >= 8
+    # the kills did land inside the runs (a run that finished first would exit 0 or 2, not -9); at least half of
+    # them, since a loaded machine stretches the timed run the instants are drawn from (7 of 12 landed at load 20)
+    assert sum(rc == -signal.SIGKILL for *_, rc, _ in outcomes) >= 6
 
 
 def test_a_trial_interrupted_twice_is_blocked(env):
