@@ -388,9 +388,11 @@ def prune_gmbinet(model: GMBINet, ratio: float, *, example_size: int = 64, macs_
     work.all_heads = None
     work.zero_grad(set_to_none=True)
     widths = widths_of(work)
-    if rounding is not None and (widths, work.DF1.conv[3].out_channels) != (rounding.pop("planned"), rounding["head_width"]):
-        raise RuntimeError(f"pruning kept widths {widths} (head {work.DF1.conv[3].out_channels}), "
-                           f"not the planned {rounding}")  # Torch-Pruning did not apply the per-group ratios
+    if rounding is not None:
+        planned = rounding.pop("planned")
+        if (widths, work.DF1.conv[3].out_channels) != (planned, rounding["head_width"]):  # the per-group ratios missed
+            raise RuntimeError(f"pruning kept widths {widths} (head {work.DF1.conv[3].out_channels}), not the planned "
+                               f"{planned} (head {rounding['head_width']})")
     for s, w in enumerate(widths[1:], start=2):
         for m in getattr(work, f"encoder{s}")[1:]:
             if len(set(m.split_sizes())) != 1 or sum(m.split_sizes()) != w:
