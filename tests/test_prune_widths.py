@@ -156,3 +156,39 @@ def test_a_width_with_no_multiple_above_the_ratio_keeps_fewer_and_says_so():
     assert any(n.startswith("stage 1: 6 channels are not a multiple of 4: kept 4") for n in report.rounding["notes"])
     with pytest.raises(EdgekitError, match="6 channels cannot keep a multiple of 8"):
         prune_gmbinet(model, 0.125, macs_size=64, channel_multiple=8)
+
+
+def test_rounded_pruning_removes_exactly_the_channels_it_ranks_lowest():
+    """Rounding changes how many channels each group loses, not the bookkeeping: make dead as many
+    channels per group as the rounded plan removes (chosen at random by Torch-Pruning with the same
+    per-group ratios); the magnitude ranking must remove exactly those, so no output changes."""
+    import copy
+
+    import torch_pruning as tp
+
+    from edgekit.compress.prune import GMBIPruner, _round_groups, opaque_gmbi
+    from edgekit.models.gmbinet import GMBI
+    from test_prune import _kill
+
+    src = _model(seed=5)
+    dead, chooser = copy.deepcopy(src), copy.deepcopy(src)
+    names = {m: n for n, m in chooser.named_modules()}
+    chooser.all_heads = True
+    heads = [getattr(chooser, f"conv_out{i}")[1] for i in range(1, 6)]
+
+    def make(ratio_dict=None):
+        return tp.pruner.MetaPruner(chooser, torch.randn(1, 3, 64, 64), importance=tp.importance.RandomImportance(),
+                                    pruning_ratio=0.25, ignored_layers=heads, customized_pruners={GMBI: GMBIPruner()},
+                                    pruning_ratio_dict=ratio_dict, global_pruning=False)
+
+    with opaque_gmbi(chooser):
+        _, ratio_dict = _round_groups(make(), chooser, 0.25, 8)
+        for group in make(ratio_dict).step(interactive=True):
+            for dep, idxs in group:
+                if dep.target.module in names:
+                    _kill(dead, names[dep.target.module], dep.handler, idxs)
+    pruned, report = prune_gmbinet(dead, 0.25, macs_size=64, channel_multiple=8)
+    assert report.widths_after == [16, 24, 48, 72, 96] and report.rounding["head_width"] == 16
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), dead.eval()(x), atol=1e-5)
