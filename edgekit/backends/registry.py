@@ -82,6 +82,10 @@ class BackendSpec:
     # build() works without ``package`` (cuda-fused: nvcc and host emulation build and verify it; only
     # running it needs PyCUDA), so ``check`` does not require the package for a compile
     builds_without_package: bool = False
+    # every free channel count of a GMBINet it compiles (the five stage widths and the head width) must be
+    # a multiple of this (its kernels' vector width); `edgekit prune` rounds what it keeps to the least
+    # common multiple over every registered backend (``common_channel_multiple``). 1: any count.
+    channel_multiple: int = 1
 
     @property
     def compile_precisions(self) -> Tuple[str, ...]:
@@ -207,6 +211,16 @@ def buildable_here(spec: BackendSpec, log: Optional[Callable[[str], None]] = Non
     if why and log:
         log(f"{rows}: no {spec.name} rows here ({why})")
     return not why
+
+
+def common_channel_multiple() -> Tuple[int, Dict[str, int]]:
+    """(the least common multiple of every registered backend's ``channel_multiple``, {backend: its
+    multiple} for those that need more than 1): channel counts that are multiples of it compile for
+    every target."""
+    import math
+
+    need = {b.name: int(b.channel_multiple) for b in backends() if int(b.channel_multiple) > 1}
+    return math.lcm(1, *need.values()), need
 
 
 def tool_packages() -> Tuple[str, ...]:

@@ -41,6 +41,10 @@ REQUIRES = ("torch_pruning",)
 @click.option("--distill", default=None, type=click.FloatRange(0),
               help="Weight of distillation from the unpruned model (BCE towards its main-head probabilities); "
                    "overrides the recipe's loss.distill, 0 turns it off.")
+@click.option("--exact", is_flag=True,
+              help="Keep exactly the widths the ratio gives. Default: round each kept channel count up to a "
+                   "multiple every registered backend compiles (cpu-fused and cuda-fused: 4), said on stderr "
+                   "and recorded in the provenance.")
 @threads_option()
 @click.option("--limit-images", default=None, type=click.IntRange(1), help="At most N images per split (smoke tests).")
 @click.option("--work", "work_dir", default=None, type=click.Path(file_okay=False),
@@ -49,7 +53,7 @@ REQUIRES = ("torch_pruning",)
 @force_option
 @json_option
 def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn_images, iterations, budget, distill,
-              threads, limit_images, work_dir, out, force, as_json):
+              exact, threads, limit_images, work_dir, out, force, as_json):
     """Remove channels (equally from every GMBI group), optionally fine-tune; save an edgekit checkpoint."""
     from edgekit.train.prune import prune_with_data
     from edgekit.models.checkpoint import load_checkpoint
@@ -76,7 +80,9 @@ def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn
     ck = load_checkpoint(model_path(model, quiet=True))  # quiet: a refused ratio stays one error line
     data = data or (r.data_path() if r is not None else None)
     pruned, report = prune_with_data(ck, ratio, data, importance=importance, taylor_images=taylor_images,
-                                     bn_images=bn_images, val_limit=limit_images)
+                                     bn_images=bn_images, val_limit=limit_images, exact=exact)
+    if report.rounding is not None:
+        _say_rounding(report)
     result = {"source": str(ck.path), "ratio": ratio, **{k: v for k, v in report.to_dict().items() if k != "ratio"},
               "bn_recalibration": pruned.provenance["bn_recalibration"]}
     if "check" in pruned.provenance:
@@ -122,6 +128,18 @@ def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn
         t = result["finetune"]["test"]
         click.echo(f"fine-tuned {result['finetune']['iterations']} iterations: test MAE {t['mae']:.4f} IoU {t['iou']:.4f}")
     click.echo(f"wrote {out_path}")
+
+
+def _say_rounding(report) -> None:
+    """One stderr line when rounding changed a width the ratio gives (and one per note)."""
+    r = report.rounding
+    who = ", ".join(f"{name} {m}" for name, m in r["required_by"].items())
+    if r["widths_exact"] != report.widths_after or r["head_width_exact"] != r["head_width"]:
+        click.echo(f"note: kept channel counts rounded up to multiples of {r['channel_multiple']} so that every "
+                   f"target compiles them ({who}): widths {r['widths_exact']} -> {report.widths_after}, head width "
+                   f"{r['head_width_exact']} -> {r['head_width']}; --exact keeps the ratio's widths", err=True)
+    for note in r["notes"]:
+        click.echo(f"note: {note}", err=True)
 
 
 commands = [prune_cmd]

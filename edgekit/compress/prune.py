@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import types
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
@@ -207,6 +208,9 @@ class PruneReport:
     macs_before: int
     macs_after: int
     importance: str = "magnitude"
+    # None: the widths the ratio gives (exact); else how they were rounded to a channel multiple
+    # (see plan_kept_channels): {"channel_multiple", "widths_exact", "head_width_exact", "head_width", "notes"}
+    rounding: Optional[dict] = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -232,14 +236,111 @@ def _prunable_copy(model: GMBINet) -> GMBINet:
 IMPORTANCES = ("magnitude", "magnitude-gmbi", "taylor")
 
 
+def kept_per_group(group_size: int, ratio: float) -> int:
+    """Channels of one channel group that Torch-Pruning's local pruning keeps at ``ratio``:
+    ``int(group_size * (1 - ratio))`` (``MetaPruner``: ``n_pruned = n - int(n * (1 - ratio))``)."""
+    return int(group_size * (1 - ratio))
+
+
+def plan_kept_channels(channels: int, groups: int, ratio: float, multiple: int) -> tuple[int, int, Optional[str]]:
+    """(exact, kept, note) for a dependency group of ``channels`` channels split into ``groups`` equal
+    channel groups (4 for a GMBI stage, 1 otherwise) pruned at ``ratio``.
+
+    ``exact`` is what the ratio alone keeps; ``kept`` is the smallest count >= ``exact`` that is both a
+    multiple of ``groups`` (every group keeps the same number) and of ``multiple`` (what every backend
+    compiles), so the number *removed* is rounded down. Only when the source width has no such count
+    at or above ``exact`` (the source itself is not a multiple) is ``kept`` the largest one below it,
+    said in ``note``; when there is none at all, one error line."""
+    size = channels // groups
+    k_exact = kept_per_group(size, ratio)
+    step = multiple // math.gcd(multiple, groups)  # kept = groups * k is a multiple of ``multiple`` iff step | k
+    k = max(step, -(-k_exact // step) * step)
+    note = None
+    if k > size:
+        k = (size // step) * step
+        if k == 0:
+            raise EdgekitError(f"{channels} channels cannot keep a multiple of {multiple} "
+                               f"(what every registered backend compiles); prune with --exact")
+        note = (f"{channels} channels are not a multiple of {multiple}: kept {groups * k}, "
+                f"{groups * (k_exact - k)} fewer than the ratio gives")
+    return groups * k_exact, groups * k, note
+
+
+def _pruning_groups(pruner):
+    """The dependency groups ``pruner`` prunes (as ``MetaPruner._prune`` enumerates them)."""
+    return [g for g in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                                 root_module_types=pruner.root_module_types)
+            if pruner._check_pruning_ratio(g)]
+
+
+def _group_of(pruner, groups, module):
+    """The group among ``groups`` that prunes ``module``'s output channels (each output channel
+    count belongs to exactly one group)."""
+    for g in groups:
+        if any(dep.target.module is module and pruner.DG.is_out_channel_pruning_fn(dep.handler) for dep, _ in g):
+            return g
+    return None
+
+
+def _channel_count_modules(model: GMBINet) -> List[tuple]:
+    """(label, module) for every free channel count of a GMBINet: the layer whose output channels are
+    stage s's width (as :func:`widths_of` reads them), and DF1's output (the head width)."""
+    mods = [("stage 1", model.encoder1[0])]
+    mods += [(f"stage {s}", getattr(model, f"encoder{s}")[0].conv[3]) for s in range(2, 6)]
+    return mods + [("head", model.DF1.conv[3])]
+
+
+def _round_groups(pruner, model: GMBINet, ratio: float, multiple: int) -> tuple[dict, dict]:
+    """(rounding record, Torch-Pruning ``pruning_ratio_dict``) that make every dependency group keep
+    its :func:`plan_kept_channels` count instead of the ratio's.
+
+    Each group gets its own ratio, keyed by its root layer (a local scope of its own): one that makes
+    ``int(size * (1 - r))`` land half a channel above the planned per-group count, so float rounding
+    cannot truncate it to one less. The ranking inside each group is unchanged."""
+    groups = _pruning_groups(pruner)
+    counted = []
+    for label, mod in _channel_count_modules(model):
+        g = _group_of(pruner, groups, mod)
+        if g is None:
+            raise RuntimeError(f"no Torch-Pruning group prunes the {label} channels")
+        counted.append((label, g))
+    labels = {id(g): label for label, g in counted}
+    planned, ratio_dict = {}, {}
+    for g in groups:
+        root = g[0].dep.target.module
+        n = pruner.DG.get_out_channels(root)
+        ch_groups = pruner._get_channel_groups(g)
+        try:
+            exact, kept, note = plan_kept_channels(n, ch_groups, ratio, multiple)
+        except EdgekitError as e:
+            raise EdgekitError(f"{labels.get(id(g), 'a dependency group')}: {e}") from None
+        size, k = n // ch_groups, kept // ch_groups
+        ratio_dict[root] = 0.0 if k == size else (size - k - 0.5) / size
+        planned[id(g)] = (exact, kept, note)
+    exact_w, kept_w, notes = [], [], []
+    for label, g in counted:
+        exact, kept, note = planned[id(g)]
+        exact_w.append(exact)
+        kept_w.append(kept)
+        if note:
+            notes.append(f"{label}: {note}")
+    record = {"channel_multiple": multiple, "widths_exact": exact_w[:5], "head_width_exact": exact_w[5],
+              "head_width": kept_w[5], "notes": notes, "planned": kept_w[:5]}
+    return record, ratio_dict
+
+
 def prune_gmbinet(model: GMBINet, ratio: float, *, example_size: int = 64, macs_size: int = 512,
                   importance: str = "magnitude", grad_batches=None, criterion=None,
-                  round_to: Optional[int] = None) -> tuple[GMBINet, PruneReport]:
+                  channel_multiple: Optional[int] = None) -> tuple[GMBINet, PruneReport]:
     """Structured-prune ``ratio`` of the channels of every stage (same ratio per stage).
 
     ``importance``: ``magnitude`` (group L2 norm of the traced layers' weights), ``magnitude-gmbi``
     (plus the weights inside the GMBI units) or ``taylor`` (first-order Taylor, |w * dL/dw|, with
     the gradients of ``criterion``, the training loss, over ``grad_batches``: (images, masks) pairs).
+
+    ``channel_multiple``: every kept channel count (the stage widths and the head width) is rounded to
+    a multiple of it, removing fewer channels than the ratio gives where needed (:func:`plan_kept_channels`);
+    the report's ``rounding`` says what changed. None or 1: the ratio's widths, exactly.
 
     Returns a fresh :class:`GMBINet` built from the pruned widths with the pruned weights loaded
     strictly (which proves the config describes the pruned network completely) and a report.
@@ -256,6 +357,7 @@ def prune_gmbinet(model: GMBINet, ratio: float, *, example_size: int = 64, macs_
     widths_before = widths_of(src)
 
     work = copy.deepcopy(src)
+    rounding = None
     work.all_heads = True  # trace the side heads too: they consume stage channels
     if importance not in IMPORTANCES:
         raise EdgekitError(f"unknown importance {importance!r} (choose: {', '.join(IMPORTANCES)})")
@@ -271,14 +373,26 @@ def prune_gmbinet(model: GMBINet, ratio: float, *, example_size: int = 64, macs_
             imp = GMBIAwareImportance(p=2)
         else:
             imp = tp.importance.GroupMagnitudeImportance(p=2)
-        with opaque_gmbi(work):
-            pruner = tp.pruner.MetaPruner(
+
+        def make_pruner(ratio_dict=None):
+            return tp.pruner.MetaPruner(
                 work, torch.randn(size), importance=imp, pruning_ratio=ratio, ignored_layers=ignored,
-                customized_pruners={GMBI: GMBIPruner()}, round_to=round_to, global_pruning=False)
+                customized_pruners={GMBI: GMBIPruner()}, pruning_ratio_dict=ratio_dict, global_pruning=False)
+
+        with opaque_gmbi(work):
+            pruner = make_pruner()
+            if channel_multiple and channel_multiple > 1:
+                rounding, ratio_dict = _round_groups(pruner, work, ratio, int(channel_multiple))
+                pruner = make_pruner(ratio_dict)  # the same groups, each with the ratio that keeps its rounded count
             pruner.step()
     work.all_heads = None
     work.zero_grad(set_to_none=True)
     widths = widths_of(work)
+    if rounding is not None:
+        planned = rounding.pop("planned")
+        if (widths, work.DF1.conv[3].out_channels) != (planned, rounding["head_width"]):  # the per-group ratios missed
+            raise RuntimeError(f"pruning kept widths {widths} (head {work.DF1.conv[3].out_channels}), not the planned "
+                               f"{planned} (head {rounding['head_width']})")
     for s, w in enumerate(widths[1:], start=2):
         for m in getattr(work, f"encoder{s}")[1:]:
             if len(set(m.split_sizes())) != 1 or sum(m.split_sizes()) != w:
@@ -292,7 +406,7 @@ def prune_gmbinet(model: GMBINet, ratio: float, *, example_size: int = 64, macs_
     report = PruneReport(ratio=ratio, widths_before=widths_before, widths_after=widths,
                          params_before=params_before, params_after=out.inference_parameter_count(),
                          macs_before=macs_before, macs_after=count_macs(out, (1, src.config.in_channels, macs_size, macs_size))["macs"],
-                         importance=importance)
+                         importance=importance, rounding=rounding)
     return out, report
 
 

@@ -60,11 +60,18 @@ def taylor_batches(dataset, spec, images: int, batch: int = 8):
 
 
 def prune_with_data(ck, ratio: float, data: Optional[str] = None, *, importance: str = "auto",
-                    taylor_images: int = 32, bn_images: int = 200, val_limit: Optional[int] = None):
+                    taylor_images: int = 32, bn_images: int = 200, val_limit: Optional[int] = None,
+                    exact: bool = False):
     """What ``edgekit prune`` does before any fine-tuning: rank the channels (Taylor when ``data``
     is given, else magnitude), prune, recalibrate BatchNorm on ``data``'s train split and compare
     source and pruned model on its val split. Returns (pruned Checkpoint, PruneReport); the
-    recalibration and the check are in the checkpoint's provenance."""
+    recalibration and the check are in the checkpoint's provenance.
+
+    Unless ``exact``, the kept channel counts are rounded up to what every registered backend compiles
+    (the registry's :func:`~edgekit.backends.registry.common_channel_multiple`), so a pruned model
+    compiles for every target; the report's ``rounding`` (also in the provenance) says what changed
+    and which backends asked for it."""
+    from edgekit.backends.registry import common_channel_multiple
     from edgekit.data.datasets import limit_samples, open_segmentation
     from edgekit.train.losses import DeepSupervisionLoss
 
@@ -79,8 +86,13 @@ def prune_with_data(ck, ratio: float, data: Optional[str] = None, *, importance:
         raise EdgekitError("--importance taylor needs training images: pass --data DIR")
     grads = taylor_batches(train, ck.preprocess, taylor_images) if importance == "taylor" else None
     bn = bn_batches(train, ck.preprocess, bn_images) if (train is not None and bn_images) else None
+    multiple, required_by = (1, {}) if exact else common_channel_multiple()
     pruned, report = prune_checkpoint(ck, ratio, bn_batches=bn, bn_record={"data": train.description} if bn else None,
-                                      importance=importance, grad_batches=grads, criterion=DeepSupervisionLoss())
+                                      importance=importance, grad_batches=grads, criterion=DeepSupervisionLoss(),
+                                      channel_multiple=multiple)
+    if report.rounding is not None:
+        report.rounding = {**report.rounding, "required_by": required_by}
+        pruned.provenance["prune"] = report.to_dict()
     if val is not None and any(s.mask_path is not None or s._mask is not None for s in val.samples):
         pruned.provenance["check"] = compare_on(ck, pruned, val)
     return pruned, report

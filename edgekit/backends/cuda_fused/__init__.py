@@ -36,4 +36,5 @@ SPEC = register_backend(BackendSpec(
     load_options=("precision", "use_graph"), tools=("pycuda",), from_artifacts=(), verifier=_verify,
     bench_default=("fp32", "fp16"), gpu_bench_default=("fp32", "fp16"), runs_checkpoints=True,
     builds_without_package=True,  # nvcc prebuilds the kernels and host emulation verifies them: no PyCUDA needed
+    channel_multiple=4,  # fold_gmbinet / plan_dwpw / plan_gmbi: widths divisible by 4 (float4 weight loads over Cout)
 ))
