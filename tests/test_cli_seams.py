@@ -1,0 +1,80 @@
+"""Issue 19 item 4: real failures a new user met came out as a usage block, "internal error", or a
+wrong count. Each test here failed before its fix."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import one_error_line
+
+
+# -- Click's own usage errors: one line, exit 2 ------------------------------------------------
+
+@pytest.mark.parametrize("args, says", [
+    (("predict", "--threads", "0", "m.pt", "x.png"), "'--threads': 0 is not in the range"),
+    (("eval", "--batch", "0"), "'--batch': 0 is not in the range"),
+    (("info", "--bogus"), "No such option '--bogus'"),
+    (("nosuch",), "No such command 'nosuch'"),
+    (("--bogus",), "No such option '--bogus'"),
+    (("predict",), "Missing argument"),
+    (("repo", "init", "--bogus"), "No such option '--bogus'"),
+])
+def test_click_usage_errors_are_one_error_line_exit_2(cli, args, says):
+    result = cli(*args)
+    line = one_error_line(result)
+    assert result.exit_code == 2
+    assert says in line and "--help" in line, line
+
+
+def test_bare_command_still_shows_its_help(cli):
+    result = cli()
+    assert result.output.startswith("Usage: ") and "Commands:" in result.output
+
+
+# -- --data: class folders, masks beside images ---------------------------------------------------
+
+def test_class_folders_given_to_eval_say_masks_are_needed(cli, neu):
+    line = one_error_line(cli("eval", "--data", neu, "--limit", "2"))
+    assert "class folders" in line and "1800 images" in line and "masks" in line
+    assert "edgekit adapt" in line and "no images" not in line
+
+
+def _side_by_side(folder, n=3, mask_name="{stem}.png"):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray((rng.random((48, 64)) * 255).astype("uint8")).save(folder / f"exp1_num_{i}.jpg")
+        m = np.zeros((48, 64), "uint8")
+        m[8:20, 10:40] = 255
+        Image.fromarray(m).save(folder / mask_name.format(stem=f"exp1_num_{i}"))
+    return folder
+
+
+@pytest.mark.parametrize("mask_name", ["{stem}.png", "{stem}_mask.png"])
+def test_masks_beside_images_are_masks_not_images(tmp_path, mask_name):
+    from edgekit.data.datasets import open_segmentation
+
+    ds = open_segmentation(str(_side_by_side(tmp_path / "Imgs", mask_name=mask_name)))
+    assert len(ds.samples) == 3, [s.name for s in ds.samples]
+    assert all(s.image_path.suffix == ".jpg" and s.mask_path is not None for s in ds.samples)
+
+
+def test_eval_on_an_imgs_folder_with_masks_beside_images(cli, tmp_path):
+    import json
+
+    result = cli("eval", "--data", _side_by_side(tmp_path / "Imgs"), "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["overall"]["images"] == 3
+
+
+# -- messages clipped at a word, not mid-word -------------------------------------------------
+
+def test_long_messages_are_clipped_at_a_word_boundary():
+    from edgekit.errors import first_line
+
+    text = "upstream connect error or disconnect/reset before headers. " * 4 + "server down"
+    clipped = first_line(RuntimeError(text + "\nsecond line"), 120)
+    assert len(clipped) <= 120 and clipped.endswith("...")
+    assert text.startswith(clipped[:-3]) and text[len(clipped) - 3] == " "  # cut where a word ends
+    assert first_line(RuntimeError("server down\ntraceback")) == "server down"
