@@ -2,6 +2,10 @@
 wrong count. Each test here failed before its fix."""
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -78,3 +82,37 @@ def test_long_messages_are_clipped_at_a_word_boundary():
     assert len(clipped) <= 120 and clipped.endswith("...")
     assert text.startswith(clipped[:-3]) and text[len(clipped) - 3] == " "  # cut where a word ends
     assert first_line(RuntimeError("server down\ntraceback")) == "server down"
+
+
+# -- an --out that cannot be written: refused up front, naming what the user gave ------------------
+
+def _unwritable_outs(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    outs = {"afile/art": "is not a folder"}  # a parent that is a file: refused for root too
+    if Path("/proc").is_dir():
+        outs["/proc/art"] = "/proc is not writable"  # no one can create a folder in /proc
+    return outs
+
+
+@pytest.mark.parametrize("args", [("compile", "--target", "onnx"), ("quantize", "--target", "openvino",
+                                                                    "--calib", "synthetic")])
+def test_unwritable_out_is_refused_before_the_work(cli, tmp_path, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    for out, says in _unwritable_outs(tmp_path).items():
+        started = time.monotonic()
+        line = one_error_line(cli(*args, "--out", out))
+        assert line.startswith(f"error: cannot write {out}: ") and says in line, line
+        assert "internal error" not in line and time.monotonic() - started < 5  # before any model work
+
+
+def test_read_only_folder_is_refused_naming_it(cli, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a mode-0555 folder; the /proc and file-as-parent cases cover root")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        line = one_error_line(cli("compile", "--target", "onnx", "--out", ro / "art"))
+    finally:
+        ro.chmod(0o755)
+    assert f"cannot write {ro / 'art'}" in line and "not writable" in line and not list(ro.iterdir())
