@@ -2,6 +2,7 @@
 wrong count. Each test here failed before its fix."""
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -116,3 +117,25 @@ def test_read_only_folder_is_refused_naming_it(cli, tmp_path):
     finally:
         ro.chmod(0o755)
     assert f"cannot write {ro / 'art'}" in line and "not writable" in line and not list(ro.iterdir())
+
+
+# -- keygen prints both ids a key goes by ---------------------------------------------------------
+
+def test_keygen_prints_the_ids_repo_status_shows(cli, tmp_path, monkeypatch):
+    pytest.importorskip("tuf")
+    monkeypatch.chdir(tmp_path)
+    pkg, role = cli("keygen", "--out", "pkgkey"), cli("keygen", "--out", "rolekey")
+    assert pkg.exit_code == 0 and role.exit_code == 0
+    ids = {}
+    for name, result in (("pkg", pkg), ("role", role)):
+        lines = {l.split(" (")[0].rsplit(" ", 1)[0]: l.split(" (")[0].rsplit(" ", 1)[1]
+                 for l in result.stdout.splitlines() if "key id" in l}
+        ids[name] = lines
+        assert set(lines) == {"key id", "TUF key id"} and lines["key id"] != lines["TUF key id"]
+    assert cli("repo", "init", "repo", "--keys", "repokeys", "--package-key", "pkgkey/public_key.pem",
+               "--tasks", "crack-*").exit_code == 0
+    assert cli("repo", "delegate", "repo", "crack", "--paths", "adapters/crack-*", "--key", "rolekey").exit_code == 0
+    status = json.loads(cli("repo", "status", "repo", "--json").stdout)
+    crack = next(r for r in status["roles"] if r["role"] == "crack")
+    assert [k["keyid"] for k in crack["keys"]] == [ids["role"]["TUF key id"]]
+    assert ids["pkg"]["key id"] in [k["key_id"] for k in status["package_keys"]]
