@@ -139,3 +139,18 @@ def test_keygen_prints_the_ids_repo_status_shows(cli, tmp_path, monkeypatch):
     crack = next(r for r in status["roles"] if r["role"] == "crack")
     assert [k["keyid"] for k in crack["keys"]] == [ids["role"]["TUF key id"]]
     assert ids["pkg"]["key id"] in [k["key_id"] for k in status["package_keys"]]
+
+
+# -- .ci/run: says what it installs, and why tests were skipped (issue 19 item 3) ----------------
+
+def test_ci_runs_the_readmes_test_command_with_skip_reasons_and_visible_installs():
+    from conftest import ROOT
+
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    readme = (ROOT / "README.md").read_text()
+    test_line = [l for l in ci if l.startswith("python -m pytest")]
+    assert test_line == ["python -m pytest -q -rs tests"]
+    assert f"```bash\n{test_line[0]}\n```" in readme  # the README's test command, exactly
+    install = [l for l in ci if "pip install" in l and "-e '." in l]
+    assert len(install) == 1 and " -q" not in install[0]  # pip lists what it installs
+    assert sum(l.startswith("step ") for l in ci) >= 4  # each step announced
