@@ -154,3 +154,36 @@ def test_ci_runs_the_readmes_test_command_with_skip_reasons_and_visible_installs
     install = [l for l in ci if "pip install" in l and "-e '." in l]
     assert len(install) == 1 and " -q" not in install[0]  # pip lists what it installs
     assert sum(l.startswith("step ") for l in ci) >= 4  # each step announced
+
+
+def test_a_servers_long_error_is_clipped_at_a_word(cli):
+    """A real HTTP server on 127.0.0.1 that is up but answers the model's metadata with a long error."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    pytest.importorskip("tritonclient.http")
+    message = "the model repository is unavailable because the " + "backing storage server is down " * 8
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.path in ("/v2/health/live", "/v2/models/m/ready")
+            body = b"" if ok else json.dumps({"error": message}).encode()
+            self.send_response(200 if ok else 400)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        line = one_error_line(cli("bench", "--server", f"127.0.0.1:{server.server_address[1]}", "--model", "m"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "model 'm' on 127.0.0.1:" in line and line.endswith("...")
+    last_word = line[:-3].split()[-1]
+    assert last_word in message.split(), line  # the message ends on a whole word
