@@ -187,3 +187,26 @@ def test_a_servers_long_error_is_clipped_at_a_word(cli):
     assert "model 'm' on 127.0.0.1:" in line and line.endswith("...")
     last_word = line[:-3].split()[-1]
     assert last_word in message.split(), line  # the message ends on a whole word
+
+
+# -- the fleet section's backbone step: a registry's backbone compiles (its spec is per channel) ------
+
+def test_backbone_preprocess_with_per_channel_mean_is_accepted_and_applied():
+    """`edgekit compile REGISTRY` failed with "preprocess mean must be a finite number, not [0.485, ...]":
+    the bounded spec refused the per-channel ImageNet mean every MLFF backbone carries."""
+    from edgekit.data.preprocess import PreprocessSpec, preprocess
+    from edgekit.errors import EdgekitError
+    from edgekit.mlff.runner import backbone_preprocess_dict
+
+    d = backbone_preprocess_dict({"shape": [3, 8, 8], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
+    spec = PreprocessSpec.from_dict(d)
+    img = np.full((4, 4), 255, np.uint8)
+    x = preprocess([img], spec)
+    assert x.shape == (1, 3, 8, 8)
+    np.testing.assert_allclose(x[0, :, 0, 0], (1.0 - np.array(d["mean"])) / np.array(d["std"]), rtol=1e-5)
+    scalar = preprocess([img], PreprocessSpec(mean=0.5, std=0.25, input_size=(8, 8)))
+    np.testing.assert_allclose(scalar, 2.0)  # the one-number path unchanged
+    for bad in ({"mean": [0.1, 0.2]}, {"mean": [0.1, float("nan"), 0.2]}, {"std": [0.2, 0.0, 0.2]},
+                {"mean": [True, 0.1, 0.1]}, {"std": "x"}):
+        with pytest.raises(EdgekitError, match="preprocess (mean|std)"):
+            PreprocessSpec.from_dict({**d, **bad})
