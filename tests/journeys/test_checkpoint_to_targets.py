@@ -77,9 +77,11 @@ def test_checkpoint_to_every_target_then_eval_predict_bench(tmp_path, tiny_ckpt)
     r = edgekit(work, "bench", *[f"art/{t}" for t in targets], "--data", "data", "--limit", "2", "--rounds", "1",
                 "--iters", "3", "--batch", "1", "--json", timeout=300)
     bench = json.loads(r.stdout)
-    rows = json.dumps(bench)
+    names = [row["name"] for row in bench["rows"]]
     for target in targets:
-        assert f"art/{target}" in rows or target in rows, f"no bench row for {target}"
+        assert [n for n in names if n.startswith(target)], f"no bench row for {target}: {names}"
+    for row in bench["rows"]:
+        assert row["fps_b1"] > 0 and row["iou"] is not None, row
 
     # a hand-off that must be refused in one line: a cpu-fused artifact is no source for openvino
     if "cpu-fused" in targets:
