@@ -18,7 +18,7 @@ import traceback
 import click
 
 from edgekit import __version__
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, first_line
 
 COMMAND_MODULES = (
     "edgekit.commands.core",  # info, eval, predict, import, synth
@@ -42,18 +42,37 @@ def report_error(e: BaseException) -> None:
         sys.exit(130)
     if os.environ.get("EDGEKIT_DEBUG"):
         traceback.print_exc()
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    click.echo(f"error: internal error ({type(e).__name__}: {first[:200]}); "
+    click.echo(f"error: internal error ({type(e).__name__}: {first_line(e)}); "
                "set EDGEKIT_DEBUG=1 for the traceback", err=True)
     sys.exit(1)
 
 
+def report_usage_error(e: click.UsageError) -> None:
+    """Exit 2 with one line for Click's own usage errors (unknown option, a value out of range, a
+    missing argument), where Click prints a 4-line usage block; the line names the --help to read."""
+    if type(e).__name__ == "NoArgsIsHelpError":  # a bare `edgekit` or `edgekit repo`: the help, as Click shows it
+        raise e
+    message = " ".join(e.format_message().split())
+    where = e.ctx.command_path if e.ctx is not None else "edgekit"
+    click.echo(f"error: {message} (see '{where} --help')", err=True)
+    sys.exit(2)
+
+
 class EdgekitGroup(click.Group):
-    """Turns every EdgekitError into one line on stderr and a non-zero exit."""
+    """Turns every EdgekitError and every Click usage error into one line on stderr and a
+    non-zero exit."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:  # the group's own options and arguments (`edgekit --bogus`)
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            report_usage_error(e)
 
     def invoke(self, ctx):
-        try:
+        try:  # an unknown command, and each command's options (`edgekit eval --batch 0`)
             return super().invoke(ctx)
+        except click.UsageError as e:
+            report_usage_error(e)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
         except (Exception, KeyboardInterrupt) as e:

@@ -16,3 +16,18 @@ class MissingBackendError(EdgekitError):
     def __init__(self, what: str, package: str):
         super().__init__(f"{what} needs the optional package '{package}': pip install {package}")
         self.package = package
+
+
+def first_line(e, limit: int = 200) -> str:
+    """The first line of an exception's (or a text's) message for a one-line error, at most ``limit``
+    characters, cut at a word boundary and marked with "..." (a plain slice cut server messages
+    mid-word: "server down" came out as "server do")."""
+    text = str(e).strip()
+    line = text.splitlines()[0].strip() if text else (type(e).__name__ if isinstance(e, BaseException) else "")
+    if len(line) <= limit:
+        return line
+    cut = line[:limit - 3]
+    space = cut.rfind(" ")
+    if space >= limit // 2:
+        cut = cut[:space]
+    return cut.rstrip(" ,;:") + "..."

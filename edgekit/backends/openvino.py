@@ -118,4 +118,7 @@ SPEC = register_backend(BackendSpec(
     pip_name="openvino", extra="cpu", int8="nncf", quantize_format="openvino", needs={"int8": ("calibration",)},
     load_options=("threads", "hint"), async_queue=True, tools=("onnx", "onnxsim", "openvino"),
     bench_default=("default", "fp32", "int8"), kinds=("gmbinet", "mlff-backbone"), model_suffixes=(".xml",),
+    # the model files its build reads (ONNX, OpenVINO IR); a cpu-fused weights blob fed to
+    # ov.convert_model came out as TensorFlow GraphDef log noise and "Cannot recognize input model"
+    from_artifacts=("onnx", "ort", "openvino"),
 ))

@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -72,9 +74,31 @@ def out_option(kind: str, help: str, required: bool = True, dest: str = "out"):
 
 
 def check_out(out, force: bool) -> None:
-    """Refuse an existing ``--out`` without ``--force``: checked before anything is loaded."""
-    if out is not None and Path(out).exists() and not force:
+    """Refuse, before anything is loaded, an existing ``--out`` without ``--force`` and an ``--out``
+    that cannot be written."""
+    if out is None:
+        return
+    if Path(out).exists() and not force:
         raise EdgekitError(f"{out} already exists (use --force to replace it)")
+    check_writable(out)
+
+
+def check_writable(out) -> None:
+    """Refuse an ``--out`` whose folder cannot be written, naming what the user gave.
+
+    Outputs are written into a temporary name beside ``out`` and renamed into place at the end, so an
+    unwritable folder used to surface only after all the work, as "internal error (OSError ...
+    '.art._pexka79')". The probe is the real operation (a temporary folder made and removed where the
+    output will go), not ``os.access``, which says yes to root on a read-only mount."""
+    parent = Path(out).absolute().parent
+    while not parent.exists() and parent != parent.parent:  # the folders that would be created
+        parent = parent.parent
+    if not parent.is_dir():
+        raise EdgekitError(f"cannot write {out}: {parent} is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".edgekit-write-check.", dir=parent))
+    except OSError as e:
+        raise EdgekitError(f"cannot write {out}: {parent} is not writable ({e.strerror or type(e).__name__})") from None
 
 
 def note(message: str) -> None:

@@ -29,7 +29,23 @@ def keygen_cmd(out_dir, force):
     private_path, public_path, kid = generate_keypair(out_dir, force=force)
     click.echo(f"wrote {private_path} (private, mode 0600: keep it on the build machine)")
     click.echo(f"wrote {public_path} (public: give it to devices with --pubkey)")
-    click.echo(f"key id {kid}")
+    # Two ids name the same key, and both appear in output: edgekit's own (the sha256 of the raw public
+    # key: manifest.sig, sealed packages, trust bundles, `repo status` package keys) and TUF's (the
+    # hash of the key's TUF metadata form, securesystemslib's keyid: `repo status` roles, `repo delegate`).
+    click.echo(f"key id {kid} (edgekit: sha256 of the raw public key; package and artifact signatures, "
+               "trust bundles, 'package keys' in repo status)")
+    tuf_id = _tuf_key_id(public_path)
+    if tuf_id is not None:
+        click.echo(f"TUF key id {tuf_id} (as a repository role key: 'roles' in repo status, repo delegate)")
+
+
+def _tuf_key_id(public_path):
+    """The TUF keyid of a public key file, or None where the fleet packages (tuf) are not installed."""
+    try:
+        from edgekit.fleet.repository import public_key
+    except ImportError:
+        return None
+    return public_key(public_path).keyid
 
 
 @click.command("package")

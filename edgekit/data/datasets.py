@@ -122,12 +122,61 @@ def load_sd900(root: Path, split: str = "test") -> SegDataset:
                       name="SD-Saliency-900", split=split)
 
 
+MASK_SUFFIXES = ("_mask", "_gt", "_label")
+
+
+def split_masks_beside_images(paths: Sequence[Path]) -> Tuple[List[Path], Dict[str, Path]]:
+    """One folder holding images and their masks side by side (the Magnetic-tile layout: ``x.jpg`` +
+    ``x.png``; or ``x.jpg`` + ``x_mask.png``): the images, and each image stem's mask. A ``.png``
+    that shares its stem with an image of another extension is that image's mask, and so is
+    ``STEM_mask.*`` (also ``_gt``, ``_label``) where ``STEM`` is an image; neither counts as an image."""
+    by_stem: Dict[str, List[Path]] = defaultdict(list)
+    for p in paths:
+        by_stem[p.stem].append(p)
+    masks: Dict[str, Path] = {}
+    for stem, group in by_stem.items():
+        pngs = [p for p in group if p.suffix.lower() == ".png"]
+        others = [p for p in group if p.suffix.lower() != ".png"]
+        if pngs and others:
+            masks[stem] = pngs[0]
+    for stem in list(by_stem):
+        for suffix in MASK_SUFFIXES:
+            base = stem[:-len(suffix)] if stem.endswith(suffix) else None
+            if base and base in by_stem and base not in masks and stem not in masks:
+                masks[base] = by_stem[stem][0]
+    mask_files = set(masks.values())
+    images = [p for p in paths if p not in mask_files]
+    return images, masks
+
+
+def _class_folders_note(root: Path) -> Optional[str]:
+    """The one-line explanation for a class-per-folder set (NEU-CLS) given where masks are needed."""
+    try:
+        subs = sorted(p for p in root.iterdir() if p.is_dir())
+    except OSError:
+        return None
+    with_images = [(p.name, len(_images_in(p))) for p in subs]
+    with_images = [(n, k) for n, k in with_images if k]
+    if not with_images:
+        return None
+    names = ", ".join(n for n, _ in with_images[:4]) + (", ..." if len(with_images) > 4 else "")
+    total = sum(k for _, k in with_images)
+    return (f"{root} holds class folders ({names}: {total} images) but no masks; segmentation needs masks "
+            "(images/ + masks/ by file name, or x.png / x_mask.png beside x.jpg); for classification data "
+            "use `edgekit adapt`")
+
+
 def load_pairs(images: Path, masks: Optional[Path]) -> SegDataset:
-    """Generic layout: an image folder and a mask folder whose files share stems."""
+    """Generic layout: an image folder and a mask folder whose files share stems, or one folder with
+    each mask beside its image (``split_masks_beside_images``)."""
     paths = _images_in(images)
     if not paths:
-        raise EdgekitError(f"no images in {images}")
-    mask_by_stem = {p.stem: p for p in _images_in(masks)} if masks else {}
+        note = _class_folders_note(images)
+        raise EdgekitError(note or f"no images in {images}")
+    if masks:
+        mask_by_stem = {p.stem: p for p in _images_in(masks)}
+    else:
+        paths, mask_by_stem = split_masks_beside_images(paths)
     samples = [SegSample(p.stem, _prefix_class(p.stem), p, mask_by_stem.get(p.stem)) for p in paths]
     if masks and not any(s.mask_path for s in samples):
         raise EdgekitError(f"no mask in {masks} matches an image name in {images}")

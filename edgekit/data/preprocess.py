@@ -44,11 +44,18 @@ class PreprocessSpec:
             raise EdgekitError(f"preprocess channels must be an integer in 1..64, not {self.channels!r}"[:200])
         self.channels = int(self.channels)
         for name in ("mean", "std"):
+            # one number, or one per channel: an MLFF backbone's spec carries ImageNet's per-channel
+            # mean/std (edgekit.mlff.runner.backbone_preprocess_dict); refusing those made every
+            # `edgekit compile REGISTRY` fail with "preprocess mean must be a finite number"
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or abs(v) > 1e6:
-                raise EdgekitError(f"preprocess {name} must be a finite number, not {v!r}"[:200])
-        if self.std <= 0:
-            raise EdgekitError(f"preprocess std must be > 0, not {self.std!r}")
+            values = list(v) if isinstance(v, (list, tuple)) and len(v) == self.channels else [v]
+            if any(isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) or abs(x) > 1e6
+                   for x in values):
+                raise EdgekitError(f"preprocess {name} must be a finite number or one per channel, not {v!r}"[:200])
+            if name == "std" and any(x <= 0 for x in values):
+                raise EdgekitError(f"preprocess std must be > 0, not {v!r}"[:200])
+            if isinstance(v, (list, tuple)):
+                setattr(self, name, [float(x) for x in values])
         if self.scale not in ("max", "255"):
             raise EdgekitError(f"preprocess scale must be 'max' or '255', not {self.scale!r}"[:200])
 
@@ -78,6 +85,13 @@ def preprocess(images: Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarray
             x = x / m if m > 0 else x
         else:
             x = x / 255.0
+        if isinstance(spec.mean, list) or isinstance(spec.std, list):  # one per channel: after replicating
+            x = F.interpolate(x[None, None], size=spec.input_size, mode="bilinear", align_corners=False)
+            x = x[0].expand(spec.channels, -1, -1)
+            mean = torch.tensor(spec.mean, dtype=torch.float32).reshape(-1, 1, 1)
+            std = torch.tensor(spec.std, dtype=torch.float32).reshape(-1, 1, 1)
+            out[i] = ((x - mean) / std).numpy()
+            continue
         x = (x - spec.mean) / spec.std
         x = F.interpolate(x[None, None], size=spec.input_size, mode="bilinear", align_corners=False)
         out[i] = x[0].expand(spec.channels, -1, -1).numpy()

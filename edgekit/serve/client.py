@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from edgekit.data.preprocess import PreprocessSpec
-from edgekit.errors import EdgekitError, MissingBackendError
+from edgekit.errors import EdgekitError, MissingBackendError, first_line
 from edgekit.backends.base import Runner
 
 
@@ -77,8 +77,8 @@ class ServerRunner(Runner):
                 if self.protocol == "http" else self._mod.InferenceServerClient(self.address)
             live = client.is_server_live()
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise EdgekitError(f"no inference server answering at {self.protocol}://{self.address} ({first[:160]})") from None
+            raise EdgekitError(f"no inference server answering at {self.protocol}://{self.address} "
+                               f"({first_line(e, 160)})") from None
         if not live:
             raise EdgekitError(f"the inference server at {self.address} is not live")
         return client
@@ -94,8 +94,7 @@ class ServerRunner(Runner):
         except EdgekitError:
             raise
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise EdgekitError(f"model {self.model!r} on {self.address}: {first[:200]}") from None
+            raise EdgekitError(f"model {self.model!r} on {self.address}: {first_line(e)}") from None
         try:  # Triton's extension; OVMS and KServe do not have it (then: --spec-from, no batch limit known)
             if self.protocol == "grpc":
                 config = self.client.get_model_config(self.model, self.version, as_json=True).get("config", {})
@@ -112,8 +111,7 @@ class ServerRunner(Runner):
         try:
             res = client.infer(self.model, [inp], model_version=self.version, outputs=[out])
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise EdgekitError(f"{self.address}/{self.model}: inference failed: {first[:200]}") from None
+            raise EdgekitError(f"{self.address}/{self.model}: inference failed: {first_line(e)}") from None
         return res.as_numpy(self.output_name)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, first_line
 
 PYTRITON = "nvidia-pytriton==0.7.0"
 STUB_NUMPY = "numpy<2"
@@ -271,7 +271,7 @@ class TritonServer:
         except OSError:
             return "no log"
         bad = [l for l in lines if l.startswith("E") or "error" in l.lower() or "failed" in l.lower()]
-        return (bad or lines or ["no output"])[-1].strip()[:300]
+        return first_line((bad or lines or ["no output"])[-1], 300)
 
     def stop(self, timeout: float = 30) -> Optional[int]:
         """SIGTERM (Triton unloads models and exits), SIGKILL after ``timeout``; removes the work folder."""
