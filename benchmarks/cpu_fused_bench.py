@@ -1,6 +1,6 @@
 """cpu-fused against plain OpenVINO: interleaved rounds on one machine, spread reported, per-kernel timings.
 
-    python benchmarks/cpu_fused_bench.py --baseline OV_DEFAULT_ARTIFACT --row NAME=ARTIFACT[:threads=N][:batch=B] ...
+    python benchmarks/cpu_fused_bench.py --baseline OV_DEFAULT_ARTIFACT --row NAME=ARTIFACT[:threads=N][:batch=B][:isa=avx2] ...
         [--rounds 9] [--iters 15] [--threads 2] [--kernels CPU_FUSED_ARTIFACT] [--json OUT.json]
 
 Every row is loaded with ``edgekit.runtime.load(path, threads=...)`` and timed through ``infer`` (the call an
@@ -34,7 +34,7 @@ def parse_row(text: str):
     parts = rest.split(":")
     opts = dict(p.split("=", 1) for p in parts[1:])
     return {"name": name, "path": parts[0], "threads": int(opts.get("threads", 0)) or None,
-            "batch": int(opts.get("batch", 1))}
+            "batch": int(opts.get("batch", 1)), "isa": opts.get("isa")}
 
 
 def cpu_info() -> dict:
@@ -50,7 +50,8 @@ def cpu_info() -> dict:
 def bench(rows, baseline, rounds: int, iters: int, threads: int, log):
     runners = {}
     for r in [baseline, *rows]:
-        runner = runtime.load(r["path"], threads=r["threads"] or threads)
+        extra = {"isa": r["isa"]} if r.get("isa") else {}  # cpu-fused: one of the artifact's ISA libraries
+        runner = runtime.load(r["path"], threads=r["threads"] or threads, **extra)
         x = np.random.default_rng(0).standard_normal((r["batch"], *runner.input_shape)).astype(np.float32)
         for _ in range(3):
             runner.infer(x)  # warm-up: plans, compiled models, caches
@@ -113,7 +114,7 @@ def kernel_profile(path: str, threads: int, calls: int) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", required=True, help="NAME=ARTIFACT of the baseline row, or a path")
-    ap.add_argument("--row", action="append", default=[], help="NAME=ARTIFACT[:threads=N][:batch=B]")
+    ap.add_argument("--row", action="append", default=[], help="NAME=ARTIFACT[:threads=N][:batch=B][:isa=avx2|avx512]")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
