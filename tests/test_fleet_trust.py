@@ -24,11 +24,10 @@ from edgekit.errors import EdgekitError  # noqa: E402
 from edgekit.fleet.repository import open_repository, target_path  # noqa: E402
 from edgekit.ota import build_package, generate_keypair, installed, verify_package  # noqa: E402
 from edgekit.ota.keys import load_private_key  # noqa: E402
-from edgekit.ota.package import (MANIFEST_NAME, PACKAGE_FORMAT, PACKAGE_FORMAT_VERSION, PAYLOAD_PREFIX,  # noqa: E402
-                                 SIGNATURE_NAME, _zip_member, manifest_to_bytes, seal_archive)
+from edgekit.ota.package import MANIFEST_NAME, PACKAGE_FORMAT, PACKAGE_FORMAT_VERSION, _write_sealed  # noqa: E402
 from edgekit.ota.trust import load_bundle  # noqa: E402
 
-from test_fleet import TASK, env, fleet, ok, one_error_line, refused, tree, update  # noqa: E402,F401
+from test_fleet import TASK, env, fleet, ok, one_error_line, refused, update  # noqa: E402,F401
 
 
 # --- an attacker's tools: python-tuf directly, with whichever keys the attacker holds ----------------------------
@@ -170,15 +169,8 @@ def _sealed_with_task(e, tmp_path, task: str) -> Path:
                 "version": "9.9.9", "created_utc": "2026-12-06T00:00:00Z", "key_id": key_id(key.public_key()),
                 "files": [{"name": n, "sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}
                           for n, d in payload.items()]}
-    mb = manifest_to_bytes(manifest)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr(_zip_member(MANIFEST_NAME), mb)
-        zf.writestr(_zip_member(SIGNATURE_NAME), key.sign(mb))
-        for n, d in payload.items():
-            zf.writestr(_zip_member(PAYLOAD_PREFIX + n), d)
     out = tmp_path / "named.zip"
-    out.write_bytes(seal_archive(buf.getvalue(), key))
+    _write_sealed(manifest, payload, key, out)  # the package writer, without build_package's checks
     return out
 
 
