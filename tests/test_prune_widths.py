@@ -14,7 +14,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from conftest import one_error_line, tiny_config
 
@@ -27,6 +26,8 @@ from edgekit.errors import EdgekitError  # noqa: E402
 from edgekit.models.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from edgekit.models.gmbinet import GMBINet  # noqa: E402
 
+from test_prune import _random_bn  # noqa: E402
+
 PUBLISHED_WIDTHS = (16, 32, 64, 96, 128)
 # What the ratio alone keeps of PUBLISHED_WIDTHS (Torch-Pruning: int(per-group size * (1 - ratio)) per group).
 EXACT = {0.125: [14, 28, 56, 84, 112], 0.25: [12, 24, 48, 72, 96], 0.5: [8, 16, 32, 48, 64]}
@@ -35,14 +36,7 @@ EXACT = {0.125: [14, 28, 56, 84, 112], 0.25: [12, 24, 48, 72, 96], 0.5: [8, 16, 
 def _model(widths=PUBLISHED_WIDTHS, seed: int = 0) -> GMBINet:
     """A random GMBINet with non-trivial BatchNorm statistics (so pruned channels matter)."""
     torch.manual_seed(seed)
-    model = GMBINet(tiny_config(widths=widths))
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.eval()
+    return _random_bn(GMBINet(tiny_config(widths=widths)), seed).eval()
 
 
 @pytest.fixture(scope="module")
