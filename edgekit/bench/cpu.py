@@ -283,7 +283,7 @@ def score_rows(rows: List[Row], dataset: SegDataset, eval_limit: Optional[int],
     """Every row on the same images: IoU/MAE/maxF against the masks where there are masks, and its
     agreement with its PyTorch reference (``bench.agreement``) where it has one, into ``row.result``."""
     samples = limit_samples(dataset.samples, eval_limit)
-    masks = [s.mask() for s in samples]
+    masks = [s.load()[1] for s in samples]  # load() checks each mask's size against its image
     has_masks = any(m is not None for m in masks)
     scope = accuracy_data(dataset, len(samples), eval_limit)
     if not has_masks:
