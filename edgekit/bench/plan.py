@@ -58,28 +58,56 @@ def artifact_for(ckpt: Path, spec: str, calib: Optional[str], parity_data: str, 
     return folder
 
 
-def plan_rows(models: List[str], backends: List[str], calib: Optional[str], parity_data: str, threads, log):
-    """[(row name, path)] for the benchmark; says on ``log`` which artifact it compiles or reuses."""
+def _model_rows(m: str, backends: List[str]):
+    """[(row name, spec or None)] of one model argument: an artifact or a plain model file is one row as
+    given (spec None); a checkpoint one row per backend spec."""
+    p = Path(m)
+    if is_artifact(p):
+        man = read_manifest(p)
+        return [(f"{man['target']}:{man['precision']} ({p.name})", None)]
+    if spec_for_model_file(p) is not None:  # a plain model.onnx / model.xml: run as given
+        return [(p.name, None)]
+    return [(parse_backend(s)[0] if get_backend(parse_backend(s)[0]).build is None else s, s) for s in backends]
+
+
+def row_names(models: List[str], backends: List[str]) -> List[str]:
+    """The names ``plan_rows`` will give its rows, known before anything is compiled."""
     for m in models:
         if not Path(m).exists():
             raise EdgekitError(f"model not found: {m}")
-    rows, builds = [], [(Path(m), s) for m in models if not is_artifact(Path(m)) for s in backends
-                        if get_backend(parse_backend(s)[0]).build is not None]
+    return [name for m in models for name, _ in _model_rows(m, backends)]
+
+
+def resolve_baseline(wanted: Optional[str], names: List[str]) -> Optional[str]:
+    """The row ``--baseline`` names: the row's full name, or a unique match of what comes before its
+    " (...)" (``openvino:default``) or inside it (the artifact folder's name); without ``--baseline``, the
+    plain OpenVINO row (``BASELINE``) where there is one. One error line for a name that is no row."""
+    if wanted is None:
+        return next((n for n in names if n.startswith(BASELINE)), None)
+    if wanted in names:
+        return wanted
+    hits = [n for n in dict.fromkeys(names)
+            if n.split(" (", 1)[0] == wanted or n.endswith(f"({wanted})")]
+    if len(hits) == 1:
+        return hits[0]
+    listed = ", ".join(dict.fromkeys(names)) or "none"
+    if hits:
+        raise EdgekitError(f"--baseline {wanted} matches several rows ({', '.join(hits)}): give the full row name")
+    raise EdgekitError(f"--baseline {wanted} is not a row of this bench (rows: {listed})")
+
+
+def plan_rows(models: List[str], backends: List[str], calib: Optional[str], parity_data: str, threads, log):
+    """[(row name, path)] for the benchmark; says on ``log`` which artifact it compiles or reuses."""
+    row_names(models, backends)  # every model exists before anything is compiled
+    rows = []
+    planned = [(Path(m), name, spec) for m in models for name, spec in _model_rows(m, backends)]
+    builds = [x for x in planned if x[2] is not None and get_backend(parse_backend(x[2])[0]).build is not None]
     built = 0
-    for m in models:
-        p = Path(m)
-        if is_artifact(p):
-            man = read_manifest(p)
-            rows.append((f"{man['target']}:{man['precision']} ({p.name})", p))
+    for p, name, spec in planned:
+        if spec is None or get_backend(parse_backend(spec)[0]).build is None:  # as given / the checkpoint itself
+            rows.append((name, p))
             continue
-        if spec_for_model_file(p) is not None:  # a plain model.onnx / model.xml: run as given
-            rows.append((f"{p.name}", p))
-            continue
-        for spec in backends:
-            if get_backend(parse_backend(spec)[0]).build is None:  # runs the checkpoint itself (torch)
-                rows.append((parse_backend(spec)[0], p))
-            else:
-                built += 1
-                log(f"artifact {built}/{len(builds)}: {spec} of {p.name}")
-                rows.append((spec, artifact_for(p, spec, calib, parity_data, threads, log)))
+        built += 1
+        log(f"artifact {built}/{len(builds)}: {spec} of {p.name}")
+        rows.append((name, artifact_for(p, spec, calib, parity_data, threads, log)))
     return rows

@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from edgekit.backends.registry import targets
+from edgekit.bench.busy import DEFAULT_SETTLE_S
 from edgekit.commands._common import (check_out, echo_json, force_option, json_option, limit_option, model_path,
                                      out_option, parse_batches, result_stdout, threads_option, write_json)
 from edgekit.errors import EdgekitError
@@ -133,11 +134,19 @@ def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_schem
               "openvino, executorch, cpu-fused: about a dozen artifacts to build instead of 4).")
 @click.option("--batch", "batch", default="1,8", show_default=True, help="Comma list of batch sizes.")
 @threads_option(default=2)
-@click.option("--data", default="synthetic", show_default=True, help="Accuracy data (SD-900 test split when given).")
+@click.option("--data", default="synthetic", show_default=True,
+              help="Accuracy data: synthetic[:N] (scored as agreement with the PyTorch model only), a folder of "
+                   "images and masks (IoU/MAE too), or SD-900 (its test split; the paper's row beside it).")
 @click.option("--calib", default=None, help="Calibration data for int8 rows (default: --data's train split, or the "
               "synthetic generator).")
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--iters", default=20, show_default=True, type=click.IntRange(1), help="Calls per row per round.")
+@click.option("--baseline", default=None, metavar="ROW",
+              help="The row the 'vs baseline' ratios are taken against: a row name as the table shows it, the part "
+                   "before its '(...)', or an artifact folder's name (default: the openvino:default row, if any).")
+@click.option("--settle-time", "settle_s", default=DEFAULT_SETTLE_S, show_default=True, type=click.FloatRange(0),
+              metavar="SECONDS", help="When the load average or the round spread says the machine is busy, time "
+              "more rounds for up to this long until the spread settles (0: never; the warning stays).")
 @limit_option("eval_limit", "--eval-limit")
 @click.option("--json", "json_out", is_flag=False, flag_value="-", default=None, type=click.Path(dir_okay=False),
               help="Print the results on stdout as one JSON document (the table goes to stderr). "
@@ -145,7 +154,7 @@ def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_schem
 @out_option("file", "Write the results JSON here (and the plot beside it).", required=False, dest="out_json")
 @force_option
 @click.option("--plot", "plot_out", default=None, type=click.Path(dir_okay=False),
-              help="FPS-vs-IoU PNG (default: beside --out).")
+              help="FPS-vs-accuracy PNG (default: beside --out).")
 @click.option("--max-autotune", is_flag=True, help="GPU: torch.compile rows with mode=max-autotune (minutes per batch size).")
 @click.option("--server", default=None, metavar="URL", help="A served model's row (HOST:PORT, http://, grpc://; Open "
               "Inference Protocol), beside the local rows of any ARTIFACT given.")
@@ -154,136 +163,111 @@ def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_schem
               "artifact (servers without Triton's model-config API, e.g. OVMS).")
 @click.option("--concurrency", default=2, show_default=True, type=click.IntRange(1),
               help="Requests in flight for the async column (with --server: FPS at concurrency N).")
-def bench_cmd(models, device, backends, all_rows, batch, threads, data, calib, rounds, iters, eval_limit, json_out,
-              out_json, force, plot_out, max_autotune=False, server=None, served_model=None, spec_from=None,
-              concurrency=2):
-    """One table: size, IoU/MAE, latency p50/p90/p99 and FPS of every backend x precision.
+def bench_cmd(models, device, backends, all_rows, batch, threads, data, calib, rounds, iters, baseline, settle_s,
+              eval_limit, json_out, out_json, force, plot_out, max_autotune=False, server=None, served_model=None,
+              spec_from=None, concurrency=2):
+    """One table: size, accuracy, latency p50/p90/p99 and FPS of every backend x precision.
 
     Without --backends a checkpoint (default: the embedded one) gets the backends' default rows:
     torch, the plain OpenVINO baseline (openvino:default), OpenVINO fp32 and INT8, and cpu-fused fp32
     where a C++ compiler and AVX2 are present; their artifacts are compiled once and cached. --all gives every CPU backend x precision.
 
+    Accuracy: every row's agreement with its PyTorch model on the same images (mask IoU, pixels that agree,
+    largest probability difference); IoU/MAE against the masks only on real images (--data), and the
+    paper's own row only beside SD-900. A busy machine (load average or round spread) is said in one line
+    on stderr and given --settle-time to settle.
+
     Given an MLFF adapter REGISTRY (and --data class folders): its backbone per backend + the adapter heads,
     with top-1 accuracy on the held-out part of --data. With --server: a served model's row beside the local ones.
     """
-    import tempfile
+    from edgekit.bench.request import BenchRequest
+    from edgekit.bench.run import kind_of
 
     as_json = json_out == "-"
+    file_out = out_json or (None if as_json else json_out)  # --out FILE, or the older --json FILE
     check_out(out_json, force)
-    models = [model_path(m, registry_ok=True) for m in models] or ([] if server else [model_path(None)])
-    served = dict(server=server, served_model=served_model, spec_from=spec_from, concurrency=concurrency)
+    explicit_batch = click.get_current_context().get_parameter_source("batch") != click.core.ParameterSource.DEFAULT
+    request = BenchRequest(
+        models=tuple(model_path(m, registry_ok=True) for m in models) or (() if server else (model_path(None),)),
+        device=device, backends=tuple(s.strip() for s in backends.split(",") if s.strip()) if backends else None,
+        all_rows=all_rows, batches=tuple(parse_batches(batch)) if explicit_batch else None, threads=threads,
+        data=data, calib=calib, rounds=rounds, iters=iters, eval_limit=eval_limit, baseline=baseline,
+        settle_s=settle_s, max_autotune=max_autotune, server=server, served_model=served_model,
+        spec_from=spec_from, concurrency=concurrency)
+    kind = kind_of(request)
     if not as_json:
-        return _bench(models, device, backends, all_rows, batch, threads, data, calib, rounds, iters, eval_limit,
-                      out_json or json_out, plot_out, max_autotune, **served)
-    with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmp, result_stdout():
-        written = Path(out_json) if out_json else Path(tmp) / "bench.json"
-        _bench(models, device, backends, all_rows, batch, threads, data, calib, rounds, iters, eval_limit, str(written),
-               plot_out or (None if out_json else str(Path(tmp) / "bench.png")), max_autotune, **served)
-        import json
-
-        echo_json(json.loads(written.read_text()))
+        return _bench(request, kind, file_out, plot_out, err=False)
+    with result_stdout():
+        result = _bench(request, kind, file_out, plot_out, err=True)
+        echo_json(result)
 
 
-def _bench(models, device, backends, all_rows, batch, threads, data, calib, rounds, iters, eval_limit, json_out,
-           plot_out, max_autotune=False, server=None, served_model=None, spec_from=None, concurrency=2):
-    import os
-
-    # Rows share one process: torch's OpenMP workers must not spin-wait while OpenVINO's threads run
-    # (seen here: torch p90 latency of seconds when interleaved). Takes effect if torch is not loaded yet.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-    from edgekit import runtime
-    from edgekit.bench.cpu import Row, model_size, run_bench, table_caption, table_columns, table_rows, table_title
-    from edgekit.bench.plan import BASELINE, default_cpu_backends, plan_rows
-    from edgekit.commands._common import print_table, set_threads
-
-    if backends and all_rows:
-        raise EdgekitError("--all and --backends choose the rows two ways: give one of them")
-    if device == "gpu":
-        return _bench_gpu(models, backends, batch, data, calib, rounds, iters, eval_limit, json_out, plot_out, max_autotune)
-    batches = parse_batches(batch)
-    from edgekit.bench.mlff import is_registry
-
-    if any(is_registry(m) for m in models):
-        if len(models) != 1:
-            raise EdgekitError("bench takes one adapter registry at a time (no other models beside it)")
-        return _bench_mlff(models[0], backends, batches, threads, data, calib, rounds, iters, eval_limit, json_out,
-                           plot_out)
+def _bench(request, kind: str, json_file, plot_out, err: bool) -> dict:
+    """Call the bench ``kind`` asks for, write the JSON file and the plot, print its table (stderr when
+    ``err``: stdout then carries the JSON)."""
     log = lambda m: click.echo(f"bench: {m}", err=True)  # noqa: E731 - stage lines on stderr
-    specs = [s.strip() for s in backends.split(",")] if backends else default_cpu_backends(all_rows, log)
-    _check_backend_specs(specs)
-    set_threads(threads)
-    if calib is None:  # int8 rows calibrate on --data (its train split), said in the row's manifest
-        calib = data
-    if server and not served_model:
-        raise EdgekitError("--server needs --model NAME (the served model)")
-    served = None
-    if server:  # the served row first: a server that is not up fails before anything is compiled
-        from edgekit.serve.client import ServerRunner
+    if kind == "gpu":
+        from edgekit.bench.run import bench_gpu
 
-        served = ServerRunner(server, served_model, spec_from=spec_from)
-    planned = plan_rows(list(models), specs, calib, "synthetic:12", threads, log)
-    rows = [Row(name, runtime.load(path, threads=threads), model_size(path)) for name, path in planned]
-    if served:
-        rows.append(Row(f"served {served_model} ({served.protocol})", served, served.size_bytes))
-    result = run_bench(rows, data=data, batches=batches, rounds=rounds, iters=iters, eval_limit=eval_limit,
-                       baseline=next((n for n, _ in planned if n.startswith(BASELINE)), None), async_jobs=concurrency,
-                       log=log)
-    _save_result(result, threads, json_out, plot_out)
-    print_table(table_title(result), table_columns(concurrency), table_rows(result), caption=table_caption(result),
-                err=json_out == "-")
+        result = bench_gpu(request, log=lambda m: click.echo(m, err=True))
+    elif kind == "mlff":
+        from edgekit.bench.run import bench_registry
 
+        result = bench_registry(request, log=lambda m: click.echo(m, err=True))
+    else:
+        from edgekit.bench.run import bench_cpu, check_backend_specs
 
-def _check_backend_specs(specs, allow_auto: bool = True) -> None:
-    """Every ``target:precision`` of ``--backends`` exists and its package is installed (one line if not)."""
-    from edgekit.backends.registry import get_backend
-    from edgekit.bench.plan import parse_backend
+        served = None
+        if request.server:  # the served row first: a server that is not up fails before anything is compiled
+            if request.backends:
+                check_backend_specs(list(request.backends))
+            if not request.served_model:
+                raise EdgekitError("--server needs --model NAME (the served model)")
+            from edgekit.serve.client import ServerRunner
 
-    for s in specs:
-        t, p = parse_backend(s)
-        spec = get_backend(t)
-        if spec.build is None:  # runs checkpoints as they are (torch)
-            spec.require()
-            continue
-        if p == "auto" and not allow_auto:
-            raise EdgekitError("--backends: precision auto is for GMBINet checkpoints")
-        spec.check(p)
+            served = ServerRunner(request.server, request.served_model, spec_from=request.spec_from)
+        result = bench_cpu(request, served=served, log=log)
+    _save_result(result, None if kind == "gpu" else request.threads, json_file, plot_out)
+    _print_table(result, kind, request, err)
+    return result
 
 
-def _save_result(result: dict, threads, json_out, plot_out) -> None:
-    """Record the settings and the command line, write the JSON (``-``: on stdout) and the plot (beside the
-    JSON by default): the CPU, MLFF and GPU benches alike."""
+def _save_result(result: dict, threads, json_file, plot_out) -> None:
+    """Record the settings and the command line, write the JSON file and the plot (beside the JSON file
+    by default): the CPU, MLFF and GPU benches alike."""
     import sys
 
     from edgekit.bench.cpu import plot
 
     result["settings"]["threads"] = threads
     result["command"] = "edgekit " + " ".join(sys.argv[1:])
-    if json_out == "-":
-        echo_json(result)  # the one document on stdout; the table goes to stderr
-    elif json_out:
-        write_json(json_out, result)
-        plot_out = plot_out or str(Path(json_out).with_suffix(".png"))
+    if json_file:
+        write_json(json_file, result)
+        plot_out = plot_out or str(Path(json_file).with_suffix(".png"))
     if plot_out:
         plot(result, Path(plot_out))
 
 
-def _bench_mlff(registry, backends, batches, threads, data, calib, rounds, iters, eval_limit, json_out, plot_out):
-    """``edgekit bench REGISTRY``: backbone (torch / compiled) + the registry's adapter heads, per image."""
-    from edgekit.bench.cpu import format_fps, format_latency, format_speedup
-    from edgekit.bench.mlff import MLFF_BASELINE, default_mlff_backends, plan_mlff_rows, run_mlff_bench
-    from edgekit.commands._common import print_table, set_threads
+def _print_table(result: dict, kind: str, request, err: bool) -> None:
+    from edgekit.commands._common import print_table
 
-    specs = [s.strip() for s in backends.split(",") if s.strip()] if backends else default_mlff_backends()
-    _check_backend_specs(specs, allow_auto=False)
-    if data.startswith("synthetic"):
-        raise EdgekitError("bench REGISTRY needs --data: class folders (DIR/<class>/*, e.g. NEU-CLS) named like the "
-                           "registry's classes; accuracy is measured on their fixed held-out part")
-    set_threads(threads)
-    rows = plan_mlff_rows(registry, specs, data, calib or data, threads, lambda m: click.echo(m, err=True))
-    result = run_mlff_bench(rows, data=data, batches=batches, rounds=rounds, iters=iters, eval_limit=eval_limit,
-                            baseline=MLFF_BASELINE if "torch" in specs else None, registry=registry)
-    _save_result(result, threads, json_out, plot_out)
+    if kind == "gpu":
+        from edgekit.bench.gpu import TABLE_COLUMNS, table_caption, table_rows, table_title
+
+        return print_table(table_title(result), TABLE_COLUMNS, table_rows(result), caption=table_caption(result),
+                           err=err)
+    if kind == "mlff":
+        return _print_mlff_table(result, request, err)
+    from edgekit.bench.cpu import table_caption, table_columns, table_rows, table_title
+
+    print_table(table_title(result), table_columns(result, request.concurrency), table_rows(result),
+                caption=table_caption(result), err=err)
+
+
+def _print_mlff_table(result: dict, request, err: bool) -> None:
+    from edgekit.bench.cpu import format_fps, format_latency, format_speedup
+    from edgekit.commands._common import print_table
+
     table = []
     for r in result["rows"]:
         table.append((r["name"], f"{r['backbone_bytes'] / 1e6:.2f} MB", f"{r['adapter_bytes'] / 1e3:.1f} kB",
@@ -292,27 +276,12 @@ def _bench_mlff(registry, backends, batches, threads, data, calib, rounds, iters
                       format_latency(r["latency_ms"]), format_fps(r), f"{r['fps_best']:.1f} (b{r['best_batch']})",
                       format_speedup(r)))
     m, mo = result["machine"], result["model"]
-    print_table(f"edgekit bench {registry}: {mo['backbone']} + {mo['heads']} head(s)  ({m['cpu']}, "
-                f"{m['logical_cpus']} CPUs, {threads} threads)",
+    print_table(f"edgekit bench {request.models[0]}: {mo['backbone']} + {mo['heads']} head(s)  ({m['cpu']}, "
+                f"{m['logical_cpus']} CPUs, {request.threads} threads)",
                 ["row", "backbone", "adapter", "accuracy", "agree vs torch", "latency ms p50/p90/p99",
                  "FPS b1 (round min-max)", "FPS best batch", "vs torch (round min-max)"], table,
                 caption=f"top-1 accuracy on {result['eval_images']} images of {result['data']}; latency per image: "
-                        "backbone + adapter trunk + all heads", err=json_out == "-")
-
-
-def _bench_gpu(models, backends, batch, data, calib, rounds, iters, eval_limit, json_out, plot_out, max_autotune):
-    """``bench --device gpu`` (edgekit.bench.gpu): batch 1 and 32 unless --batch is given."""
-    from edgekit.bench.gpu import DEFAULT_GPU_BATCHES, TABLE_COLUMNS, gpu_bench, table_caption, table_rows, table_title
-    from edgekit.commands._common import print_table
-
-    if click.get_current_context().get_parameter_source("batch") == click.core.ParameterSource.DEFAULT:
-        batch = ",".join(map(str, DEFAULT_GPU_BATCHES))
-    batches = parse_batches(batch)
-    result = gpu_bench(models, backends=backends, batches=batches, data=data, calib=calib, rounds=rounds, iters=iters,
-                       eval_limit=eval_limit, max_autotune=max_autotune, log=lambda m: click.echo(m, err=True))
-    _save_result(result, None, json_out, plot_out)  # the GPU rows set no CPU thread count
-    print_table(table_title(result), TABLE_COLUMNS, table_rows(result), caption=table_caption(result),
-                err=json_out == "-")
+                        "backbone + adapter trunk + all heads", err=err)
 
 
 commands = [compile_cmd, quantize_cmd, bench_cmd]
