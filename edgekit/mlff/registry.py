@@ -16,10 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import torch
-
 from edgekit.errors import EdgekitError
-from edgekit.models.mlff import MLFFAdapter, adapter_from_tensors
 from edgekit.utils import atomic_write
 
 REGISTRY_FORMAT = "edgekit-mlff-registry"
@@ -81,10 +78,11 @@ class Registry:
                 return self.folder / t["adapter"]
         raise EdgekitError(f"task {task!r} is not in registry {self.folder}")
 
-    def load_adapter(self) -> Optional[MLFFAdapter]:
+    def load_adapter(self) -> Optional["MLFFAdapter"]:  # noqa: F821 - edgekit.models.mlff, which needs torch
         if not self.tasks:
             return None
         from edgekit.mlff.adapter import load_adapter
+        from edgekit.models.mlff import adapter_from_tensors
 
         tensors, meta = load_adapter(self.adapter_folder())
         return adapter_from_tensors(tensors, meta["config"])
@@ -97,7 +95,7 @@ class Registry:
 
         return safetensors.torch.load(path.read_bytes())
 
-    def save_exemplars(self, tensors: Dict[str, torch.Tensor]) -> None:
+    def save_exemplars(self, tensors: Dict[str, "torch.Tensor"]) -> None:  # noqa: F821
         import safetensors.torch
 
         with atomic_write(self.folder / EXEMPLARS_NAME) as f:
