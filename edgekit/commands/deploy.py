@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from edgekit.backends.registry import targets
-from edgekit.commands._common import (check_out, echo_json, force_option, json_option, limit_option, model_path,
+from edgekit.commands._common import (build_command, check_out, echo_json, force_option, json_option, limit_option, model_path,
                                      out_option, parse_batches, result_stdout, threads_option, write_json)
 from edgekit.errors import EdgekitError
 
@@ -49,6 +49,7 @@ _VAL = click.option("--val", default=None, help="Validation images with masks fo
                                                 "split); INT8 before/after is recorded in the manifest.")
 
 
+@build_command
 @click.command("compile")
 @click.argument("model", required=False, metavar="[CKPT|REGISTRY|BACKBONE]")
 @click.option("--target", required=True, metavar="TARGET", help=targets_help())
@@ -90,6 +91,7 @@ def _log(as_json: bool):
     return (lambda m: click.echo(m, err=True)) if as_json else click.echo
 
 
+@build_command
 @click.command("quantize")
 @click.argument("model", required=False, metavar="[CKPT|ARTIFACT|REGISTRY|BACKBONE]")
 @click.option("--target", required=True, type=click.Choice([t.name for t in targets() if t.int8 == "nncf"]))
