@@ -204,7 +204,7 @@ def _bench(models, device, backends, all_rows, batch, threads, data, calib, roun
     if device == "gpu":
         return _bench_gpu(models, backends, batch, data, calib, rounds, iters, eval_limit, json_out, plot_out, max_autotune)
     batches = parse_batches(batch)
-    from edgekit.bench.mlff import is_registry
+    from edgekit.mlff.registry import is_registry  # (edgekit.bench.mlff imports torch: a station benches artifacts)
 
     if any(is_registry(m) for m in models):
         if len(models) != 1:

@@ -24,6 +24,12 @@ REGISTRY_NAME = "registry.json"
 EXEMPLARS_NAME = "exemplars.safetensors"
 
 
+def is_registry(path: str | os.PathLike) -> bool:
+    """A folder holding registry.json (what ``edgekit bench REGISTRY`` and ``compile REGISTRY`` take)."""
+    p = Path(path)
+    return p.is_dir() and (p / REGISTRY_NAME).is_file()
+
+
 @dataclass
 class Registry:
     folder: Path
