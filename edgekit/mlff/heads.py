@@ -48,12 +48,15 @@ class NumpyAdapter:
         if x.ndim != 2 or x.shape[1] != sum(self.tap_dims):
             raise ValueError(f"adapter input is {list(x.shape)}, expected N x {sum(self.tap_dims)} pooled features")
         parts = np.split(x, np.cumsum(self.tap_dims)[:-1], axis=1)
-        return self._block(np.concatenate([self._block(p, w) for p, w in zip(parts, self.proj)], axis=1), self.fuse)
+        with np.errstate(over="ignore", invalid="ignore"):  # as PyTorch: inf/NaN flow through, callers check outputs
+            return self._block(np.concatenate([self._block(p, w) for p, w in zip(parts, self.proj)], axis=1),
+                               self.fuse)
 
     def head_logits(self, feats: np.ndarray, z: Optional[np.ndarray] = None) -> List[np.ndarray]:
         """Logits of every head (a list of ``N x head_size`` float32 arrays)."""
         z = self.embed(feats) if z is None else z
-        return [(z @ wt + b).astype(np.float32, copy=False) for wt, b in self.heads]
+        with np.errstate(over="ignore", invalid="ignore"):
+            return [(z @ wt + b).astype(np.float32, copy=False) for wt, b in self.heads]
 
 
 def head_logits(adapter, feats) -> List[np.ndarray]:
