@@ -21,16 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-
-from conftest import ROOT
 
 torch = pytest.importorskip("torch", reason="the artifacts are built in the main environment, with torch")
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'edgekit[cpu]')")

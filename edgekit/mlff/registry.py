@@ -14,10 +14,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 from edgekit.errors import EdgekitError
 from edgekit.utils import atomic_write
+
+if TYPE_CHECKING:  # the PyTorch side only: a station opens registries without torch
+    import torch
+
+    from edgekit.models.mlff import MLFFAdapter
 
 REGISTRY_FORMAT = "edgekit-mlff-registry"
 REGISTRY_NAME = "registry.json"
@@ -84,7 +89,7 @@ class Registry:
                 return self.folder / t["adapter"]
         raise EdgekitError(f"task {task!r} is not in registry {self.folder}")
 
-    def load_adapter(self) -> Optional["MLFFAdapter"]:  # noqa: F821 - edgekit.models.mlff, which needs torch
+    def load_adapter(self) -> Optional[MLFFAdapter]:
         if not self.tasks:
             return None
         from edgekit.mlff.adapter import load_adapter
@@ -101,7 +106,7 @@ class Registry:
 
         return safetensors.torch.load(path.read_bytes())
 
-    def save_exemplars(self, tensors: Dict[str, "torch.Tensor"]) -> None:  # noqa: F821
+    def save_exemplars(self, tensors: Dict[str, torch.Tensor]) -> None:
         import safetensors.torch
 
         with atomic_write(self.folder / EXEMPLARS_NAME) as f:
