@@ -84,3 +84,19 @@ def test_all_black_image_and_batch_shape():
     assert got.shape == (2, 3, 8, 12)
     np.testing.assert_allclose(got, _torch_preprocess(imgs, spec), atol=TOL, rtol=0)
     np.testing.assert_allclose(got[0], (0 - spec.mean) / spec.std, atol=TOL)  # max 0: not divided
+
+
+@pytest.mark.parametrize("shape", [(200, 200), (224, 224), (37, 300)])
+def test_backbone_preprocess_in_numpy_equals_the_pytorch_backbones(shape):
+    """A compiled MLFF backbone's inputs (edgekit.mlff.runner.backbone_preprocess, numpy: the station's path) are
+    the PyTorch backbone's (edgekit.models.backbones.preprocess_images), for ImageNet and edgekit specs."""
+    from edgekit.mlff.runner import backbone_preprocess
+    from edgekit.models.backbones import _imagenet_spec, preprocess_images
+
+    rng = np.random.default_rng(shape[1])
+    imgs = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(2)]
+    for spec in (_imagenet_spec(224), _imagenet_spec(96),
+                 {"kind": "edgekit", "preprocess": PreprocessSpec(input_size=(64, 64)).to_dict()}):
+        got, want = backbone_preprocess(imgs, spec), preprocess_images(imgs, spec).numpy()
+        assert got.dtype == np.float32 and got.shape == want.shape
+        assert float(np.abs(got - want).max()) <= TOL
