@@ -6,7 +6,8 @@ from pathlib import Path
 import click
 
 from edgekit.backends.registry import targets
-from edgekit.commands._common import (build_command, check_out, echo_json, force_option, json_option, limit_option, model_path,
+from edgekit.commands._common import build_command  # compile and quantize need edgekit[build] (torch)
+from edgekit.commands._common import (check_out, echo_json, force_option, json_option, limit_option, model_path,
                                      out_option, parse_batches, result_stdout, threads_option, write_json)
 from edgekit.errors import EdgekitError
 
@@ -204,7 +205,7 @@ def _bench(models, device, backends, all_rows, batch, threads, data, calib, roun
     if device == "gpu":
         return _bench_gpu(models, backends, batch, data, calib, rounds, iters, eval_limit, json_out, plot_out, max_autotune)
     batches = parse_batches(batch)
-    from edgekit.mlff.registry import is_registry  # (edgekit.bench.mlff imports torch: a station benches artifacts)
+    from edgekit.bench.mlff import is_registry
 
     if any(is_registry(m) for m in models):
         if len(models) != 1:
