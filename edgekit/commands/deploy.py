@@ -6,10 +6,10 @@ from pathlib import Path
 import click
 
 from edgekit.backends.registry import targets
-from edgekit.commands._common import build_command  # compile and quantize need edgekit[build] (torch)
 from edgekit.commands._common import (check_out, echo_json, force_option, json_option, limit_option, model_path,
                                      out_option, parse_batches, result_stdout, threads_option, write_json)
 from edgekit.errors import EdgekitError
+from edgekit.commands._common import build_command  # compile and quantize need edgekit[build] (torch)
 
 CALIB_HELP = ("Calibration images for int8 (required): a folder, an SD-900 folder (its train split), or "
               "synthetic[:N] to calibrate on edgekit's synthetic images.")
