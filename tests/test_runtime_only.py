@@ -214,8 +214,9 @@ def test_cpu_fused_artifact_predict_and_eval_without_torch(station, seg_artifact
 
 
 def test_bench_artifacts_without_torch(station, seg_artifacts):
-    """`edgekit bench ARTIFACT...` on the station. (Fails while choosing bench's default rows probes cpu-fused
-    through edgekit.kernels, which imports torch: the same loading chain as above.)"""
+    """`edgekit bench ARTIFACT...` on the station. (Fails while bench picks and checks its default rows even when
+    only artifacts are given: the cpu-fused probe goes through edgekit.kernels, which imports torch, and the torch
+    row's check asks for torch; and while edgekit.bench.mlff imports torch at module level.)"""
     arts = [a for a in seg_artifacts["arts"].values() if isinstance(a, Path)]
     r = station["edgekit"]("bench", *arts, "--batch", "1", "--rounds", "1", "--iters", "2", "--eval-limit", "2",
                            "--json", timeout=600)
