@@ -3,9 +3,12 @@
 Commands come from small modules listed in ``COMMAND_MODULES``; each exposes ``commands`` (a list
 of click commands) and imports nothing heavy at module level (torch, onnx, openvino, nncf, rich,
 matplotlib load inside the command), so ``edgekit --help`` and ``edgekit CMD --help`` start fast.
-A module may name the optional extra it needs (``EXTRA`` and the import names in ``REQUIRES``):
-when one of those packages is not installed its commands are still listed, marked, and fail with
-one line naming the ``pip install`` that provides them.
+A module may name the optional extra it needs (``EXTRA`` and the import names in ``REQUIRES``), and a
+command its own (``edgekit.commands._common.needs``: the build commands need ``edgekit[build]``, which
+brings torch): when one of those packages is not installed the command is still listed, marked, and fails
+with one line naming the ``pip install`` that provides it. ``pip install edgekit`` is the station runtime
+(no torch); a runtime command that reaches a build-only path (a checkpoint instead of an artifact) fails
+with the same kind of line (``BUILD_PACKAGES``).
 """
 from __future__ import annotations
 
@@ -30,6 +33,10 @@ COMMAND_MODULES = (
     "edgekit.commands.serve",  # export-repo, serve (extra: serve)
     "edgekit.commands.fleet",  # repo init|add|delegate|publish|rotate|status, update (extra: ota)
 )
+
+# What the `build` extra brings on top of the runtime: a runtime command that gets as far as importing one of
+# these (info or predict of a checkpoint, bench compiling one) says which install provides it, in one line.
+BUILD_PACKAGES = ("torch", "torchvision", "torch_pruning", "nncf", "onnx", "onnxsim", "yaml")
 
 
 def report_error(e: BaseException) -> None:
@@ -75,8 +82,20 @@ class EdgekitGroup(click.Group):
             report_usage_error(e)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
+        except ModuleNotFoundError as e:
+            report_error(missing_build_package(e, ctx) or e)
         except (Exception, KeyboardInterrupt) as e:
             report_error(e)
+
+
+def missing_build_package(e: ModuleNotFoundError, ctx) -> EdgekitError | None:
+    """The one-line error for a build package a runtime-only install lacks (None for any other module)."""
+    top = (e.name or "").split(".")[0]
+    if top not in BUILD_PACKAGES:
+        return None
+    sub = ctx.invoked_subcommand or "this command"
+    return EdgekitError(f"edgekit {sub} needs {top} for this input, which is not installed (pip install edgekit is "
+                        f"the station runtime: it runs compiled artifacts): pip install 'edgekit[build]'")
 
 
 def missing_packages(requires) -> list:
@@ -121,9 +140,11 @@ if sys.argv[1:2] == ["bench"]:
 
 for _name in COMMAND_MODULES:
     _mod = importlib.import_module(_name)
-    _missing = missing_packages(getattr(_mod, "REQUIRES", ()))
     for _cmd in _mod.commands:
-        main.add_command(unavailable_command(_cmd, _mod.EXTRA, _missing) if _missing else _cmd)
+        # a command's own extra (needs()) first: `compile` needs edgekit[build] whatever its module's extra
+        _extra = getattr(_cmd, "edgekit_extra", None) or getattr(_mod, "EXTRA", None)
+        _missing = missing_packages((*getattr(_cmd, "edgekit_requires", ()), *getattr(_mod, "REQUIRES", ())))
+        main.add_command(unavailable_command(_cmd, _extra, _missing) if _missing else _cmd)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,11 @@ NEU = SHARED / "datasets" / "neu-cls"
 REFERENCE_ONNX = SHARED / "reference" / "gmbinet_official_opset17.onnx"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes, not seconds (a fresh venv and pip installs: "
+                                       "tests/test_runtime_only.py); deselect with -m 'not slow'")
+
+
 def _need(path: Path, what: str):
     if not path.exists():
         pytest.skip(f"{what} not found at {path} (reference data from ../shared is absent)")

@@ -26,6 +26,26 @@ from edgekit.errors import EdgekitError
 from edgekit.utils import atomic_write
 
 
+BUILD_EXTRA = "build"  # pip install 'edgekit[build]': torch and what compile, quantize, prune, train, adapt need
+
+
+def needs(extra: str, *packages: str):
+    """Mark a click command as needing ``packages`` (import names), provided by ``edgekit[extra]``: where one is
+    missing, edgekit.cli lists the command as needing that extra and any call fails with the pip line."""
+
+    def mark(cmd: click.Command) -> click.Command:
+        cmd.edgekit_extra, cmd.edgekit_requires = extra, tuple(packages)
+        return cmd
+
+    return mark
+
+
+def build_command(cmd: click.Command) -> click.Command:
+    """A build command (compile, quantize, import, train, adapt): it needs torch, which ``edgekit[build]`` brings;
+    ``pip install edgekit`` alone is the station runtime."""
+    return needs(BUILD_EXTRA, "torch")(cmd)
+
+
 def threads_option(default: int | None = None):
     return click.option("--threads", type=click.IntRange(1, 256), default=default, show_default=default is not None,
                         help="CPU threads for inference (torch and the runtime backends).")
@@ -171,8 +191,11 @@ def parse_batches(batch: str) -> list[int]:
 
 
 def set_threads(threads: int | None) -> None:
+    """torch's CPU threads, where torch is installed (a station without it passes threads to the runtimes)."""
     if threads:
-        import torch
-
+        try:
+            import torch
+        except ImportError:
+            return
         torch.set_num_threads(int(threads))
 

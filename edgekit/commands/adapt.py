@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import click
 
-from edgekit.commands._common import echo_json, json_option, print_table, set_threads, threads_option
+from edgekit.commands._common import build_command, echo_json, json_option, print_table, set_threads, threads_option
 from edgekit.errors import EdgekitError
 
 DEFAULT_REGISTRY = "adapters"
 
 
+@build_command
 @click.command("adapt")
 @click.option("--backbone", default="efficientnet-lite0", show_default=True,
               help="Frozen backbone: efficientnet-lite0, a GMBINet checkpoint, or a ResNet-50 state_dict file.")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from edgekit.commands._common import (check_out, echo_json, force_option, json_option, limit_option,
+from edgekit.commands._common import (build_command, check_out, echo_json, force_option, json_option, limit_option,
                                      looks_like_model, model_path, note, out_option, print_table, threads_option,
                                      write_json)
 from edgekit.errors import EdgekitError
@@ -192,6 +192,7 @@ def predict_cmd(inputs, out_dir, threshold, threads, force, as_json):
             click.echo(f"{r['image']}: defect {100 * r['defect_fraction']:.2f}% of pixels -> {r['overlay']}")
 
 
+@build_command
 @click.command("import")
 @click.argument("source", type=click.Path(dir_okay=False))
 @out_option("file", "edgekit checkpoint to write.", dest="out_path")

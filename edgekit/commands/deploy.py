@@ -10,6 +10,7 @@ from edgekit.bench.busy import DEFAULT_SETTLE_S
 from edgekit.commands._common import (check_out, echo_json, force_option, json_option, limit_option, model_path,
                                      out_option, parse_batches, result_stdout, threads_option, write_json)
 from edgekit.errors import EdgekitError
+from edgekit.commands._common import build_command  # compile and quantize need edgekit[build] (torch)
 
 CALIB_HELP = ("Calibration images for int8 (required): a folder, an SD-900 folder (its train split), or "
               "synthetic[:N] to calibrate on edgekit's synthetic images.")
@@ -50,6 +51,7 @@ _VAL = click.option("--val", default=None, help="Validation images with masks fo
                                                 "split); INT8 before/after is recorded in the manifest.")
 
 
+@build_command
 @click.command("compile")
 @click.argument("model", required=False, metavar="[CKPT|REGISTRY|BACKBONE]")
 @click.option("--target", required=True, metavar="TARGET", help=targets_help())
@@ -91,6 +93,7 @@ def _log(as_json: bool):
     return (lambda m: click.echo(m, err=True)) if as_json else click.echo
 
 
+@build_command
 @click.command("quantize")
 @click.argument("model", required=False, metavar="[CKPT|ARTIFACT|REGISTRY|BACKBONE]")
 @click.option("--target", required=True, type=click.Choice([t.name for t in targets() if t.int8 == "nncf"]))

@@ -10,7 +10,7 @@ from edgekit.commands._common import echo_json, force_option, json_option, out_o
 # The optional extra these commands need: when a package is missing, edgekit.cli lists them as
 # needing it and each call fails with the pip line. The edgekit.ota modules load inside the commands.
 EXTRA = "ota"
-REQUIRES = ("safetensors",)  # cryptography is a core dependency (signed artifacts)
+REQUIRES = ("safetensors",)  # a runtime dependency now, as cryptography; the gate stays for installs without it
 
 MAX_SIZE_HELP = "Refuse packages larger than this, packed or unpacked (bytes; default 16 MiB)."
 

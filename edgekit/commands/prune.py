@@ -13,7 +13,7 @@ from edgekit.commands._common import (check_out, echo_json, force_option, json_o
 from edgekit.errors import EdgekitError
 
 EXTRA = "prune"  # Torch-Pruning: without it edgekit.cli lists prune as needing edgekit[prune]
-REQUIRES = ("torch_pruning",)
+REQUIRES = ("torch", "torch_pruning")  # the prune extra brings both
 
 
 @click.command("prune")

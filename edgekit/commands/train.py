@@ -5,9 +5,11 @@ import sys
 
 import click
 
+from edgekit.commands._common import BUILD_EXTRA, needs
 from edgekit.errors import EdgekitError
 
 
+@needs(BUILD_EXTRA, "torch", "yaml")  # a recipe is YAML
 @click.command("train")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--profile", default=None, help="Recipe profile (e.g. cpu, gpu); default: the recipe's default_profile.")

@@ -72,38 +72,64 @@ class PreprocessSpec:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def preprocess(images: Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
-    """Grayscale uint8 images (any sizes) -> float32 batch ``N x C x H x W`` at ``spec.input_size``."""
-    import torch  # here, not at import: the spec alone (CLI start-up, backend registry) needs no torch
-    import torch.nn.functional as F
+def _source_index(in_size: int, out_size: int):
+    """Per output pixel along one axis: the two source pixels and their weights, exactly as PyTorch's
+    bilinear ``interpolate(..., align_corners=False)`` computes them on the CPU (in float32, the same
+    operations in the same order), so this numpy path gives PyTorch's numbers."""
+    i = np.arange(out_size)
+    if in_size == out_size:
+        return i, i, np.ones(out_size, np.float32), np.zeros(out_size, np.float32)
+    scale = np.float32(in_size) / np.float32(out_size)
+    # scale * (i + 0.5) - 0.5 is one fused multiply-add in PyTorch's kernel (rounded once): done in float64 and
+    # rounded to float32 here; rounding the product first moved positions by an ulp (6e-5 in the output)
+    src = (np.float64(scale) * (i.astype(np.float32) + np.float32(0.5)).astype(np.float64) - 0.5).astype(np.float32)
+    src = np.maximum(src, np.float32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    lam1 = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1)).astype(np.float32)
+    i1 = i0 + (i0 < in_size - 1)
+    return i0, i1, (np.float32(1) - lam1).astype(np.float32), lam1
 
+
+def resize_bilinear(x: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """An ``H x W`` float32 array -> ``size`` (height, width), bilinear, half-pixel centres (PyTorch's
+    ``F.interpolate(mode="bilinear", align_corners=False)``, no antialiasing), in numpy."""
+    x = np.asarray(x, dtype=np.float32)
+    (h, w), (oh, ow) = x.shape, (int(size[0]), int(size[1]))
+    if (h, w) == (oh, ow):
+        return x.copy()
+    y0, y1, wy0, wy1 = _source_index(h, oh)
+    x0, x1, wx0, wx1 = _source_index(w, ow)
+    top = x[y0][:, x0] * wx0 + x[y0][:, x1] * wx1  # along the width first, then the height, as PyTorch does
+    bottom = x[y1][:, x0] * wx0 + x[y1][:, x1] * wx1
+    return (top * wy0[:, None] + bottom * wy1[:, None]).astype(np.float32, copy=False)
+
+
+def preprocess(images: Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
+    """Grayscale uint8 images (any sizes) -> float32 batch ``N x C x H x W`` at ``spec.input_size``.
+
+    numpy only: a station runs it without torch (``pip install edgekit``)."""
     out = np.empty((len(images), spec.channels, *spec.input_size), dtype=np.float32)
     for i, img in enumerate(images):
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32))
+        x = np.asarray(img, dtype=np.float32)
         if spec.scale == "max":
             m = float(x.max())
-            x = x / m if m > 0 else x
+            x = x / np.float32(m) if m > 0 else x
         else:
-            x = x / 255.0
+            x = x / np.float32(255.0)
         if isinstance(spec.mean, list) or isinstance(spec.std, list):  # one per channel: after replicating
-            x = F.interpolate(x[None, None], size=spec.input_size, mode="bilinear", align_corners=False)
-            x = x[0].expand(spec.channels, -1, -1)
-            mean = torch.tensor(spec.mean, dtype=torch.float32).reshape(-1, 1, 1)
-            std = torch.tensor(spec.std, dtype=torch.float32).reshape(-1, 1, 1)
-            out[i] = ((x - mean) / std).numpy()
+            x = np.broadcast_to(resize_bilinear(x, spec.input_size), (spec.channels, *spec.input_size))
+            mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
+            std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
+            out[i] = (x - mean) / std
             continue
-        x = (x - spec.mean) / spec.std
-        x = F.interpolate(x[None, None], size=spec.input_size, mode="bilinear", align_corners=False)
-        out[i] = x[0].expand(spec.channels, -1, -1).numpy()
+        x = (x - np.float32(spec.mean)) / np.float32(spec.std)
+        out[i] = resize_bilinear(x, spec.input_size)[None]
     return out
 
 
 def resize_probs(probs: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     """One ``H x W`` (or ``1 x H x W``) probability map -> ``size``, bilinear, clipped to [0, 1]."""
-    import torch
-    import torch.nn.functional as F
-
-    p = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32)).reshape(1, 1, *probs.shape[-2:])
-    if tuple(p.shape[-2:]) != tuple(size):
-        p = F.interpolate(p, size=tuple(size), mode="bilinear", align_corners=False)
-    return p[0, 0].clamp_(0, 1).numpy()
+    p = np.ascontiguousarray(probs, dtype=np.float32).reshape(probs.shape[-2:])
+    if tuple(p.shape) != tuple(size):
+        p = resize_bilinear(p, size)
+    return np.clip(p, 0, 1)

@@ -4,7 +4,8 @@ At packaging time (``edgekit package --samples IMAGES``) a few sample images are
 the backbone it was trained on, and the images (lossless PNG bytes of the grayscale arrays) and the
 adapter's outputs (the logits of every head) are stored in the package as ``health.safetensors``. On the
 device, after the install switch, the adapter in service is loaded with the *deployed* backbone (compiled
-artifact or checkpoint), run on those images, and compared with the recorded outputs: the top-1 class of
+artifact or checkpoint; on a compiled artifact the adapter runs in numpy, ``edgekit.mlff.heads``, so a
+station checks without torch), run on those images, and compared with the recorded outputs: the top-1 class of
 every head must agree on at least ``min_top1_agreement`` of the images and the largest logit difference
 must stay within ``rtol`` of the recorded logits' range. Anything else (a backbone the adapter does not fit,
 damaged weights, another preprocessing) fails the check, and ``edgekit update`` discards the trial and blocks
@@ -28,7 +29,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-import torch
 
 from edgekit.errors import EdgekitError
 
@@ -63,28 +63,39 @@ def _unpng(data: bytes) -> np.ndarray:
         raise EdgekitError("health sample is not a readable PNG") from None
 
 
-def adapter_logits(backbone, tensors: Dict[str, torch.Tensor], meta: dict, images: Sequence[np.ndarray]) -> np.ndarray:
-    """Logits of every head of an MLFF adapter on ``images`` with ``backbone``, concatenated (N x outputs)."""
-    from edgekit.models.mlff import adapter_from_tensors
+def adapter_logits(backbone, tensors: Dict[str, np.ndarray], meta: dict, images: Sequence[np.ndarray]) -> np.ndarray:
+    """Logits of every head of an MLFF adapter on ``images`` with ``backbone``, concatenated (N x outputs).
+
+    ``tensors``: the adapter's weights (numpy arrays, or torch tensors). On a compiled backbone
+    (``CompiledBackbone``) the heads run in numpy, without torch; on the PyTorch backbone, in PyTorch."""
+    from edgekit.mlff.heads import head_logits
+    from edgekit.mlff.runner import CompiledBackbone
 
     if meta.get("model") != "mlff-adapter" or "config" not in meta or "tap_dims" not in meta["config"]:
         raise EdgekitError("the health check needs an MLFF adapter (edgekit adapt); this adapter is not one")
-    adapter = adapter_from_tensors(tensors, meta["config"])
+    if isinstance(backbone, CompiledBackbone):
+        from edgekit.mlff.heads import NumpyAdapter
+
+        arrays = {k: v if isinstance(v, np.ndarray) else v.detach().cpu().numpy() for k, v in tensors.items()}
+        adapter = NumpyAdapter(arrays, meta["config"])
+    else:
+        from edgekit.models.mlff import adapter_from_tensors
+
+        adapter = adapter_from_tensors(tensors, meta["config"])
     if list(backbone.tap_dims) != list(meta["config"]["tap_dims"]):
         raise EdgekitError(f"backbone {backbone.id} gives taps {backbone.tap_dims}, the adapter reads "
                            f"{meta['config']['tap_dims']}")
-    with torch.inference_mode():
-        z = adapter.embed(backbone.pooled(backbone.preprocess(list(images))).float())
-        return torch.cat([h(z) for h in adapter.heads], dim=1).numpy()
+    feats = backbone.pooled(backbone.preprocess(list(images)))
+    return np.concatenate(head_logits(adapter, feats), axis=1)
 
 
 def record_health(adapter_dir: str | os.PathLike, backbone, image_paths: Sequence[str | os.PathLike],
                   rtol: float = DEFAULT_RTOL, min_top1_agreement: float = DEFAULT_MIN_AGREEMENT):
     """``(health.safetensors bytes, manifest info)`` for an adapter folder, on the backbone it was trained on."""
-    import safetensors.torch
+    import safetensors.numpy
 
     from edgekit.data.images import read_gray
-    from edgekit.mlff.adapter import load_adapter
+    from edgekit.mlff.adapter import load_adapter_arrays
 
     if not image_paths:
         raise EdgekitError("--samples: no images")
@@ -93,7 +104,7 @@ def record_health(adapter_dir: str | os.PathLike, backbone, image_paths: Sequenc
     if not (0 < rtol <= MAX_RTOL) or not (MIN_TOP1_AGREEMENT_FLOOR <= min_top1_agreement <= 1):
         raise EdgekitError(f"health tolerances: rtol must be in (0, {MAX_RTOL}] and min_top1_agreement in "
                            f"[{MIN_TOP1_AGREEMENT_FLOOR}, 1] (a device refuses looser ones)")
-    tensors, meta = load_adapter(adapter_dir)
+    tensors, meta = load_adapter_arrays(adapter_dir)
     if (backbone.id, backbone.weights_sha256) != (meta["backbone"], meta["backbone_sha256"]):
         raise EdgekitError(f"--backbone {backbone.id} is not the backbone adapter {adapter_dir} was trained on "
                            f"({meta['backbone']})")
@@ -101,10 +112,10 @@ def record_health(adapter_dir: str | os.PathLike, backbone, image_paths: Sequenc
     pngs = [_png(g) for g in grays]
     images = [_unpng(b) for b in pngs]  # what the device will decode, bit for bit
     logits = adapter_logits(backbone, tensors, meta, images)
-    out = {f"image.{i}": torch.frombuffer(bytearray(b), dtype=torch.uint8) for i, b in enumerate(pngs)}
-    out["logits"] = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+    out = {f"image.{i}": np.frombuffer(b, dtype=np.uint8).copy() for i, b in enumerate(pngs)}
+    out["logits"] = np.ascontiguousarray(logits, dtype=np.float32)
     head_sizes = [int(n) for n in meta["config"]["head_sizes"]]
-    data = safetensors.torch.save(out, metadata={"format": HEALTH_FORMAT})
+    data = safetensors.numpy.save(out, metadata={"format": HEALTH_FORMAT})
     info = {"images": len(images), "outputs": int(logits.shape[1]), "rtol": float(rtol),
             "min_top1_agreement": float(min_top1_agreement), "head_sizes": head_sizes,
             "recorded_on": meta["backbone"]}
@@ -123,7 +134,7 @@ def _fail(result: dict, reason: str) -> dict:
     return {**result, "ok": False, "reason": reason}
 
 
-def _health_entry(info, recorded: Dict[str, torch.Tensor]) -> dict:
+def _health_entry(info, recorded: Dict[str, np.ndarray]) -> dict:
     """The manifest's health entry, checked against the health data it describes; EdgekitError names the fault."""
     if not isinstance(info, dict):
         raise EdgekitError("the manifest's health entry is not an object")
@@ -188,27 +199,27 @@ HEALTH_NAME_FOR_MESSAGES = "health.safetensors"
 
 
 def _check_health(folder: Path, backbone, result: dict) -> dict:
-    import safetensors.torch
+    import safetensors.numpy
 
-    from edgekit.mlff.adapter import load_adapter
+    from edgekit.mlff.adapter import load_adapter_arrays
     from edgekit.ota.package import HEALTH_NAME, MANIFEST_NAME
 
     manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
     if not manifest.get("health") or not (folder / HEALTH_NAME).is_file():
         raise EdgekitError(f"{folder}: the package carries no health samples")
     try:
-        recorded = safetensors.torch.load((folder / HEALTH_NAME).read_bytes())
+        recorded = safetensors.numpy.load((folder / HEALTH_NAME).read_bytes())
     except Exception as e:  # noqa: BLE001 - a damaged file is a failed check
         raise EdgekitError(f"{HEALTH_NAME} is unreadable ({type(e).__name__})") from None
     info = _health_entry(manifest["health"], recorded)
     n = info["images"]
     result = {**result, "images": n}
-    images = [_unpng(recorded[f"image.{i}"].numpy().tobytes()) for i in range(n)]
-    want = recorded["logits"].numpy().astype(np.float32)
+    images = [_unpng(np.asarray(recorded[f"image.{i}"]).tobytes()) for i in range(n)]
+    want = np.asarray(recorded["logits"]).astype(np.float32)
     bad = _first_non_finite(want, "recorded logits")
     if bad:
         return _fail(result, bad)
-    tensors, meta = load_adapter(folder)
+    tensors, meta = load_adapter_arrays(folder)
     got = np.asarray(adapter_logits(backbone, tensors, meta, images), dtype=np.float32)
     if got.shape != want.shape:
         return _fail(result, f"outputs {list(got.shape)}, recorded {list(want.shape)}")

@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
-import safetensors.torch
-import torch
 
 from edgekit.errors import EdgekitError
 from edgekit.mlff.names import RULE as NAME_RULE, is_safe_name
@@ -94,7 +92,9 @@ def validate_adapter_meta(meta: Mapping[str, Any], where: str = META_NAME) -> Di
     return meta
 
 
-def _to_torch(name: str, value) -> torch.Tensor:
+def _to_torch(name: str, value):
+    import torch
+
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(np.ascontiguousarray(value))
     if not isinstance(value, torch.Tensor):
@@ -115,6 +115,8 @@ def save_adapter(folder: str | os.PathLike, tensors: Mapping[str, Any], meta: Ma
     meta = dict(meta)
     meta.update(format=ADAPTER_FORMAT, format_version=ADAPTER_FORMAT_VERSION, weights=[WEIGHTS_NAME])
     meta = validate_adapter_meta(meta)
+    import safetensors.torch  # the build side (edgekit adapt) writes adapters from torch tensors
+
     data = safetensors.torch.save({str(k): _to_torch(str(k), v) for k, v in tensors.items()})
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_write(folder / WEIGHTS_NAME) as f:
@@ -139,35 +141,49 @@ def read_adapter_meta(folder: str | os.PathLike) -> Dict[str, Any]:
     return validate_adapter_meta(meta, str(path))
 
 
-def load_weights_bytes(name: str, data: bytes) -> Dict[str, torch.Tensor]:
-    """Parse one safetensors file's bytes into torch tensors; a clear error if it is not safetensors."""
+def load_weights_bytes(name: str, data: bytes) -> Dict[str, np.ndarray]:
+    """Parse one safetensors file's bytes into numpy arrays (no torch: a station reads adapters and health
+    samples with this); a clear error if it is not safetensors."""
+    import safetensors.numpy
+
     try:
-        return safetensors.torch.load(data)
+        return safetensors.numpy.load(data)
     except Exception as e:  # safetensors raises its own error types for a bad header or truncated data
         raise EdgekitError(f"weight file {name} is not a valid safetensors file ({type(e).__name__})") from None
 
 
-def load_adapter(folder: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """``(tensors, meta)`` of an adapter folder: torch tensors by name, and the adapter.json fields."""
+def load_adapter_arrays(folder: str | os.PathLike) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+    """``(arrays, meta)`` of an adapter folder: numpy arrays by name, checked against the config (shapes,
+    dtypes, finite values) when it is edgekit's MLFF adapter, and the adapter.json fields. Needs no torch."""
     folder = Path(folder)
     meta = read_adapter_meta(folder)
-    tensors: Dict[str, torch.Tensor] = {}
+    arrays: Dict[str, np.ndarray] = {}
     for name in meta.get("weights", [WEIGHTS_NAME]):
         path = folder / name
         if not path.is_file():
             raise EdgekitError(f"{folder}: weight file {name} named in {META_NAME} is missing")
         for key, value in load_weights_bytes(name, path.read_bytes()).items():
-            if key in tensors:
+            if key in arrays:
                 raise EdgekitError(f"{folder}: tensor {key!r} appears in more than one weight file")
-            tensors[key] = value
+            arrays[key] = value
     if "tap_dims" in meta.get("config", {}):  # a head from edgekit's MLFF: its shapes are known before building
-        from edgekit.models.mlff import check_adapter_tensors
+        from edgekit.models.mlff_spec import check_adapter_arrays
 
         try:
-            check_adapter_tensors(tensors, meta["config"])
+            check_adapter_arrays(arrays, meta["config"])
         except EdgekitError as e:
             raise EdgekitError(f"{folder}: {e}") from None
-    return tensors, meta
+    return arrays, meta
+
+
+def load_adapter(folder: str | os.PathLike):
+    """``(tensors, meta)`` of an adapter folder: torch tensors by name (``load_adapter_arrays``, then
+    ``torch.from_numpy``), and the adapter.json fields. The PyTorch side's loader; a station uses
+    ``load_adapter_arrays``."""
+    import torch
+
+    arrays, meta = load_adapter_arrays(folder)
+    return {k: torch.from_numpy(np.asarray(v, order="C")) for k, v in arrays.items()}, meta
 
 
 def adapter_files(meta: Mapping[str, Any]) -> list:

@@ -1,7 +1,8 @@
 """An MLFF classifier: a backbone (PyTorch or a compiled artifact) plus a registry's adapter heads.
 
 ``load_mlff(registry)`` checks the backbone against the identity the adapter was trained on before
-anything runs.
+anything runs. On a compiled backbone artifact the heads run in numpy (``edgekit.mlff.heads``): a station
+classifies without torch. On the PyTorch backbone they run in PyTorch.
 """
 from __future__ import annotations
 
@@ -9,16 +10,16 @@ import os
 from typing import List, Optional
 
 import numpy as np
-import torch
 
 from edgekit.errors import EdgekitError
-from edgekit.models.mlff import MLFFAdapter, adapter_from_tensors
+from edgekit.mlff.heads import head_logits, softmax
 
 
 class MLFFClassifier:
-    """Backbone + adapter: ``predict(images)`` on image paths or grayscale arrays."""
+    """Backbone + adapter: ``predict(images)`` on image paths or grayscale arrays. ``adapter`` is the PyTorch
+    ``MLFFAdapter`` or a ``NumpyAdapter``; features and results are numpy either way."""
 
-    def __init__(self, backbone, adapter: MLFFAdapter, meta: dict):
+    def __init__(self, backbone, adapter, meta: dict):
         self.backbone = backbone
         self.adapter = adapter.eval()
         self.meta = meta
@@ -27,41 +28,38 @@ class MLFFClassifier:
         self.tasks = cfg["tasks"]  # [{"task", "classes"}], in order
         self.classes = [c for t in self.tasks for c in t["classes"]]
 
-    def _features(self, images) -> torch.Tensor:
+    def _features(self, images) -> np.ndarray:
         from edgekit.data.images import read_gray
 
         arrays = [read_gray(im) if isinstance(im, (str, os.PathLike)) else np.asarray(im) for im in images]
         out = []
         for i in range(0, len(arrays), 32):
-            out.append(self.backbone.pooled(self.backbone.preprocess(arrays[i:i + 32])))
-        return torch.cat(out) if out else torch.zeros(0, self.backbone.feature_dim)
+            f = self.backbone.pooled(self.backbone.preprocess(arrays[i:i + 32]))
+            out.append(f.detach().float().cpu().numpy() if hasattr(f, "detach") else np.asarray(f, np.float32))
+        return np.concatenate(out) if out else np.zeros((0, self.backbone.feature_dim), np.float32)
 
-    @torch.no_grad()
-    def predict_features(self, feats: torch.Tensor, task: Optional[str] = None) -> List[dict]:
+    def predict_features(self, feats, task: Optional[str] = None) -> List[dict]:
+        """Predictions for pooled backbone features (a numpy array, or a CPU tensor)."""
+        logits = head_logits(self.adapter, feats)
         if self.setting == "class-incremental":
-            p = torch.softmax(self.adapter(feats, 0), dim=1)
-            conf, idx = p.max(dim=1)
-            names = self.classes
-            return [{"class": names[int(i)], "prob": float(c)} for c, i in zip(conf, idx)]
+            p = softmax(logits[0])
+            return [{"class": self.classes[int(i)], "prob": float(p[n, i])} for n, i in enumerate(p.argmax(axis=1))]
         task_names = [t["task"] for t in self.tasks]
         if task is not None:
             if task not in task_names:
                 raise EdgekitError(f"task {task!r} is not in this registry (tasks: {', '.join(task_names)})")
             h = task_names.index(task)
-            p = torch.softmax(self.adapter(feats, h), dim=1)
-            conf, idx = p.max(dim=1)
-            return [{"task": task, "class": self.tasks[h]["classes"][int(i)], "prob": float(c)} for c, i in zip(conf, idx)]
+            p = softmax(logits[h])
+            return [{"task": task, "class": self.tasks[h]["classes"][int(i)], "prob": float(p[n, i])}
+                    for n, i in enumerate(p.argmax(axis=1))]
         # no task given: the head with the most confident answer
-        z = self.adapter.embed(feats)
-        best = []
-        for h, t in enumerate(self.tasks):
-            p = torch.softmax(self.adapter.heads[h](z), dim=1)
-            best.append(p.max(dim=1))
+        probs = [softmax(lg) for lg in logits]
         out = []
-        for n in range(feats.shape[0]):
-            h = max(range(len(best)), key=lambda k: float(best[k][0][n]))
-            out.append({"task": self.tasks[h]["task"], "class": self.tasks[h]["classes"][int(best[h][1][n])],
-                        "prob": float(best[h][0][n])})
+        for n in range(len(probs[0]) if probs else 0):
+            h = max(range(len(probs)), key=lambda k: float(probs[k][n].max()))
+            i = int(probs[h][n].argmax())
+            out.append({"task": self.tasks[h]["task"], "class": self.tasks[h]["classes"][i],
+                        "prob": float(probs[h][n, i])})
         return out
 
     def predict(self, images, task: Optional[str] = None) -> List[dict]:
@@ -75,19 +73,30 @@ def load_mlff(registry: str | os.PathLike, task: Optional[str] = None, verify_ba
     ``backbone_artifact``: run the backbone from a compiled ``mlff-backbone`` artifact folder instead of
     PyTorch; refused when it was not compiled from the backbone the adapter was trained on.
     """
-    from edgekit.models.backbones import load_backbone
-    from edgekit.mlff.adapter import load_adapter
     from edgekit.mlff.registry import Registry
 
     reg = Registry.open(registry)
     folder = reg.adapter_folder(task)
-    tensors, meta = load_adapter(folder)
-    if backbone_artifact is not None:
+    if backbone_artifact is not None:  # a station: the compiled backbone and the heads in numpy, no torch
+        from edgekit.mlff.adapter import load_adapter_arrays
+        from edgekit.mlff.heads import NumpyAdapter
         from edgekit.mlff.runner import CompiledBackbone, check_backbone_match, read_backbone_manifest
 
+        arrays, meta = load_adapter_arrays(folder)
         check_backbone_match(read_backbone_manifest(backbone_artifact), meta, f"registry {reg.folder}", backbone_artifact)
-        return MLFFClassifier(CompiledBackbone(backbone_artifact, threads=threads),
-                              adapter_from_tensors(tensors, meta["config"]), meta)
+        return MLFFClassifier(CompiledBackbone(backbone_artifact, threads=threads), NumpyAdapter(arrays, meta["config"]),
+                              meta)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise EdgekitError("running the MLFF backbone in PyTorch needs torch, which is not installed: pip install "
+                           "'edgekit[build]', or run a compiled backbone artifact (classify --backbone-artifact DIR)") \
+            from None
+    from edgekit.mlff.adapter import load_adapter
+    from edgekit.models.backbones import load_backbone
+    from edgekit.models.mlff import adapter_from_tensors
+
+    tensors, meta = load_adapter(folder)
     backbone = load_backbone(reg.meta["backbone_ref"])
     if backbone.id != meta["backbone"]:
         raise EdgekitError(f"adapter {folder} was trained on backbone {meta['backbone']}, not {backbone.id}")

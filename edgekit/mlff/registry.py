@@ -14,17 +14,25 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
-
-import torch
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 from edgekit.errors import EdgekitError
-from edgekit.models.mlff import MLFFAdapter, adapter_from_tensors
 from edgekit.utils import atomic_write
+
+if TYPE_CHECKING:  # the PyTorch side only: a station opens registries without torch
+    import torch
+
+    from edgekit.models.mlff import MLFFAdapter
 
 REGISTRY_FORMAT = "edgekit-mlff-registry"
 REGISTRY_NAME = "registry.json"
 EXEMPLARS_NAME = "exemplars.safetensors"
+
+
+def is_registry(path: str | os.PathLike) -> bool:
+    """A folder holding registry.json (what ``edgekit bench REGISTRY`` and ``compile REGISTRY`` take)."""
+    p = Path(path)
+    return p.is_dir() and (p / REGISTRY_NAME).is_file()
 
 
 @dataclass
@@ -85,6 +93,7 @@ class Registry:
         if not self.tasks:
             return None
         from edgekit.mlff.adapter import load_adapter
+        from edgekit.models.mlff import adapter_from_tensors
 
         tensors, meta = load_adapter(self.adapter_folder())
         return adapter_from_tensors(tensors, meta["config"])

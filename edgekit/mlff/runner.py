@@ -3,7 +3,8 @@ backbone + adapter heads.
 
 A compiled MLFF backbone artifact (``edgekit compile REGISTRY|BACKBONE --target ...``) takes the
 preprocessed image batch and returns the pooled tap features ``N x feature_dim``, the exact vectors an
-MLFF adapter reads; the adapter (tiny) stays in PyTorch. Its manifest names the backbone it was compiled
+MLFF adapter reads; the adapter (tiny) runs in numpy on top of it (``edgekit.mlff.heads``), so a
+station runs a compiled backbone and its adapters without torch. Its manifest names the backbone it was compiled
 from (``model.backbone`` and ``model.backbone_sha256``, the same id and sha256 an adapter's
 ``backbone`` / ``backbone_sha256`` fields carry), so a registry is checked against it before anything runs
 (``check_backbone_match``).
@@ -22,9 +23,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
-import torch
 
-from edgekit.data.preprocess import PreprocessSpec
+from edgekit.data.preprocess import PreprocessSpec, resize_bilinear
 from edgekit.errors import EdgekitError
 from edgekit.backends.base import Runner
 
@@ -42,21 +42,42 @@ def backbone_preprocess_dict(input_spec: dict) -> dict:
             "channels": int(c), "scale": str(input_spec.get("scale", "255"))}
 
 
+def backbone_preprocess(images: Sequence[np.ndarray], input_spec: dict) -> np.ndarray:
+    """Grayscale uint8 images -> the ``N x 3 x H x W`` float32 batch a backbone's input spec describes, in numpy:
+    the numbers of ``edgekit.models.backbones.preprocess_images`` (PyTorch), without torch."""
+    if input_spec.get("kind", "imagenet") == "edgekit":
+        from edgekit.data.preprocess import preprocess
+
+        return preprocess(list(images), PreprocessSpec.from_dict(input_spec["preprocess"]))
+    c, h, w = (int(v) for v in input_spec["shape"])
+    mean = np.asarray(input_spec["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(input_spec["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+    out = np.empty((len(images), c, h, w), dtype=np.float32)
+    for i, img in enumerate(images):
+        x = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+        out[i] = resize_bilinear(x, (h, w)) if x.shape != (h, w) else x
+    return (out - mean) / std
+
+
 class TorchBackboneRunner(Runner):
     """The frozen PyTorch backbone: preprocessed batch -> pooled tap features."""
 
     name = "torch"
 
     def __init__(self, backbone, threads: Optional[int] = None):
+        import torch
+
         super().__init__(PreprocessSpec.from_dict(backbone_preprocess_dict(backbone.input_spec)),
                          backbone.weights_path, {"backbone": backbone.id, "backbone_sha256": backbone.weights_sha256})
         if threads:
             torch.set_num_threads(int(threads))
         self.backbone = backbone
 
-    @torch.inference_mode()
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        return self.backbone.pooled(torch.from_numpy(self._check_batch(batch))).float().numpy()
+        import torch
+
+        with torch.inference_mode():
+            return self.backbone.pooled(torch.from_numpy(self._check_batch(batch))).float().numpy()
 
     def describe(self) -> str:
         return f"torch fp32 (backbone {self.backbone.id})"
@@ -101,7 +122,8 @@ def check_backbone_match(manifest: dict, adapter_meta: dict, where: str, folder)
 
 class CompiledBackbone:
     """A compiled MLFF backbone artifact with the interface of ``edgekit.models.backbones.Backbone``
-    that classification needs (``preprocess`` images, ``pooled`` features, identity)."""
+    that classification needs (``preprocess`` images, ``pooled`` features, identity), in numpy: a station
+    runs it without torch (``preprocess`` gives and ``pooled`` takes and gives numpy arrays)."""
 
     def __init__(self, folder: str | os.PathLike, threads: Optional[int] = None):
         from edgekit import runtime
@@ -123,13 +145,12 @@ class CompiledBackbone:
     def feature_dim(self) -> int:
         return sum(self.tap_dims)
 
-    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        from edgekit.models.backbones import preprocess_images
+    def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        return backbone_preprocess(images, self.input_spec)
 
-        return preprocess_images(images, self.input_spec)
-
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.runner.infer(x.numpy()))
+    def pooled(self, x) -> np.ndarray:
+        x = x.numpy() if hasattr(x, "numpy") else x  # a torch batch from a caller on the PyTorch side
+        return np.asarray(self.runner.infer(np.ascontiguousarray(x, dtype=np.float32)), dtype=np.float32)
 
 
 class MLFFRunner(Runner):
@@ -149,17 +170,15 @@ class MLFFRunner(Runner):
         return self.features.input_shape
 
     def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        from edgekit.models.backbones import preprocess_images
+        return backbone_preprocess(images, self.input_spec)
 
-        return preprocess_images(images, self.input_spec).numpy()
+    def logits(self, batch: np.ndarray) -> List[np.ndarray]:
+        from edgekit.mlff.heads import head_logits
 
-    @torch.inference_mode()
-    def logits(self, batch: np.ndarray) -> List[torch.Tensor]:
-        z = self.adapter.embed(torch.from_numpy(np.ascontiguousarray(self.features.infer(batch))))
-        return [h(z) for h in self.adapter.heads]
+        return head_logits(self.adapter, np.ascontiguousarray(self.features.infer(batch), dtype=np.float32))
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        return torch.cat(self.logits(batch), dim=1).numpy()
+        return np.concatenate(self.logits(batch), axis=1)
 
     def describe(self) -> str:
         return f"{self.features.describe()} + adapter ({self.heads} head{'s' if self.heads != 1 else ''})"
@@ -167,10 +186,11 @@ class MLFFRunner(Runner):
 
 def load_mlff_runner(registry: str | os.PathLike, backbone_artifact: Optional[str | os.PathLike] = None,
                      threads: Optional[int] = None) -> MLFFRunner:
-    """Backbone (PyTorch, or the compiled artifact, checked against the registry) + the newest adapter."""
+    """Backbone (PyTorch, or the compiled artifact, checked against the registry) + the newest adapter (in
+    PyTorch on the PyTorch backbone, in numpy on a compiled one)."""
     from edgekit.mlff.classifier import load_mlff
-    from edgekit.models.mlff import adapter_from_tensors
-    from edgekit.mlff.adapter import load_adapter
+    from edgekit.mlff.adapter import load_adapter_arrays
+    from edgekit.mlff.heads import NumpyAdapter
     from edgekit.mlff.registry import Registry
 
     if backbone_artifact is None:
@@ -178,10 +198,10 @@ def load_mlff_runner(registry: str | os.PathLike, backbone_artifact: Optional[st
         return MLFFRunner(TorchBackboneRunner(clf.backbone, threads=threads), clf.adapter, clf.meta, source=registry)
     reg = Registry.open(registry)
     folder = reg.adapter_folder()
-    tensors, meta = load_adapter(folder)
+    arrays, meta = load_adapter_arrays(folder)
     man = read_backbone_manifest(backbone_artifact)
     check_backbone_match(man, meta, f"registry {reg.folder}", backbone_artifact)
     from edgekit import runtime
 
     feats = runtime.load(backbone_artifact, threads=threads)
-    return MLFFRunner(feats, adapter_from_tensors(tensors, meta["config"]), meta, source=backbone_artifact)
+    return MLFFRunner(feats, NumpyAdapter(arrays, meta["config"]), meta, source=backbone_artifact)

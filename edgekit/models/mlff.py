@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 
 from edgekit.errors import EdgekitError
+# the config's bounds, torch-free (a station checks adapters with them too, edgekit.models.mlff_spec)
+from edgekit.models.mlff_spec import ADAPTER_LIMITS, check_adapter_config  # noqa: F401
 
 SETTINGS = ("class-incremental", "task-incremental")
 
@@ -64,38 +66,6 @@ class MLFFAdapter(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
-# Bounds on an adapter config read from a file (inclusive): ResNet-50's deepest tap has 2,048
-# channels, EfficientNet-Lite0's head 1,280; the default fc_dim is 160.
-ADAPTER_LIMITS = {"levels": 16, "tap_dim": 8192, "fc_dim": 16384, "heads": 1024, "head_size": 100_000}
-
-
-def _ints(name: str, values, lo: int, hi: int, most: int) -> List[int]:
-    if not isinstance(values, (list, tuple)) or len(values) > most:
-        raise EdgekitError(f"adapter config: {name} must be a list of at most {most} integers")
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise EdgekitError(f"adapter config: {name} holds {v!r}, not an integer in {lo}..{hi}"[:200])
-        out.append(int(v))
-    return out
-
-
-def check_adapter_config(config) -> tuple:
-    """``(tap_dims, fc_dim, head_sizes)`` of an adapter config, each within ``ADAPTER_LIMITS``: checked
-    before any layer is sized from them (an fc_dim of 10^9 would allocate 8 GB per layer)."""
-    if not isinstance(config, dict):
-        raise EdgekitError("adapter config must be an object")
-    try:
-        tap_dims = _ints("tap_dims", config["tap_dims"], 1, ADAPTER_LIMITS["tap_dim"], ADAPTER_LIMITS["levels"])
-        fc_dim = _ints("fc_dim", [config["fc_dim"]], 1, ADAPTER_LIMITS["fc_dim"], 1)[0]
-        heads = _ints("head_sizes", config["head_sizes"], 1, ADAPTER_LIMITS["head_size"], ADAPTER_LIMITS["heads"])
-    except KeyError as e:
-        raise EdgekitError(f"adapter config lacks {e.args[0]!r}") from None
-    if not tap_dims:
-        raise EdgekitError("adapter config: tap_dims is empty")
-    return tap_dims, fc_dim, heads
-
-
 def check_adapter_tensors(tensors: Dict[str, torch.Tensor], config: dict) -> None:
     """The adapter's tensors against its config, before a real module is built: structure and
     dtypes (``check_tensors``), every expected key at the exact shape the config implies (on the
@@ -115,6 +85,11 @@ def check_adapter_tensors(tensors: Dict[str, torch.Tensor], config: dict) -> Non
 
 
 def adapter_from_tensors(tensors: Dict[str, torch.Tensor], config: dict) -> MLFFAdapter:
+    """The PyTorch adapter from its weights (torch tensors, or the numpy arrays ``load_adapter_arrays`` gives)."""
+    import numpy as np
+
+    tensors = {k: torch.from_numpy(np.asarray(v, order="C")) if isinstance(v, np.ndarray) else v
+               for k, v in tensors.items()}
     check_adapter_tensors(tensors, config)
     ad = MLFFAdapter(config["tap_dims"], config["fc_dim"], config["head_sizes"])
     try:

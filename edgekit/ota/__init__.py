@@ -4,7 +4,8 @@ Build side: ``save_adapter`` -> ``generate_keypair`` -> ``build_package``.
 Device side: ``verify_package`` -> ``install_package`` / ``rollback``; the runtime asks
 ``installed(root)`` or ``active_adapter_dir(root)`` (which first recovers a stale trial) and loads with
 ``load_adapter``. The install root's state itself (trial, committed, blocked, pinned) is ``edgekit.device.state``.
-Needs the optional packages ``cryptography`` and ``safetensors`` (``pip install edgekit[ota]``).
+Needs ``cryptography`` and ``safetensors``, both part of the runtime (``pip install edgekit``; the ``ota``
+extra still names them); no torch.
 """
 from edgekit.mlff.adapter import load_adapter, read_adapter_meta, save_adapter
 from edgekit.ota.install import (active_adapter_dir, install_package, installed, load_installed_adapter,

@@ -43,7 +43,7 @@ from typing import Dict, Iterable, Mapping, Optional
 
 from edgekit import __version__
 from edgekit.errors import EdgekitError
-from edgekit.mlff.adapter import (META_NAME, adapter_files, is_plain_file_name, is_sha256, load_adapter,
+from edgekit.mlff.adapter import (META_NAME, adapter_files, is_plain_file_name, is_sha256, load_adapter_arrays,
                                  load_weights_bytes, validate_adapter_meta)
 from edgekit.mlff.names import RULE as NAME_RULE, is_safe_name
 from edgekit.ota.keys import TrustedKey, key_id, load_private_key, load_trusted_keys
@@ -112,7 +112,7 @@ def build_package(adapter_dir: str | os.PathLike, private_key_path: str | os.Pat
     """
     parse_version(version)
     adapter_dir = Path(adapter_dir)
-    _, meta = load_adapter(adapter_dir)  # loads the weights too: never ship an adapter that does not load
+    _, meta = load_adapter_arrays(adapter_dir)  # loads the weights too: never ship an adapter that does not load
     if meta.get("version") is not None and meta["version"] != version:
         raise EdgekitError(f"{adapter_dir / META_NAME} says version {meta['version']}, but --version is {version}")
     private_key = load_private_key(private_key_path)
