@@ -35,7 +35,7 @@ class CpuFusedRunner(ArtifactRunner):
                  fuse_head: bool = True):
         super().__init__(folder)  # verified first: signature (keys trusted), paths, every file's sha256
         from edgekit.backends.cpu_fused.build import check_geometry
-        from edgekit.kernels.cpu_fused import CpuKernels, FusedNet, choose_isa
+        from edgekit.kernels.cpu.runtime import CpuKernels, FusedNet, choose_isa
 
         if self.artifact is None:
             raise EdgekitError(f"{folder}: cpu-fused runs artifact folders (edgekit compile --target cpu-fused)")

@@ -1,7 +1,7 @@
 """``cuda-fused``: the whole eval-mode GMBINet as edgekit's own CUDA kernels, through PyCUDA.
 
 ``CudaFusedRunner(checkpoint, precision="fp16"|"fp32")`` folds every BatchNorm at load time
-(``edgekit.kernels.gmbinet.fold_gmbinet``), uploads all parameters once (one 256-byte aligned
+(``edgekit.kernels.fold.fold_gmbinet``), uploads all parameters once (one 256-byte aligned
 device allocation), and for each batch size it is asked for plans the launch sequence with the
 same planner the host-emulation tests run (``plan_gmbinet``), preallocates every activation buffer
 (one allocation) and page-locked host staging buffers.  At batch 1 the launch sequence is
@@ -132,8 +132,9 @@ class CudaFusedRunner(Runner):
         drv = _require_gpu()
         super().__init__(checkpoint.preprocess, checkpoint.path or Path("."),
                          {"checkpoint_sha256": checkpoint.sha256, "target": TARGET})
-        from edgekit.kernels.gmbi import ensure_context
-        from edgekit.kernels.gmbinet import fold_gmbinet, load_net_module
+        from edgekit.kernels.cuda.gmbinet import load_net_module
+        from edgekit.kernels.cuda.module import ensure_context
+        from edgekit.kernels.fold import fold_gmbinet
 
         self.drv = drv
         self.precision = precision
@@ -162,7 +163,7 @@ class CudaFusedRunner(Runner):
         return cls(load_checkpoint(path), precision=precision, **kw)
 
     def _function(self, name: str, fmt: str, smem: int):
-        from edgekit.kernels.gmbi import DEFAULT_SMEM_LIMIT_48K
+        from edgekit.kernels.graph import DEFAULT_SMEM_LIMIT_48K
 
         fn = self._fns.get(name)
         if fn is None:
@@ -175,7 +176,7 @@ class CudaFusedRunner(Runner):
         return fn
 
     def plan(self, n: int):
-        from edgekit.kernels.gmbinet import plan_gmbinet
+        from edgekit.kernels.graph import plan_gmbinet
 
         h, w = self.spec.input_size
         return plan_gmbinet(self.net, n, h, w, self.dtype, sm_count=self.sm_count, smem_limit=self.smem_limit)
@@ -303,7 +304,7 @@ class EmulatedCudaFusedRunner(Runner):
         if precision not in PRECISIONS:
             raise EdgekitError(f"cuda-fused: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         super().__init__(checkpoint.preprocess, checkpoint.path or Path("."), {"target": TARGET})
-        from edgekit.kernels.gmbinet import fold_gmbinet
+        from edgekit.kernels.fold import fold_gmbinet
 
         self.precision = precision
         self.dtype = PRECISIONS[precision]
@@ -312,13 +313,14 @@ class EmulatedCudaFusedRunner(Runner):
         self.sm_count, self.smem_limit = sm_count, smem_limit
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        from edgekit.kernels.gmbinet import plan_gmbinet, run_net_emulated
+        from edgekit.kernels.cuda.gmbinet import run_net_emulated
+        from edgekit.kernels.graph import plan_gmbinet
 
         batch = self._check_batch(batch)
         if self.exe is None:
             import tempfile
 
-            from edgekit.kernels.build import build_emulator
+            from edgekit.kernels.cuda.build import build_emulator
 
             self._tmp = tempfile.TemporaryDirectory(prefix="edgekit-emu-")
             self.exe = build_emulator(Path(self._tmp.name) / "gmbinet_emu", sanitize="none", program="gmbinet", opt="-O2")
