@@ -134,7 +134,7 @@ def test_gmbi_banded_and_two_phase_match_torch(library, monkeypatch, mode, cfg, 
     x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
     net = fused(library, model, threads, fuse_head=False)
     plan, _, ops, layers = net.state(shape[0], *shape[2:])
-    modes = {o.i[3] for o, ly in zip(ops, layers) if ly[0].startswith("gmbi")}
+    modes = {o.u.gmbi.mode for o, ly in zip(ops, layers) if ly[0].startswith("gmbi")}
     assert modes == {cpu_fused.GMBI_MODES[mode]}
     checked = check_every_layer(net, model, x)
     assert sum(c.startswith("gmbi") for c in checked) == sum(cfg.depths)
@@ -187,8 +187,8 @@ def test_int8_gmbi_1x1_matches_its_quantized_arithmetic_real(library, published_
     x = _real_batch(sd900, ck.preprocess, n, size)
     plan, acts, ops, layers = fn.state(x.shape[0], *x.shape[2:])
     gmbi_ops = [op for op, ly in zip(ops, layers) if ly[0].startswith("gmbi")]
-    assert all(op.i[4] == 1 for op in gmbi_ops)  # every 1x1 INT8
-    assert {op.i[3] for op in gmbi_ops} == {cpu_fused.GMBI_MODES[mode]}
+    assert all(op.u.gmbi.pw_q for op in gmbi_ops)  # every 1x1 INT8
+    assert {op.u.gmbi.mode for op in gmbi_ops} == {cpu_fused.GMBI_MODES[mode]}
     acts.fill(0xFF)
     fn.view(plan, acts, plan.input)[...] = x
     by_layer = {ln.layer: ln for ln in plan.launches}
@@ -279,6 +279,32 @@ def test_fused_df1_head_matches_torch(library, cfg, shape, threads):
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     assert np.abs(got - ref).max() <= 1e-4
+
+
+@pytest.mark.parametrize("struct,old,new,named", [
+    # two fields of the GMBI op swapped: the same size, every later field read from the wrong place
+    ("EkGmbiOp", "int32_t C, H, W, mode;", "int32_t C, H, mode, W;", "EkGmbiOp.W at offset 76 (4 bytes) in the library, 72"),
+    # a field added to the stem op: every member of the union after it, and EkOp's size, would shift
+    ("EkStemOp", "int32_t cin, cout, H, W, h1, w1;", "int32_t cin, cout, H, W, h1, w1, extra;", "EkStemOp is 64 bytes in the library, 56 here"),
+])
+def test_library_built_with_other_op_structs_is_refused(library, tmp_path, struct, old, new, named):
+    """The op structs are checked field by field at load: a library whose gmbinet_cpu.cpp declares a struct
+    differently (built here from a mutated copy of the real source) is refused with one EdgekitError naming
+    the field, before any op runs; the real source's library passes the same check."""
+    src = cpu_fused.source_path().read_text()
+    assert src.count(old) == 1, f"{struct}: the source no longer declares {old!r}"
+    mutated = tmp_path / "gmbinet_cpu.cpp"
+    mutated.write_text(src.replace(old, new))
+    isa = cpu_fused.supported_isas()[0]
+    bad = tmp_path / f"libgmbinet_{isa}.so"
+    cpu_build.build_library(isa, bad, source=mutated)
+    with pytest.raises(EdgekitError, match="built with other op structs") as e:
+        cpu_fused.CpuKernels(bad, 1)
+    assert named in str(e.value) and "refused" in str(e.value)
+    with pytest.raises(EdgekitError, match=named.split(" ")[0]):  # from verified bytes too (the artifact path)
+        cpu_fused.CpuKernels.from_bytes(bad.read_bytes(), str(bad), 1)
+    ok = cpu_fused.CpuKernels(library, 1)  # the real library: every entry of op_layout() agrees
+    ok.close()
 
 
 def test_same_result_with_1_and_2_threads_and_repeated_runs(library):
@@ -491,7 +517,8 @@ def test_forward_reads_the_callers_batch_and_restores_its_program(library, monke
     lo, hi = acts.ctypes.data, acts.ctypes.data + acts.nbytes
 
     def inside():
-        return all(lo <= ops[k].ptr[j] < hi for slots in net._io[(2, 40, 48)].values() for k, j in slots)
+        return all(lo <= dict(cpu_fused.pointer_fields(ops[k].args))[path] < hi
+                   for slots in net._io[(2, 40, 48)].values() for k, path in slots)
 
     assert inside() and all(net._io[(2, 40, 48)].values())
     monkeypatch.setattr(net.kernels, "run", lambda *a, **k: (_ for _ in ()).throw(EdgekitError("boom")))

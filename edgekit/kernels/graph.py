@@ -62,6 +62,17 @@ KERNEL_KINDS = {
     "gmbi": ("gmbi_fused", ARG_FORMAT),
     "head": ("gmbinet_head", "PPPPiiiiiiff"),
 }
+_DWPW_ARGS = ("x", "high", "out", "dw_w", "dw_b", "pw_wt", "pw_b", "cin", "cout", "ho", "wo", "hi", "wi", "hh", "wh",
+              "sh", "sw", "tile_h", "tile_w", "co_per_block", "co_splits", "smem_floats")
+# kind -> the name of each kernel argument, in the kernel's order (one per letter of its format): executors
+# read a launch's arguments by name (Launch.named), never by position
+KERNEL_ARGS = {
+    "stem": ("x", "out", "w", "b", "cin", "cout", "H", "W", "h1", "w1"),
+    "s2": _DWPW_ARGS, "pw": _DWPW_ARGS, "up": _DWPW_ARGS,
+    "gmbi": ("x", "out", "dw_w", "dw_b", "pw_wt", "pw_b", "C", "H", "W", "tile_h", "tile_w", "co_per_block",
+             "co_splits", "buf_a", "buf_b"),
+    "head": ("x", "out", "w", "b", "cin", "cout", "h1", "w1", "H", "W", "sh", "sw"),
+}
 SUFFIX = {"float32": "f32", "float16": "f16"}
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 NET_KERNEL_NAMES = tuple(f"{prefix}_{sfx}" for prefix, _ in KERNEL_KINDS.values() for sfx in SUFFIX.values())
@@ -261,6 +272,10 @@ class Launch:
     def blocks(self) -> int:
         return self.grid[0] * self.grid[1] * self.grid[2]
 
+    def named(self, values: Sequence) -> Dict[str, object]:
+        """{argument name: value} for this launch's resolved argument ``values`` (``NetPlan.resolve``)."""
+        return dict(zip(KERNEL_ARGS[self.kind], values))
+
 
 @dataclass
 class NetPlan:
@@ -376,8 +391,8 @@ def plan_gmbinet(net: FoldedGMBINet, n: int, height: int, width: int, dtype="flo
     def add(layer, kind, grid, smem, args):
         kname = kernel_name(kind, dtype)
         fmt = KERNEL_KINDS[kind][1]
-        if len(args) != len(fmt):
-            raise AssertionError(f"{layer}: {len(args)} arguments for format {fmt}")
+        if not len(args) == len(fmt) == len(KERNEL_ARGS[kind]):
+            raise AssertionError(f"{layer}: {len(args)} arguments for format {fmt} ({len(KERNEL_ARGS[kind])} names)")
         if grid[1] > 65535 or grid[2] > 65535:
             raise EdgekitError(f"GMBINet kernels: grid {grid} of {layer} exceeds the CUDA limits; use a smaller batch")
         launches.append(Launch(layer, kind, kname, fmt, tuple(grid), block, int(smem), tuple(args)))
@@ -443,5 +458,5 @@ def launch_count(depths: Sequence[int]) -> int:
 
 
 
-__all__ = ["ALIGN", "Buffer", "FoldedGMBINet", "FoldedLayer", "GMBIPlan", "KERNEL_KINDS", "Launch", "NET_KERNEL_NAMES",
+__all__ = ["ALIGN", "Buffer", "FoldedGMBINet", "FoldedLayer", "GMBIPlan", "KERNEL_ARGS", "KERNEL_KINDS", "Launch", "NET_KERNEL_NAMES",
            "NetPlan", "kernel_name", "launch_count", "nearest_scale", "plan_dwpw", "plan_gmbi", "plan_gmbinet"]

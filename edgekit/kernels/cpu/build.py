@@ -34,13 +34,13 @@ def compiler_version(cxx: str) -> str:
     return out.stdout.splitlines()[0].strip() if out.stdout else cxx
 
 
-def build_library(isa: str, out: Path, cxx: Optional[str] = None) -> dict:
-    """Compile the kernel source for one ISA level into ``out`` (a shared library)."""
+def build_library(isa: str, out: Path, cxx: Optional[str] = None, source: Optional[Path] = None) -> dict:
+    """Compile the kernel source (``source``: another copy of it) for one ISA level into ``out`` (a shared library)."""
     if isa not in ISA_LEVELS:
         raise EdgekitError(f"cpu-fused: unknown ISA level {isa!r} (choose from {', '.join(ISA_LEVELS)})")
     cxx = cxx or find_compiler()
     flags = [*CXX_FLAGS, *ISA_LEVELS[isa][0]]
-    cmd = [cxx, *flags, "-o", str(out), str(source_path()), "-lpthread"]
+    cmd = [cxx, *flags, "-o", str(out), str(source or source_path()), "-lpthread"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise EdgekitError(f"cpu-fused: {Path(cxx).name} failed to build the {isa} kernels:\n{proc.stderr[-3000:]}")
