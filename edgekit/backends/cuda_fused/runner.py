@@ -211,8 +211,7 @@ class CudaFusedRunner(Runner):
         for ln, vals in st.launches:
             self._fns[ln.kernel].prepared_async_call(ln.grid, ln.block, self.stream, *vals, shared_size=ln.smem_bytes)
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        batch = self._check_batch(batch)
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
         st = self._state(batch.shape[0])
         drv = self.drv
         st.h_in[...] = batch
@@ -251,6 +250,18 @@ class CudaFusedRunner(Runner):
         drv.memcpy_dtod_async(out.data_ptr(), st.out_ptr, out.numel() * 4, self.stream)
         self.stream.synchronize()
         return out
+
+    def close(self) -> None:
+        """The CUDA graphs, every activation buffer and the parameters, freed now."""
+        for st in self._states.values():
+            if st.graph is not None:
+                st.graph.destroy()
+            st.acts.free()
+        self._states.clear()
+        if getattr(self, "params", None) is not None:
+            self.params.free()
+            self.params = None
+        super().close()
 
     def describe(self) -> str:
         st = self._states.get(1)
@@ -312,11 +323,10 @@ class EmulatedCudaFusedRunner(Runner):
         self.exe = exe
         self.sm_count, self.smem_limit = sm_count, smem_limit
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
         from edgekit.kernels.cuda.gmbinet import run_net_emulated
         from edgekit.kernels.graph import plan_gmbinet
 
-        batch = self._check_batch(batch)
         if self.exe is None:
             import tempfile
 
@@ -335,3 +345,10 @@ class EmulatedCudaFusedRunner(Runner):
 
     def describe(self) -> str:
         return f"{self.name} {self.precision}, H100 launch plan ({self.source})"
+
+    def close(self) -> None:
+        tmp = getattr(self, "_tmp", None)
+        if tmp is not None:  # the emulator this runner built
+            tmp.cleanup()
+            self._tmp, self.exe = None, None
+        super().close()
