@@ -86,8 +86,11 @@ class Runner:
         if batch.ndim != 4 or tuple(batch.shape[1:]) != tuple(self.input_shape):
             raise EdgekitError(f"{self.name}: expected a batch N x {' x '.join(map(str, self.input_shape))}, "
                                f"got {' x '.join(map(str, batch.shape))}")
-        # the sum first (one pass, no temporary): only a non-finite sum, possibly an overflow, needs the full check
-        if not np.isfinite(batch.sum(dtype=np.float64)) and not np.isfinite(batch).all():
+        # the fp32 sum first (one vectorised pass, no temporary; about 0.1 ms for a 512 x 512 image, a few % of
+        # the fastest inference): only a non-finite sum, NaN/inf or an overflow of huge values, needs the full check
+        with np.errstate(all="ignore"):
+            suspect = not np.isfinite(batch.sum())
+        if suspect and not np.isfinite(batch).all():
             bad = int((~np.isfinite(batch)).sum())
             raise EdgekitError(f"{self.name}: the batch holds {bad:,} non-finite values (NaN or inf) of "
                                f"{batch.size:,}; refused")
