@@ -424,9 +424,15 @@ class FusedNet:
         if key not in self._states:
             plan = plan_gmbinet(self.net, n, height, width, "float32")
             acts = _aligned(plan.act_bytes)
-            acts.fill(0xFF)  # NaN: a buffer a kernel forgot to write shows up in the output
             ops, layers = build_program(plan, self.offsets, self.params.ctypes.data, acts.ctypes.data,
                                         self.kernels.threads, self.panel_bytes, self.fuse_head)
+            # NaN in every buffer the program works in: one a kernel forgot to write shows up in the output.  The
+            # input and output buffers (forward() points the program at the caller's arrays instead) and DF1's
+            # output under the fused head are never touched, so their pages never become resident (8 MB at 512 px)
+            used = {a for op in ops for _, a in pointer_fields(op.args)}
+            for name, b in plan.buffers.items():
+                if name not in (plan.input, plan.output) and acts.ctypes.data + b.offset in used:
+                    acts[b.offset:b.offset + b.nbytes] = 0xFF
             self._states[key] = (plan, acts, ops, layers)
             # where the program reads the input and writes the output: forward() points those at the
             # caller's batch and a fresh result array (no copies of 3 MB in and 1 MB out per 512x512 image)
@@ -461,6 +467,8 @@ class FusedNet:
         if poison:
             acts.fill(0xFF)
         if buffers:  # every buffer, the input and output included, in the plan's own memory
+            if not poison:
+                acts.fill(0xFF)  # the buffers the program never writes read back as NaN, not as zeros
             for name in (plan.input, plan.output):
                 self._point(key, name, acts.ctypes.data + plan.buffers[name].offset)
             self.view(plan, acts, plan.input)[...] = x
