@@ -38,7 +38,7 @@ def parse_row(text: str):
 
 
 def cpu_info() -> dict:
-    from edgekit.kernels.cpu_fused import cpu_description, cpu_features
+    from edgekit.kernels.cpu.runtime import cpu_description, cpu_features
 
     feats = cpu_features()
     return {"model": cpu_description(), "logical_cpus": len(__import__("os").sched_getaffinity(0)),

@@ -79,7 +79,7 @@ def one_error_line(result) -> str:
 
 
 def emulator_available() -> bool:
-    from edgekit.kernels.build import emulator_available as available
+    from edgekit.kernels.cuda.build import emulator_available as available
 
     return available()
 

@@ -60,7 +60,7 @@ def onnx_art(tmp_path_factory, keys):
 
 
 def _isa():
-    from edgekit.kernels.cpu_fused import supported_isas
+    from edgekit.kernels.cpu.runtime import supported_isas
 
     isas = supported_isas()
     if not isas or not shutil.which(os.environ.get("CXX", "g++")):

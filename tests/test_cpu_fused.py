@@ -20,7 +20,9 @@ from edgekit.models.gmbinet import GMBINet, GMBINetConfig
 
 from conftest import one_error_line, random_gmbinet
 
-cpu_fused = pytest.importorskip("edgekit.kernels.cpu_fused")
+from edgekit.kernels.cpu import build as cpu_build
+from edgekit.kernels.cpu import runtime as cpu_fused
+from edgekit.kernels.fold import fold_gmbinet
 
 
 def _skip_without_kernels():
@@ -35,13 +37,11 @@ def library(tmp_path_factory) -> Path:
     _skip_without_kernels()
     isa = cpu_fused.supported_isas()[0]
     out = tmp_path_factory.mktemp("cpu_fused") / f"libgmbinet_{isa}.so"
-    cpu_fused.build_library(isa, out)
+    cpu_build.build_library(isa, out)
     return out
 
 
 def fused(library: Path, model: GMBINet, threads: int, fuse_head: bool = True):
-    from edgekit.kernels.gmbinet import fold_gmbinet
-
     net = fold_gmbinet(model)
     blob, offsets = net.param_layout()
     return cpu_fused.FusedNet(cpu_fused.CpuKernels(library, threads), net, blob, offsets, fuse_head=fuse_head)
@@ -74,7 +74,7 @@ def check_every_layer(net, model: GMBINet, x: np.ndarray, tol: float = 1e-4):
     """Run the program one op at a time from a poisoned arena; after each op, compare its output buffer
     with its PyTorch layer applied to the op's own input buffers (read before later ops overwrite them:
     the GMBI modules ping-pong between two buffers)."""
-    from edgekit.kernels.cpu_fused import EkOp
+    from edgekit.kernels.cpu.runtime import EkOp
 
     plan, acts, ops, layers = net.state(x.shape[0], *x.shape[2:])
     acts.fill(0xFF)
@@ -134,7 +134,7 @@ def test_gmbi_banded_and_two_phase_match_torch(library, monkeypatch, mode, cfg, 
     x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
     net = fused(library, model, threads, fuse_head=False)
     plan, _, ops, layers = net.state(shape[0], *shape[2:])
-    modes = {o.i[3] for o, ly in zip(ops, layers) if ly[0].startswith("gmbi")}
+    modes = {o.u.gmbi.mode for o, ly in zip(ops, layers) if ly[0].startswith("gmbi")}
     assert modes == {cpu_fused.GMBI_MODES[mode]}
     checked = check_every_layer(net, model, x)
     assert sum(c.startswith("gmbi") for c in checked) == sum(cfg.depths)
@@ -170,8 +170,8 @@ def test_int8_gmbi_1x1_matches_its_quantized_arithmetic_real(library, published_
     done in float64 on PyTorch's z; every other kernel still against its fp32 PyTorch layer."""
     from edgekit.data.datasets import limit_samples, open_segmentation
     from edgekit.data.preprocess import preprocess
-    from edgekit.kernels.cpu_fused import EkOp, gmbi_1x1_ranges, quantize_gmbi_1x1
-    from edgekit.kernels.gmbinet import fold_gmbinet
+    from edgekit.kernels.cpu.build import gmbi_1x1_ranges, quantize_gmbi_1x1
+    from edgekit.kernels.cpu.runtime import EkOp
     from edgekit.models.checkpoint import load_checkpoint
 
     monkeypatch.setattr(cpu_fused, "GMBI_TWO_PHASE_MAX_ROWS", 0 if mode == "banded" else 10 ** 6)
@@ -187,8 +187,8 @@ def test_int8_gmbi_1x1_matches_its_quantized_arithmetic_real(library, published_
     x = _real_batch(sd900, ck.preprocess, n, size)
     plan, acts, ops, layers = fn.state(x.shape[0], *x.shape[2:])
     gmbi_ops = [op for op, ly in zip(ops, layers) if ly[0].startswith("gmbi")]
-    assert all(op.i[4] == 1 for op in gmbi_ops)  # every 1x1 INT8
-    assert {op.i[3] for op in gmbi_ops} == {cpu_fused.GMBI_MODES[mode]}
+    assert all(op.u.gmbi.pw_q for op in gmbi_ops)  # every 1x1 INT8
+    assert {op.u.gmbi.mode for op in gmbi_ops} == {cpu_fused.GMBI_MODES[mode]}
     acts.fill(0xFF)
     fn.view(plan, acts, plan.input)[...] = x
     by_layer = {ln.layer: ln for ln in plan.launches}
@@ -231,12 +231,12 @@ def test_int8_over_budget_is_refused_and_needs_calibration(published_ckpt, sd900
     """The same --max-drop refusal as every INT8 target (one line, nothing written), here with a quantizer
     that ruins the 1x1s of the published model; and no --calib is one line too."""
     _skip_without_kernels()
-    real = cpu_fused.quantize_gmbi_1x1
+    real = cpu_build.quantize_gmbi_1x1
 
     def ruined(net, ranges):  # every activation range 100x too small: z saturates at the top level
         return real(net, {k: v * 1e-2 for k, v in ranges.items()})
 
-    monkeypatch.setattr(cpu_fused, "quantize_gmbi_1x1", ruined)
+    monkeypatch.setattr(cpu_build, "quantize_gmbi_1x1", ruined)
     out = tmp_path / "q"
     line = one_error_line(cli("compile", published_ckpt, "--target", "cpu-fused", "--precision", "int8", "--calib",
                               sd900, "--subset", 2, "--val", sd900, "--max-drop", "0.005", "--out", out))
@@ -279,6 +279,32 @@ def test_fused_df1_head_matches_torch(library, cfg, shape, threads):
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     assert np.abs(got - ref).max() <= 1e-4
+
+
+@pytest.mark.parametrize("struct,old,new,named", [
+    # two fields of the GMBI op swapped: the same size, every later field read from the wrong place
+    ("EkGmbiOp", "int32_t C, H, W, mode;", "int32_t C, H, mode, W;", "EkGmbiOp.W at offset 76 (4 bytes) in the library, 72"),
+    # a field added to the stem op: every member of the union after it, and EkOp's size, would shift
+    ("EkStemOp", "int32_t cin, cout, H, W, h1, w1;", "int32_t cin, cout, H, W, h1, w1, extra;", "EkStemOp is 64 bytes in the library, 56 here"),
+])
+def test_library_built_with_other_op_structs_is_refused(library, tmp_path, struct, old, new, named):
+    """The op structs are checked field by field at load: a library whose gmbinet_cpu.cpp declares a struct
+    differently (built here from a mutated copy of the real source) is refused with one EdgekitError naming
+    the field, before any op runs; the real source's library passes the same check."""
+    src = cpu_fused.source_path().read_text()
+    assert src.count(old) == 1, f"{struct}: the source no longer declares {old!r}"
+    mutated = tmp_path / "gmbinet_cpu.cpp"
+    mutated.write_text(src.replace(old, new))
+    isa = cpu_fused.supported_isas()[0]
+    bad = tmp_path / f"libgmbinet_{isa}.so"
+    cpu_build.build_library(isa, bad, source=mutated)
+    with pytest.raises(EdgekitError, match="built with other op structs") as e:
+        cpu_fused.CpuKernels(bad, 1)
+    assert named in str(e.value) and "refused" in str(e.value)
+    with pytest.raises(EdgekitError, match=named.split(" ")[0]):  # from verified bytes too (the artifact path)
+        cpu_fused.CpuKernels.from_bytes(bad.read_bytes(), str(bad), 1)
+    ok = cpu_fused.CpuKernels(library, 1)  # the real library: every entry of op_layout() agrees
+    ok.close()
 
 
 def test_same_result_with_1_and_2_threads_and_repeated_runs(library):
@@ -345,7 +371,7 @@ def test_corrupt_weights_or_library_refused(artifact, tmp_path, victim):
 
 
 def test_isa_the_cpu_lacks_is_refused_at_load(artifact, tmp_path):
-    from edgekit.kernels.cpu_fused import ISA_LEVELS, choose_isa, supported_isas
+    from edgekit.kernels.cpu.runtime import ISA_LEVELS, choose_isa, supported_isas
 
     # what a CPU without AVX2 (or without AVX-512) says, whatever this machine has
     with pytest.raises(EdgekitError, match="cannot run the cpu-fused artifact: it was built for avx2"):
@@ -491,7 +517,8 @@ def test_forward_reads_the_callers_batch_and_restores_its_program(library, monke
     lo, hi = acts.ctypes.data, acts.ctypes.data + acts.nbytes
 
     def inside():
-        return all(lo <= ops[k].ptr[j] < hi for slots in net._io[(2, 40, 48)].values() for k, j in slots)
+        return all(lo <= dict(cpu_fused.pointer_fields(ops[k].args))[path] < hi
+                   for slots in net._io[(2, 40, 48)].values() for k, path in slots)
 
     assert inside() and all(net._io[(2, 40, 48)].values())
     monkeypatch.setattr(net.kernels, "run", lambda *a, **k: (_ for _ in ()).throw(EdgekitError("boom")))
@@ -517,7 +544,7 @@ def test_bench_cache_rebuilds_an_artifact_built_from_other_kernels(tiny_ckpt, tm
     notes.clear()
     artifact_for(tiny_ckpt, "cpu-fused:fp32", None, "synthetic:2", 1, notes.append)
     assert any("outdated" in n and "gmbinet_cpu.cpp" in n for n in notes) and any("compiling into" in n for n in notes)
-    from edgekit.kernels.cpu_fused import source_path
-    from edgekit.kernels.gmbinet import source_digest
+    from edgekit.kernels.cpu.runtime import source_path
+    from edgekit.kernels.sources import source_digest
 
     assert json.loads((folder / "manifest.json").read_text())["kernels"]["source_sha256"] == source_digest(source_path())

@@ -16,9 +16,11 @@ import torch.nn.functional as F
 
 from conftest import emulator_available, needs_emulator, random_gmbinet
 from edgekit.errors import EdgekitError, MissingBackendError
-from edgekit.kernels import build as kbuild
-from edgekit.kernels import cuda_module
-from edgekit.kernels import gmbinet as G
+from edgekit.kernels import graph as G
+from edgekit.kernels.cuda import build as kbuild
+from edgekit.kernels.cuda import gmbinet as CG
+from edgekit.kernels.cuda import module as cuda_module
+from edgekit.kernels.fold import fold_gmbinet
 from edgekit.models.gmbinet import GMBINet, GMBINetConfig
 
 OUT_INDEX = {"stem": 1, "s2": 2, "pw": 2, "up": 2, "gmbi": 1, "head": 1}
@@ -45,7 +47,7 @@ def iou_agreement(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_fold_layout_and_errors():
     m = random_gmbinet(SMALL)
-    net = G.fold_gmbinet(m)
+    net = fold_gmbinet(m)
     assert list(net.layers)[:3] == ["stem", "down2", "gmbi2_1"] and list(net.layers)[-2:] == ["DF1", "head"]
     assert len(net.layers) == G.launch_count(SMALL.depths)
     stem = net.layers["stem"].arrays["w"]
@@ -57,17 +59,17 @@ def test_fold_layout_and_errors():
     off, nb = offsets["DF2.pw_wt"]
     np.testing.assert_array_equal(blob[off:off + nb].view(np.float32), net.layers["DF2"].arrays["pw_wt"].ravel())
     with pytest.raises(EdgekitError, match="expects a GMBINet"):
-        G.fold_gmbinet(torch.nn.Conv2d(3, 3, 1))
+        fold_gmbinet(torch.nn.Conv2d(3, 3, 1))
     with pytest.raises(EdgekitError, match="divisible by 4"):
-        G.fold_gmbinet(GMBINet(GMBINetConfig(widths=(6, 8, 8, 12, 16), depths=(1, 1, 1, 1))).eval())
+        fold_gmbinet(GMBINet(GMBINetConfig(widths=(6, 8, 8, 12, 16), depths=(1, 1, 1, 1))).eval())
     with pytest.raises(EdgekitError, match="4 groups"):
-        G.fold_gmbinet(GMBINet(GMBINetConfig(widths=(8, 8, 8, 8, 8), depths=(1, 1, 1, 1), scales=2)).eval())
+        fold_gmbinet(GMBINet(GMBINetConfig(widths=(8, 8, 8, 8, 8), depths=(1, 1, 1, 1), scales=2)).eval())
 
 
 @pytest.mark.parametrize("n,h,w", [(1, 512, 512), (1, 160, 160), (3, 37, 29), (2, 1, 1)])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_plan_dataflow_and_limits(n, h, w, dtype):
-    net = G.fold_gmbinet(GMBINet().eval())
+    net = fold_gmbinet(GMBINet().eval())
     plan = G.plan_gmbinet(net, n, h, w, dtype, sm_count=132, smem_limit=227 * 1024)
     assert len(plan.launches) == G.launch_count(net.depths) == 27
     _, offsets = net.param_layout()
@@ -118,7 +120,7 @@ def test_plan_dwpw_splits_and_errors():
     with pytest.raises(EdgekitError, match="multiple of 4"):
         G.plan_dwpw(1, 16, 10, 8, 8)
     with pytest.raises(EdgekitError, match="precision"):
-        G.plan_gmbinet(G.fold_gmbinet(random_gmbinet(TINY)), 1, 16, 16, "int8")
+        G.plan_gmbinet(fold_gmbinet(random_gmbinet(TINY)), 1, 16, 16, "int8")
 
 
 # ------------------------------------------------------------------------------------ nvcc: every network kernel
@@ -130,7 +132,7 @@ needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA
 def test_nvcc_network_kernels_compile_without_spills(tmp_path, monkeypatch):
     res = kbuild.compile_kernels(("sm_87", "sm_90"), fmt="fatbin", out_dir=tmp_path)  # raises on errors / spills
     print("\n" + res.table())
-    layers = [r for r in res.resources if r.source == G.LAYERS_SOURCE]
+    layers = [r for r in res.resources if r.source == CG.LAYERS_SOURCE]
     seen = {(r.arch, r.kernel) for r in layers}
     for arch in ("sm_87", "sm_90"):
         for kernel in G.NET_KERNEL_NAMES:
@@ -140,10 +142,10 @@ def test_nvcc_network_kernels_compile_without_spills(tmp_path, monkeypatch):
         assert 0 < r.registers <= 255
     assert not [w for w in res.warnings if "ptxas" in w.lower()], res.warnings
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    entry = manifest["sources"][G.LAYERS_SOURCE]
-    assert entry["sha256"] == G.source_digest(G.layers_source_path())
+    entry = manifest["sources"][CG.LAYERS_SOURCE]
+    assert entry["sha256"] == cuda_module.source_digest(CG.layers_source_path())
     assert entry["artifacts"] == {"sm_87": "gmbinet_layers.fatbin", "sm_90": "gmbinet_layers.fatbin"}
-    src = G.layers_source_path()
+    src = CG.layers_source_path()
     assert cuda_module.prebuilt_artifact(src, "sm_90", tmp_path)[0] == tmp_path / "gmbinet_layers.fatbin"
     assert cuda_module.prebuilt_artifact(src, "sm_89", tmp_path)[0] is None
     entry["sha256"] = "0" * 64  # stale (e.g. gmbi_fused.cu changed since): never used
@@ -154,9 +156,9 @@ def test_nvcc_network_kernels_compile_without_spills(tmp_path, monkeypatch):
 def test_source_digest_covers_the_included_kernel(tmp_path):
     (tmp_path / "gmbi_fused.cu").write_text("// a\n")
     (tmp_path / "gmbinet_layers.cu").write_text('#include "gmbi_fused.cu"\n')
-    before = G.source_digest(tmp_path / "gmbinet_layers.cu")
+    before = cuda_module.source_digest(tmp_path / "gmbinet_layers.cu")
     (tmp_path / "gmbi_fused.cu").write_text("// b\n")
-    assert G.source_digest(tmp_path / "gmbinet_layers.cu") != before
+    assert cuda_module.source_digest(tmp_path / "gmbinet_layers.cu") != before
 
 
 # ------------------------------------------------------------------------------------ whole network, host emulation
@@ -184,10 +186,10 @@ def _check_no_nan(bufs):
 def test_emulated_network_random_config(net_emulator, dtype, tol):
     """Odd sizes (37x29: non-2x nearest upsampling, partial tiles), batch 2, two output channels."""
     m = random_gmbinet(SMALL, seed=3)
-    net = G.fold_gmbinet(m)
+    net = fold_gmbinet(m)
     x = np.random.default_rng(1).standard_normal((2, 3, 37, 29)).astype(np.float32)
     plan = G.plan_gmbinet(net, 2, 37, 29, dtype, sm_count=16)
-    bufs = G.run_net_emulated(net_emulator, net, plan, x)
+    bufs = CG.run_net_emulated(net_emulator, net, plan, x)
     _check_no_nan(bufs)
     y, ref = bufs["output"], _reference(m, x)
     assert y.shape == ref.shape == (2, 2, 37, 29)
@@ -202,10 +204,10 @@ def test_emulated_network_random_config(net_emulator, dtype, tol):
 def test_emulated_network_has_no_data_races(tmp_path):
     exe = kbuild.build_emulator(tmp_path / "gmbinet_emu_tsan", sanitize="thread", program="gmbinet")
     m = random_gmbinet(TINY, seed=5)
-    net = G.fold_gmbinet(m)
+    net = fold_gmbinet(m)
     x = np.random.default_rng(2).standard_normal((1, 3, 20, 18)).astype(np.float32)
     plan = G.plan_gmbinet(net, 1, 20, 18, "float32", sm_count=8)
-    bufs = G.run_net_emulated(exe, net, plan, x)  # TSan exits non-zero on a race -> EdgekitError
+    bufs = CG.run_net_emulated(exe, net, plan, x)  # TSan exits non-zero on a race -> EdgekitError
     assert np.abs(bufs["output"] - _reference(m, x)).max() <= 1e-5
 
 
@@ -228,11 +230,11 @@ def test_emulated_network_embedded_checkpoint_on_sd900(net_emulator, sd900, dtyp
 
     ck = load_checkpoint(DEFAULT_CHECKPOINT)
     model = ck.build()
-    net = G.fold_gmbinet(model)
+    net = fold_gmbinet(model)
     x = _sd900_batch(sd900, ck.preprocess)
     n, _, h, w = x.shape
     plan = G.plan_gmbinet(net, n, h, w, dtype, sm_count=132, smem_limit=227 * 1024)
-    bufs = G.run_net_emulated(net_emulator, net, plan, x)
+    bufs = CG.run_net_emulated(net_emulator, net, plan, x)
     _check_no_nan(bufs)
     y = bufs["output"]
     ref32 = _reference(model, x, torch.float32)
@@ -261,7 +263,7 @@ def test_runner_without_pycuda_fails_with_one_line(monkeypatch):
         load_cuda_fused(DEFAULT_CHECKPOINT)
     assert "\n" not in str(e.value)
     with pytest.raises(MissingBackendError):
-        G.load_net_module()
+        CG.load_net_module()
     with pytest.raises(EdgekitError, match="precision"):
         load_cuda_fused(DEFAULT_CHECKPOINT, precision="int8")
 

@@ -19,9 +19,9 @@ import torch
 
 from conftest import needs_emulator
 from edgekit.errors import EdgekitError
-from edgekit.kernels import build as kbuild
-from edgekit.kernels import cuda_module
-from edgekit.kernels import gmbinet as G
+from edgekit.kernels.cuda import build as kbuild
+from edgekit.kernels.cuda import gmbinet as CG
+from edgekit.kernels.cuda import module as cuda_module
 from conftest import random_gmbinet
 from test_cuda_fused import SMALL, _FakeNetCuda
 
@@ -203,8 +203,8 @@ def _prebuilt(folder: Path, cuda_version: str) -> Path:
 
     folder.mkdir()
     (folder / "gmbinet_layers.fatbin").write_bytes(b"\0")
-    entry = {"sha256": cuda_module.source_digest(G.layers_source_path()), "artifacts": {"sm_87": "gmbinet_layers.fatbin"}}
-    (folder / "manifest.json").write_text(json.dumps({"sources": {G.LAYERS_SOURCE: entry}, "cuda_version": cuda_version}))
+    entry = {"sha256": cuda_module.source_digest(CG.layers_source_path()), "artifacts": {"sm_87": "gmbinet_layers.fatbin"}}
+    (folder / "manifest.json").write_text(json.dumps({"sources": {CG.LAYERS_SOURCE: entry}, "cuda_version": cuda_version}))
     return folder
 
 
@@ -416,7 +416,7 @@ def test_wheel_ships_the_cuda_sources(tmp_path):
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as z:
         z.extractall(site)  # a wheel is a zip laid out as site-packages
-    probe = ("import edgekit.kernels.gmbinet as G, edgekit.kernels.gmbi as K; "
+    probe = ("import edgekit.kernels.cuda.gmbinet as G, edgekit.kernels.cuda.gmbi as K; "
              "print(G.layers_source_path()); print(K.kernel_source_path().parent / 'emu')")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site)}, timeout=300)

@@ -14,10 +14,12 @@ import torch
 
 from conftest import needs_emulator
 from edgekit.errors import EdgekitError, MissingBackendError
-from edgekit.kernels import FusedGMBI, fold_gmbi, plan_gmbi, reference_gmbi
-from edgekit.kernels import build as kbuild
-from edgekit.kernels import cuda_module
-from edgekit.kernels import gmbi as kgmbi
+from edgekit.kernels.cuda import build as kbuild
+from edgekit.kernels.cuda import gmbi as kgmbi
+from edgekit.kernels.cuda import module as cuda_module
+from edgekit.kernels.cuda.gmbi import FusedGMBI
+from edgekit.kernels.fold import GMBIParams, fold_gmbi, reference_gmbi
+from edgekit.kernels.graph import plan_gmbi
 from edgekit.models.gmbinet import GMBI
 
 TOL = {"float32": 1e-5, "float16": 2e-3}
@@ -323,7 +325,7 @@ class _FakeCuda:
         assert grid == (-(-w // tile_w), -(-h // tile_h), n * splits) and block == (256, 1, 1)
         plan = kgmbi.GMBIPlan(n=n, channels=c, height=h, width=w, tile_h=tile_h, tile_w=tile_w, co_per_block=cob,
                               co_splits=splits, buf_a=buf_a, buf_b=buf_b, smem_bytes=smem, grid=grid)
-        params = kgmbi.GMBIParams(channels=c, scales=4, dw_weight=torch.from_numpy(dw_w).double(),
+        params = GMBIParams(channels=c, scales=4, dw_weight=torch.from_numpy(dw_w).double(),
                                   dw_bias=torch.from_numpy(dw_b).double(),
                                   pw_weight=torch.from_numpy(pw_wt).double().t(), pw_bias=torch.from_numpy(pw_b).double())
         out.host[...] = kgmbi.run_emulated(self.emulator, x.host, params, plan)

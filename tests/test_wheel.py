@@ -84,7 +84,7 @@ def test_installed_wheel_runs_away_from_the_checkout(installed, tiny_ckpt, tmp_p
 def test_installed_wheel_builds_and_runs_cpu_fused(installed, tiny_ckpt, tmp_path):
     """The kernel source is package data: the installed wheel compiles cpu-fused (with the system g++) and
     runs it, away from the checkout."""
-    from edgekit.kernels.cpu_fused import supported_isas
+    from edgekit.kernels.cpu.runtime import supported_isas
 
     if shutil.which("g++") is None or not supported_isas():
         pytest.skip("cpu-fused needs g++ and an AVX2+FMA (or AVX-512) CPU")

@@ -171,12 +171,15 @@ class ExecuTorchRunner(ArtifactRunner):
             self.program = runtime.load_program(self.model_path)  # a verified member of the artifact
             self.method = self.program.load_method("forward")
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
-        batch = self._check_batch(batch)
         outputs = [self.method.execute([torch.from_numpy(batch[i:i + 1])])[0] for i in range(batch.shape[0])]
         return torch.cat(outputs).numpy().astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        self.method = self.program = None  # the method before the program it was loaded from
+        super().close()
 
 
 def _load(folder: Path, threads: Optional[int] = None) -> ExecuTorchRunner:

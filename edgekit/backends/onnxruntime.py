@@ -36,8 +36,12 @@ class OnnxRuntimeRunner(ArtifactRunner):
         self.input_name = self.session.get_inputs()[0].name
         self.adopt_input(self.session.get_inputs()[0].shape)
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: self._check_batch(batch)})[0]
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+    def close(self) -> None:
+        self.session = None  # ORT frees the session (its arenas and threads) with the last reference
+        super().close()
 
 
 def build_onnx(ctx) -> dict:

@@ -57,13 +57,18 @@ class OpenVINORunner(ArtifactRunner):
             self._requests[batch] = self._compiled[batch].create_infer_request()
         return self._compiled[batch]
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        batch = self._check_batch(batch)
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
         n = batch.shape[0]
         self.compiled(n)
         req = self._requests[n]
         req.infer({0: batch})
         return np.array(req.get_output_tensor(0).data, copy=True)
+
+    def close(self) -> None:
+        self._requests.clear()  # requests before the compiled models they belong to
+        self._compiled.clear()
+        self.model = None
+        super().close()
 
     def executed_precision(self, batch: int = 1) -> dict:
         """Read back from the compiled model: the CPU plugin runs f32 where the CPU lacks bf16 (a bf16

@@ -34,10 +34,14 @@ class TorchRunner(Runner):
         self.device = torch.device(device)
         self.model = checkpoint.build().to(self.device)
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
         with self.torch.inference_mode():
-            x = self.torch.from_numpy(self._check_batch(batch)).to(self.device)
+            x = self.torch.from_numpy(batch).to(self.device)
             return self.model(x).float().cpu().numpy()
+
+    def close(self) -> None:
+        self.model = None
+        super().close()
 
 
 class TorchGpuRunner(Runner):
@@ -85,9 +89,14 @@ class TorchGpuRunner(Runner):
         with torch.inference_mode():
             return self.model(x.to(self.dtype))
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        x = self.torch.from_numpy(self._check_batch(batch)).to(self.device)
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        x = self.torch.from_numpy(batch).to(self.device)
         return self.infer_device(x).float().cpu().numpy()
+
+    def close(self) -> None:
+        self._graphs.clear()  # the captured graphs hold their static buffers
+        self.model = None
+        super().close()
 
 
 def _load(path: Path, threads: int | None = None, device: str = "cpu", mode: str = "eager", precision: str = "fp32",

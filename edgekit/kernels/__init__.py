@@ -1,37 +1,14 @@
-"""Hand-written CUDA kernels (loaded through the optional PyCUDA backend): the fused GMBI module
-(``gmbi``) and the whole GMBINet as one planned launch sequence (``gmbinet``, run by the
-``cuda-fused`` runtime).
+"""edgekit's own GMBINet kernels, in three parts:
 
-Importing this package never needs PyCUDA or a GPU; only :class:`FusedGMBI`,
-:func:`load_kernel_module` and :func:`load_net_module` do, and they raise ``MissingBackendError``
-naming the package to install.
+* the shared graph, device-neutral (numpy only): :mod:`edgekit.kernels.graph` (the folded network's
+  parameter layout and the one launch planner every executor follows) and :mod:`edgekit.kernels.sources`
+  (the digest tying a built kernel to its source);
+* :mod:`edgekit.kernels.cpu`: the fused CPU kernels (``cpu-fused``): ``runtime`` loads and runs a built
+  library (numpy + ctypes), ``build`` compiles it (a C++ compiler) and calibrates its INT8 1x1s;
+* :mod:`edgekit.kernels.cuda`: the CUDA kernels (``cuda-fused``): the PyCUDA loaders, the nvcc build and
+  check, and the host emulation of the ``.cu`` sources.
+
+Folding a PyTorch model for them (:mod:`edgekit.kernels.fold`) is build-side and the only part that needs
+torch.  Importing this package imports nothing: a device loading a cpu-fused artifact pulls in the shared
+graph and ``cpu.runtime`` only.
 """
-from edgekit.kernels.gmbi import (
-    FusedGMBI,
-    GMBIParams,
-    GMBIPlan,
-    fold_conv_bn,
-    fold_gmbi,
-    kernel_source_path,
-    load_kernel_module,
-    plan_gmbi,
-    reference_gmbi,
-)
-from edgekit.kernels.gmbinet import FoldedGMBINet, NetPlan, fold_gmbinet, load_net_module, plan_gmbinet
-
-__all__ = [
-    "FoldedGMBINet",
-    "FusedGMBI",
-    "NetPlan",
-    "fold_gmbinet",
-    "load_net_module",
-    "plan_gmbinet",
-    "GMBIParams",
-    "GMBIPlan",
-    "fold_conv_bn",
-    "fold_gmbi",
-    "kernel_source_path",
-    "load_kernel_module",
-    "plan_gmbi",
-    "reference_gmbi",
-]

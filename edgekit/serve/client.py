@@ -114,8 +114,13 @@ class ServerRunner(Runner):
             raise EdgekitError(f"{self.address}/{self.model}: inference failed: {first_line(e)}") from None
         return res.as_numpy(self.output_name)
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        batch = self._check_batch(batch)
+    def close(self) -> None:
+        client, self.client = getattr(self, "client", None), None
+        if client is not None and hasattr(client, "close"):  # the connection (HTTP pool / gRPC channel)
+            client.close()
+        super().close()
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
         step = self.max_batch or batch.shape[0]
         return np.concatenate([self._request(self.client, batch[i:i + step])
                                for i in range(0, batch.shape[0], step)], axis=0)

@@ -2,7 +2,7 @@
 
 Build (``build.py``): the folded weights and one kernel library per ISA level, compiled with the system
 C++ compiler at compile time. Run (``runner.py``): the fastest library this CPU supports. The kernels
-follow the GPU path's plan (``edgekit.kernels.gmbinet.plan_gmbinet``); see ``kernels/README.md`` Part 3.
+follow the shared plan (``edgekit.kernels.graph.plan_gmbinet``); see ``kernels/README.md`` Part 3.
 Precisions: fp32, and int8 (the GMBI modules' 1x1 convs INT8, calibrated on ``--calib`` images, under the
 pipeline's ``--max-drop`` budget like every INT8 target).
 """
@@ -31,7 +31,7 @@ def _load(path: Path, threads: Optional[int] = None, isa: Optional[str] = None, 
 def _not_here() -> Optional[str]:
     import shutil
 
-    from edgekit.kernels.cpu_fused import supported_isas
+    from edgekit.kernels.cpu.runtime import supported_isas
 
     if not supported_isas():
         return "this CPU has neither AVX2+FMA nor AVX-512"
@@ -40,8 +40,8 @@ def _not_here() -> Optional[str]:
 
 
 def _outdated(manifest: dict) -> Optional[str]:
-    from edgekit.kernels.cpu_fused import source_path
-    from edgekit.kernels.gmbinet import source_digest
+    from edgekit.kernels.cpu.runtime import source_path
+    from edgekit.kernels.sources import source_digest
 
     if manifest.get("kernels", {}).get("source_sha256") != source_digest(source_path()):
         return "its kernel libraries were built from another version of gmbinet_cpu.cpp"

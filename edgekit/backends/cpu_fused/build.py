@@ -36,9 +36,10 @@ def build_cpu_fused(checkpoint, folder: Path, precision: str = "fp32", *, isas: 
 
     ``int8``: the GMBI modules' 1x1 convs run INT8 (``quantize_gmbi_1x1``), their activation ranges
     calibrated in PyTorch on ``calibration`` (preprocessed real images); everything else stays fp32."""
-    from edgekit.kernels.cpu_fused import (ISA_LEVELS, build_library, find_compiler, gmbi_1x1_ranges,
-                                           quantize_gmbi_1x1, source_path)
-    from edgekit.kernels.gmbinet import fold_gmbinet, source_digest
+    from edgekit.kernels.cpu.build import build_library, find_compiler, gmbi_1x1_ranges, quantize_gmbi_1x1
+    from edgekit.kernels.cpu.runtime import ISA_LEVELS, source_path
+    from edgekit.kernels.fold import fold_gmbinet
+    from edgekit.kernels.sources import source_digest
 
     if checkpoint is None:
         raise EdgekitError("--target cpu-fused compiles from a GMBINet checkpoint, not from an artifact folder")
@@ -105,7 +106,7 @@ def expected_param_layout(net: dict, int8: bool) -> Tuple[Dict[str, Tuple[int, i
     """({"layer.array": (offset, nbytes)}, blob bytes) that ``fold_gmbinet(..).param_layout()`` (and
     ``quantize_gmbi_1x1`` for INT8) writes for a net of these dimensions: the only layout the kernels
     may be given, since every array's size follows from the widths, depths and channels."""
-    from edgekit.kernels.gmbinet import ALIGN
+    from edgekit.kernels.graph import ALIGN
 
     cin, w, d, cout, hw = net["in_channels"], net["widths"], net["depths"], net["out_channels"], net["head_width"]
     f = 4  # fp32
@@ -140,7 +141,7 @@ def check_geometry(folder, manifest: dict, weights_size: int):
     the weights and every array has its parameter's shape), and the weights file (already hashed) must be
     exactly as long as that layout.  The input size comes from the preprocess record (checked by the
     runner) and the activation arena it gives is bounded too."""
-    from edgekit.kernels.gmbinet import FoldedGMBINet, plan_gmbinet
+    from edgekit.kernels.graph import FoldedGMBINet, plan_gmbinet
 
     n, layout = manifest.get("net"), manifest.get("param_layout")
     if not isinstance(n, dict) or not isinstance(layout, dict):

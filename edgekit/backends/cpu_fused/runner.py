@@ -35,7 +35,7 @@ class CpuFusedRunner(ArtifactRunner):
                  fuse_head: bool = True):
         super().__init__(folder)  # verified first: signature (keys trusted), paths, every file's sha256
         from edgekit.backends.cpu_fused.build import check_geometry
-        from edgekit.kernels.cpu_fused import CpuKernels, FusedNet, choose_isa
+        from edgekit.kernels.cpu.runtime import CpuKernels, FusedNet, choose_isa
 
         if self.artifact is None:
             raise EdgekitError(f"{folder}: cpu-fused runs artifact folders (edgekit compile --target cpu-fused)")
@@ -65,8 +65,16 @@ class CpuFusedRunner(ArtifactRunner):
             raise EdgekitError(f"{folder}: the model takes {net.in_channels} channels, its preprocessing gives "
                                f"{self.spec.channels}")
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        return self.fused.forward(self._check_batch(batch))
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.fused.forward(batch)
+
+    def close(self) -> None:
+        """Stop the kernels' worker threads and drop the weights and activation arenas now."""
+        kernels = getattr(self, "kernels", None)
+        if kernels is not None:
+            kernels.close()
+        self.fused = None
+        super().close()
 
     def describe(self) -> str:
         return f"{self.name} {self.precision} {self.isa} x{self.threads} threads ({self.source})"

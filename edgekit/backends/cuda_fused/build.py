@@ -25,8 +25,11 @@ EMULATED_PARITY_IMAGES = 2
 def build(ctx) -> dict:
     """Write ``model.pt`` and the prebuilt kernels into ``ctx.folder``; the manifest fields."""
     src, folder, log = ctx.source, ctx.folder, ctx.log
-    from edgekit.kernels.build import DEFAULT_ARCHS, compile_kernels, find_nvcc
-    from edgekit.kernels.gmbinet import fold_gmbinet, launch_count, layers_source_path, source_digest
+    from edgekit.kernels.cuda.build import DEFAULT_ARCHS, compile_kernels, find_nvcc
+    from edgekit.kernels.cuda.gmbinet import layers_source_path
+    from edgekit.kernels.fold import fold_gmbinet
+    from edgekit.kernels.graph import launch_count
+    from edgekit.kernels.sources import source_digest
 
     ck = src.checkpoint
     if ck is None:

@@ -1,7 +1,7 @@
 """``cuda-fused``: the whole eval-mode GMBINet as edgekit's own CUDA kernels, through PyCUDA.
 
 ``CudaFusedRunner(checkpoint, precision="fp16"|"fp32")`` folds every BatchNorm at load time
-(``edgekit.kernels.gmbinet.fold_gmbinet``), uploads all parameters once (one 256-byte aligned
+(``edgekit.kernels.fold.fold_gmbinet``), uploads all parameters once (one 256-byte aligned
 device allocation), and for each batch size it is asked for plans the launch sequence with the
 same planner the host-emulation tests run (``plan_gmbinet``), preallocates every activation buffer
 (one allocation) and page-locked host staging buffers.  At batch 1 the launch sequence is
@@ -132,8 +132,9 @@ class CudaFusedRunner(Runner):
         drv = _require_gpu()
         super().__init__(checkpoint.preprocess, checkpoint.path or Path("."),
                          {"checkpoint_sha256": checkpoint.sha256, "target": TARGET})
-        from edgekit.kernels.gmbi import ensure_context
-        from edgekit.kernels.gmbinet import fold_gmbinet, load_net_module
+        from edgekit.kernels.cuda.gmbinet import load_net_module
+        from edgekit.kernels.cuda.module import ensure_context
+        from edgekit.kernels.fold import fold_gmbinet
 
         self.drv = drv
         self.precision = precision
@@ -162,7 +163,7 @@ class CudaFusedRunner(Runner):
         return cls(load_checkpoint(path), precision=precision, **kw)
 
     def _function(self, name: str, fmt: str, smem: int):
-        from edgekit.kernels.gmbi import DEFAULT_SMEM_LIMIT_48K
+        from edgekit.kernels.graph import DEFAULT_SMEM_LIMIT_48K
 
         fn = self._fns.get(name)
         if fn is None:
@@ -175,7 +176,7 @@ class CudaFusedRunner(Runner):
         return fn
 
     def plan(self, n: int):
-        from edgekit.kernels.gmbinet import plan_gmbinet
+        from edgekit.kernels.graph import plan_gmbinet
 
         h, w = self.spec.input_size
         return plan_gmbinet(self.net, n, h, w, self.dtype, sm_count=self.sm_count, smem_limit=self.smem_limit)
@@ -210,8 +211,7 @@ class CudaFusedRunner(Runner):
         for ln, vals in st.launches:
             self._fns[ln.kernel].prepared_async_call(ln.grid, ln.block, self.stream, *vals, shared_size=ln.smem_bytes)
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        batch = self._check_batch(batch)
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
         st = self._state(batch.shape[0])
         drv = self.drv
         st.h_in[...] = batch
@@ -250,6 +250,18 @@ class CudaFusedRunner(Runner):
         drv.memcpy_dtod_async(out.data_ptr(), st.out_ptr, out.numel() * 4, self.stream)
         self.stream.synchronize()
         return out
+
+    def close(self) -> None:
+        """The CUDA graphs, every activation buffer and the parameters, freed now."""
+        for st in self._states.values():
+            if st.graph is not None:
+                st.graph.destroy()
+            st.acts.free()
+        self._states.clear()
+        if getattr(self, "params", None) is not None:
+            self.params.free()
+            self.params = None
+        super().close()
 
     def describe(self) -> str:
         st = self._states.get(1)
@@ -303,7 +315,7 @@ class EmulatedCudaFusedRunner(Runner):
         if precision not in PRECISIONS:
             raise EdgekitError(f"cuda-fused: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         super().__init__(checkpoint.preprocess, checkpoint.path or Path("."), {"target": TARGET})
-        from edgekit.kernels.gmbinet import fold_gmbinet
+        from edgekit.kernels.fold import fold_gmbinet
 
         self.precision = precision
         self.dtype = PRECISIONS[precision]
@@ -311,14 +323,14 @@ class EmulatedCudaFusedRunner(Runner):
         self.exe = exe
         self.sm_count, self.smem_limit = sm_count, smem_limit
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        from edgekit.kernels.gmbinet import plan_gmbinet, run_net_emulated
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        from edgekit.kernels.cuda.gmbinet import run_net_emulated
+        from edgekit.kernels.graph import plan_gmbinet
 
-        batch = self._check_batch(batch)
         if self.exe is None:
             import tempfile
 
-            from edgekit.kernels.build import build_emulator
+            from edgekit.kernels.cuda.build import build_emulator
 
             self._tmp = tempfile.TemporaryDirectory(prefix="edgekit-emu-")
             self.exe = build_emulator(Path(self._tmp.name) / "gmbinet_emu", sanitize="none", program="gmbinet", opt="-O2")
@@ -333,3 +345,10 @@ class EmulatedCudaFusedRunner(Runner):
 
     def describe(self) -> str:
         return f"{self.name} {self.precision}, H100 launch plan ({self.source})"
+
+    def close(self) -> None:
+        tmp = getattr(self, "_tmp", None)
+        if tmp is not None:  # the emulator this runner built
+            tmp.cleanup()
+            self._tmp, self.exe = None, None
+        super().close()

@@ -122,7 +122,12 @@ class TensorRTRunner(ArtifactRunner):
                 raise EdgekitError(f"{self.source}: TensorRT execution failed")
         return out
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        x = self.torch.from_numpy(self._check_batch(batch)).to(self.device, non_blocking=False)
+    def close(self) -> None:
+        self.contexts = []  # execution contexts before the engine they were made from
+        self.engine = None
+        super().close()
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        x = self.torch.from_numpy(batch).to(self.device, non_blocking=False)
         out = self.infer_device(x)
         return out.float().cpu().numpy()  # .cpu() synchronizes the stream

@@ -1,7 +1,7 @@
 // edgekit cpu-fused: the eval-mode GMBINet as fused CPU kernels (one source, compiled once per ISA level).
 //
 // Layout and design (see kernels/README.md, "CPU kernels"):
-//  * NCHW activations, as the GPU plan lays them out (edgekit.kernels.gmbinet.plan_gmbinet owns the buffers).
+//  * NCHW activations, as the shared plan lays them out (edgekit.kernels.graph.plan_gmbinet owns the buffers).
 //  * A task is a band of FULL-WIDTH output rows of one image.  Full width makes every band of every
 //    channel one contiguous run, so each layer ends in a plain GEMM  out[co][p] = sum_k W[k][co] * panel[k][p]
 //    over the band's pixels, and horizontal borders are zero columns of padded row buffers (no bounds checks).
@@ -16,10 +16,12 @@
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 #include <chrono>
@@ -880,19 +882,94 @@ static void stem_task(const void* vctx, int task, Scratch& s) {
 
 extern "C" {
 
-// One planned layer (edgekit.kernels.cpu_fused builds these from plan_gmbinet's launches).
-enum { GMBI_BANDED = 0, GMBI_TWO_PHASE = 1 };  // EkOp.i[3] of an OP_GMBI
+// The op program: one planned layer per EkOp, its arguments a typed struct per op kind (named fields, no
+// positions).  edgekit.kernels.cpu.runtime declares the same structs with ctypes and, at load, compares them
+// field by field with ek_op_layout() below: a library whose structs differ is refused, never misread.
+enum { GMBI_BANDED = 0, GMBI_TWO_PHASE = 1 };  // EkGmbiOp.mode
 enum { OP_STEM = 0, OP_S2 = 1, OP_PW = 2, OP_UP = 3, OP_GMBI = 4, OP_HEAD = 5, OP_UP_HEAD = 6 };
-struct EkOp {
-  int32_t kind, n, band, pad;
-  int64_t ptr[10];
-  int32_t i[12];
-  float f[4];
+
+struct EkStemOp {  // 3x3 stride-2 conv + ReLU: x (N x cin x H x W) -> out (N x cout x h1 x w1)
+  const float *x, *w, *b; float* out;
+  int32_t cin, cout, H, W, h1, w1;
 };
+struct EkDwpwOp {  // OP_S2 / OP_UP: depthwise 3x3 (+ nearest-up high) + 1x1; OP_PW: the 1x1 alone (dw_* unused)
+  const float *x, *high, *dw_w, *dw_b, *pw_wt, *pw_b; float* out;
+  int32_t cin, cout, ho, wo, hi, wi, hh, wh;
+  float sh, sw;  // nearest scales of high -> the output size
+};
+struct EkUpHeadOp {  // DF1 + head in one pass: up.out is the probability map, DF1's output stays in scratch
+  EkDwpwOp up;
+  const float *head_w, *head_b;
+  int32_t head_cout, H, W;
+  float head_sh, head_sw;
+};
+struct EkGmbiOp {  // one GMBI module; pw_q non-null: the INT8 1x1 (packed s8 weights, per-channel scales, 1 / s_z)
+  const float *x, *dw_w, *dw_b, *pw_wt, *pw_b; float* out;
+  const uint32_t* pw_q; const float* pw_qscale;
+  int32_t C, H, W, mode;
+  float pw_qinv;
+};
+struct EkHeadOp {  // 1x1 + sigmoid at d1's resolution, nearest-upsampled into out (N x cout x H x W)
+  const float *x, *w, *b; float* out;
+  int32_t cin, cout, h1, w1, H, W;
+  float sh, sw;
+};
+union EkOpArgs { EkStemOp stem; EkDwpwOp dwpw; EkUpHeadOp up_head; EkGmbiOp gmbi; EkHeadOp head; };
+struct EkOp {
+  int32_t kind, n, band, pad;  // kind: OP_*; n images; band: output rows per task
+  EkOpArgs u;                  // the member named by kind
+};
+
+// "name:offset:size;" for every struct, every field and every kind code the Python side relies on
+const char* ek_op_layout() {
+  static const std::string text = [] {
+    std::string s;
+    auto add = [&s](const char* name, size_t a, size_t b) {
+      s += name; s += ':'; s += std::to_string(a); s += ':'; s += std::to_string(b); s += ';';
+    };
+#define EK_STRUCT(S) add(#S, 0, sizeof(S))
+#define EK_FIELD(S, f) add(#S "." #f, offsetof(S, f), sizeof(((S*)nullptr)->f))
+    EK_STRUCT(EkStemOp);
+    EK_FIELD(EkStemOp, x); EK_FIELD(EkStemOp, w); EK_FIELD(EkStemOp, b); EK_FIELD(EkStemOp, out);
+    EK_FIELD(EkStemOp, cin); EK_FIELD(EkStemOp, cout); EK_FIELD(EkStemOp, H); EK_FIELD(EkStemOp, W);
+    EK_FIELD(EkStemOp, h1); EK_FIELD(EkStemOp, w1);
+    EK_STRUCT(EkDwpwOp);
+    EK_FIELD(EkDwpwOp, x); EK_FIELD(EkDwpwOp, high); EK_FIELD(EkDwpwOp, dw_w); EK_FIELD(EkDwpwOp, dw_b);
+    EK_FIELD(EkDwpwOp, pw_wt); EK_FIELD(EkDwpwOp, pw_b); EK_FIELD(EkDwpwOp, out);
+    EK_FIELD(EkDwpwOp, cin); EK_FIELD(EkDwpwOp, cout); EK_FIELD(EkDwpwOp, ho); EK_FIELD(EkDwpwOp, wo);
+    EK_FIELD(EkDwpwOp, hi); EK_FIELD(EkDwpwOp, wi); EK_FIELD(EkDwpwOp, hh); EK_FIELD(EkDwpwOp, wh);
+    EK_FIELD(EkDwpwOp, sh); EK_FIELD(EkDwpwOp, sw);
+    EK_STRUCT(EkUpHeadOp);
+    EK_FIELD(EkUpHeadOp, up); EK_FIELD(EkUpHeadOp, head_w); EK_FIELD(EkUpHeadOp, head_b);
+    EK_FIELD(EkUpHeadOp, head_cout); EK_FIELD(EkUpHeadOp, H); EK_FIELD(EkUpHeadOp, W);
+    EK_FIELD(EkUpHeadOp, head_sh); EK_FIELD(EkUpHeadOp, head_sw);
+    EK_STRUCT(EkGmbiOp);
+    EK_FIELD(EkGmbiOp, x); EK_FIELD(EkGmbiOp, dw_w); EK_FIELD(EkGmbiOp, dw_b); EK_FIELD(EkGmbiOp, pw_wt);
+    EK_FIELD(EkGmbiOp, pw_b); EK_FIELD(EkGmbiOp, out); EK_FIELD(EkGmbiOp, pw_q); EK_FIELD(EkGmbiOp, pw_qscale);
+    EK_FIELD(EkGmbiOp, C); EK_FIELD(EkGmbiOp, H); EK_FIELD(EkGmbiOp, W); EK_FIELD(EkGmbiOp, mode);
+    EK_FIELD(EkGmbiOp, pw_qinv);
+    EK_STRUCT(EkHeadOp);
+    EK_FIELD(EkHeadOp, x); EK_FIELD(EkHeadOp, w); EK_FIELD(EkHeadOp, b); EK_FIELD(EkHeadOp, out);
+    EK_FIELD(EkHeadOp, cin); EK_FIELD(EkHeadOp, cout); EK_FIELD(EkHeadOp, h1); EK_FIELD(EkHeadOp, w1);
+    EK_FIELD(EkHeadOp, H); EK_FIELD(EkHeadOp, W); EK_FIELD(EkHeadOp, sh); EK_FIELD(EkHeadOp, sw);
+    EK_STRUCT(EkOpArgs);
+    EK_FIELD(EkOpArgs, stem); EK_FIELD(EkOpArgs, dwpw); EK_FIELD(EkOpArgs, up_head); EK_FIELD(EkOpArgs, gmbi);
+    EK_FIELD(EkOpArgs, head);
+    EK_STRUCT(EkOp);
+    EK_FIELD(EkOp, kind); EK_FIELD(EkOp, n); EK_FIELD(EkOp, band); EK_FIELD(EkOp, pad); EK_FIELD(EkOp, u);
+#undef EK_FIELD
+#undef EK_STRUCT
+    add("kind.stem", OP_STEM, 0); add("kind.s2", OP_S2, 0); add("kind.pw", OP_PW, 0); add("kind.up", OP_UP, 0);
+    add("kind.gmbi", OP_GMBI, 0); add("kind.head", OP_HEAD, 0); add("kind.up+head", OP_UP_HEAD, 0);
+    add("gmbi_mode.banded", GMBI_BANDED, 0); add("gmbi_mode.two-phase", GMBI_TWO_PHASE, 0);
+    return s;
+  }();
+  return text.c_str();
+}
 
 const char* ek_isa() { return EK_ISA; }
 int ek_vector_width() { return VW; }
-int ek_abi_version() { return 3; }
+int ek_abi_version() { return 4; }  // 4: typed op structs (ek_op_layout)
 void ek_gmbi_halos(int* out) { out[0] = HALO_R1; out[1] = HALO_R2; out[2] = HALO_R3; }
 
 void* ek_pool_create(int threads) { return new Pool(threads); }
@@ -908,31 +985,40 @@ static double now_ms(bool cpu) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+static DwpwArgs dwpw_args(int mode, const EkDwpwOp& o, int n, int band, const HeadParams* head) {
+  return DwpwArgs{mode, o.x, o.high, o.dw_w, o.dw_b, o.pw_wt, o.pw_b, o.out, n, o.cin, o.cout, o.ho, o.wo, o.hi, o.wi,
+                  o.hh, o.wh, o.sh, o.sw, band, head};
+}
+
 static void run_op(Pool& pool, const EkOp& op, double* ms, bool cpu) {
   double t0 = ms ? now_ms(cpu) : 0.0;
-  auto F = [&](int k) { return reinterpret_cast<float*>(op.ptr[k]); };
   switch (op.kind) {
     case OP_STEM: {
-      StemArgs a{F(0), F(2), F(3), F(1), op.n, op.i[0], op.i[1], op.i[2], op.i[3], op.i[4], op.i[5], op.band};
+      const EkStemOp& o = op.u.stem;
+      StemArgs a{o.x, o.w, o.b, o.out, op.n, o.cin, o.cout, o.H, o.W, o.h1, o.w1, op.band};
       pool.run(stem_task, &a, op.n * ((a.h1 + a.band - 1) / a.band));
       break;
     }
-    case OP_S2: case OP_PW: case OP_UP: case OP_UP_HEAD: {
-      int mode = op.kind == OP_S2 ? DWPW_S2 : (op.kind == OP_UP || op.kind == OP_UP_HEAD) ? DWPW_UP : PW_ONLY;
-      // OP_UP_HEAD: DF1's arguments, then the head's weights (ptr 7, 8), out channels, H, W and scales
-      HeadParams hp{F(7), F(8), op.i[1], op.i[8], op.i[2], op.i[3], op.i[9], op.i[10], op.f[2], op.f[3]};
-      DwpwArgs a{mode, F(0), F(1), F(3), F(4), F(5), F(6), F(2), op.n, op.i[0], op.i[1], op.i[2], op.i[3],
-                 op.i[4], op.i[5], op.i[6], op.i[7], op.f[0], op.f[1], op.band,
-                 op.kind == OP_UP_HEAD ? &hp : nullptr};
+    case OP_S2: case OP_PW: case OP_UP: {
+      const int mode = op.kind == OP_S2 ? DWPW_S2 : op.kind == OP_UP ? DWPW_UP : PW_ONLY;
+      DwpwArgs a = dwpw_args(mode, op.u.dwpw, op.n, op.band, nullptr);
+      pool.run(dwpw_task, &a, op.n * ((a.ho + a.band - 1) / a.band));
+      break;
+    }
+    case OP_UP_HEAD: {
+      const EkUpHeadOp& o = op.u.up_head;
+      // the head reads DF1's output (cout channels at ho x wo) from the band's scratch
+      HeadParams hp{o.head_w, o.head_b, o.up.cout, o.head_cout, o.up.ho, o.up.wo, o.H, o.W, o.head_sh, o.head_sw};
+      DwpwArgs a = dwpw_args(DWPW_UP, o.up, op.n, op.band, &hp);
       pool.run(dwpw_task, &a, op.n * ((a.ho + a.band - 1) / a.band));
       break;
     }
     case OP_GMBI: {
-      // INT8 1x1 (i[4] = 1): ptr 6 the packed weights, ptr 7 the per-channel scales, f[0] = 1 / s_z
-      const bool q = op.i[4] == 1;
-      GmbiArgs a{F(0), F(2), F(3), F(4), F(5), F(1), op.n, op.i[0], op.i[1], op.i[2], op.band, nullptr, 0,
-                 q ? reinterpret_cast<const uint32_t*>(op.ptr[6]) : nullptr, q ? F(7) : nullptr, op.f[0]};
-      if (op.i[3] == GMBI_TWO_PHASE) {
+      const EkGmbiOp& o = op.u.gmbi;
+      const bool q = o.pw_q != nullptr;
+      GmbiArgs a{o.x, o.dw_w, o.dw_b, o.pw_wt, o.pw_b, o.out, op.n, o.C, o.H, o.W, op.band, nullptr, 0,
+                 o.pw_q, q ? o.pw_qscale : nullptr, o.pw_qinv};
+      if (o.mode == GMBI_TWO_PHASE) {
         a.zld = panel_ld(a.H * a.W);
         a.z = pool.shared_z((size_t)a.N * (q ? a.C / 4 : a.C) * a.zld + VW);
         pool.run(gmbi_lane_task, &a, op.n * (a.C / 4));
@@ -943,8 +1029,8 @@ static void run_op(Pool& pool, const EkOp& op, double* ms, bool cpu) {
       break;
     }
     case OP_HEAD: {
-      HeadArgs a{F(0), F(1), HeadParams{F(2), F(3), op.i[0], op.i[1], op.i[2], op.i[3], op.i[4], op.i[5], op.f[0],
-                                        op.f[1]}, op.n, op.band};
+      const EkHeadOp& o = op.u.head;
+      HeadArgs a{o.x, o.out, HeadParams{o.w, o.b, o.cin, o.cout, o.h1, o.w1, o.H, o.W, o.sh, o.sw}, op.n, op.band};
       pool.run(head_task, &a, op.n * ((a.h.h1 + a.band - 1) / a.band));
       break;
     }

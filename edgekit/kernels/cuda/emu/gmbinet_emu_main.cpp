@@ -1,10 +1,10 @@
 // CPU runner for a whole GMBINet launch sequence under host emulation (see gmbi_emu.h): the
 // kernels of edgekit/kernels/cuda/gmbinet_layers.cu (which includes gmbi_fused.cu), executed launch by launch
-// exactly as edgekit.kernels.gmbinet.plan_gmbinet planned them for the GPU.
+// exactly as edgekit.kernels.graph.plan_gmbinet planned them for the GPU.
 //
 //   gmbinet_emu PLAN PARAMS ACTS_IN ACTS_OUT
 //
-// PLAN (text, written by edgekit.kernels.gmbinet._plan_text):
+// PLAN (text, written by edgekit.kernels.cuda.gmbinet._plan_text):
 //   params K          then K lines "offset nbytes"   (regions of the parameter arena)
 //   acts M            then M lines "offset nbytes"   (regions of the activation arena)
 //   launches L        then L lines "kernel fmt gx gy gz bx by bz smem arg..."

@@ -1,10 +1,10 @@
 """Ahead-of-time build and compile check of the CUDA kernels (``edgekit/kernels/cuda/gmbi_fused.cu`` and
 ``edgekit/kernels/cuda/gmbinet_layers.cu``, the whole-network module).
 
-    python -m edgekit.kernels.build                       # cubins for sm_87 sm_89 sm_90 -> edgekit/kernels/cuda/build
-    python -m edgekit.kernels.build --format fatbin       # one fatbin (+ PTX of the newest arch)
-    python -m edgekit.kernels.build --check --arch sm_90  # compile only, report, write nothing
-    python -m edgekit.kernels.build --arch sm_87 --driver-cuda 12.6   # Jetson Orin, JetPack 6 (CUDA 12.x)
+    python -m edgekit.kernels.cuda.build                       # cubins for sm_87 sm_89 sm_90 -> edgekit/kernels/cuda/build
+    python -m edgekit.kernels.cuda.build --format fatbin       # one fatbin (+ PTX of the newest arch)
+    python -m edgekit.kernels.cuda.build --check --arch sm_90  # compile only, report, write nothing
+    python -m edgekit.kernels.cuda.build --arch sm_87 --driver-cuda 12.6   # Jetson Orin, JetPack 6 (CUDA 12.x)
 
 A driver loads PTX and cubins only from a toolkit no newer than itself: Orin kernels must be built
 with the CUDA toolkit matching the board's driver (JetPack 6 = CUDA 12.x, not this machine's CUDA 13).
@@ -14,7 +14,7 @@ the loader refuses artifacts newer than the driver it runs on.
 Every build runs ``nvcc`` with ``-Xptxas -v``; the ptxas report is parsed into per-kernel
 registers / shared memory / stack / spill bytes, and the build fails on compile errors, on missing
 entry points and on register spills.  A ``manifest.json`` next to the artifacts records the SHA-256
-of the source so the loader (``edgekit.kernels.gmbi.load_kernel_module``) never uses a stale binary.
+of the source so the loader (``edgekit.kernels.cuda.gmbi.load_kernel_module``) never uses a stale binary.
 """
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
 from edgekit.errors import EdgekitError
-from edgekit.kernels.gmbi import KERNEL_NAMES, NVCC_FLAGS, kernel_build_dir, kernel_dir, kernel_source_path
-from edgekit.kernels.cuda_module import find_nvcc, fmt_version, nvcc_cuda_version, parse_cuda_version, toolkit_driver_problem
-from edgekit.kernels.gmbinet import LAYERS_SOURCE, NET_KERNEL_NAMES, source_digest
+from edgekit.kernels.cuda.gmbi import NVCC_FLAGS, kernel_build_dir, kernel_dir, kernel_source_path
+from edgekit.kernels.cuda.gmbinet import LAYERS_SOURCE
+from edgekit.kernels.cuda.module import find_nvcc, fmt_version, nvcc_cuda_version, parse_cuda_version, toolkit_driver_problem
+from edgekit.kernels.graph import KERNEL_NAMES, NET_KERNEL_NAMES
+from edgekit.kernels.sources import source_digest
 
 # Every source compiled by default, with the entry points it must define.  gmbinet_layers.cu
 # #includes gmbi_fused.cu, so its module holds every kernel of the whole network.
@@ -293,7 +295,7 @@ def build_emulator(out: Path, sanitize: str = "address", compiler: Optional[str]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m edgekit.kernels.build", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m edgekit.kernels.cuda.build", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", action="append", help=f"target architecture, repeatable (default: {' '.join(DEFAULT_ARCHS)})")
     ap.add_argument("--format", choices=("cubin", "fatbin"), default="cubin")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: edgekit/kernels/cuda/build)")

@@ -1,6 +1,6 @@
 """Loading edgekit's CUDA sources as PyCUDA modules: the one loader behind
-``edgekit.kernels.gmbi.load_kernel_module`` (the GMBI kernel) and
-``edgekit.kernels.gmbinet.load_net_module`` (every network kernel).
+``edgekit.kernels.cuda.gmbi.load_kernel_module`` (the GMBI kernel) and
+``edgekit.kernels.cuda.gmbinet.load_net_module`` (every network kernel).
 
 For a source file and the device's ``sm_XY`` it uses a prebuilt cubin/fatbin whose build manifest
 matches the source's digest, else compiles the source at load time with ``pycuda.compiler`` (which
@@ -13,7 +13,6 @@ Nothing here imports PyCUDA at module import time.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import os
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from edgekit.errors import EdgekitError, MissingBackendError
+from edgekit.kernels.sources import source_digest  # noqa: F401  (re-exported: the manifest's digest)
 
 NVCC_FLAGS = ("-O3", "-std=c++17")
 
@@ -134,24 +134,6 @@ def toolkit_driver_problem(toolkit: Optional[Tuple[int, int]], driver: Optional[
 
 # ----------------------------------------------------------------------------------------------
 # prebuilt artifacts and the load-time compile
-
-_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
-
-
-def source_digest(path: Path) -> str:
-    """SHA-256 of a kernel source and, recursively, of the local files it ``#include "..."``s (for a
-    file without local includes, the plain SHA-256 of the file)."""
-    path = Path(path)
-    data = path.read_bytes()
-    deps = [path.parent / name for name in _LOCAL_INCLUDE.findall(data.decode("utf-8", "replace"))]
-    deps = [d for d in deps if d.is_file()]
-    h = hashlib.sha256(data)
-    if not deps:
-        return h.hexdigest()
-    for dep in deps:
-        h.update(source_digest(dep).encode())
-    return h.hexdigest()
-
 
 def prebuilt_artifact(source: Path, arch: str, build_dir: Path) -> Tuple[Optional[Path], dict]:
     """(the prebuilt cubin/fatbin of ``source`` for ``arch`` in ``build_dir``, the build manifest),

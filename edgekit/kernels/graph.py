@@ -1,14 +1,18 @@
-"""The whole eval-mode GMBINet on our own CUDA kernels: BN folding of every layer, and ONE planner
-that turns a network and an input shape into the exact launch sequence (kernel, grid, block, shared
-memory, arguments, buffer layout).
+"""The shared graph of GMBINet's own kernels, device-neutral (numpy only): the folded network's
+parameter layout, and ONE planner that turns a network and an input shape into the exact launch
+sequence (kernel, grid, block, shared memory, arguments, buffer layout).
 
-The same :class:`NetPlan` drives both executors:
+The plan is written in the CUDA kernels' launch terms (grids, blocks, shared memory, the kernels'
+argument order), and every executor takes it as it is:
 
-* :func:`run_net_emulated` runs it on the CPU through the host emulator
-  (``edgekit/kernels/cuda/emu/gmbinet_emu_main.cpp``: the same ``.cu`` sources compiled by g++), and
-* ``edgekit.backends.cuda_fused.runner`` runs it on a GPU with PyCUDA (optionally as a CUDA graph),
+* ``edgekit.kernels.cuda``: the GPU (``edgekit.backends.cuda_fused``, PyCUDA) and the host emulator
+  (the same ``.cu`` sources compiled by g++, ``edgekit.kernels.cuda.gmbinet.run_net_emulated``), so
+  what the emulator tests is what the GPU runs;
+* ``edgekit.kernels.cpu``: the fused CPU kernels (``cpu-fused``), which take each launch's buffers,
+  parameters and shapes and cut the work into bands of rows instead of CUDA blocks.
 
-so what the emulator tests is what the GPU runs.  Nothing here needs PyCUDA or a GPU.
+Folding a PyTorch model into a :class:`FoldedGMBINet` is build-side (``edgekit.kernels.fold``, which
+needs torch); a device loads a folded network from an artifact and needs only this module.
 
 Launch sequence (eval mode: main head only), ``5 + sum(depths) + 6`` launches (27 for the
 published architecture)::
@@ -23,31 +27,31 @@ published architecture)::
 from __future__ import annotations
 
 import math
-import subprocess
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch.nn as nn
 
 from edgekit.errors import EdgekitError
-from edgekit.kernels.gmbi import (
-    ARG_FORMAT as GMBI_ARG_FORMAT,
-    DEFAULT_SMEM_LIMIT_48K,
-    PORTABLE_SMEM_LIMIT,
-    THREADS,
-    GMBIParams,
-    fold_conv_bn,
-    fold_gmbi,
-    kernel_build_dir,
-    kernel_dir,
-    plan_gmbi,
-)
-from edgekit.kernels.cuda_module import _require_pycuda, load_module, source_digest
 
-LAYERS_SOURCE = "gmbinet_layers.cu"  # #includes gmbi_fused.cu: one module holds every network kernel
+if TYPE_CHECKING:  # the build side's float64 originals; a device never has them
+    from edgekit.kernels.fold import GMBIParams
+
+# ----------------------------------------------------------------------------------------------
+# the CUDA kernels' launch constants (the plan is written in their terms)
+
+THREADS = 256  # GMBI_THREADS in the kernel
+WARPS = THREADS // 32
+HALO_R1, HALO_R2, HALO_R3 = 9, 7, 4  # GMBI_HALO_* in the kernel
+MAX_GROUP_CHANNELS = 32
+# The largest dynamic shared memory a block can opt in to: sm_89 99 KB, sm_87 163 KB, sm_90 227 KB.
+PORTABLE_SMEM_LIMIT = 99 * 1024
+DEFAULT_SMEM_LIMIT_48K = 48 * 1024  # above this a kernel must opt in (cuFuncSetAttribute)
+KERNEL_NAMES = {"float32": "gmbi_fused_f32", "float16": "gmbi_fused_f16"}
+# PyCUDA argument format: x, out, dw_w, dw_b, pw_wt, pw_b, then C H W tile_h tile_w co_per_block
+# co_splits buf_a buf_b.
+ARG_FORMAT = "PPPPPPiiiiiiiii"
+
 
 # kind -> (kernel name prefix, PyCUDA argument format)
 KERNEL_KINDS = {
@@ -55,8 +59,19 @@ KERNEL_KINDS = {
     "s2": ("gmbinet_dwpw_s2", "PPPPPPPiiiiiiiiffiiiii"),
     "pw": ("gmbinet_pw", "PPPPPPPiiiiiiiiffiiiii"),
     "up": ("gmbinet_dwpw_up", "PPPPPPPiiiiiiiiffiiiii"),
-    "gmbi": ("gmbi_fused", GMBI_ARG_FORMAT),
+    "gmbi": ("gmbi_fused", ARG_FORMAT),
     "head": ("gmbinet_head", "PPPPiiiiiiff"),
+}
+_DWPW_ARGS = ("x", "high", "out", "dw_w", "dw_b", "pw_wt", "pw_b", "cin", "cout", "ho", "wo", "hi", "wi", "hh", "wh",
+              "sh", "sw", "tile_h", "tile_w", "co_per_block", "co_splits", "smem_floats")
+# kind -> the name of each kernel argument, in the kernel's order (one per letter of its format): executors
+# read a launch's arguments by name (Launch.named), never by position
+KERNEL_ARGS = {
+    "stem": ("x", "out", "w", "b", "cin", "cout", "H", "W", "h1", "w1"),
+    "s2": _DWPW_ARGS, "pw": _DWPW_ARGS, "up": _DWPW_ARGS,
+    "gmbi": ("x", "out", "dw_w", "dw_b", "pw_wt", "pw_b", "C", "H", "W", "tile_h", "tile_w", "co_per_block",
+             "co_splits", "buf_a", "buf_b"),
+    "head": ("x", "out", "w", "b", "cin", "cout", "h1", "w1", "H", "W", "sh", "sw"),
 }
 SUFFIX = {"float32": "f32", "float16": "f16"}
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -64,14 +79,6 @@ NET_KERNEL_NAMES = tuple(f"{prefix}_{sfx}" for prefix, _ in KERNEL_KINDS.values(
 ALIGN = 256  # every parameter array and activation buffer starts on a 256-byte boundary
 DWPW_SMEM_LIMIT = DEFAULT_SMEM_LIMIT_48K  # the DW+PW kernels never need the dynamic-smem opt-in
 DWPW_TILES = ((16, 16), (8, 16), (8, 8), (4, 8), (4, 4))
-
-
-def layers_source_path() -> Path:
-    path = kernel_dir() / LAYERS_SOURCE
-    if not path.is_file():
-        raise EdgekitError(f"the GMBINet layer kernels are missing: {path} (set EDGEKIT_KERNEL_DIR to the folder "
-                           f"holding {LAYERS_SOURCE} and gmbi_fused.cu)")
-    return path
 
 
 def kernel_name(kind: str, dtype: str) -> str:
@@ -134,99 +141,104 @@ class FoldedGMBINet:
         return blob, offsets
 
 
-def _f32(t) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().cpu().numpy().astype(np.float32))
+# ----------------------------------------------------------------------------------------------
+# launch planning (pure Python)
 
 
-def _seq_parts(seq: nn.Module, n_convs: int, where: str) -> List[Tuple[nn.Conv2d, nn.BatchNorm2d]]:
-    parts = list(seq.children()) if isinstance(seq, nn.Sequential) else []
-    out = []
-    for i in range(n_convs):
-        trio = parts[3 * i:3 * i + 3]
-        if (len(trio) != 3 or not isinstance(trio[0], nn.Conv2d) or not isinstance(trio[1], nn.BatchNorm2d)
-                or not isinstance(trio[2], nn.ReLU)):
-            raise EdgekitError(f"GMBINet fold: {where} is not {n_convs} x (Conv2d + BatchNorm2d + ReLU)")
-        out.append((trio[0], trio[1]))
-    if len(parts) != 3 * n_convs:
-        raise EdgekitError(f"GMBINet fold: {where} has {len(parts)} modules, expected {3 * n_convs}")
-    return out
+@dataclass(frozen=True)
+class GMBIPlan:
+    """Launch configuration of the fused kernel for one input shape."""
+
+    n: int
+    channels: int
+    height: int
+    width: int
+    tile_h: int
+    tile_w: int
+    co_per_block: int
+    co_splits: int
+    buf_a: int  # floats per warp, halo-7 region
+    buf_b: int  # floats per warp, halo-9 region (reused for the halo-4 region)
+    smem_bytes: int
+    grid: Tuple[int, int, int]
+    block: Tuple[int, int, int] = (THREADS, 1, 1)
+
+    @property
+    def blocks(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    def scalar_args(self) -> Tuple[int, ...]:
+        return (self.channels, self.height, self.width, self.tile_h, self.tile_w, self.co_per_block,
+                self.co_splits, self.buf_a, self.buf_b)
 
 
-def _check_conv(conv: nn.Conv2d, where: str, *, k: int, stride: int, groups: int, cin: int, cout: int):
-    if (tuple(conv.kernel_size) != (k, k) or tuple(conv.stride) != (stride, stride) or conv.groups != groups
-            or conv.in_channels != cin or conv.out_channels != cout or tuple(conv.dilation) != (1, 1)
-            or tuple(conv.padding) != (k // 2, k // 2)):
-        raise EdgekitError(f"GMBINet fold: {where} is not a {k}x{k} stride-{stride} conv {cin}->{cout} "
-                           f"(groups {groups}, padding {k // 2})")
+def smem_layout(channels: int, tile_h: int, tile_w: int, height: int, width: int) -> Tuple[int, int, int]:
+    """(buf_a, buf_b, smem_bytes) for a tile; see the shared-memory comment in gmbi_fused.cu."""
+    buf_b = min(tile_h + 2 * HALO_R1, height) * min(tile_w + 2 * HALO_R1, width)
+    buf_a = min(tile_h + 2 * HALO_R2, height) * min(tile_w + 2 * HALO_R2, width)
+    lane_warps = min(channels // 4, WARPS)
+    return buf_a, buf_b, 4 * (channels * tile_h * tile_w + lane_warps * (buf_a + buf_b))
 
 
-def _fold_dw(conv, bn, where, c, stride):
-    _check_conv(conv, where, k=3, stride=stride, groups=c, cin=c, cout=c)
-    w, b = fold_conv_bn(conv, bn)
-    return {"dw_w": _f32(w.reshape(c, 9)), "dw_b": _f32(b)}
+TILE_CANDIDATES = ((16, 16), (8, 16), (8, 8))
 
 
-def _fold_pw(conv, bn, where, cin, cout):
-    _check_conv(conv, where, k=1, stride=1, groups=1, cin=cin, cout=cout)
-    w, b = fold_conv_bn(conv, bn)
-    return {"pw_wt": _f32(w.reshape(cout, cin).t()), "pw_b": _f32(b)}
+def plan_gmbi(n: int, channels: int, height: int, width: int, *, sm_count: int = 132,
+              smem_limit: int = PORTABLE_SMEM_LIMIT, tile: Optional[Tuple[int, int]] = None,
+              co_splits: Optional[int] = None) -> GMBIPlan:
+    """Choose tile size and output-channel split for an input of ``[n, channels, height, width]``.
 
-
-def fold_gmbinet(model: nn.Module) -> FoldedGMBINet:
-    """Fold every BatchNorm of an eval-mode ``GMBINet`` (running statistics) into its conv, in
-    float64, and lay the parameters out as the kernels read them (fp32)."""
-    from edgekit.models.gmbinet import GMBINet
-
-    if not isinstance(model, GMBINet):
-        raise EdgekitError(f"fold_gmbinet expects a GMBINet, got {type(model).__name__}")
-    cfg = model.config
-    w, d = tuple(cfg.widths), tuple(cfg.depths)
-    if cfg.scales != 4:
-        raise EdgekitError(f"the fused GMBI kernel is written for 4 groups, this GMBINet has scales={cfg.scales}")
-    hw = int(getattr(cfg, "head_width", None) or w[0])
-    if any(c % 4 for c in (*w, hw)):
-        raise EdgekitError(f"the GMBINet kernels need stage widths (and the head width) divisible by 4, got "
-                           f"{list(w)} (head {hw})")
-    net = FoldedGMBINet(in_channels=cfg.in_channels, widths=w, depths=d, out_channels=cfg.out_channels,
-                        head_width=hw)
-
-    (conv, bn), = _seq_parts(model.encoder1, 1, "encoder1")
-    _check_conv(conv, "encoder1", k=3, stride=2, groups=1, cin=cfg.in_channels, cout=w[0])
-    sw, sb = fold_conv_bn(conv, bn)  # [w0, cin, 3, 3] -> [cin*9][w0]: a float4 is 4 consecutive outputs
-    net.layers["stem"] = FoldedLayer("stem", "stem", cfg.in_channels, w[0],
-                                     {"w": _f32(sw.permute(1, 2, 3, 0).reshape(cfg.in_channels * 9, w[0])),
-                                      "b": _f32(sb)})
-    for s in range(2, 6):
-        enc = getattr(model, f"encoder{s}")
-        blocks = list(enc.children())
-        if len(blocks) != 1 + d[s - 2]:
-            raise EdgekitError(f"GMBINet fold: encoder{s} has {len(blocks)} blocks, expected {1 + d[s - 2]}")
-        (c1, b1), (c2, b2) = _seq_parts(blocks[0].conv, 2, f"encoder{s}.0")
-        arrays = {**_fold_dw(c1, b1, f"encoder{s}.0 depthwise", w[s - 2], 2),
-                  **_fold_pw(c2, b2, f"encoder{s}.0 pointwise", w[s - 2], w[s - 1])}
-        net.layers[f"down{s}"] = FoldedLayer(f"down{s}", "s2", w[s - 2], w[s - 1], arrays)
-        for i, blk in enumerate(blocks[1:], start=1):
-            p = fold_gmbi(blk)
-            if p.channels != w[s - 1] or p.scales != 4:
-                raise EdgekitError(f"GMBINet fold: encoder{s}.{i} has {p.channels} channels, expected {w[s - 1]}")
-            name = f"gmbi{s}_{i}"
-            net.gmbi[name] = p
-            net.layers[name] = FoldedLayer(name, "gmbi", p.channels, p.channels, p.kernel_arrays())
-    (conv, bn), = _seq_parts(model.decoder5.conv, 1, "decoder5")
-    net.layers["decoder5"] = FoldedLayer("decoder5", "pw", w[4], w[3], _fold_pw(conv, bn, "decoder5", w[4], w[3]))
-    for name, cin, cout in (("DF4", w[3], w[2]), ("DF3", w[2], w[1]), ("DF2", w[1], w[0]), ("DF1", w[0], hw)):
-        (c1, b1), (c2, b2) = _seq_parts(getattr(model, name).conv, 2, name)
-        arrays = {**_fold_dw(c1, b1, f"{name} depthwise", cin, 1), **_fold_pw(c2, b2, f"{name} pointwise", cin, cout)}
-        net.layers[name] = FoldedLayer(name, "up", cin, cout, arrays)
-    head = [m for m in model.conv_out1.children() if isinstance(m, nn.Conv2d)]
-    if len(head) != 1:
-        raise EdgekitError("GMBINet fold: conv_out1 has no single Conv2d")
-    hc = head[0]
-    _check_conv(hc, "conv_out1", k=1, stride=1, groups=1, cin=hw, cout=cfg.out_channels)
-    hb = hc.bias if hc.bias is not None else hc.weight.new_zeros(cfg.out_channels)
-    net.layers["head"] = FoldedLayer("head", "head", hw, cfg.out_channels,
-                                     {"w": _f32(hc.weight.reshape(cfg.out_channels, hw)), "b": _f32(hb)})
-    return net
+    Heuristic (to be replaced by measurements on the target GPU): among the tiles of
+    ``TILE_CANDIDATES`` whose shared memory leaves room for two blocks per SM (if any), the largest
+    that still gives at least ``sm_count`` blocks (else the smallest), then split
+    the output channels over 2, 4, ... blocks (each recomputing z for its tile, which is cheap next
+    to the 1x1 conv) until there are ``sm_count`` blocks or a block would get fewer than 8 outputs.
+    ``tile`` / ``co_splits`` override the heuristic.
+    """
+    if min(n, height, width) < 1:
+        raise EdgekitError(f"fused GMBI: empty input [{n}, {channels}, {height}, {width}]")
+    if channels % 4 or not 1 <= channels // 4 <= MAX_GROUP_CHANNELS:
+        raise EdgekitError(f"fused GMBI: channels must be 4 * G with 1 <= G <= {MAX_GROUP_CHANNELS}, got {channels}")
+    candidates = [tuple(tile)] if tile is not None else list(TILE_CANDIDATES)
+    chosen = None
+    # First pass: only tiles that leave room for two resident blocks per SM; second: any that fits.
+    for limit in ((smem_limit,) if tile is not None else (smem_limit // 2, smem_limit)):
+        for th, tw in candidates:
+            if th < 1 or tw < 1:
+                raise EdgekitError(f"fused GMBI: bad tile {th}x{tw}")
+            th, tw = min(th, height), min(tw, width)
+            _, _, smem = smem_layout(channels, th, tw, height, width)
+            if smem > limit:
+                if tile is not None:
+                    raise EdgekitError(
+                        f"fused GMBI: tile {th}x{tw} with {channels} channels needs {smem} bytes of shared memory, "
+                        f"more than the {smem_limit} available")
+                continue
+            blocks = n * math.ceil(height / th) * math.ceil(width / tw)
+            chosen = (th, tw, blocks)
+            if blocks >= sm_count:
+                break
+        if chosen is not None:
+            break
+    if chosen is None:
+        raise EdgekitError(f"fused GMBI: no tile fits in {smem_limit} bytes of shared memory with {channels} channels")
+    th, tw, blocks = chosen
+    if co_splits is None:
+        s = 1
+        while blocks * s < sm_count and channels // (2 * s) >= 8 and (channels // (2 * s)) % 4 == 0:
+            s *= 2
+    else:
+        s = int(co_splits)
+        if s < 1:
+            raise EdgekitError(f"fused GMBI: co_splits must be >= 1, got {co_splits}")
+    co_per_block = 4 * math.ceil(math.ceil(channels / s) / 4)
+    s = math.ceil(channels / co_per_block)
+    buf_a, buf_b, smem = smem_layout(channels, th, tw, height, width)
+    grid = (math.ceil(width / tw), math.ceil(height / th), n * s)
+    if grid[1] > 65535 or grid[2] > 65535:
+        raise EdgekitError(f"fused GMBI: grid {grid} exceeds the CUDA limits; use a smaller batch")
+    return GMBIPlan(n=n, channels=channels, height=height, width=width, tile_h=th, tile_w=tw,
+                    co_per_block=co_per_block, co_splits=s, buf_a=buf_a, buf_b=buf_b, smem_bytes=smem, grid=grid)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,6 +271,10 @@ class Launch:
     @property
     def blocks(self) -> int:
         return self.grid[0] * self.grid[1] * self.grid[2]
+
+    def named(self, values: Sequence) -> Dict[str, object]:
+        """{argument name: value} for this launch's resolved argument ``values`` (``NetPlan.resolve``)."""
+        return dict(zip(KERNEL_ARGS[self.kind], values))
 
 
 @dataclass
@@ -375,8 +391,8 @@ def plan_gmbinet(net: FoldedGMBINet, n: int, height: int, width: int, dtype="flo
     def add(layer, kind, grid, smem, args):
         kname = kernel_name(kind, dtype)
         fmt = KERNEL_KINDS[kind][1]
-        if len(args) != len(fmt):
-            raise AssertionError(f"{layer}: {len(args)} arguments for format {fmt}")
+        if not len(args) == len(fmt) == len(KERNEL_ARGS[kind]):
+            raise AssertionError(f"{layer}: {len(args)} arguments for format {fmt} ({len(KERNEL_ARGS[kind])} names)")
         if grid[1] > 65535 or grid[2] > 65535:
             raise EdgekitError(f"GMBINet kernels: grid {grid} of {layer} exceeds the CUDA limits; use a smaller batch")
         launches.append(Launch(layer, kind, kname, fmt, tuple(grid), block, int(smem), tuple(args)))
@@ -436,76 +452,11 @@ def plan_gmbinet(net: FoldedGMBINet, n: int, height: int, width: int, dtype="flo
                    act_bytes=max(pos, ALIGN))
 
 
-# ----------------------------------------------------------------------------------------------
-# host emulation of a whole plan (CPU test harness; see edgekit/kernels/cuda/emu/gmbinet_emu_main.cpp)
-
-
-def _plan_text(plan: NetPlan, param_offsets: Dict[str, Tuple[int, int]]) -> str:
-    lines = [f"params {len(param_offsets)}"]
-    lines += [f"{off} {nb}" for off, nb in param_offsets.values()]
-    lines.append(f"acts {len(plan.buffers)}")
-    lines += [f"{b.offset} {b.nbytes}" for b in plan.buffers.values()]
-    lines.append(f"launches {len(plan.launches)}")
-    for ln in plan.launches:
-        toks = [ln.kernel, ln.fmt, *map(str, ln.grid), *map(str, ln.block), str(ln.smem_bytes)]
-        for kind, v in ln.args:
-            if kind == "param":
-                toks.append(f"p{param_offsets[v][0]}")
-            elif kind == "act":
-                toks.append(f"a{plan.buffers[v].offset}")
-            elif kind == "int":
-                toks.append(f"i{int(v)}")
-            else:  # the exact fp32 bits
-                toks.append(f"f{int(np.array(v, dtype=np.float32).view(np.uint32))}")
-        lines.append(" ".join(toks))
-    return "\n".join(lines) + "\n"
-
-
-def run_net_emulated(exe: Union[str, Path], net: FoldedGMBINet, plan: NetPlan, x: np.ndarray,
-                     timeout: float = 1800) -> Dict[str, np.ndarray]:
-    """Run a whole plan under host emulation (``build_emulator(..., program="gmbinet")``) on a float32
-    NCHW batch.  Activation buffers start poisoned with NaN (all bytes 0xFF); returns every buffer
-    after the run, by name (``plan.output`` is the probability map)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    inp = plan.buffers[plan.input]
-    if tuple(x.shape) != inp.shape:
-        raise EdgekitError(f"run_net_emulated: x shape {x.shape} does not match the plan's {inp.shape}")
-    blob, offsets = net.param_layout()
-    acts = np.full(plan.act_bytes, 0xFF, dtype=np.uint8)
-    acts[inp.offset:inp.offset + inp.nbytes] = np.frombuffer(x.tobytes(), np.uint8)
-    with tempfile.TemporaryDirectory() as tmp:
-        t = Path(tmp)
-        (t / "plan.txt").write_text(_plan_text(plan, offsets))
-        blob.tofile(t / "params.bin")
-        acts.tofile(t / "acts.bin")
-        proc = subprocess.run([str(exe), str(t / "plan.txt"), str(t / "params.bin"), str(t / "acts.bin"),
-                               str(t / "out.bin")], capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            raise EdgekitError(f"emulated GMBINet failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-        out = np.fromfile(t / "out.bin", dtype=np.uint8)
-    if out.size != plan.act_bytes:
-        raise EdgekitError(f"emulated GMBINet wrote {out.size} bytes, expected {plan.act_bytes}")
-    return {name: out[b.offset:b.offset + b.nbytes].view(NP_DTYPES[b.dtype]).reshape(b.shape).copy()
-            for name, b in plan.buffers.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# the network's kernel module on a GPU (PyCUDA)
-
-def load_net_module(arch: Optional[str] = None, build_dir: Optional[Path] = None):
-    """The ``pycuda.driver.Module`` holding every network kernel (``gmbinet_layers.cu``) for the
-    current context: a prebuilt cubin/fatbin whose manifest matches the sources (in ``build_dir``, e.g.
-    a cuda-fused artifact's ``kernels/``, else the default build folder), otherwise compiled at load
-    time with ``pycuda.compiler`` (nvcc on PATH; see ``edgekit.kernels.cuda_module.load_module``)."""
-    _require_pycuda()
-    return load_module(layers_source_path(), Path(build_dir) if build_dir is not None else kernel_build_dir(), arch)
-
-
 def launch_count(depths: Sequence[int]) -> int:
     """Launches per forward pass: stem, 4 down blocks, the GMBI modules, decoder5, 4 DF, head."""
     return 1 + 4 + sum(depths) + 1 + 4 + 1
 
 
-__all__ = ["FoldedGMBINet", "FoldedLayer", "NetPlan", "Launch", "Buffer", "fold_gmbinet", "plan_gmbinet",
-           "plan_dwpw", "run_net_emulated", "kernel_name", "layers_source_path", "NET_KERNEL_NAMES",
-           "KERNEL_KINDS", "launch_count", "nearest_scale", "load_net_module", "source_digest"]
+
+__all__ = ["ALIGN", "Buffer", "FoldedGMBINet", "FoldedLayer", "GMBIPlan", "KERNEL_ARGS", "KERNEL_KINDS", "Launch", "NET_KERNEL_NAMES",
+           "NetPlan", "kernel_name", "launch_count", "nearest_scale", "plan_dwpw", "plan_gmbi", "plan_gmbinet"]

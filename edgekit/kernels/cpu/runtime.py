@@ -1,32 +1,27 @@
-"""GMBINet on edgekit's fused CPU kernels (``edgekit/kernels/cpu/gmbinet_cpu.cpp``): build, load, plan.
+"""GMBINet on edgekit's fused CPU kernels (``gmbinet_cpu.cpp`` beside this file), the device side: load a
+built library, turn the shared plan into its op program, run it.  numpy and ctypes only: no torch, no
+compiler (building the library and the INT8 calibration are :mod:`edgekit.kernels.cpu.build`).
 
-One C++17 source, compiled with the system compiler once per ISA level (``ISA_LEVELS``: AVX2+FMA, the
-baseline, and AVX-512), loaded through ``ctypes``.  The launch sequence, the buffer layout and every
-layer's shapes, nearest-resize scales and parameter offsets are the GPU path's: ``plan_gmbinet`` and
-``fold_gmbinet`` of :mod:`edgekit.kernels.gmbinet`.  What is CPU-specific is only how a launch is cut into
-work: bands of full-width rows sized to the L2 cache (:func:`band_rows`) instead of CUDA blocks.
-
-Nothing here runs at import; building needs a C++ compiler, loading needs only the built library.
+The launch sequence, the buffer layout and every layer's shapes, nearest-resize scales and parameter
+offsets are the shared graph's (:func:`edgekit.kernels.graph.plan_gmbinet`, the folded parameters'
+:meth:`~edgekit.kernels.graph.FoldedGMBINet.param_layout`).  What is CPU-specific is only how a launch is cut
+into work: bands of full-width rows sized to the L2 cache (:func:`band_rows`) instead of CUDA blocks.
 """
 from __future__ import annotations
 
 import ctypes
 import os
-import shutil
-import subprocess
 import threading
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from edgekit.errors import EdgekitError
-from edgekit.kernels.gmbi import HALO_R1, HALO_R2, HALO_R3
-from edgekit.kernels.gmbinet import FoldedGMBINet, NetPlan, plan_gmbinet
+from edgekit.kernels.graph import HALO_R1, HALO_R2, HALO_R3, FoldedGMBINet, NetPlan, plan_gmbinet
 
 SOURCE_NAME = "gmbinet_cpu.cpp"
-ABI_VERSION = 3
-CXX_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno")  # never -ffast-math: see vsigmoid_pos()
+ABI_VERSION = 4  # 4: typed op structs, their layout checked at load (ek_op_layout)
 # ISA level -> (compiler flags, CPU features it needs as numpy's CPU dispatcher names them), fastest first.
 ISA_LEVELS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
     "avx512": (("-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mfma", "-mavx2"), ("AVX512F", "AVX512_SKX")),
@@ -37,14 +32,14 @@ PANEL_BYTES = 192 * 1024  # a band's panel (K x P floats) targets this much of t
 
 
 def source_path() -> Path:
-    path = Path(__file__).resolve().parent / "cpu" / SOURCE_NAME
+    path = Path(__file__).resolve().parent / SOURCE_NAME
     if not path.is_file():
         raise EdgekitError(f"the cpu-fused kernel source is missing: {path} (edgekit installed without its package data?)")
     return path
 
 
 # ----------------------------------------------------------------------------------------------
-# the CPU and the compiler
+# the CPU
 
 
 def cpu_features() -> Dict[str, bool]:
@@ -86,42 +81,102 @@ def choose_isa(available: Sequence[str], features: Optional[Dict[str, bool]] = N
                        f"artifact: it was built for {needs or 'an unknown ISA'}")
 
 
-def find_compiler() -> str:
-    cxx = os.environ.get("CXX", "g++")
-    path = shutil.which(cxx)
-    if path is None:
-        raise EdgekitError(f"--target cpu-fused builds its kernels with a C++17 compiler at compile time: {cxx!r} "
-                           "not found (install g++ or set CXX); the built artifact then runs without one")
-    return path
-
-
-def compiler_version(cxx: str) -> str:
-    out = subprocess.run([cxx, "--version"], capture_output=True, text=True)
-    return out.stdout.splitlines()[0].strip() if out.stdout else cxx
-
-
-def build_library(isa: str, out: Path, cxx: Optional[str] = None) -> dict:
-    """Compile the kernel source for one ISA level into ``out`` (a shared library)."""
-    if isa not in ISA_LEVELS:
-        raise EdgekitError(f"cpu-fused: unknown ISA level {isa!r} (choose from {', '.join(ISA_LEVELS)})")
-    cxx = cxx or find_compiler()
-    flags = [*CXX_FLAGS, *ISA_LEVELS[isa][0]]
-    cmd = [cxx, *flags, "-o", str(out), str(source_path()), "-lpthread"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise EdgekitError(f"cpu-fused: {Path(cxx).name} failed to build the {isa} kernels:\n{proc.stderr[-3000:]}")
-    return {"isa": isa, "compiler": compiler_version(cxx), "flags": flags}
-
-
 # ----------------------------------------------------------------------------------------------
 # the library
 
 
-class EkOp(ctypes.Structure):
-    """One planned layer, as ``EkOp`` in gmbinet_cpu.cpp."""
+# The op program's structs, field for field as in gmbinet_cpu.cpp (which documents each); pointers are addresses
+# (c_void_p).  CpuKernels compares them with the library's ek_op_layout() before running anything.
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int32, ctypes.c_float
 
-    _fields_ = [("kind", ctypes.c_int32), ("n", ctypes.c_int32), ("band", ctypes.c_int32), ("pad", ctypes.c_int32),
-                ("ptr", ctypes.c_int64 * 10), ("i", ctypes.c_int32 * 12), ("f", ctypes.c_float * 4)]
+
+def _fields(pointers: str, ints: str = "", floats: str = "") -> list:
+    return [(n, _P) for n in pointers.split()] + [(n, _I) for n in ints.split()] + [(n, _F) for n in floats.split()]
+
+
+class EkStemOp(ctypes.Structure):
+    _fields_ = _fields("x w b out", "cin cout H W h1 w1")
+
+
+class EkDwpwOp(ctypes.Structure):
+    _fields_ = _fields("x high dw_w dw_b pw_wt pw_b out", "cin cout ho wo hi wi hh wh", "sh sw")
+
+
+class EkUpHeadOp(ctypes.Structure):
+    _fields_ = [("up", EkDwpwOp), *_fields("head_w head_b", "head_cout H W", "head_sh head_sw")]
+
+
+class EkGmbiOp(ctypes.Structure):
+    _fields_ = _fields("x dw_w dw_b pw_wt pw_b out pw_q pw_qscale", "C H W mode", "pw_qinv")
+
+
+class EkHeadOp(ctypes.Structure):
+    _fields_ = _fields("x w b out", "cin cout h1 w1 H W", "sh sw")
+
+
+class EkOpArgs(ctypes.Union):
+    _fields_ = [("stem", EkStemOp), ("dwpw", EkDwpwOp), ("up_head", EkUpHeadOp), ("gmbi", EkGmbiOp), ("head", EkHeadOp)]
+
+
+class EkOp(ctypes.Structure):
+    """One planned layer, as ``EkOp`` in gmbinet_cpu.cpp: ``u`` holds the member ``OP_MEMBER`` names for its kind."""
+
+    _fields_ = [("kind", _I), ("n", _I), ("band", _I), ("pad", _I), ("u", EkOpArgs)]
+
+    @property
+    def args(self) -> ctypes.Structure:
+        """This op's typed arguments (a view into the op: setting a field sets it in the program)."""
+        return getattr(self.u, OP_MEMBER[KIND_NAMES[self.kind]])
+
+
+OP_STRUCTS = (EkStemOp, EkDwpwOp, EkUpHeadOp, EkGmbiOp, EkHeadOp, EkOpArgs, EkOp)
+KIND_NAMES = {v: k for k, v in OP_KINDS.items()}
+OP_MEMBER = {"stem": "stem", "s2": "dwpw", "pw": "dwpw", "up": "dwpw", "up+head": "up_head", "gmbi": "gmbi",
+             "head": "head"}
+
+
+def op_layout() -> Dict[str, Tuple[int, int]]:
+    """{"Struct": (0, size), "Struct.field": (offset, size), "kind.K": (code, 0), "gmbi_mode.M": (code, 0)}: what
+    the library's ``ek_op_layout()`` must report, entry for entry."""
+    out: Dict[str, Tuple[int, int]] = {}
+    for cls in OP_STRUCTS:
+        out[cls.__name__] = (0, ctypes.sizeof(cls))
+        for name, _ in cls._fields_:
+            f = getattr(cls, name)
+            out[f"{cls.__name__}.{name}"] = (f.offset, f.size)
+    out.update({f"kind.{k}": (v, 0) for k, v in OP_KINDS.items()})
+    out.update({f"gmbi_mode.{k}": (v, 0) for k, v in GMBI_MODES.items()})
+    return out
+
+
+def parse_layout(text: str) -> Dict[str, Tuple[int, int]]:
+    out = {}
+    for entry in filter(None, text.split(";")):
+        name, a, b = entry.rsplit(":", 2)
+        out[name] = (int(a), int(b))
+    return out
+
+
+def layout_mismatch(library: Dict[str, Tuple[int, int]], ours: Dict[str, Tuple[int, int]]) -> Optional[str]:
+    """None when the two layouts agree, else what differs (named entries, the first few)."""
+    bad = []
+    for name in [*ours, *(k for k in library if k not in ours)]:
+        if library.get(name) == ours.get(name):
+            continue
+        if name not in library:
+            bad.append(f"{name} missing from the library")
+        elif name not in ours:
+            bad.append(f"{name} in the library only")
+        elif "." not in name:  # a struct's size
+            bad.append(f"{name} is {library[name][1]} bytes in the library, {ours[name][1]} here")
+        elif name.startswith(("kind.", "gmbi_mode.")):
+            bad.append(f"{name} is {library[name][0]} in the library, {ours[name][0]} here")
+        else:
+            (lo, ls), (oo, os_) = library[name], ours[name]
+            bad.append(f"{name} at offset {lo} ({ls} bytes) in the library, {oo} ({os_} bytes) here")
+    if not bad:
+        return None
+    return "; ".join(bad[:4]) + (f"; and {len(bad) - 4} more" if len(bad) > 4 else "")
 
 
 _LIBRARY_FDS: List[int] = []
@@ -148,6 +203,15 @@ class CpuKernels:
             fn.restype, fn.argtypes = res, args
         if lib.ek_abi_version() != ABI_VERSION:
             raise EdgekitError(f"cpu-fused: {library} has kernel ABI {lib.ek_abi_version()}, this edgekit needs {ABI_VERSION}")
+        # the op structs, field by field: a library built from another struct layout would misread every op
+        layout = getattr(lib, "ek_op_layout", None)
+        if layout is None:
+            raise EdgekitError(f"cpu-fused: {library} does not report its op struct layout (no ek_op_layout)")
+        layout.restype, layout.argtypes = ctypes.c_char_p, []
+        mismatch = layout_mismatch(parse_layout(layout().decode()), op_layout())
+        if mismatch:
+            raise EdgekitError(f"cpu-fused: {library} was built with other op structs than this edgekit's "
+                               f"(refused): {mismatch}")
         halos = (ctypes.c_int * 3)()
         lib.ek_gmbi_halos(halos)
         if tuple(halos) != (HALO_R1, HALO_R2, HALO_R3):  # one design: the GPU kernel's halo arithmetic
@@ -227,7 +291,7 @@ def band_rows(kind: str, n: int, rows: int, width: int, panel_channels: int, thr
     return r
 
 
-GMBI_MODES = {"banded": 0, "two-phase": 1}  # EkOp.i[3] of a gmbi op, as in gmbinet_cpu.cpp
+GMBI_MODES = {"banded": 0, "two-phase": 1}  # EkGmbiOp.mode, as in gmbinet_cpu.cpp
 GMBI_TWO_PHASE_MAX_ROWS = 64
 
 
@@ -241,42 +305,40 @@ def gmbi_mode(rows: int) -> str:
     return "two-phase" if rows <= GMBI_TWO_PHASE_MAX_ROWS else "banded"
 
 
-def _ints(vals: Iterable) -> List[int]:
-    return [int(v) for v in vals]
+def _set(struct: ctypes.Structure, args: Dict[str, object], names: str) -> None:
+    for name in names.split():
+        ftype = dict(struct._fields_)[name]
+        setattr(struct, name, float(args[name]) if ftype is _F else int(args[name]))
 
 
-def _fill(op: EkOp, kind: str, n: int, vals: Sequence, nptr: int, threads: int, panel_bytes: int) -> None:
+def _fill(op: EkOp, kind: str, n: int, args: Dict[str, object], threads: int, panel_bytes: int) -> None:
+    """One op from a launch's named arguments (``Launch.named``); the GPU's tiling arguments are not read."""
     op.kind, op.n = OP_KINDS[kind], n
-    for k in range(nptr):
-        op.ptr[k] = int(vals[k])
-    scal = vals[nptr:]
-    if kind == "stem":  # cin, cout, H, W, h1, w1
-        ints = _ints(scal[:6])
-        op.band = band_rows(kind, n, ints[4], ints[5], ints[0] * 9, threads, panel_bytes)
-    elif kind in ("s2", "pw", "up"):  # cin cout ho wo hi wi hh wh sh sw (then the GPU's tiling, unused here)
-        ints = _ints(scal[:8])
-        op.f[0], op.f[1] = float(scal[8]), float(scal[9])
-        op.band = band_rows(kind, n, ints[2], ints[3], ints[0], threads, panel_bytes)
-    elif kind == "gmbi":  # C H W (then the GPU's tiling)
-        ints = _ints(scal[:3])
-        mode = gmbi_mode(ints[1])
-        ints.append(GMBI_MODES[mode])
+    a = op.args
+    if kind == "stem":
+        _set(a, args, "x w b out cin cout H W h1 w1")
+        op.band = band_rows(kind, n, a.h1, a.w1, a.cin * 9, threads, panel_bytes)
+    elif kind in ("s2", "pw", "up"):
+        _set(a, args, "x high dw_w dw_b pw_wt pw_b out cin cout ho wo hi wi hh wh sh sw")
+        op.band = band_rows(kind, n, a.ho, a.wo, a.cin, threads, panel_bytes)
+    elif kind == "gmbi":
+        _set(a, args, "x dw_w dw_b pw_wt pw_b out C H W")
+        mode = gmbi_mode(a.H)
+        a.mode = GMBI_MODES[mode]
         # two-phase: the bands are only the 1x1's (halo 0), sized like any other layer's
-        op.band = band_rows("gmbi" if mode == "banded" else "pw", n, ints[1], ints[2], ints[0], threads, panel_bytes)
-    elif kind == "head":  # cin cout h1 w1 H W sh sw
-        ints = _ints(scal[:6])
-        op.f[0], op.f[1] = float(scal[6]), float(scal[7])
-        op.band = band_rows(kind, n, ints[2], ints[3], ints[0], threads, panel_bytes)
+        op.band = band_rows("gmbi" if mode == "banded" else "pw", n, a.H, a.W, a.C, threads, panel_bytes)
+    elif kind == "head":
+        _set(a, args, "x w b out cin cout h1 w1 H W sh sw")
+        op.band = band_rows(kind, n, a.h1, a.w1, a.cin, threads, panel_bytes)
     else:  # pragma: no cover - the planner emits only these
         raise EdgekitError(f"cpu-fused: no CPU kernel for launch kind {kind!r}")
-    for k, v in enumerate(ints):
-        op.i[k] = v
 
 
 def build_program(plan: NetPlan, param_offsets: Dict[str, Tuple[int, int]], param_base: int, act_base: int,
                   threads: int, panel_bytes: int = PANEL_BYTES, fuse_head: bool = True):
-    """(ctypes array of ``EkOp``, [the plan layers each op runs]): the plan's launches in order, with
-    resolved pointers, the GPU kernels' shape arguments and CPU bands in place of CUDA grids.
+    """(ctypes array of ``EkOp``, [the plan layers each op runs]): the plan's launches in order, each op's typed
+    struct filled by argument name from the launch (resolved pointers, shapes), and CPU bands in place of CUDA
+    grids.
 
     ``fuse_head``: DF1 and the head become one op (DF1's output never leaves the band's scratch; the
     plan's ``d1`` buffer is then left unwritten)."""
@@ -285,31 +347,51 @@ def build_program(plan: NetPlan, param_offsets: Dict[str, Tuple[int, int]], para
     k = 0
     while k < len(resolved):
         ln, vals = resolved[k]
-        nptr = len(ln.fmt) - len(ln.fmt.lstrip("P"))
+        args = ln.named(vals)
         op = EkOp()
         nxt = resolved[k + 1][0] if k + 1 < len(resolved) else None
         if (fuse_head and ln.kind == "up" and nxt is not None and nxt.kind == "head"
                 and nxt.args[0] == ln.args[2]):  # the head reads exactly this DF's output
-            _fill(op, "up", plan.n, vals, nptr, threads, panel_bytes)
-            hvals = resolved[k + 1][1]  # d1, output, w, b, cin, cout, h1, w1, H, W, sh, sw
+            head = nxt.named(resolved[k + 1][1])
+            _fill(op, "up", plan.n, args, threads, panel_bytes)
+            up = EkDwpwOp.from_buffer_copy(op.u.dwpw)
             op.kind = OP_KINDS["up+head"]
-            op.ptr[2] = int(hvals[1])
-            op.ptr[7], op.ptr[8] = int(hvals[2]), int(hvals[3])
-            op.i[8], op.i[9], op.i[10] = int(hvals[5]), int(hvals[8]), int(hvals[9])
-            op.f[2], op.f[3] = float(hvals[10]), float(hvals[11])
+            fused = op.u.up_head
+            fused.up = up
+            fused.up.out = int(head["out"])  # the probability map; DF1's own output stays in scratch
+            fused.head_w, fused.head_b, fused.head_cout = int(head["w"]), int(head["b"]), int(head["cout"])
+            fused.H, fused.W = int(head["H"]), int(head["W"])
+            fused.head_sh, fused.head_sw = float(head["sh"]), float(head["sw"])
             program.append((op, [ln.layer, nxt.layer]))
             k += 2
             continue
-        _fill(op, ln.kind, plan.n, vals, nptr, threads, panel_bytes)
+        _fill(op, ln.kind, plan.n, args, threads, panel_bytes)
         if ln.kind == "gmbi" and f"{ln.layer}.pw_q" in param_offsets:  # the INT8 1x1 (quantize_gmbi_1x1)
-            op.i[4] = 1
-            op.ptr[6] = param_base + param_offsets[f"{ln.layer}.pw_q"][0]
-            op.ptr[7] = param_base + param_offsets[f"{ln.layer}.pw_qscale"][0]
-            op.f[0] = ctypes.c_float.from_address(param_base + param_offsets[f"{ln.layer}.pw_qinv"][0]).value
+            g = op.u.gmbi
+            g.pw_q = param_base + param_offsets[f"{ln.layer}.pw_q"][0]
+            g.pw_qscale = param_base + param_offsets[f"{ln.layer}.pw_qscale"][0]
+            g.pw_qinv = ctypes.c_float.from_address(param_base + param_offsets[f"{ln.layer}.pw_qinv"][0]).value
         program.append((op, [ln.layer]))
         k += 1
     ops = (EkOp * len(program))(*[op for op, _ in program])
     return ops, [layers for _, layers in program]
+
+
+def pointer_fields(struct: ctypes.Structure, path: Tuple[str, ...] = ()) -> List[Tuple[Tuple[str, ...], int]]:
+    """[(field path, address)] of every pointer of a typed op struct, nested structs included."""
+    out = []
+    for name, ftype in struct._fields_:
+        if ftype is _P:
+            out.append(((*path, name), getattr(struct, name) or 0))
+        elif isinstance(ftype, type) and issubclass(ftype, ctypes.Structure):
+            out += pointer_fields(getattr(struct, name), (*path, name))
+    return out
+
+
+def _set_path(struct: ctypes.Structure, path: Tuple[str, ...], value: int) -> None:
+    for name in path[:-1]:
+        struct = getattr(struct, name)
+    setattr(struct, path[-1], value)
 
 
 def _aligned(nbytes: int, align: int = 64) -> np.ndarray:
@@ -342,22 +424,29 @@ class FusedNet:
         if key not in self._states:
             plan = plan_gmbinet(self.net, n, height, width, "float32")
             acts = _aligned(plan.act_bytes)
-            acts.fill(0xFF)  # NaN: a buffer a kernel forgot to write shows up in the output
             ops, layers = build_program(plan, self.offsets, self.params.ctypes.data, acts.ctypes.data,
                                         self.kernels.threads, self.panel_bytes, self.fuse_head)
+            # NaN in every buffer the program works in: one a kernel forgot to write shows up in the output.  The
+            # input and output buffers (forward() points the program at the caller's arrays instead) and DF1's
+            # output under the fused head are never touched, so their pages never become resident (8 MB at 512 px)
+            used = {a for op in ops for _, a in pointer_fields(op.args)}
+            for name, b in plan.buffers.items():
+                if name not in (plan.input, plan.output) and acts.ctypes.data + b.offset in used:
+                    acts[b.offset:b.offset + b.nbytes] = 0xFF
             self._states[key] = (plan, acts, ops, layers)
             # where the program reads the input and writes the output: forward() points those at the
             # caller's batch and a fresh result array (no copies of 3 MB in and 1 MB out per 512x512 image)
             io = {plan.input: [], plan.output: []}
             for name, slots in io.items():
                 addr = acts.ctypes.data + plan.buffers[name].offset
-                slots += [(k, j) for k, op in enumerate(ops) for j in range(len(op.ptr)) if op.ptr[j] == addr]
+                slots += [(k, path) for k, op in enumerate(ops) for path, a in pointer_fields(op.args) if a == addr]
             self._io[key] = io
         return self._states[key]
 
     def _point(self, key, name: str, addr: int) -> None:
-        for k, j in self._io[key][name]:
-            self._states[key][2][k].ptr[j] = addr
+        ops = self._states[key][2]
+        for k, path in self._io[key][name]:
+            _set_path(ops[k].args, path, addr)
 
     def view(self, plan: NetPlan, acts: np.ndarray, name: str) -> np.ndarray:
         b = plan.buffers[name]
@@ -378,6 +467,8 @@ class FusedNet:
         if poison:
             acts.fill(0xFF)
         if buffers:  # every buffer, the input and output included, in the plan's own memory
+            if not poison:
+                acts.fill(0xFF)  # the buffers the program never writes read back as NaN, not as zeros
             for name in (plan.input, plan.output):
                 self._point(key, name, acts.ctypes.data + plan.buffers[name].offset)
             self.view(plan, acts, plan.input)[...] = x
@@ -396,63 +487,5 @@ class FusedNet:
         return out
 
 
-# ----------------------------------------------------------------------------------------------
-# INT8 1x1 of the GMBI modules
-
-Q_LEVELS = 127  # 7-bit unsigned activations: vpmaddubsw's s16 pair sums (2 x 127 x 127) never saturate
-
-
-def gmbi_1x1_ranges(model, batches: Sequence[np.ndarray]) -> Dict[str, float]:
-    """{gmbi layer name: max of its 1x1's input z} over the calibration batches (real images, preprocessed),
-    read with forward pre-hooks on each module's ``fusion`` in PyTorch (the reference the kernels match)."""
-    import torch
-
-    ranges: Dict[str, float] = {}
-    hooks = []
-    for s in range(2, 6):
-        for i, blk in enumerate(list(getattr(model, f"encoder{s}").children())[1:], start=1):
-            name = f"gmbi{s}_{i}"
-
-            def grab(_mod, inputs, name=name):
-                ranges[name] = max(ranges.get(name, 0.0), float(inputs[0].detach().amax()))
-            hooks.append(blk.fusion.register_forward_pre_hook(grab))
-    try:
-        with torch.no_grad():
-            for b in batches:
-                model(torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)))
-    finally:
-        for h in hooks:
-            h.remove()
-    return ranges
-
-
-def quantize_gmbi_1x1(net: FoldedGMBINet, ranges: Dict[str, float]) -> Dict[str, dict]:
-    """Add the INT8 1x1 arrays to every GMBI layer of ``net`` (in place): ``pw_q`` the s8 weights, symmetric
-    per output channel, packed as [G][C] words whose 4 bytes are the input channels c, G+c, 2G+c, 3G+c (the
-    order in which the chain's stage-4 pass packs z); ``pw_qscale`` s_z * s_w[co]; ``pw_qinv`` 1 / s_z.
-    Returns the per-layer record for the manifest."""
-    report = {}
-    for name, layer in net.layers.items():
-        if layer.kind != "gmbi":
-            continue
-        if name not in ranges:
-            raise EdgekitError(f"cpu-fused int8: no calibration range for {name}")
-        wt = np.asarray(layer.arrays["pw_wt"], dtype=np.float64)  # [cin][cout]
-        cin, cout = wt.shape
-        g = cin // 4
-        s_w = np.abs(wt).max(axis=0) / Q_LEVELS
-        s_w[s_w == 0] = 1.0
-        q = np.clip(np.rint(wt / s_w), -Q_LEVELS, Q_LEVELS).astype(np.int8)  # [cin][cout]
-        packed = np.stack([q[i * g:(i + 1) * g, :] for i in range(4)], axis=-1)  # [G][cout][4]
-        s_z = max(float(ranges[name]), 1e-12) / Q_LEVELS
-        layer.arrays["pw_q"] = np.ascontiguousarray(packed).view(np.uint32).reshape(g, cout)
-        layer.arrays["pw_qscale"] = (s_z * s_w).astype(np.float32)
-        layer.arrays["pw_qinv"] = np.array([1.0 / s_z], dtype=np.float32)
-        w_err = float(np.abs(q * s_w - wt).max())
-        report[name] = {"z_max": float(ranges[name]), "weight_max_abs_err": w_err}
-    return report
-
-
-__all__ = ["ISA_LEVELS", "CpuKernels", "EkOp", "FusedNet", "band_rows", "build_library", "build_program",
-           "choose_isa", "cpu_description", "cpu_features", "find_compiler", "gmbi_1x1_ranges", "quantize_gmbi_1x1",
-           "source_path", "supported_isas"]
+__all__ = ["ISA_LEVELS", "OP_STRUCTS", "CpuKernels", "EkOp", "FusedNet", "op_layout", "band_rows", "build_program", "choose_isa",
+           "cpu_description", "cpu_features", "source_path", "supported_isas"]
