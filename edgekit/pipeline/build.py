@@ -79,7 +79,8 @@ def build_artifact(spec: BackendSpec, source_path: str, precision: str, out: str
 
 def _load(spec: BackendSpec, folder: Path, threads) -> Runner:
     # the folder being built is not signed yet: hash-only, whatever EDGEKIT_TRUSTED_KEYS says on this machine
-    return spec.load(verify_artifact(folder, use_env=False), **spec.load_kwargs({"threads": threads}))
+    # --threads is a compile option for the checks: offered to the backend, used where it declares it
+    return spec.load(verify_artifact(folder, use_env=False), **spec.declared_options({"threads": threads}))
 
 
 def _nncf_quantize(src, spec: BackendSpec, folder: Path, manifest: dict, calibration, calib_set, subset: int,
