@@ -56,8 +56,12 @@ def test_torch_variants_are_load_options(tiny_ckpt):
         runtime.load(tiny_ckpt, mode="graph")
     with pytest.raises(EdgekitError, match="unknown mode"):
         runtime.load(tiny_ckpt, mode="jit")
-    # options a backend does not declare are not passed to it
-    assert get_backend("onnx").load_kwargs({"threads": 2, "mode": "graph", "device": None}) == {"threads": 2}
+    # an option a backend does not declare is refused (it was dropped silently), None counts as not given;
+    # a caller offering one option set to every backend on purpose (bench rows) takes the declared part
+    with pytest.raises(EdgekitError, match=r"onnx does not take the load option mode \(it accepts: threads\)"):
+        get_backend("onnx").load_kwargs({"threads": 2, "mode": "graph", "device": None})
+    assert get_backend("onnx").load_kwargs({"threads": 2, "device": None}) == {"threads": 2}
+    assert get_backend("onnx").declared_options({"threads": 2, "mode": "graph", "device": None}) == {"threads": 2}
 
 
 # --- GPU rows: bench --device gpu reads the same specs (no GPU needed to plan them) ------------------

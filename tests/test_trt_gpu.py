@@ -235,14 +235,14 @@ def test_trt_builds_only_from_checkpoints_and_onnx(tiny_ckpt, tmp_path):
     pytest.importorskip("openvino", reason="openvino not installed (pip install 'edgekit[cpu]')")
     from edgekit.backends.registry import get_backend
     from edgekit.pipeline.build import build_artifact
-    from edgekit.pipeline.compile import compile_model
+    from edgekit.pipeline.compile import CompileRequest, compile_model
 
     compile_model(str(tiny_ckpt), "openvino", "fp32", str(tmp_path / "ov"), parity_data="synthetic:2",
                   log=lambda *_: None)
     with pytest.raises(EdgekitError, match="openvino artifact; compile trt from the checkpoint or an artifact of onnx, ort"):
-        build_artifact(get_backend("trt"), str(tmp_path / "ov"), "fp16", str(tmp_path / "out"),
-                       parity_data="synthetic:2", calib=None, subset=2, int8_scheme="stem-head-float", max_drop=None,
-                       metric="iou", val=None, force=False, threads=None, log=print)
+        build_artifact(get_backend("trt"), CompileRequest(source=tmp_path / "ov", target="trt", precision="fp16",
+                                                          out=tmp_path / "out", parity_data="synthetic:2", subset=2,
+                                                          int8_scheme="stem-head-float"), log=print)
     assert not (tmp_path / "out").exists()
 
 

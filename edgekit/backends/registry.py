@@ -37,7 +37,8 @@ class BackendSpec:
 
     ``build(ctx)`` writes the model files into ``ctx.folder`` and returns manifest fields
     (``model_file``, optional ``extra_files`` and anything else worth recording);
-    ``load(folder, **options)`` returns a ``Runner`` (only the options in ``load_options`` are passed).
+    ``load(folder, **options)`` returns a ``Runner`` (``load_options`` names the options it takes; any other
+    is refused by ``load_kwargs``).
     """
 
     name: str
@@ -122,6 +123,20 @@ class BackendSpec:
             self.require()
 
     def load_kwargs(self, options: dict) -> dict:
+        """The options to pass ``load``: those given (None means not given), each one the backend declares in
+        ``load_options``; an option it does not declare is refused in one line, naming it and what the backend
+        accepts (it used to be dropped silently: ``device="cuda"`` for an ONNX Runtime artifact ran on the CPU)."""
+        given = {k: v for k, v in options.items() if v is not None}
+        unknown = [k for k in given if k not in self.load_options]
+        if unknown:
+            accepted = ", ".join(self.load_options) or "none"
+            raise EdgekitError(f"backend {self.name} does not take the load option{'s' if len(unknown) > 1 else ''} "
+                               f"{', '.join(unknown)} (it accepts: {accepted})")
+        return given
+
+    def declared_options(self, options: dict) -> dict:
+        """The part of ``options`` this backend declares (given, not None): for a caller that offers one set of
+        options to every backend it opens (a benchmark's rows), where leaving the others out is the intent."""
         return {k: v for k, v in options.items() if k in self.load_options and v is not None}
 
 

@@ -189,7 +189,7 @@ def open_row(row: PlannedRow, *, max_autotune: bool, calib: Optional[str], log: 
     spec = get_backend(row.kind)
     options = {**spec.gpu_load_options, **spec.variants.get(row.mode, {}), "precision": row.precision,
                "max_autotune": max_autotune}
-    return spec.load(row.path, **spec.load_kwargs(options))
+    return spec.load(row.path, **spec.declared_options(options))  # one option set for every row: each takes its own
 
 
 def is_reference_row(row: PlannedRow) -> bool:

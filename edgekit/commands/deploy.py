@@ -11,6 +11,7 @@ from edgekit.commands._common import (check_out, echo_json, force_option, json_o
                                      out_option, parse_batches, result_stdout, threads_option, write_json)
 from edgekit.errors import EdgekitError
 from edgekit.commands._common import build_command  # compile and quantize need edgekit[build] (torch)
+from edgekit.pipeline.request import CompileRequest
 
 CALIB_HELP = ("Calibration images for int8 (required): a folder, an SD-900 folder (its train split), or "
               "synthetic[:N] to calibrate on edgekit's synthetic images.")
@@ -19,7 +20,9 @@ PARITY_HELP = ("Images for the parity check (default: the real images given by -
 
 
 def targets_help() -> str:
-    return "; ".join(f"{t.name}: {t.description} ({', '.join(t.compile_precisions)})" for t in targets())
+    return "; ".join([f"{t.name}: {t.description} ({', '.join(t.compile_precisions)})" for t in targets()]
+                     + ["auto: build every target and precision this machine offers, keep the fastest within "
+                        "--max-drop on --val (float only without --val), say why"])
 
 
 _SIGN = click.option("--sign", "sign_key", default=None, type=click.Path(dir_okay=False), metavar="PRIVATE_KEY",
@@ -55,8 +58,9 @@ _VAL = click.option("--val", default=None, help="Validation images with masks fo
 @click.command("compile")
 @click.argument("model", required=False, metavar="[CKPT|REGISTRY|BACKBONE]")
 @click.option("--target", required=True, metavar="TARGET", help=targets_help())
-@click.option("--precision", default="fp32", show_default=True,
-              help="fp32 | bf16 | fp16 | int8 | default | auto (what each target offers: see --target)")
+@click.option("--precision", default=None,
+              help="fp32 | bf16 | fp16 | int8 | default | auto (what each target offers: see --target) "
+                   "[default: fp32; auto with --target auto]")
 @out_option("folder", "Artifact folder to write.")
 @click.option("--calib", default=None, help=CALIB_HELP)
 @click.option("--subset", default=100, show_default=True, type=click.IntRange(1), help="Calibration images.")
@@ -77,13 +81,19 @@ def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, max_d
     """Compile a checkpoint, or the frozen backbone of an MLFF adapter registry, into a verified artifact folder."""
     check_out(out, force)  # before anything is imported or loaded
     key = _load_sign_key(sign_key)
-    source = model_path(model, registry_ok=True)
-    from edgekit.pipeline.compile import compile_model
-
-    manifest = compile_model(source, target, precision, out, parity_data=parity_data,
+    request = CompileRequest(source=model_path(model, registry_ok=True), target=target, precision=precision, out=out,
                              calib=calib, subset=subset, int8_scheme=int8_scheme, max_drop=max_drop, metric=metric,
-                             val=val, force=force, threads=threads, log=_log(as_json), as_backbone=as_backbone,
+                             val=val, parity_data=parity_data, threads=threads, force=force, as_backbone=as_backbone,
                              sign_key=key)
+    _run(request, as_json)
+
+
+def _run(request, as_json: bool) -> None:
+    """Compile ``request``: progress and auto's measurements on stderr; the result line on stdout (with
+    --json: the manifest, the one document on stdout)."""
+    from edgekit.pipeline.compile import compile_artifact
+
+    manifest = compile_artifact(request, log=_log(as_json), note=lambda m: click.echo(m, err=True))
     if as_json:
         echo_json(manifest)
 
@@ -116,16 +126,11 @@ def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_schem
     """INT8 post-training quantization with NNCF (accuracy-controlled with --max-drop and --val)."""
     check_out(out, force)  # before anything is imported or loaded
     key = _load_sign_key(sign_key)
-    source = model_path(model, registry_ok=True)
-    from edgekit.pipeline.compile import compile_model
-
-    manifest = compile_model(source, target, "int8", out, parity_data=parity_data, calib=calib,
-                             subset=subset, int8_scheme=int8_scheme, max_drop=max_drop, metric=metric, val=val,
-                             force=force, threads=threads, log=_log(as_json), as_backbone=as_backbone,
+    request = CompileRequest(source=model_path(model, registry_ok=True), target=target, precision="int8", out=out,
+                             calib=calib, subset=subset, int8_scheme=int8_scheme, max_drop=max_drop, metric=metric,
+                             val=val, parity_data=parity_data, threads=threads, force=force, as_backbone=as_backbone,
                              sign_key=key)
-    if as_json:
-        echo_json(manifest)
-
+    _run(request, as_json)
 
 
 @click.command("bench")

@@ -3,8 +3,8 @@ source, let the backend build its files, quantize them with NNCF when the backen
 to, check an INT8 budget on real images, then measure parity against the source model and record
 everything in the manifest. A failure at any step leaves no folder behind.
 
-``edgekit.pipeline.compile.compile_model`` checks the request and calls this (or ``auto`` for
-``--precision auto``, which calls this once per candidate).
+``edgekit.pipeline.compile.compile_artifact`` checks the ``CompileRequest`` and calls this (or ``auto``
+for ``--target auto`` / ``--precision auto``, which calls this once per candidate).
 """
 from __future__ import annotations
 
@@ -17,27 +17,28 @@ from edgekit.artifact import artifact_writer, sign_artifact, tool_versions, veri
 from edgekit.backends.base import Runner
 from edgekit.backends.registry import BackendSpec, BuildContext
 from edgekit.errors import EdgekitError
+from edgekit.pipeline.request import CompileRequest
 from edgekit.pipeline.sources import open_source
 
 
-def build_artifact(spec: BackendSpec, source_path: str, precision: str, out: str, *, parity_data: str,
-                   calib: Optional[str], subset: int, int8_scheme: str, max_drop: Optional[float], metric: str,
-                   val: Optional[str], force: bool, threads: Optional[int], log: Callable,
-                   as_backbone: bool = False, sign_key=None) -> dict:
-    """One artifact folder of ``source_path`` for ``spec`` at ``precision`` (checked by the caller).
+def build_artifact(spec: BackendSpec, request: CompileRequest, log: Callable = print) -> dict:
+    """One artifact folder of ``request.source`` for ``spec`` at ``request.precision`` (both checked by
+    the caller: ``edgekit.pipeline.compile.check_request``).
 
-    ``sign_key`` (an Ed25519 private key, loaded by the caller before any work): ``manifest.sig`` is
+    ``request.sign_key`` (an Ed25519 private key, loaded by the caller before any work): ``manifest.sig`` is
     written over the final manifest inside the temporary folder, so the folder appears signed or not at all."""
-    src = open_source(source_path, as_backbone)
+    r = request
+    precision, threads = r.precision, r.threads
+    src = open_source(r.source, r.as_backbone)
     if src.artifact_target is not None and spec.from_artifacts is not None \
             and src.artifact_target not in spec.from_artifacts:
         hint = f"the checkpoint or an artifact of {', '.join(spec.from_artifacts)}" if spec.from_artifacts else "the checkpoint"
-        raise EdgekitError(f"{source_path} is a {src.artifact_target} artifact; compile {spec.name} from {hint}")
-    parity_set = src.parity_data(parity_data)
-    calib_set = src.calibration_data(calib) if precision == "int8" and spec.int8 is not None else None
-    val_set = src.validation_data(val) if val else None
-    calibration = src.calibration_batches(calib_set, subset) if calib_set is not None else None
-    with tempfile.TemporaryDirectory() as tmp, artifact_writer(out, force=force) as folder:
+        raise EdgekitError(f"{r.source} is a {src.artifact_target} artifact; compile {spec.name} from {hint}")
+    parity_set = src.parity_data(r.parity_images)
+    calib_set = src.calibration_data(r.calib) if precision == "int8" and spec.int8 is not None else None
+    val_set = src.validation_data(r.val) if r.val else None
+    calibration = src.calibration_batches(calib_set, r.subset) if calib_set is not None else None
+    with tempfile.TemporaryDirectory() as tmp, artifact_writer(r.out, force=r.force) as folder:
         onnx_cache: List[Path] = []
 
         def onnx_path() -> Path:
@@ -50,7 +51,7 @@ def build_artifact(spec: BackendSpec, source_path: str, precision: str, out: str
                            precision="fp32" if (precision == "int8" and spec.int8 == "nncf") else precision,
                            requested_precision=precision, calibration=calibration,
                            calibration_description=calib_set.description if calib_set is not None else None,
-                           int8_scheme=int8_scheme, subset=subset, onnx=onnx_path,
+                           int8_scheme=r.int8_scheme, subset=r.subset, onnx=onnx_path,
                            check_batches=lambda n=16: src.check_batches(parity_set, n))
         fields = spec.build(ctx)
         files = [fields["model_file"], *fields.pop("extra_files", [])]
@@ -58,35 +59,37 @@ def build_artifact(spec: BackendSpec, source_path: str, precision: str, out: str
         manifest = {"target": spec.name, "precision": precision, **fields, **src.base,
                     "tools": tool_versions("torch", *spec.tools, *(("nncf",) if quantized and spec.int8 == "nncf" else ()))}
         if quantized and spec.int8 == "nncf":
-            manifest["quantization"] = _nncf_quantize(src, spec, folder, manifest, calibration, calib_set, subset,
-                                                      int8_scheme, val_set, metric, max_drop)
+            manifest["quantization"] = _nncf_quantize(src, spec, folder, manifest, calibration, calib_set, val_set, r)
         write_manifest(folder, manifest, files)  # hashes first: the runners below verify them
         if quantized and val_set is not None:  # the accuracy budget, the same for every backend
             manifest["quantization"] = {**manifest.get("quantization", {}),
-                                        **src.int8_check(_load(spec, folder, threads), val_set, max_drop, threads,
-                                                         metric=metric, log=log)}
+                                        **src.int8_check(_load(spec, folder, threads), val_set, r.max_drop, threads,
+                                                         metric=r.metric, log=log)}
         if spec.verifier is not None:
             runner, limit, method = spec.verifier(folder, precision, log)
             manifest["parity"] = {**src.parity(runner, parity_set, threads, limit=limit), "method": method}
         else:
             manifest["parity"] = src.parity(_load(spec, folder, threads), parity_set, threads)
         manifest = write_manifest(folder, manifest, files)
-        if sign_key is not None:
-            sign_artifact(folder, sign_key)
-    log(src.summary(out, manifest))
+        if r.sign_key is not None:
+            sign_artifact(folder, r.sign_key)
+    log(src.summary(r.out, manifest))
     return manifest
 
 
 def _load(spec: BackendSpec, folder: Path, threads) -> Runner:
     # the folder being built is not signed yet: hash-only, whatever EDGEKIT_TRUSTED_KEYS says on this machine
-    return spec.load(verify_artifact(folder, use_env=False), **spec.load_kwargs({"threads": threads}))
+    # --threads is a compile option for the checks: offered to the backend, used where it declares it
+    return spec.load(verify_artifact(folder, use_env=False), **spec.declared_options({"threads": threads}))
 
 
-def _nncf_quantize(src, spec: BackendSpec, folder: Path, manifest: dict, calibration, calib_set, subset: int,
-                   scheme: str, val_set, metric: str, max_drop: Optional[float]) -> dict:
+def _nncf_quantize(src, spec: BackendSpec, folder: Path, manifest: dict, calibration, calib_set, val_set,
+                   request: CompileRequest) -> dict:
     """Replace the float model file in ``folder`` with its NNCF INT8 version (accuracy-controlled
-    by NNCF itself when ``max_drop`` and validation images are given)."""
+    by NNCF itself when ``request.max_drop`` and validation images are given)."""
     from edgekit.compress.quantize import quantize_model
+
+    subset, scheme, metric, max_drop = request.subset, request.int8_scheme, request.metric, request.max_drop
 
     fmt = spec.quantize_format
     path = folder / manifest["model_file"]

@@ -1,9 +1,10 @@
 """``edgekit compile`` and ``edgekit quantize``: a checkpoint or artifact -> a verified artifact folder.
 
-``compile_model`` checks the whole request before any model is loaded, then builds the artifact
-(``edgekit.pipeline.build``) or, for ``--precision auto``, lets ``edgekit.pipeline.auto`` measure the
-candidates. What differs between a GMBINet checkpoint and an MLFF backbone is a method on the
-source (``edgekit.pipeline.sources``), never a type check here.
+The command builds one ``CompileRequest`` (``edgekit.pipeline.request``) and hands it to
+``compile_artifact``, which checks the whole request before any model is loaded, then builds the
+artifact (``edgekit.pipeline.build``) or, for ``--target auto`` / ``--precision auto``, lets
+``edgekit.pipeline.auto`` measure the candidates. What differs between a GMBINet checkpoint and an
+MLFF backbone is a method on the source (``edgekit.pipeline.sources``), never a type check here.
 """
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from edgekit.artifact import check_out
 from edgekit.backends.registry import BackendSpec, get_backend
 from edgekit.errors import EdgekitError
 from edgekit.pipeline.build import build_artifact
+from edgekit.pipeline.request import AUTO, DEFAULT_PARITY_DATA, CompileRequest
 from edgekit.pipeline.sources import METRICS
 
-DEFAULT_PARITY_DATA = "synthetic:12"
+__all__ = ["CompileRequest", "DEFAULT_PARITY_DATA", "check_request", "compile_artifact", "compile_model",
+           "source_kind"]
 
 
 def source_kind(source_path: str, as_backbone: bool = False) -> str:
@@ -25,46 +28,48 @@ def source_kind(source_path: str, as_backbone: bool = False) -> str:
     return MLFF_KIND if is_mlff_source(source_path, as_backbone) else "gmbinet"
 
 
-def check_request(target: str, precision: str, out: str, *, kind: str, calib: Optional[str], max_drop, metric: str,
-                  val: Optional[str], force: bool) -> BackendSpec:
-    """Every argument check that needs no model loaded: refused in one line before any work starts."""
-    spec = get_backend(target)
-    spec.check(precision, kind)
-    check_out(out, force)
-    if metric not in METRICS:
-        raise EdgekitError(f"unknown metric {metric!r} (choose from {', '.join(METRICS)})")
-    if max_drop is not None and val is None:
+def check_request(request: CompileRequest) -> Optional[BackendSpec]:
+    """Every check of ``request`` that needs no model loaded: refused in one line before any work starts.
+    Returns the target's spec (None for ``--target auto``: ``auto`` picks the specs)."""
+    kind = source_kind(request.source, request.as_backbone)
+    if request.is_auto and kind != "gmbinet":
+        raise EdgekitError(f"--{'target' if request.target == AUTO else 'precision'} auto is for GMBINet checkpoints; "
+                           "give a target and fp32, int8, ... for an MLFF backbone")
+    spec = None if request.target == AUTO else get_backend(request.target)
+    if spec is not None:
+        spec.check(request.precision, kind)
+    check_out(request.out, request.force)
+    if request.metric not in METRICS:
+        raise EdgekitError(f"unknown metric {request.metric!r} (choose from {', '.join(METRICS)})")
+    if request.max_drop is not None and request.val is None:
         raise EdgekitError("--max-drop needs --val: validation images to measure the drop on")
-    if precision == "int8" and "calibration" in spec.needs.get("int8", ()) and calib is None:
+    if request.precision == "int8" and request.calib is None and (
+            spec is None or "calibration" in spec.needs.get("int8", ())):
         raise EdgekitError("--precision int8 needs --calib: real images to calibrate on (an SD-900 folder, an image "
                            "folder; or 'synthetic' to calibrate on generated images)")
-    if precision == "auto" and kind != "gmbinet":
-        raise EdgekitError("--precision auto is for GMBINet checkpoints; give fp32, int8, ... for an MLFF backbone")
+    if request.is_auto:
+        from edgekit.pipeline.auto import check_auto_request
+
+        check_auto_request(request)
     return spec
 
 
-def compile_model(source_path: str, target: str, precision: str, out: str, *, parity_data: Optional[str] = None,
-                  calib: Optional[str] = None, subset: int = 100, int8_scheme: str = "pointwise",
-                  max_drop: Optional[float] = None, metric: str = "iou", val: Optional[str] = None,
-                  force: bool = False, threads: Optional[int] = None, log: Callable = print,
-                  as_backbone: bool = False, sign_key=None) -> dict:
-    """Build one artifact folder; returns its manifest.
+def compile_artifact(request: CompileRequest, log: Callable = print, note: Optional[Callable] = None) -> dict:
+    """Build the artifact folder ``request`` asks for; returns its manifest.
 
-    ``parity_data``: images for the parity check; by default the real images given (``val``, then
-    ``calib``), else a few synthetic ones. ``as_backbone``: compile ``source_path`` (a backbone
-    name or weights file) as an MLFF backbone; a registry folder or a backbone name is one anyway.
-    """
-    kind = source_kind(source_path, as_backbone)
-    spec = check_request(target, precision, out, kind=kind, calib=calib, max_drop=max_drop, metric=metric, val=val,
-                         force=force)
-    if parity_data is None:
-        parity_data = val or (calib if calib not in (None, "synthetic") else None) or DEFAULT_PARITY_DATA
-    if precision == "auto":
+    ``log``: the result lines (``wrote OUT: ...``) and the build's own messages; ``note``: what ``auto``
+    measured and why it chose (default: ``log``; the CLI sends it to stderr)."""
+    spec = check_request(request)
+    if request.is_auto:
         from edgekit.pipeline.auto import compile_auto
 
-        return compile_auto(source_path, target, out, parity_data=parity_data, calib=calib, subset=subset,
-                            int8_scheme=int8_scheme, max_drop=max_drop, metric=metric, val=val, force=force,
-                            threads=threads, log=log, sign_key=sign_key)
-    return build_artifact(spec, source_path, precision, out, parity_data=parity_data, calib=calib, subset=subset,
-                          int8_scheme=int8_scheme, max_drop=max_drop, metric=metric, val=val, force=force,
-                          threads=threads, log=log, as_backbone=as_backbone, sign_key=sign_key)
+        return compile_auto(request, log=log, note=note or log)
+    return build_artifact(spec, request, log=log)
+
+
+def compile_model(source_path: str, target: str, precision: Optional[str], out: str, *, log: Callable = print,
+                  note: Optional[Callable] = None, **options) -> dict:
+    """``compile_artifact(CompileRequest(source=source_path, target=..., precision=..., out=..., **options))``:
+    the library's short form; ``options`` are ``CompileRequest``'s other fields (an unknown one is a TypeError)."""
+    request = CompileRequest(source=source_path, target=target, precision=precision, out=out, **options)
+    return compile_artifact(request, log=log, note=note)

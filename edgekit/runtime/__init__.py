@@ -20,7 +20,9 @@ def load(path: str | os.PathLike, backend: str | None = None, trusted_keys=None,
     """A runner for a checkpoint file or an artifact folder.
 
     ``backend`` runs a checkpoint with another backend that loads checkpoints directly (e.g.
-    ``cuda-fused``); ``options`` (threads, device, ...) go to the backend that declares them.
+    ``cuda-fused``); ``options`` (threads, device, ...) go to the backend, which must declare each one
+    (``BackendSpec.load_options``; None counts as not given): any other is an ``EdgekitError`` naming it and
+    the options the backend accepts, never dropped silently.
 
     ``trusted_keys`` (public key files, loaded Ed25519 public keys or ``TrustedKey``s; default: the files
     in ``EDGEKIT_TRUSTED_KEYS``): the artifact must carry a signature by one of them. Either way the
