@@ -52,7 +52,7 @@ def cuda_fused_artifact(tiny_ckpt, tmp_path_factory):
     whose load options are precision and use_graph, not threads."""
     if not emulator_available():
         pytest.skip("host emulation needs g++/clang++ and the CUDA headers (cuda_fp16.h)")
-    from edgekit.kernels import build as kbuild
+    from edgekit.kernels.cuda import build as kbuild
     from edgekit.pipeline.compile import compile_model
 
     out = tmp_path_factory.mktemp("cf") / "art"
