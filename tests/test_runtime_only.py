@@ -199,8 +199,8 @@ def test_onnx_artifact_predict_and_eval_without_torch(station, seg_artifacts, tm
 
 
 def test_cpu_fused_artifact_predict_and_eval_without_torch(station, seg_artifacts, tmp_path):
-    """cpu-fused needs nothing beyond the runtime. (Fails while edgekit.kernels imports torch to load an artifact:
-    that loading chain is being made torch-free separately.)"""
+    """cpu-fused needs nothing beyond the runtime: its loading chain (edgekit.kernels.cpu.runtime) is numpy and
+    ctypes, so predict and eval run where torch cannot be imported."""
     art = seg_artifacts["arts"]["cpu-fused"]
     if not isinstance(art, Path):
         pytest.skip(f"no cpu-fused artifact could be built here: {art}")
@@ -214,9 +214,8 @@ def test_cpu_fused_artifact_predict_and_eval_without_torch(station, seg_artifact
 
 
 def test_bench_artifacts_without_torch(station, seg_artifacts):
-    """`edgekit bench ARTIFACT...` on the station. (Fails while bench picks and checks its default rows even when
-    only artifacts are given: the cpu-fused probe goes through edgekit.kernels, which imports torch, and the torch
-    row's check asks for torch; and while edgekit.bench.mlff imports torch at module level.)"""
+    """`edgekit bench ARTIFACT...` on the station: artifacts alone are their own rows (no default rows are planned,
+    so no torch row is checked), and an artifact's PyTorch reference is said to be unavailable instead of run."""
     arts = [a for a in seg_artifacts["arts"].values() if isinstance(a, Path)]
     r = station["edgekit"]("bench", *arts, "--batch", "1", "--rounds", "1", "--iters", "2", "--eval-limit", "2",
                            "--json", timeout=600)

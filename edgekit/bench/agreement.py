@@ -13,6 +13,8 @@ with the recorded sha256) for artifacts given alone; none for plain model files 
 """
 from __future__ import annotations
 
+import importlib.util
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
@@ -49,6 +51,9 @@ def reference_for(path: Optional[Path]) -> Reference:
             return Reference(None, f"its source checkpoint {ck} is not on this machine")
         if sha and sha256_file(Path(ck)) != sha:
             return Reference(None, f"its source checkpoint {ck} has changed since it was compiled")
+        if importlib.util.find_spec("torch") is None:  # a station (runtime-only install) runs no PyTorch
+            return Reference(None, "PyTorch is not installed here (edgekit[build]), so its source checkpoint "
+                                   "cannot be run as the reference")
         return Reference(Path(ck))
     if spec_for_model_file(path) is not None:
         return Reference(None, "a plain model file records no source checkpoint")

@@ -41,13 +41,6 @@ def default_mlff_backends() -> List[str]:
 SCHEMA = "edgekit-bench/1"
 
 
-def is_registry(path: str) -> bool:
-    from edgekit.mlff.registry import REGISTRY_NAME
-
-    p = Path(path)
-    return p.is_dir() and (p / REGISTRY_NAME).is_file()
-
-
 def backbone_artifact_for(registry: str, spec: str, data: Optional[str], calib: Optional[str], threads, log) -> Path:
     """Compile (or reuse) the registry's backbone for ``spec`` = target[:precision], cached by backbone sha256."""
     from edgekit.pipeline.compile import compile_model

@@ -4,6 +4,7 @@ print. A served model's row (``--server``) comes in as a ready runner: serving i
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Callable, List, Optional
 
 from edgekit.bench.request import BenchRequest
@@ -30,7 +31,7 @@ def check_backend_specs(specs: List[str], allow_auto: bool = True) -> None:
 
 def kind_of(req: BenchRequest) -> str:
     """'gpu', 'mlff' (an adapter registry) or 'cpu'; refuses mixed or contradictory requests."""
-    from edgekit.bench.mlff import is_registry
+    from edgekit.mlff.registry import is_registry  # torch-free: a station benches artifacts without torch
 
     if req.backends and req.all_rows:
         raise EdgekitError("--all and --backends choose the rows two ways: give one of them")
@@ -56,15 +57,22 @@ def bench_cpu(req: BenchRequest, served=None, log: Log = lambda _: None) -> dict
     from edgekit import runtime
     from edgekit.bench.agreement import reference_for
     from edgekit.bench.cpu import Row, model_size, run_bench
-    from edgekit.bench.plan import default_cpu_backends, plan_rows, resolve_baseline, row_names
+    from edgekit.bench.plan import default_cpu_backends, parse_backend, plan_rows, resolve_baseline, row_names
 
-    specs = list(req.backends) if req.backends else default_cpu_backends(req.all_rows, log)
+    # Default rows are what a checkpoint is compiled to; artifacts alone are their own rows (and a station
+    # without torch must not be asked to check the torch row's package).
+    has_checkpoint = any(not Path(m).is_dir() for m in req.models)
+    if req.backends:
+        specs = list(req.backends)
+    else:
+        specs = default_cpu_backends(req.all_rows, log) if has_checkpoint or not req.models else []
     check_backend_specs(specs)
     names = row_names(list(req.models), specs)
     if served is not None:
         names.append(served_row_name(req, served))
     baseline = resolve_baseline(req.baseline, names)  # a bad --baseline: one line, nothing compiled
-    _set_threads(req.threads)
+    if has_checkpoint or any(parse_backend(s)[0] == "torch" for s in specs):
+        _set_threads(req.threads)
     calib = req.calib if req.calib is not None else req.data  # int8 rows calibrate on --data (its train split)
     planned = plan_rows(list(req.models), specs, calib, "synthetic:12", req.threads, log)
     rows = [Row(name, runtime.load(path, threads=req.threads), model_size(path)) for name, path in planned]
