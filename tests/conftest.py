@@ -16,6 +16,12 @@ NEU = SHARED / "datasets" / "neu-cls"
 REFERENCE_ONNX = SHARED / "reference" / "gmbinet_official_opset17.onnx"
 
 
+def pytest_configure(config):
+    # journeys (tests/journeys/) run many real commands; .ci/run runs them too: slow marks, it does not deselect
+    config.addinivalue_line("markers", "slow: a journey of many real commands, tens of seconds "
+                                       "(deselect with -m 'not slow' for a quick run; .ci/run keeps them)")
+
+
 def _need(path: Path, what: str):
     if not path.exists():
         pytest.skip(f"{what} not found at {path} (reference data from ../shared is absent)")
