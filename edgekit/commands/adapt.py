@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from edgekit.commands._common import echo_json, json_option, print_table, set_threads, threads_option
+from edgekit.commands._common import (echo_json, json_option, limit_option, print_table, set_threads,
+                                      threads_option)
 from edgekit.errors import EdgekitError
 
 DEFAULT_REGISTRY = "adapters"
@@ -29,10 +30,11 @@ DEFAULT_REGISTRY = "adapters"
 @click.option("--holdout", default=0.0, show_default=True, type=click.FloatRange(0, 0.9),
               help="Leave out this fraction of each class (the fixed holdout_split, seed 0) for testing; "
                    "0.2 is the held-out part edgekit bench and benchmarks/mlff_neu.py test on.")
+@limit_option()
 @threads_option()
 @json_option
 def adapt_cmd(backbone, task, data, classes, rehearsal, distill, setting, registry, epochs, seed, fc_dim, cache,
-              holdout, threads, as_json):
+              holdout, limit, threads, as_json):
     """Add a task to an adapter registry: a small MLFF adapter on a frozen backbone."""
     from edgekit.models.backbones import load_backbone
     from edgekit.train.continual import add_task, task_data_from_folder
@@ -51,6 +53,7 @@ def adapt_cmd(backbone, task, data, classes, rehearsal, distill, setting, regist
         keep = {full.classes.index(c): i for i, c in enumerate(td.classes)}
         td = TaskData([s.path for s in train if s.label in keep], [keep[s.label] for s in train if s.label in keep],
                       td.classes)
+    td = td.limited(limit)  # after the holdout: a limit never reaches into the held-out part
     bb = load_backbone(backbone)
     r = add_task(registry, bb, task, td, setting=setting, rehearsal=rehearsal, distill=distill, epochs=epochs,
                  seed=seed, fc_dim=fc_dim, cache_dir=cache if cache else "default")
