@@ -86,21 +86,23 @@ def adapters_cmd(registry, as_json):
 @click.command("classify")
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--registry", "--adapters", "registry", default=DEFAULT_REGISTRY, show_default=True, type=click.Path(),
-              help="Adapter registry folder.")
+              help="Adapter registry folder, or a device's install root (edgekit update/install --root ROOT; "
+                   "ROOT/current too): the adapter in service on the device's recorded backbone.")
 @click.option("--backbone-artifact", default=None, type=click.Path(),
               help="Run the backbone from this compiled MLFF backbone artifact (edgekit compile REGISTRY ...) "
-                   "instead of PyTorch; refused if it was compiled from another backbone.")
+                   "instead of PyTorch (or of the device's recorded one); refused if it was compiled from "
+                   "another backbone.")
 @click.option("--task", default=None, help="Task-incremental: which task's head (default: the most confident).")
 @threads_option()
 @json_option
 def classify_cmd(images, registry, backbone_artifact, task, threads, as_json):
-    """Classify images with the backbone + the registry's newest adapter."""
+    """Classify images with the backbone + the registry's newest adapter (or a device's adapter in service)."""
     from edgekit.data.images import expand_image_paths
-    from edgekit.mlff.classifier import load_mlff
+    from edgekit.fleet.device import load_classifier
 
     set_threads(threads)
     files = expand_image_paths(images, recursive=True)
-    clf = load_mlff(registry, backbone_artifact=backbone_artifact, threads=threads)
+    clf = load_classifier(registry, backbone_artifact=backbone_artifact, threads=threads)
     preds = clf.predict(files, task)
     rows = [{"image": str(f), **p} for f, p in zip(files, preds)]
     if as_json:
