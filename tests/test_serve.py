@@ -315,3 +315,51 @@ def test_tritonserver_serves_artifact_over_http_and_grpc(cli, triton_dist, tmp_p
         rc = server.stop()
     assert server.proc.poll() is not None, "tritonserver still running after stop()"
     assert rc is not None
+
+
+def _pids_listening_on(port: int) -> list:
+    """Processes whose command line names ``--http-port PORT`` (the tritonserver edgekit serve started)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                args = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"--http-port" in args and args[args.index(b"--http-port") + 1:][:1] == [str(port).encode()]:
+                pids.append(int(d.name))
+    return pids
+
+
+def test_sigterm_while_serve_starts_stops_tritonserver_too(triton_dist, tiny_artifacts, tmp_path):
+    """Ctrl-C / SIGTERM while `edgekit serve` waited for the server to be ready left tritonserver running (in its
+    own session, orphaned, still answering on the port). Now serve stops it, as it does once serving."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    repo = tmp_path / "repo"
+    r = subprocess.run([sys.executable, "-m", "edgekit.cli", "export-repo", tiny_artifacts["openvino"], "--format",
+                        "triton", "--out", repo, "--name", "m", "--triton-backend", "python"], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    http, grpc = _free_ports(2)
+    env = dict(os.environ, EDGEKIT_TRITON_HOME=str(triton_dist.home))
+    proc = subprocess.Popen([sys.executable, "-m", "edgekit.cli", "serve", repo, "--http", f"127.0.0.1:{http}",
+                             "--grpc", f"127.0.0.1:{grpc}", "--log", tmp_path / "triton.log"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _pids_listening_on(http) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert _pids_listening_on(http), "tritonserver was never started"
+        proc.send_signal(signal.SIGTERM)  # before the models are ready: serve is still starting
+        _, err = proc.communicate(timeout=90)
+        left = _pids_listening_on(http)
+    finally:
+        for pid in _pids_listening_on(http):  # the orphan of a failing run: this test's own, by its pid
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    assert not left, f"tritonserver {left} still running after edgekit serve stopped:\n{err}"
+    assert proc.returncode == 0 and "stopping tritonserver" in err, err

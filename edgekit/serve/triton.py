@@ -289,13 +289,17 @@ class TritonServer:
         self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise EdgekitError(f"tritonserver exited ({self.proc.returncode}) before it was ready: "
-                                   f"{self.failure_line()} (log: {self.log_file})")
-            if self.ready():
-                return self
-            time.sleep(0.5)
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise EdgekitError(f"tritonserver exited ({self.proc.returncode}) before it was ready: "
+                                       f"{self.failure_line()} (log: {self.log_file})")
+                if self.ready():
+                    return self
+                time.sleep(0.5)
+        except BaseException:  # an interrupt while it starts: the server is in its own session, stop it here
+            self.stop()
+            raise
         self.stop()
         raise EdgekitError(f"tritonserver was not ready within {timeout:.0f} s (log: {self.log_file})")
 
