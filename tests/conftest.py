@@ -17,8 +17,10 @@ REFERENCE_ONNX = SHARED / "reference" / "gmbinet_official_opset17.onnx"
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: minutes, not seconds (a fresh venv and pip installs: "
-                                       "tests/test_runtime_only.py); deselect with -m 'not slow'")
+    # .ci/run runs every test, slow ones too: the marker only lets a quick local run deselect them
+    config.addinivalue_line("markers", "slow: minutes, not seconds (journeys of many real commands in "
+                                       "tests/journeys/, a fresh venv with pip installs in tests/test_runtime_only.py); "
+                                       "deselect with -m 'not slow' for a quick run; .ci/run keeps them")
 
 
 def _need(path: Path, what: str):

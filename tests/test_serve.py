@@ -178,6 +178,51 @@ def test_bench_server_not_up(cli):
         assert "no inference server answering" in line
 
 
+def test_a_repository_served_once_can_be_served_again(cli, tiny_artifacts, tmp_path):
+    """The stub writes model.py's bytecode into __pycache__ as it loads it (it ignores PYTHONDONTWRITEBYTECODE):
+    the check before the next `edgekit serve` refused the repository. That cache is removed before the check,
+    and anything else that is not exported is still refused."""
+    from edgekit.errors import EdgekitError
+    from edgekit.serve.triton import check_repository
+
+    repo = tmp_path / "repo"
+    assert cli("export-repo", tiny_artifacts["openvino"], "--format", "triton", "--out", repo, "--name", "m",
+               "--triton-backend", "python").exit_code == 0
+    vdir = repo / "m" / "1"
+    (vdir / "__pycache__").mkdir()
+    (vdir / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"\xa7\r\r\n" + bytes(12))  # as the stub leaves it
+    assert check_repository(repo) == ["m"] and not (vdir / "__pycache__").exists()
+    (vdir / "numpy.py").write_text("raise SystemExit\n")
+    with pytest.raises(EdgekitError, match="numpy.py is not part of the exported model"):
+        check_repository(repo)
+
+
+def test_the_stub_gets_the_folders_pth_files_add(tmp_path):
+    """Triton's python-backend stub does no site processing of edgekit's environment, so ``edgekit serve`` passes
+    it the folders: a package reached through a .pth file (a venv sharing another environment's packages, an
+    editable install) was left out, and the served model said "needs the optional package 'openvino'"."""
+    import os
+    import subprocess
+    import venv
+
+    env_dir, behind = tmp_path / "env", tmp_path / "behind-a-pth"
+    behind.mkdir()
+    venv.create(env_dir, with_pip=False)
+    py = env_dir / "bin" / "python"
+    site_dir = Path(subprocess.run([py, "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True,
+                                   text=True, check=True).stdout.strip())
+    root = Path(__file__).resolve().parents[1]
+    (site_dir / "edgekit.pth").write_text(f"{root}\n")
+    (site_dir / "zz_shared.pth").write_text(f"# shared packages\nimport os\n{behind}\n{tmp_path / 'missing'}\n")
+    out = subprocess.run([py, "-c", "import json; from edgekit.serve.triton import stub_python_path; "
+                                    "print(json.dumps(stub_python_path()))"],
+                         capture_output=True, text=True, check=True, cwd=tmp_path,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    paths = json.loads(out.stdout)
+    assert paths[0] == str(root) and str(site_dir) in paths and str(behind.resolve()) in paths
+    assert str(tmp_path / "missing") not in paths and not any(p.startswith("import") for p in paths)
+
+
 # --- a real tritonserver ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -270,3 +315,51 @@ def test_tritonserver_serves_artifact_over_http_and_grpc(cli, triton_dist, tmp_p
         rc = server.stop()
     assert server.proc.poll() is not None, "tritonserver still running after stop()"
     assert rc is not None
+
+
+def _pids_listening_on(port: int) -> list:
+    """Processes whose command line names ``--http-port PORT`` (the tritonserver edgekit serve started)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                args = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"--http-port" in args and args[args.index(b"--http-port") + 1:][:1] == [str(port).encode()]:
+                pids.append(int(d.name))
+    return pids
+
+
+def test_sigterm_while_serve_starts_stops_tritonserver_too(triton_dist, tiny_artifacts, tmp_path):
+    """Ctrl-C / SIGTERM while `edgekit serve` waited for the server to be ready left tritonserver running (in its
+    own session, orphaned, still answering on the port). Now serve stops it, as it does once serving."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    repo = tmp_path / "repo"
+    r = subprocess.run([sys.executable, "-m", "edgekit.cli", "export-repo", tiny_artifacts["openvino"], "--format",
+                        "triton", "--out", repo, "--name", "m", "--triton-backend", "python"], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    http, grpc = _free_ports(2)
+    env = dict(os.environ, EDGEKIT_TRITON_HOME=str(triton_dist.home))
+    proc = subprocess.Popen([sys.executable, "-m", "edgekit.cli", "serve", repo, "--http", f"127.0.0.1:{http}",
+                             "--grpc", f"127.0.0.1:{grpc}", "--log", tmp_path / "triton.log"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _pids_listening_on(http) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert _pids_listening_on(http), "tritonserver was never started"
+        proc.send_signal(signal.SIGTERM)  # before the models are ready: serve is still starting
+        _, err = proc.communicate(timeout=90)
+        left = _pids_listening_on(http)
+    finally:
+        for pid in _pids_listening_on(http):  # the orphan of a failing run: this test's own, by its pid
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    assert not left, f"tritonserver {left} still running after edgekit serve stopped:\n{err}"
+    assert proc.returncode == 0 and "stopping tritonserver" in err, err

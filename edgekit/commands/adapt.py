@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from edgekit.commands._common import build_command, echo_json, json_option, print_table, set_threads, threads_option
+from edgekit.commands._common import (build_command, echo_json, json_option, limit_option, print_table, set_threads,
+                                      threads_option)
 from edgekit.errors import EdgekitError
 
 DEFAULT_REGISTRY = "adapters"
@@ -30,10 +31,11 @@ DEFAULT_REGISTRY = "adapters"
 @click.option("--holdout", default=0.0, show_default=True, type=click.FloatRange(0, 0.9),
               help="Leave out this fraction of each class (the fixed holdout_split, seed 0) for testing; "
                    "0.2 is the held-out part edgekit bench and benchmarks/mlff_neu.py test on.")
+@limit_option()
 @threads_option()
 @json_option
 def adapt_cmd(backbone, task, data, classes, rehearsal, distill, setting, registry, epochs, seed, fc_dim, cache,
-              holdout, threads, as_json):
+              holdout, limit, threads, as_json):
     """Add a task to an adapter registry: a small MLFF adapter on a frozen backbone."""
     from edgekit.models.backbones import load_backbone
     from edgekit.train.continual import add_task, task_data_from_folder
@@ -52,6 +54,7 @@ def adapt_cmd(backbone, task, data, classes, rehearsal, distill, setting, regist
         keep = {full.classes.index(c): i for i, c in enumerate(td.classes)}
         td = TaskData([s.path for s in train if s.label in keep], [keep[s.label] for s in train if s.label in keep],
                       td.classes)
+    td = td.limited(limit)  # after the holdout: a limit never reaches into the held-out part
     bb = load_backbone(backbone)
     r = add_task(registry, bb, task, td, setting=setting, rehearsal=rehearsal, distill=distill, epochs=epochs,
                  seed=seed, fc_dim=fc_dim, cache_dir=cache if cache else "default")
@@ -84,21 +87,23 @@ def adapters_cmd(registry, as_json):
 @click.command("classify")
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--registry", "--adapters", "registry", default=DEFAULT_REGISTRY, show_default=True, type=click.Path(),
-              help="Adapter registry folder.")
+              help="Adapter registry folder, or a device's install root (edgekit update/install --root ROOT; "
+                   "ROOT/current too): the adapter in service on the device's recorded backbone.")
 @click.option("--backbone-artifact", default=None, type=click.Path(),
               help="Run the backbone from this compiled MLFF backbone artifact (edgekit compile REGISTRY ...) "
-                   "instead of PyTorch; refused if it was compiled from another backbone.")
+                   "instead of PyTorch (or of the device's recorded one); refused if it was compiled from "
+                   "another backbone.")
 @click.option("--task", default=None, help="Task-incremental: which task's head (default: the most confident).")
 @threads_option()
 @json_option
 def classify_cmd(images, registry, backbone_artifact, task, threads, as_json):
-    """Classify images with the backbone + the registry's newest adapter."""
+    """Classify images with the backbone + the registry's newest adapter (or a device's adapter in service)."""
     from edgekit.data.images import expand_image_paths
-    from edgekit.mlff.classifier import load_mlff
+    from edgekit.fleet.device import load_classifier
 
     set_threads(threads)
     files = expand_image_paths(images, recursive=True)
-    clf = load_mlff(registry, backbone_artifact=backbone_artifact, threads=threads)
+    clf = load_classifier(registry, backbone_artifact=backbone_artifact, threads=threads)
     preds = clf.predict(files, task)
     rows = [{"image": str(f), **p} for f, p in zip(files, preds)]
     if as_json:

@@ -88,8 +88,8 @@ def serve_cmd(repo, http, grpc, trusted_keys, threads, install, poll_secs, log_f
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    server.start()
     try:
+        server.start()  # inside the try: Ctrl-C / SIGTERM while it starts stops tritonserver too (it was orphaned)
         click.echo(f"serving {', '.join(server.models)} from {server.repo}: http://{server.http_url}"
                    + (f", grpc://{server.grpc_url}" if server.grpc_url else "") + f" (log: {server.log_file})",
                    err=True)

@@ -57,12 +57,12 @@ def resolve_backbone(ref: str | os.PathLike) -> BackboneIdentity:
     return BackboneIdentity(bb.id, bb.weights_sha256, str(path.resolve()) if path.exists() else str(ref), "weights")
 
 
-def load_device_backbone(identity: BackboneIdentity):
+def load_device_backbone(identity: BackboneIdentity, threads: Optional[int] = None):
     """The backbone, runnable: a CompiledBackbone for an artifact, else the frozen PyTorch backbone."""
     if identity.kind == "artifact":
         from edgekit.mlff.runner import CompiledBackbone
 
-        bb = CompiledBackbone(identity.ref)
+        bb = CompiledBackbone(identity.ref, threads=threads)
     else:
         from edgekit.models.backbones import load_backbone
 

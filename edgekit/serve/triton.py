@@ -125,12 +125,41 @@ def find_triton(home: Optional[Path] = None) -> TritonDist:
     return dist
 
 
+def _site_dirs() -> List[str]:
+    """The folders this interpreter's site processing puts on ``sys.path``: each site-packages folder (and the
+    user's, when enabled) followed by the folders its ``.pth`` files name, as ``site.addsitedir`` does. The stub
+    runs no site processing of this environment, so without the ``.pth`` folders a package installed behind one
+    (a venv reaching another environment's packages, an editable install) was missing in the server: openvino
+    there gave "needs the optional package 'openvino'" although ``edgekit compile`` had just used it."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    out: List[str] = []
+    for d in dirs:
+        if not Path(d).is_dir():
+            continue
+        out.append(d)
+        for pth in sorted(Path(d).glob("*.pth")):  # addsitedir's order
+            try:
+                lines = pth.read_text(encoding="utf-8", errors="replace").splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                line = line.rstrip()
+                if not line or line.startswith("#") or line.startswith(("import ", "import\t")):
+                    continue  # comments, and the import lines site runs (not paths)
+                folder = Path(d, line)
+                if folder.is_dir():
+                    out.append(str(folder.resolve()))
+    return list(dict.fromkeys(out))
+
+
 def stub_python_path() -> List[str]:
     """What the python-backend model needs on ``sys.path``: numpy<2 first, then edgekit and its packages."""
     import edgekit
 
     paths = [str(Path(edgekit.__file__).resolve().parents[1])]
-    paths += [p for p in site.getsitepackages() if Path(p).is_dir()]
+    paths += [p for p in _site_dirs() if p not in paths]
     return paths
 
 
@@ -153,6 +182,17 @@ def parse_address(addr: str, what: str) -> Tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise EdgekitError(f"{what} {addr!r}: give HOST:PORT, e.g. 127.0.0.1:8000")
     return host, int(port)
+
+
+def _drop_bytecode_cache(vdir: Path) -> None:
+    """Remove ``__pycache__`` from a python-backend version folder before it is checked. The stub's interpreter
+    ignores ``PYTHONDONTWRITEBYTECODE`` (as it ignores ``PYTHONPATH``) and caches ``model.py``'s bytecode there
+    as it loads it, so every repository that was served once was refused the next time ("__pycache__ is not
+    part of the exported model"). Bytecode that is removed cannot run in place of ``model.py``, so this keeps
+    the check's guarantee; a symlink named ``__pycache__`` is left for the check to refuse."""
+    cache = vdir / "__pycache__"
+    if cache.is_dir() and not cache.is_symlink():
+        shutil.rmtree(cache)
 
 
 def check_repository(repo: Path, trusted_keys=None) -> List[str]:
@@ -179,6 +219,7 @@ def check_repository(repo: Path, trusted_keys=None) -> List[str]:
         if not versions:
             raise EdgekitError(f"{cfg.parent.name}: no version folder to serve")
         for vdir in versions:
+            _drop_bytecode_cache(vdir)
             verify_python_model(vdir, trusted_keys)
         names.append(c.name or cfg.parent.name)
     if not names:
@@ -248,13 +289,17 @@ class TritonServer:
         self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise EdgekitError(f"tritonserver exited ({self.proc.returncode}) before it was ready: "
-                                   f"{self.failure_line()} (log: {self.log_file})")
-            if self.ready():
-                return self
-            time.sleep(0.5)
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise EdgekitError(f"tritonserver exited ({self.proc.returncode}) before it was ready: "
+                                       f"{self.failure_line()} (log: {self.log_file})")
+                if self.ready():
+                    return self
+                time.sleep(0.5)
+        except BaseException:  # an interrupt while it starts: the server is in its own session, stop it here
+            self.stop()
+            raise
         self.stop()
         raise EdgekitError(f"tritonserver was not ready within {timeout:.0f} s (log: {self.log_file})")
 

@@ -49,6 +49,20 @@ class TaskData:
         if len(self.paths) != len(self.labels):
             raise EdgekitError("task data: one label per image needed")
 
+    def limited(self, n: Optional[int]) -> "TaskData":
+        """At most ``n`` images, taken round-robin over the classes (``--limit``: every class keeps images,
+        in each class the first ones in folder order)."""
+        if not n or n >= len(self.paths):
+            return self
+        queues = [[i for i, y in enumerate(self.labels) if y == c] for c in range(len(self.classes))]
+        keep: List[int] = []
+        while len(keep) < n:
+            for q in queues:
+                if q and len(keep) < n:
+                    keep.append(q.pop(0))
+        keep.sort()
+        return TaskData([self.paths[i] for i in keep], [self.labels[i] for i in keep], self.classes)
+
 
 def task_data_from_folder(root: str | os.PathLike, classes: Optional[Sequence[str]] = None) -> TaskData:
     """Class-per-folder images (``root/<class>/*``), or the SD-Saliency-900 layout

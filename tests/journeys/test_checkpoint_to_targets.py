@@ -7,34 +7,13 @@ minute on 2 idle cores; the g++ build of cpu-fused's kernel libraries is the lon
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from journey_cli import cpu_targets, edgekit
 
-def edgekit(cwd: Path, *args, expect: int = 0, timeout: float = 240) -> subprocess.CompletedProcess:
-    """``edgekit ARGS`` as a separate process (the CLI a user runs), in ``cwd``."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), EDGEKIT_NO_PROGRESS="1", EDGEKIT_CACHE=str(cwd / ".cache"),
-               OMP_NUM_THREADS="2")
-    r = subprocess.run([sys.executable, "-m", "edgekit.cli", *map(str, args)], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == expect, f"edgekit {' '.join(map(str, args))} -> {r.returncode}\n{r.stderr[-3000:]}"
-    if expect != 0:  # a refusal is one error line
-        lines = [l for l in r.stderr.splitlines() if l.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    return r
-
-
-def targets_here() -> list:
-    targets = ["onnx", "openvino"]
-    if shutil.which(os.environ.get("CXX", "g++")):
-        targets.append("cpu-fused")
-    return targets
+pytestmark = pytest.mark.slow
 
 
 def test_checkpoint_to_every_target_then_eval_predict_bench(tmp_path, tiny_ckpt):
@@ -51,7 +30,7 @@ def test_checkpoint_to_every_target_then_eval_predict_bench(tmp_path, tiny_ckpt)
     ref = json.loads(edgekit(work, "eval", "model.pt", "--data", "data", "--limit", "4", "--json").stdout)
     assert ref["overall"]["images"] == 4
 
-    targets = targets_here()
+    targets = cpu_targets()
     for target in targets:
         r = edgekit(work, "compile", "model.pt", "--target", target, "--out", f"art/{target}", "--json")
         manifest = json.loads(r.stdout)
