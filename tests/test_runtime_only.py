@@ -318,6 +318,11 @@ def test_install_update_health_check_rollback_classify_without_torch(station, fl
     r = ek("classify", f["data"], "--registry", f["reg"], "--backbone-artifact", f["art"], "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     assert {Path(x["image"]).name: x["class"] for x in json.loads(r.stdout)} == f["classes"]
+    # the adapter in service on the device (ROOT and ROOT/current), on the backbone update recorded: numpy heads
+    for where in (device, Path(device) / "current"):
+        r = ek("classify", f["data"], "--adapters", where, "--json")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert {Path(x["image"]).name: x["class"] for x in json.loads(r.stdout)} == f["classes"]
     # without a compiled backbone the station cannot run the PyTorch one: one line naming the way out
     line = _one_error(ek("classify", f["data"], "--registry", f["reg"]))
     assert "pip install 'edgekit[build]'" in line and "--backbone-artifact" in line

@@ -32,14 +32,12 @@ def load_device_classifier(root: str | os.PathLike, backbone_artifact: Optional[
     """An ``MLFFClassifier`` of the adapter in service under install root ``root`` on the device's backbone."""
     from edgekit.fleet.backbone import load_device_backbone, read_device_backbone
     from edgekit.mlff.classifier import MLFFClassifier
-    from edgekit.models.mlff import adapter_from_tensors
-    from edgekit.ota.install import load_installed_adapter
+    from edgekit.mlff.runner import CompiledBackbone, check_backbone_match, read_backbone_manifest
+    from edgekit.ota.install import load_installed_adapter_arrays
 
-    tensors, meta = load_installed_adapter(root)
+    arrays, meta = load_installed_adapter_arrays(root)  # numpy: files checked against the package manifest
     where = f"the adapter in service at {root}"
     if backbone_artifact is not None:
-        from edgekit.mlff.runner import CompiledBackbone, check_backbone_match, read_backbone_manifest
-
         check_backbone_match(read_backbone_manifest(backbone_artifact), meta, where, backbone_artifact)
         backbone = CompiledBackbone(backbone_artifact, threads=threads)
     else:
@@ -52,7 +50,15 @@ def load_device_classifier(root: str | os.PathLike, backbone_artifact: Optional[
                                f"{meta['backbone_sha256'][:16]}…), the device records {identity.id} (sha256 "
                                f"{identity.sha256[:16]}…)")
         backbone = load_device_backbone(identity, threads=threads)
-    return MLFFClassifier(backbone, adapter_from_tensors(tensors, meta["config"]), meta)
+    if not isinstance(backbone, CompiledBackbone):  # the frozen PyTorch backbone: heads in PyTorch too
+        from edgekit.models.mlff import adapter_from_tensors
+        from edgekit.ota.install import load_installed_adapter
+
+        tensors, meta = load_installed_adapter(root)
+        return MLFFClassifier(backbone, adapter_from_tensors(tensors, meta["config"]), meta)
+    from edgekit.mlff.heads import NumpyAdapter  # a compiled backbone (a station): the heads in numpy, no torch
+
+    return MLFFClassifier(backbone, NumpyAdapter(arrays, meta["config"]), meta)
 
 
 def load_classifier(adapters: str | os.PathLike, backbone_artifact: Optional[str | os.PathLike] = None,

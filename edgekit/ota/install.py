@@ -85,8 +85,8 @@ def active_adapter_dir(root: str | os.PathLike) -> Optional[Path]:
     return Path(info["path"]) if info else None
 
 
-def load_installed_adapter(root: str | os.PathLike):
-    """``(tensors, meta)`` of the adapter in service; an error if nothing is installed."""
+def checked_active_adapter_dir(root: str | os.PathLike) -> Path:
+    """The folder of the adapter in service, its files checked against the package manifest kept beside it."""
     folder = active_adapter_dir(root)
     if folder is None:
         raise EdgekitError(f"no adapter installed at {root}")
@@ -97,7 +97,19 @@ def load_installed_adapter(root: str | os.PathLike):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise EdgekitError(f"the adapter in service at {folder} cannot be checked against its manifest ({e})") \
             from None
-    return load_adapter(folder)
+    return folder
+
+
+def load_installed_adapter(root: str | os.PathLike):
+    """``(tensors, meta)`` of the adapter in service (torch tensors); an error if nothing is installed."""
+    return load_adapter(checked_active_adapter_dir(root))
+
+
+def load_installed_adapter_arrays(root: str | os.PathLike):
+    """``(numpy arrays, meta)`` of the adapter in service, for a station without torch."""
+    from edgekit.mlff.adapter import load_adapter_arrays
+
+    return load_adapter_arrays(checked_active_adapter_dir(root))
 
 
 def device_backbone_sha256(root: str | os.PathLike, override: Optional[str] = None) -> Optional[str]:
