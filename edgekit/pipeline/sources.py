@@ -118,7 +118,7 @@ class GMBINetSource:
 
     def nncf_validation(self, dataset: SegDataset, metric: str, model_format: str):
         """(items, fn) for NNCF's accuracy-controlled quantization on ``dataset``."""
-        return _validation_items(dataset, self.spec), make_validation_fn(metric, model_format)
+        return _validation_items(dataset, self.spec), make_validation_fn(metric, model_format, self.spec)
 
     def int8_check(self, candidate: Runner, val: SegDataset, max_drop: Optional[float], threads=None,
                    metric: str = "iou", log=print) -> dict:
@@ -163,8 +163,9 @@ def _validation_items(dataset: SegDataset, spec: PreprocessSpec):
     return items
 
 
-def make_validation_fn(metric: str, model_format: str):
-    """NNCF's validation callback: (model, items) -> (higher-is-better score, per-item scores)."""
+def make_validation_fn(metric: str, model_format: str, spec: Optional[PreprocessSpec] = None):
+    """NNCF's validation callback: (model, items) -> (higher-is-better score, per-item scores); the
+    outputs mapped back to the mask's size as ``spec`` says (letterbox: padding cut off first)."""
     from edgekit.eval.metrics import SegMetrics, image_scores
 
     def run(model):
@@ -179,7 +180,7 @@ def make_validation_fn(metric: str, model_format: str):
         infer = run(model)
         m, per_item = SegMetrics(), []
         for x, mask in items:
-            prob = resize_probs(np.asarray(infer(x))[0, 0], mask.shape)
+            prob = resize_probs(np.asarray(infer(x))[0, 0], mask.shape, spec)
             m.add(prob, mask)
             mae, iou, _, _ = image_scores(prob, mask)
             per_item.append(-mae if metric == "mae" else iou)

@@ -1,0 +1,152 @@
+"""Issue 19 item 6, your own data: --input-size at compile (and --size at bench), --resize
+stretch|letterbox in the preprocessing spec (and a note when images are stretched), the numpy
+preprocessing (no torch on a device) equal to the torch one it replaced, training's normalisation
+equal to inference's, and own image/mask folders that `edgekit train` can split."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import one_error_line
+
+
+def _torch_preprocess(images, spec):
+    """The torch implementation ``edgekit.data.preprocess.preprocess`` had (stretch only): the reference
+    the numpy one must equal."""
+    import torch
+    import torch.nn.functional as F
+
+    out = np.empty((len(images), spec.channels, *spec.input_size), dtype=np.float32)
+    for i, img in enumerate(images):
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32))
+        m = float(x.max())
+        x = (x / m if m > 0 else x) if spec.scale == "max" else x / 255.0
+        if isinstance(spec.mean, list):
+            x = F.interpolate(x[None, None], size=spec.input_size, mode="bilinear", align_corners=False)
+            x = x[0].expand(spec.channels, -1, -1)
+            mean = torch.tensor(spec.mean).reshape(-1, 1, 1)
+            std = torch.tensor(spec.std).reshape(-1, 1, 1)
+            out[i] = ((x - mean) / std).numpy()
+            continue
+        x = (x - spec.mean) / spec.std
+        x = F.interpolate(x[None, None], size=spec.input_size, mode="bilinear", align_corners=False)
+        out[i] = x[0].expand(spec.channels, -1, -1).numpy()
+    return out
+
+
+# float32 rounding: torch's CPU kernel computes the source coordinate with its own rounding; both are
+# within 2e-5 of the exact (float64) bilinear value on inputs of magnitude ~3
+TORCH_ROUNDING = 1e-4
+
+
+@pytest.mark.parametrize("src, dst", [((200, 200), (512, 512)), ((200, 300), (96, 128)), ((512, 512), (200, 200)),
+                                      ((7, 5), (3, 11)), ((1, 1), (4, 4))])
+def test_numpy_bilinear_resize_equals_torch(src, dst):
+    import torch
+    import torch.nn.functional as F
+
+    from edgekit.data.preprocess import resize_bilinear
+
+    a = (np.random.default_rng(0).random(src) * 3 - 1).astype(np.float32)
+    want = F.interpolate(torch.from_numpy(a)[None, None], size=dst, mode="bilinear", align_corners=False)[0, 0]
+    np.testing.assert_allclose(resize_bilinear(a, dst), want.numpy(), atol=TORCH_ROUNDING, rtol=0)
+
+
+@pytest.mark.parametrize("spec_kw", [{}, {"input_size": (96, 128), "scale": "255"},
+                                     {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                                      "input_size": (64, 64)}])
+def test_numpy_preprocess_equals_the_torch_one_it_replaced(spec_kw):
+    from edgekit.data.preprocess import PreprocessSpec, preprocess
+
+    spec = PreprocessSpec(**spec_kw)
+    rng = np.random.default_rng(1)
+    images = [(rng.random((200, 200)) * 255).astype(np.uint8), (rng.random((120, 260)) * 200).astype(np.uint8)]
+    np.testing.assert_allclose(preprocess(images, spec), _torch_preprocess(images, spec), atol=TORCH_ROUNDING, rtol=0)
+
+
+def test_preprocess_module_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from edgekit.data.preprocess import PreprocessSpec, preprocess, resize_probs; "
+            "x = preprocess([np.full((30, 50), 9, np.uint8)], PreprocessSpec(resize='letterbox')); "
+            "resize_probs(x[0, :1], (30, 50), PreprocessSpec(resize='letterbox')); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_letterbox_keeps_the_aspect_ratio_and_pads_with_the_mean():
+    from edgekit.data.preprocess import PreprocessSpec, letterbox_box, preprocess
+
+    spec = PreprocessSpec(input_size=(64, 64), resize="letterbox")
+    img = np.full((100, 200), 200, np.uint8)  # 2:1, a uniform image: normalised to (1 - mean) / std
+    x = preprocess([img], spec)[0]
+    assert letterbox_box((100, 200), (64, 64)) == (16, 0, 32, 64)
+    assert np.all(x[:, :16] == 0) and np.all(x[:, 48:] == 0)  # padding = 0 after normalisation = the mean
+    np.testing.assert_allclose(x[:, 16:48], (1 - spec.mean) / spec.std, rtol=1e-6)
+    stretched = preprocess([img], PreprocessSpec(input_size=(64, 64)))[0]
+    assert np.all(stretched != 0)  # stretch fills the whole input
+
+
+def test_letterbox_spec_round_trips_through_a_manifest_dict():
+    from edgekit.data.preprocess import PreprocessSpec
+
+    d = PreprocessSpec(input_size=(96, 128), resize="letterbox").to_dict()
+    assert d["resize"] == "letterbox" and d["input_size"] == [96, 128]
+    assert PreprocessSpec.from_dict(d).resize == "letterbox"
+    assert PreprocessSpec.from_dict({"mean": 0.5}).resize == "stretch"  # older manifests: what they did
+    with pytest.raises(Exception, match="resize must be"):
+        PreprocessSpec(resize="crop")
+
+
+@pytest.mark.parametrize("shape", [(60, 200), (200, 60), (77, 91)])
+def test_a_letterboxed_output_maps_back_to_the_image_unpadded(shape):
+    """The mask through letterbox and back (un-pad, then resize) lands where it was; mapped back as if
+    stretched, it would not."""
+    from edgekit.data.preprocess import PreprocessSpec, preprocess, resize_probs
+
+    mask = np.zeros(shape, np.uint8)
+    h, w = shape
+    mask[h // 5:h // 2, w // 4:(3 * w) // 4] = 255
+    spec = PreprocessSpec(mean=0.0, std=1.0, scale="255", channels=1, input_size=(64, 64), resize="letterbox")
+    net_out = preprocess([mask], spec)[0, 0]  # a "network" that returns its input
+    back = resize_probs(net_out, shape, spec) >= 0.5
+    truth = mask > 0
+    iou = (back & truth).sum() / (back | truth).sum()
+    assert back.shape == shape and iou > 0.9, iou
+    wrong = resize_probs(net_out, shape, PreprocessSpec(input_size=(64, 64))) >= 0.5
+    assert (wrong & truth).sum() / (wrong | truth).sum() < iou
+
+
+def _non_square(folder, n=2, size=(60, 140)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(n):
+        p = folder / f"tile_{i}.jpg"
+        Image.fromarray((rng.random(size) * 255).astype("uint8")).save(p)
+        m = np.zeros(size, "uint8")
+        m[10:30, 20:90] = 255
+        Image.fromarray(m).save(folder / f"tile_{i}.png")
+        paths.append(p)
+    return paths
+
+
+def test_predict_and_eval_say_once_that_non_square_images_are_stretched(cli, tmp_path):
+    paths = _non_square(tmp_path / "imgs")
+    r = cli("predict", *paths, "--out", tmp_path / "pred")
+    assert r.exit_code == 0, r.stderr
+    said = [l for l in r.stderr.splitlines() if "stretched" in l]
+    assert len(said) == 1 and "140x60" in said[0] and "2.33:1" in said[0] and "letterbox" in said[0], r.stderr
+    r = cli("eval", "--data", tmp_path / "imgs", "--batch", "1", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert len([l for l in r.stderr.splitlines() if "stretched" in l]) == 1
+    json.loads(r.stdout)  # stdout stays the result
+    square = tmp_path / "square"
+    _non_square(square, size=(50, 50))
+    r = cli("eval", "--data", square)
+    assert r.exit_code == 0 and "stretched" not in r.stderr
