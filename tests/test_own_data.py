@@ -150,3 +150,50 @@ def test_predict_and_eval_say_once_that_non_square_images_are_stretched(cli, tmp
     _non_square(square, size=(50, 50))
     r = cli("eval", "--data", square)
     assert r.exit_code == 0 and "stretched" not in r.stderr
+
+
+# -- compile --input-size / --resize ---------------------------------------------------------------
+
+def _targets_here():
+    import os
+    import shutil
+
+    return ["onnx", "openvino"] + (["cpu-fused"] if shutil.which(os.environ.get("CXX", "g++")) else [])
+
+
+@pytest.mark.parametrize("target", _targets_here())
+def test_compile_input_size_builds_records_and_checks_parity_at_that_size(cli, tmp_path, tiny_ckpt, target):
+    """The tiny checkpoint is 64x64; built for 48x80 letterbox, every fixed-shape target runs at 48x80, the
+    manifest says so, parity ran at it, and predict maps the masks back to each image's own size."""
+    from edgekit import runtime
+
+    out = tmp_path / "art"
+    r = cli("compile", tiny_ckpt, "--target", target, "--input-size", "48x80", "--resize", "letterbox",
+            "--out", out, "--json")
+    assert r.exit_code == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["preprocess"]["input_size"] == [48, 80] and m["preprocess"]["resize"] == "letterbox"
+    assert m["input"]["shape"][-2:] == [48, 80] and m["parity"]["input_size"] == [48, 80]
+    runner = runtime.load(out)
+    assert runner.input_shape == (3, 48, 80) and runner.spec.resize == "letterbox"
+    assert runner.infer(np.zeros((1, 3, 48, 80), np.float32)).shape == (1, 1, 48, 80)
+    paths = _non_square(tmp_path / "imgs", n=1, size=(60, 140))
+    r = cli("predict", out, *paths, "--out", tmp_path / "pred")
+    assert r.exit_code == 0, r.stderr
+    assert "stretched" not in r.stderr  # letterbox: nothing is stretched
+    assert np.asarray(Image.open(tmp_path / "pred" / "tile_0_mask.png")).shape == (60, 140)
+
+
+def test_compile_input_size_of_an_artifact_needs_the_checkpoint(cli, tmp_path, tiny_ckpt):
+    assert cli("compile", tiny_ckpt, "--target", "onnx", "--out", tmp_path / "a").exit_code == 0
+    line = one_error_line(cli("compile", tmp_path / "a", "--target", "ort", "--input-size", "32",
+                              "--out", tmp_path / "b"))
+    assert "built for 64x64" in line and "32x32" in line and "checkpoint" in line
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "12x", "5000x10"])
+def test_a_bad_input_size_is_one_error_line(cli, tmp_path, tiny_ckpt, value):
+    r = cli("compile", tiny_ckpt, "--target", "onnx", "--input-size", value, "--out", tmp_path / "a")
+    assert r.exit_code == 2 and "--input-size" in one_error_line(r)
+    assert not (tmp_path / "a").exists()

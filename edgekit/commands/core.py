@@ -54,7 +54,7 @@ def info_cmd(model, size, as_json):
 def _spec_text(pre: dict) -> str:
     h, w = pre["input_size"]
     return (f"{pre['channels']} x {h} x {w} float32; gray/{pre['scale']}, (x-{pre['mean']})/{pre['std']}, "
-            f"gray->{pre['channels']}ch, bilinear resize")
+            f"gray->{pre['channels']}ch, bilinear {pre.get('resize', 'stretch')} to {h}x{w}")
 
 
 def _artifact_info(folder: Path, as_json: bool) -> None:

@@ -6,8 +6,9 @@ from pathlib import Path
 import click
 
 from edgekit.backends.registry import targets
-from edgekit.commands._common import (check_out, echo_json, force_option, json_option, limit_option, model_path,
-                                     out_option, parse_batches, result_stdout, threads_option, write_json)
+from edgekit.commands._common import (check_out, echo_json, force_option, input_size_option, json_option,
+                                     limit_option, model_path, out_option, parse_batches, resize_option,
+                                     result_stdout, threads_option, write_json)
 from edgekit.errors import EdgekitError
 
 CALIB_HELP = ("Calibration images for int8 (required): a folder, an SD-900 folder (its train split), or "
@@ -64,13 +65,15 @@ _VAL = click.option("--val", default=None, help="Validation images with masks fo
 @_METRIC
 @_VAL
 @click.option("--parity-data", default=None, help=PARITY_HELP)
+@input_size_option()
+@resize_option()
 @threads_option()
 @force_option
 @_AS_BACKBONE
 @_SIGN
 @json_option
 def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, max_drop, metric, val, parity_data, threads,
-                force, as_backbone, sign_key, as_json):
+                force, as_backbone, sign_key, as_json, input_size=None, resize=None):
     """Compile a checkpoint, or the frozen backbone of an MLFF adapter registry, into a verified artifact folder."""
     check_out(out, force)  # before anything is imported or loaded
     key = _load_sign_key(sign_key)
@@ -80,7 +83,7 @@ def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, max_d
     manifest = compile_model(source, target, precision, out, parity_data=parity_data,
                              calib=calib, subset=subset, int8_scheme=int8_scheme, max_drop=max_drop, metric=metric,
                              val=val, force=force, threads=threads, log=_log(as_json), as_backbone=as_backbone,
-                             sign_key=key)
+                             sign_key=key, input_size=input_size, resize=resize)
     if as_json:
         echo_json(manifest)
 
@@ -102,13 +105,15 @@ def _log(as_json: bool):
               type=click.Choice(["default", "stem-head-float", "conv-only", "pointwise"]))
 @click.option("--parity-data", default=None, help=PARITY_HELP)
 @out_option("folder", "Artifact folder to write.")
+@input_size_option()
+@resize_option()
 @threads_option()
 @force_option
 @_AS_BACKBONE
 @_SIGN
 @json_option
 def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_scheme, parity_data, out, threads,
-                 force, as_backbone, sign_key, as_json):
+                 force, as_backbone, sign_key, as_json, input_size=None, resize=None):
     """INT8 post-training quantization with NNCF (accuracy-controlled with --max-drop and --val)."""
     check_out(out, force)  # before anything is imported or loaded
     key = _load_sign_key(sign_key)
@@ -118,7 +123,7 @@ def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_schem
     manifest = compile_model(source, target, "int8", out, parity_data=parity_data, calib=calib,
                              subset=subset, int8_scheme=int8_scheme, max_drop=max_drop, metric=metric, val=val,
                              force=force, threads=threads, log=_log(as_json), as_backbone=as_backbone,
-                             sign_key=key)
+                             sign_key=key, input_size=input_size, resize=resize)
     if as_json:
         echo_json(manifest)
 

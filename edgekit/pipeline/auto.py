@@ -23,7 +23,7 @@ def candidates_for(target: str):
 
 def compile_auto(source_path: str, target: str, out: str, *, parity_data: str, calib: Optional[str], subset: int,
                  int8_scheme: str, max_drop: Optional[float], metric: str, val: Optional[str], force: bool,
-                 threads: Optional[int], log: Callable = print, sign_key=None) -> dict:
+                 threads: Optional[int], log: Callable = print, sign_key=None, input_size=None, resize=None) -> dict:
     from edgekit import runtime
     from edgekit.eval.timing import Row, time_rows
     from edgekit.data.datasets import open_segmentation
@@ -35,7 +35,7 @@ def compile_auto(source_path: str, target: str, out: str, *, parity_data: str, c
     budget = 0.005 if max_drop is None else max_drop
     check_data = val or parity_data
     dataset = open_segmentation(check_data, "val" if (Path(check_data) / "split.json").is_file() else "test")
-    reference = evaluate(open_source(source_path).reference_runner(threads), dataset, show_progress=False)["overall"][metric]
+    reference = evaluate(open_source(source_path, input_size=input_size, resize=resize).reference_runner(threads), dataset, show_progress=False)["overall"][metric]
     with tempfile.TemporaryDirectory() as tmp:
         built = []
         for precision in candidates_for(target):
@@ -45,7 +45,8 @@ def compile_auto(source_path: str, target: str, out: str, *, parity_data: str, c
                     raise EdgekitError("needs --calib")
                 build_artifact(get_backend(target), source_path, precision, str(folder), parity_data=parity_data,
                                calib=calib, subset=subset, int8_scheme=int8_scheme, max_drop=None, metric=metric,
-                               val=None, force=False, threads=threads, log=lambda *_: None)
+                               val=None, force=False, threads=threads, log=lambda *_: None,
+                               input_size=input_size, resize=resize)
                 runner = runtime.load(verify_artifact(folder, use_env=False), threads=threads)  # not signed yet
                 runner.warmup()
             except EdgekitError as e:

@@ -23,12 +23,14 @@ from edgekit.pipeline.sources import open_source
 def build_artifact(spec: BackendSpec, source_path: str, precision: str, out: str, *, parity_data: str,
                    calib: Optional[str], subset: int, int8_scheme: str, max_drop: Optional[float], metric: str,
                    val: Optional[str], force: bool, threads: Optional[int], log: Callable,
-                   as_backbone: bool = False, sign_key=None) -> dict:
+                   as_backbone: bool = False, sign_key=None, input_size=None, resize=None) -> dict:
     """One artifact folder of ``source_path`` for ``spec`` at ``precision`` (checked by the caller).
 
     ``sign_key`` (an Ed25519 private key, loaded by the caller before any work): ``manifest.sig`` is
-    written over the final manifest inside the temporary folder, so the folder appears signed or not at all."""
-    src = open_source(source_path, as_backbone)
+    written over the final manifest inside the temporary folder, so the folder appears signed or not at all.
+    ``input_size`` (height, width) / ``resize``: the input to build for (``GMBINetSource.open``); the manifest's
+    preprocess records it and parity is measured at it."""
+    src = open_source(source_path, as_backbone, input_size=input_size, resize=resize)
     if src.artifact_target is not None and spec.from_artifacts is not None \
             and src.artifact_target not in spec.from_artifacts:
         hint = f"the checkpoint or an artifact of {', '.join(spec.from_artifacts)}" if spec.from_artifacts else "the checkpoint"

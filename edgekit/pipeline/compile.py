@@ -47,12 +47,14 @@ def compile_model(source_path: str, target: str, precision: str, out: str, *, pa
                   calib: Optional[str] = None, subset: int = 100, int8_scheme: str = "pointwise",
                   max_drop: Optional[float] = None, metric: str = "iou", val: Optional[str] = None,
                   force: bool = False, threads: Optional[int] = None, log: Callable = print,
-                  as_backbone: bool = False, sign_key=None) -> dict:
+                  as_backbone: bool = False, sign_key=None, input_size=None, resize=None) -> dict:
     """Build one artifact folder; returns its manifest.
 
     ``parity_data``: images for the parity check; by default the real images given (``val``, then
     ``calib``), else a few synthetic ones. ``as_backbone``: compile ``source_path`` (a backbone
     name or weights file) as an MLFF backbone; a registry folder or a backbone name is one anyway.
+    ``input_size`` ((height, width), ``--input-size``) and ``resize`` (``--resize``): build a GMBINet for
+    that input instead of its checkpoint's; recorded in the manifest, parity measured at it.
     """
     kind = source_kind(source_path, as_backbone)
     spec = check_request(target, precision, out, kind=kind, calib=calib, max_drop=max_drop, metric=metric, val=val,
@@ -64,7 +66,8 @@ def compile_model(source_path: str, target: str, precision: str, out: str, *, pa
 
         return compile_auto(source_path, target, out, parity_data=parity_data, calib=calib, subset=subset,
                             int8_scheme=int8_scheme, max_drop=max_drop, metric=metric, val=val, force=force,
-                            threads=threads, log=log, sign_key=sign_key)
+                            threads=threads, log=log, sign_key=sign_key, input_size=input_size, resize=resize)
     return build_artifact(spec, source_path, precision, out, parity_data=parity_data, calib=calib, subset=subset,
                           int8_scheme=int8_scheme, max_drop=max_drop, metric=metric, val=val, force=force,
-                          threads=threads, log=log, as_backbone=as_backbone, sign_key=sign_key)
+                          threads=threads, log=log, as_backbone=as_backbone, sign_key=sign_key,
+                          input_size=input_size, resize=resize)
