@@ -197,3 +197,22 @@ def test_a_bad_input_size_is_one_error_line(cli, tmp_path, tiny_ckpt, value):
     r = cli("compile", tiny_ckpt, "--target", "onnx", "--input-size", value, "--out", tmp_path / "a")
     assert r.exit_code == 2 and "--input-size" in one_error_line(r)
     assert not (tmp_path / "a").exists()
+
+
+# -- bench --size ----------------------------------------------------------------------------------
+
+def test_bench_size_runs_every_row_at_that_size(cli, tmp_path, tiny_ckpt, monkeypatch):
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "cache"))
+    r = cli("bench", tiny_ckpt, "--backends", "torch,onnx", "--size", "48x80", "--limit", "2", "--rounds", "1",
+            "--iters", "2", "--batch", "1", "--json")
+    assert r.exit_code == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["settings"]["input_sizes"] == ["48x80"]
+    built = list((tmp_path / "cache" / "bench").glob("*/onnx_fp32_48x80/manifest.json"))
+    assert len(built) == 1 and json.loads(built[0].read_text())["preprocess"]["input_size"] == [48, 80]
+
+
+def test_bench_size_refuses_an_artifact_of_another_size(cli, tmp_path, tiny_ckpt):
+    assert cli("compile", tiny_ckpt, "--target", "onnx", "--out", tmp_path / "a").exit_code == 0
+    line = one_error_line(cli("bench", tmp_path / "a", "--size", "32", "--limit", "1", "--rounds", "1"))
+    assert "runs at 64x64" in line and "--size 32x32" in line

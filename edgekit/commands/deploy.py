@@ -159,9 +159,11 @@ def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_schem
               "artifact (servers without Triton's model-config API, e.g. OVMS).")
 @click.option("--concurrency", default=2, show_default=True, type=click.IntRange(1),
               help="Requests in flight for the async column (with --server: FPS at concurrency N).")
+@input_size_option("--size", "size", help="Input height x width (or N for N x N) every row runs at (default: the "
+                   "model's own): a checkpoint's rows are compiled for it (cached per size); artifacts must have it.")
 def bench_cmd(models, device, backends, all_rows, batch, threads, data, calib, rounds, iters, eval_limit, json_out,
               out_json, force, plot_out, max_autotune=False, server=None, served_model=None, spec_from=None,
-              concurrency=2):
+              concurrency=2, size=None):
     """One table: size, IoU/MAE, latency p50/p90/p99 and FPS of every backend x precision.
 
     Without --backends a checkpoint (default: the embedded one) gets the backends' default rows:
@@ -176,7 +178,7 @@ def bench_cmd(models, device, backends, all_rows, batch, threads, data, calib, r
     as_json = json_out == "-"
     check_out(out_json, force)
     models = [model_path(m, registry_ok=True) for m in models] or ([] if server else [model_path(None)])
-    served = dict(server=server, served_model=served_model, spec_from=spec_from, concurrency=concurrency)
+    served = dict(server=server, served_model=served_model, spec_from=spec_from, concurrency=concurrency, size=size)
     if not as_json:
         return _bench(models, device, backends, all_rows, batch, threads, data, calib, rounds, iters, eval_limit,
                       out_json or json_out, plot_out, max_autotune, **served)
@@ -190,7 +192,7 @@ def bench_cmd(models, device, backends, all_rows, batch, threads, data, calib, r
 
 
 def _bench(models, device, backends, all_rows, batch, threads, data, calib, rounds, iters, eval_limit, json_out,
-           plot_out, max_autotune=False, server=None, served_model=None, spec_from=None, concurrency=2):
+           plot_out, max_autotune=False, server=None, served_model=None, spec_from=None, concurrency=2, size=None):
     import os
 
     # Rows share one process: torch's OpenMP workers must not spin-wait while OpenVINO's threads run
@@ -199,17 +201,22 @@ def _bench(models, device, backends, all_rows, batch, threads, data, calib, roun
 
     from edgekit import runtime
     from edgekit.bench.cpu import Row, model_size, run_bench, table_caption, table_columns, table_rows, table_title
-    from edgekit.bench.plan import BASELINE, default_cpu_backends, plan_rows
+    from edgekit.bench.plan import BASELINE, at_size, default_cpu_backends, plan_rows
     from edgekit.commands._common import print_table, set_threads
 
     if backends and all_rows:
         raise EdgekitError("--all and --backends choose the rows two ways: give one of them")
+    if size and (device == "gpu" or server):
+        raise EdgekitError("--size is for the local CPU rows (not --device gpu or --server): compile an artifact with "
+                           "--input-size and bench that")
     if device == "gpu":
         return _bench_gpu(models, backends, batch, data, calib, rounds, iters, eval_limit, json_out, plot_out, max_autotune)
     batches = parse_batches(batch)
     from edgekit.bench.mlff import is_registry
 
     if any(is_registry(m) for m in models):
+        if size:
+            raise EdgekitError("--size is for GMBINet rows; an adapter registry's backbone keeps its own input")
         if len(models) != 1:
             raise EdgekitError("bench takes one adapter registry at a time (no other models beside it)")
         return _bench_mlff(models[0], backends, batches, threads, data, calib, rounds, iters, eval_limit, json_out,
@@ -227,13 +234,15 @@ def _bench(models, device, backends, all_rows, batch, threads, data, calib, roun
         from edgekit.serve.client import ServerRunner
 
         served = ServerRunner(server, served_model, spec_from=spec_from)
-    planned = plan_rows(list(models), specs, calib, "synthetic:12", threads, log)
-    rows = [Row(name, runtime.load(path, threads=threads), model_size(path)) for name, path in planned]
+    planned = plan_rows(list(models), specs, calib, "synthetic:12", threads, log, input_size=size)
+    rows = [Row(name, at_size(runtime.load(path, threads=threads), size), model_size(path)) for name, path in planned]
     if served:
         rows.append(Row(f"served {served_model} ({served.protocol})", served, served.size_bytes))
     result = run_bench(rows, data=data, batches=batches, rounds=rounds, iters=iters, eval_limit=eval_limit,
                        baseline=next((n for n, _ in planned if n.startswith(BASELINE)), None), async_jobs=concurrency,
                        log=log)
+    result["settings"]["input_sizes"] = sorted({"x".join(map(str, r.runner.spec.input_size)) for r in rows
+                                                if getattr(r.runner, "spec", None) is not None})  # what the rows ran at
     _save_result(result, threads, json_out, plot_out)
     print_table(table_title(result), table_columns(concurrency), table_rows(result), caption=table_caption(result),
                 err=json_out == "-")
