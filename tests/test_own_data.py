@@ -216,3 +216,51 @@ def test_bench_size_refuses_an_artifact_of_another_size(cli, tmp_path, tiny_ckpt
     assert cli("compile", tiny_ckpt, "--target", "onnx", "--out", tmp_path / "a").exit_code == 0
     line = one_error_line(cli("bench", tmp_path / "a", "--size", "32", "--limit", "1", "--rounds", "1"))
     assert "runs at 64x64" in line and "--size 32x32" in line
+
+
+# -- training's preprocessing = inference's ---------------------------------------------------------
+
+@pytest.mark.parametrize("spec_kw", [
+    {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "input_size": (64, 96)},  # failed: list - tensor
+    {"input_size": (64, 64), "resize": "letterbox"},
+    {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "input_size": (48, 48), "resize": "letterbox"},
+    {"input_size": (80, 80), "scale": "255"},
+])
+def test_training_normalisation_equals_inference_preprocessing(spec_kw):
+    import torch
+
+    from edgekit.data.preprocess import PreprocessSpec, preprocess
+    from edgekit.train.data import normalize
+
+    spec = PreprocessSpec(**spec_kw)
+    rng = np.random.default_rng(5)
+    images = [(rng.random((60, 140)) * 255).astype(np.uint8) for _ in range(2)]
+    got = normalize(torch.from_numpy(np.stack(images).astype(np.float32)), spec).numpy()
+    np.testing.assert_allclose(got, preprocess(images, spec), atol=TORCH_ROUNDING, rtol=0)
+
+
+def test_training_masks_are_letterboxed_like_the_images():
+    import torch
+
+    from edgekit.data.preprocess import PreprocessSpec, preprocess
+    from edgekit.train.data import resize_masks
+
+    mask = np.zeros((60, 140), np.uint8)
+    mask[10:40, 30:100] = 255
+    as_image = PreprocessSpec(mean=0.0, std=1.0, scale="255", channels=1, input_size=(64, 64), resize="letterbox")
+    got = resize_masks(torch.from_numpy(mask[None].astype(np.float32) / 255), (64, 64), "letterbox")[0, 0].numpy()
+    np.testing.assert_allclose(got, preprocess([mask], as_image)[0, 0], atol=TORCH_ROUNDING)
+
+
+def test_a_folder_without_split_json_splits_by_name_the_same_way_every_time(tmp_path):
+    from edgekit.data.datasets import open_segmentation, split_by_name
+
+    folder = tmp_path / "own"
+    _non_square(folder, n=10, size=(40, 60))
+    ds = open_segmentation(str(folder), "train")
+    parts = {k: [s.name for s in split_by_name(ds, k).samples] for k in ("train", "val", "test")}
+    assert [len(parts[k]) for k in ("train", "val", "test")] == [6, 2, 2]
+    assert len(set(sum(parts.values(), []))) == 10  # disjoint, every image somewhere
+    shuffled = open_segmentation(str(folder), "train")
+    shuffled.samples.reverse()
+    assert [s.name for s in split_by_name(shuffled, "val").samples] == parts["val"]
