@@ -152,8 +152,8 @@ def aspect_note(image_sizes, spec: "PreprocessSpec") -> Optional[str]:
     for h, w in image_sizes:
         if abs((w / h) / (W / H) - 1) > ASPECT_TOLERANCE:
             return (f"note: {w}x{h} images (aspect {w / h:.2f}:1) are stretched to the model's {W}x{H} input "
-                    f"(aspect {W / H:.2f}:1), as its preprocessing says (resize: stretch); "
-                    "`edgekit compile --resize letterbox` keeps the aspect ratio and pads instead")
+                    f"(aspect {W / H:.2f}:1), as its preprocessing says (resize: stretch); to keep the aspect "
+                    "ratio, fine-tune with `edgekit train ... --resize letterbox` (README: Your own product)")
     return None
 
 
