@@ -5,6 +5,7 @@ equal to inference's, and own image/mask folders that `edgekit train` can split.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -264,3 +265,12 @@ def test_a_folder_without_split_json_splits_by_name_the_same_way_every_time(tmp_
     shuffled = open_segmentation(str(folder), "train")
     shuffled.samples.reverse()
     assert [s.name for s in split_by_name(shuffled, "val").samples] == parts["val"]
+
+
+def test_predict_on_a_folder_with_masks_beside_images_predicts_the_images_only(cli, tmp_path):
+    """Used to fail: x.jpg and its mask x.png were two inputs named x ("their outputs would overwrite")."""
+    _non_square(tmp_path / "imgs", n=2, size=(40, 40))
+    (tmp_path / "imgs" / "tile_1.png").rename(tmp_path / "imgs" / "tile_1_mask.png")
+    r = cli("predict", tmp_path / "imgs", "--out", tmp_path / "pred", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(Path(x["image"]).name for x in json.loads(r.stdout)) == ["tile_0.jpg", "tile_1.jpg"]
