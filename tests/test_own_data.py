@@ -274,3 +274,19 @@ def test_predict_on_a_folder_with_masks_beside_images_predicts_the_images_only(c
     r = cli("predict", tmp_path / "imgs", "--out", tmp_path / "pred", "--json")
     assert r.exit_code == 0, r.stderr
     assert sorted(Path(x["image"]).name for x in json.loads(r.stdout)) == ["tile_0.jpg", "tile_1.jpg"]
+
+
+def test_train_on_class_folders_says_masks_are_needed_in_one_line(cli, tmp_path, neu):
+    from conftest import ROOT
+
+    line = one_error_line(cli("train", ROOT / "recipes" / "gmbinet_sd900.yaml", "--profile", "cpu", "--data", neu,
+                              "--iterations", "1", "--out", tmp_path / "run"))
+    assert "class folders" in line and "masks" in line and "edgekit adapt" in line
+
+
+def test_train_input_size_below_32_is_one_error_line(cli, tmp_path):
+    from conftest import ROOT
+
+    line = one_error_line(cli("train", ROOT / "recipes" / "gmbinet_sd900.yaml", "--data", "synthetic:4",
+                              "--input-size", "16x64", "--out", tmp_path / "run"))
+    assert "--input-size 16x64" in line and "32" in line
