@@ -34,7 +34,7 @@ def predict_probs(runner: Runner, images: List[np.ndarray], names: Optional[List
     return [resize_probs(out[i, 0], img.shape, runner.spec) for i, img in enumerate(images)]
 
 
-def _say_aspect(note: Callable[[str], None], shapes, runner: Runner) -> bool:
+def note_stretching(note: Callable[[str], None], shapes, runner: Runner) -> bool:
     """Tell ``note`` (once: True when said) that these images are stretched to another aspect ratio."""
     line = aspect_note(shapes, runner.spec)
     if line:
@@ -52,7 +52,7 @@ def evaluate(runner: Runner, dataset: SegDataset, batch_size: int = 4, show_prog
     with progress(total=len(samples), desc="eval", enabled=show_progress) as bar:
         for group in batches(samples, batch_size):
             loaded = [s.load() for s in group]
-            said = note is not None and _say_aspect(note, [img.shape for img, _ in loaded], runner)
+            said = note is not None and note_stretching(note, [img.shape for img, _ in loaded], runner)
             note = None if said else note
             probs = predict_probs(runner, [img for img, _ in loaded], [s.name for s in group])
             for s, (img, mask), p in zip(group, loaded, probs):

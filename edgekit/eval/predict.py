@@ -7,7 +7,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 from edgekit.data.images import expand_image_paths, read_gray, write_png
-from edgekit.eval.evaluate import _say_aspect, predict_probs
+from edgekit.eval.evaluate import note_stretching, predict_probs
 from edgekit.progress import progress
 from edgekit.backends.base import Runner
 
@@ -36,7 +36,7 @@ def predict(runner: Runner, inputs: Sequence[str], out_dir: Path, threshold: flo
     # Read everything first: an unreadable input fails before any output is written.
     images = [read_gray(p) for p in paths]
     if note is not None:
-        _say_aspect(note, [img.shape for img in images], runner)
+        note_stretching(note, [img.shape for img in images], runner)
     out_dir = Path(out_dir)
     # Every mask first, then the files: a model that outputs NaN on the 9th batch (refused by
     # predict_probs) leaves no outputs for the first eight behind.
