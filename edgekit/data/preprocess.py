@@ -106,26 +106,34 @@ def letterbox_box(image_size: Tuple[int, int], input_size: Tuple[int, int]) -> T
     return (H - nh) // 2, (W - nw) // 2, nh, nw
 
 
-def _axis(n_in: int, n_out: int):
-    """Source indices and weights of a bilinear resize along one axis, as torch computes them
-    (``align_corners=False``, no antialiasing; float32)."""
-    scale = np.float32(n_in / n_out)
-    src = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), np.float32(0))
-    i0 = src.astype(np.int64)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    l1 = (src - i0.astype(np.float32)).astype(np.float32)
-    return i0, i1, np.float32(1) - l1, l1
+def _source_index(in_size: int, out_size: int):
+    """Per output pixel along one axis: the two source pixels and their weights, exactly as PyTorch's
+    bilinear ``interpolate(..., align_corners=False)`` computes them on the CPU (in float32, the same
+    operations in the same order), so this numpy path gives PyTorch's numbers."""
+    i = np.arange(out_size)
+    if in_size == out_size:
+        return i, i, np.ones(out_size, np.float32), np.zeros(out_size, np.float32)
+    scale = np.float32(in_size) / np.float32(out_size)
+    # scale * (i + 0.5) - 0.5 is one fused multiply-add in PyTorch's kernel (rounded once): done in float64 and
+    # rounded to float32 here; rounding the product first moved positions by an ulp (6e-5 in the output)
+    src = (np.float64(scale) * (i.astype(np.float32) + np.float32(0.5)).astype(np.float64) - 0.5).astype(np.float32)
+    src = np.maximum(src, np.float32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    lam1 = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1)).astype(np.float32)
+    i1 = i0 + (i0 < in_size - 1)
+    return i0, i1, (np.float32(1) - lam1).astype(np.float32), lam1
 
 
 def resize_bilinear(a: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    """A float32 ``... x H x W`` array -> ``... x h x w``, bilinear (``torch.nn.functional.interpolate``,
-    ``mode="bilinear", align_corners=False``)."""
+    """A float32 ``... x H x W`` array -> ``... x h x w``, bilinear, half-pixel centres (PyTorch's
+    ``F.interpolate(mode="bilinear", align_corners=False)``, no antialiasing), in numpy: along the width
+    first, then the height, as PyTorch does."""
     a = np.asarray(a, dtype=np.float32)
     h, w = (int(v) for v in size)
     if a.shape[-2:] == (h, w):
         return a.copy()
-    y0, y1, wy0, wy1 = _axis(a.shape[-2], h)
-    x0, x1, wx0, wx1 = _axis(a.shape[-1], w)
+    y0, y1, wy0, wy1 = _source_index(a.shape[-2], h)
+    x0, x1, wx0, wx1 = _source_index(a.shape[-1], w)
     rows0, rows1 = a[..., y0, :], a[..., y1, :]
     top = rows0[..., x0] * wx0 + rows0[..., x1] * wx1
     bottom = rows1[..., x0] * wx0 + rows1[..., x1] * wx1
