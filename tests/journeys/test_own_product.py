@@ -5,8 +5,8 @@ test cannot drift apart. Only paths (../shared, recipes/) and the training budge
 minutes) are substituted; the folder is 15 non-square images cut from SD-900 test images, each with its
 mask beside it (x.jpg + x.png, or x.jpg + x_mask.png).
 
-About a minute on 2 idle cores: the 20 s budget, the published model's eval at 512x512, one OpenVINO
-compile with its parity check."""
+About a minute on 2 cores (52 s at load average 7-9): the 20 s budget, the published model's eval at
+512x512, one OpenVINO compile with its parity check."""
 from __future__ import annotations
 
 import json
