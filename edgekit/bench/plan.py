@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from edgekit.backends.registry import get_backend, spec_for_model_file
 from edgekit.errors import EdgekitError
@@ -36,12 +36,15 @@ def parse_backend(spec: str):
     return target, precision or "fp32"
 
 
-def artifact_for(ckpt: Path, spec: str, calib: Optional[str], parity_data: str, threads, log) -> Path:
-    """Compile (or reuse) the artifact of ``ckpt`` for ``spec`` = target[:precision]."""
+def artifact_for(ckpt: Path, spec: str, calib: Optional[str], parity_data: str, threads, log,
+                 input_size: Optional[Tuple[int, int]] = None) -> Path:
+    """Compile (or reuse) the artifact of ``ckpt`` for ``spec`` = target[:precision] (at ``input_size``,
+    ``bench --size``: cached apart from the checkpoint's own size)."""
     from edgekit.pipeline.compile import compile_model
 
     target, precision = parse_backend(spec)
-    folder = cache_root() / "bench" / sha256_file(ckpt)[:16] / f"{target}_{precision}"
+    sized = f"_{input_size[0]}x{input_size[1]}" if input_size else ""
+    folder = cache_root() / "bench" / sha256_file(ckpt)[:16] / f"{target}_{precision}{sized}"
     if is_artifact(folder):
         try:
             why = get_backend(target).outdated
@@ -54,8 +57,35 @@ def artifact_for(ckpt: Path, spec: str, calib: Optional[str], parity_data: str, 
             pass  # stale or corrupt cache entry: rebuild it
     log(f"  compiling into {folder} (cached for the next run)")
     compile_model(str(ckpt), target, precision, str(folder), calib=calib, parity_data=parity_data,
-                       force=True, threads=threads, log=log)
+                       force=True, threads=threads, log=log, input_size=input_size)
     return folder
+
+
+def check_row_size(models: List[str], input_size: Optional[Tuple[int, int]]) -> None:
+    """``bench --size``: an artifact or plain model file runs at the size it was built for; one of another
+    size is refused (before anything is compiled) rather than timed beside rows at ``input_size``."""
+    if not input_size:
+        return
+    for m in models:
+        p = Path(m)
+        if is_artifact(p):
+            have = tuple((read_manifest(p).get("preprocess") or {}).get("input_size") or ())
+            if have != tuple(input_size):
+                raise EdgekitError(f"{p} runs at {'x'.join(map(str, have)) or 'an unknown size'}, not --size "
+                                   f"{input_size[0]}x{input_size[1]}: give the checkpoint (compiled for each size) "
+                                   "or an artifact built with compile --input-size")
+        elif spec_for_model_file(p) is not None:
+            raise EdgekitError(f"{p} is a plain model file with its own input size; --size needs a checkpoint or "
+                               "artifacts")
+
+
+def at_size(runner, input_size: Optional[Tuple[int, int]]):
+    """A checkpoint's runner (torch runs any size) set to run at ``input_size`` (``bench --size``)."""
+    if input_size and tuple(runner.spec.input_size) != tuple(input_size):
+        import dataclasses
+
+        runner.spec = dataclasses.replace(runner.spec, input_size=tuple(input_size))
+    return runner
 
 
 def _model_rows(m: str, backends: List[str]):
@@ -96,9 +126,12 @@ def resolve_baseline(wanted: Optional[str], names: List[str]) -> Optional[str]:
     raise EdgekitError(f"--baseline {wanted} is not a row of this bench (rows: {listed})")
 
 
-def plan_rows(models: List[str], backends: List[str], calib: Optional[str], parity_data: str, threads, log):
-    """[(row name, path)] for the benchmark; says on ``log`` which artifact it compiles or reuses."""
+def plan_rows(models: List[str], backends: List[str], calib: Optional[str], parity_data: str, threads, log,
+              input_size: Optional[Tuple[int, int]] = None):
+    """[(row name, path)] for the benchmark; says on ``log`` which artifact it compiles or reuses.
+    ``input_size`` (``bench --size``): checkpoints are compiled for it; artifacts must have it."""
     row_names(models, backends)  # every model exists before anything is compiled
+    check_row_size(models, input_size)
     rows = []
     planned = [(Path(m), name, spec) for m in models for name, spec in _model_rows(m, backends)]
     builds = [x for x in planned if x[2] is not None and get_backend(parse_backend(x[2])[0]).build is not None]
@@ -109,5 +142,5 @@ def plan_rows(models: List[str], backends: List[str], calib: Optional[str], pari
             continue
         built += 1
         log(f"artifact {built}/{len(builds)}: {spec} of {p.name}")
-        rows.append((name, artifact_for(p, spec, calib, parity_data, threads, log)))
+        rows.append((name, artifact_for(p, spec, calib, parity_data, threads, log, input_size)))
     return rows

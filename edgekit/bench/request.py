@@ -30,6 +30,7 @@ class BenchRequest:
     served_model: Optional[str] = None     # ... its name (--model)
     spec_from: Optional[str] = None        # ... its preprocessing from this artifact
     concurrency: int = 2                   # requests in flight for the async column
+    input_size: Optional[Tuple[int, int]] = None  # --size: every CPU row runs at it (checkpoints compiled for it)
 
     def cpu_batches(self) -> Tuple[int, ...]:
         return self.batches or DEFAULT_CPU_BATCHES

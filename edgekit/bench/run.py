@@ -35,6 +35,9 @@ def kind_of(req: BenchRequest) -> str:
 
     if req.backends and req.all_rows:
         raise EdgekitError("--all and --backends choose the rows two ways: give one of them")
+    if req.input_size and (req.device == "gpu" or req.server):
+        raise EdgekitError("--size is for the local CPU rows (not --device gpu or --server): compile an artifact with "
+                           "--input-size and bench that")
     if req.device == "gpu":
         if req.baseline:
             raise EdgekitError("--baseline is for the CPU bench (the GPU bench's baseline is eager PyTorch fp32)")
@@ -44,6 +47,8 @@ def kind_of(req: BenchRequest) -> str:
             raise EdgekitError("bench takes one adapter registry at a time (no other models beside it)")
         if req.baseline:
             raise EdgekitError("--baseline is for the CPU bench of models (an adapter registry's baseline is torch)")
+        if req.input_size:
+            raise EdgekitError("--size is for GMBINet rows; an adapter registry's backbone keeps its own input")
         return "mlff"
     return "cpu"
 
@@ -57,7 +62,7 @@ def bench_cpu(req: BenchRequest, served=None, log: Log = lambda _: None) -> dict
     from edgekit import runtime
     from edgekit.bench.agreement import reference_for
     from edgekit.bench.cpu import Row, model_size, run_bench
-    from edgekit.bench.plan import default_cpu_backends, parse_backend, plan_rows, resolve_baseline, row_names
+    from edgekit.bench.plan import at_size, default_cpu_backends, parse_backend, plan_rows, resolve_baseline, row_names
 
     # Default rows are what a checkpoint is compiled to; artifacts alone are their own rows (and a station
     # without torch must not be asked to check the torch row's package).
@@ -74,15 +79,19 @@ def bench_cpu(req: BenchRequest, served=None, log: Log = lambda _: None) -> dict
     if has_checkpoint or any(parse_backend(s)[0] == "torch" for s in specs):
         _set_threads(req.threads)
     calib = req.calib if req.calib is not None else req.data  # int8 rows calibrate on --data (its train split)
-    planned = plan_rows(list(req.models), specs, calib, "synthetic:12", req.threads, log)
-    rows = [Row(name, runtime.load(path, threads=req.threads), model_size(path)) for name, path in planned]
+    planned = plan_rows(list(req.models), specs, calib, "synthetic:12", req.threads, log, req.input_size)
+    rows = [Row(name, at_size(runtime.load(path, threads=req.threads), req.input_size), model_size(path))
+            for name, path in planned]
     references = [reference_for(path) for _, path in planned]
     if served is not None:
         rows.append(Row(served_row_name(req, served), served, served.size_bytes))
         references.append(reference_for(None))
-    return run_bench(rows, data=req.data, batches=req.cpu_batches(), rounds=req.rounds, iters=req.iters,
-                     eval_limit=req.eval_limit, baseline=baseline, async_jobs=req.concurrency,
-                     references=references, threads=req.threads, settle_s=req.settle_s, log=log)
+    result = run_bench(rows, data=req.data, batches=req.cpu_batches(), rounds=req.rounds, iters=req.iters,
+                       eval_limit=req.eval_limit, baseline=baseline, async_jobs=req.concurrency,
+                       references=references, threads=req.threads, settle_s=req.settle_s, log=log)
+    result["settings"]["input_sizes"] = sorted({"x".join(map(str, r.runner.spec.input_size)) for r in rows
+                                                if getattr(r.runner, "spec", None) is not None})  # what the rows ran at
+    return result
 
 
 def served_row_name(req: BenchRequest, served) -> str:

@@ -7,6 +7,10 @@ every command), JSON output, tables, thread settings, the model argument.
 --force       replace what --out names if it exists (without it an existing --out is refused,
               before anything is loaded)
 --limit N     use N images only, taken across all classes
+--input-size HxW | N   (compile, quantize, train; bench calls it --size) the network input, height x width
+              (N: N x N); recorded in the preprocessing spec
+--resize stretch|letterbox   how an image reaches that input: stretched to it (the published model's way)
+              or scaled to fit with its aspect ratio kept and padded; recorded in the preprocessing spec
 """
 from __future__ import annotations
 
@@ -80,6 +84,39 @@ def json_option(command):
     return click.option("--json", "as_json", is_flag=True,
                         help="Print the result on stdout as one JSON document (notes and progress: stderr).")(run)
 force_option = click.option("--force", is_flag=True, help="Replace what --out names if it exists.")
+
+
+class SizeType(click.ParamType):
+    """``HxW`` or ``N`` -> (height, width) (``edgekit.data.preprocess.parse_size``)."""
+
+    name = "HxW"
+
+    def convert(self, value, param, ctx):
+        from edgekit.data.preprocess import parse_size
+
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_size(value)
+        except EdgekitError as e:
+            self.fail(str(e), param, ctx)
+
+
+def input_size_option(name: str = "--input-size", dest: str = "input_size", help: str | None = None):
+    """The network input size, ``HxW`` or ``N`` (default: the model's own): one type and meaning for
+    ``compile``/``quantize``/``train`` (``--input-size``) and ``bench`` (``--size``)."""
+    return click.option(name, dest, type=SizeType(), default=None, metavar="HxW|N", help=help or (
+        "Network input height x width, or N for N x N (default: the model's own, e.g. 512x512); recorded in the "
+        "preprocessing spec."))
+
+
+def resize_option(help: str | None = None):
+    """``--resize stretch|letterbox`` (default: the model's own): how an image reaches the input size."""
+    from edgekit.data.preprocess import RESIZE_MODES
+
+    return click.option("--resize", type=click.Choice(RESIZE_MODES), default=None, help=help or (
+        "How images reach the input size: stretch (the published model was trained so) or letterbox (scaled to "
+        "fit, aspect ratio kept, padded); default: the model's own; recorded in the preprocessing spec."))
 
 
 def limit_option(dest: str = "limit", *aliases: str):

@@ -54,7 +54,7 @@ def info_cmd(model, size, as_json):
 def _spec_text(pre: dict) -> str:
     h, w = pre["input_size"]
     return (f"{pre['channels']} x {h} x {w} float32; gray/{pre['scale']}, (x-{pre['mean']})/{pre['std']}, "
-            f"gray->{pre['channels']}ch, bilinear resize")
+            f"gray->{pre['channels']}ch, bilinear {pre.get('resize', 'stretch')} to {h}x{w}")
 
 
 def _artifact_info(folder: Path, as_json: bool) -> None:
@@ -132,7 +132,8 @@ def eval_cmd(model, data, split, batch_size, threads, limit, as_json, out_json, 
     check_out(out_json, force)
     dataset = open_segmentation(data, split)
     runner = load_runner(model, threads)
-    result = evaluate(runner, dataset, batch_size=batch_size, limit=limit, show_progress=not as_json)
+    result = evaluate(runner, dataset, batch_size=batch_size, limit=limit, show_progress=not as_json,
+                      note=note)
     result["split"] = split
     if runner.meta.get("preprocess_assumed"):
         result["preprocess_assumed"] = runner.meta["preprocess_assumed"]
@@ -181,7 +182,8 @@ def predict_cmd(inputs, out_dir, threshold, threads, force, as_json):
             for out in output_names(p, Path(out_dir)):
                 check_out(out, force)
     runner = load_runner(model, threads)
-    results = predict(runner, [str(p) for p in paths], Path(out_dir), threshold=threshold, show_progress=not as_json)
+    results = predict(runner, [str(p) for p in paths], Path(out_dir), threshold=threshold, show_progress=not as_json,
+                      note=note)
     if runner.meta.get("preprocess_assumed"):
         for r in results:
             r["preprocess_assumed"] = runner.meta["preprocess_assumed"]

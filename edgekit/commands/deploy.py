@@ -7,8 +7,9 @@ import click
 
 from edgekit.backends.registry import targets
 from edgekit.bench.busy import DEFAULT_SETTLE_S
-from edgekit.commands._common import (check_out, echo_json, force_option, json_option, limit_option, model_path,
-                                     out_option, parse_batches, result_stdout, threads_option, write_json)
+from edgekit.commands._common import (check_out, echo_json, force_option, input_size_option, json_option,
+                                     limit_option, model_path, out_option, parse_batches, resize_option,
+                                     result_stdout, threads_option, write_json)
 from edgekit.errors import EdgekitError
 from edgekit.commands._common import build_command  # compile and quantize need edgekit[build] (torch)
 from edgekit.pipeline.request import CompileRequest
@@ -71,20 +72,22 @@ _VAL = click.option("--val", default=None, help="Validation images with masks fo
 @_METRIC
 @_VAL
 @click.option("--parity-data", default=None, help=PARITY_HELP)
+@input_size_option()
+@resize_option()
 @threads_option()
 @force_option
 @_AS_BACKBONE
 @_SIGN
 @json_option
 def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, max_drop, metric, val, parity_data, threads,
-                force, as_backbone, sign_key, as_json):
+                force, as_backbone, sign_key, as_json, input_size=None, resize=None):
     """Compile a checkpoint, or the frozen backbone of an MLFF adapter registry, into a verified artifact folder."""
     check_out(out, force)  # before anything is imported or loaded
     key = _load_sign_key(sign_key)
     request = CompileRequest(source=model_path(model, registry_ok=True), target=target, precision=precision, out=out,
                              calib=calib, subset=subset, int8_scheme=int8_scheme, max_drop=max_drop, metric=metric,
                              val=val, parity_data=parity_data, threads=threads, force=force, as_backbone=as_backbone,
-                             sign_key=key)
+                             sign_key=key, input_size=input_size, resize=resize)
     _run(request, as_json)
 
 
@@ -116,20 +119,22 @@ def _log(as_json: bool):
               type=click.Choice(["default", "stem-head-float", "conv-only", "pointwise"]))
 @click.option("--parity-data", default=None, help=PARITY_HELP)
 @out_option("folder", "Artifact folder to write.")
+@input_size_option()
+@resize_option()
 @threads_option()
 @force_option
 @_AS_BACKBONE
 @_SIGN
 @json_option
 def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_scheme, parity_data, out, threads,
-                 force, as_backbone, sign_key, as_json):
+                 force, as_backbone, sign_key, as_json, input_size=None, resize=None):
     """INT8 post-training quantization with NNCF (accuracy-controlled with --max-drop and --val)."""
     check_out(out, force)  # before anything is imported or loaded
     key = _load_sign_key(sign_key)
     request = CompileRequest(source=model_path(model, registry_ok=True), target=target, precision="int8", out=out,
                              calib=calib, subset=subset, int8_scheme=int8_scheme, max_drop=max_drop, metric=metric,
                              val=val, parity_data=parity_data, threads=threads, force=force, as_backbone=as_backbone,
-                             sign_key=key)
+                             sign_key=key, input_size=input_size, resize=resize)
     _run(request, as_json)
 
 
@@ -171,9 +176,11 @@ def quantize_cmd(model, target, calib, subset, max_drop, metric, val, int8_schem
               "artifact (servers without Triton's model-config API, e.g. OVMS).")
 @click.option("--concurrency", default=2, show_default=True, type=click.IntRange(1),
               help="Requests in flight for the async column (with --server: FPS at concurrency N).")
+@input_size_option("--size", "size", help="Input height x width (or N for N x N) every row runs at (default: the "
+                   "model's own): a checkpoint's rows are compiled for it (cached per size); artifacts must have it.")
 def bench_cmd(models, device, backends, all_rows, batch, threads, data, calib, rounds, iters, baseline, settle_s,
               eval_limit, json_out, out_json, force, plot_out, max_autotune=False, server=None, served_model=None,
-              spec_from=None, concurrency=2):
+              spec_from=None, concurrency=2, size=None):
     """One table: size, accuracy, latency p50/p90/p99 and FPS of every backend x precision.
 
     Without --backends a checkpoint (default: the embedded one) gets the backends' default rows:
@@ -201,7 +208,7 @@ def bench_cmd(models, device, backends, all_rows, batch, threads, data, calib, r
         all_rows=all_rows, batches=tuple(parse_batches(batch)) if explicit_batch else None, threads=threads,
         data=data, calib=calib, rounds=rounds, iters=iters, eval_limit=eval_limit, baseline=baseline,
         settle_s=settle_s, max_autotune=max_autotune, server=server, served_model=served_model,
-        spec_from=spec_from, concurrency=concurrency)
+        spec_from=spec_from, concurrency=concurrency, input_size=size)
     kind = kind_of(request)
     if not as_json:
         return _bench(request, kind, file_out, plot_out, err=False)

@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from edgekit.commands._common import BUILD_EXTRA, needs
+from edgekit.commands._common import BUILD_EXTRA, input_size_option, needs, resize_option
 from edgekit.errors import EdgekitError
 
 
@@ -30,7 +30,12 @@ from edgekit.errors import EdgekitError
               help="Train for a time budget (6m, 90s, 1h, 2m30s) instead of train.iterations: the cosine horizon "
                    "is set from a measured step time so the run ends on time with its lr annealed, best.pt and "
                    "report.json written.")
-def train_cmd(recipe, profile, data, out_dir, resume, init_ckpt, seed, iterations, limit_images, nproc, budget):
+@input_size_option(help="Train at this input height x width, or N for N x N (default: the recipe's "
+                   "preprocess.input_size); recorded in the checkpoint's preprocessing spec.")
+@resize_option(help="How images reach the input size: stretch or letterbox (aspect ratio kept, padded); default: "
+               "the recipe's preprocess.resize (stretch); recorded in the checkpoint's preprocessing spec.")
+def train_cmd(recipe, profile, data, out_dir, resume, init_ckpt, seed, iterations, limit_images, nproc, budget,
+              input_size=None, resize=None):
     """Train from a recipe; writes last.pt (resumable), best.pt (best val IoU) and report.json (test split)."""
     from tqdm import tqdm
 
@@ -41,6 +46,12 @@ def train_cmd(recipe, profile, data, out_dir, resume, init_ckpt, seed, iteration
 
     budget_s = parse_budget(budget) if budget is not None else None
     r = load_recipe(recipe, profile)  # a bad recipe fails here, once, before any process starts
+    if input_size is not None:
+        if min(input_size) < 32:  # the recipe's own rule: five stride-2 stages
+            raise EdgekitError(f"--input-size {input_size[0]}x{input_size[1]}: training needs at least 32 a side")
+        r.preprocess.input_size = list(input_size)
+    if resize is not None:
+        r.preprocess.resize = resize
     if init_ckpt and resume:
         raise EdgekitError("--init and --resume exclude each other (a resumed run has its own weights)")
     if nproc > 1 and budget_s:
@@ -54,7 +65,8 @@ def train_cmd(recipe, profile, data, out_dir, resume, init_ckpt, seed, iteration
         args = [recipe]
         for flag, value in (("--profile", profile), ("--data", data), ("--out", out_dir), ("--resume", resume),
                             ("--init", init_ckpt), ("--seed", seed), ("--iterations", iterations),
-                            ("--limit-images", limit_images)):
+                            ("--limit-images", limit_images), ("--resize", resize),
+                            ("--input-size", "x".join(map(str, input_size)) if input_size else None)):
             if value is not None:
                 args += [flag, str(value)]
         click.echo(launch(nproc, args).stdout.strip())

@@ -185,6 +185,30 @@ def load_pairs(images: Path, masks: Optional[Path]) -> SegDataset:
                       name=f"image/mask folders {images}", split="all")
 
 
+HELD_OUT = {"val": 0.15, "test": 0.15}  # split_by_name: the rest trains
+
+
+def split_by_name(ds: SegDataset, split: str) -> SegDataset:
+    """``split`` (train, val or test) of an image/mask folder without ``split.json``, by a hash of each
+    file name: the same on every run and machine, whatever the order files are listed in, and stable
+    when images are added (an image keeps its part). At least one image each in val and test."""
+    import zlib
+
+    if split not in ("train", "val", "test"):
+        raise EdgekitError(f"split {split!r}: a folder without split.json splits into train, val and test")
+    n = len(ds.samples)
+    if n < 3:
+        raise EdgekitError(f"{ds.description}: training needs at least 3 images (train, val, test); "
+                           f"found {n}")
+    ranked = sorted(ds.samples, key=lambda s: (zlib.crc32(s.name.encode()), s.name))
+    n_val, n_test = (max(1, int(round(HELD_OUT[k] * n))) for k in ("val", "test"))
+    parts = {"val": ranked[:n_val], "test": ranked[n_val:n_val + n_test], "train": ranked[n_val + n_test:]}
+    samples = sorted(parts[split], key=lambda s: s.name)
+    return SegDataset(samples, sorted({s.cls for s in samples}),
+                      f"{ds.name or ds.description} {split} part by name ({len(samples)} of {n} images)",
+                      ds.synthetic, name=ds.name, split=split)
+
+
 def open_segmentation(data: str, split: str = "test") -> SegDataset:
     """Resolve ``--data``: ``synthetic[:N]``, an SD-900 folder, an ``images/``+``masks/`` folder, or a
     plain image folder (no masks: predictions only)."""

@@ -18,10 +18,14 @@ def is_image_name(path: str | os.PathLike) -> bool:
 
 
 def expand_image_paths(inputs, recursive: bool = False, unique_stems: bool = False):
-    """Files as given; folders expand to the images inside them (sorted, optionally recursive).
+    """Files as given; folders expand to the images inside them (sorted, optionally recursive), leaving
+    out the masks kept beside their images (``x.jpg`` + ``x.png`` or ``x_mask.png``: a folder ``--data``
+    reads as images with masks is the same images here).
 
     ``unique_stems`` refuses two inputs with the same name, whose outputs would overwrite each other.
     """
+    from edgekit.data.datasets import split_masks_beside_images
+
     paths = []
     for item in inputs:
         p = Path(item)
@@ -29,7 +33,7 @@ def expand_image_paths(inputs, recursive: bool = False, unique_stems: bool = Fal
             found = sorted(q for q in (p.rglob("*") if recursive else p.iterdir()) if q.is_file() and is_image_name(q))
             if not found:
                 raise EdgekitError(f"no images in {p}")
-            paths += found
+            paths += split_masks_beside_images(found)[0]
         elif p.exists():
             paths.append(p)
         else:

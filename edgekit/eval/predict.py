@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
 from edgekit.data.images import expand_image_paths, read_gray, write_png
-from edgekit.eval.evaluate import predict_probs
+from edgekit.eval.evaluate import note_stretching, predict_probs
 from edgekit.progress import progress
 from edgekit.backends.base import Runner
 
@@ -29,10 +29,14 @@ def output_names(image: Path, out_dir: Path) -> List[Path]:
 
 
 def predict(runner: Runner, inputs: Sequence[str], out_dir: Path, threshold: float = 0.5,
-            batch_size: int = 4, show_progress: bool = True) -> List[dict]:
+            batch_size: int = 4, show_progress: bool = True, note: Optional[Callable[[str], None]] = None) -> List[dict]:
+    """``note``: told once when the images are stretched to another aspect ratio. The masks are at each
+    image's own size (a letterboxed model's padding cut off before resizing back)."""
     paths = expand_image_paths(inputs, unique_stems=True)
     # Read everything first: an unreadable input fails before any output is written.
     images = [read_gray(p) for p in paths]
+    if note is not None:
+        note_stretching(note, [img.shape for img in images], runner)
     out_dir = Path(out_dir)
     # Every mask first, then the files: a model that outputs NaN on the 9th batch (refused by
     # predict_probs) leaves no outputs for the first eight behind.

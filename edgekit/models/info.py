@@ -30,7 +30,8 @@ def checkpoint_info(path: str, size: int | None = None) -> dict:
         "macs_note": "multiply-accumulates of conv and linear layers on the inference path (main head only); "
                      "FLOPs = 2 x MACs; element-wise ops counted apart",
         "input": {"shape": [spec.channels, *spec.input_size], "dtype": "float32",
-                  "normalize": f"gray/{spec.scale}, (x-{spec.mean})/{spec.std}, gray->{spec.channels}ch, bilinear resize"},
+                  "normalize": f"gray/{spec.scale}, (x-{spec.mean})/{spec.std}, gray->{spec.channels}ch, "
+                               f"bilinear {spec.resize} to {spec.input_size[0]}x{spec.input_size[1]}"},
         "preprocess": spec.to_dict(),
         "classes": ck.classes,
         "provenance": ck.provenance,

@@ -149,7 +149,8 @@ def compile_auto(request: CompileRequest, log: Callable = print, note: Optional[
     if request.val is None:
         note(f"auto: no --val: accuracy drops are measured on the parity images ({dataset.description}) and only "
              "float candidates (held to their parity budgets) are considered")
-    reference = evaluate(open_source(request.source).reference_runner(request.threads), dataset,
+    reference = evaluate(open_source(request.source, input_size=request.input_size, resize=request.resize)
+                         .reference_runner(request.threads), dataset,
                          show_progress=False)["overall"][metric]
     with tempfile.TemporaryDirectory() as tmp:
         built = []

@@ -29,7 +29,7 @@ def build_artifact(spec: BackendSpec, request: CompileRequest, log: Callable = p
     written over the final manifest inside the temporary folder, so the folder appears signed or not at all."""
     r = request
     precision, threads = r.precision, r.threads
-    src = open_source(r.source, r.as_backbone)
+    src = open_source(r.source, r.as_backbone, input_size=r.input_size, resize=r.resize)
     if src.artifact_target is not None and spec.from_artifacts is not None \
             and src.artifact_target not in spec.from_artifacts:
         hint = f"the checkpoint or an artifact of {', '.join(spec.from_artifacts)}" if spec.from_artifacts else "the checkpoint"

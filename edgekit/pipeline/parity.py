@@ -127,6 +127,7 @@ def parity(reference: Runner, candidate: Runner, dataset: SegDataset, limit: int
     if not samples:
         raise EdgekitError(f"parity: {dataset.description} has no images to compare on")
     result = {"images": len(samples), "data": dataset.description, "reference": reference.describe(),
+              "input_size": list(reference.spec.input_size),  # what both ran at (compile --input-size)
               "max_abs_diff": max_abs, "mean_abs_diff": float(np.mean(mean_abs)),
               "mask_iou_agreement": float(np.mean(agree)), "min_mask_iou_agreement": float(np.min(agree))}
     if budget is not None:

@@ -9,7 +9,7 @@ into a temporary folder) makes one with ``dataclasses.replace`` and leaves the c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 DEFAULT_PARITY_DATA = "synthetic:12"
 AUTO = "auto"  # --target auto / --precision auto: measure the candidates here and keep the fastest
@@ -39,6 +39,10 @@ class CompileRequest:
     force: bool = False
     threads: Optional[int] = None
     as_backbone: bool = False
+    # --input-size (height, width) / --resize (stretch, letterbox): build a GMBINet for that input instead of its
+    # checkpoint's; recorded in the manifest's preprocess, parity measured at it (None: the checkpoint's own)
+    input_size: Optional[Tuple[int, int]] = None
+    resize: Optional[str] = None
     sign_key: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -50,6 +54,8 @@ class CompileRequest:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, str(value))
+        if self.input_size is not None:
+            object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
 
     @property
     def is_auto(self) -> bool:

@@ -8,8 +8,9 @@ differs is a method here.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -34,7 +35,12 @@ class GMBINetSource:
         self.checkpoint, self.manifest = checkpoint, manifest
 
     @classmethod
-    def open(cls, path: str) -> "GMBINetSource":
+    def open(cls, path: str, input_size: Optional[Tuple[int, int]] = None,
+             resize: Optional[str] = None) -> "GMBINetSource":
+        """``input_size`` (height, width) / ``resize`` (stretch, letterbox): build for this input instead of
+        the checkpoint's own (a GMBINet is fully convolutional); recorded in the artifact's preprocess,
+        and the parity check runs the source model at it too. An artifact's input is fixed: refused there
+        unless it is what the artifact has."""
         p = Path(path)
         if is_artifact(p):
             man = read_manifest(p)
@@ -45,10 +51,15 @@ class GMBINetSource:
             keep = ("model", "input", "output", "preprocess", "classes", "source")
             base = {k: man[k] for k in keep if k in man}
             base["source"] = {**man.get("source", {}), "artifact": str(p), "artifact_target": man["target"]}
-            return cls(p, PreprocessSpec.from_dict(man["preprocess"]), base, manifest=man)
+            spec = PreprocessSpec.from_dict(man["preprocess"])
+            _check_artifact_input(p, spec, input_size, resize)
+            return cls(p, spec, base, manifest=man)
         from edgekit.models.checkpoint import load_checkpoint
 
         ck = load_checkpoint(p)
+        if input_size is not None or resize is not None:  # the reference runner (TorchRunner) reads ck.preprocess
+            ck.preprocess = dataclasses.replace(ck.preprocess, input_size=tuple(input_size or ck.preprocess.input_size),
+                                                resize=resize or ck.preprocess.resize)
         base = {
             "model": {"kind": ck.model_name, "config": ck.config},
             "input": {"name": INPUT_NAME, "shape": ["batch", ck.preprocess.channels, *ck.preprocess.input_size],
@@ -118,7 +129,7 @@ class GMBINetSource:
 
     def nncf_validation(self, dataset: SegDataset, metric: str, model_format: str):
         """(items, fn) for NNCF's accuracy-controlled quantization on ``dataset``."""
-        return _validation_items(dataset, self.spec), make_validation_fn(metric, model_format)
+        return _validation_items(dataset, self.spec), make_validation_fn(metric, model_format, self.spec)
 
     def int8_check(self, candidate: Runner, val: SegDataset, max_drop: Optional[float], threads=None,
                    metric: str = "iou", log=print) -> dict:
@@ -142,14 +153,30 @@ class GMBINetSource:
                 f"on {p['images']} images" + (f", within the {manifest['precision']} budget" if "budget" in p else ""))
 
 
-def open_source(path: str, as_backbone: bool = False):
+def _check_artifact_input(path: Path, spec: PreprocessSpec, input_size, resize) -> None:
+    """An artifact's model file has its input size built in: another size (or resize) needs the checkpoint."""
+    if input_size is not None and tuple(input_size) != tuple(spec.input_size):
+        h, w = spec.input_size
+        raise EdgekitError(f"{path} is an artifact built for {h}x{w} input; --input-size "
+                           f"{input_size[0]}x{input_size[1]} needs the checkpoint it came from")
+    if resize is not None and resize != spec.resize:
+        raise EdgekitError(f"{path} is an artifact checked with resize {spec.resize}; --resize {resize} needs the "
+                           "checkpoint it came from")
+
+
+def open_source(path: str, as_backbone: bool = False, input_size: Optional[Tuple[int, int]] = None,
+                resize: Optional[str] = None):
     """The source for ``path``: an MLFF backbone (registry folder, backbone name, or any ref with
-    ``as_backbone``), else a GMBINet checkpoint or float artifact."""
+    ``as_backbone``), else a GMBINet checkpoint or float artifact (built for ``input_size`` / ``resize``
+    where given: ``GMBINetSource.open``)."""
     from edgekit.pipeline.mlff_source import BackboneSource, is_mlff_source
 
     if is_mlff_source(path, as_backbone):
+        if input_size is not None or resize is not None:
+            raise EdgekitError("--input-size and --resize are for GMBINet checkpoints; an MLFF backbone keeps the "
+                               "input its adapters were trained on")
         return BackboneSource.open(path)
-    return GMBINetSource.open(path)
+    return GMBINetSource.open(path, input_size=input_size, resize=resize)
 
 
 def _validation_items(dataset: SegDataset, spec: PreprocessSpec):
@@ -163,8 +190,9 @@ def _validation_items(dataset: SegDataset, spec: PreprocessSpec):
     return items
 
 
-def make_validation_fn(metric: str, model_format: str):
-    """NNCF's validation callback: (model, items) -> (higher-is-better score, per-item scores)."""
+def make_validation_fn(metric: str, model_format: str, spec: Optional[PreprocessSpec] = None):
+    """NNCF's validation callback: (model, items) -> (higher-is-better score, per-item scores); the
+    outputs mapped back to the mask's size as ``spec`` says (letterbox: padding cut off first)."""
     from edgekit.eval.metrics import SegMetrics, image_scores
 
     def run(model):
@@ -179,7 +207,7 @@ def make_validation_fn(metric: str, model_format: str):
         infer = run(model)
         m, per_item = SegMetrics(), []
         for x, mask in items:
-            prob = resize_probs(np.asarray(infer(x))[0, 0], mask.shape)
+            prob = resize_probs(np.asarray(infer(x))[0, 0], mask.shape, spec)
             m.add(prob, mask)
             mae, iou, _, _ = image_scores(prob, mask)
             per_item.append(-mae if metric == "mae" else iou)

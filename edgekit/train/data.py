@@ -39,13 +39,19 @@ class TrainSet:
         return self.images.shape[0]
 
 
-def build_trainset(dataset: SegDataset, samples: Sequence[SegSample], input_size: Tuple[int, int]) -> TrainSet:
+def build_trainset(dataset: SegDataset, samples: Sequence[SegSample], input_size: Tuple[int, int],
+                   resize: str = "stretch") -> TrainSet:
     """Stack the images once. Same-size images stay at their own size (resized per batch, like
-    inference); mixed sizes are resized to the training input size here."""
+    inference); mixed sizes are resized to the training input size here (stretch only: a letterboxed
+    image's padding must be 0 after normalisation, which the per-batch path gives and this one cannot)."""
     loaded = preload(samples, dataset.description)
     if not loaded:
         raise EdgekitError(f"{dataset.description}: no training images")
     shapes = {s._image.shape for s in loaded}
+    if len(shapes) > 1 and resize == "letterbox":
+        sizes = ", ".join(f"{w}x{h}" for h, w in sorted(shapes)[:3]) + (", ..." if len(shapes) > 3 else "")
+        raise EdgekitError(f"{dataset.description}: letterbox training needs images of one size ({len(shapes)} sizes: "
+                           f"{sizes}); resize them to one size first, or train with --resize stretch")
     imgs, masks = [], []
     for s in loaded:
         img = torch.from_numpy(np.array(s._image, dtype=np.uint8))
@@ -131,32 +137,54 @@ def augment_with(images: torch.Tensor, masks: torch.Tensor, cfg, u: torch.Tensor
 
 def normalize(x: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     """Float gray ``B x H x W`` (0..255) -> ``B x C x h x w`` network input, as ``preprocess`` does:
-    divide by the image's own maximum (or 255), z-score, bilinear resize, replicate channels."""
+    divide by the image's own maximum (or 255), z-score (one mean/std, or one per channel after the
+    channel is replicated: an ImageNet-style spec), then stretched or letterboxed to ``input_size``
+    (letterbox: the padding is 0 after normalisation, i.e. the mean, as at inference)."""
     if spec.scale == "max":
         m = x.amax(dim=(1, 2), keepdim=True)
         x = torch.where(m > 0, x / torch.where(m > 0, m, torch.ones_like(m)), x)
     else:
         x = x / 255.0
-    x = (x - spec.mean) / spec.std
     x = x[:, None]
-    if tuple(x.shape[-2:]) != tuple(spec.input_size):
-        x = F.interpolate(x, size=tuple(spec.input_size), mode="bilinear", align_corners=False)
+    if isinstance(spec.mean, list) or isinstance(spec.std, list):
+        # per channel: used to fail (a list subtracted from a tensor) where preprocess handled it
+        c = spec.channels
+        mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1).expand(1, c, 1, 1)
+        std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1).expand(1, c, 1, 1)
+        x = (x.expand(-1, c, -1, -1) - mean) / std
+    else:
+        x = (x - spec.mean) / spec.std
+    x = _place(x, spec.input_size, spec.resize)
     return x.expand(-1, spec.channels, -1, -1).contiguous()
 
 
-def resize_masks(y: torch.Tensor, size) -> torch.Tensor:
-    """Float masks ``B x H x W`` -> ``B x 1 x h x w`` targets (bilinear, soft at the edges)."""
-    y = y[:, None]
-    if tuple(y.shape[-2:]) != tuple(size):
-        y = F.interpolate(y, size=tuple(size), mode="bilinear", align_corners=False).clamp_(0, 1)
-    return y
+def _place(x: torch.Tensor, size, resize: str = "stretch") -> torch.Tensor:
+    """``B x C x H x W`` -> ``B x C x h x w``: stretched (bilinear), or letterboxed (scaled to fit, aspect
+    ratio kept, centred, padded with 0) as ``edgekit.data.preprocess`` places an image."""
+    from edgekit.data.preprocess import letterbox_box
+
+    size = tuple(size)
+    if resize == "letterbox":
+        top, left, nh, nw = letterbox_box(tuple(x.shape[-2:]), size)
+        if tuple(x.shape[-2:]) != (nh, nw):
+            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
+        return F.pad(x, (left, size[1] - nw - left, top, size[0] - nh - top))
+    if tuple(x.shape[-2:]) != size:
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return x
+
+
+def resize_masks(y: torch.Tensor, size, resize: str = "stretch") -> torch.Tensor:
+    """Float masks ``B x H x W`` -> ``B x 1 x h x w`` targets (bilinear, soft at the edges), placed as
+    the images are (``resize``: stretch or letterbox, whose padding is background)."""
+    return _place(y[:, None], size, resize).clamp_(0, 1)
 
 
 def make_batch(ts: TrainSet, idx: torch.Tensor, aug_cfg, spec: PreprocessSpec, gen: torch.Generator):
     """One augmented, preprocessed batch, computed on the device the TrainSet's tensors are on."""
     idx = idx.to(ts.images.device)
     x, y = augment(ts.images[idx], ts.masks[idx], aug_cfg, gen)
-    x, y = normalize(x, spec), resize_masks(y, spec.input_size)
+    x, y = normalize(x, spec), resize_masks(y, spec.input_size, spec.resize)
     crop = getattr(aug_cfg, "crop", None)
     if crop:
         x, y = random_crop(x, y, crop, gen)

@@ -64,7 +64,7 @@ class DeviceBatches:
         gen = self._generator(iteration, _AUG_SALT)
         u = torch.rand(self.batch_size, 4, generator=gen, device=self.device)
         x, y = augment_with(self.images[idx], self.masks[idx], self.aug, u)
-        x, y = normalize(x, self.spec), resize_masks(y, self.spec.input_size)
+        x, y = normalize(x, self.spec), resize_masks(y, self.spec.input_size, self.spec.resize)
         crop = getattr(self.aug, "crop", None)
         if crop:
             x, y = gather_crop(x, y, crop, torch.rand(self.batch_size, 2, generator=gen, device=self.device))

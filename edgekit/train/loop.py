@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from edgekit import __version__
-from edgekit.data.datasets import SegDataset, open_segmentation
+from edgekit.data.datasets import SegDataset, open_segmentation, split_by_name
 from edgekit.data.preprocess import PreprocessSpec
 from edgekit.errors import EdgekitError
 from edgekit.models.checkpoint import Checkpoint, load_checkpoint, load_state_dict_strict
@@ -406,13 +406,20 @@ class Trainer:
         r, data, limit = self.r, self.data, self.limit_images
         self.spec = spec = PreprocessSpec(mean=r.preprocess.mean, std=r.preprocess.std,
                                           input_size=tuple(r.preprocess.input_size), channels=r.preprocess.channels,
-                                          scale=r.preprocess.scale)
+                                          scale=r.preprocess.scale, resize=r.preprocess.resize)
         if spec.channels != r.model.in_channels:
             raise EdgekitError(f"recipe: preprocess.channels {spec.channels} != model.in_channels {r.model.in_channels}")
         # Train preloaded as uint8 tensors; val/test preloaded once as samples.
         train_ds = open_segmentation(data, r.data.train_split)
-        self.val_ds = _subset(open_segmentation(data, r.data.val_split), limit, "val")
-        self.test_full = open_segmentation(data, r.data.test_split)
+        val_ds, self.test_full = open_segmentation(data, r.data.val_split), open_segmentation(data, r.data.test_split)
+        held_out = None
+        if train_ds.split == "all" and not train_ds.synthetic:  # a plain image/mask folder has no split.json
+            train_ds, val_ds, self.test_full = (split_by_name(d, part) for d, part in
+                                                ((train_ds, "train"), (val_ds, "val"), (self.test_full, "test")))
+            held_out = f"{len(train_ds)} train / {len(val_ds)} val / {len(self.test_full)} test"
+            self.write(f"data: {data} has no split.json: split by file name into {held_out} images (fixed: the same "
+                       "split on every run; recorded in the checkpoint)")
+        self.val_ds = _subset(val_ds, limit, "val")
         train_samples = limit_samples(train_ds.samples, limit)
         train_names = {x.image_path for x in train_ds.samples if x.image_path is not None}  # synthetic: none
         for other in (r.data.val_split, r.data.test_split):
@@ -421,7 +428,7 @@ class Trainer:
             if shared:
                 raise EdgekitError(f"{data}: {len(shared)} images are in both the {r.data.train_split!r} and the "
                                    f"{other!r} split (only an SD-900-style folder with split.json has separate splits)")
-        self.ts = build_trainset(train_ds, train_samples, spec.input_size)
+        self.ts = build_trainset(train_ds, train_samples, spec.input_size, spec.resize)
         self.classes = sorted(set(train_ds.classes) | set(self.val_ds.classes) | set(self.test_full.classes))
         dist = self.dist
         horizon = f"a {self.budget.budget_s:.0f} s budget" if self.budget else f"{self.total} iterations"
@@ -435,6 +442,8 @@ class Trainer:
             "train_split": r.data.train_split, "val_split": r.data.val_split, "test_split": r.data.test_split,
             "train_images": len(self.ts), "val_images": len(self.val_ds), "limit_images": limit,
         }
+        if held_out:
+            self.split_info["split_by_name"] = held_out
 
     # -- model, optimizer, schedule, loss -------------------------------------------------------
 

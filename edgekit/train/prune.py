@@ -54,7 +54,8 @@ def taylor_batches(dataset, spec, images: int, batch: int = 8):
         if any(m is None for _, m in chunk):
             raise EdgekitError(f"{dataset.description}: taylor importance needs ground-truth masks")
         x = torch.from_numpy(preprocess([img for img, _ in chunk], spec))
-        y = torch.stack([resize_masks(torch.from_numpy(m.astype("float32"))[None], spec.input_size)[0]
+        y = torch.stack([resize_masks(torch.from_numpy(m.astype("float32"))[None], spec.input_size,
+                                      spec.resize)[0]
                          for _, m in chunk])
         yield x, y
 

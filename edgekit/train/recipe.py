@@ -58,6 +58,7 @@ class PreprocessSection:
     scale: str = "max"  # "max": divide by the image's own maximum; "255"
     channels: int = 3
     input_size: List[int] = field(default_factory=lambda: [512, 512])  # (height, width)
+    resize: str = "stretch"  # how images reach input_size: stretch | letterbox (aspect kept, padded)
 
 
 @dataclass
@@ -274,6 +275,7 @@ def _check_semantics(r: Recipe) -> None:
 
     need(r.model.name == "gmbinet", f"'model.name' {r.model.name!r} is not supported (only 'gmbinet')")
     need(r.preprocess.scale in ("max", "255"), "'preprocess.scale' must be 'max' or '255'")
+    need(r.preprocess.resize in ("stretch", "letterbox"), "'preprocess.resize' must be 'stretch' or 'letterbox'")
     need(len(r.preprocess.input_size) == 2 and min(r.preprocess.input_size) >= 32,
          "'preprocess.input_size' must be [height, width], each >= 32")
     need(r.preprocess.std > 0, "'preprocess.std' must be > 0")
