@@ -172,9 +172,14 @@ def _fold_pw(conv, bn, where, cin, cout):
     return {"pw_wt": _f32(w.reshape(cout, cin).t()), "pw_b": _f32(b)}
 
 
-def fold_gmbinet(model: nn.Module) -> FoldedGMBINet:
+def fold_gmbinet(model: nn.Module, channel_multiple: int = 4) -> FoldedGMBINet:
     """Fold every BatchNorm of an eval-mode ``GMBINet`` (running statistics) into its conv, in
-    float64, and lay the parameters out as the kernels read them (fp32)."""
+    float64, and lay the parameters out as the kernels read them (fp32).
+
+    ``channel_multiple``: what every stage width and the head width must be a multiple of for the
+    target's kernels (the CUDA kernels' float4 loads over output channels: 4, the default; the CPU
+    kernels take any count: 1). The GMBI stage widths are multiples of 4 whatever it is: the model's
+    4 equal channel groups need that (``GMBINetConfig`` refuses anything else)."""
     from edgekit.models.gmbinet import GMBINet
 
     if not isinstance(model, GMBINet):
@@ -184,9 +189,11 @@ def fold_gmbinet(model: nn.Module) -> FoldedGMBINet:
     if cfg.scales != 4:
         raise EdgekitError(f"the fused GMBI kernel is written for 4 groups, this GMBINet has scales={cfg.scales}")
     hw = int(getattr(cfg, "head_width", None) or w[0])
-    if any(c % 4 for c in (*w, hw)):
-        raise EdgekitError(f"the GMBINet kernels need stage widths (and the head width) divisible by 4, got "
-                           f"{list(w)} (head {hw})")
+    if any(c % 4 for c in w[1:]):
+        raise EdgekitError(f"GMBINet fold: the GMBI stage widths {list(w[1:])} do not split into 4 equal groups")
+    if channel_multiple > 1 and any(c % channel_multiple for c in (*w, hw)):
+        raise EdgekitError(f"the GMBINet kernels need stage widths (and the head width) divisible by {channel_multiple}, "
+                           f"got {list(w)} (head {hw})")
     net = FoldedGMBINet(in_channels=cfg.in_channels, widths=w, depths=d, out_channels=cfg.out_channels,
                         head_width=hw)
 
@@ -321,11 +328,12 @@ def _split_channels(blocks: int, cout: int, sm_count: int) -> Tuple[int, int]:
 
 
 def plan_dwpw(n: int, cin: int, cout: int, h: int, w: int, sm_count: int = 132,
-              smem_limit: int = DWPW_SMEM_LIMIT) -> Tuple[int, int, int, int, int]:
+              smem_limit: int = DWPW_SMEM_LIMIT, channel_multiple: int = 4) -> Tuple[int, int, int, int, int]:
     """(tile_h, tile_w, co_per_block, co_splits, smem_bytes) for a DW+PW launch with an h x w
     output: the largest tile of ``DWPW_TILES`` that fits ``smem_limit`` and still gives
-    ``sm_count`` blocks (else the smallest that fits), then output-channel splits as for GMBI."""
-    if cout % 4:
+    ``sm_count`` blocks (else the smallest that fits), then output-channel splits as for GMBI.
+    ``channel_multiple`` 1: a plan only the CPU kernels run (they ignore the CUDA tiling)."""
+    if cout % channel_multiple:
         raise EdgekitError(f"GMBINet kernels: output channels must be a multiple of 4, got {cout}")
     chosen = None
     for th, tw in DWPW_TILES:
@@ -345,11 +353,12 @@ def plan_dwpw(n: int, cin: int, cout: int, h: int, w: int, sm_count: int = 132,
 
 
 def plan_gmbinet(net: FoldedGMBINet, n: int, height: int, width: int, dtype="float16", *, sm_count: int = 132,
-                 smem_limit: int = PORTABLE_SMEM_LIMIT) -> NetPlan:
+                 smem_limit: int = PORTABLE_SMEM_LIMIT, channel_multiple: int = 4) -> NetPlan:
     """The launch sequence and activation buffer layout for ``n`` images of ``height x width``.
 
     ``sm_count`` / ``smem_limit`` are the device's (the GMBI launches may opt in to more than 48 KB
-    of dynamic shared memory; the others stay below)."""
+    of dynamic shared memory; the others stay below). ``channel_multiple`` as in ``fold_gmbinet``:
+    1 for the CPU kernels, which take any width and ignore the CUDA tiling."""
     dtype = _dtype(dtype)
     if min(n, height, width) < 1:
         raise EdgekitError(f"GMBINet kernels: empty input {n}x{net.in_channels}x{height}x{width}")
@@ -395,7 +404,7 @@ def plan_gmbinet(net: FoldedGMBINet, n: int, height: int, width: int, dtype="flo
 
     def dwpw(layer, kind, x, high, out, cin, cout, hw_out, hw_in, hw_high):
         (ho, wo), (hi, wi), (hh, wh) = hw_out, hw_in, hw_high
-        th, tw, cob, splits, smem = plan_dwpw(n, cin, cout, ho, wo, sm_count=sm_count)
+        th, tw, cob, splits, smem = plan_dwpw(n, cin, cout, ho, wo, sm_count=sm_count, channel_multiple=channel_multiple)
         has_dw = kind != "pw"
         add(layer, kind, (math.ceil(wo / tw), math.ceil(ho / th), n * splits), smem,
             [A(x), A(high if high else x), A(out),
