@@ -43,7 +43,7 @@ REQUIRES = ("torch", "torch_pruning")  # the prune extra brings both
                    "overrides the recipe's loss.distill, 0 turns it off.")
 @click.option("--exact", is_flag=True,
               help="Keep exactly the widths the ratio gives. Default: round each kept channel count up to a "
-                   "multiple every registered backend compiles (cpu-fused and cuda-fused: 4), said on stderr "
+                   "multiple every registered backend compiles (cuda-fused: 4; cpu-fused takes any), said on stderr "
                    "and recorded in the provenance.")
 @threads_option()
 @click.option("--limit-images", default=None, type=click.IntRange(1), help="At most N images per split (smoke tests).")

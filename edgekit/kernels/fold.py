@@ -171,9 +171,14 @@ def _fold_pw(conv, bn, where, cin, cout):
     return {"pw_wt": _f32(w.reshape(cout, cin).t()), "pw_b": _f32(b)}
 
 
-def fold_gmbinet(model: nn.Module) -> FoldedGMBINet:
+def fold_gmbinet(model: nn.Module, channel_multiple: int = 4) -> FoldedGMBINet:
     """Fold every BatchNorm of an eval-mode ``GMBINet`` (running statistics) into its conv, in
-    float64, and lay the parameters out as the kernels read them (fp32)."""
+    float64, and lay the parameters out as the kernels read them (fp32).
+
+    ``channel_multiple``: what every stage width and the head width must be a multiple of for the
+    target's kernels (the CUDA kernels' float4 loads over output channels: 4, the default; the CPU
+    kernels take any count: 1). The GMBI stage widths are multiples of 4 whatever it is: the model's
+    4 equal channel groups need that (``GMBINetConfig`` refuses anything else)."""
     from edgekit.models.gmbinet import GMBINet
 
     if not isinstance(model, GMBINet):
@@ -183,9 +188,11 @@ def fold_gmbinet(model: nn.Module) -> FoldedGMBINet:
     if cfg.scales != 4:
         raise EdgekitError(f"the fused GMBI kernel is written for 4 groups, this GMBINet has scales={cfg.scales}")
     hw = int(getattr(cfg, "head_width", None) or w[0])
-    if any(c % 4 for c in (*w, hw)):
-        raise EdgekitError(f"the GMBINet kernels need stage widths (and the head width) divisible by 4, got "
-                           f"{list(w)} (head {hw})")
+    if any(c % 4 for c in w[1:]):
+        raise EdgekitError(f"GMBINet fold: the GMBI stage widths {list(w[1:])} do not split into 4 equal groups")
+    if channel_multiple > 1 and any(c % channel_multiple for c in (*w, hw)):
+        raise EdgekitError(f"the GMBINet kernels need stage widths (and the head width) divisible by {channel_multiple}, "
+                           f"got {list(w)} (head {hw})")
     net = FoldedGMBINet(in_channels=cfg.in_channels, widths=w, depths=d, out_channels=cfg.out_channels,
                         head_width=hw)
 

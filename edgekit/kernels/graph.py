@@ -337,11 +337,12 @@ def _split_channels(blocks: int, cout: int, sm_count: int) -> Tuple[int, int]:
 
 
 def plan_dwpw(n: int, cin: int, cout: int, h: int, w: int, sm_count: int = 132,
-              smem_limit: int = DWPW_SMEM_LIMIT) -> Tuple[int, int, int, int, int]:
+              smem_limit: int = DWPW_SMEM_LIMIT, channel_multiple: int = 4) -> Tuple[int, int, int, int, int]:
     """(tile_h, tile_w, co_per_block, co_splits, smem_bytes) for a DW+PW launch with an h x w
     output: the largest tile of ``DWPW_TILES`` that fits ``smem_limit`` and still gives
-    ``sm_count`` blocks (else the smallest that fits), then output-channel splits as for GMBI."""
-    if cout % 4:
+    ``sm_count`` blocks (else the smallest that fits), then output-channel splits as for GMBI.
+    ``channel_multiple`` 1: a plan only the CPU kernels run (they ignore the CUDA tiling)."""
+    if cout % channel_multiple:
         raise EdgekitError(f"GMBINet kernels: output channels must be a multiple of 4, got {cout}")
     chosen = None
     for th, tw in DWPW_TILES:
@@ -361,11 +362,12 @@ def plan_dwpw(n: int, cin: int, cout: int, h: int, w: int, sm_count: int = 132,
 
 
 def plan_gmbinet(net: FoldedGMBINet, n: int, height: int, width: int, dtype="float16", *, sm_count: int = 132,
-                 smem_limit: int = PORTABLE_SMEM_LIMIT) -> NetPlan:
+                 smem_limit: int = PORTABLE_SMEM_LIMIT, channel_multiple: int = 4) -> NetPlan:
     """The launch sequence and activation buffer layout for ``n`` images of ``height x width``.
 
     ``sm_count`` / ``smem_limit`` are the device's (the GMBI launches may opt in to more than 48 KB
-    of dynamic shared memory; the others stay below)."""
+    of dynamic shared memory; the others stay below). ``channel_multiple`` as in ``fold_gmbinet``:
+    1 for the CPU kernels, which take any width and ignore the CUDA tiling."""
     dtype = _dtype(dtype)
     if min(n, height, width) < 1:
         raise EdgekitError(f"GMBINet kernels: empty input {n}x{net.in_channels}x{height}x{width}")
@@ -411,7 +413,7 @@ def plan_gmbinet(net: FoldedGMBINet, n: int, height: int, width: int, dtype="flo
 
     def dwpw(layer, kind, x, high, out, cin, cout, hw_out, hw_in, hw_high):
         (ho, wo), (hi, wi), (hh, wh) = hw_out, hw_in, hw_high
-        th, tw, cob, splits, smem = plan_dwpw(n, cin, cout, ho, wo, sm_count=sm_count)
+        th, tw, cob, splits, smem = plan_dwpw(n, cin, cout, ho, wo, sm_count=sm_count, channel_multiple=channel_multiple)
         has_dw = kind != "pw"
         add(layer, kind, (math.ceil(wo / tw), math.ceil(ho / th), n * splits), smem,
             [A(x), A(high if high else x), A(out),

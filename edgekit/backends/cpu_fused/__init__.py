@@ -52,5 +52,7 @@ SPEC = register_backend(BackendSpec(
     name="cpu-fused", description="edgekit's fused CPU kernels (C++, AVX2 / AVX-512, fp32 or INT8 1x1; needs g++ to compile)",
     precisions=("fp32", "int8"), build=_build, int8="builder", needs={"int8": ("calibration",)}, load=_load, device="cpu", load_options=("threads", "isa", "fuse_head"),
     from_artifacts=(), bench_default=("fp32",), not_here=_not_here, outdated=_outdated,
-    channel_multiple=4,  # fold_gmbinet: stage and head widths divisible by 4 (4-output-channel GEMM blocks, C/4 GMBI groups)
+    # any width: the kernels' GEMMs take any channel count (masked vector tails). The GMBI stage widths are
+    # multiples of 4 all the same, but that is the model's own rule (4 equal groups), which prune keeps per group.
+    channel_multiple=1,
 ))

@@ -55,7 +55,7 @@ def build_cpu_fused(checkpoint, folder: Path, precision: str = "fp32", *, isas: 
     if precision == "int8" and not calibration:
         raise EdgekitError("cpu-fused int8 calibrates its 1x1 activation ranges on real images: give --calib")
     model = checkpoint.build().eval()
-    net = fold_gmbinet(model)  # refuses (one line) what the kernels cannot run
+    net = fold_gmbinet(model, channel_multiple=1)  # any width; refuses (one line) what the kernels cannot run
     quantization = None
     if precision == "int8":
         log(f"cpu-fused: calibrating the GMBI 1x1 input ranges on {len(calibration)} images")
@@ -149,11 +149,12 @@ def check_geometry(folder, manifest: dict, weights_size: int):
     widths, depths, hw = n.get("widths"), n.get("depths"), n.get("head_width")
     ok = (_plausible_int(n.get("in_channels"), 1, MAX_CHANNELS) and _plausible_int(n.get("out_channels"), 1, MAX_CHANNELS)
           and isinstance(widths, list) and len(widths) == 5 and isinstance(depths, list) and len(depths) == 4
-          and all(_plausible_int(v, 4, MAX_WIDTH) and v % 4 == 0 for v in (*widths, hw))
+          and all(_plausible_int(v, 1, MAX_WIDTH) for v in (widths[0], hw))
+          and all(_plausible_int(v, 4, MAX_WIDTH) and v % 4 == 0 for v in widths[1:])  # the GMBI stages: 4 groups
           and all(_plausible_int(v, 1, MAX_DEPTH) for v in depths))
     if not ok:
         raise EdgekitError(f"{folder}: implausible cpu-fused net in the manifest ({n!r}: 5 widths and a head width "
-                           f"in 4..{MAX_WIDTH}, multiples of 4; 4 depths in 1..{MAX_DEPTH}; channels 1..{MAX_CHANNELS})")
+                           f"in 1..{MAX_WIDTH}, the GMBI stages' multiples of 4; 4 depths in 1..{MAX_DEPTH}; channels 1..{MAX_CHANNELS})")
     int8 = manifest.get("precision") == "int8"
     expected, total = expected_param_layout(n, int8)
     got = {}
@@ -172,7 +173,7 @@ def check_geometry(folder, manifest: dict, weights_size: int):
     net = FoldedGMBINet(in_channels=n["in_channels"], widths=tuple(widths), depths=tuple(depths),
                         out_channels=n["out_channels"], head_width=hw)
     h, w = manifest["preprocess"]["input_size"]
-    arena = plan_gmbinet(net, 1, int(h), int(w), "float32").act_bytes
+    arena = plan_gmbinet(net, 1, int(h), int(w), "float32", channel_multiple=1).act_bytes
     if arena > MAX_ACTIVATION_BYTES:
         raise EdgekitError(f"{folder}: a {h}x{w} input through this net needs {arena / 2**30:.1f} GiB of activations "
                            f"per image (at most {MAX_ACTIVATION_BYTES >> 30} GiB); refused")

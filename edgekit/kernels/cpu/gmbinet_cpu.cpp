@@ -46,9 +46,19 @@ static inline void vstore(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(v)); 
 #if VW == 16
 static inline vf vset1(float x) { return (vf)_mm512_set1_ps(x); }
 static inline vf vrcp(vf x) { return (vf)_mm512_rcp14_ps((__m512)x); }
+// The first n (1..VW) lanes of a vector: a GEMM's last columns load and store through masks, so a tail never
+// reads past its row nor writes into the next band's pixels (which another thread may own), and needs no copy.
+typedef __mmask16 vmask;
+static inline vmask tail_mask(int n) { return (vmask)((1u << n) - 1u); }
+static inline vf vload_m(const float* p, vmask m) { return (vf)_mm512_maskz_loadu_ps(m, p); }
+static inline void vstore_m(float* p, vf v, vmask m) { _mm512_mask_storeu_ps(p, m, (__m512)v); }
 #else
 static inline vf vset1(float x) { return (vf)_mm256_set1_ps(x); }
 static inline vf vrcp(vf x) { return (vf)_mm256_rcp_ps((__m256)x); }
+typedef __m256i vmask;
+static inline vmask tail_mask(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+static inline vf vload_m(const float* p, vmask m) { return (vf)_mm256_maskload_ps(p, m); }
+static inline void vstore_m(float* p, vf v, vmask m) { _mm256_maskstore_ps(p, m, (__m256)v); }
 #endif
 // even and odd lanes of two consecutive vectors (a = in[0..VW), b = in[VW..2VW))
 static inline vf vevens(vf a, vf b) {
@@ -205,9 +215,11 @@ struct Gemm {
   const float* res; long res_cs;  // residual (nullptr: none)
 };
 
-template <int COB, int NV>
+// MASK: the block's last vector holds only the lanes of m (the GEMM's last columns).
+template <int COB, int NV, bool MASK>
 static inline void micro(const Gemm& g, int co, const float* pan, long ld, float* out, long out_cs,
-                         const float* res, long res_cs) {
+                         const float* res, long res_cs, vmask m) {
+  auto ld_v = [&](const float* p, int v) { return (MASK && v == NV - 1) ? vload_m(p, m) : vload(p); };
   vf acc[COB][NV];
   for (int j = 0; j < COB; ++j) {
     vf b = vset1(g.bias[co + j]);
@@ -216,7 +228,7 @@ static inline void micro(const Gemm& g, int co, const float* pan, long ld, float
   const float* w = g.wt + co;
   for (int k = 0; k < g.K; ++k) {
     vf z[NV];
-    for (int v = 0; v < NV; ++v) z[v] = vload(pan + k * ld + v * VW);
+    for (int v = 0; v < NV; ++v) z[v] = ld_v(pan + k * ld + v * VW, v);
     for (int j = 0; j < COB; ++j) {
       vf wj = vset1(w[(long)k * g.cout + j]);
       for (int v = 0; v < NV; ++v) acc[j][v] += wj * z[v];
@@ -225,8 +237,9 @@ static inline void micro(const Gemm& g, int co, const float* pan, long ld, float
   for (int j = 0; j < COB; ++j)
     for (int v = 0; v < NV; ++v) {
       vf o = vmax0(acc[j][v]);
-      if (res) o += vload(res + (co + j) * res_cs + v * VW);
-      vstore(out + (co + j) * out_cs + v * VW, o);
+      if (res) o += ld_v(res + (co + j) * res_cs + v * VW, v);
+      if (MASK && v == NV - 1) vstore_m(out + (co + j) * out_cs + v * VW, o, m);
+      else vstore(out + (co + j) * out_cs + v * VW, o);
     }
 }
 
@@ -239,43 +252,60 @@ constexpr int COB_MAIN = 6, NV_MAIN = 2;
 #endif
 constexpr int PBLK = NV_MAIN * VW;
 
-static void gemm_block(const Gemm& g, const float* pan, long ld, float* out, long out_cs, const float* res,
-                       long res_cs) {
-  // as many COB_MAIN blocks as leave a multiple of 4 (every width but the head's is one), then blocks of 4
-  int main_end = (g.cout / COB_MAIN) * COB_MAIN;
-  while (main_end > 0 && (g.cout - main_end) % 4) main_end -= COB_MAIN;
-  int co = 0;
-  for (; co < main_end; co += COB_MAIN) micro<COB_MAIN, NV_MAIN>(g, co, pan, ld, out, out_cs, res, res_cs);
-  for (; co + 4 <= g.cout; co += 4) micro<4, NV_MAIN>(g, co, pan, ld, out, out_cs, res, res_cs);
-  for (; co < g.cout; ++co) micro<1, NV_MAIN>(g, co, pan, ld, out, out_cs, res, res_cs);
-}
-
-// A GEMM's last columns (fewer than a pixel block) go through padded copies: rows x tail of src into rows x blk
-// of dst, zero-filled; and back.
-template <typename T>
-static void pad_tail(T* dst, int blk, const T* src, long ld, int rows, int p, int tail) {
-  for (int r = 0; r < rows; ++r) {
-    std::memcpy(dst + (long)r * blk, src + (long)r * ld + p, tail * sizeof(T));
-    std::memset(dst + (long)r * blk + tail, 0, (blk - tail) * sizeof(T));
+// one block of n (1..8) output channels
+template <int NV, bool MASK>
+static inline void micro_n(int n, const Gemm& g, int co, const float* pan, long ld, float* out, long out_cs,
+                           const float* res, long res_cs, vmask m) {
+  switch (n) {
+    case 1: micro<1, NV, MASK>(g, co, pan, ld, out, out_cs, res, res_cs, m); break;
+    case 2: micro<2, NV, MASK>(g, co, pan, ld, out, out_cs, res, res_cs, m); break;
+    case 3: micro<3, NV, MASK>(g, co, pan, ld, out, out_cs, res, res_cs, m); break;
+    case 4: micro<4, NV, MASK>(g, co, pan, ld, out, out_cs, res, res_cs, m); break;
+    case 5: micro<5, NV, MASK>(g, co, pan, ld, out, out_cs, res, res_cs, m); break;
+    case 6: micro<6, NV, MASK>(g, co, pan, ld, out, out_cs, res, res_cs, m); break;
+#if VW == 16
+    case 7: micro<7, NV, MASK>(g, co, pan, ld, out, out_cs, res, res_cs, m); break;
+    case 8: micro<8, NV, MASK>(g, co, pan, ld, out, out_cs, res, res_cs, m); break;
+#endif
   }
 }
-static void unpad_tail(float* dst, long ld, const float* src, int blk, int rows, int p, int tail) {
-  for (int r = 0; r < rows; ++r) std::memcpy(dst + (long)r * ld + p, src + (long)r * blk, tail * sizeof(float));
+
+// Any number of output channels: blocks of COB_MAIN, then the rest as one block, or, when fewer than 4 would be
+// left (few FMAs per panel load), one COB_MAIN block fewer and the rest as two blocks of about half (at least 4
+// each): 32 -> 6 6 6 6 4 4 on AVX2, 14 -> 6 4 4, 13 -> 6 4 3; widths that are multiples of 4 get the blocks
+// they always had.
+template <int NV, bool MASK>
+static void gemm_block(const Gemm& g, const float* pan, long ld, float* out, long out_cs, const float* res,
+                       long res_cs, vmask m) {
+  int main_end = (g.cout / COB_MAIN) * COB_MAIN, rest = g.cout - main_end;
+  if (rest > 0 && rest < 4 && main_end > 0) { main_end -= COB_MAIN; rest += COB_MAIN; }
+  int co = 0;
+  for (; co < main_end; co += COB_MAIN) micro<COB_MAIN, NV, MASK>(g, co, pan, ld, out, out_cs, res, res_cs, m);
+  if (rest > COB_MAIN) {
+    const int half = (rest + 1) / 2;
+    micro_n<NV, MASK>(half, g, co, pan, ld, out, out_cs, res, res_cs, m);
+    co += half;
+    rest -= half;
+  }
+  if (rest > 0) micro_n<NV, MASK>(rest, g, co, pan, ld, out, out_cs, res, res_cs, m);
 }
 
-static void gemm(const Gemm& g, Scratch& s) {
+// Pixel blocks of PBLK; the last (fewer) columns as 1..NV_MAIN vectors, the last one masked: no padded copies.
+static void gemm(const Gemm& g, Scratch&) {
+  const vmask all = tail_mask(VW);
   int p = 0;
   for (; p + PBLK <= g.P; p += PBLK)
-    gemm_block(g, g.panel + p, g.ld, g.out + p, g.out_cs, g.res ? g.res + p : nullptr, g.res_cs);
-  int tail = g.P - p;
-  if (tail > 0) {  // copy the last columns into a padded panel; compute into a temp; copy the valid part
-    float* tp = s.get(7, (size_t)g.K * PBLK);
-    float* to = s.get(8, (size_t)g.cout * PBLK);
-    float* tr = g.res ? s.get(9, (size_t)g.cout * PBLK) : nullptr;
-    pad_tail(tp, PBLK, g.panel, g.ld, g.K, p, tail);
-    if (tr) pad_tail(tr, PBLK, g.res, g.res_cs, g.cout, p, tail);
-    gemm_block(g, tp, PBLK, to, PBLK, tr, PBLK);
-    unpad_tail(g.out, g.out_cs, to, PBLK, g.cout, p, tail);
+    gemm_block<NV_MAIN, false>(g, g.panel + p, g.ld, g.out + p, g.out_cs, g.res ? g.res + p : nullptr, g.res_cs, all);
+  const int tail = g.P - p;
+  if (tail > 0) {
+    const int nv = (tail + VW - 1) / VW;
+    const vmask m = tail_mask(tail - (nv - 1) * VW);
+    const float* res = g.res ? g.res + p : nullptr;
+    switch (nv) {
+      case 1: gemm_block<1, true>(g, g.panel + p, g.ld, g.out + p, g.out_cs, res, g.res_cs, m); break;
+      case 2: gemm_block<2, true>(g, g.panel + p, g.ld, g.out + p, g.out_cs, res, g.res_cs, m); break;
+      default: gemm_block<NV_MAIN, true>(g, g.panel + p, g.ld, g.out + p, g.out_cs, res, g.res_cs, m); break;  // 3 (AVX-512)
+    }
   }
 }
 
@@ -438,6 +468,7 @@ constexpr int HALO_R1 = 9, HALO_R2 = 7, HALO_R3 = 4;
 #if VW == 16
 typedef __m512i vq;
 static inline vq q_load(const uint32_t* p) { return _mm512_loadu_si512(p); }
+static inline vq q_load_m(const uint32_t* p, vmask m) { return _mm512_maskz_loadu_epi32(m, p); }
 static inline vq q_set1(uint32_t w) { return _mm512_set1_epi32((int)w); }
 static inline vq q_dot4(vq acc, vq z, vq w) {  // acc += sum of 4 u8 x s8 products per 32-bit lane
   return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(z, w), _mm512_set1_epi16(1)));
@@ -448,6 +479,7 @@ static inline vi q_round(vf x) { return (vi)_mm512_cvtps_epi32((__m512)x); }
 #else
 typedef __m256i vq;
 static inline vq q_load(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+static inline vq q_load_m(const uint32_t* p, vmask m) { return _mm256_maskload_epi32(reinterpret_cast<const int*>(p), m); }
 static inline vq q_set1(uint32_t w) { return _mm256_set1_epi32((int)w); }
 static inline vq q_dot4(vq acc, vq z, vq w) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(z, w), _mm256_set1_epi16(1)));
@@ -503,44 +535,55 @@ struct GemmQ {
 
 constexpr int QCOB = 4, QNV = 2, QPBLK = QNV * VW;  // 8 accumulators + 2 panel + weight + temporaries of 16 ymm
 
+template <int NV, bool MASK>
 static inline void micro_q(const GemmQ& g, int co, const uint32_t* pan, long ld, float* out, long out_cs,
-                           const float* res, long res_cs) {
-  vq acc[QCOB][QNV];
+                           const float* res, long res_cs, vmask m) {
+  vq acc[QCOB][NV];
   for (int j = 0; j < QCOB; ++j)
-    for (int v = 0; v < QNV; ++v) acc[j][v] = q_zero();
+    for (int v = 0; v < NV; ++v) acc[j][v] = q_zero();
   const uint32_t* w = g.wq + co;
   for (int c = 0; c < g.G; ++c) {
-    vq z[QNV];
-    for (int v = 0; v < QNV; ++v) z[v] = q_load(pan + c * ld + v * VW);
+    vq z[NV];
+    for (int v = 0; v < NV; ++v)
+      z[v] = (MASK && v == NV - 1) ? q_load_m(pan + c * ld + v * VW, m) : q_load(pan + c * ld + v * VW);
     for (int j = 0; j < QCOB; ++j) {
       vq wj = q_set1(w[(long)c * g.cout + j]);
-      for (int v = 0; v < QNV; ++v) acc[j][v] = q_dot4(acc[j][v], z[v], wj);
+      for (int v = 0; v < NV; ++v) acc[j][v] = q_dot4(acc[j][v], z[v], wj);
     }
   }
   for (int j = 0; j < QCOB; ++j) {
     const vf sc = vset1(g.scale[co + j]), b = vset1(g.bias[co + j]);
-    for (int v = 0; v < QNV; ++v) {
+    for (int v = 0; v < NV; ++v) {
       vf o = vmax0(q_to_f(acc[j][v]) * sc + b);
-      if (res) o += vload(res + (co + j) * res_cs + v * VW);
-      vstore(out + (co + j) * out_cs + v * VW, o);
+      float* op = out + (co + j) * out_cs + v * VW;
+      if (MASK && v == NV - 1) {
+        if (res) o += vload_m(res + (co + j) * res_cs + v * VW, m);
+        vstore_m(op, o, m);
+      } else {
+        if (res) o += vload(res + (co + j) * res_cs + v * VW);
+        vstore(op, o);
+      }
     }
   }
 }
 
-static void gemm_q(const GemmQ& g, Scratch& s) {  // cout is a multiple of 4 (GMBI widths are)
+// cout is a multiple of 4: the GMBI modules' widths are (the model's 4 equal channel groups).  The last columns
+// (fewer than QPBLK) as one or two vectors, the last one masked, as in gemm().
+static void gemm_q(const GemmQ& g, Scratch&) {
+  const vmask all = tail_mask(VW);
   int p = 0;
   for (; p + QPBLK <= g.P; p += QPBLK)
     for (int co = 0; co < g.cout; co += QCOB)
-      micro_q(g, co, g.panel + p, g.ld, g.out + p, g.out_cs, g.res ? g.res + p : nullptr, g.res_cs);
-  int tail = g.P - p;
-  if (tail > 0) {  // the last columns through a padded copy, as in gemm()
-    uint32_t* tp = reinterpret_cast<uint32_t*>(s.get(7, (size_t)g.G * QPBLK));
-    float* to = s.get(8, (size_t)g.cout * QPBLK);
-    float* tr = g.res ? s.get(9, (size_t)g.cout * QPBLK) : nullptr;
-    pad_tail(tp, QPBLK, g.panel, g.ld, g.G, p, tail);
-    if (tr) pad_tail(tr, QPBLK, g.res, g.res_cs, g.cout, p, tail);
-    for (int co = 0; co < g.cout; co += QCOB) micro_q(g, co, tp, QPBLK, to, QPBLK, tr, QPBLK);
-    unpad_tail(g.out, g.out_cs, to, QPBLK, g.cout, p, tail);
+      micro_q<QNV, false>(g, co, g.panel + p, g.ld, g.out + p, g.out_cs, g.res ? g.res + p : nullptr, g.res_cs, all);
+  const int tail = g.P - p;
+  if (tail > 0) {
+    const int nv = (tail + VW - 1) / VW;
+    const vmask m = tail_mask(tail - (nv - 1) * VW);
+    const float* res = g.res ? g.res + p : nullptr;
+    for (int co = 0; co < g.cout; co += QCOB) {
+      if (nv == 1) micro_q<1, true>(g, co, g.panel + p, g.ld, g.out + p, g.out_cs, res, g.res_cs, m);
+      else micro_q<QNV, true>(g, co, g.panel + p, g.ld, g.out + p, g.out_cs, res, g.res_cs, m);
+    }
   }
 }
 

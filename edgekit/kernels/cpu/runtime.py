@@ -422,7 +422,7 @@ class FusedNet:
     def state(self, n: int, height: int, width: int):
         key = (n, height, width)
         if key not in self._states:
-            plan = plan_gmbinet(self.net, n, height, width, "float32")
+            plan = plan_gmbinet(self.net, n, height, width, "float32", channel_multiple=1)
             acts = _aligned(plan.act_bytes)
             ops, layers = build_program(plan, self.offsets, self.params.ctypes.data, acts.ctypes.data,
                                         self.kernels.threads, self.panel_bytes, self.fuse_head)
