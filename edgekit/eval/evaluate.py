@@ -34,12 +34,13 @@ def predict_probs(runner: Runner, images: List[np.ndarray], names: Optional[List
 
 
 def evaluate(runner: Runner, dataset: SegDataset, batch_size: int = 4, show_progress: bool = True,
-             limit: int | None = None) -> dict:
+             limit: int | None = None, desc: str = "eval") -> dict:
+    """MAE, IoU and max F of ``runner`` on ``dataset`` (overall and per class); ``desc`` names the progress bar."""
     samples = limit_samples(dataset.samples, limit)  # N images across all classes
     if not any(s.mask_path is not None or s._mask is not None for s in samples):
         raise EdgekitError(f"{dataset.description}: no ground-truth masks to evaluate against")
     metrics = SegMetrics()
-    with progress(total=len(samples), desc="eval", enabled=show_progress) as bar:
+    with progress(total=len(samples), desc=desc, enabled=show_progress) as bar:
         for group in batches(samples, batch_size):
             loaded = [s.load() for s in group]
             probs = predict_probs(runner, [img for img, _ in loaded], [s.name for s in group])
