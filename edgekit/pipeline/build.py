@@ -17,6 +17,7 @@ from edgekit.artifact import artifact_writer, sign_artifact, tool_versions, veri
 from edgekit.backends.base import Runner
 from edgekit.backends.registry import BackendSpec, BuildContext
 from edgekit.errors import EdgekitError
+from edgekit.progress import stage
 from edgekit.pipeline.sources import open_source
 
 
@@ -52,7 +53,8 @@ def build_artifact(spec: BackendSpec, source_path: str, precision: str, out: str
                            calibration_description=calib_set.description if calib_set is not None else None,
                            int8_scheme=int8_scheme, subset=subset, onnx=onnx_path,
                            check_batches=lambda n=16: src.check_batches(parity_set, n))
-        fields = spec.build(ctx)
+        with stage(f"{spec.name}: building the {ctx.precision} model"):
+            fields = spec.build(ctx)
         files = [fields["model_file"], *fields.pop("extra_files", [])]
         quantized = precision == "int8"
         manifest = {"target": spec.name, "precision": precision, **fields, **src.base,
