@@ -68,7 +68,7 @@ COMMANDS = {
     "prune": (["prune", "model.pt", "--ratio", "0.25", "--data", "synthetic:8", "--taylor-images", "4",
                "--bn-images", "4", "--finetune", "tiny.yaml", "--iterations", "2", "--limit-images", "4",
                "--out", "{out}.pt", "--json"],
-              ["prune: taylor importance", "prune: BatchNorm recalibration", "prune: ranking and removing",
+              ["prune: taylor importance", "prune: BatchNorm recalibration", "prune: removing 0.25 of every stage's channels",
                "prune: check, source model", "prune: check, pruned model", "train: loading the train images",
                TRAIN_BAR, "train: validation", "train: test split"], True),
     "adapt": (["adapt", "--task", "t1", "--data", "cls", "--backbone", "model.pt", "--epochs", "3",

@@ -18,7 +18,7 @@ from torch import nn
 
 from edgekit.compress.prune import prune_checkpoint, recalibrate_batchnorm
 from edgekit.errors import EdgekitError
-from edgekit.progress import stage, track
+from edgekit.progress import track
 
 
 def recalibrate_on_dataset(model: nn.Module, dataset, spec, images: int, batch: int = 8) -> dict:
@@ -102,10 +102,9 @@ def prune_with_data(ck, ratio: float, data: Optional[str] = None, *, importance:
     grads = taylor_batches(train, ck.preprocess, taylor_images) if importance == "taylor" else None
     bn = bn_batches(train, ck.preprocess, bn_images) if (train is not None and bn_images) else None
     multiple, required_by = (1, {}) if exact else common_channel_multiple()
-    with stage(f"prune: ranking and removing {ratio:g} of the channels ({importance}, Torch-Pruning)"):
-        pruned, report = prune_checkpoint(ck, ratio, bn_batches=bn, bn_record={"data": train.description} if bn else None,
-                                          importance=importance, grad_batches=grads,
-                                          criterion=DeepSupervisionLoss(), channel_multiple=multiple)
+    pruned, report = prune_checkpoint(ck, ratio, bn_batches=bn, bn_record={"data": train.description} if bn else None,
+                                      importance=importance, grad_batches=grads, criterion=DeepSupervisionLoss(),
+                                      channel_multiple=multiple)
     if report.rounding is not None:
         report.rounding = {**report.rounding, "required_by": required_by}
         pruned.provenance["prune"] = report.to_dict()
