@@ -125,3 +125,43 @@ def test_edgekit_no_progress_silences_it(work, name):
     _check_stdout(name, r.stdout)
     shown = [str(s) for s in COMMANDS[name][1] if _shown(s, r.stderr)]
     assert not shown and BAR not in r.stderr and "\r" not in r.stderr and ": done in " not in r.stderr, r.stderr
+
+
+def test_a_terminal_bar_keeps_moving_during_one_long_step():
+    """On a terminal a bar is redrawn every second, so one slow step (a Taylor batch, one epoch) does not look
+    like a hang: a 3 s step under a pseudo-terminal gets at least two redraws."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    code = ("import time\nfrom edgekit.progress import progress\n"
+            "with progress(1, 'slow step') as bar:\n    time.sleep(3)\n    bar.update(1)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("EDGEKIT_NO_PROGRESS", "EDGEKIT_PROGRESS")}
+    env["PYTHONPATH"] = str(ROOT)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a terminal 120 columns wide
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    chunks, t_end = [], time.monotonic() + 60
+    try:
+        while time.monotonic() < t_end:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    data = os.read(master, 4096)
+                except OSError:  # the child closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif p.poll() is not None:
+                break
+    finally:
+        p.wait(timeout=30)
+        os.close(master)
+    out = b"".join(chunks).decode(errors="replace")
+    assert p.returncode == 0, out
+    redraws = [s for s in out.split("\r") if s.startswith("slow step:   0%")]
+    assert len(redraws) >= 3, out  # the first draw and at least two heartbeats before the step ends
