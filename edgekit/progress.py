@@ -42,7 +42,7 @@ def progress(total: Optional[int], desc: str, enabled: bool = True, unit: str = 
     """A bar of ``total`` steps (None: a count without ETA) named ``desc``; update it with ``bar.update(n)``."""
     bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not progress_enabled(enabled),
                leave=False, mininterval=_mininterval(), dynamic_ncols=True)
-    heartbeat = _Heartbeat(bar) if not bar.disable and sys.stderr.isatty() else None
+    heartbeat = Heartbeat(bar) if not bar.disable and sys.stderr.isatty() else None
     try:
         yield bar
     finally:
@@ -51,7 +51,7 @@ def progress(total: Optional[int], desc: str, enabled: bool = True, unit: str = 
         bar.close()
 
 
-class _Heartbeat:
+class Heartbeat:
     """Redraws a terminal bar every second so its elapsed time keeps moving while one step takes long
     (a Taylor backward pass over 8 images at 512x512 took 136 s on a loaded 2-core machine: a bar
     updated per step alone sat still that long). tqdm's own lock guards the redraw."""

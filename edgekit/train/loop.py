@@ -36,6 +36,7 @@ from edgekit.data.preprocess import PreprocessSpec
 from edgekit.errors import EdgekitError
 from edgekit.models.checkpoint import Checkpoint, load_checkpoint, load_state_dict_strict
 from edgekit.models.gmbinet import GMBINet, GMBINetConfig
+from edgekit.progress import Heartbeat
 from edgekit.data.datasets import limit_samples
 from edgekit.train import distributed
 from edgekit.train.data import EpochSampler, batch_generator, build_trainset, make_batch, preload
@@ -665,6 +666,7 @@ class Trainer:
         """Train to ``self.total`` (or the budget's horizon); returns whether ``stop_after`` ended it early."""
         r, dist, b = self.r, self.dist, self.budget
         self.bar = bar = _progress(None if self.total == UNPLANNED else self.total, self.it, enabled=dist.is_main)
+        heartbeat = Heartbeat(bar) if not bar.disable and sys.stderr.isatty() else None  # a slow iteration moves
         loss_ema = None  # a float (host pipeline) or a device tensor (device_data: read at the log points)
         stopped = False
         timing: List[float] = []  # the measured steps of a budgeted run
@@ -720,6 +722,8 @@ class Trainer:
                     stopped = True
                     break
         finally:
+            if heartbeat is not None:
+                heartbeat.stop()
             bar.close()
         return stopped
 
