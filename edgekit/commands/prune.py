@@ -1,9 +1,6 @@
 """``edgekit prune CKPT --ratio R [--finetune RECIPE] --out CKPT``: structured channel pruning."""
 from __future__ import annotations
 
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -55,8 +52,9 @@ REQUIRES = ("torch", "torch_pruning")  # the prune extra brings both
 def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn_images, iterations, budget, distill,
               exact, threads, limit_images, work_dir, out, force, as_json):
     """Remove channels (equally from every GMBI group), optionally fine-tune; save an edgekit checkpoint."""
-    from edgekit.train.prune import prune_with_data
     from edgekit.models.checkpoint import load_checkpoint
+    from edgekit.progress import write_stderr
+    from edgekit.train.prune import prune_and_finetune
 
     out_path = Path(out)
     check_out(out_path, force)
@@ -78,46 +76,17 @@ def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn
         if distill is not None:
             r.loss.distill = float(distill)
     ck = load_checkpoint(model_path(model, quiet=True))  # quiet: a refused ratio stays one error line
-    data = data or (r.data_path() if r is not None else None)
-    pruned, report = prune_with_data(ck, ratio, data, importance=importance, taylor_images=taylor_images,
-                                     bn_images=bn_images, val_limit=limit_images, exact=exact)
-    if report.rounding is not None:
-        _say_rounding(report)
-    result = {"source": str(ck.path), "ratio": ratio, **{k: v for k, v in report.to_dict().items() if k != "ratio"},
-              "bn_recalibration": pruned.provenance["bn_recalibration"]}
-    if "check" in pruned.provenance:
-        result["check"] = pruned.provenance["check"]
-    if r is None:
-        pruned.save(out_path)
-    else:
-        from tqdm import tqdm
-
-        from edgekit.train.loop import train
-
-        keep = work_dir is not None
-        run_dir = Path(work_dir) if keep else Path(tempfile.mkdtemp(prefix="edgekit-prune-"))
-        try:
-            teacher = ck.build() if r.loss.distill > 0 else None  # the unpruned model
-            res = train(r, data=data, out_dir=str(run_dir), iterations=iterations, limit_images=limit_images,
-                        init=pruned, teacher=teacher, log=lambda m: tqdm.write(m, file=sys.stderr), budget_s=budget_s)
-            tuned = load_checkpoint(res.best)
-            tuned.provenance = {**pruned.provenance, "finetune": tuned.provenance}
-            tuned.save(out_path)
-            result["finetune"] = {"recipe": r.name, "profile": r.profile, "iterations": res.iteration,
-                                  "distill": r.loss.distill, "budget": tuned.provenance["finetune"].get("budget"),
-                                  "best_iteration": res.best_iteration, "val_iou": res.best_val_iou,
-                                  "test": res.test["overall"], "wall_s": round(res.wall_s, 1),
-                                  "run": str(run_dir) if keep else None}
-        finally:
-            if not keep:
-                shutil.rmtree(run_dir, ignore_errors=True)
-    result["out"] = str(out_path)
+    result = prune_and_finetune(ck, ratio, out_path, data=data, recipe=r, importance=importance,
+                                taylor_images=taylor_images, bn_images=bn_images, limit_images=limit_images,
+                                exact=exact, iterations=iterations, budget_s=budget_s, work_dir=work_dir,
+                                note=write_stderr, log=write_stderr)
     if as_json:
         echo_json(result)
         return
-    w0, w1 = report.widths_before, report.widths_after
-    click.echo(f"pruned {ck.path}: widths {w0} -> {w1}; parameters {report.params_before:,} -> "
-               f"{report.params_after:,}; MACs at 512 {report.macs_before / 1e9:.3f} G -> {report.macs_after / 1e9:.3f} G")
+    w0, w1 = result["widths_before"], result["widths_after"]
+    click.echo(f"pruned {ck.path}: widths {w0} -> {w1}; parameters {result['params_before']:,} -> "
+               f"{result['params_after']:,}; MACs at 512 {result['macs_before'] / 1e9:.3f} G -> "
+               f"{result['macs_after'] / 1e9:.3f} G")
     if result["bn_recalibration"]:
         click.echo(f"BatchNorm statistics recalibrated on {result['bn_recalibration']['images']} images")
     if "check" in result:
@@ -128,18 +97,6 @@ def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn
         t = result["finetune"]["test"]
         click.echo(f"fine-tuned {result['finetune']['iterations']} iterations: test MAE {t['mae']:.4f} IoU {t['iou']:.4f}")
     click.echo(f"wrote {out_path}")
-
-
-def _say_rounding(report) -> None:
-    """One stderr line when rounding changed a width the ratio gives (and one per note)."""
-    r = report.rounding
-    who = ", ".join(f"{name} {m}" for name, m in r["required_by"].items())
-    if r["widths_exact"] != report.widths_after or r["head_width_exact"] != r["head_width"]:
-        click.echo(f"note: kept channel counts rounded up to multiples of {r['channel_multiple']} so that every "
-                   f"target compiles them ({who}): widths {r['widths_exact']} -> {report.widths_after}, head width "
-                   f"{r['head_width_exact']} -> {r['head_width']}; --exact keeps the ratio's widths", err=True)
-    for note in r["notes"]:
-        click.echo(f"note: {note}", err=True)
 
 
 commands = [prune_cmd]

@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from edgekit.errors import EdgekitError, MissingBackendError
 from edgekit.models.gmbinet import GMBI, GMBINet, GMBINetConfig
+from edgekit.progress import stage
 
 try:
     import torch_pruning as tp
@@ -379,7 +380,8 @@ def prune_gmbinet(model: GMBINet, ratio: float, *, example_size: int = 64, macs_
                 work, torch.randn(size), importance=imp, pruning_ratio=ratio, ignored_layers=ignored,
                 customized_pruners={GMBI: GMBIPruner()}, pruning_ratio_dict=ratio_dict, global_pruning=False)
 
-        with opaque_gmbi(work):
+        with opaque_gmbi(work), stage(f"prune: removing {ratio:g} of every stage's channels ({importance} ranking, "
+                                      "Torch-Pruning)"):
             pruner = make_pruner()
             if channel_multiple and channel_multiple > 1:
                 rounding, ratio_dict = _round_groups(pruner, work, ratio, int(channel_multiple))

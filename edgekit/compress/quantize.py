@@ -27,6 +27,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from edgekit.errors import EdgekitError, MissingBackendError
+from edgekit.progress import progress_enabled, stage
 
 SCHEMES = ("default", "stem-head-float", "conv-only", "pointwise")
 FLOAT_PATTERNS = [".*encoder1.*", ".*conv_out1.*", ".*/Resize.*$"]  # stem, prediction head, resizes
@@ -71,7 +72,7 @@ def _nncf_output_on_stderr():
              if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.__stdout__)]
     for h, _ in moved:
         h.setStream(sys.stderr)
-    show = sys.stderr.isatty() and not os.environ.get("EDGEKIT_NO_PROGRESS")
+    show = progress_enabled()
     try:
         with contextlib.ExitStack() as stack:
             bars = sys.stderr if show else stack.enter_context(open(os.devnull, "w"))
@@ -96,12 +97,20 @@ def quantize_model(model, backend: str, calibration: Sequence[np.ndarray], schem
     for i, x in enumerate(calibration):
         if not np.isfinite(np.asarray(x)).all():
             raise EdgekitError(f"INT8 calibration: batch {i} holds NaN or Inf; nothing written")
-    check_finite_model(model, backend, "the float model")
-    check_finite_outputs(model, backend, calibration[:2], "the float model", input_name)
-    quantized = _quantize(nncf, model, backend, calibration, scheme, subset_size, input_name, validation,
-                          validation_fn, max_drop, max_iterations, extra_ignored)
-    check_finite_model(quantized, backend, "the INT8 model (its quantizer ranges come from the calibration statistics)")
-    check_finite_outputs(quantized, backend, calibration[:4], "the INT8 model", input_name)
+    with stage("INT8: checking the float model for NaN/Inf"):
+        check_finite_model(model, backend, "the float model")
+        check_finite_outputs(model, backend, calibration[:2], "the float model", input_name)
+    controlled = validation_fn is not None and max_drop is not None
+    what = (f"NNCF accuracy-controlled quantization ({backend}, {min(subset_size, len(calibration))} calibration "
+            f"images, {len(validation)} validation images, at most {max_iterations} restorer iterations)" if controlled
+            else f"NNCF quantization ({backend}, {min(subset_size, len(calibration))} calibration images, scheme {scheme})")
+    with stage(f"INT8: {what}"):
+        quantized = _quantize(nncf, model, backend, calibration, scheme, subset_size, input_name, validation,
+                              validation_fn, max_drop, max_iterations, extra_ignored)
+    with stage("INT8: checking the quantized model for NaN/Inf"):
+        check_finite_model(quantized, backend, "the INT8 model (its quantizer ranges come from the calibration "
+                                               "statistics)")
+        check_finite_outputs(quantized, backend, calibration[:4], "the INT8 model", input_name)
     return quantized
 
 

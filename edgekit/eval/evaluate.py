@@ -43,13 +43,14 @@ def note_stretching(note: Callable[[str], None], shapes, runner: Runner) -> bool
 
 
 def evaluate(runner: Runner, dataset: SegDataset, batch_size: int = 4, show_progress: bool = True,
-             limit: int | None = None, note: Optional[Callable[[str], None]] = None) -> dict:
-    """``note``: told once when the images are stretched to another aspect ratio (``aspect_note``)."""
+             limit: int | None = None, note: Optional[Callable[[str], None]] = None, desc: str = "eval") -> dict:
+    """MAE, IoU and max F of ``runner`` on ``dataset`` (overall and per class); ``desc`` names the progress bar;
+    ``note``: told once when the images are stretched to another aspect ratio (``aspect_note``)."""
     samples = limit_samples(dataset.samples, limit)  # N images across all classes
     if not any(s.mask_path is not None or s._mask is not None for s in samples):
         raise EdgekitError(f"{dataset.description}: no ground-truth masks to evaluate against")
     metrics = SegMetrics()
-    with progress(total=len(samples), desc="eval", enabled=show_progress) as bar:
+    with progress(total=len(samples), desc=desc, enabled=show_progress) as bar:
         for group in batches(samples, batch_size):
             loaded = [s.load() for s in group]
             said = note is not None and note_stretching(note, [img.shape for img, _ in loaded], runner)

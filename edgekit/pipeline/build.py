@@ -18,6 +18,7 @@ from edgekit.backends.base import Runner
 from edgekit.backends.registry import BackendSpec, BuildContext
 from edgekit.errors import EdgekitError
 from edgekit.pipeline.request import CompileRequest
+from edgekit.progress import stage
 from edgekit.pipeline.sources import open_source
 
 
@@ -53,7 +54,8 @@ def build_artifact(spec: BackendSpec, request: CompileRequest, log: Callable = p
                            calibration_description=calib_set.description if calib_set is not None else None,
                            int8_scheme=r.int8_scheme, subset=r.subset, onnx=onnx_path,
                            check_batches=lambda n=16: src.check_batches(parity_set, n))
-        fields = spec.build(ctx)
+        with stage(f"{spec.name}: building the {ctx.precision} model"):
+            fields = spec.build(ctx)
         files = [fields["model_file"], *fields.pop("extra_files", [])]
         quantized = precision == "int8"
         manifest = {"target": spec.name, "precision": precision, **fields, **src.base,

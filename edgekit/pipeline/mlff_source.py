@@ -35,6 +35,7 @@ import torch
 from edgekit.data.preprocess import PreprocessSpec
 from edgekit.errors import EdgekitError
 from edgekit.pipeline.onnx_export import INPUT_NAME
+from edgekit.progress import track
 from edgekit.mlff.runner import MLFF_KIND, TorchBackboneRunner, backbone_preprocess_dict
 
 FEATURES_NAME = "features"
@@ -239,7 +240,7 @@ class BackboneSource:
         idx = images.spread(limit)
         if not idx:
             raise EdgekitError(f"{images.description}: no calibration images")
-        return [self.preprocess(images.arrays([i])) for i in idx]
+        return [self.preprocess(images.arrays([i])) for i in track(idx, len(idx), "INT8: reading the calibration images")]
 
     def adapter(self):
         """(adapter, meta) of the registry's newest adapter, or None when compiled from a bare backbone."""
@@ -258,7 +259,8 @@ class BackboneSource:
         reference = self.reference_runner(threads)
         idx = images.spread(limit)
         fa, fb = [], []
-        for s in range(0, len(idx), 8):
+        what = f"parity: {getattr(candidate, 'name', 'artifact')} vs the PyTorch backbone"
+        for s in track(range(0, len(idx), 8), len(idx), what, count=lambda s: len(idx[s:s + 8])):
             x = self.preprocess(images.arrays(idx[s:s + 8]))
             fa.append(reference.infer(x))
             fb.append(np.concatenate([candidate.infer(x[i:i + 1]) for i in range(len(x))]))

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from edgekit.errors import MissingBackendError
+from edgekit.progress import stage
 
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "mask"
@@ -27,13 +28,14 @@ def export_onnx(model: torch.nn.Module, input_shape, path: Path, dynamic_batch: 
     model = model.eval()
     dummy = torch.randn(*input_shape)
     dynamic_axes = {INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (dummy,), str(path), input_names=[INPUT_NAME], output_names=[output_name],
-                          opset_version=OPSET, dynamic_axes=dynamic_axes, do_constant_folding=True, dynamo=False)
-    if simplify:
-        simplify_onnx(path, input_shape)
-    onnx.checker.check_model(str(path))
+    with stage(f"export: PyTorch -> ONNX (opset {OPSET}{', onnxsim' if simplify else ''})"):
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (dummy,), str(path), input_names=[INPUT_NAME], output_names=[output_name],
+                              opset_version=OPSET, dynamic_axes=dynamic_axes, do_constant_folding=True, dynamo=False)
+        if simplify:
+            simplify_onnx(path, input_shape)
+        onnx.checker.check_model(str(path))
     return path
 
 

@@ -17,6 +17,7 @@ from edgekit.data.datasets import SegDataset, limit_samples
 from edgekit.data.preprocess import preprocess
 from edgekit.errors import EdgekitError
 from edgekit.backends.base import Runner
+from edgekit.progress import track
 
 # Budgets per candidate precision, from benchmarks/parity_budget.py on 64 SD-900 test images with the
 # published checkpoint (benchmarks/out/parity_budget.json; "decisive" as defined below):
@@ -104,7 +105,7 @@ def parity(reference: Runner, candidate: Runner, dataset: SegDataset, limit: int
     model = getattr(reference, "model", None)
     watch = first_nonfinite_layer(model) if isinstance(model, nn.Module) else contextlib.nullcontext({})
     with watch as found:
-        for s in samples:
+        for s in track(samples, len(samples), f"parity: {_label(candidate)} vs the source model"):
             x = preprocess([s.image()], reference.spec)
             a = reference.infer(x)[0, 0]
             bad = _nonfinite_kind(a)
@@ -136,6 +137,12 @@ def parity(reference: Runner, candidate: Runner, dataset: SegDataset, limit: int
         check_budget(result, budget, f"{candidate.name} {candidate.precision}")
         result["budget"] = dict(budget)
     return result
+
+
+def _label(runner) -> str:
+    """``target precision`` of a runner, for a progress bar (a runner without them: its class name)."""
+    parts = [getattr(runner, k, None) for k in ("name", "precision")]
+    return " ".join(str(p) for p in parts if p) or type(runner).__name__
 
 
 def _iou(ma: np.ndarray, mb: np.ndarray) -> float:

@@ -21,6 +21,7 @@ from edgekit.data.preprocess import PreprocessSpec, preprocess, resize_probs
 from edgekit.errors import EdgekitError
 from edgekit.pipeline.onnx_export import INPUT_NAME, export_onnx
 from edgekit.pipeline.parity import PARITY_BUDGETS, parity
+from edgekit.progress import track
 
 METRICS = ("iou", "mae", "max_f")
 
@@ -110,7 +111,8 @@ class GMBINetSource:
         samples = limit_samples(dataset.samples, limit)  # every class, not the first class only
         if not samples:
             raise EdgekitError(f"{dataset.description}: no calibration images")
-        batches = [preprocess([s.image()], self.spec) for s in samples]
+        batches = [preprocess([s.image()], self.spec)
+                   for s in track(samples, len(samples), "INT8: reading the calibration images")]
         for s, x in zip(samples, batches):  # every INT8 quantizer (NNCF or a builder's) takes these statistics
             if not np.isfinite(x).all():
                 raise EdgekitError(f"calibration image {s.name} of {dataset.description} preprocesses to NaN or Inf")
@@ -136,8 +138,8 @@ class GMBINetSource:
         """The metric on ``val`` before (the source model) and after (the INT8 artifact); refuses over budget."""
         from edgekit.eval.evaluate import evaluate
 
-        before = evaluate(self.reference_runner(threads), val, show_progress=False)["overall"][metric]
-        after = evaluate(candidate, val, show_progress=False)["overall"][metric]
+        before = evaluate(self.reference_runner(threads), val, desc="INT8 budget: source model on --val")["overall"][metric]
+        after = evaluate(candidate, val, desc="INT8 budget: INT8 artifact on --val")["overall"][metric]
         drop = (after - before) if metric == "mae" else (before - after)
         log(f"INT8 {metric} on {val.description}: {before:.4f} -> {after:.4f} (drop {drop:+.4f})")
         if max_drop is not None and drop > max_drop:

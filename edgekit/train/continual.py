@@ -107,9 +107,11 @@ def _cache_folder(backbone, cache_dir: Path) -> Path:
 
 
 def extract_features(backbone, paths: Sequence[Path], cache_dir: Optional[str | os.PathLike] = None,
-                     batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-    """Pooled tap features ``N x backbone.feature_dim`` (float32) for image files, cached when ``cache_dir``."""
+                     batch_size: int = 32, progress: bool = True) -> torch.Tensor:
+    """Pooled tap features ``N x backbone.feature_dim`` (float32) for image files, cached when ``cache_dir``;
+    ``progress``: a bar over the images not in the cache (``edgekit.progress``'s rules)."""
     from edgekit.data.images import read_gray
+    from edgekit.progress import progress as progress_bar
 
     folder = _cache_folder(backbone, Path(cache_dir)) if cache_dir else None
     out = np.zeros((len(paths), backbone.feature_dim), dtype=np.float32)
@@ -126,18 +128,21 @@ def extract_features(backbone, paths: Sequence[Path], cache_dir: Optional[str | 
             except (OSError, ValueError):
                 pass  # unreadable cache entry: recompute it
         todo.append((i, p, f))
-    for s in range(0, len(todo), batch_size):
-        chunk = todo[s:s + batch_size]
-        x = backbone.preprocess([read_gray(p) for _, p, _ in chunk])
-        with torch.inference_mode():
-            v = backbone.pooled(x).float().numpy()
-        for (i, _, f), row in zip(chunk, v):
-            out[i] = row
-            if f is not None:
-                buf = io.BytesIO()
-                np.save(buf, np.ascontiguousarray(row), allow_pickle=False)
-                with atomic_write(f) as fh:
-                    fh.write(buf.getvalue())
+    cached = f" ({len(paths) - len(todo)} cached)" if len(todo) < len(paths) else ""
+    with progress_bar(len(todo), f"adapt: backbone features{cached}", enabled=progress and bool(todo)) as bar:
+        for s in range(0, len(todo), batch_size):
+            chunk = todo[s:s + batch_size]
+            x = backbone.preprocess([read_gray(p) for _, p, _ in chunk])
+            with torch.inference_mode():
+                v = backbone.pooled(x).float().numpy()
+            for (i, _, f), row in zip(chunk, v):
+                out[i] = row
+                if f is not None:
+                    buf = io.BytesIO()
+                    np.save(buf, np.ascontiguousarray(row), allow_pickle=False)
+                    with atomic_write(f) as fh:
+                        fh.write(buf.getvalue())
+            bar.update(len(chunk))
     return torch.from_numpy(out)
 
 
@@ -148,13 +153,16 @@ def extract_features(backbone, paths: Sequence[Path], cache_dir: Optional[str | 
 def train_adapter(adapter: MLFFAdapter, feats: torch.Tensor, heads: torch.Tensor, labels: torch.Tensor, *,
                   epochs: int = 30, seed: int = 0, batch_size: int = 64, lr: float = 2e-3,
                   weight_decay: float = 1e-4, teacher: Optional[MLFFAdapter] = None, distill: float = 0.0,
-                  balanced: bool = True) -> float:
+                  balanced: bool = True, progress: bool = True) -> float:
     """Train ``adapter`` (all its parameters) on feature vectors; each sample names its head and label.
 
     ``teacher`` + ``distill``: add ``distill * MSE(embed, teacher.embed)`` on every batch (the previous
     adapter's fused embedding). ``balanced``: weight the loss so each (head, class) counts the same, so a
-    rehearsal buffer of K images per old class is not drowned out by the new task. Returns seconds.
+    rehearsal buffer of K images per old class is not drowned out by the new task. ``progress``: a bar over
+    the epochs (``edgekit.progress``'s rules). Returns seconds.
     """
+    from edgekit.progress import track
+
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -168,7 +176,7 @@ def train_adapter(adapter: MLFFAdapter, feats: torch.Tensor, heads: torch.Tensor
     if teacher is not None:
         teacher.eval()
     adapter.train()
-    for _ in range(epochs):
+    for _ in track(range(epochs), epochs, "adapt: training the adapter", enabled=progress, unit="epoch"):
         perm = torch.randperm(n, generator=g)
         for s in range(0, n, batch_size):
             idx = perm[s:s + batch_size]

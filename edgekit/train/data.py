@@ -15,10 +15,14 @@ from edgekit.data.preprocess import PreprocessSpec
 from edgekit.errors import EdgekitError
 
 
-def preload(samples: Sequence[SegSample], what: str) -> List[SegSample]:
-    """Samples with their image and mask read into memory (uint8 gray, bool mask)."""
+def preload(samples: Sequence[SegSample], what: str, desc: str = "loading images",
+            show_progress: bool = True) -> List[SegSample]:
+    """Samples with their image and mask read into memory (uint8 gray, bool mask); ``desc`` names the
+    progress bar."""
+    from edgekit.progress import track
+
     out = []
-    for s in samples:
+    for s in track(samples, len(samples), desc, enabled=show_progress):
         img, mask = s.load()
         if mask is None:
             raise EdgekitError(f"{what}: image {s.name} has no ground-truth mask")
@@ -40,11 +44,11 @@ class TrainSet:
 
 
 def build_trainset(dataset: SegDataset, samples: Sequence[SegSample], input_size: Tuple[int, int],
-                   resize: str = "stretch") -> TrainSet:
+                   resize: str = "stretch", show_progress: bool = True) -> TrainSet:
     """Stack the images once. Same-size images stay at their own size (resized per batch, like
     inference); mixed sizes are resized to the training input size here (stretch only: a letterboxed
     image's padding must be 0 after normalisation, which the per-batch path gives and this one cannot)."""
-    loaded = preload(samples, dataset.description)
+    loaded = preload(samples, dataset.description, desc="train: loading the train images", show_progress=show_progress)
     if not loaded:
         raise EdgekitError(f"{dataset.description}: no training images")
     shapes = {s._image.shape for s in loaded}

@@ -20,7 +20,6 @@ import datetime as _dt
 import hashlib
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -37,6 +36,7 @@ from edgekit.data.preprocess import PreprocessSpec
 from edgekit.errors import EdgekitError
 from edgekit.models.checkpoint import Checkpoint, load_checkpoint, load_state_dict_strict
 from edgekit.models.gmbinet import GMBINet, GMBINetConfig
+from edgekit.progress import Heartbeat
 from edgekit.data.datasets import limit_samples
 from edgekit.train import distributed
 from edgekit.train.data import EpochSampler, batch_generator, build_trainset, make_batch, preload
@@ -183,7 +183,7 @@ def load_train_state(path: Path) -> dict:
 
 
 def _validate(model: torch.nn.Module, dataset: SegDataset, spec: PreprocessSpec, device: torch.device,
-              batch: int) -> dict:
+              batch: int, show_progress: bool = True) -> dict:
     from edgekit.eval.evaluate import evaluate
     from edgekit.backends.torch_eager import TorchRunner
 
@@ -191,22 +191,27 @@ def _validate(model: torch.nn.Module, dataset: SegDataset, spec: PreprocessSpec,
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         ck = Checkpoint.from_model(model, preprocess=spec)
         runner = TorchRunner(ck, device=str(device))
-        return evaluate(runner, dataset, batch_size=batch, show_progress=False)
+        return evaluate(runner, dataset, batch_size=batch, show_progress=show_progress, desc="train: validation")
 
 
-def _subset(ds: SegDataset, n: Optional[int], what: str) -> SegDataset:
-    samples = preload(limit_samples(ds.samples, n), ds.description)
+def _subset(ds: SegDataset, n: Optional[int], what: str, show_progress: bool = True) -> SegDataset:
+    samples = preload(limit_samples(ds.samples, n), ds.description, desc=f"train: loading the {what} images",
+                      show_progress=show_progress)
     desc = ds.description if len(samples) == len(ds.samples) else f"{ds.description}, first {len(samples)} (limit)"
     return SegDataset(samples, sorted({s.cls for s in samples}), desc, ds.synthetic)
 
 
 def _progress(total: int, initial: int, enabled: bool = True):
+    """The iteration bar (``edgekit.progress``'s rules: a terminal, or EDGEKIT_PROGRESS=1; never with
+    EDGEKIT_NO_PROGRESS=1); kept on screen when done, unlike the shorter bars."""
     from tqdm import tqdm
 
-    disabled = bool(os.environ.get("EDGEKIT_NO_PROGRESS")) or not enabled
+    from edgekit.progress import progress_enabled
+
     tty = sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, desc="train", unit="it", file=sys.stderr, disable=disabled,
-                dynamic_ncols=True, mininterval=0.5 if tty else 30.0, smoothing=0.05)
+    return tqdm(total=total, initial=initial, desc="train", unit="it", file=sys.stderr,
+                disable=not progress_enabled(enabled), dynamic_ncols=True, mininterval=0.5 if tty else 30.0,
+                smoothing=0.05)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,7 +424,7 @@ class Trainer:
             held_out = f"{len(train_ds)} train / {len(val_ds)} val / {len(self.test_full)} test"
             self.write(f"data: {data} has no split.json: split by file name into {held_out} images (fixed: the same "
                        "split on every run; recorded in the checkpoint)")
-        self.val_ds = _subset(val_ds, limit, "val")
+        self.val_ds = _subset(val_ds, limit, "val", self.dist.is_main)
         train_samples = limit_samples(train_ds.samples, limit)
         train_names = {x.image_path for x in train_ds.samples if x.image_path is not None}  # synthetic: none
         for other in (r.data.val_split, r.data.test_split):
@@ -428,7 +433,7 @@ class Trainer:
             if shared:
                 raise EdgekitError(f"{data}: {len(shared)} images are in both the {r.data.train_split!r} and the "
                                    f"{other!r} split (only an SD-900-style folder with split.json has separate splits)")
-        self.ts = build_trainset(train_ds, train_samples, spec.input_size, spec.resize)
+        self.ts = build_trainset(train_ds, train_samples, spec.input_size, spec.resize, show_progress=self.dist.is_main)
         self.classes = sorted(set(train_ds.classes) | set(self.val_ds.classes) | set(self.test_full.classes))
         dist = self.dist
         horizon = f"a {self.budget.budget_s:.0f} s budget" if self.budget else f"{self.total} iterations"
@@ -564,7 +569,8 @@ class Trainer:
         """Val IoU of the current weights; best.pt when it improved; returns the seconds it took."""
         t0 = time.time()
         it, best = self.it, self.best
-        val = _validate(self.model, self.val_ds, self.spec, self.device, self.r.train.val_batch)
+        val = _validate(self.model, self.val_ds, self.spec, self.device, self.r.train.val_batch,
+                        show_progress=self.dist.is_main)
         v = val["overall"]
         improved = v["iou"] > best["val_iou"]
         if improved:
@@ -669,6 +675,7 @@ class Trainer:
         """Train to ``self.total`` (or the budget's horizon); returns whether ``stop_after`` ended it early."""
         r, dist, b = self.r, self.dist, self.budget
         self.bar = bar = _progress(None if self.total == UNPLANNED else self.total, self.it, enabled=dist.is_main)
+        heartbeat = Heartbeat(bar) if not bar.disable and sys.stderr.isatty() else None  # a slow iteration moves
         loss_ema = None  # a float (host pipeline) or a device tensor (device_data: read at the log points)
         stopped = False
         timing: List[float] = []  # the measured steps of a budgeted run
@@ -724,6 +731,8 @@ class Trainer:
                     stopped = True
                     break
         finally:
+            if heartbeat is not None:
+                heartbeat.stop()
             bar.close()
         return stopped
 
@@ -760,11 +769,11 @@ class Trainer:
         from edgekit.backends.torch_eager import TorchRunner
 
         r, best_path = self.r, self.best_path
-        test_ds = _subset(self.test_full, self.limit_images, "test")
+        test_ds = _subset(self.test_full, self.limit_images, "test")  # rank 0 only
         ck = load_checkpoint(best_path)
         with torch.random.fork_rng(devices=[]):
             result = evaluate(TorchRunner(ck, device=str(self.device)), test_ds, batch_size=r.train.val_batch,
-                              show_progress=False)
+                              desc="train: test split (best.pt)")
         o = result["overall"]
         ck.metrics.update({"test_mae": round(o["mae"], 6), "test_iou": round(o["iou"], 6),
                            "test_max_f": round(o["max_f"], 6), "test_images": o["images"]})
