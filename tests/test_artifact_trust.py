@@ -452,8 +452,9 @@ def test_serve_check_refuses_a_modified_python_model(attack, triton_repo, keys, 
     elif attack == "module beside model.py":
         (vdir / "numpy.py").write_text("raise SystemExit('shadowed')\n")
         expect = "numpy.py is not part of the exported model"
-    elif attack == "pycache":
-        (vdir / "__pycache__").mkdir()
+    elif attack == "pycache":  # a folder is deleted before the check (test below); a link to one is refused
+        (triton_repo / "elsewhere").mkdir()
+        (vdir / "__pycache__").symlink_to(triton_repo / "elsewhere")
         expect = "__pycache__ is not part of the exported model"
     elif attack == "artifact file":
         p = vdir / "artifact" / "model.onnx"
@@ -470,6 +471,18 @@ def test_serve_check_refuses_a_modified_python_model(attack, triton_repo, keys, 
     # edgekit serve refuses it the same way, before looking for a tritonserver
     args = ["serve", triton_repo] + (["--trusted-key", trusted[0]] if trusted else [])
     assert expect in one_error_line(cli(*args))
+
+
+def test_serve_deletes_planted_bytecode_before_the_check(triton_repo, no_env_keys):
+    """Triton's stub caches model.py's bytecode in __pycache__ (it ignores PYTHONDONTWRITEBYTECODE), so the check
+    deletes that folder first: bytecode planted there (to run in place of model.py) is gone, never run."""
+    from edgekit.serve.triton import check_repository
+
+    cache = triton_repo / "m" / "1" / "__pycache__"
+    cache.mkdir()
+    (cache / "model.cpython-311.pyc").write_bytes(b"planted")
+    assert check_repository(triton_repo) == ["m"]
+    assert not cache.exists()
 
 
 def test_serve_binds_loopback_by_default():

@@ -441,8 +441,10 @@ def test_pruned_widths_each_kernel_matches_its_torch_layer_real(library, sd900, 
     assert {"stem", "down5", "gmbi5_3", "decoder5", "DF1", "head"} <= set(checked)
 
 
-# ratio 0.5, pruned but not fine-tuned, is ill-conditioned in fp32: PyTorch's own fp32 output is ~1e-3 off its
-# float64 output on SD-900 images (0.25: ~3e-5), so there both are held to the float64 model instead.
+# Pruned but not fine-tuned, these models are ill-conditioned in fp32: PyTorch's own fp32 output is ~1e-3 off its
+# float64 output on SD-900 images at ratio 0.5 and ~1e-4 at 0.25 (3e-5 before the BatchNorm recalibration used
+# the per-channel normalisation of inference), so cpu-fused is held to the float64 model: within 1e-4 at 0.25,
+# within 1e-4 plus PyTorch's own fp32 error at 0.5.
 @pytest.mark.parametrize("ratio,strict", [(0.25, True), (0.5, False)])
 def test_pruned_checkpoint_compiles_and_matches_pytorch_on_sd900(library, published_ckpt, sd900, tmp_path, ratio, strict):
     """The published checkpoint pruned as `edgekit prune` does (magnitude ranking, BatchNorm recalibrated on a
@@ -477,10 +479,10 @@ def test_pruned_checkpoint_compiles_and_matches_pytorch_on_sd900(library, publis
         ref64 = copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
     assert ref.std() > 0.05  # it predicts masks: not a comparison of two near-zero maps
     assert ((got >= 0.5) == (ref >= 0.5)).mean() >= 0.999
-    if strict:
-        assert np.abs(got - ref).max() <= 1e-4
+    torch_fp32_err = float(np.abs(ref - ref64).max())
+    if strict:  # cpu-fused within 1e-4 of the float64 model (measured 6.4e-5, while PyTorch's fp32 was 1.1e-4 off it)
+        assert np.abs(got - ref64).max() <= 1e-4, torch_fp32_err
     else:
-        torch_fp32_err = float(np.abs(ref - ref64).max())
         assert np.abs(got - ref64).max() <= 1e-4 + torch_fp32_err, torch_fp32_err
 
 

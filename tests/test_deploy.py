@@ -148,7 +148,8 @@ def test_bench_json_schema(cli, artifacts, tiny_ckpt, tmp_path):
     assert r.exit_code == 0, r.stderr
     d = json.loads((tmp_path / "b.json").read_text())
     assert d["schema"] == "edgekit-bench/1" and d["device"] == "cpu" and d["synthetic"] is True
-    assert d["reference"]["fps_b1"] == 16.53 and d["machine"]["logical_cpus"] >= 1
+    # synthetic data: no paper row (it is shown only beside SD-900) and each row's agreement with PyTorch instead
+    assert d["reference"] is None and d["machine"]["logical_cpus"] >= 1
     names = [row["name"] for row in d["rows"]]
     assert names[:2] == ["torch", "onnx"] and names[2].startswith("openvino:fp32")
     for row in d["rows"]:
