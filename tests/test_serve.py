@@ -69,7 +69,7 @@ def test_triton_configs_parse_into_model_config(cli, tiny_artifacts, tmp_path):
             q = cfg.dynamic_batching.default_queue_policy
             assert cfg.dynamic_batching.max_queue_delay_microseconds > 0
             assert q.timeout_action == mc.ModelQueuePolicy.REJECT and q.max_queue_size > 0
-            assert cfg.model_warmup[0].inputs[man["input"]["name"]].random_data
+            assert cfg.model_warmup[0].inputs[man["input"]["name"]].zero_data  # random FP32 bytes hold NaN/inf
             assert json.loads(cfg.parameters["edgekit_preprocess"].string_value) == man["preprocess"]
             accel = [a.name for a in cfg.optimization.execution_accelerators.cpu_execution_accelerator]
             assert accel == (["openvino"] if want == "onnxruntime" else [])

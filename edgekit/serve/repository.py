@@ -202,10 +202,12 @@ def triton_config(entry: ModelEntry, opts: ServeOptions):
             a.parameters["precision_mode"] = "FP16"
             a.parameters["max_workspace_size_bytes"] = str(1 << 30)
     if opts.warmup:
-        w = cfg.model_warmup.add(name="random_batch1", batch_size=1, count=2)
+        # zeros, not random_data: Triton fills FP32 inputs with random bytes, whose NaN/inf patterns every
+        # edgekit runner refuses (Runner.infer's finite check), so a random warmup failed the model at load
+        w = cfg.model_warmup.add(name="zero_batch1", batch_size=1, count=2)
         w.inputs[in_name].data_type = mc.TYPE_FP32
         w.inputs[in_name].dims.extend(in_dims)
-        w.inputs[in_name].random_data = True
+        w.inputs[in_name].zero_data = True
     # What a client needs to prepare inputs, readable through Triton's model-config API.
     cfg.parameters["edgekit_preprocess"].string_value = json.dumps(man["preprocess"], sort_keys=True)
     cfg.parameters["edgekit_source_sha256"].string_value = man.get("source", {}).get("sha256", "")
