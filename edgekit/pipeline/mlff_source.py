@@ -292,10 +292,10 @@ class BackboneSource:
         info = {"metric": "top1_accuracy", "validation": val.description, "validation_images": r["labelled_images"],
                 "before": before, "after": after, "drop": drop, "max_drop": max_drop,
                 "top1_agreement": r["top1_agreement"]}
+        if max_drop is not None and drop > max_drop:  # the refusal is the one line (with the figures), no note before it
+            raise EdgekitError(f"INT8 top-1 accuracy on {val.description} drops by {drop:.4f} ({before:.4f} -> "
+                               f"{after:.4f}), over --max-drop {max_drop}; nothing written")
         log(f"INT8 top-1 accuracy on {val.description}: {before:.4f} -> {after:.4f} (drop {drop:+.4f})")
-        if max_drop is not None and drop > max_drop:
-            raise EdgekitError(f"INT8 top-1 accuracy drops by {drop:.4f} ({before:.4f} -> {after:.4f}), over "
-                               f"--max-drop {max_drop}; nothing written")
         return info
 
 

@@ -141,10 +141,10 @@ class GMBINetSource:
         before = evaluate(self.reference_runner(threads), val, desc="INT8 budget: source model on --val")["overall"][metric]
         after = evaluate(candidate, val, desc="INT8 budget: INT8 artifact on --val")["overall"][metric]
         drop = (after - before) if metric == "mae" else (before - after)
+        if max_drop is not None and drop > max_drop:  # the refusal is the one line (with the figures), no note before it
+            raise EdgekitError(f"INT8 {metric} on {val.description} drops by {drop:.4f} ({before:.4f} -> {after:.4f}), "
+                               f"over --max-drop {max_drop}; nothing written")
         log(f"INT8 {metric} on {val.description}: {before:.4f} -> {after:.4f} (drop {drop:+.4f})")
-        if max_drop is not None and drop > max_drop:
-            raise EdgekitError(f"INT8 {metric} drops by {drop:.4f} ({before:.4f} -> {after:.4f}), over --max-drop "
-                               f"{max_drop}; nothing written")
         return {"metric": metric, "validation": val.description, "before": before, "after": after, "drop": drop,
                 "max_drop": max_drop}
 
