@@ -22,15 +22,13 @@ from edgekit.progress import stage
 from edgekit.pipeline.sources import open_source
 
 
-def build_artifact(spec: BackendSpec, request: CompileRequest, log: Callable = print,
-                   note: Optional[Callable] = None) -> dict:
+def build_artifact(spec: BackendSpec, request: CompileRequest, log: Callable = print) -> dict:
     """One artifact folder of ``request.source`` for ``spec`` at ``request.precision`` (both checked by
     the caller: ``edgekit.pipeline.compile.check_request``).
 
     ``request.sign_key`` (an Ed25519 private key, loaded by the caller before any work): ``manifest.sig`` is
     written over the final manifest inside the temporary folder, so the folder appears signed or not at all."""
     r = request
-    note = note or log  # the notes of the build (kernels built, calibration, INT8 check): stderr in the CLI
     precision, threads = r.precision, r.threads
     src = open_source(r.source, r.as_backbone, input_size=r.input_size, resize=r.resize)
     if src.artifact_target is not None and spec.from_artifacts is not None \
@@ -49,7 +47,7 @@ def build_artifact(spec: BackendSpec, request: CompileRequest, log: Callable = p
                 onnx_cache.append(src.model_file(Path(tmp)))
             return onnx_cache[0]
 
-        ctx = BuildContext(source=src, folder=folder, log=note, threads=threads,
+        ctx = BuildContext(source=src, folder=folder, log=log, threads=threads,
                            # an NNCF target builds the float model, which the pipeline then quantizes
                            precision="fp32" if (precision == "int8" and spec.int8 == "nncf") else precision,
                            requested_precision=precision, calibration=calibration,
@@ -68,16 +66,16 @@ def build_artifact(spec: BackendSpec, request: CompileRequest, log: Callable = p
         if quantized and val_set is not None:  # the accuracy budget, the same for every backend
             manifest["quantization"] = {**manifest.get("quantization", {}),
                                         **src.int8_check(_load(spec, folder, threads), val_set, r.max_drop, threads,
-                                                         metric=r.metric, log=note)}
+                                                         metric=r.metric, log=log)}
         if spec.verifier is not None:
-            runner, limit, method = spec.verifier(folder, precision, note)
+            runner, limit, method = spec.verifier(folder, precision, log)
             manifest["parity"] = {**src.parity(runner, parity_set, threads, limit=limit), "method": method}
         else:
             manifest["parity"] = src.parity(_load(spec, folder, threads), parity_set, threads)
         manifest = write_manifest(folder, manifest, files)
         if r.sign_key is not None:
             sign_artifact(folder, r.sign_key)
-    log(src.summary(r.out, manifest))  # the result line; what the build says on the way goes to note
+    log(src.summary(r.out, manifest))
     return manifest
 
 

@@ -57,15 +57,14 @@ def check_request(request: CompileRequest) -> Optional[BackendSpec]:
 def compile_artifact(request: CompileRequest, log: Callable = print, note: Optional[Callable] = None) -> dict:
     """Build the artifact folder ``request`` asks for; returns its manifest.
 
-    ``log``: the result line (``wrote OUT: ...``); ``note``: the build's own messages (kernels built,
-    calibration, the INT8 budget check) and what ``auto`` measured and why it chose (default: ``log``; the CLI
-    sends notes to stderr, so stdout holds only the result)."""
+    ``log``: the result lines (``wrote OUT: ...``) and the build's own messages; ``note``: what ``auto``
+    measured and why it chose (default: ``log``; the CLI sends it to stderr)."""
     spec = check_request(request)
     if request.is_auto:
         from edgekit.pipeline.auto import compile_auto
 
         return compile_auto(request, log=log, note=note or log)
-    return build_artifact(spec, request, log=log, note=note)
+    return build_artifact(spec, request, log=log)
 
 
 def compile_model(source_path: str, target: str, precision: Optional[str], out: str, *, log: Callable = print,
