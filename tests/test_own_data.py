@@ -14,28 +14,7 @@ from PIL import Image
 from conftest import one_error_line
 
 
-def _torch_preprocess(images, spec):
-    """The torch implementation ``edgekit.data.preprocess.preprocess`` had (stretch only): the reference
-    the numpy one must equal."""
-    import torch
-    import torch.nn.functional as F
-
-    out = np.empty((len(images), spec.channels, *spec.input_size), dtype=np.float32)
-    for i, img in enumerate(images):
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32))
-        m = float(x.max())
-        x = (x / m if m > 0 else x) if spec.scale == "max" else x / 255.0
-        if isinstance(spec.mean, list):
-            x = F.interpolate(x[None, None], size=spec.input_size, mode="bilinear", align_corners=False)
-            x = x[0].expand(spec.channels, -1, -1)
-            mean = torch.tensor(spec.mean).reshape(-1, 1, 1)
-            std = torch.tensor(spec.std).reshape(-1, 1, 1)
-            out[i] = ((x - mean) / std).numpy()
-            continue
-        x = (x - spec.mean) / spec.std
-        x = F.interpolate(x[None, None], size=spec.input_size, mode="bilinear", align_corners=False)
-        out[i] = x[0].expand(spec.channels, -1, -1).numpy()
-    return out
+from test_preprocess_numpy import _torch_preprocess  # the old PyTorch preprocessing: the reference
 
 
 # float32 rounding only: the numpy path computes the source positions as PyTorch's kernel does (its fused

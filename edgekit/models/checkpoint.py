@@ -96,20 +96,11 @@ def load_state_dict_strict(model: nn.Module, sd: Dict[str, torch.Tensor]) -> Non
 
 
 def state_dict_diff(own: Dict[str, tuple], sd: Dict[str, torch.Tensor]) -> Optional[str]:
-    """The keys that differ between an architecture's expected shapes and ``sd``, in one phrase."""
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shape = [k for k in own if k in sd and tuple(own[k]) != tuple(sd[k].shape)]
-    if not (missing or unexpected or shape):
-        return None
-    parts = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shape)):
-        if keys:
-            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-            if label == "wrong shape":
-                keys = [f"{k} {list(sd[k].shape)}, config implies {list(own[k])}" for k in keys]
-            parts.append(f"{label}: {', '.join(str(k)[:120] for k in keys[:3])}{more}")
-    return "; ".join(parts)
+    """The keys that differ between an architecture's expected shapes and ``sd``, in one phrase
+    (``edgekit.models.mlff_spec.shape_diff``, the torch-free one the station's adapter check uses)."""
+    from edgekit.models.mlff_spec import shape_diff
+
+    return shape_diff(own, sd)
 
 
 # The most tensors and values a checkpoint may hold: GMBINet has 726 tensors and 0.2 M values;
