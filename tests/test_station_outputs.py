@@ -164,3 +164,278 @@ def test_kill9_of_a_committing_writer_leaves_every_reported_row(tmp_path):
     assert set(reported) <= rows  # every reported commit is there
     assert len(rows) - len(reported) in (0, 4)  # at most the one batch committed but not yet printed
     assert ResultStore(path).commit([make_result("after")])[0] == max(rows) + 1  # and it takes writes again
+
+
+# -- a real mosquitto broker on 127.0.0.1
+
+
+def mosquitto_binary():
+    import shutil
+
+    return shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+                                              if os.access(p, os.X_OK)), None)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Broker:
+    """mosquitto on 127.0.0.1:port with a temporary config; stop() and start() again on the same port. Its
+    persistence (in the temp folder, saved at a clean stop) keeps a QoS 1 subscriber's session and the retained
+    messages across a restart, as a plant's broker does."""
+
+    def __init__(self, binary: str, folder: Path):
+        import getpass
+
+        self.binary, self.folder, self.port = binary, folder, free_port()
+        self.config = folder / "mosquitto.conf"
+        self.config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+                               f"persistence_location {folder}/\nuser {getpass.getuser()}\n")
+        self.proc = None
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "Broker":
+        import socket
+
+        self.log = open(self.folder / "mosquitto.log", "ab")
+        self.proc = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"mosquitto exited: {(self.folder / 'mosquitto.log').read_text()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        pytest.fail("mosquitto did not listen within 10 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: a clean shutdown that saves its persistence file
+            self.proc.wait(10)
+        self.proc = None
+        self.log.close()
+
+
+@pytest.fixture()
+def broker(tmp_path):
+    binary = mosquitto_binary()
+    if binary is None:
+        pytest.skip("mosquitto is not installed (Debian: apt-get install mosquitto; .ci/run installs it as root)")
+    pytest.importorskip("paho.mqtt", reason="paho-mqtt is not installed (pip install 'edgekit[station]')")
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    b = Broker(binary, folder).start()
+    yield b
+    b.stop()
+
+
+class Subscriber:
+    """A QoS 1 subscriber with a persistent session (clean_session=False): it reconnects by itself, and the broker
+    keeps what was published for it while it was away."""
+
+    def __init__(self, broker: Broker, topic: str):
+        import threading
+
+        import paho.mqtt.client as mqtt
+
+        self.messages = []
+        self.subscribed = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-sub-{broker.port}",
+                                  clean_session=False)
+        self.client.reconnect_delay_set(1, 1)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subscribed.set()
+        self.client.on_message = lambda c, u, m: self.messages.append(json.loads(m.payload))
+        self.client.connect("127.0.0.1", broker.port)
+        self.client.loop_start()
+        assert self.subscribed.wait(5)
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_results_committed_while_the_broker_is_down_arrive_once_each_after_it_comes_up(tmp_path, broker):
+    from collections import Counter
+
+    from edgekit.station.mqtt import MqttPublisher
+
+    sub = Subscriber(broker, "plant/results")
+    broker.stop()  # the subscription is kept in the broker's saved session
+    store = ResultStore(tmp_path / "station.db")
+    publisher = MqttPublisher(store.path, "127.0.0.1", broker.port, topic="plant", station_id="st-a",
+                              max_backoff_s=1, log=None).start()
+    try:
+        committed = []
+        for b in range(3):
+            committed += store.commit([make_result(f"down-{b}-{i}", "NG" if i == 0 else "OK") for i in range(10)])
+            store.event("canary", verdict="promote", version="1.1.0") if b == 1 else None
+            publisher.wake()
+        time.sleep(1.5)  # the publisher retries meanwhile
+        assert not publisher.connected and store.counts()["unpublished"] == 30 and publisher.published == 0
+        broker.start()
+        wait_for(lambda: store.counts()["unpublished"] == 0, 15, "the outbox to drain")
+        committed += store.commit([make_result(f"up-{i}") for i in range(5)])  # and new ones go straight out
+        publisher.wake()
+        wait_for(lambda: len(sub.messages) >= 35 and store.counts()["unpublished"] == 0, 10, "35 results")
+        time.sleep(0.3)  # a duplicate, if any, would come now
+    finally:
+        publisher.stop()
+        sub.close()
+    seen = Counter((m["station"], m["id"]) for m in sub.messages)
+    assert sorted(i for _, i in seen) == sorted(committed) and set(seen.values()) == {1}  # each once
+    assert [m["id"] for m in sub.messages] == sorted(committed)  # in commit order
+    by_id = {m["id"]: m for m in sub.messages}
+    assert by_id[committed[0]]["decision"] == "NG" and by_id[committed[0]]["key"] == "down-0-0"
+    assert publisher.published == 35 and store.unpublished_events(10) == []  # the event went out too
+    store.close()
+
+
+PUBLISHER_PROCESS = r"""
+import sys, time
+from edgekit.station.mqtt import MqttPublisher
+p = MqttPublisher(sys.argv[1], "127.0.0.1", int(sys.argv[2]), topic="plant", station_id="st-b", log=None,
+                  status=lambda: {"serving": {"version": "0.9.0"}, "trial": None})
+p.start()
+while not p.connected:
+    time.sleep(0.02)
+time.sleep(0.3)
+print("up", flush=True)
+time.sleep(60)
+"""
+
+
+def test_retained_status_and_last_will_through_edgekit_fleet_status(tmp_path, broker, cli):
+    from edgekit.station.mqtt import MqttPublisher
+
+    store = ResultStore(tmp_path / "station.db")
+    store.commit([make_result("a"), make_result("b", "NG")])
+    canary = {"verdict": None, "seen": 3, "images": 200, "agreement": 1.0}
+
+    def status():
+        return {"serving": {"version": "1.0.0", "backbone": "efficientnet-lite0"},
+                "trial": {"version": "1.1.0", "phase": "canary"}, "canary": dict(canary), "counts": store.counts(),
+                "drift": {"rate": 0.05}}
+
+    # st-b: another station in its own process, killed without a goodbye: the broker publishes its last will
+    other = subprocess.Popen([sys.executable, "-c", PUBLISHER_PROCESS, str(tmp_path / "b.db"), str(broker.port)],
+                             stdout=subprocess.PIPE, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    publisher = MqttPublisher(store.path, "127.0.0.1", broker.port, topic="plant", station_id="st-a",
+                              status=status, log=None).start()
+    try:
+        assert other.stdout.readline() == b"up\n"
+        os.kill(other.pid, signal.SIGKILL)
+        other.wait()
+        wait_for(lambda: publisher.connected, 5, "the publisher to connect")
+        canary["seen"] = 4
+        publisher.wake(status=True)  # a change: published now, not at the next period
+        r = cli("fleet", "status", "--mqtt", broker.addr, "--topic", "plant", "--json")
+        assert r.exit_code == 0, r.stderr
+        doc = json.loads(r.stdout)
+        stations = {s["station"]: s for s in doc["stations"]}
+        assert sorted(stations) == ["st-a", "st-b"] and doc["broker"] == broker.addr
+        a, b = stations["st-a"], stations["st-b"]
+        assert a["state"] == "online" and a["serving"]["version"] == "1.0.0" and a["trial"]["version"] == "1.1.0"
+        assert a["counts"]["images"] == 2 and a["counts"]["ng"] == 1 and a["drift"]["rate"] == 0.05
+        assert a["canary"]["seen"] == 4
+        assert b["state"] == "offline" and b["reason"] == "connection lost"  # the last will
+        table = cli("fleet", "status", "--mqtt", broker.addr, "--topic", "plant")
+        assert table.exit_code == 0 and "st-a" in table.stdout and "1.1.0" in table.stdout and "50.0%" in table.stdout
+    finally:
+        publisher.stop()
+        if other.poll() is None:
+            other.kill()
+    r = cli("fleet", "status", "--mqtt", broker.addr, "--topic", "plant", "--json")
+    a = {s["station"]: s for s in json.loads(r.stdout)["stations"]}["st-a"]
+    assert (a["state"], a["reason"], a["serving"]["version"]) == ("offline", "stopped", "1.0.0")  # a clean stop
+    store.close()
+
+
+def test_fleet_status_refusals_are_one_error_line(cli):
+    from conftest import one_error_line
+
+    assert "HOST:PORT" in one_error_line(cli("fleet", "status", "--mqtt", "localhost"))
+    assert "HOST:PORT" in one_error_line(cli("fleet", "status", "--mqtt", "127.0.0.1:70000"))
+    assert "cannot reach" in one_error_line(cli("fleet", "status", "--mqtt", f"127.0.0.1:{free_port()}"))
+    assert "wildcards" in one_error_line(cli("fleet", "status", "--mqtt", "127.0.0.1:1883", "--topic", "a/+"))
+
+
+# -- Prometheus
+
+
+def test_metrics_endpoint_serves_the_histogram_and_counters_over_http(tmp_path):
+    import urllib.request
+
+    pytest.importorskip("prometheus_client", reason="prometheus_client is not installed (pip install "
+                                                    "'edgekit[station]')")
+    from edgekit.station.metrics import StationMetrics
+
+    metrics = StationMetrics("127.0.0.1:0")
+    try:
+        for i, (decision, latency, flagged) in enumerate([("OK", 0.02, False), ("NG", 0.2, True), ("OK", 0.03, False),
+                                                          ("ERROR", 0.001, None)]):
+            metrics.observe(make_result(f"k{i}", decision, latency_s=latency,
+                                        ood=None if flagged is None else {"score": 1, "threshold": 2,
+                                                                          "flagged": flagged}))
+        metrics.set_queue(7)
+        metrics.set_models("1.0.0", "1.1.0")
+        metrics.set_models("1.1.0")  # promoted: the trial line goes, serving changes
+        metrics.set_canary({"seen": 12, "images": 200, "agreement": 0.75})
+        with urllib.request.urlopen(metrics.url, timeout=5) as response:
+            assert response.status == 200
+            text = response.read().decode()
+    finally:
+        metrics.close()
+    lines = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+             if line and not line.startswith("#")}
+    assert lines["edgekit_station_latency_seconds_count"] == 4
+    assert lines['edgekit_station_latency_seconds_bucket{le="0.025"}'] == 2  # 0.001 and 0.02
+    assert lines['edgekit_station_latency_seconds_bucket{le="+Inf"}'] == 4
+    assert abs(lines["edgekit_station_latency_seconds_sum"] - 0.251) < 1e-9
+    assert lines['edgekit_station_images_total{decision="OK"}'] == 2
+    assert lines['edgekit_station_images_total{decision="NG"}'] == 1
+    assert lines['edgekit_station_images_total{decision="ERROR"}'] == 1
+    assert lines["edgekit_station_errors_total"] == 1
+    assert lines["edgekit_station_ng_ratio"] == 0.25
+    assert abs(lines["edgekit_station_drift_flagged_ratio"] - 1 / 3) < 1e-9  # of the 3 images with a score
+    assert lines["edgekit_station_queue_depth"] == 7
+    assert lines['edgekit_station_model_info{role="serving",version="1.1.0"}'] == 1
+    assert not any(k.startswith("edgekit_station_model_info") and "1.0.0" in k for k in lines)
+    assert (lines["edgekit_station_canary_images"], lines["edgekit_station_canary_agreement"]) == (12, 0.75)
+    assert not any(k.startswith("python_") or k.startswith("process_") for k in lines)  # its own registry
+    # closed: the port no longer answers
+    with pytest.raises(OSError):
+        urllib.request.urlopen(metrics.url, timeout=2)
+
+
+def test_metrics_address_refusals(tmp_path):
+    pytest.importorskip("prometheus_client")
+    from edgekit.station.metrics import StationMetrics
+
+    with pytest.raises(EdgekitError, match="HOST:PORT"):
+        StationMetrics("9100")
+    first = StationMetrics("127.0.0.1:0")
+    try:
+        with pytest.raises(EdgekitError, match="cannot listen"):
+            StationMetrics(f"127.0.0.1:{first.port}")
+    finally:
+        first.close()
