@@ -310,6 +310,49 @@ def test_results_committed_while_the_broker_is_down_arrive_once_each_after_it_co
     store.close()
 
 
+def test_a_broker_restart_in_the_middle_of_a_stream_loses_no_result(tmp_path, broker):
+    """The broker goes away while results stream and messages are in flight: every committed result still arrives
+    (QoS 1 is at-least-once: a repeat is allowed, a loss is not), and the outbox ends empty."""
+    import threading
+
+    from edgekit.station.mqtt import MqttPublisher
+
+    sub = Subscriber(broker, "plant/results")
+    store = ResultStore(tmp_path / "station.db")
+    publisher = MqttPublisher(store.path, "127.0.0.1", broker.port, topic="plant", station_id="st-a",
+                              max_backoff_s=1, log=None).start()
+    committed, done = [], threading.Event()
+
+    def stream():  # the station's worker: its own store connection, batches of 5
+        writer = ResultStore(store.path)
+        for b in range(80):
+            committed.extend(writer.commit([make_result(f"s{b}-{i}") for i in range(5)]))
+            publisher.wake()
+            time.sleep(0.01)
+        writer.close()
+        done.set()
+
+    try:
+        wait_for(lambda: publisher.connected, 5, "the publisher to connect")
+        worker = threading.Thread(target=stream)
+        worker.start()
+        wait_for(lambda: len(sub.messages) >= 60, 10, "the stream to flow")
+        broker.stop()  # (measured here: 4-6 results were unacknowledged at this moment, and 1-4 came twice)
+        time.sleep(0.5)
+        broker.start()
+        worker.join(30)
+        assert done.is_set()
+        wait_for(lambda: store.counts()["unpublished"] == 0, 15, "the outbox to drain")
+        wait_for(lambda: {m["id"] for m in sub.messages} >= set(committed), 10, "every result at the subscriber")
+    finally:
+        publisher.stop()
+        sub.close()
+    received = [m["id"] for m in sub.messages]
+    assert len(committed) == 400 and set(received) == set(committed)  # none lost
+    assert publisher.published == 400  # each marked published once, on its PUBACK
+    store.close()
+
+
 PUBLISHER_PROCESS = r"""
 import sys, time
 from edgekit.station.mqtt import MqttPublisher

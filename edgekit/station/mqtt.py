@@ -124,12 +124,24 @@ class MqttPublisher:
         self._started = utc_now()
         self._connected_since: Optional[str] = None
         self._error: Optional[BaseException] = None
+        self._last_note: Optional[str] = None
 
     # -- the public surface
 
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def alive(self) -> bool:
+        """False once the publisher's thread has ended (stopped, or stopped by an error: see ``last_error``)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _note(self, message: str) -> None:
+        # connection trouble is said once per change, not at every retry
+        if message != self._last_note:
+            self._last_note = message
+            self.log(f"mqtt: {message}")
 
     def start(self) -> "MqttPublisher":
         import paho.mqtt.client as mqtt
@@ -178,25 +190,26 @@ class MqttPublisher:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
-            self.last_error = f"the broker refused the connection: {reason_code}"
-            self.log(f"mqtt: {self.host}:{self.port} refused the connection ({reason_code}); retrying")
+            self.last_error = f"{self.host}:{self.port} refused the connection ({reason_code})"
+            self._note(f"{self.last_error}; results wait in the outbox, retrying")
             return
         self._connected_since = utc_now()
+        self.last_error = None
         self._connected.set()
         self._status_due.set()
         self._wake.set()
-        self.log(f"mqtt: connected to {self.host}:{self.port} (topic {self.topic})")
+        self._note(f"connected to {self.host}:{self.port} (topic {self.topic})")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         was = self._connected.is_set()
         self._connected.clear()
         if was and not self._stopping.is_set():
-            self.log(f"mqtt: lost {self.host}:{self.port} ({reason_code}); results wait in the outbox, reconnecting")
+            self.last_error = f"lost {self.host}:{self.port} ({reason_code})"
+            self._note(f"{self.last_error}; results wait in the outbox, reconnecting")
 
     def _on_connect_fail(self, client, userdata):
-        if self.last_error is None or not self.last_error.startswith("cannot reach"):
-            self.log(f"mqtt: cannot reach {self.host}:{self.port}; results wait in the outbox, retrying")
         self.last_error = f"cannot reach {self.host}:{self.port}"
+        self._note(f"{self.last_error}; results wait in the outbox, retrying")
 
     def _on_publish(self, client, userdata, mid, reason_code, properties):
         self._acked.append(mid)
@@ -207,11 +220,12 @@ class MqttPublisher:
     def _run(self) -> None:
         from edgekit.station.store import ResultStore
 
-        store = ResultStore(self.store_path, keep_rows=None, keep_days=None)  # its own connection; never prunes
+        store = None
         inflight: dict = {}  # mid -> ("result" | "event", id); paho resends these itself after a reconnect
         sent = {"result": 0, "event": 0}  # the highest id handed to paho, per outbox
         last_status, last_status_at = None, 0.0
         try:
+            store = ResultStore(self.store_path, keep_rows=None, keep_days=None)  # its own connection; never prunes
             while True:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
@@ -231,8 +245,8 @@ class MqttPublisher:
                         last_status, last_status_at = body, now
         except Exception as e:  # a bug or a broken database: said once, and the station goes on without MQTT
             self._error = e
-            self.last_error = f"{type(e).__name__}: {first_line(e)}"
-            self.log(f"mqtt: the publisher stopped: {self.last_error}")
+            self.last_error = f"the publisher stopped: {type(e).__name__}: {first_line(e)}"
+            self.log(f"mqtt: {self.last_error}")
         finally:
             self._finish(store, inflight)
 
@@ -282,13 +296,15 @@ class MqttPublisher:
                 deadline = time.monotonic() + 2.0
                 while not info.is_published() and self._connected.is_set() and time.monotonic() < deadline:
                     time.sleep(0.01)
-                self._settle(store, inflight)  # acks that came in meanwhile
+                if store is not None:
+                    self._settle(store, inflight)  # acks that came in meanwhile
         finally:
             if client is not None:
                 client.disconnect()  # clean: the broker discards the last will
                 client.loop_stop()
             self._connected.clear()
-            store.close()
+            if store is not None:
+                store.close()
 
 
 def read_fleet_status(host: str, port: int, topic: str = DEFAULT_TOPIC, wait_s: float = 2.0) -> list:
