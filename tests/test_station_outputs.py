@@ -368,7 +368,7 @@ time.sleep(60)
 
 
 def test_retained_status_and_last_will_through_edgekit_fleet_status(tmp_path, broker, cli):
-    from edgekit.station.mqtt import MqttPublisher
+    from edgekit.station.mqtt import MqttPublisher, read_fleet_status
 
     store = ResultStore(tmp_path / "station.db")
     store.commit([make_result("a"), make_result("b", "NG")])
@@ -383,14 +383,17 @@ def test_retained_status_and_last_will_through_edgekit_fleet_status(tmp_path, br
     other = subprocess.Popen([sys.executable, "-c", PUBLISHER_PROCESS, str(tmp_path / "b.db"), str(broker.port)],
                              stdout=subprocess.PIPE, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     publisher = MqttPublisher(store.path, "127.0.0.1", broker.port, topic="plant", station_id="st-a",
-                              status=status, log=None).start()
+                              status=status, status_every_s=60, log=None).start()
     try:
         assert other.stdout.readline() == b"up\n"
         os.kill(other.pid, signal.SIGKILL)
         other.wait()
         wait_for(lambda: publisher.connected, 5, "the publisher to connect")
         canary["seen"] = 4
-        publisher.wake(status=True)  # a change: published now, not at the next period
+        publisher.wake(status=True)  # a change: published now, not at the next period (60 s here)
+        wait_for(lambda: any(s["station"] == "st-a" and s["canary"]["seen"] == 4
+                             for s in read_fleet_status("127.0.0.1", broker.port, "plant", 1.0)), 3,
+                 "the changed status")
         r = cli("fleet", "status", "--mqtt", broker.addr, "--topic", "plant", "--json")
         assert r.exit_code == 0, r.stderr
         doc = json.loads(r.stdout)

@@ -16,7 +16,8 @@ def fleet_group():
 
 
 @fleet_group.command("status")
-@click.option("--mqtt", "mqtt_addr", required=True, metavar="HOST:PORT", help="The MQTT broker the stations publish to.")
+@click.option("--mqtt", "mqtt_addr", required=True, metavar="HOST:PORT",
+              help="The MQTT broker the stations publish to.")
 @click.option("--topic", default="edgekit", show_default=True,
               help="The topic prefix the stations share (edgekit station --topic).")
 @click.option("--wait", "wait_s", type=click.FloatRange(0.1, 120), default=2.0, show_default=True,

@@ -62,7 +62,8 @@ def parse_host_port(text: str, option: str = "--mqtt", default_port: Optional[in
         host, port = value, str(default_port)
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if not host or not port.isdigit() or not (0 if port_zero else 1) <= int(port) < 65536 or any(c.isspace() for c in host) or (
+    lowest = 0 if port_zero else 1
+    if not host or not port.isdigit() or not lowest <= int(port) < 65536 or any(c.isspace() for c in host) or (
             ":" in host and not value.startswith("[")):
         raise EdgekitError(f"{option} wants HOST:PORT, e.g. 127.0.0.1:1883 (got {text!r})")
     return host, int(port)
@@ -95,7 +96,8 @@ class MqttPublisher:
 
     def __init__(self, store_path, host: str, port: int, topic: str = DEFAULT_TOPIC, station_id: Optional[str] = None,
                  status: Optional[Callable[[], dict]] = None, status_every_s: float = 5.0, max_inflight: int = 100,
-                 max_backoff_s: float = 30.0, keepalive_s: int = 30, log: Optional[Callable[[str], None]] = write_stderr):
+                 max_backoff_s: float = 30.0, keepalive_s: int = 30,
+                 log: Optional[Callable[[str], None]] = write_stderr):
         self.store_path = store_path
         self.host, self.port = host, int(port)
         self.topic = _check_topic(topic, "--topic")
