@@ -430,6 +430,8 @@ def test_retained_status_and_last_will_through_edgekit_fleet_status(tmp_path, br
 def test_fleet_status_refusals_are_one_error_line(cli):
     from conftest import one_error_line
 
+    pytest.importorskip("paho.mqtt", reason="paho-mqtt is not installed (pip install 'edgekit[station]')")
+
     assert "HOST:PORT" in one_error_line(cli("fleet", "status", "--mqtt", "localhost"))
     assert "HOST:PORT" in one_error_line(cli("fleet", "status", "--mqtt", "127.0.0.1:70000"))
     assert "cannot reach" in one_error_line(cli("fleet", "status", "--mqtt", f"127.0.0.1:{free_port()}"))

@@ -92,7 +92,10 @@ class MqttPublisher:
     (``wake(status=True)`` after a change worth publishing now, e.g. a canary verdict); ``stop()`` at the end.
 
     Two threads: paho's network loop (connects, reconnects with a backoff, resends what was in flight) and this
-    publisher's, which alone touches its own SQLite connection (opened in that thread)."""
+    publisher's, which alone touches its own SQLite connection (opened in that thread). ``status`` is called in
+    the publisher's thread (about once a second while connected): it must be safe to call from there (a
+    ``ResultStore``'s methods are: each instance holds a lock). Stop it after the worker's last commit; what is
+    still unacknowledged then goes out at the next start."""
 
     def __init__(self, store_path, host: str, port: int, topic: str = DEFAULT_TOPIC, station_id: Optional[str] = None,
                  status: Optional[Callable[[], dict]] = None, status_every_s: float = 5.0, max_inflight: int = 100,
