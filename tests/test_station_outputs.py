@@ -368,7 +368,7 @@ PUBLISHER_PROCESS = r"""
 import sys, time
 from edgekit.station.mqtt import MqttPublisher
 p = MqttPublisher(sys.argv[1], "127.0.0.1", int(sys.argv[2]), topic="plant", station_id="st-b", log=None,
-                  status=lambda: {"serving": {"version": "0.9.0"}, "trial": None})
+                  status=lambda: {"serving": "0.9.0", "trial": None})
 p.start()
 while not p.connected:
     time.sleep(0.02)
@@ -383,12 +383,12 @@ def test_retained_status_and_last_will_through_edgekit_fleet_status(tmp_path, br
 
     store = ResultStore(tmp_path / "station.db")
     store.commit([make_result("a"), make_result("b", "NG")])
-    canary = {"verdict": None, "seen": 3, "images": 200, "agreement": 1.0}
+    canary = {"version": "1.1.0", "serving": "1.0.0", "images": 3, "needed": 200, "agreement": 1.0, "verdict": None}
 
-    def status():
-        return {"serving": {"version": "1.0.0", "backbone": "efficientnet-lite0"},
-                "trial": {"version": "1.1.0", "phase": "canary"}, "canary": dict(canary), "counts": store.counts(),
-                "drift": {"rate": 0.05}}
+    def status():  # the shape edgekit.station's Station.status() reports
+        return {"station": "st-a", "serving": "1.0.0", "trial": "1.1.0", "backbone": "efficientnet-lite0",
+                "drift": "available", "canary": dict(canary), "counts": store.counts(), "drift_rate": 0.05,
+                "queue": 0, "last_errors": []}
 
     # st-b: another station in its own process, killed without a goodbye: the broker publishes its last will
     other = subprocess.Popen([sys.executable, "-c", PUBLISHER_PROCESS, str(tmp_path / "b.db"), str(broker.port)],
@@ -400,9 +400,9 @@ def test_retained_status_and_last_will_through_edgekit_fleet_status(tmp_path, br
         os.kill(other.pid, signal.SIGKILL)
         other.wait()
         wait_for(lambda: publisher.connected, 5, "the publisher to connect")
-        canary["seen"] = 4
+        canary["images"] = 4
         publisher.wake(status=True)  # a change: published now, not at the next period (60 s here)
-        wait_for(lambda: any(s["station"] == "st-a" and s["canary"]["seen"] == 4
+        wait_for(lambda: any(s["station"] == "st-a" and s["canary"]["images"] == 4
                              for s in read_fleet_status("127.0.0.1", broker.port, "plant", 1.0)), 3,
                  "the changed status")
         r = cli("fleet", "status", "--mqtt", broker.addr, "--topic", "plant", "--json")
@@ -411,19 +411,23 @@ def test_retained_status_and_last_will_through_edgekit_fleet_status(tmp_path, br
         stations = {s["station"]: s for s in doc["stations"]}
         assert sorted(stations) == ["st-a", "st-b"] and doc["broker"] == broker.addr
         a, b = stations["st-a"], stations["st-b"]
-        assert a["state"] == "online" and a["serving"]["version"] == "1.0.0" and a["trial"]["version"] == "1.1.0"
-        assert a["counts"]["images"] == 2 and a["counts"]["ng"] == 1 and a["drift"]["rate"] == 0.05
-        assert a["canary"]["seen"] == 4
+        assert a["state"] == "online" and a["serving"] == "1.0.0" and a["trial"] == "1.1.0"
+        assert a["counts"]["images"] == 2 and a["counts"]["ng"] == 1 and a["drift_rate"] == 0.05
+        assert a["canary"]["images"] == 4
         assert b["state"] == "offline" and b["reason"] == "connection lost"  # the last will
         table = cli("fleet", "status", "--mqtt", broker.addr, "--topic", "plant")
-        assert table.exit_code == 0 and "st-a" in table.stdout and "1.1.0" in table.stdout and "50.0%" in table.stdout
+        assert table.exit_code == 0, table.stderr
+        row = next(line for line in table.stdout.splitlines() if "st-a" in line)
+        for cell in ("online", "1.0.0", "1.1.0", "4/200 agree 1.00", "50.0%", "5.0%"):  # NG 1 of 2, drift 0.05
+            assert cell in row, (cell, row)
+        assert "offline (connection lost)" in table.stdout
     finally:
         publisher.stop()
         if other.poll() is None:
             other.kill()
     r = cli("fleet", "status", "--mqtt", broker.addr, "--topic", "plant", "--json")
     a = {s["station"]: s for s in json.loads(r.stdout)["stations"]}["st-a"]
-    assert (a["state"], a["reason"], a["serving"]["version"]) == ("offline", "stopped", "1.0.0")  # a clean stop
+    assert (a["state"], a["reason"], a["serving"]) == ("offline", "stopped", "1.0.0")  # a clean stop
     store.close()
 
 

@@ -52,7 +52,9 @@ def _canary(value) -> str:
     if not isinstance(value, dict):
         return str(value)
     parts = [str(value.get("verdict") or value.get("state") or value.get("phase") or "")]
-    if value.get("seen") is not None:
+    if value.get("needed") is not None:  # the station's canary: images run so far / images it needs
+        parts.append(f"{value.get('images', '?')}/{value['needed']}")
+    elif value.get("seen") is not None:
         parts.append(f"{value['seen']}/{value.get('images', '?')}")
     if isinstance(value.get("agreement"), (int, float)):
         parts.append(f"agree {value['agreement']:.2f}")
@@ -68,9 +70,9 @@ def row(status: dict) -> list:
     counts = status.get("counts") if isinstance(status.get("counts"), dict) else {}
     images = counts.get("images")
     ng = counts.get("ng")
-    drift = status.get("drift")
-    drift_rate = drift.get("rate") if isinstance(drift, dict) else drift if drift is not None else status.get(
-        "drift_rate")
+    drift = status.get("drift")  # {"rate": ...}, a number, or a word ("unavailable") beside "drift_rate"
+    drift_rate = drift.get("rate") if isinstance(drift, dict) else drift if isinstance(drift, (int, float)) else \
+        status.get("drift_rate")
     state = str(status.get("state") or "-")
     if status.get("reason") and state != "online":
         state += f" ({status['reason']})"

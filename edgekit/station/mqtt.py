@@ -289,8 +289,8 @@ class MqttPublisher:
                 reported = dict(self.status_fn() or {})
             except Exception as e:  # the status is best effort; the results are what must not stop
                 reported = {"status_error": f"{type(e).__name__}: {first_line(e)}"}
-        return {**reported, "station": self.station_id, "state": state, "time": utc_now(), "started": self._started,
-                **extra}
+        reported.setdefault("started", self._started)  # (the station's own start time when it reports one)
+        return {**reported, "station": self.station_id, "state": state, "time": utc_now(), **extra}
 
     def _finish(self, store, inflight: dict) -> None:
         client = self._client
