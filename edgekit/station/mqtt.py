@@ -40,6 +40,7 @@ from __future__ import annotations
 import collections
 import json
 import socket
+import sqlite3
 import threading
 import time
 from typing import Callable, Optional
@@ -67,6 +68,11 @@ def parse_host_port(text: str, option: str = "--mqtt", default_port: Optional[in
             ":" in host and not value.startswith("[")):
         raise EdgekitError(f"{option} wants HOST:PORT, e.g. 127.0.0.1:1883 (got {text!r})")
     return host, int(port)
+
+
+def _json(obj) -> str:
+    # a status field that is not JSON (a path, a numpy number) is sent as its text rather than stopping the publisher
+    return json.dumps(obj, separators=(",", ":"), default=str)
 
 
 def status_topic(topic: str, station_id: str) -> str:
@@ -234,19 +240,24 @@ class MqttPublisher:
             while True:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
-                self._settle(store, inflight)
-                if self._stopping.is_set():
-                    break
-                if not self._connected.is_set():
+                try:
+                    self._settle(store, inflight)
+                    if self._stopping.is_set():
+                        break
+                    if not self._connected.is_set():
+                        continue
+                    self._fill(store, inflight, sent)
+                except sqlite3.OperationalError as e:  # busy past the timeout, a full disk: the next round retries
+                    self._note(f"the outbox is not readable now ({first_line(e)}); retrying")
+                    self._stopping.wait(1.0)
                     continue
-                self._fill(store, inflight, sent)
                 now = time.monotonic()
                 if self._status_due.is_set() or now - last_status_at >= 1.0:
                     payload = self._status_payload("online")
                     body = {k: v for k, v in payload.items() if k != "time"}
                     if body != last_status or now - last_status_at >= self.status_every_s:
                         self._status_due.clear()
-                        self._client.publish(self.status_topic, json.dumps(payload), qos=1, retain=True)
+                        self._client.publish(self.status_topic, _json(payload), qos=1, retain=True)
                         last_status, last_status_at = body, now
         except Exception as e:  # a bug or a broken database: said once, and the station goes on without MQTT
             self._error = e
@@ -278,7 +289,7 @@ class MqttPublisher:
                     break
                 for rowid, body in rows:
                     body.setdefault("station", self.station_id)
-                    info = self._client.publish(topic, json.dumps(body, separators=(",", ":")), qos=1)
+                    info = self._client.publish(topic, _json(body), qos=1)
                     inflight[info.mid] = (kind, rowid)  # queued by paho even if the connection just dropped
                     sent[kind] = rowid
 
@@ -296,7 +307,7 @@ class MqttPublisher:
         client = self._client
         try:
             if client is not None and self._connected.is_set():
-                info = client.publish(self.status_topic, json.dumps(self._status_payload("offline", reason="stopped")),
+                info = client.publish(self.status_topic, _json(self._status_payload("offline", reason="stopped")),
                                       qos=1, retain=True)
                 deadline = time.monotonic() + 2.0
                 while not info.is_published() and self._connected.is_set() and time.monotonic() < deadline:
