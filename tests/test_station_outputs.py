@@ -36,6 +36,9 @@ def make_result(key: str, decision: str = "OK", **extra) -> dict:
 
 def test_commit_sets_ids_and_a_duplicate_key_is_not_a_second_row(tmp_path):
     store = ResultStore(tmp_path / "station.db")
+    # durable commits: WAL, and the WAL fsynced at every commit (synchronous=FULL is 2)
+    assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2
     batch = [make_result(f"watch:a{i}.png:10:1", "NG" if i == 1 else "OK") for i in range(3)]
     ids = store.commit(batch)
     assert ids == [r["id"] for r in batch] and len(set(ids)) == 3 and ids == sorted(ids)
@@ -94,6 +97,15 @@ def test_unpublished_rows_are_dropped_only_past_twice_the_bound_with_an_event(tm
     store.mark_published(ids)
     store.prune()
     assert store.commit([make_result("fresh")])[0] == ids[-1] + 1
+    store.close()
+    # events are bounded too: the newest keep_events published ones, twice that while unpublished
+    store = ResultStore(tmp_path / "station.db", keep_rows=10, keep_days=None, keep_events=3)
+    events = [store.event("swap", n=i) for i in range(8)]
+    store.prune()
+    assert [e["id"] for e in store.events(100)] == events[::-1][:6]  # unpublished: 2 x keep_events
+    store.mark_events_published(events)
+    store.prune()
+    assert [e["n"] for e in store.events(100)] == [7, 6, 5]
     store.close()
 
 
