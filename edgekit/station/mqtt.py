@@ -19,12 +19,16 @@ changes, so a client that subscribes to ``T/status/+`` at any time gets every st
 (``edgekit fleet status``)::
 
     {"station": "line3-cam1", "state": "online", "time": "2026-12-06T18:00:05Z", "started": "...",
-     ...what the station reports: "serving": {"version", "backbone"}, "trial": {...} | null, "canary": {...} | null,
-     "counts": {"images", "ok", "ng", "error", "flagged", "unpublished", ...}, "drift": {"rate", ...}, "queue": 0}
+     ...and what the station reports (``Station.status()``), e.g. "serving": "1.2.0", "trial": "1.3.0" | null,
+     "backbone": "...", "canary": {"version", "serving", "images", "needed", "agreement", "verdict"} | null,
+     "last_verdict": {...} | null, "counts": {"images", "ok", "ng", "error", "flagged", ...},
+     "drift": "available" | "unavailable", "drift_rate": 0.004 | null, "queue": 0, "last_errors": [...]}
 
 When the station stops cleanly it publishes ``"state": "offline", "reason": "stopped"``; when it vanishes
 (a crash, a cut cable) the broker publishes its last will at the same topic, also retained:
-``{"station": S, "state": "offline", "reason": "connection lost", "since": <when it connected>}``.
+``{"station": S, "state": "offline", "reason": "connection lost", "since": <when it started>}``. A station taken
+out of service keeps its retained message until it is cleared (an empty retained message at its topic, e.g.
+``mosquitto_pub -h HOST -p PORT -r -n -t T/status/S``); ``edgekit fleet status`` skips cleared ones.
 
 Delivery: a result is published only after it is committed, and marked published in SQLite only when the
 broker's PUBACK for it arrives. While the broker is away the station keeps working: results wait in the outbox
