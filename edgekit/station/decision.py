@@ -97,11 +97,12 @@ class StationConfig:
         cfg = cls(source=str(p))
         for section, body in data.items():
             keys = _SCHEMA.get(section)
-            if keys is None:
-                raise EdgekitError(f"station config {p}: unknown section [{section}] "
-                                   f"(known: {', '.join('[' + s + ']' for s in _SCHEMA)})")
+            known = ", ".join("[" + s + "]" for s in _SCHEMA)
             if not isinstance(body, dict):
-                raise EdgekitError(f"station config {p}: {section} must be a section [{section}], not a value")
+                raise EdgekitError(f"station config {p}: key {section!r} outside any section "
+                                   f"(keys go under {known})")
+            if keys is None:
+                raise EdgekitError(f"station config {p}: unknown section [{section}] (known: {known})")
             for key, value in body.items():
                 if key not in keys:
                     raise EdgekitError(f"station config {p}: unknown key {key!r} in [{section}] "
