@@ -260,7 +260,7 @@ class WatchInput:
                  and k not in self._done]
         if not fresh:
             return
-        seen = self.store_seen([k for k, _, _ in fresh])
+        seen = self._seen([k for k, _, _ in fresh])
         if seen:
             self._done.update(seen)
         for key, path, received in fresh:
@@ -268,6 +268,13 @@ class WatchInput:
                 continue
             if self._waiting or not self._submit(key, path, received):
                 self._waiting[key] = (path, received)  # behind the ones already waiting: arrival order holds
+
+    def _seen(self, keys: list) -> set:
+        # in slices: one SQL statement has a bounded number of parameters
+        out: set = set()
+        for i in range(0, len(keys), 500):
+            out |= set(self.store_seen(keys[i:i + 500]))
+        return out
 
     def _submit(self, key: str, path: str, received: float) -> bool:
         rel = Path(os.path.relpath(path, self.folder)).as_posix()
@@ -310,7 +317,7 @@ class WatchInput:
             present[key] = path
             found.append((key, path, now))
         if self._inflight:
-            committed = self.store_seen(list(self._inflight))
+            committed = self._seen(list(self._inflight))
             for key in committed:
                 self._inflight.pop(key, None)
             self._done.update(committed)
