@@ -132,6 +132,18 @@ class StationConfig:
                 for section, keys in _SCHEMA.items()}
 
 
+def scaled_ood(ood: Optional[dict], cfg: StationConfig) -> Optional[dict]:
+    """``ood`` as the drift scorer gives it (its calibrated threshold) with ``[drift] threshold_scale`` applied:
+    the threshold multiplied and ``flagged`` recomputed; None when drift is off or unavailable. The Result's
+    ``ood`` field is this, so a reader sees the threshold that decided."""
+    if ood is None or not cfg.drift_enabled:
+        return None
+    if cfg.drift_threshold_scale == 1.0 or ood.get("score") is None or ood.get("threshold") is None:
+        return ood
+    threshold = float(ood["threshold"]) * cfg.drift_threshold_scale
+    return {**ood, "threshold": threshold, "flagged": bool(float(ood["score"]) > threshold)}
+
+
 def decide(classification: Optional[dict], segment: Optional[dict], ood: Optional[dict],
            cfg: StationConfig) -> tuple[str, list[str]]:
     """``("OK" | "NG", reasons)``: every rule that says NG adds its reason, in the order class, probability,
@@ -140,7 +152,8 @@ def decide(classification: Optional[dict], segment: Optional[dict], ood: Optiona
 
     ``classification``: ``{"class": str, "prob": float, ...}`` (the serving adapter's top-1) or None;
     ``segment``: ``{"regions": [{"area_px", ...}], "defect_frac": float, ...}`` or None;
-    ``ood``: ``{"score", "threshold", "flagged": bool}`` or None (no drift statistics).
+    ``ood``: ``{"score", "threshold", "flagged": bool}`` as the drift scorer gives it (the calibrated threshold:
+    ``threshold_scale`` is applied here, through :func:`scaled_ood`), or None (no drift statistics).
     """
     ng: list[str] = []
     if classification is not None and classification.get("class") is not None:
@@ -161,7 +174,8 @@ def decide(classification: Optional[dict], segment: Optional[dict], ood: Optiona
         if frac is not None and frac > cfg.max_defect_frac:
             ng.append(f"defect_frac {frac:.4f} > {cfg.max_defect_frac:g}")
     reasons = list(ng)
-    if cfg.drift_enabled and ood is not None and ood.get("flagged"):
+    ood = scaled_ood(ood, cfg)
+    if ood is not None and ood.get("flagged"):
         reasons.append("novel")
         if cfg.novel_is_ng:
             ng.append("novel")
