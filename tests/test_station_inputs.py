@@ -458,11 +458,6 @@ CFG = dict(ng_classes=["scratches"], min_prob=0.5, min_region_px=16, max_defect_
     ({"class": "patches", "prob": 0.9}, None, {"flagged": True}, dict(novel_is_ng=True), ("NG", ["novel"])),
     ({"class": "patches", "prob": 0.9}, None, {"flagged": True}, dict(drift_enabled=False), ("OK", [])),
     ({"class": "patches", "prob": 0.9}, None, {"flagged": False}, CFG, ("OK", [])),
-    # threshold_scale applies to the calibrated threshold: 9 > 5 but not > 5 * 2
-    ({"class": "patches", "prob": 0.9}, None, {"score": 9.0, "threshold": 5.0, "flagged": True},
-     dict(drift_threshold_scale=2.0), ("OK", [])),
-    ({"class": "patches", "prob": 0.9}, None, {"score": 9.0, "threshold": 5.0, "flagged": False},
-     dict(drift_threshold_scale=0.5), ("OK", ["novel"])),
     (None, None, None, {}, ("OK", [])),
 ])
 def test_decide(cls, seg, ood, cfg, expected):

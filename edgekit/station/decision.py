@@ -135,7 +135,7 @@ class StationConfig:
 def scaled_ood(ood: Optional[dict], cfg: StationConfig) -> Optional[dict]:
     """``ood`` as the drift scorer gives it (its calibrated threshold) with ``[drift] threshold_scale`` applied:
     the threshold multiplied and ``flagged`` recomputed; None when drift is off or unavailable. The Result's
-    ``ood`` field is this, so a reader sees the threshold that decided."""
+    ``ood`` field is this (applied once, before :func:`decide`), so a reader sees the threshold that decided."""
     if ood is None or not cfg.drift_enabled:
         return None
     if cfg.drift_threshold_scale == 1.0 or ood.get("score") is None or ood.get("threshold") is None:
@@ -152,8 +152,9 @@ def decide(classification: Optional[dict], segment: Optional[dict], ood: Optiona
 
     ``classification``: ``{"class": str, "prob": float, ...}`` (the serving adapter's top-1) or None;
     ``segment``: ``{"regions": [{"area_px", ...}], "defect_frac": float, ...}`` or None;
-    ``ood``: ``{"score", "threshold", "flagged": bool}`` as the drift scorer gives it (the calibrated threshold:
-    ``threshold_scale`` is applied here, through :func:`scaled_ood`), or None (no drift statistics).
+    ``ood``: ``{"score", "threshold", "flagged": bool}`` as the Result carries it, ``threshold_scale`` already
+    applied (:func:`scaled_ood`; the worker does it once, so the recorded threshold is the one that decided),
+    or None (no drift statistics). Its ``flagged`` is taken as it is.
     """
     ng: list[str] = []
     if classification is not None and classification.get("class") is not None:
@@ -174,8 +175,7 @@ def decide(classification: Optional[dict], segment: Optional[dict], ood: Optiona
         if frac is not None and frac > cfg.max_defect_frac:
             ng.append(f"defect_frac {frac:.4f} > {cfg.max_defect_frac:g}")
     reasons = list(ng)
-    ood = scaled_ood(ood, cfg)
-    if ood is not None and ood.get("flagged"):
+    if cfg.drift_enabled and ood is not None and ood.get("flagged"):
         reasons.append("novel")
         if cfg.novel_is_ng:
             ng.append("novel")
