@@ -228,6 +228,30 @@ def test_back_pressure_retries_in_order_and_submits_each_once(station_parts):
         consumer.close()
 
 
+def test_recursive_takes_new_subfolders_and_keys_by_relative_path(station_parts, tmp_path):
+    folder, store, consumer = station_parts
+    with WatchInput(folder, consumer.submit, store.seen, recursive=True, **FAST):
+        (folder / "line1" / "cam2").mkdir(parents=True)
+        (folder / "line1" / "cam2" / "x.png").write_bytes(png_bytes(40))
+        (folder / ".trash").mkdir()
+        (folder / ".trash" / "y.png").write_bytes(png_bytes(41))
+        staged = tmp_path / "staged"  # a folder of finished images moved in at once
+        staged.mkdir()
+        (staged / "z.png").write_bytes(png_bytes(42))
+        _old(staged / "z.png")
+        os.rename(staged, folder / "batch7")
+        assert wait_for(lambda: len(consumer.accepted) == 2)
+        time.sleep(3 * FAST["rescan_s"])
+        assert sorted(consumer.names()) == ["batch7/z.png", "line1/cam2/x.png"]
+        x = next(j for j in consumer.accepted if j.name == "line1/cam2/x.png")
+        assert x.key.startswith("watch:line1/cam2/x.png:")
+    consumer.accepted.clear()
+    with WatchInput(folder, consumer.submit, store.seen, **FAST):  # not recursive: files in subfolders are not its
+        (folder / "line1" / "cam2" / "w.png").write_bytes(png_bytes(43))
+        time.sleep(3 * FAST["rescan_s"])
+        assert consumer.accepted == []
+
+
 def test_watch_refuses_a_missing_folder(tmp_path):
     with pytest.raises(EdgekitError, match="watch folder not found"):
         WatchInput(tmp_path / "nope", lambda j: True, lambda k: set()).start()

@@ -50,12 +50,14 @@ class WatchInput:
     ``store_seen(keys) -> set`` answers which keys the store has committed; it is called from one thread
     only (this input's scanner). ``settle_s``: how long a path stays quiet after its last event before it is
     taken (a copy that sets the file's times after closing it, like Python's ``shutil.copy2``, is one
-    image, not two). ``rescan_s``: the period of the full rescan; a rescan takes only files whose mtime is at
-    least ``rescan_settle_s`` old and that nobody has open for writing, as far as the events tell.
+    image, not two). ``rescan_s``: the period of the full rescan (a safety net: the events find new files at
+    once); a rescan stats every image in the folder, so a line that keeps hundreds of thousands of files there
+    should archive them elsewhere or give a longer period. A rescan takes only files whose mtime is at least
+    ``rescan_settle_s`` old and that nobody has open for writing, as far as the events tell.
     """
 
     def __init__(self, folder, submit: Callable[[Job], bool], store_seen: Callable[[Iterable[str]], set],
-                 recursive: bool = False, exts=WATCH_EXTS, rescan_s: float = 3.0, settle_s: float = 0.05,
+                 recursive: bool = False, exts=WATCH_EXTS, rescan_s: float = 5.0, settle_s: float = 0.05,
                  rescan_settle_s: float = 1.0, retry_s: float = 0.1):
         self.folder = Path(folder).resolve()
         self.submit, self.store_seen = submit, store_seen
@@ -93,9 +95,15 @@ class WatchInput:
         from watchdog.events import (FileClosedEvent, FileClosedNoWriteEvent, FileCreatedEvent, FileDeletedEvent,
                                      FileModifiedEvent, FileMovedEvent, FileOpenedEvent)
 
+        import watchdog.events
+
         now = time.time()
+        lost = getattr(watchdog.events, "EventsLostEvent", None)
+        if lost is not None and isinstance(event, lost):  # the kernel's queue overflowed: look at everything
+            self._queue("rescan", "", now)
+            return
         if event.is_directory:
-            if self.recursive and event.event_type in ("created", "moved"):  # a folder moved in (recursive): its files need a look
+            if self.recursive and event.event_type in ("created", "moved"):  # a folder moved in: its files need a look
                 self._queue("rescan", "", now)
             return
         src = os.fsdecode(event.src_path)
@@ -122,9 +130,10 @@ class WatchInput:
 
     def start(self) -> "WatchInput":
         try:
-            from watchdog.events import (FileClosedEvent, FileClosedNoWriteEvent, FileCreatedEvent,
-                                         FileDeletedEvent, FileModifiedEvent, FileMovedEvent, FileOpenedEvent,
-                                         FileSystemEventHandler)
+            import watchdog.events
+            from watchdog.events import (DirCreatedEvent, DirMovedEvent, FileClosedEvent, FileClosedNoWriteEvent,
+                                         FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent,
+                                         FileOpenedEvent, FileSystemEventHandler)
             from watchdog.observers import Observer
         except ImportError:
             from edgekit.errors import MissingBackendError
@@ -138,13 +147,18 @@ class WatchInput:
             def on_any_event(self, event):
                 outer._on_event(event)
 
+        # IN_OPEN and IN_CLOSE_NOWRITE count who has a file open: a file still open for writing is not taken,
+        # whatever its size says; the others are the changes, a lost-events notice (watchdog >= 7) and, when
+        # recursive, folders that appear
+        wanted = [FileCreatedEvent, FileModifiedEvent, FileMovedEvent, FileDeletedEvent, FileClosedEvent,
+                  FileClosedNoWriteEvent, FileOpenedEvent]
+        if getattr(watchdog.events, "EventsLostEvent", None) is not None:
+            wanted.append(watchdog.events.EventsLostEvent)
+        if self.recursive:
+            wanted += [DirCreatedEvent, DirMovedEvent]
         observer = Observer()
         try:
-            # IN_OPEN and IN_CLOSE_NOWRITE count who has a file open: a file still open for writing is not
-            # taken, whatever its size says; the others are the changes
-            observer.schedule(Handler(), str(self.folder), recursive=self.recursive,
-                              event_filter=[FileCreatedEvent, FileModifiedEvent, FileMovedEvent, FileDeletedEvent,
-                                            FileClosedEvent, FileClosedNoWriteEvent, FileOpenedEvent])
+            observer.schedule(Handler(), str(self.folder), recursive=self.recursive, event_filter=wanted)
             observer.start()
         except OSError as e:
             raise EdgekitError(f"cannot watch {self.folder}: {e.strerror or e}") from None
