@@ -480,7 +480,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(400, f"body cut short: {len(data)} of {n} bytes", close=True)
         name = safe_upload_name(parse_qs(url.query).get("name", [None])[0])
         try:
-            decode_gray(data, f"upload {name!r}")
+            decode_gray(data, f"posted as {name!r}")
         except EdgekitError as e:
             return self._error(400, str(e))
         job = Job(key=f"http:{uuid.uuid4()}", source="http", name=name, data=data,
