@@ -8,14 +8,16 @@ Setup (once, cached in --work; needs the dev install: torch, onnxruntime): the p
 per class), the backbone compiled to an artifact (--target, default onnx fp32), the adapter packaged, signed and
 installed into an install root with ``edgekit keygen/package/install`` (the paths a plant takes).
 
-Measured, interleaved over --rounds (the order of the two alternates per round, so drift in the machine's load
-falls on both):
+Measured, interleaved over --rounds (the order of the three rotates per round, so drift in the machine's load
+falls on all):
   bare      ``runtime.load(artifact).infer`` on batches of --batch already preprocessed images: the images per
             second of the artifact alone (no decoding, preprocessing, heads, decision or storage);
   station   a fresh result database and an empty watch folder per round; a ``Station`` (S1's service) with a
             ``WatchInput``; --images SD-900 test images are renamed into the folder at once (written under a
             hidden temporary name first, as the README tells line software), the clock runs from the first
             rename to the last row's commit time (the ``committed`` column).
+  direct    the same service without the watch input (Jobs submitted straight to ``Station.submit``): what the
+            input itself costs.
 Then one paced run for latency: the images arrive at --pace of the measured station rate, each file's
 appearance (the moment after its rename) -> its row's commit time; p50/p90/p99/max.
 
@@ -129,10 +131,14 @@ def count_rows(db: Path) -> int:
         con.close()
 
 
-def station_run(models, images: list, work: Path, batch: int, pace_s: float = 0.0, timeout_s: float = 600.0):
+def station_run(models, images: list, work: Path, batch: int, pace_s: float = 0.0, timeout_s: float = 600.0,
+                direct: bool = False):
     """One station over a fresh database and folder; the images renamed in (all at once, or one every
-    ``pace_s``). Returns (appeared: {name: time}, rows: [(name, committed)], first rename time)."""
+    ``pace_s``). Returns (appeared: {name: time}, rows: [(name, committed)], first rename time).
+    ``direct``: no watch folder; each image is a Job submitted straight to the station (what the service costs
+    without the input), retried while the queue is full."""
     from edgekit.station.inputs import WatchInput
+    from edgekit.station.jobs import Job
     from edgekit.station.service import Station
 
     run = work / f"run-{time.time_ns()}"
@@ -142,13 +148,18 @@ def station_run(models, images: list, work: Path, batch: int, pace_s: float = 0.
     for p in images:  # written under hidden names first (not counted), so the clock covers no disk copy
         shutil.copyfile(p, folder / f".{p.name}.tmp")
     station = Station(models, db, batch=batch, queue_size=64).start()
-    watch = WatchInput(folder, station.submit, station.seen).start()
+    watch = None if direct else WatchInput(folder, station.submit, station.seen).start()
     appeared = {}
     try:
         t0 = time.time()
         for p in images:
             os.rename(folder / f".{p.name}.tmp", folder / p.name)
             appeared[p.name] = time.time()
+            if direct:
+                job = Job(key=f"direct:{p.name}", source="watch", name=p.name, path=folder / p.name,
+                          received=appeared[p.name])
+                while not station.submit(job):
+                    time.sleep(0.005)
             if pace_s:
                 time.sleep(max(0.0, t0 + pace_s * len(appeared) - time.time()))
         end = time.monotonic() + timeout_s
@@ -157,7 +168,8 @@ def station_run(models, images: list, work: Path, batch: int, pace_s: float = 0.
                 raise SystemExit(f"the station committed {count_rows(db)} of {len(images)} rows in {timeout_s} s")
             time.sleep(0.02)
     finally:
-        watch.stop()
+        if watch is not None:
+            watch.stop()
         station.stop()
     got = rows(db)
     shutil.rmtree(run, ignore_errors=True)
@@ -197,17 +209,19 @@ def main(argv=None):
     models = StationModels(ready["root"], backbone_artifact=ready["artifact"], threads=a.threads)
     models.run([read_gray(images[0])])
 
-    bare, station = [], []
+    bare, station, direct = [], [], []
+    sides = ["bare", "station", "direct"]
     for r in range(a.rounds):
-        for side in (("bare", "station") if r % 2 == 0 else ("station", "bare")):
+        for side in sides[r % 3:] + sides[:r % 3]:  # rotated each round
             if side == "bare":
                 bare.append(bare_rate(runner, batches))
             else:
-                appeared, got, t0 = station_run(models, images, a.work, a.batch)
+                appeared, got, t0 = station_run(models, images, a.work, a.batch, direct=side == "direct")
                 assert sorted(n for n, _ in got) == sorted(appeared), "rows do not match the images dropped"
-                station.append(len(got) / (max(c for _, c in got) - t0))
+                (station if side == "station" else direct).append(len(got) / (max(c for _, c in got) - t0))
         print(f"round {r + 1}: bare {bare[-1]:.2f} img/s, station {station[-1]:.2f} img/s "
-              f"({station[-1] / bare[-1]:.1%})", file=sys.stderr)
+              f"({station[-1] / bare[-1]:.1%}), without the watch input {direct[-1]:.2f} img/s "
+              f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr)
     ratios = [s / b for s, b in zip(station, bare)]
     rate = statistics.median(station)
     appeared, got, _ = station_run(models, images, a.work, a.batch, pace_s=1.0 / (a.pace * rate))
@@ -219,6 +233,8 @@ def main(argv=None):
         "images": len(images), "batch": a.batch, "threads": a.threads, "rounds": a.rounds,
         "bare_img_s": {"rounds": bare, "median": statistics.median(bare), "min": min(bare), "max": max(bare)},
         "station_img_s": {"rounds": station, "median": rate, "min": min(station), "max": max(station)},
+        "direct_img_s": {"rounds": direct, "median": statistics.median(direct), "min": min(direct),
+                         "max": max(direct), "what": "the service without the watch input: Jobs submitted directly"},
         "ratio": {"rounds": ratios, "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
                   "target": 0.90},
         "latency_s": {"arrival_img_s": a.pace * rate, "n": int(len(lat)),
