@@ -100,7 +100,7 @@ class WatchInput:
         now = time.time()
         lost = getattr(watchdog.events, "EventsLostEvent", None)
         if lost is not None and isinstance(event, lost):  # the kernel's queue overflowed: look at everything
-            self._queue("rescan", "", now)
+            self._queue("lost", "", now)
             return
         if event.is_directory:
             if self.recursive and event.event_type in ("created", "moved"):  # a folder moved in: its files need a look
@@ -120,7 +120,7 @@ class WatchInput:
             self._queue("gone", src, now)
 
     def _queue(self, kind: str, path: str, now: float) -> None:
-        if kind != "rescan" and not self._relevant(path):
+        if kind not in ("rescan", "lost") and not self._relevant(path):
             return
         with self._cond:
             self._events.append((kind, path, now))
@@ -224,6 +224,11 @@ class WatchInput:
         rescan = False
         for kind, path, when in events:
             if kind == "rescan":
+                rescan = True
+            elif kind == "lost":
+                # opens and closes were lost too: the counts cannot be trusted, so a file counts again by its
+                # age alone (the rescan's rule) rather than waiting for a close that may never come
+                self._opens.clear()
                 rescan = True
             elif kind == "open":
                 self._opens[path] = self._opens.get(path, 0) + 1
