@@ -439,7 +439,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # one stderr line per request would drown the station's own notes
 
     def _send(self, code: int, doc: dict, close: bool = False, headers: Optional[dict] = None) -> None:
-        body = (json.dumps(doc) + "\n").encode()
+        body = (json.dumps(doc, default=str) + "\n").encode()  # a status value numpy or datetime: text, not a dropped reply
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
