@@ -439,7 +439,8 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # one stderr line per request would drown the station's own notes
 
     def _send(self, code: int, doc: dict, close: bool = False, headers: Optional[dict] = None) -> None:
-        body = (json.dumps(doc, default=str) + "\n").encode()  # a status value numpy or datetime: text, not a dropped reply
+        # default=str: a value JSON cannot encode (a numpy scalar in a status) goes as text, not as a dropped reply
+        body = (json.dumps(doc, default=str) + "\n").encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -473,7 +474,8 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         length = self.headers.get("Content-Length")
         if url.path != "/infer":
-            code, msg = (405, "use GET /status") if url.path == "/status" else (404, f"not found: {url.path} (POST /infer, GET /status)")
+            code, msg = ((405, "use GET /status") if url.path == "/status"
+                         else (404, f"not found: {url.path} (POST /infer, GET /status)"))
             return self._error(code, msg, close=True)  # the body is not read: the connection cannot go on
         if length is None or not length.isdigit():
             return self._error(411, "POST /infer needs a Content-Length (the image bytes as the body)", close=True)
