@@ -10,8 +10,7 @@ LAYER = {"__init__": 0, "errors": 0, "utils": 0, "progress": 0, "artifact": 0, "
          "commands": 8, "cli": 9, "__main__": 9}
 # same-layer packages: which may import which (no circle between them)
 SAME_LAYER_ORDER = {"pipeline": {"mlff", "eval"}, "mlff": {"eval"}, "train": {"bench"}, "runtime": {"backends"},
-                    "fleet": {"ota"}, "serve": {"ota", "fleet"},
-                    "station": {"ota", "fleet"}}
+                    "fleet": {"ota"}, "serve": {"ota", "fleet"}, "station": {"ota", "fleet"}}
 
 
 def _imports():
