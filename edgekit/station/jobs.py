@@ -1,4 +1,4 @@
-"""One image handed from an input (watch folder, HTTP) to the station's worker."""
+"""What an input hands the station: one image to inspect."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -10,10 +10,15 @@ from typing import Optional
 
 @dataclass
 class Job:
-    key: str            # identity used for dedupe: "watch:<relative path>:<size>:<mtime_ns>" or "http:<uuid4>"
-    source: str         # "watch" | "http"
-    name: str           # file name or the HTTP upload's name (shown in results)
-    path: Optional[Path] = None     # watch: the file (read by the worker)
-    data: Optional[bytes] = None    # http: the encoded image bytes
-    received: float = field(default_factory=time.time)   # wall clock when the input saw it
-    reply: Optional[concurrent.futures.Future] = None    # http: set_result(result dict) after the commit
+    """One image. ``key`` is its identity for dedupe (a result row per key, ever): ``watch:<relative path>:<size>:
+    <mtime_ns>`` for a file, ``http:<uuid4>`` for an upload. A watch job carries ``path`` (the worker reads the
+    file), an HTTP job ``data`` (the encoded bytes) and ``reply``, a future the worker completes with the result
+    dict once it is committed."""
+
+    key: str
+    source: str  # "watch" | "http"
+    name: str  # file name or the upload's name (shown in results)
+    path: Optional[Path] = None
+    data: Optional[bytes] = None
+    received: float = field(default_factory=time.time)  # wall clock when the input saw it
+    reply: Optional[concurrent.futures.Future] = None
