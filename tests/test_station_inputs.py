@@ -152,6 +152,30 @@ def test_a_file_written_slowly_counts_once_after_close(station_parts):
         assert watch.submitted == 1
 
 
+def test_a_writer_that_started_before_the_watch_is_waited_for(station_parts):
+    """Its open came before the watch (a station restarted while the line writes): the writes alone do not make
+    the file a candidate; its close does."""
+    folder, store, consumer = station_parts
+    data = png_bytes(6, 64)
+    step = len(data) // 5 + 1
+    with open(folder / "early.png", "wb") as f:
+        f.write(data[:step])
+        f.flush()
+        with WatchInput(folder, consumer.submit, store.seen, **{**FAST, "rescan_settle_s": 1.0}):
+            for i in range(step, len(data), step):
+                time.sleep(0.1)
+                f.write(data[i:i + step])
+                f.flush()
+                assert consumer.accepted == [], "submitted while the writer (open before the watch) still wrote"
+            time.sleep(0.3)
+            assert consumer.accepted == []
+            f.close()
+            assert wait_for(lambda: len(consumer.accepted) == 1)
+            assert wait_for(lambda: consumer.reads.get("early.png") == len(data))
+            time.sleep(3 * FAST["rescan_s"])
+            assert consumer.names() == ["early.png"]
+
+
 def test_renamed_in_counts_once_and_temp_names_never(station_parts, tmp_path):
     folder, store, consumer = station_parts
     outside = tmp_path / "outside"

@@ -53,7 +53,7 @@ class WatchInput:
     image, not two). ``rescan_s``: the period of the full rescan (a safety net: the events find new files at
     once); a rescan stats every image in the folder, so a line that keeps hundreds of thousands of files there
     should archive them elsewhere or give a longer period. A rescan takes only files whose mtime is at least
-    ``rescan_settle_s`` old and that nobody has open for writing, as far as the events tell.
+    ``rescan_settle_s`` old (mtime and ctime) and that nobody has open, as far as the events tell.
     """
 
     def __init__(self, folder, submit: Callable[[Job], bool], store_seen: Callable[[Iterable[str]], set],
@@ -114,8 +114,10 @@ class WatchInput:
             self._queue("open", src, now)
         elif isinstance(event, (FileClosedEvent, FileClosedNoWriteEvent)):
             self._queue("close" if isinstance(event, FileClosedEvent) else "close-read", src, now)
-        elif isinstance(event, (FileCreatedEvent, FileModifiedEvent)):
+        elif isinstance(event, FileCreatedEvent):
             self._queue("changed", src, now)
+        elif isinstance(event, FileModifiedEvent):
+            self._queue("modified", src, now)
         elif isinstance(event, FileDeletedEvent):
             self._queue("gone", src, now)
 
@@ -240,6 +242,11 @@ class WatchInput:
                     self._touch(path, when)
             elif kind == "changed":
                 self._touch(path, when)
+            elif kind == "modified" and path in self._due:
+                # a write or a time set right after a close (shutil.copy2): the quiet period starts again. A
+                # write with no close, creation or rename before it is a writer whose open this watch did not
+                # see (it started first): its close will come as an event, so it waits for that
+                self._touch(path, when)
             elif kind == "gone":
                 self._opens.pop(path, None)
                 self._due.pop(path, None)
@@ -329,8 +336,10 @@ class WatchInput:
                 st = os.stat(path)
             except OSError:
                 continue
-            if st.st_size == 0 or now - st.st_mtime_ns / 1e9 < self.rescan_settle_s:
-                continue  # may still be written by something whose open we did not see
+            if st.st_size == 0 or now - max(st.st_mtime_ns, st.st_ctime_ns) / 1e9 < self.rescan_settle_s:
+                # changed lately (ctime: any write or time set): may still be written by something whose open
+                # event is still on its way, or was never seen
+                continue
             rel = Path(os.path.relpath(path, self.folder)).as_posix()
             key = f"watch:{rel}:{st.st_size}:{st.st_mtime_ns}"
             present[key] = path
