@@ -109,7 +109,7 @@ class WatchInput:
         src = os.fsdecode(event.src_path)
         if isinstance(event, FileMovedEvent):
             self._queue("gone", src, now)
-            self._queue("changed", os.fsdecode(event.dest_path), now)
+            self._queue("renamed", os.fsdecode(event.dest_path), now)
         elif isinstance(event, FileOpenedEvent):
             self._queue("open", src, now)
         elif isinstance(event, (FileClosedEvent, FileClosedNoWriteEvent)):
@@ -242,6 +242,10 @@ class WatchInput:
                     self._touch(path, when)
             elif kind == "changed":
                 self._touch(path, when)
+            elif kind == "renamed":
+                # a rename is atomic: the file is complete now, no quiet period to wait (the way the README
+                # tells line software to write, so the fast path)
+                self._touch(path, when, 0.0)
             elif kind == "modified" and path in self._due:
                 # a write or a time set right after a close (shutil.copy2): the quiet period starts again. A
                 # write with no close, creation or rename before it is a writer whose open this watch did not
@@ -252,9 +256,9 @@ class WatchInput:
                 self._due.pop(path, None)
         return rescan
 
-    def _touch(self, path: str, when: float) -> None:
+    def _touch(self, path: str, when: float, settle_s: Optional[float] = None) -> None:
         # received = the last event's time: when the file was last seen complete (or changing), not the scan
-        self._due[path] = (time.time() + self.settle_s, when)
+        self._due[path] = (time.time() + (self.settle_s if settle_s is None else settle_s), when)
 
     def _check_due(self) -> None:
         now = time.time()
