@@ -184,7 +184,8 @@ def main(argv=None):
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgekit-station-bench"))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--target", default="onnx", help="compile target of the backbone artifact (default onnx)")
-    ap.add_argument("--images", type=int, default=48, help="images per station round (SD-900 test images)")
+    ap.add_argument("--images", type=int, default=96, help="images per station round (SD-900 test images; "
+                    "a burst: the first and last batch are fixed costs, so fewer images understate a steady line)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None, help="inference threads (both sides; default: the runtime's)")
