@@ -10,6 +10,10 @@ Watch folder (:class:`WatchInput`)
     already committed them (their key ``watch:<relative path>:<size>:<mtime_ns>``): a restarted station does
     not run an image twice, and a file rewritten with new content is a new image.
 
+    The one gap: a writer that already had a file open when the station started, and then pauses for longer
+    than ``rescan_settle_s`` (1 s) mid-file, may have the part written so far taken by a rescan (its open was
+    never seen). The rename way has no such gap.
+
 HTTP (:class:`HttpInput`)
     ``POST /infer?name=NAME`` with the encoded image as the body answers the committed Result as JSON (200);
     a body that is not an image gets 400, a full queue 503 (retry later), no result in time 504; each error
