@@ -37,7 +37,7 @@ def build_cpu_fused(checkpoint, folder: Path, precision: str = "fp32", *, isas: 
     ``int8``: the GMBI modules' 1x1 convs run INT8 (``quantize_gmbi_1x1``), their activation ranges
     calibrated in PyTorch on ``calibration`` (preprocessed real images); everything else stays fp32."""
     from edgekit.kernels.cpu.build import build_library, find_compiler, gmbi_1x1_ranges, quantize_gmbi_1x1
-    from edgekit.kernels.cpu.runtime import ISA_LEVELS, source_path
+    from edgekit.kernels.cpu.runtime import DEFAULT_ISAS, ISA_LEVELS, source_path
     from edgekit.kernels.fold import fold_gmbinet
     from edgekit.kernels.sources import source_digest
 
@@ -47,7 +47,7 @@ def build_cpu_fused(checkpoint, folder: Path, precision: str = "fp32", *, isas: 
         raise EdgekitError(f"--target cpu-fused runs GMBINet only, not {checkpoint.model_name!r}")
     if precision not in PRECISIONS:
         raise EdgekitError(f"target cpu-fused does not offer precision {precision} (choose from {', '.join(PRECISIONS)})")
-    isas = list(isas) if isas else list(ISA_LEVELS)
+    isas = list(isas) if isas else list(DEFAULT_ISAS)  # an opt-in level (bf16 arithmetic) only when asked for
     unknown = [i for i in isas if i not in ISA_LEVELS]
     if unknown:
         raise EdgekitError(f"cpu-fused: unknown ISA level {unknown[0]!r} (choose from {', '.join(ISA_LEVELS)})")
