@@ -181,3 +181,24 @@ def test_the_bf16_level_is_never_chosen_or_built_by_default():
     assert cpu_fused.choose_isa([ISA], features=everything) == ISA
     with pytest.raises(EdgekitError, match="cannot run"):
         cpu_fused.choose_isa([ISA], features={**everything, "AMX_BF16": False})
+
+
+def test_compile_precision_bf16_builds_the_amx_library_alone_within_the_bf16_budget(library, published_ckpt, sd900,
+                                                                                    tmp_path):
+    """compile --precision bf16: the artifact holds only the avx512amx library, the runner runs it, and the parity
+    gate held it to the bf16 budget on real SD-900 test images; fp32 with that library is refused in one line."""
+    from edgekit.backends.cpu_fused.build import build_cpu_fused
+    from edgekit.errors import EdgekitError
+    from edgekit.models.checkpoint import load_checkpoint
+    from edgekit.pipeline.compile import compile_model
+    from edgekit.runtime import load
+
+    out = tmp_path / "bf16"
+    man = compile_model(str(published_ckpt), "cpu-fused", "bf16", str(out), parity_data=str(sd900), threads=2,
+                        log=lambda *_: None)
+    assert man["precision"] == "bf16" and man["isa"] == [ISA] and list(man["kernels"]["libraries"]) == [ISA]
+    assert "budget" in man["parity"] and "test split" in man["parity"]["data"]
+    runner = load(str(out))
+    assert runner.isa == ISA and runner.kernels.amx_active
+    with pytest.raises(EdgekitError, match="precision bf16 only"):
+        build_cpu_fused(load_checkpoint(published_ckpt), tmp_path / "x", "fp32", isas=[ISA], log=lambda *_: None)

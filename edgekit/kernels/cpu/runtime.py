@@ -31,8 +31,9 @@ ISA_LEVELS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
     # the avx512 kernels with the GMBI modules' 1x1 in bf16 on AMX tiles (fp32 accumulation; kernels/README.md)
     "avx512amx": ((*_AVX512_FLAGS, "-mamx-tile", "-mamx-bf16"), ("AVX512F", "AVX512_SKX", "AMX_TILE", "AMX_BF16")),
 }
-# Levels that change the arithmetic (bf16 products): never chosen by default, nor built into an artifact unless
-# asked for (--isa / isas=): the fp32 artifact's parity budget and its tests hold the default levels to fp32.
+# Levels that change the arithmetic (bf16 products): never chosen by default, and built only into a cpu-fused
+# artifact of precision bf16 (compile --precision bf16), so an fp32 artifact's parity budget and the fp32 kernel
+# tests hold every default level to fp32.
 OPT_IN_ISAS = ("avx512amx",)
 DEFAULT_ISAS = tuple(isa for isa in ISA_LEVELS if isa not in OPT_IN_ISAS)
 OP_KINDS = {"stem": 0, "s2": 1, "pw": 2, "up": 3, "gmbi": 4, "head": 5, "up+head": 6}
