@@ -40,6 +40,15 @@ def _not_here() -> Optional[str]:
     return None if shutil.which(cxx) else f"no C++ compiler ({cxx}) to build its kernels"
 
 
+def _precision_not_here(precision: str) -> Optional[str]:
+    from edgekit.backends.cpu_fused.build import BF16_ISA
+    from edgekit.kernels.cpu.runtime import supported_isas
+
+    if precision == "bf16" and BF16_ISA not in supported_isas():
+        return "bf16 runs the GMBI 1x1 on AMX tiles: this CPU has no AMX-BF16"
+    return None
+
+
 def _outdated(manifest: dict) -> Optional[str]:
     from edgekit.kernels.cpu.runtime import source_path
     from edgekit.kernels.sources import source_digest
@@ -53,6 +62,7 @@ SPEC = register_backend(BackendSpec(
     name="cpu-fused", description="edgekit's fused CPU kernels (C++, AVX2 / AVX-512, fp32, INT8 1x1 or bf16 1x1 on AMX; needs g++ to compile)",
     precisions=("fp32", "int8", "bf16"), build=_build, int8="builder", needs={"int8": ("calibration",)}, load=_load, device="cpu", load_options=("threads", "isa", "fuse_head"),
     from_artifacts=(), bench_default=("fp32",), not_here=_not_here, outdated=_outdated,
+    precision_not_here=_precision_not_here,
     # any width: the kernels' GEMMs take any channel count (masked vector tails). The GMBI stage widths are
     # multiples of 4 all the same, but that is the model's own rule (4 equal groups), which prune keeps per group.
     channel_multiple=1,
