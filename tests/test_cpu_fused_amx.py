@@ -202,3 +202,19 @@ def test_compile_precision_bf16_builds_the_amx_library_alone_within_the_bf16_bud
     assert runner.isa == ISA and runner.kernels.amx_active
     with pytest.raises(EdgekitError, match="precision bf16 only"):
         build_cpu_fused(load_checkpoint(published_ckpt), tmp_path / "x", "fp32", isas=[ISA], log=lambda *_: None)
+
+
+def test_a_cpu_without_amx_never_gets_a_bf16_candidate_or_row(monkeypatch, tiny_ckpt, tmp_path):
+    """--precision auto and bench --all leave cpu-fused bf16 out, with the reason, where the CPU lacks AMX-BF16
+    (faked here by what supported_isas reports), and offer it where the CPU has it."""
+    from edgekit.bench.plan import default_cpu_backends
+    from edgekit.pipeline.auto import plan_candidates
+    from edgekit.pipeline.request import CompileRequest
+
+    req = CompileRequest(source=str(tiny_ckpt), target="cpu-fused", precision="auto", out=str(tmp_path / "o"))
+    for isas, offered in ((["avx512", "avx2"], False), (["avx512", "avx2", ISA], True)):
+        monkeypatch.setattr(cpu_fused, "supported_isas", lambda features=None, isas=isas: list(isas))
+        chosen, skipped = plan_candidates(req)
+        assert ("bf16" in {c.precision for c in chosen}) is offered
+        assert any(s["precision"] == "bf16" and "AMX" in s["reason"] for s in skipped) is not offered
+        assert ("cpu-fused:bf16" in default_cpu_backends(all_rows=True)) is offered
