@@ -187,11 +187,14 @@ def test_compile_precision_bf16_builds_the_amx_library_alone_within_the_bf16_bud
                                                                                     tmp_path):
     """compile --precision bf16: the artifact holds only the avx512amx library, the runner runs it, and the parity
     gate held it to the bf16 budget on real SD-900 test images; fp32 with that library is refused in one line."""
-    from edgekit.backends.cpu_fused.build import build_cpu_fused
+    from edgekit.backends.registry import backends
     from edgekit.errors import EdgekitError
     from edgekit.models.checkpoint import load_checkpoint
     from edgekit.pipeline.compile import compile_model
     from edgekit.runtime import load
+
+    backends()  # every backend registered in its own order before one is imported by name (the registry's order)
+    from edgekit.backends.cpu_fused.build import build_cpu_fused
 
     out = tmp_path / "bf16"
     man = compile_model(str(published_ckpt), "cpu-fused", "bf16", str(out), parity_data=str(sd900), threads=2,
