@@ -238,6 +238,9 @@ def test_review_folder_is_bounded(tmp_path):
     review.RESCAN_S = 0.0
     assert review.offer(png(9), "again.png") and not review.offer(png(10), "more.png")
     assert ReviewFolder(tmp_path / "rev", max_files=3).stats()["files"] == 3
+    # a source that vanished before the copy: False, counted, nothing written
+    assert not other.offer(tmp_path / "gone.png", "gone.png") and other.stats()["errors"] == 1
+    assert len(list((tmp_path / "ext" / INBOX).iterdir())) == 2  # the one image and review.jsonl
 
 
 def test_labelled_review_folder_is_taken_by_adapt(neu_subset, tmp_path, cli):

@@ -353,9 +353,10 @@ class ReviewFolder:
     ``offer(image, name, info)`` copies the image (a path or its encoded bytes) to
     ``DIR/inbox/<UTC time>-<name>`` (written to a hidden temporary file, then renamed: a file under its final name
     is complete) and appends one JSON line to ``DIR/inbox/review.jsonl`` (``file``, ``name``, ``time`` and the
-    ``info`` dict: scores, the serving class, versions). At most ``max_files`` images / ``max_bytes`` bytes wait in
-    the inbox: past that ``offer`` copies nothing, returns False and counts it (``refused``); labelling (moving
-    files out of the inbox) makes room again.
+    ``info`` dict: scores, the serving class, versions). At most ``max_files`` images / ``max_bytes`` bytes
+    (default 1,000 / 200 MiB) wait in the inbox: past that ``offer`` copies nothing, returns False and counts it
+    (``refused``); labelling (moving files out of the inbox) makes room again. An image that cannot be read or
+    written (vanished source, full disk) is also False, counted in ``errors``: a station never stops for it.
 
     Labelling = moving images into ``DIR/<class>/``; then ``edgekit adapt --data DIR`` takes DIR as it is:
     ``inbox`` is a reserved folder name the class-folder reader skips.
@@ -375,7 +376,7 @@ class ReviewFolder:
         except OSError as e:
             raise EdgekitError(f"review folder {self.inbox} cannot be created ({e.strerror or e})") from None
         self._lock = threading.Lock()
-        self.copied = self.refused = 0
+        self.copied = self.refused = self.errors = 0
         self._scan()
 
     def _scan(self) -> None:
@@ -393,7 +394,12 @@ class ReviewFolder:
     def offer(self, image: Union[bytes, bytearray, str, os.PathLike], name: str,
               info: Optional[Mapping[str, Any]] = None) -> bool:
         """Copy one image into the inbox; False (counted in ``refused``) when the inbox is full."""
-        data = bytes(image) if isinstance(image, (bytes, bytearray)) else Path(image).read_bytes()
+        try:
+            data = bytes(image) if isinstance(image, (bytes, bytearray)) else Path(image).read_bytes()
+        except OSError:
+            with self._lock:
+                self.errors += 1
+            return False
         with self._lock:
             if not self._room(len(data)) and time.monotonic() - self._scanned >= self.RESCAN_S:
                 self._scan()
@@ -408,15 +414,24 @@ class ReviewFolder:
                 final = self.inbox / f"{Path(fname).stem}-{k}{Path(fname).suffix}"
                 k += 1
             tmp = self.inbox / f".{final.name}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
             line = {"file": final.name, "name": str(name), "time": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
                     "bytes": len(data), **dict(info or {})}
-            with open(self.log, "a", encoding="utf-8") as f:  # one write per line: lines never interleave
-                f.write(json.dumps(_json_safe(line), default=str, allow_nan=False) + "\n")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+                with open(self.log, "a", encoding="utf-8") as f:  # one write per line: lines never interleave
+                    f.write(json.dumps(_json_safe(line), default=str, allow_nan=False) + "\n")
+            except OSError:
+                for leftover in (tmp,):
+                    try:
+                        os.unlink(leftover)
+                    except OSError:
+                        pass
+                self.errors += 1
+                return False
             self.files += 1
             self.bytes += len(data)
             self.copied += 1
@@ -425,4 +440,5 @@ class ReviewFolder:
     def stats(self) -> dict:
         with self._lock:
             return {"folder": str(self.folder), "files": self.files, "bytes": self.bytes, "copied": self.copied,
-                    "refused": self.refused, "max_files": self.max_files, "max_bytes": self.max_bytes}
+                    "refused": self.refused, "errors": self.errors, "max_files": self.max_files,
+                    "max_bytes": self.max_bytes}

@@ -350,7 +350,8 @@ def add_task(registry: str | os.PathLike, backbone, task: str, data: TaskData, *
         drift_info, drift_files = _fit_drift(adapter, drift, drift_percentile, x_all, h_all, y_all,
                                              feats[torch.from_numpy(cal_idx)], heads[torch.from_numpy(cal_idx)])
 
-    # rehearsal buffer: K exemplars of each class of this task, added to the earlier ones
+    # rehearsal buffer: K exemplars of each class of this task, added to the earlier ones (drawn from all its
+    # images, the drift calibration part too: later adapters may train on those)
     if rehearsal > 0:
         keep = torch.tensor(select_exemplars(data.labels, rehearsal, seed), dtype=torch.long)
         new = {"features": feats[keep], "heads": heads[keep], "labels": targets[keep]}
