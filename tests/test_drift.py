@@ -270,3 +270,26 @@ def test_labelled_review_folder_is_taken_by_adapt(neu_subset, tmp_path, cli):
     res = cli("adapt", "--task", "t2", "--data", tmp_path / "review", "--classes", "inbox", "--registry",
               tmp_path / "reg2")
     assert res.exit_code == 2 and "reserved" in res.stderr
+
+
+@pytest.mark.parametrize("rehearsal", [0, 10])
+def test_second_task_statistics_cover_the_earlier_classes_through_rehearsal(neu_subset, tmp_path, rehearsal):
+    import torch
+
+    from edgekit.train.continual import TaskData, add_task
+
+    s = neu_subset
+
+    def task(names):
+        idx = [i for i, y in enumerate(s["labels"]) if s["classes"][y] in names]
+        td = TaskData([s["paths"][i] for i in idx], [names.index(s["classes"][s["labels"][i]]) for i in idx], names)
+        return td, torch.from_numpy(s["feats"][idx])
+
+    td, x = task(["crazing", "inclusion"])
+    add_task(tmp_path / "reg", s["bb"], "a", td, feats=x, cache_dir=None, rehearsal=rehearsal, epochs=5)
+    td, x = task(["patches"])
+    d = add_task(tmp_path / "reg", s["bb"], "b", td, feats=x, cache_dir=None, rehearsal=rehearsal, epochs=5)["drift"]
+    if rehearsal:  # the earlier classes' exemplars are part of the fit: one mean per class of the adapter
+        assert d["classes"] == 3 and "covers" not in d and d["fitted_on"] == 60 + 2 * rehearsal  # 6 held out < 20: none
+    else:  # without them only the new class has a mean, and adapt says so
+        assert d["classes"] == 1 and d["covers"] == "1 of 3 classes"

@@ -75,6 +75,9 @@ def adapt_cmd(backbone, task, data, classes, rehearsal, distill, setting, regist
         note(f"drift: {d['method']}, threshold {d['threshold']:.4g} (the {d['percentile']:g}th percentile of "
              f"{d['calibrated_on']} {d['calibration']}: it flags {100 * d['calibration_flag_rate']:.1f} % of them; "
              f"{expect}), statistics of {d['fitted_on']} images, {d['bytes'] / 1024:.1f} KiB, {d['seconds']:.2f} s")
+        if d.get("covers"):
+            note(f"note: the drift statistics cover {d['covers']} (no rehearsal exemplars of the earlier ones, "
+                 "--rehearsal 0): a station flags images of the others as novel")
     if as_json:
         echo_json(r)
         return

@@ -236,7 +236,7 @@ def select_exemplars(labels: Sequence[int], k: int, seed: int) -> List[int]:
 
 @torch.no_grad()
 def _fit_drift(adapter: MLFFAdapter, method: str, percentile: float, x_fit: torch.Tensor, h_fit: torch.Tensor,
-               y_fit: torch.Tensor, x_cal: torch.Tensor, h_cal: torch.Tensor):
+               y_fit: torch.Tensor, x_cal: torch.Tensor):
     """The drift statistics of a trained adapter (``edgekit.mlff.drift``): fitted on what it trained on (this
     task's images and the rehearsal exemplars of earlier classes), the threshold calibrated on ``x_cal`` (held
     out of training) or, when there is none, on the training images. Returns (adapter.json's "drift" field,
@@ -348,7 +348,11 @@ def add_task(registry: str | os.PathLike, backbone, task: str, data: TaskData, *
     drift_info, drift_files = None, {}
     if drift is not None:
         drift_info, drift_files = _fit_drift(adapter, drift, drift_percentile, x_all, h_all, y_all,
-                                             feats[torch.from_numpy(cal_idx)], heads[torch.from_numpy(cal_idx)])
+                                             feats[torch.from_numpy(cal_idx)])
+        if drift_info.get("classes", 0) < sum(adapter.head_sizes) and drift == drift_mod.MAHALANOBIS:
+            # class-incremental without rehearsal: the earlier classes have no features here, so their images
+            # score as novel; said in adapt's note
+            drift_info["covers"] = f"{drift_info['classes']} of {sum(adapter.head_sizes)} classes"
 
     # rehearsal buffer: K exemplars of each class of this task, added to the earlier ones (drawn from all its
     # images, the drift calibration part too: later adapters may train on those)
