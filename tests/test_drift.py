@@ -293,3 +293,30 @@ def test_second_task_statistics_cover_the_earlier_classes_through_rehearsal(neu_
         assert d["classes"] == 3 and "covers" not in d and d["fitted_on"] == 60 + 2 * rehearsal  # 6 held out < 20: none
     else:  # without them only the new class has a mean, and adapt says so
         assert d["classes"] == 1 and d["covers"] == "1 of 3 classes"
+
+
+def test_station_side_needs_no_torch(neu_subset, tmp_path):
+    """The station's path (adapter folder -> DriftScorer -> scores, the review folder) in a process where
+    importing torch fails: the same scores as here."""
+    import subprocess
+    import sys
+
+    r, scorer, x_in, x_out, _ = fold(neu_subset, "crazing", tmp_path)
+    x = np.concatenate([x_in[:10], x_out[:10]])
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import sys, json, numpy as np\n"
+        "sys.modules['torch'] = None  # any import of torch raises ImportError\n"
+        "from edgekit.mlff.adapter import load_adapter_arrays\n"
+        "from edgekit.mlff.drift import DriftScorer, ReviewFolder\n"
+        f"folder = {str(r['adapter_folder'])!r}\n"
+        "arrays, meta = load_adapter_arrays(folder)\n"
+        "s = DriftScorer.from_adapter(arrays, {**meta, 'folder': folder})\n"
+        f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
+        f"ok = ReviewFolder({str(tmp_path / 'review')!r}).offer(b'\\x89PNG\\r\\n\\x1a\\n', 'a', {{'score': 1.0}})\n"
+        "print(json.dumps({'scores': s.score(x).tolist(), 'threshold': s.threshold, 'copied': ok}))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["threshold"] == scorer.threshold and out["copied"]
+    assert np.array_equal(np.array(out["scores"]), scorer.score(x))
