@@ -202,6 +202,13 @@ def test_package_carries_drift_and_a_tampered_drift_file_is_refused(neu_subset, 
     with pytest.raises(EdgekitError, match="not a valid safetensors"):
         build_package(broken, private, "1.0.1", tmp_path / "broken.zip")
     assert not (tmp_path / "broken.zip").exists()
+    # re-saving an adapter's tensors without its drift file (e.g. edited weights) drops the stale statistics
+    from edgekit.mlff.adapter import load_adapter, read_adapter_meta, save_adapter
+
+    tensors, meta = load_adapter(folder)
+    resaved = save_adapter(tmp_path / "resaved", tensors, meta)
+    assert "drift" not in read_adapter_meta(resaved) and not (resaved / DRIFT_NAME).exists()
+    assert DriftScorer.from_adapter(*load_adapter_arrays(resaved)) is None
 
 
 def png_bytes(value: int, tmp: Path) -> bytes:

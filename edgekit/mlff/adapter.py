@@ -117,15 +117,19 @@ def save_adapter(folder: str | os.PathLike, tensors: Mapping[str, Any], meta: Ma
 
     ``meta`` needs task, classes, backbone, backbone_sha256 and input (see the module docstring);
     format, format_version and weights are filled in. ``files``: the other payload files ``meta`` names
-    (the drift statistics: ``{meta["drift"]["file"]: bytes}``), written before adapter.json. Returns the folder.
+    (the drift statistics: ``{meta["drift"]["file"]: bytes}``), written before adapter.json; a ``meta`` read from
+    another adapter whose drift file is not given loses its "drift" field (those statistics belong to the
+    weights they were fitted with). Returns the folder.
     """
     folder = Path(folder)
     if not tensors:
         raise EdgekitError("an adapter needs at least one tensor")
     meta = dict(meta)
+    files = dict(files or {})
+    if isinstance(meta.get("drift"), Mapping) and meta["drift"].get("file") not in files:
+        meta.pop("drift")
     meta.update(format=ADAPTER_FORMAT, format_version=ADAPTER_FORMAT_VERSION, weights=[WEIGHTS_NAME])
     meta = validate_adapter_meta(meta)
-    files = dict(files or {})
     extra = sorted(set(adapter_files(meta)) - {META_NAME, WEIGHTS_NAME})
     if sorted(files) != extra:
         raise EdgekitError(f"save_adapter: adapter.json names the files {extra}, but {sorted(files)} were given")
