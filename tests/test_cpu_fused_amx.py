@@ -277,6 +277,8 @@ def test_the_bf16_level_is_never_chosen_or_built_by_default():
     assert cpu_fused.choose_isa([ISA], features=everything) == ISA
     with pytest.raises(EdgekitError, match="cannot run"):
         cpu_fused.choose_isa([ISA], features={**everything, "AMX_BF16": False})
+    with pytest.raises(EdgekitError, match="cannot run"):  # its GMBI chain runs in fp16 (AVX512-FP16)
+        cpu_fused.choose_isa([ISA], features={**everything, "AVX512FP16": False})
 
 
 def test_compile_precision_bf16_builds_the_amx_library_alone_within_the_bf16_budget(library, published_ckpt, sd900,

@@ -822,7 +822,8 @@ static inline vf f_hi(vh v) {
 
 // sigmoid(y), y >= 0, in fp16: e^-y = 2^t, t = -y log2(e), as scalef(2^f, round(t)), f in [-0.5, 0.5] (degree-4
 // polynomial, 4e-5 relative, below fp16's 2^-11), then vrcpph.  y is clamped at 16 (sigmoid(16) rounds to 1 in
-// fp16, and t stays far from fp16's overflow).
+// fp16, and t stays far from fp16's overflow).  Max |error| over every finite fp16 y >= 0: 1.51 x 2^-11 (checked
+// exhaustively against float64; tests/test_cpu_fused_amx.py's bound takes 2^-10).
 static inline vh hsigmoid_pos(vh y) {
   y = _mm512_min_ph(y, hset1(16.0f));
   const vh t = _mm512_mul_ph(y, hset1(-1.44269504f));
