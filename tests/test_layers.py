@@ -6,11 +6,11 @@ PKG = Path(__file__).resolve().parent.parent / "edgekit"
 # lower number = lower layer; a module may import its own layer's packages and any lower one
 LAYER = {"__init__": 0, "errors": 0, "utils": 0, "progress": 0, "artifact": 0, "keys": 0,
          "data": 1, "device": 1, "models": 2, "compress": 3, "kernels": 3, "backends": 4, "runtime": 4,
-         "pipeline": 5, "mlff": 5, "eval": 5, "bench": 6, "train": 6, "ota": 7, "fleet": 7, "serve": 7,
+         "pipeline": 5, "mlff": 5, "eval": 5, "bench": 6, "train": 6, "ota": 7, "fleet": 7, "serve": 7, "station": 7,
          "commands": 8, "cli": 9, "__main__": 9}
 # same-layer packages: which may import which (no circle between them)
 SAME_LAYER_ORDER = {"pipeline": {"mlff", "eval"}, "mlff": {"eval"}, "train": {"bench"}, "runtime": {"backends"},
-                    "fleet": {"ota"}, "serve": {"ota", "fleet"}}
+                    "fleet": {"ota"}, "serve": {"ota", "fleet"}, "station": {"ota", "fleet"}}
 
 
 def _imports():
