@@ -58,6 +58,8 @@ setup(
         # export-repo / bench --server; the tritonserver itself (nvidia-pytriton) goes into its own folder
         # with `edgekit serve --install`: pytriton pins numpy<2
         "serve": ["tritonclient[http,grpc]>=2.40"],
+        # `edgekit station`: the watch folder, MQTT and Prometheus (no torch: a runtime extra)
+        "station": ["watchdog>=4", "paho-mqtt>=2", "prometheus_client>=0.20"],
     },
     entry_points={"console_scripts": ["edgekit=edgekit.cli:main"]},
 )
