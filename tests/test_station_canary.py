@@ -219,3 +219,144 @@ def test_no_policy_commits_at_once_and_policy_is_checked(env):
     publish(env, "1.2.0")
     r = json.loads(ok(update(env, "--json")).stdout)
     assert r["action"] == "installed" and installed(env["device"])["version"] == "1.2.0"
+
+
+# --- the station: canary verdicts on live images, hot swap under a stream ---------------------------------------
+
+def job_for(path: Path, tag: str = ""):
+    from edgekit.station.jobs import Job
+
+    st = path.stat()
+    return Job(key=f"watch:{tag}{path.name}:{st.st_size}:{st.st_mtime_ns}", source="watch", name=path.name, path=path)
+
+
+STATUS = []
+
+
+def wait_for(predicate, timeout=60.0, what="the station"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}: {STATUS[0]() if STATUS else None}")
+
+
+def rows(db):
+    from edgekit.station.store import ResultStore
+
+    store = ResultStore(db, read_only=True)
+    try:
+        n = store.counts()["rows"]
+        return sorted(store.recent(n + 10), key=lambda r: r["id"]), store.events(1000)[::-1]
+    finally:
+        store.close()
+
+
+def start_station(device, db, **kw):
+    from edgekit.station.models import StationModels
+    from edgekit.station.service import Station
+
+    s = Station(StationModels(device), db, **kw).start()
+    STATUS[:] = [s.status]
+    return s
+
+
+def feed(station, jobs):
+    for job in jobs:
+        wait_for(lambda: station.submit(job), 30, "room in the queue")
+
+
+def test_canary_rejects_a_bad_adapter_that_passes_its_health_check_and_promotes_a_good_one(env, tmp_path):
+    hold(env, "1.1.0")  # the bad one: passed the health check on its own samples
+    db = tmp_path / "station.db"
+    station = start_station(env["device"], db, batch=4, station_id="line1")
+    try:
+        assert station.models.trial.version == "1.1.0" and station.models.serving.version == "1.0.0"
+        feed(station, [job_for(p) for p in env["live"][:POLICY["images"]]])
+        verdict = wait_for(lambda: station.last_verdict, what="the canary verdict")
+        assert verdict["verdict"] == "reject" and verdict["action"] == "rejected" and verdict["images"] == 12
+        assert verdict["agreement"] < POLICY["min_agreement"], verdict
+        state = InstallRoot(env["device"]).read()
+        assert state.trial is None and state.current["version"] == "1.0.0"
+        assert state.blocked["1.1.0"].startswith("canary: agreement ") and "on 12 live images" in state.blocked["1.1.0"]
+        assert state.history[-1]["action"] == "failed" and state.history[-1]["reason"] == state.blocked["1.1.0"]
+        one_error_line(update(env), "1.1.0, the newest the repository offers, is blocked")
+        wait_for(lambda: station.models.trial is None, what="the trial to be dropped")
+        # the good one: published, held by update while the station runs, picked up between batches, promoted
+        r = hold(env, "1.2.0")
+        assert "1.0.0 is still in service" in r["reason"]
+        wait_for(lambda: station.models.trial is not None, what="the station to load the trial")
+        feed(station, [job_for(p, "2/") for p in env["live"][POLICY["images"]:]])
+        verdict = wait_for(lambda: station.last_verdict if station.last_verdict["version"] == "1.2.0" else None,
+                           what="the second verdict")
+        assert verdict["verdict"] == "promote" and verdict["action"] == "promoted", verdict
+        assert verdict["agreement"] >= POLICY["min_agreement"]
+        state = InstallRoot(env["device"]).read()
+        assert state.current["version"] == "1.2.0" and state.trial is None and "1.2.0" not in state.blocked
+        assert state.history[-1]["action"] == "commit" and state.history[-1]["reason"].startswith("canary: agreement")
+        wait_for(lambda: station.models.serving.version == "1.2.0", what="the swap to the promoted version")
+        feed(station, [job_for(p, "3/") for p in env["live"][:3]])
+        wait_for(lambda: station.status()["counts"]["images"] == len(env["live"]) + 3, what="the last images")
+    finally:
+        station.stop()
+    results, events = rows(db)
+    assert len(results) == len(env["live"]) + 3 and len({r["key"] for r in results}) == len(results)
+    shadowed = [r for r in results if r["trial"] is not None]
+    assert {r["trial"]["version"] for r in shadowed} == {"1.1.0", "1.2.0"}
+    assert sum(r["trial"]["version"] == "1.1.0" for r in shadowed) == 12  # exactly the N images counted
+    # the serving adapter answered every image; the bad trial said "b" for a's images and back
+    bad = [r for r in shadowed if r["trial"]["version"] == "1.1.0"]
+    assert all(r["class"] == r["name"][0] for r in results[:12])
+    assert sum(r["trial"]["class"] != r["class"] for r in bad) >= 6
+    assert [r["serving"]["version"] for r in results[-3:]] == ["1.2.0"] * 3
+    verdicts = [e for e in events if e["kind"] == "canary"]
+    assert [(e["version"], e["verdict"], e["action"]) for e in verdicts] == [("1.1.0", "reject", "rejected"),
+                                                                             ("1.2.0", "promote", "promoted")]
+    swaps = [e["detail"] for e in events if e["kind"] == "swap"]
+    assert "trial 1.1.0 -> none" in swaps[0] and "trial none -> 1.2.0" in swaps[1]
+    assert "serving 1.0.0 -> 1.2.0" in swaps[2]
+
+
+def test_hot_swap_under_a_steady_stream_loses_and_duplicates_nothing(env, tmp_path):
+    db = tmp_path / "station.db"
+    publish(env, "1.2.0")
+    stream = tmp_path / "stream"
+    paths = live_images(stream, 40)  # 120 images
+    station = start_station(env["device"], db, batch=4, queue_size=8)
+    submitted = []
+    done = threading.Event()
+
+    def producer():
+        for p in paths:
+            job = job_for(p)
+            wait_for(lambda: station.submit(job), 60, "room in the queue")
+            submitted.append(job.key)
+            time.sleep(0.004)
+        done.set()
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    try:
+        wait_for(lambda: station.status()["counts"]["images"] >= 20, what="the first images")
+        r = json.loads(ok(update(env, "--json")).stdout)  # commits 1.2.0 while images stream (no canary policy)
+        assert r["action"] == "installed" and r["version"] == "1.2.0"
+        at_swap = station.status()["counts"]["images"]
+        wait_for(lambda: station.status()["counts"]["images"] >= at_swap + 20, what="images after the swap")
+        ok(env["cli"]("rollback", "--root", env["device"]))  # and back, still streaming
+        wait_for(done.is_set, 120, "the producer")
+        wait_for(lambda: station.status()["counts"]["images"] == len(paths), what="every image")
+    finally:
+        thread.join(60)
+        station.stop()
+    results, events = rows(db)
+    keys = [r["key"] for r in results]
+    assert len(submitted) == len(paths) == len(results) and set(keys) == set(submitted) and len(set(keys)) == len(keys)
+    assert all(r["decision"] in ("OK", "NG") for r in results)
+    # every batch ran on one version; the versions in commit order: 1.0.0, then 1.2.0, then 1.0.0 again
+    versions = [r["serving"]["version"] for r in results]
+    runs = [v for i, v in enumerate(versions) if i == 0 or v != versions[i - 1]]
+    assert runs == ["1.0.0", "1.2.0", "1.0.0"], runs
+    swaps = [e["detail"] for e in events if e["kind"] == "swap"]
+    assert swaps == ["serving 1.0.0 -> 1.2.0", "serving 1.2.0 -> 1.0.0"]

@@ -179,8 +179,8 @@ class Station:
             store.event("start", station=self.station_id, pid=os.getpid(), **self.models.versions())
             self._ready.set()
             while True:
-                self._between_batches(store)
                 jobs = self._take_batch()
+                self._between_batches(store)  # after the wait for jobs: the swap is as fresh as it can be
                 if jobs:
                     self._process(store, jobs)
                 elif self._stop.is_set():
@@ -204,6 +204,8 @@ class Station:
         with self._lock:
             self.errors = (self.errors + [entry])[-RECENT_ERRORS:]
         store.event("error", where=where, error=text)
+        if self.metrics is not None:
+            self.metrics.error()
         self.note(f"station: {where}: {text}")
 
     def _between_batches(self, store) -> None:
@@ -221,7 +223,7 @@ class Station:
                 self.metrics.set_models(self.models.serving.version,
                                         self.models.trial.version if self.models.trial else None)
             if self.publisher is not None:
-                self.publisher.wake()
+                self.publisher.wake(status=True)
         if self._pending_verdict is None and self.models.trial_error is not None:
             version, why = self.models.trial_error
             self._pending_verdict = {"verdict": "reject", "version": version, "images": 0,
@@ -240,7 +242,7 @@ class Station:
             self.note(f"station: {applied['action']} {v['version']}: {v['reason']}")
             self.canary = None
             if self.publisher is not None:
-                self.publisher.wake()
+                self.publisher.wake(status=True)
             self._between_batches(store)  # swap at once: the next batch runs on the promoted (or unchanged) adapter
             return
         trial = self.models.trial
@@ -338,7 +340,10 @@ class Station:
         t = out["trial"]
         if t is not None:
             r["trial"] = {"version": self.models.trial.version, "class": t["class"], "prob": round(float(t["prob"]), 6)}
-        r["ood"] = out["ood"]
+        ood = out["ood"]
+        if ood is not None and self.config.drift_enabled:
+            threshold = float(ood["threshold"]) * float(self.config.drift_threshold_scale)
+            r["ood"] = {"score": ood["score"], "threshold": threshold, "flagged": bool(ood["score"] > threshold)}
         if out["segment_probs"] is not None:
             r["segment"] = self._segment(out["segment_probs"])
         decision, reasons = decide(c, r["segment"], r["ood"], self.config)
@@ -346,12 +351,10 @@ class Station:
         return r
 
     def _segment(self, probs: np.ndarray) -> dict:
-        from edgekit.station.regions import mask_regions
+        from edgekit.station.regions import segment_summary
 
-        seg = self.config.segment
-        regions = mask_regions(probs, seg.threshold, seg.min_region_px)
-        return {"artifact": self.models.segment_id, "regions": regions,
-                "defect_frac": round(float((probs >= seg.threshold).mean()), 6)}
+        summary = segment_summary(probs, self.config.segment_threshold, self.config.min_region_px)
+        return {"artifact": self.models.segment_id, **summary}
 
     # --- status ----------------------------------------------------------------------------------------------------
 
