@@ -129,18 +129,26 @@ def run_cmd(root, watch, http, segment, config_path, db, canary, min_agreement, 
     db_path = Path(db) if db else root_path / DB_NAME
     if not db_path.parent.is_dir():
         raise EdgekitError(f"--db {db_path}: folder {db_path.parent} does not exist")
-    models = StationModels(root_path, backbone_artifact=backbone_artifact, segment=segment, threads=threads)
+    models = StationModels(root_path, backbone_artifact=backbone_artifact, segment=segment, threads=threads,
+                           drift=config.drift_enabled)
+    try:
+        config.check_classes(models.serving.classifier.classes)
+    except EdgekitError:
+        models.close()
+        raise
     if policy is not None:
         InstallRoot(root_path).set_canary_policy(policy)
     station_id = station_id or os.uname().nodename
-    opened = []
+    opened = {}  # what to close, in this order: inputs, then the worker (it finishes the queue), then the sinks
+    order = ("watch", "http", "station", "mqtt", "metrics")
+    station = None
     try:
         sinks = {}
         if metrics_addr:
             from edgekit.station.metrics import StationMetrics
 
             sinks["metrics"] = StationMetrics(f"{metrics_addr[0]}:{metrics_addr[1]}")
-            opened.append(sinks["metrics"].close)
+            opened["metrics"] = sinks["metrics"].close
             sinks["metrics"].set_models(models.serving.version, models.trial.version if models.trial else None)
         if review:
             from edgekit.mlff.drift import ReviewFolder
@@ -151,31 +159,28 @@ def run_cmd(root, watch, http, segment, config_path, db, canary, min_agreement, 
             from edgekit.station.mqtt import MqttPublisher
 
             station.publisher = MqttPublisher(db_path, mqtt_addr[0], mqtt_addr[1], topic, station_id, station.status)
-        inputs = []
-        if http_addr:
+        http_input = None
+        if http_addr:  # bound before anything is written: a port in use is one error line and no database
             from edgekit.station.inputs import HttpInput
 
-            inputs.append(HttpInput(f"{http_addr[0]}:{http_addr[1]}", station.submit, station.status))
+            http_input = HttpInput(f"{http_addr[0]}:{http_addr[1]}", station.submit, station.status).start()
+            opened["http"] = http_input.stop
         station.start()
-        opened.append(station.stop)
+        opened["station"] = station.stop
         if station.publisher is not None:
             station.publisher.start()
-            opened.append(station.publisher.stop)
+            opened["mqtt"] = station.publisher.stop
         if watch:
             from edgekit.station.inputs import WatchInput
 
-            inputs.append(WatchInput(watch, station.submit, station.seen))
-        for i in inputs:
-            start = getattr(i, "start", None)
-            if start is not None:
-                start()
-            opened.append(i.stop)
+            watch_input = WatchInput(watch, station.submit, station.seen).start()
+            opened["watch"] = watch_input.stop
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         where = ", ".join(filter(None, [f"watching {watch}" if watch else None,
-                                        f"http://{http_addr[0]}:{getattr(inputs[0], 'port', http_addr[1])}/infer"
-                                        if http_addr else None]))
+                                        f"http://{http_input.address}/infer" if http_input else None,
+                                        f"metrics at {sinks['metrics'].url}" if metrics_addr else None]))
         _note(f"station {station_id}: serving {models.serving.version}"
               + (f", trial {models.trial.version} in shadow" if models.trial else "") + f"; {where}; results in "
               f"{db_path}; stop with SIGTERM or Ctrl-C")
@@ -183,9 +188,11 @@ def run_cmd(root, watch, http, segment, config_path, db, canary, min_agreement, 
             if not station.running:
                 break
     finally:
-        for close in reversed(opened):  # inputs first, then the worker (it finishes the queue), then the sinks
+        for name in order:
+            if name not in opened:
+                continue
             try:
-                close()
+                opened[name]()
             except Exception:  # noqa: BLE001 - closing must not hide the reason we stop
                 pass
         models.close()
