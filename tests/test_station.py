@@ -8,6 +8,7 @@ check; tests/test_station_canary.py runs that path through a real TUF repository
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -69,9 +70,11 @@ def device(tmp_path_factory):
                "--out", pkgs[version], "--samples", data))
     art = w / "backbone_onnx"
     compile_model(str(regs["1.0.0"]), "onnx", "fp32", str(art), parity_data=str(data), log=lambda *_: None)
+    seg = w / "segment_onnx"  # the same tiny GMBINet as a segmentation artifact: masks become regions
+    compile_model(str(ckpt), "onnx", "fp32", str(seg), log=lambda *_: None)
     root = w / "root"
     ok(cli("install", pkgs["1.0.0"], "--root", root, "--pubkey", pub, "--backbone", art))
-    return {"w": w, "cli": cli, "art": art, "pkgs": pkgs, "pub": pub, "root": root}
+    return {"w": w, "cli": cli, "art": art, "seg": seg, "pkgs": pkgs, "pub": pub, "root": root}
 
 
 @pytest.fixture()
@@ -201,7 +204,10 @@ def test_watch_status_promote_reject_as_a_process(device, root, tmp_path):
     watch.mkdir()
     for i in range(3):  # already there at start: inspected too
         drop_image(watch, f"early_{i}.png", i % 3, 200 + i)
-    proc = start(root, watch, device["art"], "--canary", 1000, "--min-agreement", 0.5, "--station-id", "line1")
+    config = tmp_path / "station.toml"
+    config.write_text("[segment]\nthreshold = 0.0\nmin_region_px = 1\n")  # every pixel is defect: NG, one region
+    proc = start(root, watch, device["art"], "--canary", 1000, "--min-agreement", 0.5, "--station-id", "line1",
+                 "--segment", device["seg"], "--config", config)
     try:
         wait_for(lambda: len(committed_keys(root / "station.db")) == 3, what="the images already there", proc=proc)
         for i in range(6):
@@ -212,7 +218,7 @@ def test_watch_status_promote_reject_as_a_process(device, root, tmp_path):
         s = status(root)
         assert s["serving"] == "1.0.0" and s["trial"] is None
         assert s["canary_policy"] == {"images": 1000, "min_agreement": 0.5, "max_confidence_drop": 0.02}
-        assert s["counts"]["images"] == 10 and s["counts"]["error"] == 1 and s["counts"]["ok"] + s["counts"]["ng"] == 9
+        assert s["counts"]["images"] == 10 and s["counts"]["error"] == 1 and s["counts"]["ng"] == 9
         # a trial goes on hold while the station runs; the operator rejects it
         put_on_hold(root, device["pkgs"]["1.1.0"], device["pub"])
         assert status(root)["trial"] == "1.1.0" and status(root)["trial_phase"] == "canary"
@@ -236,7 +242,7 @@ def test_watch_status_promote_reject_as_a_process(device, root, tmp_path):
     finally:
         code, out, err = stop(proc)
     assert code == 0, err
-    assert out.strip() == f"stopped: 13 images (12 OK, 0 NG, 1 errors) in {root / 'station.db'}"
+    assert out.strip() == f"stopped: 13 images (0 OK, 12 NG, 1 errors) in {root / 'station.db'}"
     from edgekit.station.store import ResultStore
 
     store = ResultStore(root / "station.db", read_only=True)
@@ -246,6 +252,14 @@ def test_watch_status_promote_reject_as_a_process(device, root, tmp_path):
     broken = [r for r in results if r["name"] == "broken.png"]
     assert len(broken) == 1 and broken[0]["decision"] == "ERROR" and "not a readable image" in broken[0]["error"]
     assert {r["station"] for r in results} == {"line1"}
+    seg_id = hashlib.sha256((device["seg"] / "manifest.json").read_bytes()).hexdigest()[:16]
+    for r in results:
+        if r["decision"] == "ERROR":
+            continue
+        assert r["segment"]["artifact"] == seg_id and r["segment"]["defect_frac"] == 1.0
+        assert r["segment"]["regions"] == [{"area_px": 24 * 24, "area_frac": 1.0, "bbox": [0, 0, 24, 24],
+                                            "peak": r["segment"]["regions"][0]["peak"]}]
+        assert r["reasons"][0] == f"region {24 * 24} px" and r["decision"] == "NG"
 
 
 def test_kill_9_at_random_moments_loses_no_committed_result(device, root, tmp_path):
