@@ -9,20 +9,25 @@ check; tests/test_station_canary.py runs that path through a real TUF repository
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'edgekit[cpu]')")
 pytest.importorskip("watchdog", reason="watchdog not installed (pip install 'edgekit[station]')")
+
+from PIL import Image  # noqa: E402
 
 from edgekit.data.images import write_png  # noqa: E402
 from edgekit.device.state import InstallRoot  # noqa: E402
@@ -99,6 +104,12 @@ def put_on_hold(root: Path, pkg: Path, pub) -> str:
         dev.begin_trial(rel, version, p.signer.key_id)
         dev.hold_for_canary(version, None)
     return version
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def drop_image(folder: Path, name: str, cls: int, i: int) -> None:
@@ -206,19 +217,32 @@ def test_watch_status_promote_reject_as_a_process(device, root, tmp_path):
         drop_image(watch, f"early_{i}.png", i % 3, 200 + i)
     config = tmp_path / "station.toml"
     config.write_text("[segment]\nthreshold = 0.0\nmin_region_px = 1\n")  # every pixel is defect: NG, one region
+    http_port, metrics_port = free_port(), free_port()
     proc = start(root, watch, device["art"], "--canary", 1000, "--min-agreement", 0.5, "--station-id", "line1",
-                 "--segment", device["seg"], "--config", config)
+                 "--segment", device["seg"], "--config", config, "--http", f"127.0.0.1:{http_port}",
+                 "--metrics", f"127.0.0.1:{metrics_port}")
     try:
         wait_for(lambda: len(committed_keys(root / "station.db")) == 3, what="the images already there", proc=proc)
+        # an HTTP upload: the reply is the committed result
+        png = io.BytesIO()
+        Image.fromarray(_image(1, 250)).save(png, format="PNG")
+        reply = json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{http_port}/infer?name=part.png", data=png.getvalue(), method="POST"), timeout=30).read())
+        assert reply["source"] == "http" and reply["name"] == "part.png" and reply["id"] >= 1
+        assert reply["decision"] == "NG" and reply["serving"]["version"] == "1.0.0" and reply["latency_s"] >= 0
+        live = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/status", timeout=10).read())
+        assert live["station"] == "line1" and live["serving"] == "1.0.0" and live["counts"]["images"] == 4
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert 'edgekit_station_images_total{decision="NG"} 4.0' in scrape
         for i in range(6):
             drop_image(watch, f"img_{i}.png", i % 3, 300 + i)
         (watch / "notes.txt").write_text("not an image")
         (watch / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-        wait_for(lambda: len(committed_keys(root / "station.db")) == 10, what="the new images", proc=proc)
+        wait_for(lambda: len(committed_keys(root / "station.db")) == 11, what="the new images", proc=proc)
         s = status(root)
         assert s["serving"] == "1.0.0" and s["trial"] is None
         assert s["canary_policy"] == {"images": 1000, "min_agreement": 0.5, "max_confidence_drop": 0.02}
-        assert s["counts"]["images"] == 10 and s["counts"]["error"] == 1 and s["counts"]["ng"] == 9
+        assert s["counts"]["images"] == 11 and s["counts"]["error"] == 1 and s["counts"]["ng"] == 10
         # a trial goes on hold while the station runs; the operator rejects it
         put_on_hold(root, device["pkgs"]["1.1.0"], device["pub"])
         assert status(root)["trial"] == "1.1.0" and status(root)["trial_phase"] == "canary"
@@ -235,14 +259,14 @@ def test_watch_status_promote_reject_as_a_process(device, root, tmp_path):
         time.sleep(0.5)
         for i in range(3):
             drop_image(watch, f"late_{i}.png", i, 400 + i)
-        wait_for(lambda: len(committed_keys(root / "station.db")) == 13, what="the images after the swap", proc=proc)
+        wait_for(lambda: len(committed_keys(root / "station.db")) == 14, what="the images after the swap", proc=proc)
         s = status(root)
-        assert s["serving"] == "1.2.0" and s["previous"] == "1.0.0" and s["counts"]["images"] == 13
+        assert s["serving"] == "1.2.0" and s["previous"] == "1.0.0" and s["counts"]["images"] == 14
         assert any(e["kind"] == "swap" and "serving 1.0.0 -> 1.2.0" in e["detail"] for e in s["events"])
     finally:
         code, out, err = stop(proc)
     assert code == 0, err
-    assert out.strip() == f"stopped: 13 images (0 OK, 12 NG, 1 errors) in {root / 'station.db'}"
+    assert out.strip() == f"stopped: 14 images (0 OK, 13 NG, 1 errors) in {root / 'station.db'}"
     from edgekit.station.store import ResultStore
 
     store = ResultStore(root / "station.db", read_only=True)

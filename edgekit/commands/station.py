@@ -139,6 +139,9 @@ def run_cmd(root, watch, http, segment, config_path, db, canary, min_agreement, 
     if policy is not None:
         InstallRoot(root_path).set_canary_policy(policy)
     station_id = station_id or os.uname().nodename
+    stop = threading.Event()  # set by SIGTERM / SIGINT: from here on a signal is a clean stop, never a kill
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     opened = {}  # what to close, in this order: inputs, then the worker (it finishes the queue), then the sinks
     order = ("watch", "http", "station", "mqtt", "metrics")
     station = None
@@ -175,18 +178,14 @@ def run_cmd(root, watch, http, segment, config_path, db, canary, min_agreement, 
 
             watch_input = WatchInput(watch, station.submit, station.seen).start()
             opened["watch"] = watch_input.stop
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
         where = ", ".join(filter(None, [f"watching {watch}" if watch else None,
                                         f"http://{http_input.address}/infer" if http_input else None,
                                         f"metrics at {sinks['metrics'].url}" if metrics_addr else None]))
         _note(f"station {station_id}: serving {models.serving.version}"
               + (f", trial {models.trial.version} in shadow" if models.trial else "") + f"; {where}; results in "
               f"{db_path}; stop with SIGTERM or Ctrl-C")
-        while not stop.wait(0.5):
-            if not station.running:
-                break
+        while not stop.wait(0.2) and station.running:
+            pass
     finally:
         for name in order:
             if name not in opened:
