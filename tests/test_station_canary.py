@@ -360,3 +360,27 @@ def test_hot_swap_under_a_steady_stream_loses_and_duplicates_nothing(env, tmp_pa
     assert runs == ["1.0.0", "1.2.0", "1.0.0"], runs
     swaps = [e["detail"] for e in events if e["kind"] == "swap"]
     assert swaps == ["serving 1.0.0 -> 1.2.0", "serving 1.2.0 -> 1.0.0"]
+
+
+def test_a_restarted_station_counts_the_canary_again_from_zero(env, tmp_path):
+    hold(env, "1.2.0")
+    db = tmp_path / "station.db"
+    first = start_station(env["device"], db, batch=4)
+    try:
+        feed(first, [job_for(p) for p in env["live"][:8]])
+        wait_for(lambda: first.status()["counts"]["images"] == 8, what="8 images")
+        assert first.status()["canary"]["images"] == 8 and first.last_verdict is None
+    finally:
+        first.stop()
+    assert InstallRoot(env["device"]).read().held["version"] == "1.2.0"  # no verdict on 8 of 12 images
+    second = start_station(env["device"], db, batch=4)
+    try:
+        feed(second, [job_for(p, "again/") for p in env["live"][8:16]])
+        wait_for(lambda: second.status()["counts"]["images"] == 8, what="8 more images")
+        assert second.status()["canary"]["images"] == 8 and second.last_verdict is None  # 16 seen, 8 by this one
+        feed(second, [job_for(p, "again/") for p in env["live"][16:20]])
+        verdict = wait_for(lambda: second.last_verdict, what="the verdict")
+        assert verdict["images"] == 12 and verdict["action"] == "promoted"
+    finally:
+        second.stop()
+    assert InstallRoot(env["device"]).read().current["version"] == "1.2.0"
