@@ -384,3 +384,23 @@ def test_a_restarted_station_counts_the_canary_again_from_zero(env, tmp_path):
     finally:
         second.stop()
     assert InstallRoot(env["device"]).read().current["version"] == "1.2.0"
+
+
+def test_a_held_trial_the_station_cannot_load_is_rejected(env, tmp_path):
+    hold(env, "1.2.0")
+    folder = env["device"] / InstallRoot(env["device"]).read().trial["dir"]
+    weights = next(p for p in folder.iterdir() if p.suffix == ".safetensors" and p.name != "health.safetensors")
+    weights.chmod(0o644)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # bit rot after its health check
+    weights.write_bytes(bytes(data))
+    station = start_station(env["device"], tmp_path / "station.db", batch=4)
+    try:
+        verdict = wait_for(lambda: station.last_verdict, what="the verdict")
+        assert verdict["action"] == "rejected" and verdict["images"] == 0
+        assert verdict["reason"].startswith("canary: the station could not load it") and "sha256" in verdict["reason"]
+        assert station.models.serving.version == "1.0.0" and station.models.trial is None
+    finally:
+        station.stop()
+    state = InstallRoot(env["device"]).read()
+    assert state.trial is None and state.blocked["1.2.0"] == verdict["reason"]
