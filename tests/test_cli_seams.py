@@ -210,3 +210,25 @@ def test_backbone_preprocess_with_per_channel_mean_is_accepted_and_applied():
                 {"mean": [True, 0.1, 0.1]}, {"std": "x"}):
         with pytest.raises(EdgekitError, match="preprocess (mean|std)"):
             PreprocessSpec.from_dict({**d, **bad})
+
+
+def test_fewer_images_is_spelled_limit_on_every_command():
+    """A new user's `prune --limit 8` was refused: prune and train spelled it --limit-images (still an alias)."""
+    import click
+
+    from edgekit.cli import main
+
+    def walk(cmd, path):
+        if isinstance(cmd, click.Group):
+            for name in cmd.list_commands(None):
+                yield from walk(cmd.get_command(None, name), path + [name])
+        else:
+            yield path, cmd
+
+    spelled = {}
+    for path, cmd in walk(main, []):
+        for p in cmd.params:
+            if isinstance(p, click.Option) and "limit" in (p.name or "") and "--limit" in " ".join(p.opts):
+                spelled[" ".join(path)] = p.opts
+    assert {"prune", "train", "eval", "adapt"} <= set(spelled), spelled
+    assert all("--limit" in opts for opts in spelled.values()), spelled

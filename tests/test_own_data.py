@@ -246,6 +246,25 @@ def test_a_folder_without_split_json_splits_by_name_the_same_way_every_time(tmp_
     assert [s.name for s in split_by_name(shuffled, "val").samples] == parts["val"]
 
 
+def test_eval_split_test_on_a_folder_without_split_json_scores_what_train_held_out(cli, tmp_path):
+    """A new user's eval --split test on their own image/mask folder scored every image, train images included."""
+    from edgekit.data.datasets import open_segmentation, split_by_name
+
+    folder = tmp_path / "own"
+    _non_square(folder, n=10, size=(40, 60))
+    held_out = [s.name for s in split_by_name(open_segmentation(str(folder), "test"), "test").samples]
+    runs = {}
+    for args in ((), ("--split", "test"), ("--split", "all")):
+        r = cli("eval", "--data", folder, *args, "--json")
+        assert r.exit_code == 0, r.stderr
+        runs[args] = (json.loads(r.stdout), json.loads(r.stdout).get("split_note", ""))
+    (everything, said_all), (test, said_test), (explicit_all, _) = runs.values()
+    assert everything["overall"]["images"] == explicit_all["overall"]["images"] == 10 and everything["split"] == "all"
+    assert "all 10 images scored" in said_all
+    assert test["overall"]["images"] == len(held_out) == 2 and test["split"] == "test"
+    assert "the test part by file name" in said_test
+
+
 def test_predict_on_a_folder_with_masks_beside_images_predicts_the_images_only(cli, tmp_path):
     """Used to fail: x.jpg and its mask x.png were two inputs named x ("their outputs would overwrite")."""
     _non_square(tmp_path / "imgs", n=2, size=(40, 40))

@@ -161,7 +161,7 @@ class ExecuTorchRunner(ArtifactRunner):
             import torch  # noqa: F401  (the runtime takes torch tensors)
             from executorch.runtime import Runtime
         except ImportError:
-            raise MissingBackendError("running ExecuTorch artifacts", "executorch") from None
+            raise MissingBackendError("running ExecuTorch artifacts", "executorch", "edge") from None
         if threads:
             from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 

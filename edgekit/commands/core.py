@@ -117,7 +117,10 @@ def load_runner(model: str | None, threads):
 @click.argument("model", required=False, metavar="[CKPT|ARTIFACT|MODEL.onnx|MODEL.xml]")
 @click.option("--data", default="synthetic", show_default=True,
               help="SD-900 folder, images/+masks/ folder, or synthetic[:N].")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "all"]))
+@click.option("--split", default=None, type=click.Choice(["train", "val", "test", "all"]),
+              help="Which images to score: SD-900 folders and synthetic data default to test; an image/mask folder "
+                   "without split.json scores all its images unless train/val/test is given (then the part "
+                   "`edgekit train` put there, by file name).")
 @click.option("--batch", "batch_size", default=4, show_default=True, type=click.IntRange(1, 1024))
 @threads_option()
 @limit_option()
@@ -130,11 +133,27 @@ def eval_cmd(model, data, split, batch_size, threads, limit, as_json, out_json, 
     from edgekit.eval.evaluate import evaluate
 
     check_out(out_json, force)
-    dataset = open_segmentation(data, split)
+    dataset = open_segmentation(data, split or "test")
+    split_note = None
+    if dataset.split == "all" and not dataset.synthetic and split != "all":
+        # a folder without split.json: `edgekit train` split it by file name (split_by_name); --split test must
+        # score what training held out, not every image (a new user's IoU otherwise included the train images).
+        # Said in the result (JSON and the table's caption), not as a stderr note: a refusal stays one line.
+        if split is None:
+            split_note = (f"{data} has no split.json: all {len(dataset.samples)} images scored (--split test "
+                          "scores the part `edgekit train` held out)")
+        else:
+            from edgekit.data.datasets import split_by_name
+
+            dataset = split_by_name(dataset, split)
+            split_note = f"{data} has no split.json: the {split} part by file name, as `edgekit train` split it"
+    split = split or ("all" if dataset.split == "all" else "test")
     runner = load_runner(model, threads)
     result = evaluate(runner, dataset, batch_size=batch_size, limit=limit, show_progress=not as_json,
                       note=note)
     result["split"] = split
+    if split_note:
+        result["split_note"] = split_note
     if runner.meta.get("preprocess_assumed"):
         result["preprocess_assumed"] = runner.meta["preprocess_assumed"]
     if out_json:
@@ -147,7 +166,7 @@ def eval_cmd(model, data, split, batch_size, threads, limit, as_json, out_json, 
     o = result["overall"]
     rows.append(("overall", o["images"], f"{o['mae']:.4f}", f"{o['iou']:.4f}", f"{o['max_f']:.4f}"))
     print_table(f"eval: {result['model']}", ["class", "images", "MAE", "IoU@0.5", "max F (β²=0.3)"], rows,
-                caption=result["data"])
+                caption=result["data"] + (f"; {split_note}" if split_note else ""))
 
 
 @click.command("predict")

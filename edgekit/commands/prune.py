@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from edgekit.commands._common import (check_out, echo_json, force_option, json_option, model_path, out_option,
-                                     threads_option)
+from edgekit.commands._common import (check_out, echo_json, force_option, json_option, limit_option, model_path,
+                                     out_option, threads_option)
 from edgekit.errors import EdgekitError
 
 EXTRA = "prune"  # Torch-Pruning: without it edgekit.cli lists prune as needing edgekit[prune]
@@ -43,7 +43,8 @@ REQUIRES = ("torch", "torch_pruning")  # the prune extra brings both
                    "multiple every registered backend compiles (cuda-fused: 4; cpu-fused takes any), said on stderr "
                    "and recorded in the provenance.")
 @threads_option()
-@click.option("--limit-images", default=None, type=click.IntRange(1), help="At most N images per split (smoke tests).")
+@limit_option("limit_images", "--limit-images", help="At most N images per split (smoke tests); --limit-images is "
+              "the older spelling.")
 @click.option("--work", "work_dir", default=None, type=click.Path(file_okay=False),
               help="Keep the fine-tuning run (last.pt, best.pt, report.json) here; default: a temporary folder.")
 @out_option("file", "Pruned checkpoint to write.")

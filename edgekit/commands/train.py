@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from edgekit.commands._common import BUILD_EXTRA, input_size_option, needs, resize_option
+from edgekit.commands._common import BUILD_EXTRA, input_size_option, limit_option, needs, resize_option
 from edgekit.errors import EdgekitError
 
 
@@ -21,8 +21,8 @@ from edgekit.errors import EdgekitError
               help="Fine-tune this checkpoint (its architecture and weights) instead of training from scratch.")
 @click.option("--seed", default=None, type=int, help="Override train.seed.")
 @click.option("--iterations", default=None, type=click.IntRange(1), help="Override train.iterations (smoke tests).")
-@click.option("--limit-images", default=None, type=click.IntRange(1),
-              help="Use at most N images of each split, all classes kept (smoke tests).")
+@limit_option("limit_images", "--limit-images", help="Use at most N images of each split, all classes kept (smoke "
+              "tests); --limit-images is the older spelling.")
 @click.option("--nproc", default=1, show_default=True, type=click.IntRange(1),
               help="Processes on this machine, started by torch.distributed.run (gloo on the CPU, NCCL on GPUs); "
                    "train.batch stays the global batch. Several machines: run under torchrun (README).")
@@ -65,7 +65,7 @@ def train_cmd(recipe, profile, data, out_dir, resume, init_ckpt, seed, iteration
         args = [recipe]
         for flag, value in (("--profile", profile), ("--data", data), ("--out", out_dir), ("--resume", resume),
                             ("--init", init_ckpt), ("--seed", seed), ("--iterations", iterations),
-                            ("--limit-images", limit_images), ("--resize", resize),
+                            ("--limit", limit_images), ("--resize", resize),
                             ("--input-size", "x".join(map(str, input_size)) if input_size else None)):
             if value is not None:
                 args += [flag, str(value)]

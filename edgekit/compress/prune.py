@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover - exercised by the missing-backend test
 
 def _require_tp():
     if tp is None:
-        raise MissingBackendError("edgekit prune", "torch-pruning")
+        raise MissingBackendError("edgekit prune", "torch-pruning", "prune")
     return tp
 
 

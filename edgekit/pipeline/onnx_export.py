@@ -24,7 +24,7 @@ def export_onnx(model: torch.nn.Module, input_shape, path: Path, dynamic_batch: 
     try:
         import onnx
     except ImportError:
-        raise MissingBackendError("ONNX export", "onnx") from None
+        raise MissingBackendError("ONNX export", "onnx", "cpu") from None
     model = model.eval()
     dummy = torch.randn(*input_shape)
     dynamic_axes = {INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None

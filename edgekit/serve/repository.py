@@ -81,7 +81,7 @@ def _pb():
         from google.protobuf import text_format
         from tritonclient.grpc import model_config_pb2
     except ImportError:
-        raise MissingBackendError("writing and checking Triton model configs", "tritonclient[grpc]") from None
+        raise MissingBackendError("writing and checking Triton model configs", "tritonclient[grpc]", "serve") from None
     return model_config_pb2, text_format
 
 
