@@ -404,3 +404,51 @@ def test_a_held_trial_the_station_cannot_load_is_rejected(env, tmp_path):
         station.stop()
     state = InstallRoot(env["device"]).read()
     assert state.trial is None and state.blocked["1.2.0"] == verdict["reason"]
+
+
+def test_the_verdict_and_every_result_are_published_on_mqtt(env, tmp_path, mqtt_broker):
+    from test_station_outputs import Subscriber
+
+    from edgekit.station.mqtt import MqttPublisher
+
+    hold(env, "1.1.0")
+    db = tmp_path / "station.db"
+    sub = Subscriber(mqtt_broker, "plant/#")
+    station = start_station(env["device"], db, batch=4, station_id="line1")
+    station.publisher = MqttPublisher(db, "127.0.0.1", mqtt_broker.port, "plant", "line1", station.status).start()
+    try:
+        feed(station, [job_for(p) for p in env["live"][:POLICY["images"]]])
+        verdict = wait_for(lambda: station.last_verdict, what="the verdict")
+        assert verdict["action"] == "rejected"
+
+        def published():
+            results = [m for m in sub.messages if "key" in m and "decision" in m]
+            canary = [m for m in sub.messages if m.get("kind") == "canary"]
+            return (results, canary) if len(results) == POLICY["images"] and canary else None
+
+        results, canary = wait_for(published, 30, "the results and the verdict on MQTT")
+        assert len({r["key"] for r in results}) == POLICY["images"]
+        assert canary[0]["version"] == "1.1.0" and canary[0]["reason"] == verdict["reason"]
+        status = wait_for(lambda: [m for m in sub.messages if m.get("station") == "line1"
+                                   and (m.get("last_verdict") or {}).get("version") == "1.1.0"], 30,
+                          "a retained status with the verdict")
+        assert status[-1]["serving"] == "1.0.0"
+    finally:
+        station.stop()
+        station.publisher.stop()
+        sub.close()
+
+
+@pytest.fixture()
+def mqtt_broker(tmp_path):
+    from test_station_outputs import Broker, mosquitto_binary
+
+    binary = mosquitto_binary()
+    if binary is None:
+        pytest.skip("mosquitto is not installed (Debian: apt-get install mosquitto; .ci/run installs it as root)")
+    pytest.importorskip("paho.mqtt", reason="paho-mqtt is not installed (pip install 'edgekit[station]')")
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    b = Broker(binary, folder).start()
+    yield b
+    b.stop()
