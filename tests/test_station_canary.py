@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("tuf", reason="tuf not installed (pip install 'edgekit[ota]')")
