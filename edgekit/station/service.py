@@ -96,6 +96,7 @@ class Station:
         self.canary = None  # edgekit.station.canary.Canary of the trial now in shadow
         self.last_verdict: Optional[dict] = None
         self._pending_verdict: Optional[dict] = None
+        self._canary_for: Optional[tuple] = None  # (trial, serving) versions the canary was set up for
         self.failure: Optional[BaseException] = None  # what stopped the worker, if anything did
 
     # --- the inputs' side ----------------------------------------------------------------------------------------
@@ -240,17 +241,17 @@ class Station:
             self.last_verdict = {**v, "action": applied["action"], "time": iso(time.time())}
             store.event("canary", **{k: val for k, val in self.last_verdict.items() if k != "time"})
             self.note(f"station: {applied['action']} {v['version']}: {v['reason']}")
-            self.canary = None
+            self.canary, self._canary_for = None, None
             if self.publisher is not None:
                 self.publisher.wake(status=True)
             self._between_batches(store)  # swap at once: the next batch runs on the promoted (or unchanged) adapter
             return
         trial = self.models.trial
-        if trial is None:
-            self.canary = None
-        elif self.canary is None or (self.canary.version, self.canary.serving) != (trial.version,
-                                                                                 self.models.serving.version):
-            policy = self.models.root.read().canary
+        pair = (trial.version, self.models.serving.version) if trial is not None else None
+        if pair != self._canary_for:  # a new trial (or serving version) to shadow: the count starts at zero
+            self._canary_for = pair
+            policy = self.models.root.read().canary if trial is not None else None
+            # no policy recorded (it was cleared after the hold): no automatic verdict, the operator decides
             self.canary = Canary(trial.version, self.models.serving.version, policy) if policy else None
             if self.canary is not None:
                 store.event("canary-start", version=trial.version, serving=self.models.serving.version, **policy)
