@@ -5,7 +5,8 @@ per-kernel times, so a kernel change is kept or dropped on a measurement taken u
         [--size 512] [--rounds 9] [--calls 15] [--json OUT.json]
 
 ``--a`` / ``--b``: a git revision (its ``edgekit/kernels/cpu/gmbinet_cpu.cpp``) or a path to a source file;
-``WORKTREE`` is the file in this checkout.  Both are compiled with the artifact's flags for ``--isa`` into a
+``WORKTREE`` is the file in this checkout.  Both are compiled with the artifact's flags for ``--isa`` (B with
+``--b-isa`` when given: two ISA levels of one source, e.g. ``--isa avx512 --b-isa avx512amx``) into a
 temporary folder and must have the same kernel ABI (the op records are built once, by this edgekit).  Each round
 runs ``--calls`` forward passes of A then B (B then A in odd rounds) on one fixed input; per round the median
 call and the median of each op's time.  Reported: the median over rounds of those, and the per-round ratio
@@ -59,6 +60,7 @@ def main(argv=None):
     ap.add_argument("--a", required=True)
     ap.add_argument("--b", required=True)
     ap.add_argument("--isa", default=None, help="avx2 or avx512 (default: the fastest this CPU runs)")
+    ap.add_argument("--b-isa", default=None, help="B's ISA level (default: --isa)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
@@ -83,8 +85,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         nets = {}
-        for tag, spec in (("A", args.a), ("B", args.b)):
-            lib = build(source_file(spec, tmp, tag), isa, tmp / f"lib_{tag}.so")
+        for tag, spec, level in (("A", args.a, isa), ("B", args.b, args.b_isa or isa)):
+            lib = build(source_file(spec, tmp, tag), level, tmp / f"lib_{tag}.so")
             nets[tag] = FusedNet(CpuKernels(lib, args.threads), net, blob, offsets)
         ref = nets["A"].forward(x)
         diff = float(np.abs(nets["B"].forward(x) - ref).max())
@@ -112,14 +114,14 @@ def main(argv=None):
         for names, ms in zip(layers, med):
             g[group_of(names)] = g.get(group_of(names), 0.0) + float(ms)
         groups[tag] = g
-    res = {"cpu": cpu_description(), "isa": isa, "threads": args.threads, "size": args.size, "batch": args.batch,
+    res = {"cpu": cpu_description(), "isa": isa, "b_isa": args.b_isa or isa, "threads": args.threads, "size": args.size, "batch": args.batch,
            "rounds": args.rounds, "calls": args.calls, "cpu_clock": args.cpu_clock, "op_stat": args.stat, "a": args.a, "b": args.b, "max_abs_diff_b_vs_a": diff,
            "loadavg_start": load0, "loadavg_end": load1,
            "call_median_ms": {k: float(np.median(v)) for k, v in call_med.items()},
            "round_medians_ms": call_med, "a_over_b": {"median": float(np.median(ratios)),
                                                        "min": float(ratios.min()), "max": float(ratios.max())},
            "per_group_median_ms": groups}
-    print(f"{res['cpu']}, {isa}, {args.threads} threads, {args.batch}x{args.size}^2; load {load0[0]:.1f} -> {load1[0]:.1f}")
+    print(f"{res['cpu']}, {isa}{' vs ' + args.b_isa if args.b_isa else ''}, {args.threads} threads, {args.batch}x{args.size}^2; load {load0[0]:.1f} -> {load1[0]:.1f}")
     print(f"max |B - A| {diff:.2e}")
     for k in nets:
         print(f"{k} ({getattr(args, k.lower())}): median call {res['call_median_ms'][k]:.2f} ms "

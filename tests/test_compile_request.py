@@ -84,7 +84,8 @@ def test_target_auto_candidates_come_from_the_registry(tiny_ckpt, tmp_path):
     from edgekit.pipeline.request import CompileRequest
 
     base = CompileRequest(source=str(tiny_ckpt), target="auto", out=str(tmp_path / "o"))
-    want = {(t.name, p) for t in targets() if _here(t) for p in t.precisions if p != "default"}
+    want = {(t.name, p) for t in targets() if _here(t) for p in t.precisions
+            if p != "default" and not (t.precision_not_here and t.precision_not_here(p))}
     chosen, skipped = plan_candidates(base)
     assert {(c.spec.name, c.precision) for c in chosen} == {w for w in want if w[1] != "int8"}
     assert {(s["target"], s["precision"]) for s in skipped if "--val" in s["reason"]} == {w for w in want if w[1] == "int8"}

@@ -64,6 +64,8 @@ class BackendSpec:
     # optional: (manifest) -> None, or why an artifact built earlier no longer matches this edgekit (a cache rebuilds it)
     outdated: Optional[Callable[[dict], Optional[str]]] = None
     not_here: Optional[Callable[[], Optional[str]]] = None
+    # optional: (precision) -> None, or why this machine cannot run that one precision (--precision auto skips it)
+    precision_not_here: Optional[Callable[[str], Optional[str]]] = None
     kinds: Tuple[str, ...] = ("gmbinet",)  # model kinds it compiles
     # artifact targets it can be compiled from (besides checkpoints); None: any float artifact
     from_artifacts: Optional[Tuple[str, ...]] = None

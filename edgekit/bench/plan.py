@@ -22,9 +22,18 @@ def default_cpu_backends(all_rows: bool = False, log=None) -> list:
 
     if not all_rows:
         return default_bench_rows("cpu", log)
-    return [b.name if b.build is None else f"{b.name}:{p}" for b in backends()
-            if b.device == "cpu" and "gmbinet" in b.kinds and buildable_here(b, log, "--all")
-            for p in (b.precisions if b.build is not None else ("",))]
+    rows = []
+    for b in backends():
+        if not (b.device == "cpu" and "gmbinet" in b.kinds and buildable_here(b, log, "--all")):
+            continue
+        for p in (b.precisions if b.build is not None else ("",)):
+            why = b.precision_not_here(p) if p and b.precision_not_here else None
+            if why:  # e.g. cpu-fused bf16 on a CPU without AMX
+                if log:
+                    log(f"--all: {b.name}:{p} left out ({why})")
+                continue
+            rows.append(b.name if b.build is None else f"{b.name}:{p}")
+    return rows
 
 
 def cache_root() -> Path:

@@ -1,6 +1,7 @@
 """Reading and writing images, with one clear error for anything that is not an image."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -54,15 +55,24 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise EdgekitError(f"image not found: {path}")
+    return _decode_gray(path, str(path))
+
+
+def decode_gray(data: bytes, what: str = "the image") -> np.ndarray:
+    """Encoded image bytes (an HTTP upload) -> ``H x W`` uint8 grayscale, as :func:`read_gray` reads a file."""
+    return _decode_gray(io.BytesIO(data), what)
+
+
+def _decode_gray(source, what: str) -> np.ndarray:
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             if im.mode in ("I;16", "I;16B", "I", "F"):
                 a = np.asarray(im, dtype=np.float32)
                 return np.clip(a / max(float(a.max()), 1.0) * 255.0, 0, 255).astype(np.uint8)
             return np.asarray(im.convert("L"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise EdgekitError(f"cannot read image {path}: not a readable image file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise EdgekitError(f"cannot read image {what}: not a readable image file") from None
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:

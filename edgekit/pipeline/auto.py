@@ -81,7 +81,10 @@ def plan_candidates(request: CompileRequest, kind: str = "gmbinet") -> Tuple[Lis
             skipped.append({"target": spec.name, "precision": None, "reason": why})
             continue
         for p in offered:
-            if p == "int8" and request.val is None:
+            why_p = spec.precision_not_here(p) if spec.precision_not_here else None
+            if why_p:
+                skipped.append({"target": spec.name, "precision": p, "reason": why_p})
+            elif p == "int8" and request.val is None:
                 skipped.append({"target": spec.name, "precision": p,
                                 "reason": "no --val: an INT8 candidate is admitted only on a measured drop on real masks"})
             elif p == "int8" and request.calib is None:

@@ -22,7 +22,8 @@ import numpy as np
 from edgekit.errors import EdgekitError
 
 WEIGHTS_FILE = "weights.bin"
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "bf16")
+BF16_ISA = "avx512amx"  # bf16: the GMBI modules' 1x1 on AMX tiles (bf16 products, fp32 accumulation)
 
 
 def library_name(isa: str) -> str:
@@ -35,9 +36,11 @@ def build_cpu_fused(checkpoint, folder: Path, precision: str = "fp32", *, isas: 
     """Write the weights and the libraries into ``folder``; returns the manifest fields.
 
     ``int8``: the GMBI modules' 1x1 convs run INT8 (``quantize_gmbi_1x1``), their activation ranges
-    calibrated in PyTorch on ``calibration`` (preprocessed real images); everything else stays fp32."""
+    calibrated in PyTorch on ``calibration`` (preprocessed real images); everything else stays fp32.
+    ``bf16``: the same weights, and only the ``avx512amx`` library (the GMBI modules' 1x1 as bf16 products on
+    AMX tiles; everything else fp32), so it runs on CPUs with AMX-BF16 only."""
     from edgekit.kernels.cpu.build import build_library, find_compiler, gmbi_1x1_ranges, quantize_gmbi_1x1
-    from edgekit.kernels.cpu.runtime import ISA_LEVELS, source_path
+    from edgekit.kernels.cpu.runtime import DEFAULT_ISAS, ISA_LEVELS, source_path
     from edgekit.kernels.fold import fold_gmbinet
     from edgekit.kernels.sources import source_digest
 
@@ -47,7 +50,13 @@ def build_cpu_fused(checkpoint, folder: Path, precision: str = "fp32", *, isas: 
         raise EdgekitError(f"--target cpu-fused runs GMBINet only, not {checkpoint.model_name!r}")
     if precision not in PRECISIONS:
         raise EdgekitError(f"target cpu-fused does not offer precision {precision} (choose from {', '.join(PRECISIONS)})")
-    isas = list(isas) if isas else list(ISA_LEVELS)
+    if not isas:
+        isas = [BF16_ISA] if precision == "bf16" else list(DEFAULT_ISAS)
+    isas = list(isas)
+    # the bf16 level and the bf16 precision go together: the parity gate holds each artifact to its precision
+    if (precision == "bf16") != (BF16_ISA in isas) or (precision == "bf16" and len(isas) > 1):
+        raise EdgekitError(f"cpu-fused: precision bf16 is the {BF16_ISA} library alone (the GMBI 1x1 in bf16), and "
+                           f"{BF16_ISA} is precision bf16 only (asked: {precision}, {', '.join(isas)})")
     unknown = [i for i in isas if i not in ISA_LEVELS]
     if unknown:
         raise EdgekitError(f"cpu-fused: unknown ISA level {unknown[0]!r} (choose from {', '.join(ISA_LEVELS)})")

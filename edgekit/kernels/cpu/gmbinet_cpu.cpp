@@ -28,7 +28,14 @@
 #include <ctime>
 #include <immintrin.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// The AVX-512 kernels, and the GMBI modules' 1x1 on AMX tiles in bf16 (fp32 accumulation): see "AMX" below.
+#define VW 16
+#define EK_ISA "avx512amx"
+#define EK_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#elif defined(__AVX512F__)
 #define VW 16
 #define EK_ISA "avx512"
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -40,6 +47,7 @@
 
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
+typedef uint32_t vu __attribute__((vector_size(VW * 4)));
 
 static inline vf vload(const float* p) { vf v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
 static inline void vstore(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(v)); }
@@ -100,6 +108,86 @@ static inline vf vmax0(vf a) { return a > 0.0f ? a : vset1(0.0f); }
 
 static inline float ssigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
+#ifdef EK_AMX
+// ---------------------------------------------------------------------------------------------
+// AMX: the GMBI modules' 1x1 as bf16 tile products with fp32 accumulation (TDPBF16PS: 16 x 16 x 32 MACs per
+// instruction; measured on this session's Xeon, one core: ~1.8 TMAC/s against 120 GFMA/s for fp32 FMAs, and
+// 60 GMAC/s for AVX512_BF16's vdpbf16ps, which is why that one is not used).  The tile product pairs K: a
+// 32-bit word holds two bf16 of consecutive K.  The 1x1's K order is free, so a lane's four z (channels c,
+// G+c, 2G+c, 3G+c) become two words per pixel, (z0, z1) in pair row c and (z2, z3) in pair row G+c, written by
+// the chain's stage-4 pass the moment they are final (as the INT8 path packs its bytes): the panel is Kp pair
+// rows of P words, Kp = 2G rounded up to 16 (the tile's depth), the rows past 2G zero.  Everything else
+// (the chain, the epilogue, the other layers) stays fp32.
+
+// fp32 -> bf16, round to nearest even (z and the weights are finite): the upper 16 bits of the result
+static inline vu bf16_round(vf x) {
+  vu b = (vu)x;
+  return b + 0x7FFFu + ((b >> 16) & 1u);
+}
+static inline vu bf16_pair(vf lo, vf hi) { return (bf16_round(lo) >> 16) | (bf16_round(hi) & 0xFFFF0000u); }
+static inline uint32_t bf16_bits(float x) {
+  uint32_t b; std::memcpy(&b, &x, 4);
+  return (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+}
+static inline uint32_t bf16_pair_s(float lo, float hi) { return bf16_bits(lo) | (bf16_bits(hi) << 16); }
+
+// Pair row kp of the panel holds channels (lo, lo + G): lo = kp for kp < G (z0, z1), G + kp for kp >= G (z2, z3).
+static inline int pair_lo_channel(int kp, int G) { return kp < G ? kp : G + kp; }
+static inline int amx_pairs(int C) { return ((C / 2 + 15) / 16) * 16; }  // Kp: 2G pair rows rounded up to 16
+
+// Linux hands a process the AMX tile state only on request (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA).
+// Refused (an old kernel, a hypervisor hiding it): the library runs the fp32 1x1 instead.
+static bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ok;
+}
+
+// The 1x1's weights as A tiles: [co block of 16][K step of 16 pairs][16 rows][16 words], word (co, kp) =
+// (w[lo][co], w[lo + G][co]) in bf16; co past cout and kp past 2G are zero.  Packed on the first call with a
+// given weight array and kept with an fp32 copy: a later call reuses the pack only while the weights at that
+// address still equal the copy (a new program may reuse the address), so a stale pack is never run.
+struct AmxPack {
+  const float* src = nullptr; int C = 0;
+  std::vector<float> copy;
+  uint32_t* words = nullptr;
+};
+struct AmxPacks {
+  std::vector<AmxPack> packs;
+  const uint32_t* get(const float* wt, int C) {
+    const size_t n = (size_t)C * C;
+    for (AmxPack& p : packs)
+      if (p.src == wt && p.C == C) {
+        if (std::memcmp(p.copy.data(), wt, n * sizeof(float)) != 0) pack(p, wt, C);
+        return p.words;
+      }
+    packs.emplace_back();
+    AmxPack& p = packs.back();
+    p.src = wt; p.C = C;
+    pack(p, wt, C);
+    return p.words;
+  }
+  static void pack(AmxPack& p, const float* wt, int C) {
+    const int G = C / 4, Kp = amx_pairs(C), steps = Kp / 16, cob = (C + 15) / 16;
+    p.copy.assign(wt, wt + (size_t)C * C);
+    std::free(p.words);
+    p.words = static_cast<uint32_t*>(std::aligned_alloc(64, (size_t)cob * steps * 256 * 4));
+    for (int b = 0; b < cob; ++b)
+      for (int st = 0; st < steps; ++st)
+        for (int r = 0; r < 16; ++r)
+          for (int j = 0; j < 16; ++j) {
+            const int co = b * 16 + r, kp = st * 16 + j;
+            uint32_t w = 0;
+            if (co < C && kp < 2 * G) {
+              const int lo = pair_lo_channel(kp, G);
+              w = bf16_pair_s(wt[(long)lo * C + co], wt[(long)(lo + G) * C + co]);
+            }
+            p.words[(((long)b * steps + st) * 16 + r) * 16 + j] = w;
+          }
+  }
+  ~AmxPacks() { for (AmxPack& p : packs) std::free(p.words); }
+};
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // worker pool
 
@@ -143,6 +231,9 @@ struct Pool {
   Scratch shared;  // buffers every task of a job reads (the two-phase GMBI's z); grown by the calling thread only
 
   float* shared_z(size_t n) { return shared.get(0, n); }
+#ifdef EK_AMX
+  AmxPacks amx;  // the GMBI 1x1 weights as bf16 A tiles (used by the calling thread only, between jobs)
+#endif
 
   explicit Pool(int n) : nthreads(std::max(1, n)), scratch(std::max(1, n)) {
     for (int t = 1; t < nthreads; ++t) workers.emplace_back([this, t] { loop(t); });
@@ -587,6 +678,113 @@ static void gemm_q(const GemmQ& g, Scratch&) {
   }
 }
 
+#ifdef EK_AMX
+// Stage 4 of a lane with the AMX 1x1: y3 = ReLU(dw), z2 = sig(y3) y2 + y2, z3 = y3, and the lane's four z as two
+// words of bf16 pairs per pixel: p01 = (z0, z1), p23 = (z2, z3).
+static inline void dw_stage4_bf16_row(uint32_t* p01, uint32_t* p23, const float* z0, const float* z1, const float* y2,
+                                      const float* a, const float* b, const float* c, const float* w, float bias, int W) {
+  const int d = 4;
+  const Dw3x3 dw(w, bias);
+  int x = 0;
+  for (; x + VW <= W; x += VW) {
+    vf s = dw(a, b, c, x, d);
+    vf yv = vload(y2 + x);
+    vf z2 = vsigmoid_pos(s) * yv + yv;
+    vu w01 = bf16_pair(vload(z0 + x), vload(z1 + x)), w23 = bf16_pair(z2, s);
+    __builtin_memcpy(p01 + x, &w01, sizeof(w01));
+    __builtin_memcpy(p23 + x, &w23, sizeof(w23));
+  }
+  for (; x < W; ++x) {
+    float s = dw.scalar(a, b, c, x, d);
+    float z2 = ssigmoid(s) * y2[x] + y2[x];
+    p01[x] = bf16_pair_s(z0[x], z1[x]);
+    p23[x] = bf16_pair_s(z2, s);
+  }
+}
+
+// out[co][p] = ReLU(bias[co] + sum_kp A[co][kp] . panel[kp][p]) + res[co][p] on AMX tiles.  Tiles 0-3: C (16
+// co x 16 px fp32), 4-5: A (16 co x 16 pairs), 6-7: B (16 pairs x 16 px).  A block is NA x NB tiles of 16 x 16
+// (up to 32 co x 32 px); the C tiles go through an L1 buffer into the fp32 epilogue, which stores only the
+// block's real channels and pixels (masked), so neither a padded co nor a pixel past P is ever written.
+struct GemmB {
+  const uint32_t* panel; long ld;  // Kp pair rows of P words (readable up to P rounded up to 16)
+  const uint32_t* wa; const float* bias;  // A tiles (AmxPacks)
+  int Kp, cout, P;
+  float* out; long out_cs;
+  const float* res; long res_cs;
+};
+
+static void amx_config() {
+  struct { uint8_t palette, start; uint8_t reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
+  _tile_loadconfig(&cfg);
+}
+
+template <int NA, int NB>
+static inline void amx_block(const GemmB& g, int cb, int p0, float* cbuf) {
+  const int steps = g.Kp / 16;
+  const long bstride = g.ld * 4;
+  _tile_zero(0);
+  if (NB > 1) _tile_zero(1);
+  if (NA > 1) { _tile_zero(2); if (NB > 1) _tile_zero(3); }
+  const uint32_t* a = g.wa + (long)cb * steps * 256;
+  for (int st = 0; st < steps; ++st) {
+    const uint32_t* b = g.panel + (long)st * 16 * g.ld + p0;
+    _tile_loadd(4, a + st * 256, 64);
+    _tile_loadd(6, b, bstride);
+    _tile_dpbf16ps(0, 4, 6);
+    if (NB > 1) { _tile_loadd(7, b + 16, bstride); _tile_dpbf16ps(1, 4, 7); }
+    if (NA > 1) {
+      _tile_loadd(5, a + (long)(steps + st) * 256, 64);
+      _tile_dpbf16ps(2, 5, 6);
+      if (NB > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, cbuf, 64);
+  if (NB > 1) _tile_stored(1, cbuf + 256, 64);
+  if (NA > 1) { _tile_stored(2, cbuf + 512, 64); if (NB > 1) _tile_stored(3, cbuf + 768, 64); }
+  for (int i = 0; i < NA; ++i)
+    for (int r = 0; r < 16; ++r) {
+      const int co = (cb + i) * 16 + r;
+      if (co >= g.cout) break;
+      const vf bias = vset1(g.bias[co]);
+      for (int j = 0; j < NB; ++j) {
+        const int p = p0 + 16 * j;
+        vf o = vmax0(vload(cbuf + (i * 2 + j) * 256 + r * 16) + bias);
+        float* op = g.out + co * g.out_cs + p;
+        const float* rp = g.res ? g.res + co * g.res_cs + p : nullptr;
+        if (g.P - p >= 16) {
+          if (rp) o += vload(rp);
+          vstore(op, o);
+        } else {
+          const vmask m = tail_mask(g.P - p);
+          if (rp) o += vload_m(rp, m);
+          vstore_m(op, o, m);
+        }
+      }
+    }
+}
+
+static void gemm_amx(const GemmB& g, Scratch& s) {
+  float* cbuf = s.get(13, 4 * 256);
+  amx_config();
+  const int cblocks = (g.cout + 15) / 16;
+  for (int p0 = 0; p0 < g.P; p0 += 32) {
+    const bool two_p = g.P - p0 > 16;
+    int cb = 0;
+    for (; cb + 2 <= cblocks; cb += 2) {
+      if (two_p) amx_block<2, 2>(g, cb, p0, cbuf); else amx_block<2, 1>(g, cb, p0, cbuf);
+    }
+    if (cb < cblocks) {
+      if (two_p) amx_block<1, 2>(g, cb, p0, cbuf); else amx_block<1, 1>(g, cb, p0, cbuf);
+    }
+  }
+  _tile_release();
+}
+#endif
+
 struct GmbiArgs {
   const float *x, *dw_w, *dw_b, *pw_wt, *pw_b; float* out;
   int N, C, H, W, band;
@@ -594,13 +792,16 @@ struct GmbiArgs {
   long zld;
   // INT8 1x1 (wq non-null): weights, per-channel scales, 1 / s_z; the two-phase z is then N x G x zld words
   const uint32_t* wq; const float* qscale; float qinv;
+  // AMX 1x1 (wa non-null): the weights as A tiles; the z panel is Kp pair rows of words (two-phase: N x Kp x zld)
+  const uint32_t* wa;
 };
 
 // The depthwise chain of lane c (channels c, G+c, 2G+c, 3G+c) of one image for output rows [r0, r1):
 // z[(i G + c) * ld + (r - r0) W + x] = z_i.  Rows outside [r0, r1) that the dilations reach are recomputed
 // (the halo: 10 rows of x, 9, 7, 4 of u1..u3).
 // a.wq set: z0..z2 of the lane stay in this thread's scratch (4 rows of LD floats) and stage 4 writes the lane's
-// quantized words to zq[c * LD + (r - r0) W + x] instead.
+// quantized words to zq[c * LD + (r - r0) W + x] instead.  a.wa set (AMX): the same scratch, and stage 4 writes
+// the lane's two bf16-pair words to zq[c * LD + ...] and zq[(G + c) * LD + ...].
 static void gmbi_chain_lane(const GmbiArgs& a, const float* x, int c, int r0, int r1, float* z, long LD, Scratch& s,
                             uint32_t* zq = nullptr) {
   const int C = a.C, H = a.H, W = a.W, G = C / 4;
@@ -643,6 +844,16 @@ static void gmbi_chain_lane(const GmbiArgs& a, const float* x, int c, int r0, in
           dw_stage_row<true, true, true>(zc[k] + o, u, zc[k - 1] + o, ta, tb, tc, wts[k], bs[k], xn, W, d);
       }
     }
+#ifdef EK_AMX
+    if (zq && a.wa) {  // stage 4 with the AMX 1x1: the lane's four z as two words of bf16 pairs per pixel
+      for (int r = r0; r < r1; ++r) {
+        const long o = (long)(r - r0) * W;
+        dw_stage4_bf16_row(zq + (long)c * LD + o, zq + (long)(G + c) * LD + o, zc[0] + o, zc[1] + o, zc[2] + o,
+                           U3.tap(r - 4, H), U3.tap(r, H), U3.tap(r + 4, H), wts[3], bs[3], W);
+      }
+      return;
+    }
+#endif
     if (zq) {  // stage 4 with the INT8 1x1: the lane's four z quantized into one word per pixel
       for (int r = r0; r < r1; ++r) {
         const long o = (long)(r - r0) * W;
@@ -678,6 +889,22 @@ static void gmbi_task(const void* vctx, int task, Scratch& s) {
     gemm_q(g, s);
     return;
   }
+#ifdef EK_AMX
+  if (a.wa) {  // AMX 1x1: a panel of Kp pair rows of words (the rows past 2G zero); each lane's float z in scratch
+    const int Kp = amx_pairs(C);
+    uint32_t* zw = reinterpret_cast<uint32_t*>(s.get(1, (size_t)Kp * LD + VW));
+    if (Kp > 2 * G) std::memset(zw + (long)2 * G * LD, 0, (size_t)(Kp - 2 * G) * LD * sizeof(uint32_t));
+    float* zf = s.get(0, (size_t)4 * LD + VW);
+#ifndef EK_PROFILE_NO_CHAIN
+    for (int c = 0; c < G; ++c) gmbi_chain_lane(a, x, c, r0, r1, zf, LD, s, zw);
+#endif
+    GemmB g{zw, LD, a.wa, a.pw_b, Kp, C, P, out + (long)r0 * W, HW, x + (long)r0 * W, HW};
+#ifndef EK_PROFILE_NO_GEMM
+    gemm_amx(g, s);
+#endif
+    return;
+  }
+#endif
   float* z = s.get(0, (size_t)C * LD + VW);
 #ifndef EK_PROFILE_NO_CHAIN
   for (int c = 0; c < G; ++c) gmbi_chain_lane(a, x, c, r0, r1, z, LD, s);
@@ -695,6 +922,14 @@ static void gmbi_lane_task(const void* vctx, int task, Scratch& s) {
   const GmbiArgs& a = *static_cast<const GmbiArgs*>(vctx);
   const int G = a.C / 4, img = task / G, c = task % G;
   const long HW = (long)a.H * a.W;
+#ifdef EK_AMX
+  if (a.wa) {
+    uint32_t* zw = reinterpret_cast<uint32_t*>(a.z) + (long)img * amx_pairs(a.C) * a.zld;
+    float* zf = s.get(0, (size_t)4 * a.zld + VW);
+    gmbi_chain_lane(a, a.x + (long)img * a.C * HW, c, 0, a.H, zf, a.zld, s, zw);
+    return;
+  }
+#endif
   if (a.wq) {
     uint32_t* zq = reinterpret_cast<uint32_t*>(a.z) + (long)img * G * a.zld;
     float* zf = s.get(0, (size_t)4 * a.zld + VW);
@@ -710,6 +945,16 @@ static void gmbi_pw_task(const void* vctx, int task, Scratch& s) {
   int img, r0, r1;
   band_of(task, per, a.band, a.H, img, r0, r1);
   const long HW = (long)a.H * a.W, off = (long)r0 * a.W;
+#ifdef EK_AMX
+  if (a.wa) {
+    const int Kp = amx_pairs(a.C);
+    const uint32_t* zw = reinterpret_cast<const uint32_t*>(a.z) + (long)img * Kp * a.zld + off;
+    GemmB g{zw, a.zld, a.wa, a.pw_b, Kp, a.C, (int)((r1 - r0) * a.W), a.out + (long)img * a.C * HW + off, HW,
+            a.x + (long)img * a.C * HW + off, HW};
+    gemm_amx(g, s);
+    return;
+  }
+#endif
   if (a.wq) {
     const uint32_t* zq = reinterpret_cast<const uint32_t*>(a.z) + (long)img * (a.C / 4) * a.zld + off;
     GemmQ g{zq, a.zld, a.wq, a.qscale, a.pw_b, a.C / 4, a.C, (int)((r1 - r0) * a.W), a.out + (long)img * a.C * HW + off,
@@ -1011,6 +1256,14 @@ const char* ek_op_layout() {
 }
 
 const char* ek_isa() { return EK_ISA; }
+// 1: this library runs the GMBI 1x1 on AMX (built for it, and the OS granted the tile state); 0: fp32 everywhere
+int ek_amx_active() {
+#ifdef EK_AMX
+  return amx_permitted() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
 int ek_vector_width() { return VW; }
 int ek_abi_version() { return 4; }  // 4: typed op structs (ek_op_layout)
 void ek_gmbi_halos(int* out) { out[0] = HALO_R1; out[1] = HALO_R2; out[2] = HALO_R3; }
@@ -1060,10 +1313,22 @@ static void run_op(Pool& pool, const EkOp& op, double* ms, bool cpu) {
       const EkGmbiOp& o = op.u.gmbi;
       const bool q = o.pw_q != nullptr;
       GmbiArgs a{o.x, o.dw_w, o.dw_b, o.pw_wt, o.pw_b, o.out, op.n, o.C, o.H, o.W, op.band, nullptr, 0,
-                 o.pw_q, q ? o.pw_qscale : nullptr, o.pw_qinv};
+                 o.pw_q, q ? o.pw_qscale : nullptr, o.pw_qinv, nullptr};
+#ifdef EK_AMX
+      if (!q && amx_permitted()) a.wa = pool.amx.get(o.pw_wt, o.C);
+#endif
       if (o.mode == GMBI_TWO_PHASE) {
         a.zld = panel_ld(a.H * a.W);
-        a.z = pool.shared_z((size_t)a.N * (q ? a.C / 4 : a.C) * a.zld + VW);
+        size_t rows = q ? a.C / 4 : a.C;
+#ifdef EK_AMX
+        if (a.wa) rows = amx_pairs(a.C);
+#endif
+        a.z = pool.shared_z((size_t)a.N * rows * a.zld + VW);
+#ifdef EK_AMX
+        if (a.wa && (int)rows > a.C / 2)  // the pair rows past 2G: zero (a tile multiplies them by zero weights)
+          for (int i = 0; i < a.N; ++i)
+            std::memset(a.z + ((long)i * rows + a.C / 2) * a.zld, 0, (rows - a.C / 2) * a.zld * sizeof(float));
+#endif
         pool.run(gmbi_lane_task, &a, op.n * (a.C / 4));
         pool.run(gmbi_pw_task, &a, op.n * ((a.H + a.band - 1) / a.band));
       } else {

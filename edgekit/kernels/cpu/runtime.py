@@ -22,11 +22,20 @@ from edgekit.kernels.graph import HALO_R1, HALO_R2, HALO_R3, FoldedGMBINet, NetP
 
 SOURCE_NAME = "gmbinet_cpu.cpp"
 ABI_VERSION = 4  # 4: typed op structs, their layout checked at load (ek_op_layout)
-# ISA level -> (compiler flags, CPU features it needs as numpy's CPU dispatcher names them), fastest first.
+# ISA level -> (compiler flags, CPU features it needs as numpy's CPU dispatcher names them; AMX_* from
+# /proc/cpuinfo, which numpy does not report), fastest first among the default levels.
+_AVX512_FLAGS = ("-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mfma", "-mavx2")
 ISA_LEVELS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
-    "avx512": (("-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mfma", "-mavx2"), ("AVX512F", "AVX512_SKX")),
+    "avx512": (_AVX512_FLAGS, ("AVX512F", "AVX512_SKX")),
     "avx2": (("-mavx2", "-mfma"), ("AVX2", "FMA3")),
+    # the avx512 kernels with the GMBI modules' 1x1 in bf16 on AMX tiles (fp32 accumulation; kernels/README.md)
+    "avx512amx": ((*_AVX512_FLAGS, "-mamx-tile", "-mamx-bf16"), ("AVX512F", "AVX512_SKX", "AMX_TILE", "AMX_BF16")),
 }
+# Levels that change the arithmetic (bf16 products): never chosen by default, and built only into a cpu-fused
+# artifact of precision bf16 (compile --precision bf16), so an fp32 artifact's parity budget and the fp32 kernel
+# tests hold every default level to fp32.
+OPT_IN_ISAS = ("avx512amx",)
+DEFAULT_ISAS = tuple(isa for isa in ISA_LEVELS if isa not in OPT_IN_ISAS)
 OP_KINDS = {"stem": 0, "s2": 1, "pw": 2, "up": 3, "gmbi": 4, "head": 5, "up+head": 6}
 PANEL_BYTES = 192 * 1024  # a band's panel (K x P floats) targets this much of the 512 KB L2
 
@@ -48,7 +57,17 @@ def cpu_features() -> Dict[str, bool]:
         from numpy._core._multiarray_umath import __cpu_features__
     except ImportError:  # numpy < 2
         from numpy.core._multiarray_umath import __cpu_features__
-    return dict(__cpu_features__)
+    feats = dict(__cpu_features__)
+    flags: set = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    feats["AMX_TILE"], feats["AMX_BF16"] = "amx_tile" in flags, "amx_bf16" in flags
+    return feats
 
 
 def supported_isas(features: Optional[Dict[str, bool]] = None) -> List[str]:
@@ -69,9 +88,12 @@ def cpu_description() -> str:
 
 
 def choose_isa(available: Sequence[str], features: Optional[Dict[str, bool]] = None) -> str:
-    """The fastest of ``available`` (the artifact's libraries) this CPU runs; one line if none."""
+    """The fastest of ``available`` (the artifact's libraries) this CPU runs; one line if none.  An opt-in level
+    (``OPT_IN_ISAS``) only when it is the one level asked for."""
     runnable = supported_isas(features)
     for isa in ISA_LEVELS:
+        if isa in OPT_IN_ISAS and list(available) != [isa]:
+            continue
         if isa in available and isa in runnable:
             return isa
     feats = cpu_features() if features is None else features
@@ -217,6 +239,12 @@ class CpuKernels:
         if tuple(halos) != (HALO_R1, HALO_R2, HALO_R3):  # one design: the GPU kernel's halo arithmetic
             raise EdgekitError(f"cpu-fused: {library} uses GMBI halos {tuple(halos)}, the planner {(HALO_R1, HALO_R2, HALO_R3)}")
         self.lib = lib
+        # whether the GMBI 1x1 runs bf16 on AMX (an avx512amx library the OS granted the tile state); older
+        # libraries lack the symbol: fp32
+        amx = getattr(lib, "ek_amx_active", None)
+        if amx is not None:
+            amx.restype, amx.argtypes = ctypes.c_int, []
+        self.amx_active = bool(amx()) if amx is not None else False
         self.isa = lib.ek_isa().decode()
         self.vector_width = lib.ek_vector_width()
         self.threads = max(1, int(threads))
@@ -487,5 +515,5 @@ class FusedNet:
         return out
 
 
-__all__ = ["ISA_LEVELS", "OP_STRUCTS", "CpuKernels", "EkOp", "FusedNet", "op_layout", "band_rows", "build_program", "choose_isa",
+__all__ = ["DEFAULT_ISAS", "ISA_LEVELS", "OPT_IN_ISAS", "OP_STRUCTS", "CpuKernels", "EkOp", "FusedNet", "op_layout", "band_rows", "build_program", "choose_isa",
            "cpu_description", "cpu_features", "source_path", "supported_isas"]

@@ -1,0 +1,223 @@
+"""cpu-fused's opt-in avx512amx level: the GMBI modules' 1x1 as bf16 tile products on AMX (fp32 accumulation),
+everything else the fp32 AVX-512 kernels.  Skipped (with the reason) on a CPU without AMX-BF16 or where the OS does
+not grant the tile state.
+
+The bound the 1x1 is held to, element by element, against PyTorch's fp32 layer on the kernel's own input buffer:
+each z and each weight is rounded to nearest bf16 (8 significant bits: relative error <= u = 2^-8 each), so each
+product is off by at most (1 + u)^2 - 1 = 2^-7 + 2^-16 of |z w|, the sum by at most that times sum_k |z_k| |w_k|,
+and ReLU (1-Lipschitz) and the residual add do not grow it; plus the fp32 tolerance every other kernel gets (1e-4 of the layer's largest value) for the
+accumulation order and the chain.  And the module must be far closer to the same arithmetic done in float64 with
+bf16-rounded z and weights than to fp32 (the 1x1 really ran in bf16, with every pair of K where it belongs).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_gmbinet
+
+from edgekit.kernels.cpu import build as cpu_build
+from edgekit.kernels.cpu import runtime as cpu_fused
+from test_cpu_fused import check_every_layer  # noqa: E402
+from test_cpu_fused_widths import ODD, PRUNED_EXACT, TINY_ODD, WIDE_ODD  # noqa: E402
+
+ISA = "avx512amx"
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory) -> Path:
+    if shutil.which("g++") is None:
+        pytest.skip("cpu-fused builds its kernels with g++, which is not installed")
+    if ISA not in cpu_fused.supported_isas():
+        pytest.skip("this CPU has no AMX-BF16 (or no AVX-512): the avx512amx library cannot run here")
+    out = tmp_path_factory.mktemp("cpu_fused_amx") / f"libgmbinet_{ISA}.so"
+    cpu_build.build_library(ISA, out)
+    if not cpu_fused.CpuKernels(out, 1).amx_active:
+        pytest.skip("the OS did not grant this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM refused)")
+    return out
+
+
+def fused(library: Path, model, threads: int, fuse_head: bool = True):
+    from edgekit.kernels.fold import fold_gmbinet
+
+    net = fold_gmbinet(model, channel_multiple=1)
+    blob, offsets = net.param_layout()
+    kernels = cpu_fused.CpuKernels(library, threads)
+    assert kernels.isa == ISA and kernels.amx_active
+    return cpu_fused.FusedNet(kernels, net, blob, offsets, fuse_head=fuse_head)
+
+
+def bf16(a: np.ndarray) -> np.ndarray:
+    """float32 -> the nearest bf16 (ties to even), as float32."""
+    b = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.astype(np.uint32).view(np.float32)
+
+
+def gmbi_refs(model, net, layer: str, x: np.ndarray):
+    """(fp32 PyTorch output, the same module with bf16-rounded z and weights in float64, the element-wise bf16
+    bound (2^-7 + 2^-16) sum_k |z_k| |w_k|) of GMBI module ``layer`` on input ``x``."""
+    s, i = layer[4:].split("_")
+    blk = getattr(model, f"encoder{s}")[int(i)]
+    z = {}
+    h = blk.fusion.register_forward_pre_hook(lambda _m, inp: z.update(z=inp[0].numpy().copy()))  # returns None
+    with torch.no_grad():
+        ref32 = blk(torch.from_numpy(x)).numpy()
+    h.remove()
+    a = net.layers[layer].arrays
+    w, b = a["pw_wt"].astype(np.float64), a["pw_b"].astype(np.float64)[None, :, None, None]
+    out = np.einsum("nkhw,kc->nchw", bf16(z["z"]).astype(np.float64), bf16(a["pw_wt"]).astype(np.float64)) + b
+    ref_bf = np.maximum(out, 0) + x
+    bound = (2.0 ** -7 + 2.0 ** -16) * np.einsum("nkhw,kc->nchw", np.abs(z["z"]).astype(np.float64), np.abs(w))
+    return ref32, ref_bf, bound
+
+
+def check_gmbi_in_bf16(fn, model, x: np.ndarray, mode: str) -> int:
+    """Run the program op by op from a NaN-poisoned arena: each GMBI module within the bf16 bound of its PyTorch
+    layer and close to the bf16 arithmetic; every other op within the fp32 tolerance of its PyTorch layer."""
+    from edgekit.kernels.cpu.runtime import EkOp
+    from test_cpu_fused import torch_layer
+
+    plan, acts, ops, layers = fn.state(x.shape[0], *x.shape[2:])
+    acts.fill(0xFF)
+    fn.view(plan, acts, plan.input)[...] = x
+    by_layer = {ln.layer: ln for ln in plan.launches}
+    checked = 0
+    for op, names in zip(ops, layers):
+        ln = by_layer[names[0]]
+        io = [v for k, v in ln.args if k == "act"]
+        if ln.kind != "gmbi":
+            ins = [fn.view(plan, acts, b).copy() for b in ([io[0], io[1]] if ln.kind == "up" else [io[0]])]
+            if ln.kind == "head":
+                ins.append(x)
+            fn.kernels.run((EkOp * 1)(op))
+            got = fn.view(plan, acts, io[-1])
+            with torch.no_grad():
+                ref = torch_layer(model, ln.layer, ins).numpy()
+            assert not np.isnan(got).any(), ln.layer
+            assert np.abs(got - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max())), ln.layer
+            continue
+        assert op.u.gmbi.mode == cpu_fused.GMBI_MODES[mode] and not op.u.gmbi.pw_q
+        xin = fn.view(plan, acts, io[0]).copy()
+        fn.kernels.run((EkOp * 1)(op))
+        got = fn.view(plan, acts, io[1]).astype(np.float64)
+        assert not np.isnan(got).any(), f"{ln.layer}: output not fully written"
+        ref32, ref_bf, bound = gmbi_refs(model, fn.net, ln.layer, xin)
+        fp32_tol = 1e-4 * max(1.0, float(np.abs(ref32).max()))
+        excess = np.abs(got - ref32) - (bound + fp32_tol)
+        assert excess.max() <= 0, (ln.layer, float(excess.max()))
+        # bf16 arithmetic, not fp32 with noise: the kernel sits much closer to the bf16 emulation than the bf16
+        # emulation sits to fp32 (a pair of K multiplied by the wrong weights would put it far from both)
+        d_bf, d_32 = float(np.abs(got - ref_bf).mean()), float(np.abs(ref_bf - ref32).mean())
+        assert d_32 > 0 and d_bf <= 0.25 * d_32, (ln.layer, d_bf, d_32)
+        checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("mode", ["banded", "two-phase"])
+@pytest.mark.parametrize("cfg,shape,threads", [
+    (ODD, (2, 3, 37, 53), 2),           # lanes 5, 7, 9, 11: 2G = 10..22 pair rows, padded to 16 / 32
+    (PRUNED_EXACT, (1, 3, 45, 31), 1),  # the prune 0.125 --exact widths: 2G = 28, 42, 56
+    (TINY_ODD, (3, 5, 23, 19), 2),      # one-lane modules (C = 4: 2 pair rows of 16)
+    (WIDE_ODD, (1, 3, 50, 41), 2),      # C = 68: five co tiles, the last with 4 rows
+])
+def test_gmbi_1x1_on_amx_within_the_bf16_bound_at_odd_widths(library, monkeypatch, mode, cfg, shape, threads):
+    monkeypatch.setattr(cpu_fused, "GMBI_TWO_PHASE_MAX_ROWS", 0 if mode == "banded" else 10 ** 6)
+    model = random_gmbinet(cfg, seed=sum(shape) + threads)
+    x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
+    fn = fused(library, model, threads, fuse_head=False)
+    assert check_gmbi_in_bf16(fn, model, x, mode) == sum(cfg.depths)
+
+
+def test_a_changed_weight_array_is_repacked(library):
+    """The bf16 A tiles are packed once per weight array and kept: new weights at the same address (the same
+    program, its parameters overwritten) must be packed again, never run from the stale pack."""
+    from edgekit.kernels.fold import fold_gmbinet
+
+    m1, m2 = random_gmbinet(ODD, seed=21), random_gmbinet(ODD, seed=22)
+    x = np.random.default_rng(8).standard_normal((1, 3, 40, 36)).astype(np.float32)
+    fn = fused(library, m1, 1)
+    first = fn.forward(x, poison=True)
+    blob2, offsets2 = fold_gmbinet(m2, channel_multiple=1).param_layout()
+    assert offsets2 == fn.offsets
+    fn.params[:] = blob2
+    again = fn.forward(x, poison=True)
+    fresh = fused(library, m2, 1).forward(x, poison=True)
+    assert np.array_equal(again, fresh) and not np.array_equal(again, first)
+
+
+def test_published_checkpoint_on_real_images_within_the_bf16_parity_budget(library, published_ckpt, sd900):
+    """The whole network (DF1 + head fused, output NaN-poisoned) on SD-900 test images against PyTorch fp32,
+    held to the budget the parity gate gives a bf16 candidate (what OpenVINO's default gets on an AMX CPU)."""
+    from edgekit.models.checkpoint import load_checkpoint
+    from edgekit.pipeline.parity import PARITY_BUDGETS
+    from test_cpu_fused import _real_batch
+
+    ck = load_checkpoint(published_ckpt)
+    model = ck.build().eval()
+    x = _real_batch(sd900, ck.preprocess, 2, (256, 320))
+    got = fused(library, model, 2).forward(x, poison=True)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()  # probabilities
+    budget = PARITY_BUDGETS["bf16"]
+    assert not np.isnan(got).any()
+    assert float(np.abs(got - ref).mean()) <= budget["mean_abs_diff"]
+    decisive = np.abs(ref - 0.5) >= budget["decision_margin"]
+    agree = ((got > 0.5) == (ref > 0.5))[decisive].mean()
+    assert agree >= budget["decisive_mask_agreement"], agree
+
+
+def test_the_bf16_level_is_never_chosen_or_built_by_default():
+    """avx512amx changes the arithmetic: an fp32 artifact never gets it unless it is the one level asked for."""
+    from edgekit.errors import EdgekitError
+
+    everything = {f: True for f in ("AVX2", "FMA3", "AVX512F", "AVX512_SKX", "AMX_TILE", "AMX_BF16")}
+    assert ISA in cpu_fused.OPT_IN_ISAS and ISA not in cpu_fused.DEFAULT_ISAS
+    assert cpu_fused.choose_isa(["avx512", "avx2", ISA], features=everything) == "avx512"
+    assert cpu_fused.choose_isa([ISA], features=everything) == ISA
+    with pytest.raises(EdgekitError, match="cannot run"):
+        cpu_fused.choose_isa([ISA], features={**everything, "AMX_BF16": False})
+
+
+def test_compile_precision_bf16_builds_the_amx_library_alone_within_the_bf16_budget(library, published_ckpt, sd900,
+                                                                                    tmp_path):
+    """compile --precision bf16: the artifact holds only the avx512amx library, the runner runs it, and the parity
+    gate held it to the bf16 budget on real SD-900 test images; fp32 with that library is refused in one line."""
+    from edgekit.backends.registry import backends
+    from edgekit.errors import EdgekitError
+    from edgekit.models.checkpoint import load_checkpoint
+    from edgekit.pipeline.compile import compile_model
+    from edgekit.runtime import load
+
+    backends()  # every backend registered in its own order before one is imported by name (the registry's order)
+    from edgekit.backends.cpu_fused.build import build_cpu_fused
+
+    out = tmp_path / "bf16"
+    man = compile_model(str(published_ckpt), "cpu-fused", "bf16", str(out), parity_data=str(sd900), threads=2,
+                        log=lambda *_: None)
+    assert man["precision"] == "bf16" and man["isa"] == [ISA] and list(man["kernels"]["libraries"]) == [ISA]
+    assert "budget" in man["parity"] and "test split" in man["parity"]["data"]
+    runner = load(str(out))
+    assert runner.isa == ISA and runner.kernels.amx_active
+    with pytest.raises(EdgekitError, match="precision bf16 only"):
+        build_cpu_fused(load_checkpoint(published_ckpt), tmp_path / "x", "fp32", isas=[ISA], log=lambda *_: None)
+
+
+def test_a_cpu_without_amx_never_gets_a_bf16_candidate_or_row(monkeypatch, tiny_ckpt, tmp_path):
+    """--precision auto and bench --all leave cpu-fused bf16 out, with the reason, where the CPU lacks AMX-BF16
+    (faked here by what supported_isas reports), and offer it where the CPU has it."""
+    from edgekit.bench.plan import default_cpu_backends
+    from edgekit.pipeline.auto import plan_candidates
+    from edgekit.pipeline.request import CompileRequest
+
+    req = CompileRequest(source=str(tiny_ckpt), target="cpu-fused", precision="auto", out=str(tmp_path / "o"))
+    for isas, offered in ((["avx512", "avx2"], False), (["avx512", "avx2", ISA], True)):
+        monkeypatch.setattr(cpu_fused, "supported_isas", lambda features=None, isas=isas: list(isas))
+        chosen, skipped = plan_candidates(req)
+        assert ("bf16" in {c.precision for c in chosen}) is offered
+        assert any(s["precision"] == "bf16" and "AMX" in s["reason"] for s in skipped) is not offered
+        assert ("cpu-fused:bf16" in default_cpu_backends(all_rows=True)) is offered
