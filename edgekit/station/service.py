@@ -18,7 +18,6 @@ connection per thread); ``seen`` gives each calling thread its own connection.
 """
 from __future__ import annotations
 
-import io
 import os
 import queue
 import threading
@@ -41,23 +40,13 @@ def iso(t: float) -> str:
 
 
 def decode_image(job: Job) -> np.ndarray:
-    """The job's image as H x W uint8 grayscale (``edgekit.data.images.read_gray``'s conversion); EdgekitError
-    with a one-line reason when it cannot be read."""
-    from edgekit.data.images import read_gray
+    """The job's image as H x W uint8 grayscale: a file read by ``read_gray``, an upload decoded by ``decode_gray``
+    (the same conversion); EdgekitError with a one-line reason when it cannot be read."""
+    from edgekit.data.images import decode_gray, read_gray
 
     if job.data is None:
         return read_gray(job.path)
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(job.data)) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I", "F"):
-                a = np.asarray(im, dtype=np.float32)
-                return np.clip(a / max(float(a.max()), 1.0) * 255.0, 0, 255).astype(np.uint8)
-            return np.asarray(im.convert("L"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        raise EdgekitError(f"cannot read image {job.name}: not a readable image file") from None
+    return decode_gray(job.data, f"upload {job.name!r}")
 
 
 def _first_line(e: BaseException) -> str:
