@@ -276,6 +276,12 @@ def test_watch_status_promote_reject_as_a_process(device, root, tmp_path):
     broken = [r for r in results if r["name"] == "broken.png"]
     assert len(broken) == 1 and broken[0]["decision"] == "ERROR" and "not a readable image" in broken[0]["error"]
     assert {r["station"] for r in results} == {"line1"}
+    text = subprocess.run(station_cmd("status", root), capture_output=True, text=True, timeout=60)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0] == "serving 1.2.0; trial -" and lines[1] == "canary: 1000 live images, agreement >= 0.5"
+    assert lines[2] == "blocked: 1.1.0 (rejected by the operator: not this week)"
+    assert lines[3].startswith("results: 14 images (0 OK, 13 NG, 1 errors), drift not scored; last 20")
     seg_id = hashlib.sha256((device["seg"] / "manifest.json").read_bytes()).hexdigest()[:16]
     for r in results:
         if r["decision"] == "ERROR":

@@ -223,7 +223,8 @@ def status_cmd(root, db, as_json):
     if s["blocked"]:
         click.echo("blocked: " + "; ".join(f"{v} ({why})" for v, why in s["blocked"].items()))
     if c:
-        rate = f", drift rate {s['drift_rate']:.3f}" if s.get("drift_rate") is not None else ""
+        rate = (f", drift rate {s['drift_rate']:.3f} (newest {s['drift_scored']} scored)" if s.get("drift_rate")
+                is not None else ", drift not scored")
         click.echo(f"results: {c.get('images', 0)} images ({c.get('ok', 0)} OK, {c.get('ng', 0)} NG, "
                    f"{c.get('error', 0)} errors){rate}; last {c.get('last') or '-'}")
     else:
