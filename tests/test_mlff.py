@@ -227,7 +227,10 @@ def test_neu_small_task(tmp_path):
     feats = extract_features(bb, paths, tmp_path / "cache")
     acc = float((r["model"](feats, 0).argmax(1) == torch.tensor(labels)).float().mean())
     assert acc >= 0.9
-    assert r["adapter_bytes"] < 0.02 * bb.weights_path.stat().st_size
+    # the adapter itself (weights + adapter.json) is tiny next to the backbone; the folder also holds the drift
+    # statistics (edgekit.mlff.drift, tens of KB)
+    assert r["adapter_bytes"] - r["drift"]["bytes"] < 0.02 * bb.weights_path.stat().st_size
+    assert r["drift"]["bytes"] < 64 * 1024
 
 
 def test_same_seed_same_adapter(tmp_path, backbone):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from edgekit.commands._common import (build_command, echo_json, json_option, limit_option, print_table, set_threads,
-                                      threads_option)
+from edgekit.commands._common import (build_command, echo_json, json_option, limit_option, note, print_table,
+                                      set_threads, threads_option)
 from edgekit.errors import EdgekitError
 
 DEFAULT_REGISTRY = "adapters"
@@ -31,12 +31,20 @@ DEFAULT_REGISTRY = "adapters"
 @click.option("--holdout", default=0.0, show_default=True, type=click.FloatRange(0, 0.9),
               help="Leave out this fraction of each class (the fixed holdout_split, seed 0) for testing; "
                    "0.2 is the held-out part edgekit bench and benchmarks/mlff_neu.py test on.")
+@click.option("--drift-holdout", default=0.1, show_default=True, type=click.FloatRange(0, 0.5),
+              help="Keep this fraction of each class out of training to calibrate the drift (novelty) threshold "
+                   "on: the 99th percentile of their out-of-distribution scores (0: calibrate on the training "
+                   "images, which flags more new in-distribution images).")
 @limit_option()
 @threads_option()
 @json_option
 def adapt_cmd(backbone, task, data, classes, rehearsal, distill, setting, registry, epochs, seed, fc_dim, cache,
-              holdout, limit, threads, as_json):
-    """Add a task to an adapter registry: a small MLFF adapter on a frozen backbone."""
+              holdout, drift_holdout, limit, threads, as_json):
+    """Add a task to an adapter registry: a small MLFF adapter on a frozen backbone.
+
+    DATA holds one folder per class; a folder named ``inbox`` is skipped (reserved: the unlabelled images an
+    ``edgekit station --review DATA`` copied there; move them into DATA/<class>/ to label them). The adapter
+    folder also gets drift.safetensors, the statistics a station flags novel images with."""
     from edgekit.models.backbones import load_backbone
     from edgekit.train.continual import add_task, task_data_from_folder
 
@@ -57,8 +65,19 @@ def adapt_cmd(backbone, task, data, classes, rehearsal, distill, setting, regist
     td = td.limited(limit)  # after the holdout: a limit never reaches into the held-out part
     bb = load_backbone(backbone)
     r = add_task(registry, bb, task, td, setting=setting, rehearsal=rehearsal, distill=distill, epochs=epochs,
-                 seed=seed, fc_dim=fc_dim, cache_dir=cache if cache else "default")
+                 seed=seed, fc_dim=fc_dim, cache_dir=cache if cache else "default", drift_holdout=drift_holdout)
     r.pop("model")
+    d = r.get("drift")
+    if d:
+        expect = (f"about {100 * d['expected_flag_rate']:.1f} % of new images of these classes expected" if
+                  d["expected_flag_rate"] is not None else "more of new images of these classes: too few images to "
+                  "hold some out (--drift-holdout)")
+        note(f"drift: {d['method']}, threshold {d['threshold']:.4g} (the {d['percentile']:g}th percentile of "
+             f"{d['calibrated_on']} {d['calibration']}: it flags {100 * d['calibration_flag_rate']:.1f} % of them; "
+             f"{expect}), statistics of {d['fitted_on']} images, {d['bytes'] / 1024:.1f} KiB, {d['seconds']:.2f} s")
+        if d.get("covers"):
+            note(f"note: the drift statistics cover {d['covers']} (no rehearsal exemplars of the earlier ones, "
+                 "--rehearsal 0): a station flags images of the others as novel")
     if as_json:
         echo_json(r)
         return

@@ -15,6 +15,8 @@ An adapter is a folder::
      "input": {"shape": [3, 512, 512], ...},  # input spec
      "config": {...},                         # optional model config of the adapter head
      "weights": ["adapter.safetensors"],      # weight files, all safetensors, keys unique across files
+     "drift": {"file": "drift.safetensors", "method": ..., "threshold": ..., ...},  # optional (edgekit.mlff.drift):
+                                              # the out-of-distribution statistics, shipped and hashed like weights
      ...any other JSON fields are kept}
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -85,6 +87,12 @@ def validate_adapter_meta(meta: Mapping[str, Any], where: str = META_NAME) -> Di
         need(is_plain_file_name(name) and name.endswith(".safetensors"),
              f"weight file {name!r} must be a plain file name ending in .safetensors")
     need(len(set(weights)) == len(weights), "'weights' lists a file twice")
+    if meta.get("drift") is not None:
+        from edgekit.mlff.drift import check_drift_meta
+
+        check_drift_meta(meta["drift"], where)
+        need(meta["drift"]["file"] not in weights and meta["drift"]["file"] != META_NAME,
+             f"drift file {meta['drift']['file']!r} is also a weight file")
     try:
         json.dumps(meta, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -103,24 +111,37 @@ def _to_torch(name: str, value):
     return value.detach().cpu().contiguous().clone()
 
 
-def save_adapter(folder: str | os.PathLike, tensors: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
+def save_adapter(folder: str | os.PathLike, tensors: Mapping[str, Any], meta: Mapping[str, Any],
+                 files: Optional[Mapping[str, bytes]] = None) -> Path:
     """Write ``tensors`` (name -> torch.Tensor or numpy array) and ``meta`` as an adapter folder.
 
     ``meta`` needs task, classes, backbone, backbone_sha256 and input (see the module docstring);
-    format, format_version and weights are filled in. Returns the folder.
+    format, format_version and weights are filled in. ``files``: the other payload files ``meta`` names
+    (the drift statistics: ``{meta["drift"]["file"]: bytes}``), written before adapter.json; a ``meta`` read from
+    another adapter whose drift file is not given loses its "drift" field (those statistics belong to the
+    weights they were fitted with). Returns the folder.
     """
     folder = Path(folder)
     if not tensors:
         raise EdgekitError("an adapter needs at least one tensor")
     meta = dict(meta)
+    files = dict(files or {})
+    if isinstance(meta.get("drift"), Mapping) and meta["drift"].get("file") not in files:
+        meta.pop("drift")
     meta.update(format=ADAPTER_FORMAT, format_version=ADAPTER_FORMAT_VERSION, weights=[WEIGHTS_NAME])
     meta = validate_adapter_meta(meta)
+    extra = sorted(set(adapter_files(meta)) - {META_NAME, WEIGHTS_NAME})
+    if sorted(files) != extra:
+        raise EdgekitError(f"save_adapter: adapter.json names the files {extra}, but {sorted(files)} were given")
     import safetensors.torch  # the build side (edgekit adapt) writes adapters from torch tensors
 
     data = safetensors.torch.save({str(k): _to_torch(str(k), v) for k, v in tensors.items()})
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_write(folder / WEIGHTS_NAME) as f:
         f.write(data)
+    for name, content in files.items():
+        with atomic_write(folder / name) as f:
+            f.write(content)
     with atomic_write(folder / META_NAME, "w") as f:  # last: it names the weights, so it marks the folder complete
         json.dump(meta, f, indent=2)
         f.write("\n")
@@ -187,5 +208,6 @@ def load_adapter(folder: str | os.PathLike):
 
 
 def adapter_files(meta: Mapping[str, Any]) -> list:
-    """The files that make up an adapter: adapter.json and its weight files."""
-    return [META_NAME, *meta.get("weights", [WEIGHTS_NAME])]
+    """The files that make up an adapter: adapter.json, its weight files and its drift statistics (if any)."""
+    drift = meta.get("drift")
+    return [META_NAME, *meta.get("weights", [WEIGHTS_NAME]), *([drift["file"]] if isinstance(drift, Mapping) else [])]

@@ -112,7 +112,11 @@ def build_package(adapter_dir: str | os.PathLike, private_key_path: str | os.Pat
     """
     parse_version(version)
     adapter_dir = Path(adapter_dir)
-    _, meta = load_adapter_arrays(adapter_dir)  # loads the weights too: never ship an adapter that does not load
+    arrays, meta = load_adapter_arrays(adapter_dir)  # loads the weights too: never ship an adapter that does not load
+    if meta.get("drift"):
+        from edgekit.mlff.drift import DriftScorer
+
+        DriftScorer.from_adapter(arrays, {**meta, "folder": str(adapter_dir)})  # nor drift statistics that do not
     if meta.get("version") is not None and meta["version"] != version:
         raise EdgekitError(f"{adapter_dir / META_NAME} says version {meta['version']}, but --version is {version}")
     private_key = load_private_key(private_key_path)
@@ -460,6 +464,14 @@ def _check_adapter_payload(manifest: dict, files: Dict[str, bytes], where: str) 
         raise EdgekitError(f"{where}: manifest and payload {META_NAME} disagree on 'version'")
     for name in meta["weights"] + ([HEALTH_NAME] if manifest.get("health") else []):
         load_weights_bytes(name, files[name])
+    if meta.get("drift"):  # the drift statistics load, and agree with adapter.json, or the package is refused
+        from edgekit.mlff.drift import DriftScorer
+
+        name = meta["drift"]["file"]
+        try:
+            DriftScorer.from_arrays(load_weights_bytes(name, files[name]), meta["drift"])
+        except EdgekitError as e:
+            raise EdgekitError(f"{where}: {e}") from None
 
 
 def _check_backbone_payload(manifest: dict, files: Dict[str, bytes], where: str) -> None:

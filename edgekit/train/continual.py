@@ -64,9 +64,16 @@ class TaskData:
         return TaskData([self.paths[i] for i in keep], [self.labels[i] for i in keep], self.classes)
 
 
+RESERVED_FOLDERS = ("inbox",)  # a station's review inbox (edgekit.mlff.drift.ReviewFolder): unlabelled images
+
+
 def task_data_from_folder(root: str | os.PathLike, classes: Optional[Sequence[str]] = None) -> TaskData:
     """Class-per-folder images (``root/<class>/*``), or the SD-Saliency-900 layout
-    (``root/Source Images/{In,Pa,Sc}_*.bmp``: classes by file-name prefix)."""
+    (``root/Source Images/{In,Pa,Sc}_*.bmp``: classes by file-name prefix).
+
+    A folder named ``inbox`` is not a class: it is reserved for the images a station's review folder
+    (``edgekit station --review DIR``) copied and nobody has labelled yet; labelling moves them into
+    ``DIR/<class>/``, and then DIR is read as it is."""
     from edgekit.data.datasets import load_class_folders
     from edgekit.data.images import is_image_name
 
@@ -90,9 +97,17 @@ def task_data_from_folder(root: str | os.PathLike, classes: Optional[Sequence[st
             paths += by_cls[c]
             labels += [i] * len(by_cls[c])
         return TaskData(paths, labels, names)
-    if not any(p.is_dir() for p in root.iterdir()):
-        raise EdgekitError(f"no class folders in {root} (expected {root}/<class>/<images>)")
-    samples, names = load_class_folders(root, classes)
+    reserved = sorted(set(classes or ()) & set(RESERVED_FOLDERS))
+    if reserved:
+        raise EdgekitError(f"'{reserved[0]}' is not a class name: {root}/{reserved[0]} is reserved for a review "
+                           "folder's unlabelled images")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in RESERVED_FOLDERS)
+    if not folders:
+        skipped = [n for n in RESERVED_FOLDERS if (root / n).is_dir()]
+        why = (f"; {root}/{skipped[0]} holds unlabelled review images and is not read: move them into "
+               f"{root}/<class>/ first" if skipped else "")
+        raise EdgekitError(f"no class folders in {root} (expected {root}/<class>/<images>){why}")
+    samples, names = load_class_folders(root, classes or folders)
     return TaskData([s.path for s in samples], [s.label for s in samples], list(names))
 
 
@@ -219,14 +234,56 @@ def select_exemplars(labels: Sequence[int], k: int, seed: int) -> List[int]:
     return out
 
 
+@torch.no_grad()
+def _fit_drift(adapter: MLFFAdapter, method: str, percentile: float, x_fit: torch.Tensor, h_fit: torch.Tensor,
+               y_fit: torch.Tensor, x_cal: torch.Tensor):
+    """The drift statistics of a trained adapter (``edgekit.mlff.drift``): fitted on what it trained on (this
+    task's images and the rehearsal exemplars of earlier classes), the threshold calibrated on ``x_cal`` (held
+    out of training) or, when there is none, on the training images. Returns (adapter.json's "drift" field,
+    {file name: bytes})."""
+    from edgekit.mlff.drift import DriftScorer
+
+    t0 = time.perf_counter()
+    adapter.eval()
+    z_fit = adapter.embed(x_fit).float().numpy()
+    groups = (h_fit * 100000 + y_fit).numpy()  # one mean per (head, class)
+    scorer = DriftScorer.fit(method, z_fit, groups)
+
+    def scores(x, z=None):
+        if len(x) == 0:
+            return np.zeros(0)
+        z = adapter.embed(x) if z is None else torch.from_numpy(z)
+        logits = torch.cat([h(z) for h in adapter.heads], dim=1).float().numpy()
+        return scorer.score(logits=logits, embedding=z.float().numpy())
+
+    held_out = len(x_cal) > 0
+    cal = scores(x_cal) if held_out else scores(x_fit, z_fit)
+    scorer.calibrate(cal, percentile)
+    info = scorer.meta(fitted_on=int(len(x_fit)), calibrated_on=int(len(cal)),
+                       calibration="held-out images" if held_out else "training images",
+                       calibration_flag_rate=round(float(scorer.flagged(cal).mean()), 4),
+                       # on training images the rate on new images is higher than the percentile says: unknown
+                       expected_flag_rate=scorer.info["expected_flag_rate"] if held_out else None)
+    data = scorer.to_bytes()
+    info["bytes"] = len(data)
+    info["seconds"] = round(time.perf_counter() - t0, 3)
+    return info, {info["file"]: data}
+
+
 def add_task(registry: str | os.PathLike, backbone, task: str, data: TaskData, *,
              setting: str = "class-incremental", rehearsal: int = 20, distill: float = 0.0, epochs: int = 30,
              seed: int = 0, fc_dim: int = 160, cache_dir: Optional[str | os.PathLike] = "default",
-             lr: float = 2e-3, batch_size: int = 64, feats: Optional[torch.Tensor] = None) -> dict:
+             lr: float = 2e-3, batch_size: int = 64, feats: Optional[torch.Tensor] = None,
+             drift: Optional[str] = "mahalanobis-embedding", drift_holdout: float = 0.1,
+             drift_percentile: float = 99.0) -> dict:
     """Add one task to a registry: features (cached), train the adapter with rehearsal/distillation, save.
 
-    Returns a summary (task, classes, trainable parameters, seconds, adapter folder and bytes).
+    ``drift``: the out-of-distribution statistics saved beside the adapter (``edgekit.mlff.drift``; None: none).
+    ``drift_holdout`` of each class's images (when that makes ``drift.MIN_CALIBRATION`` images or more) are
+    kept out of the adapter's training and the statistics: the threshold is the ``drift_percentile`` of their
+    scores. Returns a summary (task, classes, trainable parameters, seconds, adapter folder and bytes, drift).
     """
+    from edgekit.mlff import drift as drift_mod
     from edgekit.mlff.adapter import save_adapter
     from edgekit.mlff.names import check_name
 
@@ -235,6 +292,10 @@ def add_task(registry: str | os.PathLike, backbone, task: str, data: TaskData, *
     check_name(task, "task name")
     if rehearsal < 0 or distill < 0 or epochs < 1:
         raise EdgekitError("--rehearsal and --distill must be >= 0 and --epochs >= 1")
+    if drift is not None and drift not in drift_mod.METHODS:
+        raise EdgekitError(f"drift method must be one of {', '.join(drift_mod.METHODS)}, not {drift!r}")
+    if not 0 <= drift_holdout < 1 or not 50 <= drift_percentile < 100:
+        raise EdgekitError("--drift-holdout must be in [0, 1) and the drift percentile in [50, 100)")
     reg = Registry.open_or_create(registry, backbone, setting, fc_dim)
     if any(t["task"] == task for t in reg.tasks):
         raise EdgekitError(f"task {task!r} is already in registry {reg.folder}; pick a new task name")
@@ -271,17 +332,30 @@ def add_task(registry: str | os.PathLike, backbone, task: str, data: TaskData, *
     else:
         heads = torch.full_like(labels, step)
         targets = labels
+    # the drift threshold's held-out images: not trained on, so they score as new images of these classes do
+    fit_idx, cal_idx = (drift_mod.calibration_split(data.labels, drift_holdout, seed) if drift is not None
+                        else (np.arange(len(data.labels)), np.arange(0)))
+    fit_t = torch.from_numpy(fit_idx)
     ex = reg.load_exemplars()
-    x_all, h_all, y_all = feats, heads, targets
+    x_all, h_all, y_all = feats[fit_t], heads[fit_t], targets[fit_t]
     if ex is not None and rehearsal > 0:
-        x_all = torch.cat([feats, ex["features"]])
-        h_all = torch.cat([heads, ex["heads"]])
-        y_all = torch.cat([targets, ex["labels"]])
+        x_all = torch.cat([x_all, ex["features"]])
+        h_all = torch.cat([h_all, ex["heads"]])
+        y_all = torch.cat([y_all, ex["labels"]])
     teacher = old if (old is not None and distill > 0) else None
     seconds = train_adapter(adapter, x_all, h_all, y_all, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
                             teacher=teacher, distill=distill)
+    drift_info, drift_files = None, {}
+    if drift is not None:
+        drift_info, drift_files = _fit_drift(adapter, drift, drift_percentile, x_all, h_all, y_all,
+                                             feats[torch.from_numpy(cal_idx)])
+        if drift_info.get("classes", 0) < sum(adapter.head_sizes) and drift == drift_mod.MAHALANOBIS:
+            # class-incremental without rehearsal: the earlier classes have no features here, so their images
+            # score as novel; said in adapt's note
+            drift_info["covers"] = f"{drift_info['classes']} of {sum(adapter.head_sizes)} classes"
 
-    # rehearsal buffer: K exemplars of each class of this task, added to the earlier ones
+    # rehearsal buffer: K exemplars of each class of this task, added to the earlier ones (drawn from all its
+    # images, the drift calibration part too: later adapters may train on those)
     if rehearsal > 0:
         keep = torch.tensor(select_exemplars(data.labels, rehearsal, seed), dtype=torch.long)
         new = {"features": feats[keep], "heads": heads[keep], "labels": targets[keep]}
@@ -299,13 +373,15 @@ def add_task(registry: str | os.PathLike, backbone, task: str, data: TaskData, *
             "backbone": backbone.id, "backbone_sha256": backbone.weights_sha256, "input": backbone.input_spec,
             "config": config, "model": "mlff-adapter",
             "training": {"rehearsal": rehearsal, "distill": distill, "epochs": epochs, "seed": seed,
-                         "images": len(data.paths), "seconds": round(seconds, 3)}}
-    save_adapter(reg.folder / rel, adapter.state_dict(), meta)
+                         "images": len(fit_idx), "seconds": round(seconds, 3)}}
+    if drift_info is not None:
+        meta["drift"] = drift_info
+    save_adapter(reg.folder / rel, adapter.state_dict(), meta, files=drift_files)
     nbytes = sum(f.stat().st_size for f in (reg.folder / rel).iterdir() if f.is_file())
     entry = {"task": task, "classes": list(data.classes), "adapter": rel, "images": len(data.paths),
              "rehearsal": rehearsal, "distill": distill, "epochs": epochs, "seed": seed,
              "train_seconds": round(seconds, 3), "trainable_parameters": adapter.trainable_parameters(),
-             "adapter_bytes": nbytes,
+             "adapter_bytes": nbytes, **({"drift": drift_info} if drift_info is not None else {}),
              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     reg.meta["tasks"].append(entry)
     reg.save()
