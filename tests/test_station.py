@@ -216,11 +216,14 @@ def test_watch_status_promote_reject_as_a_process(device, root, tmp_path):
     for i in range(3):  # already there at start: inspected too
         drop_image(watch, f"early_{i}.png", i % 3, 200 + i)
     config = tmp_path / "station.toml"
-    config.write_text("[segment]\nthreshold = 0.0\nmin_region_px = 1\n")  # every pixel is defect: NG, one region
+    # every pixel is defect: NG, one region; and every image counts as unlike the training data (the threshold
+    # calibrated at adapt time scaled down to nothing): each one is flagged and lands in --review
+    config.write_text("[segment]\nthreshold = 0.0\nmin_region_px = 1\n[drift]\nthreshold_scale = 1e-9\n")
+    review = tmp_path / "review"
     http_port, metrics_port = free_port(), free_port()
     proc = start(root, watch, device["art"], "--canary", 1000, "--min-agreement", 0.5, "--station-id", "line1",
                  "--segment", device["seg"], "--config", config, "--http", f"127.0.0.1:{http_port}",
-                 "--metrics", f"127.0.0.1:{metrics_port}")
+                 "--metrics", f"127.0.0.1:{metrics_port}", "--review", review)
     try:
         wait_for(lambda: len(committed_keys(root / "station.db")) == 3, what="the images already there", proc=proc)
         # an HTTP upload: the reply is the committed result
@@ -281,7 +284,13 @@ def test_watch_status_promote_reject_as_a_process(device, root, tmp_path):
     lines = text.stdout.splitlines()
     assert lines[0] == "serving 1.2.0; trial -" and lines[1] == "canary: 1000 live images, agreement >= 0.5"
     assert lines[2] == "blocked: 1.1.0 (rejected by the operator: not this week)"
-    assert lines[3].startswith("results: 14 images (0 OK, 13 NG, 1 errors), drift not scored; last 20")
+    assert lines[3].startswith("results: 14 images (0 OK, 13 NG, 1 errors), drift rate 1.000 (newest 13 scored); "
+                               "last 20")
+    # the flagged images wait in the review inbox with their scores, for labelling (edgekit adapt --data DIR)
+    inbox = sorted(p.name for p in (review / "inbox").iterdir() if p.suffix == ".png")
+    assert len(inbox) == 13 and any(n.endswith("part.png") for n in inbox)
+    logged = [json.loads(line) for line in (review / "inbox" / "review.jsonl").read_text().splitlines()]
+    assert len(logged) == 13 and all(e["ood"]["flagged"] and e["ood"]["score"] > e["ood"]["threshold"] for e in logged)
     seg_id = hashlib.sha256((device["seg"] / "manifest.json").read_bytes()).hexdigest()[:16]
     for r in results:
         if r["decision"] == "ERROR":
@@ -289,7 +298,8 @@ def test_watch_status_promote_reject_as_a_process(device, root, tmp_path):
         assert r["segment"]["artifact"] == seg_id and r["segment"]["defect_frac"] == 1.0
         assert r["segment"]["regions"] == [{"area_px": 24 * 24, "area_frac": 1.0, "bbox": [0, 0, 24, 24],
                                             "peak": r["segment"]["regions"][0]["peak"]}]
-        assert r["reasons"][0] == f"region {24 * 24} px" and r["decision"] == "NG"
+        assert r["reasons"] == [f"region {24 * 24} px", "novel"] and r["decision"] == "NG"
+        assert r["ood"]["flagged"] and r["ood"]["score"] > r["ood"]["threshold"] > 0
 
 
 def test_kill_9_at_random_moments_loses_no_committed_result(device, root, tmp_path):
