@@ -167,8 +167,9 @@ def test_station_loop_adapt_publish_canary_flag_relabel_promote(tmp_path, neu):
         assert "1.1.0" in r.stdout
 
         # the station: a real process over the install root, the canary policy recorded by it
+        (device / "station.toml").write_text('[decision]\nng_classes = ["scratches"]\n')
         station_argv = ["station", "root", "--watch", "line", "--canary", 6, "--min-agreement", 0.8,
-                        "--review", work / "lib"]
+                        "--review", work / "lib", "--config", "station.toml"]
         run.shapes.add(shape(["edgekit", *map(str, station_argv)]))
         with open(log, "w") as log_file:
             proc = subprocess.Popen([sys.executable, "-m", "edgekit.cli", *map(str, station_argv)], cwd=device,
@@ -180,6 +181,8 @@ def test_station_loop_adapt_publish_canary_flag_relabel_promote(tmp_path, neu):
             assert {r["serving"]["version"] for r in got} == {"1.1.0"}
             assert all(r["class"] == r["name"].split("-", 1)[1].rsplit("_", 1)[0] for r in got), \
                 [(r["name"], r["class"], r["prob"]) for r in got]
+            assert all((r["decision"] == "NG") == (r["class"] == "scratches") for r in got), got
+            assert all("class scratches" in r["reasons"] for r in got if r["decision"] == "NG"), got
 
             # 1.2.0: retrained on twice the epochs, a new registry, the same task; update holds it as a trial
             run(work, "adapt", "--task", TASK, "--data", "lib", "--registry", "reg-1.2", "--epochs", 40,
