@@ -33,6 +33,7 @@ COMMAND_MODULES = (
     "edgekit.commands.serve",  # export-repo, serve (extra: serve)
     "edgekit.commands.fleet_status",  # fleet status (extra: station)
     "edgekit.commands.fleet",  # repo init|add|delegate|publish|rotate|status, update (extra: ota)
+    "edgekit.commands.station",  # station ROOT, station status|promote|reject (inputs/outputs: extra station)
 )
 
 # What the `build` extra brings on top of the runtime: a runtime command that gets as far as importing one of

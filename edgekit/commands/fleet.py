@@ -255,11 +255,14 @@ def update_cmd(repo_url, root, trust, backbone, task, timeout, deadline, file_de
         echo_json(r)
         return
     if r["action"] == "none":
-        click.echo(f"up to date: {r['reason']}")
+        click.echo(f"{'nothing installed' if r.get('trial') else 'up to date'}: {r['reason']}")
         return
     h = r.get("health")
     checked = (f"; health check passed on {h['images']} images (max abs diff {h['max_abs_diff']:.3g})" if h else
                "; no health check (the package carries no samples)")
+    if r["action"] == "trial":
+        click.echo(f"on trial: {r['task']} {r['version']}{checked}; {r['reason']}")
+        return
     click.echo(f"installed {r['task']} {r['version']}" + (f" (was {r['previous']})" if r["previous"] else "") + checked)
 
 

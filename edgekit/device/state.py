@@ -8,9 +8,12 @@ Install root layout (ROOT)::
     ROOT/current -> versions/<v>  relative symlink: the COMMITTED version in service, the only one a runtime loads
     ROOT/state.json               {"format": "edgekit-ota-state", "format_version": 2,
                                    "current": {"version", "dir"} | null, "previous": ... | null,
-                                   "trial": {"version", "dir", "started"} | null,
+                                   "trial": {"version", "dir", "started"[, "phase": "canary", "held",
+                                             "health"]} | null,
                                    "blocked": {version: reason}, "interrupted": {version: count},
-                                   "pinned": version | null, "history": [{"time", "action", "version", ...}]}
+                                   "pinned": version | null,
+                                   "canary": {"images", "min_agreement", "max_confidence_drop"} | null,
+                                   "history": [{"time", "action", "version", ...}]}
     ROOT/backbone.json            the deployed backbone (id, backbone_sha256, ref, kind): ``record_backbone``
     ROOT/backbone.sha256          optional, written by whoever deploys the backbone (its first word)
     ROOT/tuf/trusted-time.json    the time floor: the highest time seen at a verified repository refresh
@@ -27,10 +30,21 @@ States of a version and the transitions (each a method of ``InstallRoot``; every
   the recorded trial means it was committed (only a trial that passed its check is ever switched to).
 * ``fail`` -> BLOCKED: the trial is discarded and its version goes on the block list with the reason (RAUC's
   mark-bad); ``update`` never installs a blocked version by itself again.
+* ``hold_for_canary`` -> CANARY HOLD: a trial that passed its health check on a root with a canary policy
+  (``set_canary_policy``, recorded by ``edgekit station --canary N``) is not committed by ``update``: trial["phase"]
+  becomes "canary" and it waits, still a trial (ROOT/current unchanged: it never serves), for a station to run it in
+  shadow on live images (``edgekit.station.canary``). The verdict is one of the two transitions above: ``commit``
+  (promote) or ``fail`` with the reason (reject, blocked), each in the history with its reason; ``edgekit station
+  promote|reject`` are the operator's override. Where each guarantee comes from: Mender keeps an update
+  uncommitted until ArtifactCommit, and an uncommitted update is rolled back; RAUC's mark-good / mark-bad are the
+  verdict a health service gives a slot. Both describe the commit/reject split this hold reuses, not what decides it:
+  Mender's phased rollouts stop only on install failures, and Uptane (like TUF) says nothing about canaries or model
+  quality at all; the gate on live images (agreement with the serving adapter) is edgekit's own.
 * ``tidy``: removes what an interrupted transition left (staging folders, temp links, temp records, orphans).
 * ``recover``: a trial found with no process holding the lock was interrupted (kill -9, power loss). The first
   interruption of a version is forgiven (the next ``update`` retries it); the second blocks it, so a version that
-  kills its checker every time cannot loop (RAUC's boot-attempt counter, BOOT_x_LEFT, in spirit).
+  kills its checker every time cannot loop (RAUC's boot-attempt counter, BOOT_x_LEFT, in spirit). A trial on
+  canary hold is left alone: its check finished and passed, and it is waiting for a station, not interrupted.
 * ``rollback``: ROOT/current back to the previous version; the version rolled back from is blocked (an operator's
   rollback is a verdict on it), the one rolled back to unblocked.
 * ``allow`` (unblock), ``pin`` / ``unpin``: explicit operator acts, recorded in the history.
@@ -71,6 +85,8 @@ VERSION_MANIFEST = "manifest.json"  # the package manifest inside a version fold
 STAGING_PREFIX = ".staging-"
 LINK_TMP_PREFIX = ".current-"
 HISTORY_KEPT = 100
+CANARY_PHASE = "canary"  # trial["phase"] of a trial held for a station's canary
+DEFAULT_MAX_CONFIDENCE_DROP = 0.02  # a trial's mean top-1 probability may be this much below the serving one's
 MAX_TRIAL_INTERRUPTIONS = 2  # the second interrupted health check of a version blocks it
 _VERSION_DIR_RE = re.compile(r"^versions/[0-9]+\.[0-9]+\.[0-9]+(~[0-9]+)?\Z")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
@@ -95,12 +111,18 @@ class DeviceState:
     interrupted: Dict[str, int] = field(default_factory=dict)
     pinned: Optional[str] = None
     history: List[dict] = field(default_factory=list)
+    canary: Optional[dict] = None  # the canary policy: {"images", "min_agreement", "max_confidence_drop"}
 
     def to_json(self) -> dict:
         return {"format": STATE_FORMAT, "format_version": STATE_FORMAT_VERSION, "current": self.current,
                 "previous": self.previous, "trial": self.trial, "blocked": dict(self.blocked),
-                "interrupted": dict(self.interrupted), "pinned": self.pinned,
+                "interrupted": dict(self.interrupted), "pinned": self.pinned, "canary": self.canary,
                 "history": self.history[-HISTORY_KEPT:]}
+
+    @property
+    def held(self) -> Optional[dict]:
+        """The trial on canary hold (its health check passed; a station decides), or None."""
+        return self.trial if self.trial and self.trial.get("phase") == CANARY_PHASE else None
 
     def log(self, action: str, version: Optional[str], **extra) -> None:
         self.history.append({"time": utc_now(), "action": action, "version": version,
@@ -154,10 +176,31 @@ def _parse_state(path: Path) -> DeviceState:
     if not isinstance(blocked, dict) or not isinstance(interrupted, dict):
         raise EdgekitError(f"{path} is malformed (blocked / interrupted); fix or remove it")
     pinned = d.get("pinned")
+    canary = d.get("canary")
+    if canary is not None:
+        try:
+            canary = check_canary_policy(canary)
+        except EdgekitError as e:
+            raise EdgekitError(f"{path} is malformed (canary policy: {e}); fix or remove it") from None
     return DeviceState(entry(d.get("current")), entry(d.get("previous")), entry(d.get("trial")),
                        {str(k): str(v) for k, v in blocked.items()},
                        {str(k): int(v) for k, v in interrupted.items() if isinstance(v, int)},
-                       pinned if isinstance(pinned, str) else None, list(d.get("history") or []))
+                       pinned if isinstance(pinned, str) else None, list(d.get("history") or []), canary)
+
+
+def check_canary_policy(policy) -> dict:
+    """A canary policy, checked: {"images": N >= 1, "min_agreement": A in [0, 1], "max_confidence_drop": D in
+    [0, 1]}; EdgekitError names what is wrong."""
+    if not isinstance(policy, dict):
+        raise EdgekitError("a canary policy is an object {images, min_agreement, max_confidence_drop}")
+    n, a = policy.get("images"), policy.get("min_agreement")
+    d = policy.get("max_confidence_drop", DEFAULT_MAX_CONFIDENCE_DROP)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 10_000_000:
+        raise EdgekitError(f"canary images must be a whole number of at least 1, not {n!r}")
+    for name, v in (("min_agreement", a), ("max_confidence_drop", d)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= float(v) <= 1.0:
+            raise EdgekitError(f"canary {name} must be a number in [0, 1], not {v!r}")
+    return {"images": n, "min_agreement": float(a), "max_confidence_drop": float(d)}
 
 
 def _is_temp_record(name: str) -> bool:
@@ -467,8 +510,37 @@ class InstallRoot:
         self._save(state, f"{version} could not start its trial")
         return state
 
-    def commit(self, version: str) -> DeviceState:
-        """The trial passed its check: switch ROOT/current to it (the commit point), then record it."""
+    def hold_for_canary(self, version: str, health: Optional[dict] = None) -> DeviceState:
+        """The trial passed its health check on a root with a canary policy: keep it as a trial, marked
+        trial["phase"] = "canary", for a station to judge on live images; ROOT/current is not touched (it never
+        serves before ``commit``)."""
+        self._require_lock()
+        state = self.read()
+        if not state.trial or state.trial["version"] != version:
+            raise EdgekitError(f"no trial of {version} to hold for a canary at {self.path}")
+        summary = {k: health.get(k) for k in ("images", "top1_agreement", "max_abs_diff")} if health else None
+        state.trial = {**state.trial, "phase": CANARY_PHASE, "held": utc_now(),
+                       **({"health": summary} if summary else {})}
+        state.log("canary-hold", version, policy=state.canary)
+        self._save(state, f"{version} passed its health check but could not be put on canary hold")
+        return state
+
+    def set_canary_policy(self, policy: Optional[dict]) -> Optional[dict]:
+        """Record the canary policy ``edgekit update`` follows (None: no canary, a trial that passes its health
+        check is committed at once); returns it, checked. Recorded in the history only when it changes."""
+        checked = check_canary_policy(policy) if policy is not None else None
+        with self.lock():
+            state = self.read()
+            if state.canary == checked:
+                return checked
+            state.canary = checked
+            state.log("canary-policy", None, policy=checked or "none")
+            self._save(state, "the canary policy was not recorded")
+        return checked
+
+    def commit(self, version: str, reason: Optional[str] = None) -> DeviceState:
+        """The trial passed its check (or its canary, ``reason`` says how it was judged): switch ROOT/current to
+        it (the commit point), then record it."""
         self._require_lock()
         state = self.read()
         if not state.trial or state.trial["version"] != version:
@@ -478,7 +550,7 @@ class InstallRoot:
         previous = state.current
         state.previous, state.current, state.trial = previous, {"version": version, "dir": rel_dir}, None
         state.interrupted.pop(version, None)
-        state.log("commit", version, **{"from": previous["version"] if previous else None})
+        state.log("commit", version, **{"from": previous["version"] if previous else None, "reason": reason})
         self._save(state, f"{version} is committed and in service")
         self.remove_leftovers(state)
         return state
@@ -500,18 +572,19 @@ class InstallRoot:
         """Discard a stale trial (one no live process is checking) and count the interruption; returns
         {"version", "reason", "blocked"} when one was found, else None.
 
-        Cheap and write-free when there is no trial. When another process holds the lock (an update checking its
+        Cheap and write-free when there is no trial; a trial on canary hold is not stale (its check passed). When another process holds the lock (an update checking its
         trial right now) or ROOT is not writable (a runtime running as another user), nothing is done: a trial
         never serves, so leaving it changes nothing for the reader."""
         try:
-            if self.read().trial is None:
-                return None
+            state = self.read()
+            if state.trial is None or state.held:
+                return None  # nothing on trial, or a trial on canary hold: its check passed, it waits for a station
         except EdgekitError:
             return None  # an unreadable state is reported by whoever reads it for real
         try:
             with self.lock(create=False):
                 state = self.read()
-                if state.trial is None:
+                if state.trial is None or state.held:
                     return None
                 version = state.trial["version"]
                 count = state.interrupted.get(version, 0) + 1

@@ -27,6 +27,17 @@
    the trial folder; only when it passes is ROOT/current switched to it (the commit). A failed check (of any
    kind: ``check_health`` fails closed, and any exception around it is a failure too) discards the trial and
    blocks the version. Any interruption (kill -9, power loss) leaves the previous committed version serving.
+5. Canary hold. When the install root has a canary policy (``edgekit station ROOT --canary N``, recorded by
+   ``InstallRoot.set_canary_policy``) and the adapter comes on the backbone already deployed, a trial that passed
+   its health check (or ran without one, ``--no-health-check``) is not committed: ``InstallRoot.hold_for_canary``
+   keeps it a trial (trial["phase"] = "canary"; ROOT/current unchanged, so it does not serve and ``classify
+   --adapters ROOT`` keeps running the committed version) and the run returns action "trial". The station runs it
+   in shadow on live images and commits (promote) or fails (reject, blocked) it; while a trial is held, ``update``
+   installs nothing new and says which version waits and how to end it (``edgekit station promote|reject``).
+   Which guarantee comes from where: the uncommitted-until-told split is Mender's (an update is final only at
+   ArtifactCommit) and RAUC's (mark-good / mark-bad of a slot); neither gates on model quality (Mender's phased
+   rollout stops on install failures only), and Uptane and TUF say nothing about canaries: the live-image gate
+   itself is edgekit's (``edgekit.station.canary``).
 
 Refusals before step 4 leave the install root as it was (only ROOT/tuf, TUF's own trusted state and the time
 floor, may advance) and the current version serving.
@@ -182,6 +193,17 @@ def update(repo_url: str, root: str | os.PathLike, trust: str | os.PathLike, bac
             dev.pin(None)
         if pin:
             dev.pin(pin)
+        held = dev.read().held
+        if held is not None:
+            # one trial at a time: a version on canary hold is judged by the station (or the operator) before any
+            # other is fetched, so a verdict is never about a version that has since been replaced
+            cur = installed(root)
+            return {"task": task or (cur["task"] if cur else None), "action": "none",
+                    "version": cur["version"] if cur else None, "trial": held["version"],
+                    "previous": cur["version"] if cur else None, "recovered": recovered,
+                    "reason": f"{held['version']} is on canary hold since {held.get('held', '?')} (a station decides "
+                              f"on live images); nothing new is installed until it is promoted or rejected: edgekit "
+                              f"station promote|reject {root}"}
         recorded = read_device_backbone(root)
         identity = identity or (recorded if backbone_from_repo is None else None)
         if identity is None and backbone_from_repo is None:
@@ -442,6 +464,18 @@ def _try_version(file: str, dev, identity, current: Optional[dict], health: bool
                 dev.fail(version, reason)
                 raise EdgekitError(f"health check of {version} failed ({h['reason']}); {version} is blocked on this "
                                    f"device; {_serving(current)}")
+        if now.canary is not None and not record_backbone:
+            # the root's canary policy: the trial stays a trial (ROOT/current unchanged) until a station has run it
+            # in shadow on live images beside the serving adapter, on the same backbone features; a new backbone
+            # cannot be shadowed that way, so an adapter that comes with one is committed on its health check alone
+            state = dev.hold_for_canary(version, h)
+            n, a = now.canary["images"], now.canary["min_agreement"]
+            return {"action": "trial", "version": version, "path": str(dev.folder(state.trial)), "health": h,
+                    "canary": now.canary,
+                    "reason": f"{version} is on canary hold: {_serving(now.current)}; a station running on "
+                              f"{dev.path} promotes it after {n} live images if it agrees with the serving adapter "
+                              f"on at least {a:.0%} of them (edgekit station promote|reject {dev.path} decides by "
+                              f"hand)"}
         if record_backbone:  # the new backbone and the adapter that passed its check on it, in one locked step
             from edgekit.fleet.backbone import record_device_backbone
 
