@@ -8,6 +8,16 @@ product is off by at most (1 + u)^2 - 1 = 2^-7 + 2^-16 of |z w|, the sum by at m
 and ReLU (1-Lipschitz) and the residual add do not grow it; plus the fp32 tolerance every other kernel gets (1e-4 of the layer's largest value) for the
 accumulation order and the chain.  And the module must be far closer to the same arithmetic done in float64 with
 bf16-rounded z and weights than to fp32 (the 1x1 really ran in bf16, with every pair of K where it belongs).
+
+The chain before it runs in fp16 in this library (AVX512-FP16), so each z the 1x1 rounds is itself off by up to E_z,
+a bound propagated element by element through the chain beside PyTorch's values (``fp16_chain_z``): u = 2^-11
+(fp16's unit roundoff) for every input rounded to fp16; a depthwise stage adds (1 + u)^2 sum |w| E_in of its input's
+error, and 7u (sum |w| (|a| + E_in) + |b|) for the fp16 weights, bias and the five roundings a term passes through
+(three chains of FMAs, two adds: gamma_5 (1 + u) + u < 7u); ReLU and sigma' <= 1/4 do not grow it, the kernel's fp16
+sigmoid adds SIG16 (its max |error| over every finite fp16 input >= 0 is 1.51 x 2^-11, checked exhaustively, so 2^-10);
+a guidance or enhancement FMA g v + v adds (1 + g + E_g) E_v + (|v| + E_v) E_g and its own rounding.  The 1x1's
+bound then becomes sum_k |w_k| ((2^-7 + 2^-16) |z_k| + (1 + 2^-8)^2 E_z,k): with z_k + e rounded to bf16 and w_k
+rounded, w_k z_k is off by |w_k| ((2u_b + u_b^2) |z_k| + (1 + u_b)^2 |e|), u_b = 2^-8.
 """
 from __future__ import annotations
 
@@ -58,9 +68,92 @@ def bf16(a: np.ndarray) -> np.ndarray:
     return b.astype(np.uint32).view(np.float32)
 
 
+U16 = 2.0 ** -11   # fp16's unit roundoff (round to nearest even)
+SIG16 = 2.0 ** -10  # the kernel's fp16 sigmoid: max |error| 1.51 x 2^-11 over every finite fp16 input >= 0
+
+
+def fp16_chain_z(arrays, x: np.ndarray):
+    """(z, E_z) of a GMBI module's chain on input ``x``, in float64 from its folded depthwise arrays: PyTorch's
+    chain (split, dilated depthwise + ReLU, forward guidance, backward enhancement, concat) and, beside it, the
+    element-wise bound E_z on how far the kernel's fp16 chain can be from it (the module docstring derives it)."""
+    import torch.nn.functional as F
+
+    u = U16
+    X = torch.from_numpy(np.ascontiguousarray(x)).double()
+    C = X.shape[1]
+    G = C // 4
+    w = torch.from_numpy(arrays["dw_w"]).double().reshape(C, 1, 3, 3)
+    b = torch.from_numpy(arrays["dw_b"]).double()
+
+    def dw(a, i, absolute=False):
+        wi, bi = w[i * G:(i + 1) * G], b[i * G:(i + 1) * G]
+        if absolute:
+            return F.conv2d(a, wi.abs(), None, padding=i + 1, dilation=i + 1, groups=G)
+        return F.conv2d(a, wi, bi, padding=i + 1, dilation=i + 1, groups=G)
+
+    def fma_bound(g, eg, v, ev):  # |fl16(g^ v^ + v^) - (g v + v)|, g in [0, 1]
+        return (1 + g + eg) * ev + (v.abs() + ev) * eg + u * (1 + g + eg) * (v.abs() + ev)
+
+    xs = X.split(G, dim=1)
+    ys, eys, gs, egs = [], [], [], []
+    a, ea = xs[0], u * xs[0].abs()
+    for i in range(4):
+        if i > 0:
+            xi = xs[i]
+            a, ea = gs[-1] * xi + xi, fma_bound(gs[-1], egs[-1], xi, u * xi.abs())
+        y = dw(a, i).clamp_min(0)
+        bias = b[i * G:(i + 1) * G].abs().view(1, -1, 1, 1)
+        ey = (1 + u) ** 2 * dw(ea, i, True) + 7 * u * (dw(a.abs() + ea, i, True) + bias)
+        g = torch.sigmoid(y)
+        ys.append(y), eys.append(ey), gs.append(g), egs.append(ey / 4 + SIG16)
+    zs = [gs[i + 1] * ys[i] + ys[i] for i in range(3)] + [ys[3]]
+    ezs = [fma_bound(gs[i + 1], egs[i + 1], ys[i], eys[i]) for i in range(3)] + [eys[3]]
+    return torch.cat(zs, 1).numpy(), torch.cat(ezs, 1).numpy()
+
+
+def f16(v) -> np.ndarray:
+    """-> the nearest fp16 (ties to even), as float64 (an FMA's exact float64 result rounds once)."""
+    return np.asarray(v, dtype=np.float64).astype(np.float16).astype(np.float64)
+
+
+def fp16_chain_emulated(arrays, x: np.ndarray) -> np.ndarray:
+    """z of a GMBI module's chain done as the kernel does it in fp16, op by op and in its order (each FMA rounded
+    once, the three tap rows summed apart then added), but for the sigmoid, taken exact and rounded to fp16 (the
+    kernel's is within 1.51 x 2^-11 of that).  Returns z as float64."""
+    x = f16(x)
+    C, H, W = x.shape[1:]
+    G = C // 4
+    w, b = f16(arrays["dw_w"]), f16(arrays["dw_b"])
+
+    def dw(a, i):  # a: N x G x H x W fp16 values
+        d = i + 1
+        pad = np.pad(a, ((0, 0), (0, 0), (d, d), (d, d)))
+        tap = lambda ky, kx: pad[:, :, ky * d:ky * d + H, kx * d:kx * d + W]  # noqa: E731
+        wt = lambda k: w[i * G:(i + 1) * G, k].reshape(1, G, 1, 1)  # noqa: E731
+        rows = []
+        for ky in range(3):
+            acc = f16(wt(3 * ky) * tap(ky, 0) + (b[i * G:(i + 1) * G].reshape(1, G, 1, 1) if ky == 0 else 0.0))
+            acc = f16(wt(3 * ky + 1) * tap(ky, 1) + acc)
+            rows.append(f16(wt(3 * ky + 2) * tap(ky, 2) + acc))
+        return np.maximum(f16(f16(rows[0] + rows[1]) + rows[2]), 0.0)
+
+    xs = [x[:, i * G:(i + 1) * G] for i in range(4)]
+    ys, gs = [], []
+    a = xs[0]
+    for i in range(4):
+        if i > 0:
+            a = f16(gs[-1] * xs[i] + xs[i])
+        ys.append(dw(a, i))
+        gs.append(f16(1.0 / (1.0 + np.exp(-ys[-1]))))
+    zs = [f16(gs[i + 1] * ys[i] + ys[i]) for i in range(3)] + [ys[3]]
+    return np.concatenate(zs, axis=1)
+
+
 def gmbi_refs(model, net, layer: str, x: np.ndarray):
-    """(fp32 PyTorch output, the same module with bf16-rounded z and weights in float64, the element-wise bf16
-    bound (2^-7 + 2^-16) sum_k |z_k| |w_k|) of GMBI module ``layer`` on input ``x``."""
+    """(fp32 PyTorch output, the same module with the fp16 chain emulated and bf16-rounded z and weights in
+    float64, the element-wise bound
+    of the fp16 chain + bf16 1x1: sum_k |w_k| ((2^-7 + 2^-16) |z_k| + (1 + 2^-8)^2 E_z,k)) of GMBI module ``layer``
+    on input ``x``."""
     s, i = layer[4:].split("_")
     blk = getattr(model, f"encoder{s}")[int(i)]
     z = {}
@@ -70,9 +163,12 @@ def gmbi_refs(model, net, layer: str, x: np.ndarray):
     h.remove()
     a = net.layers[layer].arrays
     w, b = a["pw_wt"].astype(np.float64), a["pw_b"].astype(np.float64)[None, :, None, None]
-    out = np.einsum("nkhw,kc->nchw", bf16(z["z"]).astype(np.float64), bf16(a["pw_wt"]).astype(np.float64)) + b
+    z16 = fp16_chain_emulated(a, x).astype(np.float32)  # the kernel's chain in fp16, then its bf16 1x1
+    out = np.einsum("nkhw,kc->nchw", bf16(z16).astype(np.float64), bf16(a["pw_wt"]).astype(np.float64)) + b
     ref_bf = np.maximum(out, 0) + x
-    bound = (2.0 ** -7 + 2.0 ** -16) * np.einsum("nkhw,kc->nchw", np.abs(z["z"]).astype(np.float64), np.abs(w))
+    z64, ez = fp16_chain_z(a, x)
+    assert np.abs(z64 - z["z"]).max() <= 1e-4 * max(1.0, float(np.abs(z64).max()))  # the float64 chain is PyTorch's
+    bound = np.einsum("nkhw,kc->nchw", (2.0 ** -7 + 2.0 ** -16) * np.abs(z64) + (1 + 2.0 ** -8) ** 2 * ez, np.abs(w))
     return ref32, ref_bf, bound
 
 
@@ -110,8 +206,8 @@ def check_gmbi_in_bf16(fn, model, x: np.ndarray, mode: str) -> int:
         fp32_tol = 1e-4 * max(1.0, float(np.abs(ref32).max()))
         excess = np.abs(got - ref32) - (bound + fp32_tol)
         assert excess.max() <= 0, (ln.layer, float(excess.max()))
-        # bf16 arithmetic, not fp32 with noise: the kernel sits much closer to the bf16 emulation than the bf16
-        # emulation sits to fp32 (a pair of K multiplied by the wrong weights would put it far from both)
+        # fp16 chain + bf16 1x1, not fp32 with noise: the kernel sits much closer to that arithmetic emulated than
+        # the emulation sits to fp32 (a pair of K multiplied by the wrong weights would put it far from both)
         d_bf, d_32 = float(np.abs(got - ref_bf).mean()), float(np.abs(ref_bf - ref32).mean())
         assert d_32 > 0 and d_bf <= 0.25 * d_32, (ln.layer, d_bf, d_32)
         checked += 1
@@ -175,12 +271,14 @@ def test_the_bf16_level_is_never_chosen_or_built_by_default():
     """avx512amx changes the arithmetic: an fp32 artifact never gets it unless it is the one level asked for."""
     from edgekit.errors import EdgekitError
 
-    everything = {f: True for f in ("AVX2", "FMA3", "AVX512F", "AVX512_SKX", "AMX_TILE", "AMX_BF16")}
+    everything = {f: True for f in ("AVX2", "FMA3", "AVX512F", "AVX512_SKX", "AVX512FP16", "AMX_TILE", "AMX_BF16")}
     assert ISA in cpu_fused.OPT_IN_ISAS and ISA not in cpu_fused.DEFAULT_ISAS
     assert cpu_fused.choose_isa(["avx512", "avx2", ISA], features=everything) == "avx512"
     assert cpu_fused.choose_isa([ISA], features=everything) == ISA
     with pytest.raises(EdgekitError, match="cannot run"):
         cpu_fused.choose_isa([ISA], features={**everything, "AMX_BF16": False})
+    with pytest.raises(EdgekitError, match="cannot run"):  # its GMBI chain runs in fp16 (AVX512-FP16)
+        cpu_fused.choose_isa([ISA], features={**everything, "AVX512FP16": False})
 
 
 def test_compile_precision_bf16_builds_the_amx_library_alone_within_the_bf16_budget(library, published_ckpt, sd900,

@@ -33,6 +33,9 @@
 #define VW 16
 #define EK_ISA "avx512amx"
 #define EK_AMX 1
+#ifdef __AVX512FP16__
+#define EK_FP16 1  // the GMBI chain in fp16 (see "The GMBI depthwise chain in fp16")
+#endif
 #include <sys/syscall.h>
 #include <unistd.h>
 #elif defined(__AVX512F__)
@@ -785,6 +788,134 @@ static void gemm_amx(const GemmB& g, Scratch& s) {
 }
 #endif
 
+#ifdef EK_FP16
+// ---------------------------------------------------------------------------------------------
+// The GMBI depthwise chain in fp16 (AVX512-FP16: 32 lanes per zmm, twice the fp32 FMA rate, half the bytes), in
+// the avx512amx library only, where the chain's z end as bf16 anyway: the lane's row buffers (x and the guided
+// inputs u1..u3) and its z0..z2 rows are fp16, each stage's depthwise 3x3, bias, ReLU, sigmoid and the
+// guidance / enhancement FMAs run in fp16, and stage 4 widens the four z to fp32 only to round them to the bf16
+// pairs of the AMX panel.  fp16 keeps 11 significant bits (the bf16 z keep 8) and reaches 65504 (the published
+// model's chain values stay below 30).  Every row runs as whole vectors of 32; the last one through masks, so
+// nothing past W is read from x or written anywhere (the padded rows keep their zero columns).
+typedef __m512h vh;
+constexpr int HVW = 32;   // halves per vector
+constexpr int PADH = 32;  // zero halves left of a row (>= the largest dilation; keeps rows 64-byte aligned)
+// a padded fp16 row: PADH zeros, W values, zeros up to a whole vector past the last one (the taps of the last
+// vector read up to 4 past it)
+static inline int hstride(int W) { return PADH + ((W + HVW - 1) / HVW) * HVW + HVW; }
+static inline __mmask32 hmask(int n) { return n >= HVW ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << n) - 1u); }
+static inline vh hload(const _Float16* p) { return _mm512_loadu_ph(p); }
+static inline vh hload_m(const _Float16* p, __mmask32 m) { return _mm512_castsi512_ph(_mm512_maskz_loadu_epi16(m, p)); }
+static inline void hstore_m(_Float16* p, vh v, __mmask32 m) { _mm512_mask_storeu_epi16(p, m, _mm512_castph_si512(v)); }
+static inline vh hset1(float x) { return _mm512_set1_ph((_Float16)x); }
+// 32 floats (the lanes of m) -> 32 halves, round to nearest even
+static inline vh h_from_f(const float* p, __mmask32 m) {
+  const __m256h lo = _mm512_cvtxps_ph(_mm512_maskz_loadu_ps((__mmask16)m, p));
+  const __m256h hi = _mm512_cvtxps_ph(_mm512_maskz_loadu_ps((__mmask16)(m >> 16), p + 16));
+  return _mm512_castsi512_ph(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_castph_si256(lo)), _mm256_castph_si256(hi), 1));
+}
+// the low / high 16 halves of v, widened (exactly) to fp32
+static inline vf f_lo(vh v) { return (vf)_mm512_cvtxph_ps(_mm512_castph512_ph256(v)); }
+static inline vf f_hi(vh v) {
+  return (vf)_mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_extracti64x4_epi64(_mm512_castph_si512(v), 1)));
+}
+
+// sigmoid(y), y >= 0, in fp16: e^-y = 2^t, t = -y log2(e), as scalef(2^f, round(t)), f in [-0.5, 0.5] (degree-4
+// polynomial, 4e-5 relative, below fp16's 2^-11), then vrcpph.  y is clamped at 16 (sigmoid(16) rounds to 1 in
+// fp16, and t stays far from fp16's overflow).  Max |error| over every finite fp16 y >= 0: 1.51 x 2^-11 (checked
+// exhaustively against float64; tests/test_cpu_fused_amx.py's bound takes 2^-10).
+static inline vh hsigmoid_pos(vh y) {
+  y = _mm512_min_ph(y, hset1(16.0f));
+  const vh t = _mm512_mul_ph(y, hset1(-1.44269504f));
+  const vh n = _mm512_roundscale_ph(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vh f = _mm512_sub_ph(t, n);
+  vh p = hset1(9.618129e-3f);
+  p = _mm512_fmadd_ph(p, f, hset1(5.550411e-2f));
+  p = _mm512_fmadd_ph(p, f, hset1(2.402265e-1f));
+  p = _mm512_fmadd_ph(p, f, hset1(6.931472e-1f));
+  p = _mm512_fmadd_ph(p, f, hset1(1.0f));
+  const vh e = _mm512_scalef_ph(p, n);
+  return _mm512_rcp_ph(_mm512_add_ph(e, hset1(1.0f)));
+}
+
+// one channel's depthwise 3x3 (dilation d, + bias, ReLU) in fp16 at columns x..x+31 of three padded fp16 rows;
+// the three tap rows accumulate apart (three chains of FMAs instead of one of nine)
+struct Dw3x3h {
+  vh w[9], vb;
+  Dw3x3h(const float* w_, float bias) {
+    for (int k = 0; k < 9; ++k) w[k] = hset1(w_[k]);
+    vb = hset1(bias);
+  }
+  vh operator()(const _Float16* a, const _Float16* b, const _Float16* c, int x, int d) const {
+    vh s0 = _mm512_fmadd_ph(w[0], hload(a + x - d), vb);
+    vh s1 = _mm512_mul_ph(w[3], hload(b + x - d));
+    vh s2 = _mm512_mul_ph(w[6], hload(c + x - d));
+    s0 = _mm512_fmadd_ph(w[1], hload(a + x), s0);
+    s1 = _mm512_fmadd_ph(w[4], hload(b + x), s1);
+    s2 = _mm512_fmadd_ph(w[7], hload(c + x), s2);
+    s0 = _mm512_fmadd_ph(w[2], hload(a + x + d), s0);
+    s1 = _mm512_fmadd_ph(w[5], hload(b + x + d), s1);
+    s2 = _mm512_fmadd_ph(w[8], hload(c + x + d), s2);
+    return _mm512_max_ph(_mm512_add_ph(_mm512_add_ph(s0, s1), s2), _mm512_setzero_ph());
+  }
+};
+
+// one row of stage 1-3 of a lane in fp16 (dw_stage_row's U, Y, Z, with U always): u = s xn + xn (xn: the next
+// group's input row, fp32), y stored, zp = s zp + zp
+template <bool Y, bool Z>
+static inline void dw_stage_row_h(_Float16* y, _Float16* u, _Float16* zp, const _Float16* a, const _Float16* b,
+                                  const _Float16* c, const Dw3x3h& dw, const float* xn, int W, int d) {
+  for (int x = 0; x < W; x += HVW) {
+    const __mmask32 m = hmask(W - x);
+    const vh s = dw(a, b, c, x, d);
+    if (Y) hstore_m(y + x, s, m);
+    const vh g = hsigmoid_pos(s);
+    const vh xv = h_from_f(xn + x, m);
+    hstore_m(u + x, _mm512_fmadd_ph(g, xv, xv), m);
+    if (Z) { const vh zv = hload_m(zp + x, m); hstore_m(zp + x, _mm512_fmadd_ph(g, zv, zv), m); }
+  }
+}
+
+// stage 4 of a lane in fp16: y3 = ReLU(dw) (= z3), z2 = sig(y3) y2 + y2, and the four z widened to fp32 and
+// rounded to the two bf16-pair words per pixel of the AMX panel, p01 = (z0, z1), p23 = (z2, z3)
+static inline void dw_stage4_bf16_row_h(uint32_t* p01, uint32_t* p23, const _Float16* z0, const _Float16* z1,
+                                        const _Float16* y2, const _Float16* a, const _Float16* b, const _Float16* c,
+                                        const Dw3x3h& dw, int W) {
+  for (int x = 0; x < W; x += HVW) {
+    const __mmask32 m = hmask(W - x);
+    const vh s = dw(a, b, c, x, 4);
+    const vh yv = hload_m(y2 + x, m);
+    const vh z2 = _mm512_fmadd_ph(hsigmoid_pos(s), yv, yv);
+    const vh v0 = hload_m(z0 + x, m), v1 = hload_m(z1 + x, m);
+    const vu w01a = bf16_pair(f_lo(v0), f_lo(v1)), w23a = bf16_pair(f_lo(z2), f_lo(s));
+    _mm512_mask_storeu_epi32(p01 + x, (__mmask16)m, (__m512i)w01a);
+    _mm512_mask_storeu_epi32(p23 + x, (__mmask16)m, (__m512i)w23a);
+    if (W - x > 16) {
+      const vu w01b = bf16_pair(f_hi(v0), f_hi(v1)), w23b = bf16_pair(f_hi(z2), f_hi(s));
+      _mm512_mask_storeu_epi32(p01 + x + 16, (__mmask16)(m >> 16), (__m512i)w01b);
+      _mm512_mask_storeu_epi32(p23 + x + 16, (__mmask16)(m >> 16), (__m512i)w23b);
+    }
+  }
+}
+
+struct RowBufH {
+  _Float16* base; int stride; int row0; const _Float16* zero;
+  _Float16* row(int r) { return base + (long)(r - row0) * stride + PADH; }
+  const _Float16* tap(int r, int H) const {
+    return (r < 0 || r >= H) ? zero + PADH : base + (long)(r - row0) * stride + PADH;
+  }
+};
+static RowBufH rowbuf_h(Scratch& s, int slot, int row0, int nrows, int W, const _Float16* zero) {
+  const int st = hstride(W);
+  _Float16* b = reinterpret_cast<_Float16*>(s.get(slot, ((size_t)st * std::max(nrows, 1) + 1) / 2));
+  for (int r = 0; r < nrows; ++r) {  // zero the pad columns (the row itself is always written, through masks)
+    std::memset(b + (long)r * st, 0, PADH * sizeof(_Float16));
+    std::memset(b + (long)r * st + PADH + W, 0, (st - PADH - W) * sizeof(_Float16));
+  }
+  return RowBufH{b, st, row0, zero};
+}
+#endif  // EK_FP16
+
 struct GmbiArgs {
   const float *x, *dw_w, *dw_b, *pw_wt, *pw_b; float* out;
   int N, C, H, W, band;
@@ -868,6 +999,65 @@ static void gmbi_chain_lane(const GmbiArgs& a, const float* x, int c, int r0, in
   }
 }
 
+#ifdef EK_FP16
+// gmbi_chain_lane's AMX path with the chain in fp16 (see "The GMBI depthwise chain in fp16"): the same regions and
+// halos, the row buffers fp16, the lane's z0..z2 in zh (3 rows of LD halves), and stage 4 writing the lane's two
+// bf16-pair words to zq[c * LD + ...] and zq[(G + c) * LD + ...].
+static void gmbi_chain_lane_h(const GmbiArgs& a, const float* x, int c, int r0, int r1, _Float16* zh, long LD,
+                              Scratch& s, uint32_t* zq) {
+  const int H = a.H, W = a.W, G = a.C / 4;
+  const long HW = (long)H * W;
+  const int st = hstride(W);
+  _Float16* zero = reinterpret_cast<_Float16*>(s.get(14, (size_t)st / 2 + 1));
+  std::memset(zero, 0, st * sizeof(_Float16));
+  auto lo = [&](int h) { return std::max(0, r0 - h); };
+  auto hi = [&](int h) { return std::min(H, r1 + h); };
+  const int x0a = lo(HALO_R1 + 1), x0b = hi(HALO_R1 + 1);
+  const int a1 = lo(HALO_R1), b1 = hi(HALO_R1), a2 = lo(HALO_R2), b2 = hi(HALO_R2), a3 = lo(HALO_R3), b3 = hi(HALO_R3);
+  RowBufH X0 = rowbuf_h(s, 2, x0a, x0b - x0a, W, zero);
+  RowBufH U1 = rowbuf_h(s, 3, a1, b1 - a1, W, zero);
+  RowBufH U2 = rowbuf_h(s, 4, a2, b2 - a2, W, zero);
+  RowBufH U3 = rowbuf_h(s, 5, a3, b3 - a3, W, zero);
+  const float* xc[4];
+  for (int i = 0; i < 4; ++i) xc[i] = x + (long)(i * G + c) * HW;
+  _Float16* zc[3] = {zh, zh + LD, zh + 2 * LD};
+  const Dw3x3h dw[4] = {Dw3x3h(a.dw_w + c * 9, a.dw_b[c]), Dw3x3h(a.dw_w + (G + c) * 9, a.dw_b[G + c]),
+                        Dw3x3h(a.dw_w + (2 * G + c) * 9, a.dw_b[2 * G + c]),
+                        Dw3x3h(a.dw_w + (3 * G + c) * 9, a.dw_b[3 * G + c])};
+  for (int r = x0a; r < x0b; ++r) {
+    _Float16* row = X0.row(r);
+    const float* xr = xc[0] + (long)r * W;
+    for (int j = 0; j < W; j += HVW) {
+      const __mmask32 m = hmask(W - j);
+      hstore_m(row + j, h_from_f(xr + j, m), m);
+    }
+  }
+  const int ra[3] = {a1, a2, a3}, rb[3] = {b1, b2, b3};
+  const RowBufH* src[3] = {&X0, &U1, &U2};
+  RowBufH* dst[3] = {&U1, &U2, &U3};
+  for (int k = 0; k < 3; ++k) {  // y_k, u_(k+1) = sig(y_k) x_(k+1) + x_(k+1); on band rows z_(k-1) too
+    const int d = k + 1;
+    for (int r = ra[k]; r < rb[k]; ++r) {
+      const _Float16 *ta = src[k]->tap(r - d, H), *tb = src[k]->tap(r, H), *tc = src[k]->tap(r + d, H);
+      const float* xn = xc[k + 1] + (long)r * W;
+      _Float16* u = dst[k]->row(r);
+      const long o = (long)(r - r0) * W;
+      if (r < r0 || r >= r1)
+        dw_stage_row_h<false, false>(nullptr, u, nullptr, ta, tb, tc, dw[k], xn, W, d);
+      else if (k == 0)
+        dw_stage_row_h<true, false>(zc[0] + o, u, nullptr, ta, tb, tc, dw[0], xn, W, d);
+      else
+        dw_stage_row_h<true, true>(zc[k] + o, u, zc[k - 1] + o, ta, tb, tc, dw[k], xn, W, d);
+    }
+  }
+  for (int r = r0; r < r1; ++r) {
+    const long o = (long)(r - r0) * W;
+    dw_stage4_bf16_row_h(zq + (long)c * LD + o, zq + (long)(G + c) * LD + o, zc[0] + o, zc[1] + o, zc[2] + o,
+                         U3.tap(r - 4, H), U3.tap(r, H), U3.tap(r + 4, H), dw[3], W);
+  }
+}
+#endif
+
 // Banded mode: a task = (image, band of rows); the chain of every lane for the band (with its halo), then the
 // 1x1 on the band's panel in this thread's scratch (L2-sized).
 static void gmbi_task(const void* vctx, int task, Scratch& s) {
@@ -896,7 +1086,11 @@ static void gmbi_task(const void* vctx, int task, Scratch& s) {
     if (Kp > 2 * G) std::memset(zw + (long)2 * G * LD, 0, (size_t)(Kp - 2 * G) * LD * sizeof(uint32_t));
     float* zf = s.get(0, (size_t)4 * LD + VW);
 #ifndef EK_PROFILE_NO_CHAIN
+#ifdef EK_FP16
+    for (int c = 0; c < G; ++c) gmbi_chain_lane_h(a, x, c, r0, r1, reinterpret_cast<_Float16*>(zf), LD, s, zw);
+#else
     for (int c = 0; c < G; ++c) gmbi_chain_lane(a, x, c, r0, r1, zf, LD, s, zw);
+#endif
 #endif
     GemmB g{zw, LD, a.wa, a.pw_b, Kp, C, P, out + (long)r0 * W, HW, x + (long)r0 * W, HW};
 #ifndef EK_PROFILE_NO_GEMM
@@ -926,7 +1120,11 @@ static void gmbi_lane_task(const void* vctx, int task, Scratch& s) {
   if (a.wa) {
     uint32_t* zw = reinterpret_cast<uint32_t*>(a.z) + (long)img * amx_pairs(a.C) * a.zld;
     float* zf = s.get(0, (size_t)4 * a.zld + VW);
+#ifdef EK_FP16
+    gmbi_chain_lane_h(a, a.x + (long)img * a.C * HW, c, 0, a.H, reinterpret_cast<_Float16*>(zf), a.zld, s, zw);
+#else
     gmbi_chain_lane(a, a.x + (long)img * a.C * HW, c, 0, a.H, zf, a.zld, s, zw);
+#endif
     return;
   }
 #endif

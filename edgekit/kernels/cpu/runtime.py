@@ -29,7 +29,9 @@ ISA_LEVELS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
     "avx512": (_AVX512_FLAGS, ("AVX512F", "AVX512_SKX")),
     "avx2": (("-mavx2", "-mfma"), ("AVX2", "FMA3")),
     # the avx512 kernels with the GMBI modules' 1x1 in bf16 on AMX tiles (fp32 accumulation; kernels/README.md)
-    "avx512amx": ((*_AVX512_FLAGS, "-mamx-tile", "-mamx-bf16"), ("AVX512F", "AVX512_SKX", "AMX_TILE", "AMX_BF16")),
+    # and the GMBI depthwise chain in fp16 (AVX512-FP16; every AMX CPU so far has it)
+    "avx512amx": ((*_AVX512_FLAGS, "-mamx-tile", "-mamx-bf16", "-mavx512fp16"),
+                  ("AVX512F", "AVX512_SKX", "AVX512FP16", "AMX_TILE", "AMX_BF16")),
 }
 # Levels that change the arithmetic (bf16 products): never chosen by default, and built only into a cpu-fused
 # artifact of precision bf16 (compile --precision bf16), so an fp32 artifact's parity budget and the fp32 kernel
