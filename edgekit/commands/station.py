@@ -136,8 +136,6 @@ def run_cmd(root, watch, http, segment, config_path, db, canary, min_agreement, 
     except EdgekitError:
         models.close()
         raise
-    if policy is not None:
-        InstallRoot(root_path).set_canary_policy(policy)
     station_id = station_id or os.uname().nodename
     stop = threading.Event()  # set by SIGTERM / SIGINT: from here on a signal is a clean stop, never a kill
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -168,6 +166,8 @@ def run_cmd(root, watch, http, segment, config_path, db, canary, min_agreement, 
 
             http_input = HttpInput(f"{http_addr[0]}:{http_addr[1]}", station.submit, station.status).start()
             opened["http"] = http_input.stop
+        if policy is not None:  # recorded once every refusal (a config, a port in use) is behind us
+            InstallRoot(root_path).set_canary_policy(policy)
         station.start()
         opened["station"] = station.stop
         if station.publisher is not None:
