@@ -138,8 +138,7 @@ def run_cmd(root, watch, http, segment, config_path, db, canary, min_agreement, 
         raise
     station_id = station_id or os.uname().nodename
     stop = threading.Event()  # set by SIGTERM / SIGINT: from here on a signal is a clean stop, never a kill
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     opened = {}  # what to close, in this order: inputs, then the worker (it finishes the queue), then the sinks
     order = ("watch", "http", "station", "mqtt", "metrics")
     station = None
@@ -195,6 +194,8 @@ def run_cmd(root, watch, http, segment, config_path, db, canary, min_agreement, 
             except Exception:  # noqa: BLE001 - closing must not hide the reason we stop
                 pass
         models.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if station.failure is not None:
         raise EdgekitError(f"the station stopped: {station.failure}")
     c = station.status()["counts"]
