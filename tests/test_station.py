@@ -193,6 +193,12 @@ def test_bad_input_is_one_error_line_and_nothing_written(device, root, tmp_path)
         r = cli("station", *args)
         one_error_line(r, phrase)
         assert r.exit_code == 2 and r.stdout == ""
+    with socket.socket() as taken:  # a port in use: refused after the models load, before anything is written
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        r = cli("station", root, "--http", f"127.0.0.1:{taken.getsockname()[1]}", "--canary", 5,
+                "--backbone-artifact", device["art"])
+        one_error_line(r, "cannot listen on 127.0.0.1")
     one_error_line(cli("station", "status", tmp_path / "missing"), "does not exist")
     one_error_line(cli("station", "promote", root), "nothing to decide")
     one_error_line(cli("station", "reject", root), "nothing to decide")

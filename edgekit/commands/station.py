@@ -136,12 +136,9 @@ def run_cmd(root, watch, http, segment, config_path, db, canary, min_agreement, 
     except EdgekitError:
         models.close()
         raise
-    if policy is not None:
-        InstallRoot(root_path).set_canary_policy(policy)
     station_id = station_id or os.uname().nodename
     stop = threading.Event()  # set by SIGTERM / SIGINT: from here on a signal is a clean stop, never a kill
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     opened = {}  # what to close, in this order: inputs, then the worker (it finishes the queue), then the sinks
     order = ("watch", "http", "station", "mqtt", "metrics")
     station = None
@@ -168,6 +165,8 @@ def run_cmd(root, watch, http, segment, config_path, db, canary, min_agreement, 
 
             http_input = HttpInput(f"{http_addr[0]}:{http_addr[1]}", station.submit, station.status).start()
             opened["http"] = http_input.stop
+        if policy is not None:  # recorded once every refusal (a config, a port in use) is behind us
+            InstallRoot(root_path).set_canary_policy(policy)
         station.start()
         opened["station"] = station.stop
         if station.publisher is not None:
@@ -195,6 +194,8 @@ def run_cmd(root, watch, http, segment, config_path, db, canary, min_agreement, 
             except Exception:  # noqa: BLE001 - closing must not hide the reason we stop
                 pass
         models.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if station.failure is not None:
         raise EdgekitError(f"the station stopped: {station.failure}")
     c = station.status()["counts"]

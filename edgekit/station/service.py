@@ -322,7 +322,7 @@ class Station:
         return {**self._base_result(job), "reasons": [error], "error": error}
 
     def _result(self, job: Job, image: np.ndarray, out: dict) -> dict:
-        from edgekit.station.decision import decide
+        from edgekit.station.decision import decide, scaled_ood
 
         r = self._base_result(job)
         c = out["classification"]
@@ -330,10 +330,7 @@ class Station:
         t = out["trial"]
         if t is not None:
             r["trial"] = {"version": self.models.trial.version, "class": t["class"], "prob": round(float(t["prob"]), 6)}
-        ood = out["ood"]
-        if ood is not None and self.config.drift_enabled:
-            threshold = float(ood["threshold"]) * float(self.config.drift_threshold_scale)
-            r["ood"] = {"score": ood["score"], "threshold": threshold, "flagged": bool(ood["score"] > threshold)}
+        r["ood"] = scaled_ood(out["ood"], self.config)  # [drift] threshold_scale, applied once, recorded as decided
         if out["segment_probs"] is not None:
             r["segment"] = self._segment(out["segment_probs"])
         decision, reasons = decide(c, r["segment"], r["ood"], self.config)
