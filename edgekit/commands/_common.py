@@ -119,9 +119,13 @@ def resize_option(help: str | None = None):
         "fit, aspect ratio kept, padded); default: the model's own; recorded in the preprocessing spec."))
 
 
-def limit_option(dest: str = "limit", *aliases: str, help: str = "Use N images only, taken across all classes."):
+LIMIT_HELP = ("Use at most N images (quick runs): taken across all classes, and from each split where a command "
+              "uses train/val/test.")
+
+
+def limit_option(dest: str = "limit", *aliases: str):
     """``--limit N``, the one spelling of "fewer images" on every command (older spellings stay as aliases)."""
-    return click.option("--limit", *aliases, dest, type=click.IntRange(1), default=None, help=help)
+    return click.option("--limit", *aliases, dest, type=click.IntRange(1), default=None, help=LIMIT_HELP)
 
 
 def out_option(kind: str, help: str, required: bool = True, dest: str = "out"):

@@ -43,8 +43,7 @@ REQUIRES = ("torch", "torch_pruning")  # the prune extra brings both
                    "multiple every registered backend compiles (cuda-fused: 4; cpu-fused takes any), said on stderr "
                    "and recorded in the provenance.")
 @threads_option()
-@limit_option("limit_images", "--limit-images", help="At most N images per split (smoke tests); --limit-images is "
-              "the older spelling.")
+@limit_option("limit_images", "--limit-images")
 @click.option("--work", "work_dir", default=None, type=click.Path(file_okay=False),
               help="Keep the fine-tuning run (last.pt, best.pt, report.json) here; default: a temporary folder.")
 @out_option("file", "Pruned checkpoint to write.")

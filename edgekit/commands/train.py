@@ -21,8 +21,7 @@ from edgekit.errors import EdgekitError
               help="Fine-tune this checkpoint (its architecture and weights) instead of training from scratch.")
 @click.option("--seed", default=None, type=int, help="Override train.seed.")
 @click.option("--iterations", default=None, type=click.IntRange(1), help="Override train.iterations (smoke tests).")
-@limit_option("limit_images", "--limit-images", help="Use at most N images of each split, all classes kept (smoke "
-              "tests); --limit-images is the older spelling.")
+@limit_option("limit_images", "--limit-images")
 @click.option("--nproc", default=1, show_default=True, type=click.IntRange(1),
               help="Processes on this machine, started by torch.distributed.run (gloo on the CPU, NCCL on GPUs); "
                    "train.batch stays the global batch. Several machines: run under torchrun (README).")
