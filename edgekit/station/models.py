@@ -42,7 +42,11 @@ def _manifest_id(folder: Path) -> str:
 
 
 class StationModels:
-    """``run(images)`` -> one dict per image: {"classification", "trial", "features_ood", "segment_probs"}."""
+    """``run(images)`` -> one dict per image: {"classification", "trial", "ood", "segment_probs"};
+    ``prepare(images)``: the backbone's input tensor, which ``run(images, prepared)`` takes instead of computing it.
+
+    The backbone is loaded once, here, and never swapped (``refresh`` replaces adapters only): so a tensor
+    prepared before a swap is still the right input after it."""
 
     def __init__(self, root: str | os.PathLike, backbone_artifact: Optional[str | os.PathLike] = None,
                  segment: Optional[str | os.PathLike] = None, threads: Optional[int] = None, drift: bool = True):
@@ -177,14 +181,24 @@ class StationModels:
 
     # --- running -------------------------------------------------------------------------------------------------
 
-    def run(self, images: Sequence[np.ndarray]) -> List[dict]:
+    def prepare(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """The backbone's input tensor for ``images`` (``N x C x H x W`` float32): the part of ``run`` that
+        depends on the backbone only. The station computes it on its prepare thread for the next batch while the
+        worker runs this one, and possibly before a swap that happens between the two: that is safe because a
+        swap only ever replaces adapters (serving, trial); the backbone, and so its preprocessing, is loaded once
+        in ``__init__`` and never changes for the life of a StationModels."""
+        return self.backbone.preprocess(list(images))
+
+    def run(self, images: Sequence[np.ndarray], prepared: Optional[np.ndarray] = None) -> List[dict]:
         """One backbone pass for the batch, then every head on the same features. Per image: "classification"
         ({"class", "prob", "task"?} of the serving adapter), "trial" (the same for the trial, or None), "ood"
         ({"score", "threshold", "flagged"} or None) and "segment_probs" (the mask's probability map at the image's
-        size, or None)."""
+        size, or None). ``prepared``: ``prepare(images)`` computed earlier (None: computed here)."""
         if not images:
             return []
-        feats = np.asarray(self.backbone.pooled(self.backbone.preprocess(list(images))), dtype=np.float32)
+        if prepared is None:
+            prepared = self.prepare(images)
+        feats = np.asarray(self.backbone.pooled(prepared), dtype=np.float32)
         serving = self.serving.predict(feats)
         trial = self.trial.predict(feats) if self.trial is not None else [None] * len(images)
         ood = [None] * len(images)

@@ -1,16 +1,25 @@
-"""The station service: a bounded queue, ONE worker thread, batches, commit first, then the sinks.
+"""The station service: a bounded queue, a prepare thread, ONE worker thread, batches, commit first, then the sinks.
 
-Inputs call ``Station.submit(job)`` (False when the queue is full: HTTP answers 503, the watcher retries later). The
-worker takes up to ``batch`` jobs at a time and, for each batch:
+Inputs call ``Station.submit(job)`` (False when the queue is full: HTTP answers 503, the watcher retries later).
+Two threads form a pipeline, so decoding and preprocessing the next batch overlap the inference of this one:
+
+- the prepare thread takes up to ``batch`` jobs at a time in arrival order, decodes the images (one that cannot be
+  decoded is noted, to become a result with decision "ERROR", counted, never a crash) and computes the backbone's
+  input tensor (``models.prepare``), then hands the batch to the worker through a one-slot queue (so at most one
+  batch waits prepared; the rest wait in the input queue, where ``submit`` can still refuse);
+- the worker, for each batch, in the order they were prepared:
 
 1. between batches: ``models.refresh()`` (a committed version or a canary trial that changed is loaded beside the
-   running one and swapped in here, so every image runs entirely on one set of adapters), a pending canary verdict
-   is applied (``edgekit.station.canary.decide``: commit or fail through the install root's state machine);
-2. decodes the images (one that cannot be decoded is a result with decision "ERROR", counted, never a crash), runs
-   the models once for the batch, decides OK/NG (``edgekit.station.decision``), builds the result dicts;
+   running one and swapped in here, so every image runs entirely on one set of adapters; a swap never changes the
+   backbone, so a batch prepared before it is still the right input after it), a pending canary verdict is applied
+   (``edgekit.station.canary.decide``: commit or fail through the install root's state machine);
+2. runs the models once for the batch on the prepared tensor, decides OK/NG (``edgekit.station.decision``), builds
+   the result dicts (the decode failures' "ERROR" results too, with the versions of this moment);
 3. ``store.commit(results)``: one SQLite transaction; a result exists only once it is committed;
 4. then the sinks, in order: the HTTP reply, ``metrics.observe``, ``review.offer`` (flagged images), the MQTT
    publisher's ``wake`` (it drains the store's outbox on its own thread and connection), and the canary count.
+
+``stop()`` finishes every queued and prepared batch (each committed) before it returns.
 
 So a kill -9 at any moment loses nothing committed, and anything not committed is redone by the next start (the
 watch input skips keys the store has, ``ResultStore.seen``). The store is opened by the worker thread (SQLite: one
@@ -22,6 +31,7 @@ import os
 import queue
 import threading
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -32,6 +42,7 @@ from edgekit.errors import EdgekitError
 from edgekit.station.jobs import Job
 
 RECENT_ERRORS = 10
+_IDLE = object()  # the worker's "nothing prepared within 0.1 s"
 
 
 def iso(t: float) -> str:
@@ -47,6 +58,19 @@ def decode_image(job: Job) -> np.ndarray:
     if job.data is None:
         return read_gray(job.path)
     return decode_gray(job.data, f"upload {job.name!r}")
+
+
+@dataclass
+class PreparedBatch:
+    """A batch the prepare thread handed to the worker: ``jobs`` in arrival order; ``images`` the decoded ones
+    (of ``ok_jobs``); ``decode_errors`` {id(job): reason} for the others; ``tensor`` the backbone's input for
+    ``images`` (``StationModels.prepare``), or ``prepare_error`` what stopped it."""
+    jobs: List[Job]
+    images: list = field(default_factory=list)
+    ok_jobs: List[Job] = field(default_factory=list)
+    decode_errors: dict = field(default_factory=dict)
+    tensor: Optional[np.ndarray] = None
+    prepare_error: Optional[BaseException] = None
 
 
 def _first_line(e: BaseException) -> str:
@@ -73,6 +97,10 @@ class Station:
         self.store_options = dict(store_options or {})
         self.note = note or (lambda text: None)
         self.queue: "queue.Queue[Job]" = queue.Queue(maxsize=queue_size)
+        # prepare thread -> worker: one slot (a PreparedBatch, or None: the input is finished, stop)
+        self._handover: "queue.Queue[Optional[PreparedBatch]]" = queue.Queue(maxsize=1)
+        self._staged = 0  # images taken from self.queue by the prepare thread and not yet run (status()'s queue)
+        self._preparer: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._ready = threading.Event()
@@ -120,25 +148,46 @@ class Station:
         self._ready.wait(60)
         if self.failure is not None:
             raise EdgekitError(f"the station could not start: {_first_line(self.failure)}")
+        self._preparer = threading.Thread(target=self._prepare_loop, name="station-prepare", daemon=True)
+        self._preparer.start()
         return self
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Stop taking jobs, finish the queued ones (each committed), close the store; the sinks are the caller's
-        (they may still drain: the MQTT outbox)."""
+        """Stop taking jobs, finish the queued and prepared ones (each committed), close the store; the sinks are
+        the caller's (they may still drain: the MQTT outbox)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        for job in self._drain_unprocessed():
-            if job.reply is not None and not job.reply.done():
-                job.reply.set_exception(EdgekitError("the station stopped before this image was inspected"))
+        end = time.monotonic() + timeout
+        for t in (self._thread, self._preparer):  # the worker ends on the prepare thread's end marker
+            if t is not None:
+                t.join(max(0.0, end - time.monotonic()))
+        for job in self._drain_unprocessed():  # only after a failure or a timeout: nothing else is left
+            self._fail_reply(job)
+
+    @staticmethod
+    def _fail_reply(job: Job) -> None:
+        if job.reply is not None and not job.reply.done():
+            job.reply.set_exception(EdgekitError("the station stopped before this image was inspected"))
 
     def _drain_unprocessed(self):
         out = []
         while True:
             try:
+                staged = self._handover.get_nowait()
+            except queue.Empty:
+                break
+            if staged is not None:
+                out.extend(staged.jobs)
+        while True:
+            try:
                 out.append(self.queue.get_nowait())
             except queue.Empty:
                 return out
+
+    def queue_depth(self) -> int:
+        """Images waiting: in the input queue, and taken by the prepare thread but not yet run by the worker."""
+        with self._lock:
+            staged = self._staged
+        return self.queue.qsize() + staged
 
     @property
     def running(self) -> bool:
@@ -156,6 +205,75 @@ class Station:
                 break
         return jobs
 
+    # --- the prepare thread ----------------------------------------------------------------------------------------
+
+    def _prepare_loop(self) -> None:
+        """Batches in arrival order -> decoded and preprocessed -> the worker (one slot); after stop() and an empty
+        queue, the end marker (None)."""
+        jobs: List[Job] = []
+        try:
+            while True:
+                jobs = self._take_batch()
+                if jobs:
+                    with self._lock:
+                        self._staged += len(jobs)
+                    if not self._hand_over(self._prepare(jobs)):
+                        return
+                    jobs = []
+                elif self._stop.is_set():
+                    self._hand_over(None)
+                    return
+        except BaseException as e:  # noqa: BLE001 - a bug here stops the service like one in the worker
+            if self.failure is None:
+                self.failure = e
+            self._stop.set()
+            for job in jobs:
+                self._fail_reply(job)
+            self._hand_over(None)
+
+    def _prepare(self, jobs: List[Job]) -> PreparedBatch:
+        batch = PreparedBatch(jobs)
+        for job in jobs:
+            try:
+                batch.images.append(decode_image(job))
+                batch.ok_jobs.append(job)
+            except EdgekitError as e:
+                batch.decode_errors[id(job)] = str(e)
+        if batch.images:
+            try:
+                batch.tensor = self.models.prepare(batch.images)
+            except Exception as e:  # noqa: BLE001 - an ERROR result per image (by the worker), not a crash
+                batch.prepare_error = e
+        return batch
+
+    def _hand_over(self, batch: Optional[PreparedBatch]) -> bool:
+        """Wait for the worker's slot; False (and the batch's replies failed) when the worker has ended."""
+        while True:
+            try:
+                self._handover.put(batch, timeout=0.1)
+                return True
+            except queue.Full:
+                if self._stopped.is_set():
+                    for job in batch.jobs if batch is not None else []:
+                        self._fail_reply(job)
+                    return False
+
+    # --- the worker ------------------------------------------------------------------------------------------------
+
+    def _next_prepared(self):
+        """The next PreparedBatch; None: the prepare thread has finished (stop); _IDLE: nothing within 0.1 s."""
+        try:
+            batch = self._handover.get(timeout=0.1)
+        except queue.Empty:
+            if self._stop.is_set() and self._preparer is not None and not self._preparer.is_alive() \
+                    and self._handover.empty():
+                return None  # the prepare thread is gone without its end marker
+            return _IDLE
+        if batch is not None:
+            with self._lock:
+                self._staged -= len(batch.jobs)
+        return batch
+
     def _worker(self) -> None:
         from edgekit.station.store import ResultStore
 
@@ -169,12 +287,12 @@ class Station:
             store.event("start", station=self.station_id, pid=os.getpid(), **self.models.versions())
             self._ready.set()
             while True:
-                jobs = self._take_batch()
+                batch = self._next_prepared()
                 self._between_batches(store)  # after the wait for jobs: the swap is as fresh as it can be
-                if jobs:
-                    self._process(store, jobs)
-                elif self._stop.is_set():
+                if batch is None:
                     break
+                if batch is not _IDLE:
+                    self._process(store, batch)
             store.event("stop", station=self.station_id, images=self.counts["images"])
         except BaseException as e:  # noqa: BLE001 - the service stops; the CLI reports it in one line
             self.failure = e
@@ -249,18 +367,16 @@ class Station:
 
     # --- a batch -------------------------------------------------------------------------------------------------
 
-    def _process(self, store, jobs: List[Job]) -> None:
-        images, ok_jobs, results = [], [], {}
-        for job in jobs:
-            try:
-                images.append(decode_image(job))
-                ok_jobs.append(job)
-            except EdgekitError as e:
-                results[id(job)] = self._error_result(job, str(e))
+    def _process(self, store, batch: PreparedBatch) -> None:
+        jobs, images, ok_jobs = batch.jobs, batch.images, batch.ok_jobs
+        results = {key: self._error_result(job, batch.decode_errors[key])
+                   for job in jobs if (key := id(job)) in batch.decode_errors}
         outs: list = []
         if images:
             try:
-                outs = self.models.run(images)
+                if batch.prepare_error is not None:
+                    raise batch.prepare_error
+                outs = self.models.run(images, prepared=batch.tensor)
             except Exception as e:  # noqa: BLE001 - a model failure is an ERROR result per image, not a crash
                 outs = None
                 for job in ok_jobs:
@@ -293,7 +409,7 @@ class Station:
         if self.metrics is not None:
             for r in results:
                 self.metrics.observe(r)
-            self.metrics.set_queue(self.queue.qsize())
+            self.metrics.set_queue(self.queue_depth())
         if self.review is not None:
             for job, r in zip(jobs, results):
                 if r.get("ood") and r["ood"]["flagged"]:
@@ -358,5 +474,5 @@ class Station:
                 "trial": m.trial.version if m.trial else None, "backbone": m.backbone.id, "segment": m.segment_id,
                 "drift": "available" if m.serving.drift is not None else "unavailable",
                 "canary": canary, "last_verdict": self.last_verdict, "counts": counts,
-                "drift_rate": (counts["flagged"] / scored) if scored else None, "queue": self.queue.qsize(),
+                "drift_rate": (counts["flagged"] / scored) if scored else None, "queue": self.queue_depth(),
                 "last_errors": errors}
