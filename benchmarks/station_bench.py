@@ -17,9 +17,13 @@ falls on all):
             hidden temporary name first, as the README tells line software), the clock runs from the first
             rename to the last row's commit time (the ``committed`` column).
   direct    the same service without the watch input (Jobs submitted straight to ``Station.submit``): what the
-            input itself costs.
+            input itself costs;
+  serial    with --serial: "station" with ``Station(prefetch=False)``, the worker decoding and preprocessing each
+            batch itself in series with the inference (the service before its prepare thread), for a before/after
+            in one run.
 Then one paced run for latency: the images arrive at --pace of the slowest station round's rate, each file's
-appearance (the moment after its rename) -> its row's commit time; p50/p90/p99/max.
+appearance (the moment after its rename) -> its row's commit time; p50/p90/p99/max (with --serial, the same paced
+run through the serial station too).
 
 On a shared machine the rates swing several-fold within seconds (other processes): read the per-round ratios
 and the load averages, not the medians alone.
@@ -135,7 +139,7 @@ def count_rows(db: Path) -> int:
 
 
 def station_run(models, images: list, work: Path, batch: int, pace_s: float = 0.0, timeout_s: float = 600.0,
-                direct: bool = False):
+                direct: bool = False, prefetch: bool = True):
     """One station over a fresh database and folder; the images renamed in (all at once, or one every
     ``pace_s``). Returns (appeared: {name: time}, rows: [(name, committed)], first rename time).
     ``direct``: no watch folder; each image is a Job submitted straight to the station (what the service costs
@@ -150,7 +154,7 @@ def station_run(models, images: list, work: Path, batch: int, pace_s: float = 0.
     db = run / "station.db"
     for p in images:  # written under hidden names first (not counted), so the clock covers no disk copy
         shutil.copyfile(p, folder / f".{p.name}.tmp")
-    station = Station(models, db, batch=batch, queue_size=64).start()
+    station = Station(models, db, batch=batch, queue_size=64, prefetch=prefetch).start()
     watch = None if direct else WatchInput(folder, station.submit, station.seen).start()
     appeared = {}
     try:
@@ -191,6 +195,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="inference threads (both sides; default: the runtime's)")
     ap.add_argument("--pace", type=float, default=0.7, help="latency run: arrival rate as a fraction of the "
                     "slowest measured station round (default 0.7: below capacity, so the latency is not a queue)")
+    ap.add_argument("--serial", action="store_true", help="also measure the station without its prepare thread "
+                    "(Station(prefetch=False)), interleaved with the others")
     ap.add_argument("--per-class", type=int, default=10, help="adapter training images per class")
     ap.add_argument("--epochs", type=int, default=30)
     a = ap.parse_args(argv)
@@ -213,24 +219,33 @@ def main(argv=None):
     models = StationModels(ready["root"], backbone_artifact=ready["artifact"], threads=a.threads)
     models.run([read_gray(images[0])])
 
-    bare, station, direct = [], [], []
-    sides = ["bare", "station", "direct"]
+    bare, station, direct, serial = [], [], [], []
+    sides = ["bare", "station", "direct"] + (["serial"] if a.serial else [])
     for r in range(a.rounds):
-        for side in sides[r % 3:] + sides[:r % 3]:  # rotated each round
+        k = r % len(sides)
+        for side in sides[k:] + sides[:k]:  # rotated each round
             if side == "bare":
                 bare.append(bare_rate(runner, batches))
             else:
-                appeared, got, t0 = station_run(models, images, a.work, a.batch, direct=side == "direct")
+                appeared, got, t0 = station_run(models, images, a.work, a.batch, direct=side == "direct",
+                                                prefetch=side != "serial")
                 assert sorted(n for n, _ in got) == sorted(appeared), "rows do not match the images dropped"
-                (station if side == "station" else direct).append(len(got) / (max(c for _, c in got) - t0))
+                {"station": station, "direct": direct, "serial": serial}[side].append(
+                    len(got) / (max(c for _, c in got) - t0))
         print(f"round {r + 1}: bare {bare[-1]:.2f} img/s, station {station[-1]:.2f} img/s "
-              f"({station[-1] / bare[-1]:.1%}), without the watch input {direct[-1]:.2f} img/s "
-              f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+              f"({station[-1] / bare[-1]:.1%}), without the watch input {direct[-1]:.2f} img/s"
+              + (f", serial {serial[-1]:.2f} img/s ({serial[-1] / bare[-1]:.1%})" if serial else "")
+              + f" (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
     ratios = [s / b for s, b in zip(station, bare)]
     rate = statistics.median(station)
-    arrival = a.pace * min(station)  # the slowest round: a loaded moment must not turn the latency run into a queue
-    appeared, got, _ = station_run(models, images, a.work, a.batch, pace_s=1.0 / arrival)
-    lat = np.array(sorted(c - appeared[n] for n, c in got))
+    arrival = a.pace * min(station + serial)  # the slowest round: a loaded moment must not make the latency a queue
+
+    def latency(prefetch: bool) -> dict:
+        appeared, got, _ = station_run(models, images, a.work, a.batch, pace_s=1.0 / arrival, prefetch=prefetch)
+        lat = np.array(sorted(c - appeared[n] for n, c in got))
+        return {"arrival_img_s": arrival, "n": int(len(lat)), "p50": float(np.percentile(lat, 50)),
+                "p90": float(np.percentile(lat, 90)), "p99": float(np.percentile(lat, 99)), "max": float(lat.max()),
+                "what": "file appeared (after its rename into the folder) -> its row's commit time"}
     doc = {
         "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "artifact": {"target": ready["target"], "path": ready["artifact"], "backbone": str(CKPT.name),
@@ -242,11 +257,16 @@ def main(argv=None):
                          "max": max(direct), "what": "the service without the watch input: Jobs submitted directly"},
         "ratio": {"rounds": ratios, "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
                   "target": 0.90},
-        "latency_s": {"arrival_img_s": arrival, "n": int(len(lat)),
-                      "p50": float(np.percentile(lat, 50)), "p90": float(np.percentile(lat, 90)),
-                      "p99": float(np.percentile(lat, 99)), "max": float(lat.max()),
-                      "what": "file appeared (after its rename into the folder) -> its row's commit time"},
+        "latency_s": latency(True),
     }
+    if serial:
+        sratios = [s / b for s, b in zip(serial, bare)]
+        doc["serial_img_s"] = {"rounds": serial, "median": statistics.median(serial), "min": min(serial),
+                               "max": max(serial), "what": "station without its prepare thread (prefetch=False)"}
+        doc["serial_ratio"] = {"rounds": sratios, "median": statistics.median(sratios), "min": min(sratios),
+                               "max": max(sratios)}
+        doc["serial_latency_s"] = latency(False)
+        doc["machine"]["loadavg_after"] = os.getloadavg()
     text = json.dumps(doc, indent=1)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

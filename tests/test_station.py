@@ -347,3 +347,49 @@ def test_kill_9_at_random_moments_loses_no_committed_result(device, root, tmp_pa
     keys = committed_keys(db)
     assert len(keys) == total and len(set(keys)) == total
     assert {k.split(":")[1] for k in keys} == {f"img_{i:03d}.png" for i in range(total)}
+
+
+# --- the pipeline: prepare thread -> one slot -> worker ------------------------------------------------------------
+
+def test_stop_commits_every_queued_and_prepared_batch_in_order(device, root, tmp_path):
+    """With every image already queued when the threads start, the prepare thread runs ahead of the worker (a
+    batch in the handover slot, another being decoded) and stop() comes at once: stop() returns only after each
+    submitted image is a committed row, in submission order, the undecodable file an ERROR row; the queue depth
+    counts images until they run and is 0 after. And run(images, prepared) is run(images)."""
+    import numpy as np
+
+    from edgekit.station.jobs import Job
+    from edgekit.station.models import StationModels
+    from edgekit.station.service import Station
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = [f"img{i:02d}.png" for i in range(21)]
+    for i, name in enumerate(names):
+        if i == 7:
+            (folder / name).write_bytes(b"not an image")
+        else:
+            write_png(folder / name, _image(i % 3, i))
+    models = StationModels(root, backbone_artifact=device["art"])
+    images = [_image(c, 0) for c in range(3)]
+    direct, staged = models.run(images), models.run(images, prepared=models.prepare(images))
+    assert [d["classification"] for d in direct] == [s["classification"] for s in staged]
+    assert np.allclose([d["ood"]["score"] for d in direct if d["ood"]], [s["ood"]["score"] for s in staged if s["ood"]])
+    db = tmp_path / "station.db"
+    station = Station(models, db, batch=4, queue_size=64)
+    for name in names:
+        assert station.submit(Job(key=f"t:{name}", source="watch", name=name, path=folder / name))
+    assert station.queue_depth() == len(names) == station.queue.qsize()
+    station.start()
+    station.stop()
+    assert not station.running and station.failure is None
+    assert station.queue_depth() == 0
+    assert committed_keys(db) == [f"t:{name}" for name in names]
+    conn = sqlite3.connect(db.absolute().as_uri() + "?mode=ro", uri=True)
+    try:
+        decisions = dict(conn.execute("SELECT key, decision FROM results"))
+    finally:
+        conn.close()
+    assert decisions.pop("t:img07.png") == "ERROR" and "ERROR" not in decisions.values()
+    counts = station.status()["counts"]
+    assert counts["images"] == len(names) and counts["error"] == 1 and station.status()["queue"] == 0

@@ -85,7 +85,8 @@ class Station:
 
     def __init__(self, models, db_path: str | os.PathLike, *, config=None, station_id: Optional[str] = None,
                  batch: int = 8, queue_size: int = 64, metrics=None, publisher=None, review=None,
-                 store_options: Optional[dict] = None, note: Optional[Callable[[str], None]] = None):
+                 store_options: Optional[dict] = None, note: Optional[Callable[[str], None]] = None,
+                 prefetch: bool = True):
         from edgekit.station.decision import StationConfig
 
         if batch < 1 or queue_size < 1:
@@ -96,6 +97,9 @@ class Station:
         self.batch, self.metrics, self.publisher, self.review = batch, metrics, publisher, review
         self.store_options = dict(store_options or {})
         self.note = note or (lambda text: None)
+        # False: no prepare thread, the worker decodes and preprocesses each batch itself, in series with the
+        # inference (the service before the pipeline: benchmarks/station_bench.py measures both in one run)
+        self.prefetch = prefetch
         self.queue: "queue.Queue[Job]" = queue.Queue(maxsize=queue_size)
         # prepare thread -> worker: one slot (a PreparedBatch, or None: the input is finished, stop)
         self._handover: "queue.Queue[Optional[PreparedBatch]]" = queue.Queue(maxsize=1)
@@ -148,8 +152,9 @@ class Station:
         self._ready.wait(60)
         if self.failure is not None:
             raise EdgekitError(f"the station could not start: {_first_line(self.failure)}")
-        self._preparer = threading.Thread(target=self._prepare_loop, name="station-prepare", daemon=True)
-        self._preparer.start()
+        if self.prefetch:
+            self._preparer = threading.Thread(target=self._prepare_loop, name="station-prepare", daemon=True)
+            self._preparer.start()
         return self
 
     def stop(self, timeout: float = 60.0) -> None:
@@ -262,6 +267,9 @@ class Station:
 
     def _next_prepared(self):
         """The next PreparedBatch; None: the prepare thread has finished (stop); _IDLE: nothing within 0.1 s."""
+        if not self.prefetch:
+            jobs = self._take_batch()
+            return self._prepare(jobs) if jobs else (None if self._stop.is_set() else _IDLE)
         try:
             batch = self._handover.get(timeout=0.1)
         except queue.Empty:
