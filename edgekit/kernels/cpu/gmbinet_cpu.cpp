@@ -284,10 +284,7 @@ struct Pool {
       }
 #ifdef EK_AMX
       if (pinned) {
-        for (int k = tid; k < n; k += nthreads) {
-          fn(ctx, k, scratch[tid]);
-          done.fetch_add(1, std::memory_order_release);
-        }
+        drain_pinned(tid, id, fn, ctx, n);
         continue;
       }
 #endif
@@ -321,28 +318,44 @@ struct Pool {
     }
   }
 #ifdef EK_AMX
-  // Task k runs on thread k % nthreads (the calling thread is 0), never on another: for two jobs that must
-  // find a core's data where that core left it (the two-phase GMBI's owned lanes).  The cost: a preempted
-  // worker's tasks wait for it instead of being taken over.
+  // Pinned jobs (n <= 32 tasks): the ticket is (job id << 32 | one bit per claimed task).  Thread t first claims
+  // its own tasks t, t + nthreads, ..., then any still unclaimed: task k runs on thread k % nthreads (the calling
+  // thread is 0) unless that thread had not even started it when another ran out of work (a worker still
+  // asleep or preempted on a shared machine), so locality is kept when it is free and never waited for.
+  bool claim_pinned(uint64_t id, int k) {
+    uint64_t t = ticket.load(std::memory_order_acquire);
+    for (;;) {
+      if ((t >> 32) != id || (t & (1ull << k))) return false;
+      if (ticket.compare_exchange_weak(t, t | (1ull << k), std::memory_order_acq_rel)) return true;
+    }
+  }
+  void drain_pinned(int tid, uint64_t id, TaskFn fn, const void* ctx, int n) {
+    for (int pass = 0; pass < 2; ++pass)
+      for (int k = pass ? 0 : tid; k < n; k += pass ? 1 : nthreads)
+        if (claim_pinned(id, k)) {
+          fn(ctx, k, scratch[tid]);
+          done.fetch_add(1, std::memory_order_release);
+        }
+  }
+  // For jobs whose task k should find the data that task k of the job before it left in its core's cache (the
+  // two-phase GMBI's owned lanes): n <= 32.
   void run_pinned(TaskFn f, const void* c, int n) {
     if (n <= 0) return;
-    if (nthreads == 1) {
-      for (int k = 0; k < n; ++k) f(c, k, scratch[0]);
+    if (nthreads == 1 || n == 1 || n > 32) {
+      run(f, c, n);
       return;
     }
+    uint64_t id;
     {
       std::lock_guard<std::mutex> g(m);
-      const uint64_t id = ++job_id;
+      id = ++job_id;
       job_fn = f; job_ctx = c; job_n = n; job_pinned = true;
       done.store(0, std::memory_order_relaxed);
-      ticket.store(id << 32 | (uint32_t)n, std::memory_order_release);  // nothing to claim
+      ticket.store(id << 32, std::memory_order_release);
       gen.fetch_add(1, std::memory_order_release);
     }
     cv.notify_all();
-    for (int k = 0; k < n; k += nthreads) {
-      f(c, k, scratch[0]);
-      done.fetch_add(1, std::memory_order_release);
-    }
+    drain_pinned(0, id, f, c, n);
     for (int spins = 0; done.load(std::memory_order_acquire) < n; ++spins) {
       if (spins < 2000) _mm_pause(); else std::this_thread::yield();
     }
@@ -1625,7 +1638,8 @@ static void run_op(Pool& pool, const EkOp& op, double* ms, bool cpu) {
                  o.pw_q, q ? o.pw_qscale : nullptr, o.pw_qinv, nullptr};
 #ifdef EK_AMX
       // two-phase on 2+ threads with at least a run of 4 lanes per thread: the owned-lanes cut
-      const bool owned = !q && o.mode == GMBI_TWO_PHASE && pool.nthreads > 1 && (o.C / 4 + 3) / 4 >= pool.nthreads;
+      const bool owned = !q && o.mode == GMBI_TWO_PHASE && pool.nthreads > 1 && pool.nthreads <= 32 &&
+                         (o.C / 4 + 3) / 4 >= pool.nthreads;
       if (!q && amx_permitted()) a.wa = pool.amx.get(o.pw_wt, o.C, owned);
 #endif
       if (o.mode == GMBI_TWO_PHASE) {
