@@ -230,9 +230,10 @@ def test_gmbi_1x1_on_amx_within_the_bf16_bound_at_odd_widths(library, monkeypatc
 
 
 @pytest.mark.parametrize("cfg,shape,threads", [
-    (ODD, (2, 3, 37, 53), 2),       # lanes 5..11: runs of 4 lanes split 1+1, 1+1, 1+2, 1+2 (a partial last run)
+    (ODD, (1, 3, 37, 53), 2),       # lanes 5..11: runs of 4 lanes split 1+1, 1+1, 1+2, 1+2 (a partial last run)
     (WIDE_ODD, (1, 3, 50, 41), 2),  # 17 lanes: 8 + 9
-    (ODD, (3, 3, 29, 33), 3),       # three threads where a module has 3 runs, the row-band cut where it has 2
+    (ODD, (1, 3, 29, 33), 3),       # three threads where a module has 3 runs, the row-band cut where it has 2
+    (ODD, (3, 3, 29, 33), 2),       # a batch: the crosswise cut (owned lanes are for one image)
 ])
 def test_two_phase_owned_lanes_give_the_one_thread_result_bit_for_bit(library, monkeypatch, cfg, shape, threads):
     """On 2+ threads a two-phase module keeps each thread's lanes through both phases (the 1x1 for those lanes'
