@@ -229,6 +229,25 @@ def test_gmbi_1x1_on_amx_within_the_bf16_bound_at_odd_widths(library, monkeypatc
     assert check_gmbi_in_bf16(fn, model, x, mode) == sum(cfg.depths)
 
 
+@pytest.mark.parametrize("cfg,shape,threads", [
+    (ODD, (1, 3, 37, 53), 2),       # lanes 5..11: runs of 4 lanes split 1+1, 1+1, 1+2, 1+2 (a partial last run)
+    (WIDE_ODD, (1, 3, 50, 41), 2),  # 17 lanes: 8 + 9
+    (ODD, (1, 3, 29, 33), 3),       # three threads where a module has 3 runs, the row-band cut where it has 2
+    (ODD, (3, 3, 29, 33), 2),       # a batch: the crosswise cut (owned lanes are for one image)
+])
+def test_two_phase_owned_lanes_give_the_one_thread_result_bit_for_bit(library, monkeypatch, cfg, shape, threads):
+    """On 2+ threads a two-phase module keeps each thread's lanes through both phases (the 1x1 for those lanes'
+    channels, from lane-major A tiles); every output element is the same tile products in the same order as the
+    1-thread row-band cut, so the whole network (outputs poisoned) must match it exactly."""
+    monkeypatch.setattr(cpu_fused, "GMBI_TWO_PHASE_MAX_ROWS", 10 ** 6)
+    model = random_gmbinet(cfg, seed=sum(shape) + 5 * threads)
+    x = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
+    one = fused(library, model, 1).forward(x, poison=True)
+    many = fused(library, model, threads).forward(x, poison=True)
+    assert not np.isnan(many).any()
+    assert np.array_equal(one, many), float(np.abs(one - many).max())
+
+
 def test_a_changed_weight_array_is_repacked(library):
     """The bf16 A tiles are packed once per weight array and kept: new weights at the same address (the same
     program, its parameters overwritten) must be packed again, never run from the stale pack."""
