@@ -294,8 +294,12 @@ _CHILD = textwrap.dedent("""
                  ["compile", path, "--target", "onnx", "--out", out]):
         t = time.perf_counter()
         r = CliRunner().invoke(main, args)
+        # VmHWM: the peak RSS of this process's own address space. Not ru_maxrss, which Linux carries over an
+        # exec from the forking parent (pytest, grown by every earlier test: 1.6 GB in a full run)
+        hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+        peak_kb = int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(json.dumps({"cmd": args[0], "rc": r.exit_code, "stderr": r.stderr, "s": time.perf_counter() - t,
-                          "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                          "maxrss_mb": peak_kb / 1024}))
 """)
 
 
