@@ -393,3 +393,15 @@ def test_stop_commits_every_queued_and_prepared_batch_in_order(device, root, tmp
     assert decisions.pop("t:img07.png") == "ERROR" and "ERROR" not in decisions.values()
     counts = station.status()["counts"]
     assert counts["images"] == len(names) and counts["error"] == 1 and station.status()["queue"] == 0
+
+
+def test_malformed_mqtt_addresses_are_refused_not_retried_forever():
+    """A host with a stray colon or a space used to pass and reach the MQTT client, which retried it forever."""
+    from edgekit.commands.station import parse_addr
+    from edgekit.errors import EdgekitError
+
+    for text in ("127.0.0.1:1883:9", "a b:1883", "::1:1883", "[]:1883", " :1883"):
+        with pytest.raises(EdgekitError, match="give HOST:PORT"):
+            parse_addr(text, "--mqtt")
+    assert parse_addr("broker.plant:1883", "--mqtt") == ("broker.plant", 1883)
+    assert parse_addr("[::1]:1883", "--mqtt") == ("::1", 1883)

@@ -29,9 +29,12 @@ def parse_addr(text: str, option: str, local_only: bool = False) -> tuple:
     """``HOST:PORT`` -> (host, port); one error line naming ``option`` otherwise. ``local_only``: a server this
     station opens (--http, --metrics) binds a literal IP address (127.0.0.1 unless you mean to expose it)."""
     host, sep, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
     ok_port = port.isdigit() and 0 <= int(port) <= 65535 and (int(port) > 0 or local_only)
-    if not sep or not host or not ok_port:
+    # '127.0.0.1:1883:9' or 'a b:1883' would otherwise reach the MQTT client as a host it retries forever
+    ok_host = bool(host) and not any(c.isspace() for c in host) and (bracketed or ":" not in host)
+    if not sep or not ok_host or not ok_port:
         raise EdgekitError(f"{option} {text!r}: give HOST:PORT, e.g. 127.0.0.1:8080 (port 1-65535)")
     if local_only:
         try:
