@@ -405,3 +405,15 @@ def test_malformed_mqtt_addresses_are_refused_not_retried_forever():
             parse_addr(text, "--mqtt")
     assert parse_addr("broker.plant:1883", "--mqtt") == ("broker.plant", 1883)
     assert parse_addr("[::1]:1883", "--mqtt") == ("::1", 1883)
+
+
+def test_segment_that_is_not_a_segmentation_artifact_is_refused_at_start(device, root, tmp_path):
+    """The backbone artifact given as --segment used to load and then make every image an ERROR row."""
+    watch = tmp_path / "in"
+    watch.mkdir()
+    before = sorted(p.name for p in root.iterdir())
+    r = device["cli"]("station", root, "--watch", watch, "--segment", device["art"], "--backbone-artifact",
+                      device["art"])
+    one_error_line(r, "not a GMBINet segmentation artifact")
+    assert r.exit_code == 2 and r.stdout == ""
+    assert sorted(p.name for p in root.iterdir()) == before  # no database
