@@ -417,3 +417,15 @@ def test_segment_that_is_not_a_segmentation_artifact_is_refused_at_start(device,
     one_error_line(r, "not a GMBINet segmentation artifact")
     assert r.exit_code == 2 and r.stdout == ""
     assert sorted(p.name for p in root.iterdir()) == before  # no database
+
+
+def test_port_in_use_leaves_no_review_folder_behind(device, root, tmp_path):
+    """--review DIR used to be created (DIR/inbox) before --http was bound, so a refused start left it behind."""
+    review = tmp_path / "review"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        r = device["cli"]("station", root, "--http", f"127.0.0.1:{taken.getsockname()[1]}", "--review", review,
+                          "--backbone-artifact", device["art"])
+    one_error_line(r, "cannot listen on 127.0.0.1")
+    assert r.exit_code == 2 and not review.exists()

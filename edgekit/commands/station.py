@@ -153,10 +153,6 @@ def run_cmd(root, watch, http, segment, config_path, db, canary, min_agreement, 
             sinks["metrics"] = StationMetrics(f"{metrics_addr[0]}:{metrics_addr[1]}")
             opened["metrics"] = sinks["metrics"].close
             sinks["metrics"].set_models(models.serving.version, models.trial.version if models.trial else None)
-        if review:
-            from edgekit.mlff.drift import ReviewFolder
-
-            sinks["review"] = ReviewFolder(review)
         station = Station(models, db_path, config=config, station_id=station_id, batch=batch, note=_note, **sinks)
         if mqtt_addr:
             from edgekit.station.mqtt import MqttPublisher
@@ -168,6 +164,10 @@ def run_cmd(root, watch, http, segment, config_path, db, canary, min_agreement, 
 
             http_input = HttpInput(f"{http_addr[0]}:{http_addr[1]}", station.submit, station.status).start()
             opened["http"] = http_input.stop
+        if review:  # made only now (it creates DIR/inbox): a port in use above leaves no folder behind
+            from edgekit.mlff.drift import ReviewFolder
+
+            station.review = ReviewFolder(review)
         if policy is not None:  # recorded once every refusal (a config, a port in use) is behind us
             InstallRoot(root_path).set_canary_policy(policy)
         station.start()
