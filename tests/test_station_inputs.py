@@ -587,3 +587,31 @@ def test_config_refusals_are_one_line_naming_file_and_key(tmp_path, text, says):
 def test_config_missing_file(tmp_path):
     with pytest.raises(EdgekitError, match="station config not found"):
         StationConfig.load(tmp_path / "none.toml")
+
+
+def test_http_client_that_stalls_or_resets_gets_408_and_no_traceback(tmp_path, capfd):
+    """A body cut short used to hold its thread forever, and a client reset printed socketserver's traceback on
+    the station's stderr; now a stall is a 408 after read_timeout_s and a reset is silent."""
+    import socket
+    import struct
+
+    worker = Worker(maxsize=4, start=False)
+    inp = HttpInput("127.0.0.1:0", worker.submit, dict, read_timeout_s=0.5).start()
+    head = b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Length: 600\r\n\r\n" + b"\x89PNG" * 5
+    try:
+        with socket.create_connection(("127.0.0.1", inp.port), timeout=10) as stalled:
+            stalled.sendall(head)
+            assert stalled.recv(200).startswith(b"HTTP/1.1 408")
+        for _ in range(3):  # reset mid-body: RST instead of FIN
+            s = socket.create_connection(("127.0.0.1", inp.port), timeout=10)
+            s.sendall(head)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        time.sleep(0.3)
+        with urllib.request.urlopen(f"http://{inp.address}/status", timeout=10) as r:
+            assert r.status == 200  # still serving
+    finally:
+        inp.stop()
+        worker.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Error" not in err, err
