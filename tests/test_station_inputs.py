@@ -615,3 +615,28 @@ def test_http_client_that_stalls_or_resets_gets_408_and_no_traceback(tmp_path, c
         worker.close()
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Error" not in err, err
+
+
+def test_metrics_scraper_that_resets_prints_no_traceback(capfd):
+    """prometheus_client's server printed socketserver's whole traceback for each client reset."""
+    import socket
+    import struct
+
+    pytest.importorskip("prometheus_client", reason="prometheus_client is not installed (pip install "
+                                                    "'edgekit[station]')")
+    from edgekit.station.metrics import StationMetrics
+
+    m = StationMetrics("127.0.0.1:0")
+    try:
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", m.port), timeout=10)
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        time.sleep(0.3)
+        with urllib.request.urlopen(m.url, timeout=10) as r:
+            assert r.status == 200 and b"edgekit" in r.read()
+    finally:
+        m.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Error" not in err, err
