@@ -429,3 +429,15 @@ def test_port_in_use_leaves_no_review_folder_behind(device, root, tmp_path):
                           "--backbone-artifact", device["art"])
     one_error_line(r, "cannot listen on 127.0.0.1")
     assert r.exit_code == 2 and not review.exists()
+
+
+def test_watching_the_review_inbox_is_refused(device, root, tmp_path):
+    """--watch DIR/inbox with --review DIR used to feed every flagged copy back in: 1,000 rows of one image."""
+    review = tmp_path / "lib"
+    (review / "inbox" / "sub").mkdir(parents=True)
+    before = sorted(p.name for p in root.iterdir())
+    for watch in (review / "inbox", review / "inbox" / "sub", review / "inbox" / ".." / "inbox"):
+        r = device["cli"]("station", root, "--watch", watch, "--review", review, "--backbone-artifact", device["art"])
+        one_error_line(r, "where --review copies flagged images")
+        assert r.exit_code == 2 and r.stdout == ""
+    assert sorted(p.name for p in root.iterdir()) == before

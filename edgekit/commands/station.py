@@ -111,6 +111,13 @@ def run_cmd(root, watch, http, segment, config_path, db, canary, min_agreement, 
         raise EdgekitError("give an input: --watch DIR and/or --http 127.0.0.1:PORT")
     if watch and not Path(watch).is_dir():
         raise EdgekitError(f"--watch {watch}: not a folder")
+    if watch and review:
+        # flagged images are copied into DIR/inbox: watched, they come back as new images, are flagged and copied
+        # again (1,000 rows of one image in seconds, until the inbox is full)
+        inbox, watched = (Path(review) / "inbox").resolve(), Path(watch).resolve()
+        if watched == inbox or inbox in watched.parents:
+            raise EdgekitError(f"--watch {watch} is inside {inbox}, where --review copies flagged images: they "
+                               "would be inspected again; watch another folder")
     http_addr = parse_addr(http, "--http", local_only=True) if http else None
     metrics_addr = parse_addr(metrics, "--metrics", local_only=True) if metrics else None
     mqtt_addr = parse_addr(mqtt, "--mqtt") if mqtt else None
