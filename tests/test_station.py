@@ -441,3 +441,14 @@ def test_watching_the_review_inbox_is_refused(device, root, tmp_path):
         one_error_line(r, "where --review copies flagged images")
         assert r.exit_code == 2 and r.stdout == ""
     assert sorted(p.name for p in root.iterdir()) == before
+
+
+def test_reject_reason_is_kept_on_one_line(device, root):
+    """A --reason with a newline was stored as it was, and every later one-line message quoting it became two."""
+    version = put_on_hold(root, device["pkgs"]["1.1.0"], device["pub"])
+    one_error_line(device["cli"]("station", "reject", root, "--reason", " \n "), "--reason is empty")
+    assert InstallRoot(root).read().held is not None  # the refusal left the trial on hold
+    r = device["cli"]("station", "reject", root, "--reason", "bad\nerror: injected")
+    assert r.exit_code == 0, r.output
+    reason = InstallRoot(root).read().blocked[version]
+    assert "\n" not in reason and reason.endswith("bad error: injected")

@@ -266,6 +266,12 @@ def reject_cmd(root, reason, as_json):
     """Discard the trial on canary hold and block its version (edgekit update --allow VERSION lifts the block)."""
     from edgekit.station.canary import reject
 
+    if reason is not None:
+        # the reason is printed inside later one-line errors (edgekit update's "blocked (...)"): a newline in it
+        # would make them two lines, the second one free text that reads like an error of its own
+        reason = " ".join(reason.split())
+        if not reason:
+            raise EdgekitError("--reason is empty; give the reason in words or leave --reason out")
     r = reject(root, reason)
     if as_json:
         echo_json(r)
