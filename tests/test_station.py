@@ -452,3 +452,19 @@ def test_reject_reason_is_kept_on_one_line(device, root):
     assert r.exit_code == 0, r.output
     reason = InstallRoot(root).read().blocked[version]
     assert "\n" not in reason and reason.endswith("bad error: injected")
+
+
+def test_a_second_station_on_the_same_database_is_refused(device, root, tmp_path):
+    """Two stations on one database used to run side by side, each counting the canary's images and racing the
+    other for the verdict."""
+    watch = tmp_path / "in"
+    watch.mkdir()
+    first = start(root, watch, device["art"])
+    try:
+        wait_for(lambda: (root / "station.db.lock").exists() and (root / "station.db").exists(), proc=first)
+        r = device["cli"]("station", root, "--watch", watch, "--canary", 5, "--backbone-artifact", device["art"])
+        one_error_line(r, "another station is already running on")
+        assert r.exit_code == 2 and InstallRoot(root).read().canary is None  # the refused one wrote no policy
+    finally:
+        code, _, err = stop(first)
+    assert code == 0, err

@@ -45,6 +45,21 @@ def parse_addr(text: str, option: str, local_only: bool = False) -> tuple:
     return host, int(port)
 
 
+def _lock_station(db_path: Path):
+    """Take the exclusive lock of ``DB.lock`` (kept as an empty file); the returned close() releases it."""
+    import fcntl
+
+    lock_path = Path(f"{db_path}.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise EdgekitError(f"another station is already running on {db_path} (it holds {lock_path}); stop it "
+                           "first") from None
+    return lambda: os.close(fd)
+
+
 def _require(option: str, *modules: str) -> None:
     import importlib.util
 
@@ -150,7 +165,7 @@ def run_cmd(root, watch, http, segment, config_path, db, canary, min_agreement, 
     stop = threading.Event()  # set by SIGTERM / SIGINT: from here on a signal is a clean stop, never a kill
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     opened = {}  # what to close, in this order: inputs, then the worker (it finishes the queue), then the sinks
-    order = ("watch", "http", "station", "mqtt", "metrics")
+    order = ("watch", "http", "station", "mqtt", "metrics", "lock")
     station = None
     try:
         sinks = {}
@@ -171,6 +186,9 @@ def run_cmd(root, watch, http, segment, config_path, db, canary, min_agreement, 
 
             http_input = HttpInput(f"{http_addr[0]}:{http_addr[1]}", station.submit, station.status).start()
             opened["http"] = http_input.stop
+        # one station per database: a second one (systemd's and a hand-started one) would count every canary image
+        # twice and race the first for the verdict. A lock on the database file's neighbour, held until we exit.
+        opened["lock"] = _lock_station(db_path)
         if review:  # made only now (it creates DIR/inbox): a port in use above leaves no folder behind
             from edgekit.mlff.drift import ReviewFolder
 
