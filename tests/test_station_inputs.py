@@ -640,3 +640,14 @@ def test_metrics_scraper_that_resets_prints_no_traceback(capfd):
         m.close()
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Error" not in err, err
+
+
+def test_topics_and_station_ids_with_control_characters_are_refused():
+    """A newline in --topic or --station-id passed the check and split the one-line notes that quote them."""
+    from edgekit.station.mqtt import _check_topic
+
+    for bad in ("a\nb", "plant\t1", "x\0y", "edgekit/", "a/#"):
+        with pytest.raises(EdgekitError, match="must be a plain MQTT topic prefix") as e:
+            _check_topic(bad, "--topic")
+        assert "\n" not in str(e.value)
+    assert _check_topic("edgekit/plant 1", "--topic") == "edgekit/plant 1"
