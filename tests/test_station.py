@@ -393,3 +393,78 @@ def test_stop_commits_every_queued_and_prepared_batch_in_order(device, root, tmp
     assert decisions.pop("t:img07.png") == "ERROR" and "ERROR" not in decisions.values()
     counts = station.status()["counts"]
     assert counts["images"] == len(names) and counts["error"] == 1 and station.status()["queue"] == 0
+
+
+def test_malformed_mqtt_addresses_are_refused_not_retried_forever():
+    """A host with a stray colon or a space used to pass and reach the MQTT client, which retried it forever."""
+    from edgekit.commands.station import parse_addr
+    from edgekit.errors import EdgekitError
+
+    for text in ("127.0.0.1:1883:9", "a b:1883", "::1:1883", "[]:1883", " :1883"):
+        with pytest.raises(EdgekitError, match="give HOST:PORT"):
+            parse_addr(text, "--mqtt")
+    assert parse_addr("broker.plant:1883", "--mqtt") == ("broker.plant", 1883)
+    assert parse_addr("[::1]:1883", "--mqtt") == ("::1", 1883)
+
+
+def test_segment_that_is_not_a_segmentation_artifact_is_refused_at_start(device, root, tmp_path):
+    """The backbone artifact given as --segment used to load and then make every image an ERROR row."""
+    watch = tmp_path / "in"
+    watch.mkdir()
+    before = sorted(p.name for p in root.iterdir())
+    r = device["cli"]("station", root, "--watch", watch, "--segment", device["art"], "--backbone-artifact",
+                      device["art"])
+    one_error_line(r, "not a GMBINet segmentation artifact")
+    assert r.exit_code == 2 and r.stdout == ""
+    assert sorted(p.name for p in root.iterdir()) == before  # no database
+
+
+def test_port_in_use_leaves_no_review_folder_behind(device, root, tmp_path):
+    """--review DIR used to be created (DIR/inbox) before --http was bound, so a refused start left it behind."""
+    review = tmp_path / "review"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        r = device["cli"]("station", root, "--http", f"127.0.0.1:{taken.getsockname()[1]}", "--review", review,
+                          "--backbone-artifact", device["art"])
+    one_error_line(r, "cannot listen on 127.0.0.1")
+    assert r.exit_code == 2 and not review.exists()
+
+
+def test_watching_the_review_inbox_is_refused(device, root, tmp_path):
+    """--watch DIR/inbox with --review DIR used to feed every flagged copy back in: 1,000 rows of one image."""
+    review = tmp_path / "lib"
+    (review / "inbox" / "sub").mkdir(parents=True)
+    before = sorted(p.name for p in root.iterdir())
+    for watch in (review / "inbox", review / "inbox" / "sub", review / "inbox" / ".." / "inbox"):
+        r = device["cli"]("station", root, "--watch", watch, "--review", review, "--backbone-artifact", device["art"])
+        one_error_line(r, "where --review copies flagged images")
+        assert r.exit_code == 2 and r.stdout == ""
+    assert sorted(p.name for p in root.iterdir()) == before
+
+
+def test_reject_reason_is_kept_on_one_line(device, root):
+    """A --reason with a newline was stored as it was, and every later one-line message quoting it became two."""
+    version = put_on_hold(root, device["pkgs"]["1.1.0"], device["pub"])
+    one_error_line(device["cli"]("station", "reject", root, "--reason", " \n "), "--reason is empty")
+    assert InstallRoot(root).read().held is not None  # the refusal left the trial on hold
+    r = device["cli"]("station", "reject", root, "--reason", "bad\nerror: injected")
+    assert r.exit_code == 0, r.output
+    reason = InstallRoot(root).read().blocked[version]
+    assert "\n" not in reason and reason.endswith("bad error: injected")
+
+
+def test_a_second_station_on_the_same_database_is_refused(device, root, tmp_path):
+    """Two stations on one database used to run side by side, each counting the canary's images and racing the
+    other for the verdict."""
+    watch = tmp_path / "in"
+    watch.mkdir()
+    first = start(root, watch, device["art"])
+    try:
+        wait_for(lambda: (root / "station.db.lock").exists() and (root / "station.db").exists(), proc=first)
+        r = device["cli"]("station", root, "--watch", watch, "--canary", 5, "--backbone-artifact", device["art"])
+        one_error_line(r, "another station is already running on")
+        assert r.exit_code == 2 and InstallRoot(root).read().canary is None  # the refused one wrote no policy
+    finally:
+        code, _, err = stop(first)
+    assert code == 0, err

@@ -587,3 +587,67 @@ def test_config_refusals_are_one_line_naming_file_and_key(tmp_path, text, says):
 def test_config_missing_file(tmp_path):
     with pytest.raises(EdgekitError, match="station config not found"):
         StationConfig.load(tmp_path / "none.toml")
+
+
+def test_http_client_that_stalls_or_resets_gets_408_and_no_traceback(tmp_path, capfd):
+    """A body cut short used to hold its thread forever, and a client reset printed socketserver's traceback on
+    the station's stderr; now a stall is a 408 after read_timeout_s and a reset is silent."""
+    import socket
+    import struct
+
+    worker = Worker(maxsize=4, start=False)
+    inp = HttpInput("127.0.0.1:0", worker.submit, dict, read_timeout_s=0.5).start()
+    head = b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Length: 600\r\n\r\n" + b"\x89PNG" * 5
+    try:
+        with socket.create_connection(("127.0.0.1", inp.port), timeout=10) as stalled:
+            stalled.sendall(head)
+            assert stalled.recv(200).startswith(b"HTTP/1.1 408")
+        for _ in range(3):  # reset mid-body: RST instead of FIN
+            s = socket.create_connection(("127.0.0.1", inp.port), timeout=10)
+            s.sendall(head)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        time.sleep(0.3)
+        with urllib.request.urlopen(f"http://{inp.address}/status", timeout=10) as r:
+            assert r.status == 200  # still serving
+    finally:
+        inp.stop()
+        worker.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Error" not in err, err
+
+
+def test_metrics_scraper_that_resets_prints_no_traceback(capfd):
+    """prometheus_client's server printed socketserver's whole traceback for each client reset."""
+    import socket
+    import struct
+
+    pytest.importorskip("prometheus_client", reason="prometheus_client is not installed (pip install "
+                                                    "'edgekit[station]')")
+    from edgekit.station.metrics import StationMetrics
+
+    m = StationMetrics("127.0.0.1:0")
+    try:
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", m.port), timeout=10)
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        time.sleep(0.3)
+        with urllib.request.urlopen(m.url, timeout=10) as r:
+            assert r.status == 200 and b"edgekit" in r.read()
+    finally:
+        m.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Error" not in err, err
+
+
+def test_topics_and_station_ids_with_control_characters_are_refused():
+    """A newline in --topic or --station-id passed the check and split the one-line notes that quote them."""
+    from edgekit.station.mqtt import _check_topic
+
+    for bad in ("a\nb", "plant\t1", "x\0y", "edgekit/", "a/#"):
+        with pytest.raises(EdgekitError, match="must be a plain MQTT topic prefix") as e:
+            _check_topic(bad, "--topic")
+        assert "\n" not in str(e.value)
+    assert _check_topic("edgekit/plant 1", "--topic") == "edgekit/plant 1"

@@ -29,9 +29,12 @@ def parse_addr(text: str, option: str, local_only: bool = False) -> tuple:
     """``HOST:PORT`` -> (host, port); one error line naming ``option`` otherwise. ``local_only``: a server this
     station opens (--http, --metrics) binds a literal IP address (127.0.0.1 unless you mean to expose it)."""
     host, sep, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
     ok_port = port.isdigit() and 0 <= int(port) <= 65535 and (int(port) > 0 or local_only)
-    if not sep or not host or not ok_port:
+    # '127.0.0.1:1883:9' or 'a b:1883' would otherwise reach the MQTT client as a host it retries forever
+    ok_host = bool(host) and not any(c.isspace() for c in host) and (bracketed or ":" not in host)
+    if not sep or not ok_host or not ok_port:
         raise EdgekitError(f"{option} {text!r}: give HOST:PORT, e.g. 127.0.0.1:8080 (port 1-65535)")
     if local_only:
         try:
@@ -40,6 +43,21 @@ def parse_addr(text: str, option: str, local_only: bool = False) -> tuple:
             raise EdgekitError(f"{option} {text!r}: the host must be an IP address to listen on, e.g. "
                                "127.0.0.1:8080") from None
     return host, int(port)
+
+
+def _lock_station(db_path: Path):
+    """Take the exclusive lock of ``DB.lock`` (kept as an empty file); the returned close() releases it."""
+    import fcntl
+
+    lock_path = Path(f"{db_path}.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise EdgekitError(f"another station is already running on {db_path} (it holds {lock_path}); stop it "
+                           "first") from None
+    return lambda: os.close(fd)
 
 
 def _require(option: str, *modules: str) -> None:
@@ -108,6 +126,13 @@ def run_cmd(root, watch, http, segment, config_path, db, canary, min_agreement, 
         raise EdgekitError("give an input: --watch DIR and/or --http 127.0.0.1:PORT")
     if watch and not Path(watch).is_dir():
         raise EdgekitError(f"--watch {watch}: not a folder")
+    if watch and review:
+        # flagged images are copied into DIR/inbox: watched, they come back as new images, are flagged and copied
+        # again (1,000 rows of one image in seconds, until the inbox is full)
+        inbox, watched = (Path(review) / "inbox").resolve(), Path(watch).resolve()
+        if watched == inbox or inbox in watched.parents:
+            raise EdgekitError(f"--watch {watch} is inside {inbox}, where --review copies flagged images: they "
+                               "would be inspected again; watch another folder")
     http_addr = parse_addr(http, "--http", local_only=True) if http else None
     metrics_addr = parse_addr(metrics, "--metrics", local_only=True) if metrics else None
     mqtt_addr = parse_addr(mqtt, "--mqtt") if mqtt else None
@@ -140,7 +165,7 @@ def run_cmd(root, watch, http, segment, config_path, db, canary, min_agreement, 
     stop = threading.Event()  # set by SIGTERM / SIGINT: from here on a signal is a clean stop, never a kill
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     opened = {}  # what to close, in this order: inputs, then the worker (it finishes the queue), then the sinks
-    order = ("watch", "http", "station", "mqtt", "metrics")
+    order = ("watch", "http", "station", "mqtt", "metrics", "lock")
     station = None
     try:
         sinks = {}
@@ -150,10 +175,6 @@ def run_cmd(root, watch, http, segment, config_path, db, canary, min_agreement, 
             sinks["metrics"] = StationMetrics(f"{metrics_addr[0]}:{metrics_addr[1]}")
             opened["metrics"] = sinks["metrics"].close
             sinks["metrics"].set_models(models.serving.version, models.trial.version if models.trial else None)
-        if review:
-            from edgekit.mlff.drift import ReviewFolder
-
-            sinks["review"] = ReviewFolder(review)
         station = Station(models, db_path, config=config, station_id=station_id, batch=batch, note=_note, **sinks)
         if mqtt_addr:
             from edgekit.station.mqtt import MqttPublisher
@@ -165,6 +186,13 @@ def run_cmd(root, watch, http, segment, config_path, db, canary, min_agreement, 
 
             http_input = HttpInput(f"{http_addr[0]}:{http_addr[1]}", station.submit, station.status).start()
             opened["http"] = http_input.stop
+        # one station per database: a second one (systemd's and a hand-started one) would count every canary image
+        # twice and race the first for the verdict. A lock on the database file's neighbour, held until we exit.
+        opened["lock"] = _lock_station(db_path)
+        if review:  # made only now (it creates DIR/inbox): a port in use above leaves no folder behind
+            from edgekit.mlff.drift import ReviewFolder
+
+            station.review = ReviewFolder(review)
         if policy is not None:  # recorded once every refusal (a config, a port in use) is behind us
             InstallRoot(root_path).set_canary_policy(policy)
         station.start()
@@ -256,6 +284,12 @@ def reject_cmd(root, reason, as_json):
     """Discard the trial on canary hold and block its version (edgekit update --allow VERSION lifts the block)."""
     from edgekit.station.canary import reject
 
+    if reason is not None:
+        # the reason is printed inside later one-line errors (edgekit update's "blocked (...)"): a newline in it
+        # would make them two lines, the second one free text that reads like an error of its own
+        reason = " ".join(reason.split())
+        if not reason:
+            raise EdgekitError("--reason is empty; give the reason in words or leave --reason out")
     r = reject(root, reason)
     if as_json:
         echo_json(r)

@@ -403,13 +403,14 @@ def parse_addr(addr: str, what: str = "--http") -> tuple[str, int]:
 class HttpInput:
     """``POST /infer`` and ``GET /status`` on ``addr`` (``127.0.0.1:PORT``; port 0 picks a free one, see
     :attr:`address`). ``timeout_s``: how long a request waits for its committed result (then 504);
-    ``max_bytes``: the largest body taken (then 413)."""
+    ``max_bytes``: the largest body taken (then 413); ``read_timeout_s``: how long a connection may send nothing
+    (a body cut short is then 408 and the connection closes, so a stalled client cannot hold a thread forever)."""
 
     def __init__(self, addr: str, submit: Callable[[Job], bool], status: Callable[[], dict],
-                 timeout_s: float = 30.0, max_bytes: int = 64 << 20):
+                 timeout_s: float = 30.0, max_bytes: int = 64 << 20, read_timeout_s: float = 30.0):
         self.host, self.port = parse_addr(addr)
         self.submit, self.status = submit, status
-        self.timeout_s, self.max_bytes = timeout_s, max_bytes
+        self.timeout_s, self.max_bytes, self.read_timeout_s = timeout_s, max_bytes, read_timeout_s
         self._server: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
 
@@ -418,9 +419,9 @@ class HttpInput:
         return f"{self.host}:{self.port}"
 
     def start(self) -> "HttpInput":
-        handler = type("StationHandler", (_Handler,), {"station_input": self})
+        handler = type("StationHandler", (_Handler,), {"station_input": self, "timeout": self.read_timeout_s})
         try:
-            server = ThreadingHTTPServer((self.host, self.port), handler)
+            server = _Server((self.host, self.port), handler)
         except OSError as e:
             raise EdgekitError(f"cannot listen on {self.host}:{self.port}: {e.strerror or e}") from None
         server.daemon_threads = True
@@ -445,6 +446,18 @@ class HttpInput:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        # socketserver prints a whole traceback here; a client that hangs up or stalls (reset, broken pipe, timeout)
+        # is no news for the station's stderr, and anything else is one line
+        import sys
+
+        e = sys.exc_info()[1]
+        if isinstance(e, OSError):
+            return
+        write_stderr(f"http: a request from {client_address[0]} failed: {e.__class__.__name__}: {first_line(e)}")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -499,7 +512,10 @@ class _Handler(BaseHTTPRequestHandler):
         n = int(length)
         if n > inp.max_bytes:
             return self._error(413, f"body of {n} bytes is over the limit of {inp.max_bytes}", close=True)
-        data = self.rfile.read(n)
+        try:
+            data = self.rfile.read(n)
+        except TimeoutError:
+            return self._error(408, f"body not received within {inp.read_timeout_s:g} s", close=True)
         if len(data) != n:
             return self._error(400, f"body cut short: {len(data)} of {n} bytes", close=True)
         name = safe_upload_name(parse_qs(url.query).get("name", [None])[0])

@@ -28,6 +28,18 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 DECISIONS = ("OK", "NG", "ERROR")
 
 
+def _quiet_client_errors(request, client_address) -> None:
+    """socketserver's ``handle_error`` prints a whole traceback; a client reset or broken pipe says nothing, and
+    anything else is one line."""
+    import sys
+
+    from edgekit.progress import write_stderr
+
+    e = sys.exc_info()[1]
+    if not isinstance(e, OSError):
+        write_stderr(f"metrics: a request from {client_address[0]} failed: {e.__class__.__name__}: {e}")
+
+
 class StationMetrics:
     """Serves the metrics at ``addr`` (HOST:PORT; port 0 picks a free one: ``.port`` says which) until
     ``close()``. ``observe(result)`` after each commit; thread-safe."""
@@ -66,6 +78,7 @@ class StationMetrics:
             self._server, self._thread = start_http_server(port, addr=host, registry=registry)
         except OSError as e:
             raise EdgekitError(f"--metrics {addr}: cannot listen there ({e.strerror or e})") from None
+        self._server.handle_error = _quiet_client_errors  # a scraper that hangs up is no traceback on our stderr
         self.host, self.port = host, self._server.server_port
 
     @property

@@ -11,6 +11,7 @@ the backbone (``check_backbone_match``) before it is used.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,18 @@ class LoadedAdapter:
 def _manifest_id(folder: Path) -> str:
     """An artifact's identity in results: the sha256 of its manifest (which hashes every file), first 16 digits."""
     return hashlib.sha256((Path(folder) / "manifest.json").read_bytes()).hexdigest()[:16]
+
+
+def _artifact_kind(path) -> Optional[str]:
+    """The ``model.kind`` an artifact folder's manifest records (None for a bare model file or no kind)."""
+    manifest = Path(path) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        model = json.loads(manifest.read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None  # runtime.load has already verified it; nothing more to say here
+    return model.get("kind") if isinstance(model, dict) else None
 
 
 class StationModels:
@@ -70,6 +83,13 @@ class StationModels:
 
             self.segment = runtime.load(segment, threads=threads)
             self.segment_id = _manifest_id(segment) if Path(segment).is_dir() else None
+            # another kind of artifact (the MLFF backbone, say) loads and runs, but its outputs are no mask: every
+            # image would then be an ERROR row; refuse it here, once, instead
+            kind = _artifact_kind(segment)
+            if kind not in (None, "gmbinet"):
+                self.close()
+                raise EdgekitError(f"--segment {segment}: a {kind!r} artifact, not a GMBINet segmentation artifact "
+                                   "(edgekit compile a GMBINet checkpoint for it)")
 
     # --- loading -------------------------------------------------------------------------------------------------
 

@@ -84,7 +84,9 @@ def status_topic(topic: str, station_id: str) -> str:
 
 
 def _check_topic(topic: str, what: str) -> str:
-    if not topic or any(c in topic for c in "+#\0") or topic.startswith("/") or topic.endswith("/"):
+    # control characters too: a newline passed, split our one-line notes and made topics no one subscribes to
+    if (not topic or any(c in topic for c in "+#") or any(not c.isprintable() for c in topic)
+            or topic.startswith("/") or topic.endswith("/")):
         raise EdgekitError(f"{what} must be a plain MQTT topic prefix without wildcards, e.g. edgekit/plant1 "
                            f"(got {topic!r})")
     return topic
