@@ -478,11 +478,16 @@ class FusedNet:
         self._closed = False
         self._lock = threading.Lock()
 
-    def _build(self, n: int, height: int, width: int, threads: int):
+    def _build(self, n: int, height: int, width: int, threads: int, acts: Optional[np.ndarray] = None):
         """(state, io) of a program for ``n`` images cut into bands for ``threads``: state = (plan, arena, ops,
-        layers); io = {buffer: [(op index, field path)]} where the program reads the input / writes the output."""
+        layers); io = {buffer: [(op index, field path)]} where the program reads the input / writes the output.
+        ``acts``: the arena of another program of the same plan (same n, height, width) that never runs at the
+        same time as this one, else a new one."""
         plan = plan_gmbinet(self.net, n, height, width, "float32", channel_multiple=1)
-        acts = _aligned(plan.act_bytes)
+        if acts is None:
+            acts = _aligned(plan.act_bytes)
+        elif acts.nbytes != plan.act_bytes:  # pragma: no cover - one plan, one layout
+            raise EdgekitError("cpu-fused: a shared arena of another plan")
         ops, layers = build_program(plan, self.offsets, self.params.ctypes.data, acts.ctypes.data,
                                     threads, self.panel_bytes, self.fuse_head)
         # NaN in every buffer the program works in: one a kernel forgot to write shows up in the output.  The
@@ -549,12 +554,15 @@ class FusedNet:
 
     def lanes(self, height: int, width: int) -> list:
         """The image-parallel lanes for ``height x width`` images, made on first use: one per pool thread, each
-        a 1-thread pool on the same library with its own batch-1 program and arena."""
+        a 1-thread pool on the same library with its own batch-1 program (and arena, but for lane 0's)."""
         if (height, width) not in self._lanes:
             lanes = []
-            for _ in range(self.kernels.threads):
+            for t in range(self.kernels.threads):
                 kernels = self.kernels.twin(1)
-                state, io = self._build(1, height, width, 1)
+                # lane 0 (the calling thread) shares the T-thread batch-1 program's arena: that program runs only
+                # the batch's tail, after every lane is done (one arena, 16 MB at 512 x 512, less per batch)
+                shared = self.state(1, height, width)[1] if t == 0 else None
+                state, io = self._build(1, height, width, 1, acts=shared)
                 lanes.append((kernels, state, io))
             self._lanes[(height, width)] = lanes
         if self._lane_threads is None and self.kernels.threads > 1:
