@@ -109,16 +109,45 @@ def test_two_python_threads_on_one_network(library):
 
 
 def test_close_frees_the_lanes_and_refuses_later_calls(library):
-    kernels_net = fused(library, 2)
-    kernels_net.forward(images(4, 16, 16))
-    lanes = kernels_net._lanes[(16, 16)]
+    net = fused(library, 2)
+    net.forward(images(4, 16, 16))
+    lanes = net._lanes[(16, 16)]
     assert len(lanes) == 2 and all(k._pool for k, _, _ in lanes)
-    kernels_net.close()
-    assert all(k._pool is None for k, _, _ in lanes) and kernels_net._lane_threads is None
-    assert not kernels_net._lanes and not kernels_net._states
+    # lane 0 works in the batch-1 program's arena (they never run at once), lane 1 in its own
+    single = net.state(1, 16, 16)[1]
+    assert lanes[0][1][1] is single and not np.shares_memory(lanes[1][1][1], single)
+    net.close()
+    assert all(k._pool is None for k, _, _ in lanes) and net._lane_threads is None
+    assert not net._lanes and not net._states
     with pytest.raises(EdgekitError, match="closed"):
-        kernels_net.forward(images(2, 16, 16))
-    kernels_net.kernels.close()
+        net.forward(images(2, 16, 16))
+    net.kernels.close()
+
+
+def test_a_failing_lane_leaves_every_program_pointing_into_its_own_arena(library, monkeypatch):
+    """A run that fails in one lane raises (after the other lanes are done), and afterwards every program the
+    batch used points back into its own arena, never at the caller's freed arrays; the next batch is right."""
+    net = fused(library, 2)
+    x = images(5, 24, 20, seed=6)
+    ref = net.forward(x)
+    lanes = net._lanes[(24, 20)]
+    programs = [(state, io) for _, state, io in lanes] + [(net.state(1, 24, 20), net._io[(1, 24, 20)])]
+
+    def inside():
+        for (plan, acts, ops, _), io in programs:
+            lo, hi = acts.ctypes.data, acts.ctypes.data + acts.nbytes
+            for slots in io.values():
+                assert slots and all(lo <= dict(cpu_fused.pointer_fields(ops[k].args))[path] < hi
+                                     for k, path in slots)
+        return True
+
+    assert inside()
+    monkeypatch.setattr(lanes[1][0], "run", lambda *a, **k: (_ for _ in ()).throw(EdgekitError("lane boom")))
+    with pytest.raises(EdgekitError, match="lane boom"):
+        net.forward(x)
+    assert inside()
+    monkeypatch.undo()
+    np.testing.assert_array_equal(net.forward(x), ref)
 
 
 def test_unknown_batch_path_is_refused(library):
