@@ -84,6 +84,23 @@ def test_serial_path_and_a_repeated_batch(library):
     np.testing.assert_array_equal(fused(library, 2).forward(x), a)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_1x1_streamed_batch_is_each_image_alone(library, threads):
+    """The INT8 GMBI 1x1 (--precision int8's arithmetic, calibrated here on random images) streams the same way."""
+    from edgekit.kernels.cpu.build import gmbi_1x1_ranges, quantize_gmbi_1x1
+
+    model = random_gmbinet(SMALL, seed=3)
+    net = fold_gmbinet(model, channel_multiple=1)
+    quantize_gmbi_1x1(net, gmbi_1x1_ranges(model, [images(2, 32, 32, seed=8)]))
+    blob, offsets = net.param_layout()
+    fn = cpu_fused.FusedNet(cpu_fused.CpuKernels(library, threads), net, blob, offsets)
+    x = images(5, 33, 41, seed=10)
+    alone = np.concatenate([fn.forward(x[i:i + 1], poison=True) for i in range(5)])
+    assert all(op.u.gmbi.pw_q for op, ly in zip(*fn.state(1, 33, 41)[2:]) if ly[0].startswith("gmbi"))
+    np.testing.assert_array_equal(fn.forward(x, poison=True), alone)
+    assert not np.isnan(alone).any()
+
+
 def test_two_python_threads_on_one_network(library):
     """One network used from two Python threads at once (the forward lock serialises the calls): each thread's
     batches come back with its own images' results, whatever the other thread runs in between."""
