@@ -449,7 +449,7 @@ def _aligned(nbytes: int, align: int = 64) -> np.ndarray:
 #   "serial": every image through the T-thread batch-1 program (measured, not the default).
 #   "whole": one program over the whole batch, each kernel a pass over all N images (the path before 14.4).
 # Measured on the 2-core Xeon (AVX-512 + AMX), per call against "whole": stream 1.43x (bf16) / 1.37x (fp32) at
-# batch 8 on 2 threads, 1.50x / 1.42x on 1 thread, 1.12-1.27x at batch 2 and 4; serial 1.07-1.17x; at batch 3
+# batch 8 on 2 threads, 1.50x / 1.42x on 1 thread, 1.12-1.27x at batch 2 and 4; serial 1.07-1.30x; at batch 3
 # (one round and a tail) stream and serial are equal within noise.  Whole rounds gain from lanes because a
 # 1-thread program has no barrier between kernels and its image stays in its core's L2 (whole: 8 images'
 # activations leave it between kernels); the tail goes to all T threads because one lane would leave T - 1 idle.
