@@ -1,6 +1,6 @@
 """cpu-fused against plain OpenVINO: interleaved rounds on one machine, spread reported, per-kernel timings.
 
-    python benchmarks/cpu_fused_bench.py --baseline OV_DEFAULT_ARTIFACT --row NAME=ARTIFACT[:threads=N][:batch=B][:isa=avx2] ...
+    python benchmarks/cpu_fused_bench.py --baseline OV_DEFAULT_ARTIFACT --row NAME=ARTIFACT[:threads=N][:batch=B][:isa=avx2][:batch_path=whole] ...
         [--rounds 9] [--iters 15] [--threads 2] [--kernels CPU_FUSED_ARTIFACT] [--json OUT.json]
 
 Every row is loaded with ``edgekit.runtime.load(path, threads=...)`` and timed through ``infer`` (the call an
@@ -34,7 +34,7 @@ def parse_row(text: str):
     parts = rest.split(":")
     opts = dict(p.split("=", 1) for p in parts[1:])
     return {"name": name, "path": parts[0], "threads": int(opts.get("threads", 0)) or None,
-            "batch": int(opts.get("batch", 1)), "isa": opts.get("isa")}
+            "batch": int(opts.get("batch", 1)), "isa": opts.get("isa"), "batch_path": opts.get("batch_path")}
 
 
 def cpu_info() -> dict:
@@ -50,7 +50,8 @@ def cpu_info() -> dict:
 def bench(rows, baseline, rounds: int, iters: int, threads: int, log):
     runners = {}
     for r in [baseline, *rows]:
-        extra = {"isa": r["isa"]} if r.get("isa") else {}  # cpu-fused: one of the artifact's ISA libraries
+        # cpu-fused: one of the artifact's ISA libraries; how a batch of 2+ runs (stream, serial, whole)
+        extra = {k: r[k] for k in ("isa", "batch_path") if r.get(k)}
         runner = runtime.load(r["path"], threads=r["threads"] or threads, **extra)
         x = np.random.default_rng(0).standard_normal((r["batch"], *runner.input_shape)).astype(np.float32)
         for _ in range(3):
@@ -79,6 +80,7 @@ def bench(rows, baseline, rounds: int, iters: int, threads: int, log):
         row = {"name": name, "path": r["path"], "runner": runner.describe(), "batch": r["batch"],
                "threads": r["threads"] or threads, "calls": len(lat[name]), "median_ms": med,
                "round_median_ms_min": min(round_medians[name]), "round_median_ms_max": max(round_medians[name]),
+               "round_median_ms": round_medians[name],
                "fps": r["batch"] * 1e3 / med, "vs_baseline_median": statistics.median(ratios),
                "vs_baseline_min": min(ratios), "vs_baseline_max": max(ratios)}
         row["within_noise"] = name != base and row["vs_baseline_min"] <= 1.0 <= row["vs_baseline_max"]
@@ -114,7 +116,8 @@ def kernel_profile(path: str, threads: int, calls: int) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", required=True, help="NAME=ARTIFACT of the baseline row, or a path")
-    ap.add_argument("--row", action="append", default=[], help="NAME=ARTIFACT[:threads=N][:batch=B][:isa=avx2|avx512]")
+    ap.add_argument("--row", action="append", default=[], help="NAME=ARTIFACT[:threads=N][:batch=B][:isa=avx2|avx512]"
+                    "[:batch_path=stream|serial|whole]")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)

@@ -510,6 +510,7 @@ def test_forward_reads_the_callers_batch_and_restores_its_program(library, monke
     of the program is back inside the plan's own memory."""
     model = random_gmbinet(SMALL, seed=11)
     net = fused(library, model, 2)
+    net.batch_path = "whole"  # this program's pointers; the streamed batch's: tests/test_cpu_fused_batch.py
     x = np.random.default_rng(5).standard_normal((2, 3, 40, 48)).astype(np.float32)
     x0 = x.copy()
     a, b = net.forward(x), net.forward(x[::-1].copy())

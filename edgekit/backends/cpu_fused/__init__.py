@@ -23,10 +23,11 @@ def _build(ctx) -> dict:
                            calibration_description=ctx.calibration_description, log=ctx.log)
 
 
-def _load(path: Path, threads: Optional[int] = None, isa: Optional[str] = None, fuse_head: bool = True):
+def _load(path: Path, threads: Optional[int] = None, isa: Optional[str] = None, fuse_head: bool = True,
+          batch_path: str = "stream"):
     from edgekit.backends.cpu_fused.runner import CpuFusedRunner
 
-    return CpuFusedRunner(path, threads=threads, isa=isa, fuse_head=fuse_head)  # a VerifiedArtifact passes through
+    return CpuFusedRunner(path, threads=threads, isa=isa, fuse_head=fuse_head, batch_path=batch_path)  # a VerifiedArtifact passes through
 
 
 def _not_here() -> Optional[str]:
@@ -60,7 +61,7 @@ def _outdated(manifest: dict) -> Optional[str]:
 
 SPEC = register_backend(BackendSpec(
     name="cpu-fused", description="edgekit's fused CPU kernels (C++, AVX2 / AVX-512, fp32, INT8 1x1 or bf16 1x1 on AMX; needs g++ to compile)",
-    precisions=("fp32", "int8", "bf16"), build=_build, int8="builder", needs={"int8": ("calibration",)}, load=_load, device="cpu", load_options=("threads", "isa", "fuse_head"),
+    precisions=("fp32", "int8", "bf16"), build=_build, int8="builder", needs={"int8": ("calibration",)}, load=_load, device="cpu", load_options=("threads", "isa", "fuse_head", "batch_path"),
     from_artifacts=(), bench_default=("fp32",), not_here=_not_here, outdated=_outdated,
     precision_not_here=_precision_not_here,
     # any width: the kernels' GEMMs take any channel count (masked vector tails). The GMBI stage widths are

@@ -3,7 +3,8 @@
 ``CpuFusedRunner(folder, threads=N)`` verifies the manifest's hashes (weights and libraries), picks the
 fastest library the CPU can run (``choose_isa``; one line naming what the CPU has and what the artifact
 needs when it runs none), starts the kernels' persistent pool of ``N`` threads, and plans each batch size
-once (``plan_gmbinet``: buffers preallocated, the op program built).  ``infer`` points the program's input
+once (``plan_gmbinet``: buffers preallocated, the op program built).  A batch of 2+ images is streamed
+through the stages image by image (``batch_path``, :data:`edgekit.kernels.cpu.runtime.BATCH_PATHS`).  ``infer`` points the program's input
 and output at the caller's batch and a fresh result array (no copies), runs it, and returns the result;
 calls on one runner are serialised.
 """
@@ -32,7 +33,7 @@ class CpuFusedRunner(ArtifactRunner):
     name = TARGET
 
     def __init__(self, folder, threads: Optional[int] = None, isa: Optional[str] = None,
-                 fuse_head: bool = True):
+                 fuse_head: bool = True, batch_path: str = "stream"):
         super().__init__(folder)  # verified first: signature (keys trusted), paths, every file's sha256
         from edgekit.backends.cpu_fused.build import check_geometry
         from edgekit.kernels.cpu.runtime import CpuKernels, FusedNet, choose_isa
@@ -60,7 +61,7 @@ class CpuFusedRunner(ArtifactRunner):
         lib_name = libs[self.isa].get("file")
         library = self.artifact.read(lib_name, f"kernel library ({self.isa})")  # hashed as read, loaded as read
         self.kernels = CpuKernels.from_bytes(library, f"{folder}/{lib_name}", self.threads)
-        self.fused = FusedNet(self.kernels, net, weights, offsets, fuse_head=fuse_head)
+        self.fused = FusedNet(self.kernels, net, weights, offsets, fuse_head=fuse_head, batch_path=batch_path)
         if net.in_channels != self.spec.channels:
             raise EdgekitError(f"{folder}: the model takes {net.in_channels} channels, its preprocessing gives "
                                f"{self.spec.channels}")
@@ -70,6 +71,9 @@ class CpuFusedRunner(ArtifactRunner):
 
     def close(self) -> None:
         """Stop the kernels' worker threads and drop the weights and activation arenas now."""
+        fused = getattr(self, "fused", None)
+        if fused is not None:  # the image-parallel lanes' threads and pools
+            fused.close()
         kernels = getattr(self, "kernels", None)
         if kernels is not None:
             kernels.close()

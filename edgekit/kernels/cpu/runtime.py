@@ -280,6 +280,16 @@ class CpuKernels:
         copy.write_bytes(data)
         return cls(Path(name), threads, _load_path=str(copy))
 
+    def twin(self, threads: int = 1) -> "CpuKernels":
+        """Another pool of ``threads`` on the same loaded (and already checked) library: its own scratch, two-phase
+        z and AMX weight packs, so two twins can run programs at the same time from two OS threads (``ek_run``
+        releases the GIL).  A 1-thread pool starts no worker thread: its tasks run inline on the caller."""
+        other = object.__new__(CpuKernels)
+        other.lib, other.amx_active, other.isa = self.lib, self.amx_active, self.isa
+        other.vector_width, other.threads = self.vector_width, max(1, int(threads))
+        other._pool = self.lib.ek_pool_create(other.threads)
+        return other
+
     def run(self, ops, timings: Optional[np.ndarray] = None, cpu_clock: bool = False) -> None:
         """Run a program; ``timings`` (float64, one per op) accumulates each op's milliseconds: wall time,
         or with ``cpu_clock`` the calling thread's CPU time (preemption-free, for 1-thread profiles)."""
@@ -430,13 +440,32 @@ def _aligned(nbytes: int, align: int = 64) -> np.ndarray:
     return raw[off:off + nbytes]
 
 
+# How a batch of N >= 2 images runs (FusedNet.batch_path; benchmarks/RESULTS.md 14.4 measured the choice):
+#   "stream" (the default): whole rounds of T images (T = the pool's threads) run image-parallel, each of T OS
+#       threads taking the next image through a 1-thread program on its own pool and activation arena (no
+#       barrier between kernels, one image's activations stay in its core's cache); the N mod T images left
+#       go one by one through the T-thread batch-1 program.  At T = 1 that is every image through the batch-1
+#       program.  Every image's output is bit-identical to running it alone (tests/test_cpu_fused_batch.py).
+#   "serial": every image through the T-thread batch-1 program (measured, not the default).
+#   "whole": one program over the whole batch, each kernel a pass over all N images (the path before 14.4).
+# Measured on the 2-core Xeon (AVX-512 + AMX), per call against "whole": stream 1.43x (bf16) / 1.37x (fp32) at
+# batch 8 on 2 threads, 1.50x / 1.42x on 1 thread, 1.12-1.27x at batch 2 and 4; serial 1.07-1.30x; at batch 3
+# (one round and a tail) stream and serial are equal within noise.  Whole rounds gain from lanes because a
+# 1-thread program has no barrier between kernels and its image stays in its core's L2 (whole: 8 images'
+# activations leave it between kernels); the tail goes to all T threads because one lane would leave T - 1 idle.
+BATCH_PATHS = ("stream", "serial", "whole")
+
+
 class FusedNet:
     """The whole network on the CPU kernels: folded parameters (one blob) + a program per batch size."""
 
     def __init__(self, kernels: CpuKernels, net: FoldedGMBINet, blob: np.ndarray,
-                 offsets: Dict[str, Tuple[int, int]], panel_bytes: int = PANEL_BYTES, fuse_head: bool = True):
+                 offsets: Dict[str, Tuple[int, int]], panel_bytes: int = PANEL_BYTES, fuse_head: bool = True,
+                 batch_path: str = "stream"):
+        if batch_path not in BATCH_PATHS:
+            raise EdgekitError(f"cpu-fused: batch_path {batch_path!r} is not one of {', '.join(BATCH_PATHS)}")
         self.kernels, self.net, self.offsets, self.panel_bytes = kernels, net, offsets, panel_bytes
-        self.fuse_head = fuse_head
+        self.fuse_head, self.batch_path = fuse_head, batch_path
         # the last guard before native code: every parameter inside the blob (the manifest's layout was
         # checked against the net by the runner; this holds for any caller)
         for pname, (off, nb) in offsets.items():
@@ -447,36 +476,48 @@ class FusedNet:
         self.params[:] = blob
         self._states: Dict[Tuple[int, int, int], tuple] = {}
         self._io: Dict[Tuple[int, int, int], dict] = {}
+        # the image-parallel lanes, made on the first batch that uses them (a batch-1 station never pays for
+        # them): {(H, W): [(1-thread kernels, state, io)] x T}, and T - 1 threads to run lanes 1.. on
+        self._lanes: Dict[Tuple[int, int], list] = {}
+        self._lane_threads = None
+        self._closed = False
         self._lock = threading.Lock()
+
+    def _build(self, n: int, height: int, width: int, threads: int, acts: Optional[np.ndarray] = None):
+        """(state, io) of a program for ``n`` images cut into bands for ``threads``: state = (plan, arena, ops,
+        layers); io = {buffer: [(op index, field path)]} where the program reads the input / writes the output.
+        ``acts``: the arena of another program of the same plan (same n, height, width) that never runs at the
+        same time as this one, else a new one."""
+        plan = plan_gmbinet(self.net, n, height, width, "float32", channel_multiple=1)
+        if acts is None:
+            acts = _aligned(plan.act_bytes)
+        elif acts.nbytes != plan.act_bytes:  # pragma: no cover - one plan, one layout
+            raise EdgekitError("cpu-fused: a shared arena of another plan")
+        ops, layers = build_program(plan, self.offsets, self.params.ctypes.data, acts.ctypes.data,
+                                    threads, self.panel_bytes, self.fuse_head)
+        # NaN in every buffer the program works in: one a kernel forgot to write shows up in the output.  The
+        # input and output buffers (forward() points the program at the caller's arrays instead) and DF1's
+        # output under the fused head are never touched, so their pages never become resident (8 MB at 512 px)
+        used = {a for op in ops for _, a in pointer_fields(op.args)}
+        for name, b in plan.buffers.items():
+            if name not in (plan.input, plan.output) and acts.ctypes.data + b.offset in used:
+                acts[b.offset:b.offset + b.nbytes] = 0xFF
+        # where the program reads the input and writes the output: forward() points those at the
+        # caller's batch and a fresh result array (no copies of 3 MB in and 1 MB out per 512x512 image)
+        io = {plan.input: [], plan.output: []}
+        for name, slots in io.items():
+            addr = acts.ctypes.data + plan.buffers[name].offset
+            slots += [(k, path) for k, op in enumerate(ops) for path, a in pointer_fields(op.args) if a == addr]
+        return (plan, acts, ops, layers), io
 
     def state(self, n: int, height: int, width: int):
         key = (n, height, width)
         if key not in self._states:
-            plan = plan_gmbinet(self.net, n, height, width, "float32", channel_multiple=1)
-            acts = _aligned(plan.act_bytes)
-            ops, layers = build_program(plan, self.offsets, self.params.ctypes.data, acts.ctypes.data,
-                                        self.kernels.threads, self.panel_bytes, self.fuse_head)
-            # NaN in every buffer the program works in: one a kernel forgot to write shows up in the output.  The
-            # input and output buffers (forward() points the program at the caller's arrays instead) and DF1's
-            # output under the fused head are never touched, so their pages never become resident (8 MB at 512 px)
-            used = {a for op in ops for _, a in pointer_fields(op.args)}
-            for name, b in plan.buffers.items():
-                if name not in (plan.input, plan.output) and acts.ctypes.data + b.offset in used:
-                    acts[b.offset:b.offset + b.nbytes] = 0xFF
-            self._states[key] = (plan, acts, ops, layers)
-            # where the program reads the input and writes the output: forward() points those at the
-            # caller's batch and a fresh result array (no copies of 3 MB in and 1 MB out per 512x512 image)
-            io = {plan.input: [], plan.output: []}
-            for name, slots in io.items():
-                addr = acts.ctypes.data + plan.buffers[name].offset
-                slots += [(k, path) for k, op in enumerate(ops) for path, a in pointer_fields(op.args) if a == addr]
-            self._io[key] = io
+            self._states[key], self._io[key] = self._build(n, height, width, self.kernels.threads)
         return self._states[key]
 
     def _point(self, key, name: str, addr: int) -> None:
-        ops = self._states[key][2]
-        for k, path in self._io[key][name]:
-            _set_path(ops[k].args, path, addr)
+        _point_io(self._states[key][2], self._io[key][name], addr)
 
     def view(self, plan: NetPlan, acts: np.ndarray, name: str) -> np.ndarray:
         b = plan.buffers[name]
@@ -484,11 +525,17 @@ class FusedNet:
 
     def forward(self, x: np.ndarray, *, poison: bool = False, timings: Optional[np.ndarray] = None,
                 cpu_clock: bool = False, buffers: bool = False):
-        """Probabilities ``N x out x H x W`` for a float32 NCHW batch (``buffers``: every buffer, by name)."""
+        """Probabilities ``N x out x H x W`` for a float32 NCHW batch (``buffers``: every buffer, by name).
+        A batch of N >= 2 runs by ``batch_path``; with ``timings`` or ``buffers`` (the per-op profile and the
+        buffers of the planned program) always as one whole-batch program."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 4 or x.shape[1] != self.net.in_channels:
             raise EdgekitError(f"cpu-fused: expected N x {self.net.in_channels} x H x W, got {x.shape}")
-        with self._lock:  # one call at a time: the program, its arena and the worker pool are shared
+        with self._lock:  # one call at a time: the programs, their arenas and the worker pools are shared
+            if self._closed or self.kernels._pool is None:
+                raise EdgekitError("cpu-fused: this network was closed")
+            if x.shape[0] >= 2 and self.batch_path != "whole" and timings is None and not buffers:
+                return self._forward_streamed(x, poison)
             return self._forward(x, poison, timings, cpu_clock, buffers)
 
     def _forward(self, x, poison, timings, cpu_clock, buffers):
@@ -507,15 +554,99 @@ class FusedNet:
         out = np.empty(plan.buffers[plan.output].shape, dtype=np.float32)
         if poison:
             out.fill(np.nan)
-        self._point(key, plan.input, x.ctypes.data)
-        self._point(key, plan.output, out.ctypes.data)
-        try:
-            self.kernels.run(ops, timings, cpu_clock)
-        finally:  # never leave the program pointing at memory the caller may free
-            self._point(key, plan.input, acts.ctypes.data + plan.buffers[plan.input].offset)
-            self._point(key, plan.output, acts.ctypes.data + plan.buffers[plan.output].offset)
+        _run_at(self.kernels, self.state(*key), self._io[key], x.ctypes.data, out.ctypes.data, timings, cpu_clock)
         return out
 
+    def lanes(self, height: int, width: int) -> list:
+        """The image-parallel lanes for ``height x width`` images, made on first use: one per pool thread, each
+        a 1-thread pool on the same library with its own batch-1 program (and arena, but for lane 0's)."""
+        if (height, width) not in self._lanes:
+            lanes = []
+            for t in range(self.kernels.threads):
+                kernels = self.kernels.twin(1)
+                # lane 0 (the calling thread) shares the T-thread batch-1 program's arena: that program runs only
+                # the batch's tail, after every lane is done (one arena, 16 MB at 512 x 512, less per batch)
+                shared = self.state(1, height, width)[1] if t == 0 else None
+                state, io = self._build(1, height, width, 1, acts=shared)
+                lanes.append((kernels, state, io))
+            self._lanes[(height, width)] = lanes
+        if self._lane_threads is None and self.kernels.threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["DEFAULT_ISAS", "ISA_LEVELS", "OPT_IN_ISAS", "OP_STRUCTS", "CpuKernels", "EkOp", "FusedNet", "op_layout", "band_rows", "build_program", "choose_isa",
+            self._lane_threads = ThreadPoolExecutor(self.kernels.threads - 1, thread_name_prefix="edgekit-cpu-lane")
+        return self._lanes[(height, width)]
+
+    def _forward_streamed(self, x: np.ndarray, poison: bool) -> np.ndarray:
+        n, threads, (h, w) = x.shape[0], self.kernels.threads, x.shape[2:]
+        single = self.state(1, h, w)
+        single_io = self._io[(1, h, w)]
+        plan = single[0]
+        out = np.empty((n, *plan.buffers[plan.output].shape[1:]), dtype=np.float32)
+        img_in, img_out = x[0].nbytes, out[0].nbytes
+        if poison:
+            out.fill(np.nan)
+            single[1].fill(0xFF)
+        parallel = (n // threads) * threads if self.batch_path == "stream" and threads > 1 else 0
+        if parallel:
+            lanes = self.lanes(h, w)
+            if poison:
+                for _, (_, acts, _, _), _ in lanes:
+                    acts.fill(0xFF)
+            claim = iter(range(parallel))  # each image claimed by exactly one lane (dynamic: a preempted lane
+            claim_lock = threading.Lock()  # takes fewer images on a shared machine)
+
+            def run_lane(lane):
+                kernels, state, io = lane
+                while True:
+                    with claim_lock:
+                        i = next(claim, None)
+                    if i is None:
+                        return
+                    _run_at(kernels, state, io, x.ctypes.data + i * img_in, out.ctypes.data + i * img_out)
+
+            others = [self._lane_threads.submit(run_lane, lane) for lane in lanes[1:]]
+            try:
+                run_lane(lanes[0])
+            finally:
+                for f in others:
+                    f.result()  # every lane done (and its error raised) before the arrays can go
+        for i in range(parallel, n):  # the rest (or every image), one by one on all threads
+            _run_at(self.kernels, single, single_io, x.ctypes.data + i * img_in, out.ctypes.data + i * img_out)
+        return out
+
+    def close(self) -> None:
+        """Stop the lanes' threads and free their pools and every arena; a later ``forward`` is refused.  The main
+        pool is the caller's (``CpuKernels.close``, safe once this returned: no call can be running or start)."""
+        with self._lock:
+            self._closed = True
+            if self._lane_threads is not None:
+                self._lane_threads.shutdown(wait=True)
+                self._lane_threads = None
+            for lanes in self._lanes.values():
+                for kernels, _, _ in lanes:
+                    kernels.close()
+            self._lanes.clear()
+            self._states.clear()
+            self._io.clear()
+
+
+def _point_io(ops, slots, addr: int) -> None:
+    for k, path in slots:
+        _set_path(ops[k].args, path, addr)
+
+
+def _run_at(kernels: CpuKernels, state, io, x_addr: int, out_addr: int, timings=None, cpu_clock: bool = False):
+    """Run a program with its input and output pointed at ``x_addr`` / ``out_addr``, then point them back at its
+    own arena (never leave a program pointing at memory the caller may free)."""
+    plan, acts, ops, _ = state
+    _point_io(ops, io[plan.input], x_addr)
+    _point_io(ops, io[plan.output], out_addr)
+    try:
+        kernels.run(ops, timings, cpu_clock)
+    finally:
+        _point_io(ops, io[plan.input], acts.ctypes.data + plan.buffers[plan.input].offset)
+        _point_io(ops, io[plan.output], acts.ctypes.data + plan.buffers[plan.output].offset)
+
+
+__all__ = ["BATCH_PATHS", "DEFAULT_ISAS", "ISA_LEVELS", "OPT_IN_ISAS", "OP_STRUCTS", "CpuKernels", "EkOp", "FusedNet", "op_layout", "band_rows", "build_program", "choose_isa",
            "cpu_description", "cpu_features", "source_path", "supported_isas"]
