@@ -407,6 +407,33 @@ def test_malformed_mqtt_addresses_are_refused_not_retried_forever():
     assert parse_addr("[::1]:1883", "--mqtt") == ("::1", 1883)
 
 
+@pytest.mark.parametrize("addr", ["127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:", "8080", "a b:80",
+                                  "127.0.0.1:1883:9"])
+def test_every_host_port_option_refuses_the_same_addresses(tmp_path, addr):
+    """--http, --metrics and --mqtt took port 0 while their message said 1-65535, and each command had a parser of
+    its own. Now every HOST:PORT option (station, fleet status, serve, bench --server) refuses the same addresses
+    with the same one line, before anything is written."""
+    from click.testing import CliRunner
+
+    from edgekit.cli import main
+
+    root, watch = tmp_path / "root", tmp_path / "in"
+    root.mkdir()
+    watch.mkdir()
+    cases = [("--http", ["station", root, "--http", addr]),
+             ("--metrics", ["station", root, "--watch", watch, "--metrics", addr]),
+             ("--mqtt", ["station", root, "--watch", watch, "--mqtt", addr]),
+             ("--mqtt", ["fleet", "status", "--mqtt", addr, "--wait", "0.1"]),
+             ("--http", ["serve", root, "--http", addr]),
+             ("--grpc", ["serve", root, "--grpc", addr]),
+             ("--server", ["bench", "--server", addr, "--model", "m"])]
+    for option, args in cases:
+        r = CliRunner().invoke(main, [str(a) for a in args])
+        line = one_error_line(r, f"{option} {addr!r}: give HOST:PORT, e.g. ")
+        assert line.endswith("(port 1-65535)") and r.exit_code == 2 and r.stdout == "", (args, line)
+    assert list(root.iterdir()) == [] and list(watch.iterdir()) == []
+
+
 def test_segment_that_is_not_a_segmentation_artifact_is_refused_at_start(device, root, tmp_path):
     """The backbone artifact given as --segment used to load and then make every image an ERROR row."""
     watch = tmp_path / "in"

@@ -37,6 +37,7 @@ from urllib.parse import parse_qs, urlsplit
 from edgekit.errors import EdgekitError, first_line
 from edgekit.progress import write_stderr
 from edgekit.station.jobs import Job
+from edgekit.utils import parse_host_port
 
 WATCH_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 TEMP_SUFFIXES = (".tmp", ".part", "~")
@@ -393,11 +394,9 @@ def safe_upload_name(raw: Optional[str]) -> str:
 
 
 def parse_addr(addr: str, what: str = "--http") -> tuple[str, int]:
-    """``HOST:PORT`` -> (host, port); one error line for anything else."""
-    host, sep, port = str(addr).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise EdgekitError(f"{what} wants HOST:PORT such as 127.0.0.1:8080, got {addr!r}")
-    return host.strip("[]"), int(port)
+    """``HOST:PORT`` -> (host, port) through the shared parser; port 0 (the system picks a free one) is for
+    library callers: the command refuses it before it gets here."""
+    return parse_host_port(addr, what, allow_port_zero=True)
 
 
 class HttpInput:
