@@ -434,6 +434,30 @@ def test_every_host_port_option_refuses_the_same_addresses(tmp_path, addr):
     assert list(root.iterdir()) == [] and list(watch.iterdir()) == []
 
 
+@pytest.mark.parametrize("corrupt", ["garbage", {"version": 5, "dir": "versions/1.0.0"}, ["1.0.0"],
+                                     {"version": "1.0.0"}])
+def test_status_reports_a_corrupt_current_entry(device, root, corrupt):
+    """state.json's "current" corrupted used to be read as "nothing recorded", so status (and the station) quietly
+    took whatever ROOT/current points to and reported it as serving. It fails closed now, as every other corrupt
+    field of the state does: one error line naming the file, exit 2, and the station refuses to start."""
+    cli = device["cli"]
+    assert json.loads(ok(cli("station", "status", root, "--json")).stdout)["serving"] == "1.0.0"
+    state_path = root / "state.json"
+    state = json.loads(state_path.read_text())
+    state["current"] = corrupt
+    state_path.chmod(0o644)
+    state_path.write_text(json.dumps(state))
+    for args in (("station", "status", root), ("station", "status", root, "--json")):
+        r = cli(*args)
+        line = one_error_line(r, f"{state_path} is malformed (current is ")
+        assert r.exit_code == 2 and r.stdout == "" and "fix or remove it" in line
+    watch = root.parent / "in"
+    watch.mkdir()
+    r = cli("station", root, "--watch", watch, "--backbone-artifact", device["art"])
+    one_error_line(r, f"{state_path} is malformed (current is ")
+    assert r.exit_code == 2 and not (root / "station.db").exists()
+
+
 def test_segment_that_is_not_a_segmentation_artifact_is_refused_at_start(device, root, tmp_path):
     """The backbone artifact given as --segment used to load and then make every image an ERROR row."""
     watch = tmp_path / "in"
