@@ -470,6 +470,37 @@ def test_segment_that_is_not_a_segmentation_artifact_is_refused_at_start(device,
     assert sorted(p.name for p in root.iterdir()) == before  # no database
 
 
+def test_segment_given_as_a_bare_model_file_is_checked_too(device, root, tmp_path):
+    """A bare .onnx (no manifest, so no recorded kind) was not checked at all: the backbone's model.onnx as
+    --segment started, and every image became an ERROR row. The model's own output says what it is now: the
+    backbone's (1 x 48 features) is refused at start, the segmentation model's mask (1 x 1 x 32 x 32) runs."""
+    watch = tmp_path / "in"
+    watch.mkdir()
+    before = sorted(p.name for p in root.iterdir())
+    # a process with a deadline: before the fix this station started and ran until stopped
+    r = subprocess.run(station_cmd(root, "--watch", watch, "--segment", device["art"] / "model.onnx",
+                                   "--backbone-artifact", device["art"]), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: --segment ") and "its output is 1 x 48, not a mask (N x 1 x H x W): not a " \
+        "segmentation model" in r.stderr
+    assert sorted(p.name for p in root.iterdir()) == before  # no database
+    config = tmp_path / "station.toml"
+    config.write_text("[segment]\nthreshold = 0.0\nmin_region_px = 1\n")  # every pixel is defect: one region
+    proc = start(root, watch, device["art"], "--segment", device["seg"] / "model.onnx", "--config", config)
+    try:
+        drop_image(watch, "part.png", 0, 300)
+        wait_for(lambda: len(committed_keys(root / "station.db")) == 1, what="the image", proc=proc)
+    finally:
+        code, _, err = stop(proc)
+    assert code == 0, err
+    conn = sqlite3.connect((root / "station.db").absolute().as_uri() + "?mode=ro", uri=True)
+    try:
+        (row,) = [json.loads(r[0]) for r in conn.execute("SELECT result FROM results")]
+    finally:
+        conn.close()
+    assert row["decision"] == "NG" and row["error"] is None and row["segment"]["defect_frac"] == 1.0
+
+
 def test_port_in_use_leaves_no_review_folder_behind(device, root, tmp_path):
     """--review DIR used to be created (DIR/inbox) before --http was bound, so a refused start left it behind."""
     review = tmp_path / "review"

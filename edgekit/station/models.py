@@ -54,6 +54,18 @@ def _artifact_kind(path) -> Optional[str]:
     return model.get("kind") if isinstance(model, dict) else None
 
 
+def _mask_output_shape(runner) -> Optional[str]:
+    """None when ``runner`` gives a probability mask (1 x 1 x H x W for one input); otherwise its output shape as
+    text. One zero image through the model: the only kind check a bare model file (no manifest) allows."""
+    try:
+        out = np.asarray(runner.infer(np.zeros((1, *runner.input_shape), np.float32)))
+    except EdgekitError as e:
+        return f"an error ({e})"
+    if out.ndim == 4 and out.shape[:2] == (1, 1) and min(out.shape[2:]) > 1:
+        return None
+    return " x ".join(map(str, out.shape)) or "a scalar"
+
+
 class StationModels:
     """``run(images)`` -> one dict per image: {"classification", "trial", "ood", "segment_probs"};
     ``prepare(images)``: the backbone's input tensor, which ``run(images, prepared)`` takes instead of computing it.
@@ -90,6 +102,12 @@ class StationModels:
                 self.close()
                 raise EdgekitError(f"--segment {segment}: a {kind!r} artifact, not a GMBINet segmentation artifact "
                                    "(edgekit compile a GMBINet checkpoint for it)")
+            if kind is None:  # a bare model file (or a folder whose manifest names no kind): ask the model itself
+                shape = _mask_output_shape(self.segment)
+                if shape is not None:
+                    self.close()
+                    raise EdgekitError(f"--segment {segment}: its output is {shape}, not a mask (N x 1 x H x W): not "
+                                       "a segmentation model (edgekit compile a GMBINet checkpoint for it)")
 
     # --- loading -------------------------------------------------------------------------------------------------
 
