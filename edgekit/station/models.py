@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from edgekit.device.state import CURRENT_LINK, STATE_NAME, InstallRoot
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, first_line
 
 
 @dataclass
@@ -59,8 +59,8 @@ def _mask_output_shape(runner) -> Optional[str]:
     text. One zero image through the model: the only kind check a bare model file (no manifest) allows."""
     try:
         out = np.asarray(runner.infer(np.zeros((1, *runner.input_shape), np.float32)))
-    except EdgekitError as e:
-        return f"an error ({e})"
+    except Exception as e:  # noqa: BLE001 - a model that cannot run one image is refused in one line, not a crash
+        return f"an error on a blank image ({e.__class__.__name__}: {first_line(e)})"
     if out.ndim == 4 and out.shape[:2] == (1, 1) and min(out.shape[2:]) > 1:
         return None
     return " x ".join(map(str, out.shape)) or "a scalar"
