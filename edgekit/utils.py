@@ -1,11 +1,14 @@
-"""Small shared helpers: atomic file writes and hashing."""
+"""Small shared helpers: atomic file writes, hashing and the one HOST:PORT parser every command uses."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import os
 import tempfile
 from pathlib import Path
+
+from edgekit.errors import EdgekitError
 
 
 def current_umask() -> int:
@@ -49,3 +52,31 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def parse_host_port(text, option: str, *, listen: bool = False, example: str = "127.0.0.1:8080",
+                    allow_port_zero: bool = False) -> tuple:
+    """``HOST:PORT`` (``[v6addr]:PORT`` for IPv6) -> (host, port) with the port in 1-65535; anything else is one
+    EdgekitError line naming ``option``. Every command's address option goes through here (--http, --metrics,
+    --mqtt, --grpc, --server), so they all take and refuse the same things.
+
+    ``listen``: a server edgekit opens binds a literal IP address (127.0.0.1 unless you mean to expose it).
+    ``allow_port_zero``: for library callers (tests) that let the system pick a free port; no command passes
+    it, since a port nobody can know is no address to give a station or a fleet."""
+    value = "" if text is None else str(text)
+    host, sep, port = value.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    lowest = 0 if allow_port_zero else 1
+    ok_port = port.isascii() and port.isdigit() and lowest <= int(port) <= 65535
+    # '127.0.0.1:1883:9' or 'a b:1883' would otherwise reach a client as a host it retries forever
+    ok_host = bool(host) and not any(c.isspace() or not c.isprintable() for c in host) and (bracketed or ":" not in host)
+    if not sep or not ok_host or not ok_port:
+        raise EdgekitError(f"{option} {value!r}: give HOST:PORT, e.g. {example} (port 1-65535)")
+    if listen:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise EdgekitError(f"{option} {value!r}: the host must be an IP address to listen on, e.g. "
+                               f"{example}") from None
+    return host, int(port)

@@ -329,3 +329,26 @@ def test_json_output_is_one_document(cli, tiny_ckpt, tmp_path):
         assert r.exit_code == 0, r.stderr
         json.loads(r.stdout)  # raises on anything but exactly one JSON document
     assert (tmp_path / "a" / "manifest.json").is_file()
+
+
+def test_without_json_stdout_is_the_result_line_alone(cli, tiny_ckpt, tmp_path):
+    """Issue 19's residual: compile printed its notes (cpu-fused's "kernels built with ...") on stdout, before the
+    result, and prune its BatchNorm note. Now stdout is the result alone (compile and quantize: the one
+    "wrote OUT: ..." line; prune: what came out and where), and the notes are on stderr."""
+    import shutil
+
+    runs = [(("quantize", tiny_ckpt, "--target", "onnx", "--calib", "synthetic", "--subset", "4", "--val",
+              "synthetic:4", "--max-drop", "1", "--out", tmp_path / "q"), "INT8 iou on synthetic steel defects")]
+    if shutil.which("g++") is not None:
+        runs.append((("compile", tiny_ckpt, "--target", "cpu-fused", "--out", tmp_path / "cf"), "kernels built with"))
+    for args, note in runs:
+        r = cli(*args)
+        assert r.exit_code == 0, r.stderr
+        assert len(r.stdout.splitlines()) == 1 and r.stdout.startswith(f"wrote {args[-1]}: "), r.stdout
+        assert note is None or note in r.stderr, r.stderr
+    out = tmp_path / "p.pt"
+    r = cli("prune", tiny_ckpt, "--ratio", "0.5", "--data", "synthetic:4", "--bn-images", "4", "--out", out)
+    assert r.exit_code == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"pruned {tiny_ckpt}: widths ") and lines[-1] == f"wrote {out}", r.stdout
+    assert "BatchNorm" not in r.stdout and "BatchNorm statistics recalibrated on 4 images" in r.stderr

@@ -407,6 +407,57 @@ def test_malformed_mqtt_addresses_are_refused_not_retried_forever():
     assert parse_addr("[::1]:1883", "--mqtt") == ("::1", 1883)
 
 
+@pytest.mark.parametrize("addr", ["127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:", "8080", "a b:80",
+                                  "127.0.0.1:1883:9"])
+def test_every_host_port_option_refuses_the_same_addresses(tmp_path, addr):
+    """--http, --metrics and --mqtt took port 0 while their message said 1-65535, and each command had a parser of
+    its own. Now every HOST:PORT option (station, fleet status, serve, bench --server) refuses the same addresses
+    with the same one line, before anything is written."""
+    from click.testing import CliRunner
+
+    from edgekit.cli import main
+
+    root, watch = tmp_path / "root", tmp_path / "in"
+    root.mkdir()
+    watch.mkdir()
+    cases = [("--http", ["station", root, "--http", addr]),
+             ("--metrics", ["station", root, "--watch", watch, "--metrics", addr]),
+             ("--mqtt", ["station", root, "--watch", watch, "--mqtt", addr]),
+             ("--mqtt", ["fleet", "status", "--mqtt", addr, "--wait", "0.1"]),
+             ("--http", ["serve", root, "--http", addr]),
+             ("--grpc", ["serve", root, "--grpc", addr]),
+             ("--server", ["bench", "--server", addr, "--model", "m"])]
+    for option, args in cases:
+        r = CliRunner().invoke(main, [str(a) for a in args])
+        line = one_error_line(r, f"{option} {addr!r}: give HOST:PORT, e.g. ")
+        assert line.endswith("(port 1-65535)") and r.exit_code == 2 and r.stdout == "", (args, line)
+    assert list(root.iterdir()) == [] and list(watch.iterdir()) == []
+
+
+@pytest.mark.parametrize("corrupt", ["garbage", {"version": 5, "dir": "versions/1.0.0"}, ["1.0.0"],
+                                     {"version": "1.0.0"}])
+def test_status_reports_a_corrupt_current_entry(device, root, corrupt):
+    """state.json's "current" corrupted used to be read as "nothing recorded", so status (and the station) quietly
+    took whatever ROOT/current points to and reported it as serving. It fails closed now, as every other corrupt
+    field of the state does: one error line naming the file, exit 2, and the station refuses to start."""
+    cli = device["cli"]
+    assert json.loads(ok(cli("station", "status", root, "--json")).stdout)["serving"] == "1.0.0"
+    state_path = root / "state.json"
+    state = json.loads(state_path.read_text())
+    state["current"] = corrupt
+    state_path.chmod(0o644)
+    state_path.write_text(json.dumps(state))
+    for args in (("station", "status", root), ("station", "status", root, "--json")):
+        r = cli(*args)
+        line = one_error_line(r, f"{state_path} is malformed (current is ")
+        assert r.exit_code == 2 and r.stdout == "" and "fix or remove it" in line
+    watch = root.parent / "in"
+    watch.mkdir()
+    r = cli("station", root, "--watch", watch, "--backbone-artifact", device["art"])
+    one_error_line(r, f"{state_path} is malformed (current is ")
+    assert r.exit_code == 2 and not (root / "station.db").exists()
+
+
 def test_segment_that_is_not_a_segmentation_artifact_is_refused_at_start(device, root, tmp_path):
     """The backbone artifact given as --segment used to load and then make every image an ERROR row."""
     watch = tmp_path / "in"
@@ -417,6 +468,37 @@ def test_segment_that_is_not_a_segmentation_artifact_is_refused_at_start(device,
     one_error_line(r, "not a GMBINet segmentation artifact")
     assert r.exit_code == 2 and r.stdout == ""
     assert sorted(p.name for p in root.iterdir()) == before  # no database
+
+
+def test_segment_given_as_a_bare_model_file_is_checked_too(device, root, tmp_path):
+    """A bare .onnx (no manifest, so no recorded kind) was not checked at all: the backbone's model.onnx as
+    --segment started, and every image became an ERROR row. The model's own output says what it is now: the
+    backbone's (1 x 48 features) is refused at start, the segmentation model's mask (1 x 1 x 32 x 32) runs."""
+    watch = tmp_path / "in"
+    watch.mkdir()
+    before = sorted(p.name for p in root.iterdir())
+    # a process with a deadline: before the fix this station started and ran until stopped
+    r = subprocess.run(station_cmd(root, "--watch", watch, "--segment", device["art"] / "model.onnx",
+                                   "--backbone-artifact", device["art"]), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: --segment ") and "its output is 1 x 48, not a mask (N x 1 x H x W): not a " \
+        "segmentation model" in r.stderr
+    assert sorted(p.name for p in root.iterdir()) == before  # no database
+    config = tmp_path / "station.toml"
+    config.write_text("[segment]\nthreshold = 0.0\nmin_region_px = 1\n")  # every pixel is defect: one region
+    proc = start(root, watch, device["art"], "--segment", device["seg"] / "model.onnx", "--config", config)
+    try:
+        drop_image(watch, "part.png", 0, 300)
+        wait_for(lambda: len(committed_keys(root / "station.db")) == 1, what="the image", proc=proc)
+    finally:
+        code, _, err = stop(proc)
+    assert code == 0, err
+    conn = sqlite3.connect((root / "station.db").absolute().as_uri() + "?mode=ro", uri=True)
+    try:
+        (row,) = [json.loads(r[0]) for r in conn.execute("SELECT result FROM results")]
+    finally:
+        conn.close()
+    assert row["decision"] == "NG" and row["error"] is None and row["segment"]["defect_frac"] == 1.0
 
 
 def test_port_in_use_leaves_no_review_folder_behind(device, root, tmp_path):

@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import shutil
+import socket
 import sqlite3
 import threading
 import time
@@ -425,6 +426,110 @@ def test_http_body_limit_and_timeout(tmp_path):
     finally:
         inp.stop()
         worker.close()
+
+
+BIG = 200_000_000  # the attack pass's upload: over the default 64 MiB limit
+CHUNK = bytes(1 << 20)
+
+
+def _stream(sock: socket.socket, total: int) -> None:
+    """Send ``total`` zero bytes as a body, 1 MiB at a time."""
+    sent = 0
+    while sent < total:
+        n = min(len(CHUNK), total - sent)
+        sock.sendall(CHUNK[:n] if n < len(CHUNK) else CHUNK)
+        sent += n
+
+
+def _read_reply(sock: socket.socket) -> tuple:
+    """(status line, headers text, body) of one HTTP reply read from ``sock``; the body by its Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed before a whole reply: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    length = next(int(v) for k, _, v in (h.partition(":") for h in lines[1:]) if k.lower() == "content-length")
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the connection closed inside the reply's body"
+        body += chunk
+    return lines[0], "\n".join(lines[1:]).lower(), body
+
+
+def _is_413_line(status: str, body: bytes) -> bool:
+    return (status.startswith("HTTP/1.1 413") and body.count(b"\n") == 1
+            and json.loads(body)["error"] == f"body of {BIG} bytes is over the limit of {64 << 20}")
+
+
+def test_http_200_mb_post_gets_a_readable_413(http_station):
+    """A 200 MB POST used to be answered by closing the socket with the body unread: the kernel reset the
+    connection and the client got a broken pipe instead of the 413. Now every kind of client reads the 413 line."""
+    inp, worker = http_station
+    request = f"POST /infer?name=big.png HTTP/1.1\r\nHost: x\r\nContent-Length: {BIG}\r\n"
+    t0 = time.monotonic()
+    # a client that sends the whole body before it reads (as urllib and http.client do)
+    with socket.create_connection((inp.host, inp.port), timeout=60) as sock:
+        sock.sendall((request + "\r\n").encode())
+        _stream(sock, BIG)
+        status, headers, body = _read_reply(sock)
+        assert _is_413_line(status, body) and "connection: close" in headers
+        assert sock.recv(1) == b""  # then the server closes
+    # a client that reads while it streams (curl without Expect): the 413 comes before the body is out
+    with socket.create_connection((inp.host, inp.port), timeout=60) as sock:
+        sock.sendall((request + "\r\n").encode())
+        sender = concurrent.futures.ThreadPoolExecutor(1).submit(_stream, sock, BIG)
+        status, headers, body = _read_reply(sock)
+        assert _is_413_line(status, body)
+        sender.result(timeout=60)  # the server drained the rest: no broken pipe for the sender either
+    # Expect: 100-continue: the 413 instead of "100 Continue", before a byte of the body is sent
+    with socket.create_connection((inp.host, inp.port), timeout=10) as sock:
+        sock.sendall((request + "Expect: 100-continue\r\n\r\n").encode())
+        status, headers, body = _read_reply(sock)
+        assert _is_413_line(status, body)
+        assert sock.recv(1) == b""
+    # urllib (http.client underneath), the body streamed from an iterable
+    req = urllib.request.Request(f"http://{inp.address}/infer", data=(CHUNK[:min(len(CHUNK), BIG - i)]
+                                 for i in range(0, BIG, len(CHUNK))), method="POST",
+                                 headers={"Content-Length": str(BIG), "Content-Type": "application/octet-stream"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 413 and _is_413_line("HTTP/1.1 413", e.value.read())
+    assert time.monotonic() - t0 < 120 and worker.q.empty()
+
+
+def test_http_refused_body_is_dropped_within_bounds():
+    """What a refused body may cost the station is bounded: past ``discard_bytes`` or ``discard_timeout_s`` the
+    connection closes (a client still sending then gets a reset, but has had the 413 to read)."""
+    inp = HttpInput("127.0.0.1:0", lambda job: pytest.fail("a refused body was submitted"), dict, max_bytes=1000,
+                    discard_bytes=1 << 20, discard_timeout_s=1.0).start()
+    try:
+        request = f"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Length: {BIG}\r\n\r\n".encode()
+        # a client that streams far past the bound, reading meanwhile
+        with socket.create_connection((inp.host, inp.port), timeout=30) as sock:
+            sock.sendall(request)
+            t0 = time.monotonic()
+            sender = concurrent.futures.ThreadPoolExecutor(1).submit(_stream, sock, BIG)
+            status, _, body = _read_reply(sock)
+            assert status.startswith("HTTP/1.1 413") and "over the limit of 1000" in json.loads(body)["error"]
+            with pytest.raises(OSError):  # reset once the server stopped reading, long before 200 MB went out
+                sender.result(timeout=30)
+            assert time.monotonic() - t0 < 30
+        # a client that announces 200 MB and then trickles: the server stops reading at the deadline (1 s), not
+        # after read_timeout_s (30 s) of each trickle
+        with socket.create_connection((inp.host, inp.port), timeout=30) as sock:
+            sock.sendall(request)
+            t0 = time.monotonic()
+            status, _, body = _read_reply(sock)
+            assert status.startswith("HTTP/1.1 413") and sock.recv(1) == b""  # the reply ends: our side is shut
+            with pytest.raises(OSError):  # a reset once the server closed
+                while time.monotonic() - t0 < 10:
+                    sock.sendall(b"x" * 100)
+                    time.sleep(0.05)
+            assert 0.9 < time.monotonic() - t0 < 10
+    finally:
+        inp.stop()
 
 
 def test_http_addresses():

@@ -92,18 +92,22 @@ def compile_cmd(model, target, precision, out, calib, subset, int8_scheme, max_d
 
 
 def _run(request, as_json: bool) -> None:
-    """Compile ``request``: progress and auto's measurements on stderr; the result line on stdout (with
-    --json: the manifest, the one document on stdout)."""
-    from edgekit.pipeline.compile import compile_artifact
+    """Compile ``request``: the build's messages and auto's measurements on stderr (edgekit.progress); on stdout
+    the result alone: the ``wrote OUT: ...`` line, or with --json the manifest, the one document."""
+    import contextlib
 
-    manifest = compile_artifact(request, log=_log(as_json), note=lambda m: click.echo(m, err=True))
+    from edgekit.pipeline.compile import compile_artifact
+    from edgekit.progress import write_stderr
+
+    lines = []
+    # without --json too, whatever a library prints to stdout meanwhile (NNCF, a compiler) goes to stderr
+    with contextlib.nullcontext() if as_json else result_stdout():  # --json: json_option redirected it already
+        manifest = compile_artifact(request, log=write_stderr, note=write_stderr,
+                                    result=write_stderr if as_json else lines.append)
     if as_json:
         echo_json(manifest)
-
-
-def _log(as_json: bool):
-    """Compile progress: stdout is the result's, so with --json the lines go to stderr."""
-    return (lambda m: click.echo(m, err=True)) if as_json else click.echo
+    for line in lines:
+        click.echo(line)
 
 
 @build_command

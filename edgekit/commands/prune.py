@@ -1,12 +1,13 @@
 """``edgekit prune CKPT --ratio R [--finetune RECIPE] --out CKPT``: structured channel pruning."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
 
 from edgekit.commands._common import (check_out, echo_json, force_option, json_option, limit_option, model_path,
-                                     out_option, threads_option)
+                                     out_option, result_stdout, threads_option)
 from edgekit.errors import EdgekitError
 
 EXTRA = "prune"  # Torch-Pruning: without it edgekit.cli lists prune as needing edgekit[prune]
@@ -76,19 +77,21 @@ def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn
         if distill is not None:
             r.loss.distill = float(distill)
     ck = load_checkpoint(model_path(model, quiet=True))  # quiet: a refused ratio stays one error line
-    result = prune_and_finetune(ck, ratio, out_path, data=data, recipe=r, importance=importance,
-                                taylor_images=taylor_images, bn_images=bn_images, limit_images=limit_images,
-                                exact=exact, iterations=iterations, budget_s=budget_s, work_dir=work_dir,
-                                note=write_stderr, log=write_stderr)
+    # without --json too, whatever a library prints to stdout meanwhile goes to stderr: stdout is the result's
+    with contextlib.nullcontext() if as_json else result_stdout():  # --json: json_option redirected it already
+        result = prune_and_finetune(ck, ratio, out_path, data=data, recipe=r, importance=importance,
+                                    taylor_images=taylor_images, bn_images=bn_images, limit_images=limit_images,
+                                    exact=exact, iterations=iterations, budget_s=budget_s, work_dir=work_dir,
+                                    note=write_stderr, log=write_stderr)
     if as_json:
         echo_json(result)
         return
+    if result["bn_recalibration"]:  # what was done, not what came out: a note
+        write_stderr(f"BatchNorm statistics recalibrated on {result['bn_recalibration']['images']} images")
     w0, w1 = result["widths_before"], result["widths_after"]
     click.echo(f"pruned {ck.path}: widths {w0} -> {w1}; parameters {result['params_before']:,} -> "
                f"{result['params_after']:,}; MACs at 512 {result['macs_before'] / 1e9:.3f} G -> "
                f"{result['macs_after'] / 1e9:.3f} G")
-    if result["bn_recalibration"]:
-        click.echo(f"BatchNorm statistics recalibrated on {result['bn_recalibration']['images']} images")
     if "check" in result:
         c = result["check"]
         click.echo(f"{c['data']}: IoU {c['source_iou']:.4f} -> {c['pruned_iou']:.4f} "

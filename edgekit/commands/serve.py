@@ -78,8 +78,11 @@ def serve_cmd(repo, http, grpc, trusted_keys, threads, install, poll_secs, log_f
 
     from edgekit.serve.triton import TritonServer, find_triton, install_triton
 
-    from edgekit.serve.triton import check_repository
+    from edgekit.serve.triton import check_repository, parse_address
 
+    parse_address(http, "--http")  # a bad address is refused before the repository's files are read
+    if grpc != "off":
+        parse_address(grpc, "--grpc")
     check_repository(Path(repo), list(trusted_keys) or None)  # every file of every model, before anything starts
     dist = install_triton(log=lambda m: click.echo(m, err=True)) if install else find_triton()
     server = TritonServer(repo, http=http, grpc=None if grpc == "off" else grpc, dist=dist, log_file=log_file,

@@ -2,7 +2,6 @@
 reject ROOT``: what it is doing, and the operator's canary override."""
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import threading
@@ -12,6 +11,7 @@ import click
 
 from edgekit.commands._common import echo_json, json_option, threads_option
 from edgekit.errors import EdgekitError
+from edgekit.utils import parse_host_port
 
 DEFAULT_MIN_AGREEMENT = 0.95
 DEFAULT_TOPIC = "edgekit"
@@ -26,23 +26,10 @@ def _note(text: str) -> None:
 
 
 def parse_addr(text: str, option: str, local_only: bool = False) -> tuple:
-    """``HOST:PORT`` -> (host, port); one error line naming ``option`` otherwise. ``local_only``: a server this
-    station opens (--http, --metrics) binds a literal IP address (127.0.0.1 unless you mean to expose it)."""
-    host, sep, port = text.rpartition(":")
-    bracketed = host.startswith("[") and host.endswith("]")
-    host = host[1:-1] if bracketed else host
-    ok_port = port.isdigit() and 0 <= int(port) <= 65535 and (int(port) > 0 or local_only)
-    # '127.0.0.1:1883:9' or 'a b:1883' would otherwise reach the MQTT client as a host it retries forever
-    ok_host = bool(host) and not any(c.isspace() for c in host) and (bracketed or ":" not in host)
-    if not sep or not ok_host or not ok_port:
-        raise EdgekitError(f"{option} {text!r}: give HOST:PORT, e.g. 127.0.0.1:8080 (port 1-65535)")
-    if local_only:
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise EdgekitError(f"{option} {text!r}: the host must be an IP address to listen on, e.g. "
-                               "127.0.0.1:8080") from None
-    return host, int(port)
+    """``HOST:PORT`` -> (host, port) through the shared parser (``edgekit.utils.parse_host_port``); ``local_only``:
+    a server this station opens (--http, --metrics) binds a literal IP address."""
+    return parse_host_port(text, option, listen=local_only,
+                           example="127.0.0.1:1883" if option == "--mqtt" else "127.0.0.1:8080")
 
 
 def _lock_station(db_path: Path):

@@ -155,6 +155,12 @@ def _write_state(root: Path, state: DeviceState) -> None:
     _fsync_dir(root)
 
 
+def _short(value, limit: int = 60) -> str:
+    """A JSON value as short one-line text for an error message."""
+    text = " ".join(json.dumps(value, default=str).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _parse_state(path: Path) -> DeviceState:
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
@@ -163,9 +169,14 @@ def _parse_state(path: Path) -> DeviceState:
     if not isinstance(d, dict) or d.get("format") != STATE_FORMAT or d.get("format_version", 1) not in (1, 2):
         raise EdgekitError(f"{path} is not an edgekit install state; fix or remove it")
 
-    def entry(v):
-        if not (isinstance(v, dict) and isinstance(v.get("version"), str) and isinstance(v.get("dir"), str)):
+    def entry(name, v):
+        if v is None:
             return None
+        if not (isinstance(v, dict) and isinstance(v.get("version"), str) and isinstance(v.get("dir"), str)):
+            # fail closed: read as "nothing recorded", a corrupt entry let read() take whatever ROOT/current
+            # points to and report it as a healthy state (station status did); what serves is never guessed
+            raise EdgekitError(f"{path} is malformed ({name} is {_short(v)}, not a version entry "
+                               "{\"version\", \"dir\"}); fix or remove it")
         if not _VERSION_DIR_RE.match(v["dir"]):  # the rule ROOT/current's target obeys: never a path out of ROOT
             raise EdgekitError(f"{path} is malformed (a version folder {v['dir']!r} outside "
                                f"{VERSIONS_DIR}/); fix or remove it")
@@ -182,7 +193,8 @@ def _parse_state(path: Path) -> DeviceState:
             canary = check_canary_policy(canary)
         except EdgekitError as e:
             raise EdgekitError(f"{path} is malformed (canary policy: {e}); fix or remove it") from None
-    return DeviceState(entry(d.get("current")), entry(d.get("previous")), entry(d.get("trial")),
+    return DeviceState(entry("current", d.get("current")), entry("previous", d.get("previous")),
+                       entry("trial", d.get("trial")),
                        {str(k): str(v) for k, v in blocked.items()},
                        {str(k): int(v) for k, v in interrupted.items() if isinstance(v, int)},
                        pinned if isinstance(pinned, str) else None, list(d.get("history") or []), canary)

@@ -127,10 +127,12 @@ def _failure(e: Exception) -> str:
         else f"{type(e).__name__}: {text[0][:160] if text else ''}"
 
 
-def compile_auto(request: CompileRequest, log: Callable = print, note: Optional[Callable] = None) -> dict:
+def compile_auto(request: CompileRequest, log: Callable = print, note: Optional[Callable] = None,
+                 result: Optional[Callable] = None) -> dict:
     """Build each candidate of ``request`` into a temporary folder, measure accuracy and batch-1 speed
     here, and write the fastest within the budget to ``request.out`` with ``manifest["auto"]`` saying
-    what was measured and why it was chosen. ``note``: the measurements as they come (default ``log``)."""
+    what was measured and why it was chosen. ``note``: the measurements as they come (default ``log``);
+    ``result``: the one line saying what was kept (default ``log``)."""
     import numpy as np
 
     from edgekit import runtime
@@ -223,7 +225,7 @@ def compile_auto(request: CompileRequest, log: Callable = print, note: Optional[
             if request.sign_key is not None:
                 sign_artifact(folder, request.sign_key)
     note(f"auto: {reason}")
-    log(f"auto: kept {best['target']} {best['precision']} ({best['fps_b1']:.1f} FPS, {metric} drop "
+    (result or log)(f"auto: kept {best['target']} {best['precision']} ({best['fps_b1']:.1f} FPS, {metric} drop "
         f"{best['drop']:+.4f}) -> {request.out}")
     return manifest
 

@@ -22,9 +22,11 @@ from edgekit.progress import stage
 from edgekit.pipeline.sources import open_source
 
 
-def build_artifact(spec: BackendSpec, request: CompileRequest, log: Callable = print) -> dict:
+def build_artifact(spec: BackendSpec, request: CompileRequest, log: Callable = print,
+                   result: Optional[Callable] = None) -> dict:
     """One artifact folder of ``request.source`` for ``spec`` at ``request.precision`` (both checked by
-    the caller: ``edgekit.pipeline.compile.check_request``).
+    the caller: ``edgekit.pipeline.compile.check_request``). ``log``: the build's messages; ``result``: the one
+    summary line once the folder is written (default: ``log``).
 
     ``request.sign_key`` (an Ed25519 private key, loaded by the caller before any work): ``manifest.sig`` is
     written over the final manifest inside the temporary folder, so the folder appears signed or not at all."""
@@ -75,7 +77,7 @@ def build_artifact(spec: BackendSpec, request: CompileRequest, log: Callable = p
         manifest = write_manifest(folder, manifest, files)
         if r.sign_key is not None:
             sign_artifact(folder, r.sign_key)
-    log(src.summary(r.out, manifest))
+    (result or log)(src.summary(r.out, manifest))
     return manifest
 
 

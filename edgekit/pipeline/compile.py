@@ -54,22 +54,24 @@ def check_request(request: CompileRequest) -> Optional[BackendSpec]:
     return spec
 
 
-def compile_artifact(request: CompileRequest, log: Callable = print, note: Optional[Callable] = None) -> dict:
+def compile_artifact(request: CompileRequest, log: Callable = print, note: Optional[Callable] = None,
+                     result: Optional[Callable] = None) -> dict:
     """Build the artifact folder ``request`` asks for; returns its manifest.
 
-    ``log``: the result lines (``wrote OUT: ...``) and the build's own messages; ``note``: what ``auto``
-    measured and why it chose (default: ``log``; the CLI sends it to stderr)."""
+    ``log``: the build's own messages (kernels built, INT8 drops); ``note``: what ``auto`` measured and why it
+    chose (default: ``log``); ``result``: the one result line (``wrote OUT: ...``; default: ``log``). The CLI
+    sends log and note to stderr and the result line alone to stdout."""
     spec = check_request(request)
     if request.is_auto:
         from edgekit.pipeline.auto import compile_auto
 
-        return compile_auto(request, log=log, note=note or log)
-    return build_artifact(spec, request, log=log)
+        return compile_auto(request, log=log, note=note or log, result=result)
+    return build_artifact(spec, request, log=log, result=result)
 
 
 def compile_model(source_path: str, target: str, precision: Optional[str], out: str, *, log: Callable = print,
-                  note: Optional[Callable] = None, **options) -> dict:
+                  note: Optional[Callable] = None, result: Optional[Callable] = None, **options) -> dict:
     """``compile_artifact(CompileRequest(source=source_path, target=..., precision=..., out=..., **options))``:
     the library's short form; ``options`` are ``CompileRequest``'s other fields (an unknown one is a TypeError)."""
     request = CompileRequest(source=source_path, target=target, precision=precision, out=out, **options)
-    return compile_artifact(request, log=log, note=note)
+    return compile_artifact(request, log=log, note=note, result=result)

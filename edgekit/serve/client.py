@@ -18,16 +18,19 @@ import numpy as np
 from edgekit.data.preprocess import PreprocessSpec
 from edgekit.errors import EdgekitError, MissingBackendError, first_line
 from edgekit.backends.base import Runner
+from edgekit.utils import parse_host_port
 
 
 def _split_url(url: str):
+    protocol, address = "http", url
     if url.startswith("grpc://"):
-        return "grpc", url[len("grpc://"):]
-    if url.startswith("http://"):
-        return "http", url[len("http://"):]
-    if "://" in url:
+        protocol, address = "grpc", url[len("grpc://"):]
+    elif url.startswith("http://"):
+        address = url[len("http://"):]
+    elif "://" in url:
         raise EdgekitError(f"--server {url!r}: use HOST:PORT, http://HOST:PORT or grpc://HOST:PORT")
-    return "http", url
+    parse_host_port(address, "--server", example="127.0.0.1:8000")  # the same HOST:PORT rule as every command
+    return protocol, address
 
 
 def _client_module(protocol: str):

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from edgekit.errors import EdgekitError, first_line
+from edgekit.utils import parse_host_port
 
 PYTRITON = "nvidia-pytriton==0.7.0"
 STUB_NUMPY = "numpy<2"
@@ -178,10 +179,7 @@ def server_env(dist: TritonDist) -> dict:
 
 
 def parse_address(addr: str, what: str) -> Tuple[str, int]:
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise EdgekitError(f"{what} {addr!r}: give HOST:PORT, e.g. 127.0.0.1:8000")
-    return host, int(port)
+    return parse_host_port(addr, what, example="127.0.0.1:8000")
 
 
 def _drop_bytecode_cache(vdir: Path) -> None:

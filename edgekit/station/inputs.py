@@ -18,6 +18,10 @@ HTTP (:class:`HttpInput`)
     ``POST /infer?name=NAME`` with the encoded image as the body answers the committed Result as JSON (200);
     a body that is not an image gets 400, a full queue 503 (retry later), no result in time 504; each error
     is one line of JSON ``{"error": "..."}``. ``GET /status`` answers the station's status JSON.
+    A body over the limit gets its 413 before any of it is read: instead of ``100 Continue`` when the client
+    sent ``Expect: 100-continue``, and otherwise followed by reading and dropping the body (up to
+    ``discard_bytes``, for at most ``discard_timeout_s``) so that a client that sends it all before reading
+    (urllib, http.client) reads the 413 rather than a broken pipe.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import concurrent.futures
 import json
 import os
 import re
+import socket
 import threading
 import time
 import uuid
@@ -37,6 +42,7 @@ from urllib.parse import parse_qs, urlsplit
 from edgekit.errors import EdgekitError, first_line
 from edgekit.progress import write_stderr
 from edgekit.station.jobs import Job
+from edgekit.utils import parse_host_port
 
 WATCH_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 TEMP_SUFFIXES = (".tmp", ".part", "~")
@@ -393,24 +399,26 @@ def safe_upload_name(raw: Optional[str]) -> str:
 
 
 def parse_addr(addr: str, what: str = "--http") -> tuple[str, int]:
-    """``HOST:PORT`` -> (host, port); one error line for anything else."""
-    host, sep, port = str(addr).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise EdgekitError(f"{what} wants HOST:PORT such as 127.0.0.1:8080, got {addr!r}")
-    return host.strip("[]"), int(port)
+    """``HOST:PORT`` -> (host, port) through the shared parser; port 0 (the system picks a free one) is for
+    library callers: the command refuses it before it gets here."""
+    return parse_host_port(addr, what, allow_port_zero=True)
 
 
 class HttpInput:
     """``POST /infer`` and ``GET /status`` on ``addr`` (``127.0.0.1:PORT``; port 0 picks a free one, see
     :attr:`address`). ``timeout_s``: how long a request waits for its committed result (then 504);
     ``max_bytes``: the largest body taken (then 413); ``read_timeout_s``: how long a connection may send nothing
-    (a body cut short is then 408 and the connection closes, so a stalled client cannot hold a thread forever)."""
+    (a body cut short is then 408 and the connection closes, so a stalled client cannot hold a thread forever);
+    ``discard_bytes``, ``discard_timeout_s``: how much of a refused body is read and dropped after the refusal,
+    and for how long at most, before the connection closes (see the module's docstring)."""
 
     def __init__(self, addr: str, submit: Callable[[Job], bool], status: Callable[[], dict],
-                 timeout_s: float = 30.0, max_bytes: int = 64 << 20, read_timeout_s: float = 30.0):
+                 timeout_s: float = 30.0, max_bytes: int = 64 << 20, read_timeout_s: float = 30.0,
+                 discard_bytes: int = 256 << 20, discard_timeout_s: float = 10.0):
         self.host, self.port = parse_addr(addr)
         self.submit, self.status = submit, status
         self.timeout_s, self.max_bytes, self.read_timeout_s = timeout_s, max_bytes, read_timeout_s
+        self.discard_bytes, self.discard_timeout_s = discard_bytes, discard_timeout_s
         self._server: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
 
@@ -497,21 +505,68 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(405, "POST the image bytes to /infer", headers={"Allow": "POST"})
         return self._error(404, f"not found: {path} (POST /infer, GET /status)")
 
+    def _refusal(self) -> Optional[tuple]:
+        """(code, message) for a POST refused on its request line and headers alone, before its body is read;
+        None when the body is to be read."""
+        inp = self.station_input
+        path = urlsplit(self.path).path
+        length = self.headers.get("Content-Length")
+        if path != "/infer":
+            return ((405, "use GET /status") if path == "/status"
+                    else (404, f"not found: {path} (POST /infer, GET /status)"))
+        if length is None or not length.isascii() or not length.isdigit():
+            return 411, "POST /infer needs a Content-Length (the image bytes as the body)"
+        if int(length) > inp.max_bytes:
+            return 413, f"body of {int(length)} bytes is over the limit of {inp.max_bytes}"
+        return None
+
+    def _refuse(self, code: int, message: str) -> None:
+        """The refusal, then the body dropped unread (see ``_discard_body``); the connection closes after."""
+        self._error(code, message, close=True)
+        self._discard_body()
+
+    def _discard_body(self) -> None:
+        """Read and drop the announced body, up to ``discard_bytes`` and for at most ``discard_timeout_s``. Closing
+        a socket with unread bytes makes the kernel answer with a reset, and a client still sending (urllib and
+        http.client read the reply only once the whole body is out) then gets a broken pipe instead of the reply
+        already sent. Our side is shut for writing first, so a client that reads meanwhile sees the reply end."""
+        inp = self.station_input
+        length = self.headers.get("Content-Length", "")
+        left = min(int(length), inp.discard_bytes) if length.isascii() and length.isdigit() else 0
+        deadline = time.monotonic() + inp.discard_timeout_s
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            while left > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.connection.settimeout(remaining)
+                chunk = self.rfile.read1(min(left, 1 << 16))
+                if not chunk:  # the client closed: nothing more to drop
+                    break
+                left -= len(chunk)
+        except OSError:  # gone, reset or stalled past the deadline (TimeoutError): close now
+            pass
+
+    def handle_expect_100(self):
+        # ``Expect: 100-continue`` (curl sends it for large bodies): a body we would refuse is refused now, before
+        # the client sends a byte of it, instead of "100 Continue" followed by a 413
+        if self.command == "POST":
+            refusal = self._refusal()
+            if refusal is not None:
+                self._refuse(*refusal)
+                return False
+        return super().handle_expect_100()
+
     def do_POST(self):
         from edgekit.data.images import decode_gray
 
         inp = self.station_input
         url = urlsplit(self.path)
-        length = self.headers.get("Content-Length")
-        if url.path != "/infer":
-            code, msg = ((405, "use GET /status") if url.path == "/status"
-                         else (404, f"not found: {url.path} (POST /infer, GET /status)"))
-            return self._error(code, msg, close=True)  # the body is not read: the connection cannot go on
-        if length is None or not length.isdigit():
-            return self._error(411, "POST /infer needs a Content-Length (the image bytes as the body)", close=True)
-        n = int(length)
-        if n > inp.max_bytes:
-            return self._error(413, f"body of {n} bytes is over the limit of {inp.max_bytes}", close=True)
+        refusal = self._refusal()
+        if refusal is not None:
+            return self._refuse(*refusal)
+        n = int(self.headers["Content-Length"])
         try:
             data = self.rfile.read(n)
         except TimeoutError:

@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from edgekit.device.state import CURRENT_LINK, STATE_NAME, InstallRoot
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, first_line
 
 
 @dataclass
@@ -52,6 +52,18 @@ def _artifact_kind(path) -> Optional[str]:
     except (OSError, ValueError, AttributeError):
         return None  # runtime.load has already verified it; nothing more to say here
     return model.get("kind") if isinstance(model, dict) else None
+
+
+def _mask_output_shape(runner) -> Optional[str]:
+    """None when ``runner`` gives a probability mask (1 x 1 x H x W for one input); otherwise its output shape as
+    text. One zero image through the model: the only kind check a bare model file (no manifest) allows."""
+    try:
+        out = np.asarray(runner.infer(np.zeros((1, *runner.input_shape), np.float32)))
+    except Exception as e:  # noqa: BLE001 - a model that cannot run one image is refused in one line, not a crash
+        return f"an error on a blank image ({e.__class__.__name__}: {first_line(e)})"
+    if out.ndim == 4 and out.shape[:2] == (1, 1) and min(out.shape[2:]) > 1:
+        return None
+    return " x ".join(map(str, out.shape)) or "a scalar"
 
 
 class StationModels:
@@ -90,6 +102,12 @@ class StationModels:
                 self.close()
                 raise EdgekitError(f"--segment {segment}: a {kind!r} artifact, not a GMBINet segmentation artifact "
                                    "(edgekit compile a GMBINet checkpoint for it)")
+            if kind is None:  # a bare model file (or a folder whose manifest names no kind): ask the model itself
+                shape = _mask_output_shape(self.segment)
+                if shape is not None:
+                    self.close()
+                    raise EdgekitError(f"--segment {segment}: its output is {shape}, not a mask (N x 1 x H x W): not "
+                                       "a segmentation model (edgekit compile a GMBINet checkpoint for it)")
 
     # --- loading -------------------------------------------------------------------------------------------------
 

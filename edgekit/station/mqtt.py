@@ -52,6 +52,7 @@ from typing import Callable, Optional
 from edgekit.device.state import utc_now
 from edgekit.errors import EdgekitError, first_line
 from edgekit.progress import write_stderr
+from edgekit.utils import parse_host_port as _parse_host_port
 
 DEFAULT_TOPIC = "edgekit"
 DEFAULT_PORT = 1883
@@ -59,19 +60,13 @@ DEFAULT_PORT = 1883
 
 def parse_host_port(text: str, option: str = "--mqtt", default_port: Optional[int] = None,
                     port_zero: bool = False) -> tuple:
-    """``HOST:PORT`` (``[v6addr]:PORT`` for IPv6) -> (host, port); one EdgekitError line for anything else.
-    ``port_zero``: a listening address may say port 0 (the system picks a free one)."""
+    """``HOST:PORT`` (``[v6addr]:PORT`` for IPv6) -> (host, port) through the shared parser
+    (``edgekit.utils.parse_host_port``); ``default_port``: the port when ``text`` names a host alone;
+    ``port_zero``: a listening address a library caller lets the system choose (no command passes it)."""
     value = (text or "").strip()
-    host, sep, port = value.rpartition(":")
-    if not sep and default_port is not None:
-        host, port = value, str(default_port)
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    lowest = 0 if port_zero else 1
-    if not host or not port.isdigit() or not lowest <= int(port) < 65536 or any(c.isspace() for c in host) or (
-            ":" in host and not value.startswith("[")):
-        raise EdgekitError(f"{option} wants HOST:PORT, e.g. 127.0.0.1:1883 (got {text!r})")
-    return host, int(port)
+    if default_port is not None and ":" not in value.replace("[", "").replace("]", "") and value:
+        value = f"{value}:{default_port}"
+    return _parse_host_port(value, option, example=f"127.0.0.1:{DEFAULT_PORT}", allow_port_zero=port_zero)
 
 
 def _json(obj) -> str:
