@@ -1,7 +1,8 @@
 """This machine's floors for cpu-fused: instruction peaks and memory bandwidth, then each kernel's time against them.
 
     python benchmarks/cpu_floor.py peaks [--threads 1,2] [--reps 7] [--json OUT.json]
-    python benchmarks/cpu_floor.py table --peaks PEAKS.json --bench BENCH.json [--json OUT.json]
+    python benchmarks/cpu_floor.py kernels ARTIFACT... [--threads 1,2] [--rounds 7] [--calls 9] [--stat min] [--json OUT.json]
+    python benchmarks/cpu_floor.py table --peaks PEAKS.json --bench BENCH_OR_KERNELS.json [--json OUT.json]
 
 ``peaks``: C micro-benchmarks (compiled here with g++ into a temporary folder, run one process per measurement,
 on 1 and 2 threads at once, median of ``--reps`` repetitions; every thread runs the same loop on its own data and
@@ -18,9 +19,13 @@ the rate is the total over threads):
 * ``amx_int8``: ``TDPBUSD`` (u8 x s8, 16x16x64 = 16384 MACs per instruction), the same tiles;
 * ``read`` / ``write`` / ``copy``: streaming zmm loads (summed into 8 accumulators), ordinary zmm stores (each
   line read for ownership first, as the kernels' stores), load + store; working set (all threads together,
-  split evenly; copy: half source, half destination) 1 MiB per thread (L2: 2 MiB per core here), 64 MiB
-  (past L2; the VM reports a 480 MiB L3, so this is L3 rather than DRAM) and 1 GiB (DRAM).  Bytes per second
-  count every byte loaded or stored once (copy: read + written).
+  split evenly; copy: half source, half destination) 1 MiB per thread (L2: 2 MiB per core here), 8 MiB (past
+  both L2s: the size of what one op of the network moves, in L3), 64 MiB (the VM reports a 480 MiB L3 shared
+  with other guests, so partly L3) and 1 GiB (DRAM).  Bytes per second count every byte loaded or stored once
+  (copy: read + written).
+
+``kernels``: per-kernel times of several artifacts, interleaved in rounds (see ``kernels()``): at 1 thread CPU
+time, which other tenants' preemption does not inflate, for a machine shared as this one is.
 
 ``table``: the per-kernel table.  For each kernel group of the network (stem, down2, GMBI 2, ... DF1+head), from
 the artifact's own plan (``FusedNet.state``: buffer shapes and dtypes) and the per-kernel wall times of
@@ -32,9 +37,13 @@ the artifact's own plan (``FusedNet.state``: buffer shapes and dtypes) and the p
 * bytes: every activation buffer an op reads, once, plus every buffer it writes, once, at the plan's dtype
   (fp32), plus its parameters; not counted: re-reads (the residual, halos), the two-phase z round trip, scratch;
 * compute floor = FMA MACs / FMA rate + 1x1 MACs / its unit's rate (one thread issues both, in turn);
-  bandwidth floor = bytes / copy rate of the level each op's bytes fit (<= 2 MiB (one L2) per thread: the L2 rate;
-  else the 64 MiB rate, since the whole activation arena, 21 MB at 512x512, stays in L3 between ops);
+  bandwidth floor = per op, bytes / copy rate of the level its bytes fit (<= 2 MiB (one L2) per thread: the L2
+  rate; else the 8 MiB (L3) rate: the whole activation arena, 21 MB at 512x512, stays in L3 between ops), and
+  in brackets the strict lower bound with every byte at the L2 rate;
 * time / max(floors): how far the op is from the nearer of its two floors.
+
+The rates the floors use are each measurement's best repetition (``--peak-stat max``, the default: on a shared
+machine other tenants only ever lower a rate) or its median (``--peak-stat median``).
 """
 from __future__ import annotations
 
@@ -264,11 +273,13 @@ int main(int argc, char** argv) {
 
 FLAGS = ("-O3", "-std=c++17", "-march=sapphirerapids", "-mtune=sapphirerapids", "-lpthread")
 # test -> (work per thread per repetition, what the rate counts)
-COMPUTE = {"fma_f32": (10_000_000, "MAC/s"), "fma_f16": (10_000_000, "MAC/s"), "dp_bf16": (4_000_000, "MAC/s"),
+COMPUTE = {"fma_f32": (4_000_000, "MAC/s"), "fma_f16": (4_000_000, "MAC/s"), "dp_bf16": (4_000_000, "MAC/s"),
            "int8_bw": (8_000_000, "MAC/s"), "int8_vnni": (4_000_000, "MAC/s"),
            "amx_bf16": (2_000_000, "MAC/s"), "amx_int8": (2_000_000, "MAC/s")}
 MEMORY = ("read", "write", "copy")
-LEVELS = {"L2": None, "64MiB": 64 * MIB, "1GiB": 1024 * MIB}  # L2: 1 MiB per thread
+# L2: 1 MiB per thread; 8 MiB: past both L2s, the size of what the network's ops move (L3); 64 MiB; 1 GiB: DRAM
+LEVELS = {"L2": None, "8MiB": 8 * MIB, "64MiB": 64 * MIB, "1GiB": 1024 * MIB}
+L3_LEVEL_MAX = 32 * MIB  # an op moving more than this would be timed against the 64 MiB rate (none at 512x512)
 MOVE_BYTES = 1024 * MIB  # bytes each memory repetition moves per thread (passes = this / buffer)
 
 
@@ -287,7 +298,7 @@ def run_one(exe: Path, test: str, threads: int, work: int, nbytes: int, reps: in
     rec = json.loads(out.stdout)
     rates = rec["rates"]
     return {"test": test, "threads": threads, "bytes": nbytes, "reps": len(rates), "median": statistics.median(rates),
-            "min": min(rates), "max": max(rates)}
+            "min": min(rates), "max": max(rates), "rates": rates}
 
 
 def peaks(args) -> dict:
@@ -399,9 +410,12 @@ def kernel_work(artifact: str, height: int = 512, width: int = 512) -> dict:
     return {"isa": runner.isa, "int8": any(k.endswith(".pw_q") for k in offsets), "groups": work}
 
 
+PEAK_STAT = ["max"]  # table --peak-stat
+
+
 def rate(peaks_res: dict, test: str, threads: int, level: str = None) -> float:
     rows = peaks_res["memory" if level else "compute"]
-    return next(r["median"] for r in rows if r["test"] == test and r["threads"] == threads
+    return next(r[PEAK_STAT[0]] for r in rows if r["test"] == test and r["threads"] == threads
                 and (level is None or r["level"] == level))
 
 
@@ -428,19 +442,20 @@ def table(args) -> dict:
                 continue
             fma_s = w["fma_macs"] / rate(peaks_res, "fma_f32", t) + w["gmbi_dw_macs"] / rate(peaks_res, dw_unit, t)
             pw_s = w["pw1x1_macs"] / rate(peaks_res, unit, t)
-            # per op: the L2 rate if its bytes fit the L2 of the cores it runs on, else the 64 MiB (L3) rate
-            levels = ["L2" if b <= l2_bytes else "64MiB" for b in w["op_bytes"]]
+            # per op: the L2 rate if its bytes fit the L2 of the cores it runs on, else the 8 MiB (L3) rate
+            levels = ["L2" if b <= l2_bytes else ("8MiB" if b <= L3_LEVEL_MAX else "64MiB") for b in w["op_bytes"]]
             bw_s = sum(b / rate(peaks_res, "copy", t, lv) for b, lv in zip(w["op_bytes"], levels))
+            bw_l2_s = sum(b / rate(peaks_res, "copy", t, "L2") for b in w["op_bytes"])
             level = "/".join(sorted(set(levels)))
             floor_ms = 1e3 * max(fma_s + pw_s, bw_s)
             rows.append({"group": g, "ms": ms, "fma_macs": w["fma_macs"] + w["gmbi_dw_macs"],
                          "pw1x1_macs": w["pw1x1_macs"], "pw1x1_unit": unit, "dw_unit": dw_unit, "bytes": w["bytes"],
                          "level": level, "compute_floor_ms": 1e3 * (fma_s + pw_s), "fma_floor_ms": 1e3 * fma_s,
-                         "pw1x1_floor_ms": 1e3 * pw_s, "bw_floor_ms": 1e3 * bw_s,
+                         "pw1x1_floor_ms": 1e3 * pw_s, "bw_floor_ms": 1e3 * bw_s, "bw_floor_all_l2_ms": 1e3 * bw_l2_s,
                          "bound": "compute" if fma_s + pw_s >= bw_s else "bandwidth",
                          "x_floor": ms / floor_ms})
         tot = {k: sum(r[k] for r in rows) for k in ("ms", "fma_macs", "pw1x1_macs", "bytes", "compute_floor_ms",
-                                                   "bw_floor_ms")}
+                                                   "fma_floor_ms", "pw1x1_floor_ms", "bw_floor_ms", "bw_floor_all_l2_ms")}
         tot["sum_of_max_floors_ms"] = sum(max(r["compute_floor_ms"], r["bw_floor_ms"]) for r in rows)
         out["tables"].append({"artifact": art, "isa": isa, "int8": int8, "threads": t, "rows": rows, "total": tot})
     return out
@@ -451,18 +466,66 @@ def print_table(res: dict) -> None:
         kind = "int8 1x1" if tb["int8"] else ("bf16 1x1 on AMX" if tb["isa"] == "avx512amx" else "fp32")
         print(f"\n{tb['artifact']}: {tb['isa']} ({kind}), {tb['threads']} thread(s), batch 1, 512x512")
         print("| kernel | wall ms | FMA MMAC | 1x1 MMAC (unit) | MB moved (level) | FMA floor ms | 1x1 floor ms | "
-              "BW floor ms | time / max(floors) |")
+              "BW floor ms (all at L2 rate) | time / max(floors) |")
         print("|---|---|---|---|---|---|---|---|---|")
         for r in tb["rows"]:
             unit = {"amx_bf16": "AMX", "int8_bw": "u8s8", "fma_f32": "FMA"}[r["pw1x1_unit"]] if r["pw1x1_macs"] else "-"
             print(f"| {r['group']} | {r['ms']:.3f} | {r['fma_macs'] / 1e6:.1f} | "
                   f"{r['pw1x1_macs'] / 1e6:.1f} ({unit}) | {r['bytes'] / 1e6:.2f} ({r['level']}) | "
-                  f"{r['fma_floor_ms']:.3f} | {r['pw1x1_floor_ms']:.3f} | {r['bw_floor_ms']:.3f} | "
+                  f"{r['fma_floor_ms']:.3f} | {r['pw1x1_floor_ms']:.3f} | {r['bw_floor_ms']:.3f} ({r['bw_floor_all_l2_ms']:.3f}) | "
                   f"{r['x_floor']:.1f}x ({r['bound']}) |")
         t = tb["total"]
         print(f"| **sum** | {t['ms']:.2f} | {t['fma_macs'] / 1e6:.0f} | {t['pw1x1_macs'] / 1e6:.0f} | "
-              f"{t['bytes'] / 1e6:.1f} | {t['compute_floor_ms']:.3f} (FMA+1x1) | | {t['bw_floor_ms']:.3f} | "
+              f"{t['bytes'] / 1e6:.1f} | {t['fma_floor_ms']:.3f} | {t['pw1x1_floor_ms']:.3f} | "
+              f"{t['bw_floor_ms']:.3f} ({t['bw_floor_all_l2_ms']:.3f}) | "
               f"{t['ms'] / t['sum_of_max_floors_ms']:.1f}x (sum of max floors {t['sum_of_max_floors_ms']:.2f} ms) |")
+
+
+def kernels(args) -> dict:
+    """Per-kernel times of several cpu-fused artifacts, interleaved: each round runs ``--calls`` calls of every
+    (artifact, threads) in turn; per round each op's minimum (``--stat min``) or median over the calls, then the
+    median over rounds.  1 thread: the calling thread's CPU time (``FusedNet.forward(cpu_clock=True)``: other
+    tenants' preemption does not count, their cache pressure still does); 2+ threads: wall time."""
+    import numpy as np
+
+    from edgekit import runtime
+
+    threads = [int(t) for t in args.threads.split(",")]
+    fstat = np.min if args.stat == "min" else np.median
+    setups = []
+    for path in args.artifacts:
+        for t in threads:
+            runner = runtime.load(path, threads=t)
+            x = np.random.default_rng(0).standard_normal((1, *runner.input_shape)).astype(np.float32)
+            fused = runner.fused
+            _, _, ops, layers = fused.state(1, *runner.input_shape[1:])
+            for _ in range(3):
+                fused.forward(x)
+            setups.append({"path": path, "threads": t, "isa": runner.isa, "fused": fused, "x": x, "n": len(ops),
+                           "layers": layers, "rounds": []})
+    res = {"command": " ".join(["python", "benchmarks/cpu_floor.py", *sys.argv[1:]]),
+           "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "load_average_before": os.getloadavg(), "stat": args.stat, "rounds": args.rounds, "calls": args.calls,
+           "kernels": []}
+    for k in range(args.rounds):
+        for st in (setups if k % 2 == 0 else setups[::-1]):
+            per_call = []
+            for _ in range(args.calls):
+                t = np.zeros(st["n"])
+                st["fused"].forward(st["x"], timings=t, cpu_clock=st["threads"] == 1)
+                per_call.append(t)
+            st["rounds"].append(fstat(np.array(per_call), axis=0))
+        print(f"round {k + 1}/{args.rounds}", file=sys.stderr, flush=True)
+    for st in setups:
+        med = np.median(np.array(st["rounds"]), axis=0)
+        groups = {}
+        for names, ms in zip(st["layers"], med):
+            groups[group_of(names)] = groups.get(group_of(names), 0.0) + float(ms)
+        res["kernels"].append({"artifact": st["path"], "threads": st["threads"], "isa": st["isa"],
+                               "clock": "cpu" if st["threads"] == 1 else "wall",
+                               "per_group_median_ms": groups, "sum_of_op_medians_ms": float(med.sum())})
+    res["load_average_after"] = os.getloadavg()
+    return res
 
 
 def main(argv=None):
@@ -470,18 +533,36 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("peaks", help="measure this machine's instruction peaks and memory bandwidth")
     p.add_argument("--threads", default="1,2")
-    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--reps", type=int, default=15)
     p.add_argument("--json")
+    k = sub.add_parser("kernels", help="per-kernel times of cpu-fused artifacts, interleaved")
+    k.add_argument("artifacts", nargs="+")
+    k.add_argument("--threads", default="1,2")
+    k.add_argument("--rounds", type=int, default=7)
+    k.add_argument("--calls", type=int, default=9)
+    k.add_argument("--stat", choices=("min", "median"), default="min")
+    k.add_argument("--json")
     q = sub.add_parser("table", help="each kernel's time against its floors")
     q.add_argument("--peaks", required=True, help="the JSON of `peaks`")
-    q.add_argument("--bench", required=True, help="a cpu_fused_bench.py --kernels JSON")
+    q.add_argument("--bench", required=True, help="a cpu_fused_bench.py --kernels JSON, or the JSON of `kernels`")
+    q.add_argument("--peak-stat", choices=("max", "median"), default="max",
+                   help="which rate of the repetitions is the peak: max (default: on a shared machine other tenants "
+                        "only ever lower a rate, so the best repetition is the nearest to the hardware's) or median")
     q.add_argument("--json")
     args = ap.parse_args(argv)
     if args.cmd == "peaks":
         res = peaks(args)
         print_peaks(res)
+    elif args.cmd == "kernels":
+        res = kernels(args)
+        for kp in res["kernels"]:
+            print(f"{kp['artifact']} {kp['isa']} {kp['threads']} thread(s), {kp['clock']} ms: " +
+                  ", ".join(f"{g} {ms:.3f}" for g, ms in kp["per_group_median_ms"].items()) +
+                  f"; sum {kp['sum_of_op_medians_ms']:.2f}")
     else:
+        PEAK_STAT[0] = args.peak_stat
         res = table(args)
+        res["peak_stat"] = args.peak_stat
         print_table(res)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
