@@ -2,7 +2,7 @@
 
     python benchmarks/cpu_floor.py peaks [--threads 1,2] [--reps 7] [--json OUT.json]
     python benchmarks/cpu_floor.py kernels ARTIFACT... [--threads 1,2] [--rounds 7] [--calls 9] [--stat min] [--json OUT.json]
-    python benchmarks/cpu_floor.py table --peaks PEAKS.json --bench BENCH_OR_KERNELS.json [--json OUT.json]
+    python benchmarks/cpu_floor.py table --peaks PEAKS.json... --bench BENCH_OR_KERNELS.json [--json OUT.json]
 
 ``peaks``: C micro-benchmarks (compiled here with g++ into a temporary folder, run one process per measurement,
 on 1 and 2 threads at once, median of ``--reps`` repetitions; every thread runs the same loop on its own data and
@@ -420,9 +420,17 @@ def rate(peaks_res: dict, test: str, threads: int, level: str = None) -> float:
 
 
 def table(args) -> dict:
-    peaks_res = json.loads(Path(args.peaks).read_text())
+    # several peak files: a later file's measurement replaces an earlier one's of the same test, threads and level
+    peaks_res, merged = {"compute": [], "memory": []}, {}
+    for path in args.peaks:
+        rec = json.loads(Path(path).read_text())
+        for part in ("compute", "memory"):
+            for r in rec[part]:
+                merged[(part, r["test"], r["threads"], r.get("level"))] = {**r, "from": path}
+    for (part, *_), r in merged.items():
+        peaks_res[part].append(r)
     bench = json.loads(Path(args.bench).read_text())
-    out = {"peaks": args.peaks, "bench": args.bench, "bench_date_utc": bench.get("date_utc"), "tables": []}
+    out = {"peaks": args.peaks, "peak_rates_used": peaks_res, "bench": args.bench, "bench_date_utc": bench.get("date_utc"), "tables": []}
     works = {}
     for prof in bench["kernels"]:
         art, t = prof["artifact"], prof["threads"]
@@ -543,7 +551,7 @@ def main(argv=None):
     k.add_argument("--stat", choices=("min", "median"), default="min")
     k.add_argument("--json")
     q = sub.add_parser("table", help="each kernel's time against its floors")
-    q.add_argument("--peaks", required=True, help="the JSON of `peaks`")
+    q.add_argument("--peaks", required=True, nargs="+", help="the JSON(s) of `peaks` (later ones win)")
     q.add_argument("--bench", required=True, help="a cpu_fused_bench.py --kernels JSON, or the JSON of `kernels`")
     q.add_argument("--peak-stat", choices=("max", "median"), default="max",
                    help="which rate of the repetitions is the peak: max (default: on a shared machine other tenants "
