@@ -1,10 +1,11 @@
 """This machine's floors for cpu-fused: instruction peaks and memory bandwidth, then each kernel's time against them.
 
-    python benchmarks/cpu_floor.py peaks [--threads 1,2] [--reps 7] [--json OUT.json]
+    python benchmarks/cpu_floor.py peaks [--threads 1,2] [--reps 15] [--json OUT.json]
     python benchmarks/cpu_floor.py kernels ARTIFACT... [--threads 1,2] [--rounds 7] [--calls 9] [--stat min] [--json OUT.json]
     python benchmarks/cpu_floor.py table --peaks PEAKS.json... --bench BENCH_OR_KERNELS.json [--json OUT.json]
 
-``peaks``: C micro-benchmarks (compiled here with g++ into a temporary folder, run one process per measurement,
+``peaks`` (a CPU with AVX512-FP16 and AMX: Sapphire Rapids or later): C micro-benchmarks (compiled here with g++
+-march=sapphirerapids into a temporary folder, run one process per measurement,
 on 1 and 2 threads at once, median of ``--reps`` repetitions; every thread runs the same loop on its own data and
 the rate is the total over threads):
 
@@ -362,16 +363,22 @@ def group_of(names) -> str:
 
 
 def kernel_work(artifact: str, height: int = 512, width: int = 512) -> dict:
-    """{group: {"fma_macs", "gmbi_dw_macs", "pw1x1_macs", "bytes"}} for batch 1 from the artifact's own plan (see the
-    module docstring for the counting rule)."""
+    """``count_work`` for a cpu-fused artifact at batch 1, with the ISA its runner picks here."""
     from edgekit import runtime
-    from edgekit.kernels.graph import KERNEL_ARGS
 
     runner = runtime.load(artifact, threads=1)
     fused = runner.fused
     plan, _, _, layers = fused.state(1, height, width)
+    return {"isa": runner.isa, **count_work(plan, fused.offsets, layers)}
+
+
+def count_work(plan, offsets, layers) -> dict:
+    """{"int8", "groups": {group: {"fma_macs", "gmbi_dw_macs", "pw1x1_macs", "bytes", "op_bytes", ...}}} for a plan
+    (``plan_gmbinet``), its parameter offsets and the program's ops (``build_program``'s layer names per op); see the
+    module docstring for the counting rule.  Needs no library: the program is built from addresses only."""
+    from edgekit.kernels.graph import KERNEL_ARGS
+
     launches = {ln.layer: ln for ln in plan.launches}
-    offsets = fused.offsets
     work = {}
     for names in layers:
         g = group_of(names)
@@ -407,7 +414,7 @@ def kernel_work(artifact: str, height: int = 512, width: int = 512) -> dict:
         op_bytes += sum(plan.buffers[b].nbytes for b in op_read + op_written)
         w["op_bytes"].append(op_bytes)
         w["bytes"] += op_bytes
-    return {"isa": runner.isa, "int8": any(k.endswith(".pw_q") for k in offsets), "groups": work}
+    return {"int8": any(k.endswith(".pw_q") for k in offsets), "groups": work}
 
 
 PEAK_STAT = ["max"]  # table --peak-stat
