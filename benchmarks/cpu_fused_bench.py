@@ -1,7 +1,7 @@
 """cpu-fused against plain OpenVINO: interleaved rounds on one machine, spread reported, per-kernel timings.
 
     python benchmarks/cpu_fused_bench.py --baseline OV_DEFAULT_ARTIFACT --row NAME=ARTIFACT[:threads=N][:batch=B][:isa=avx2][:batch_path=whole] ...
-        [--rounds 9] [--iters 15] [--threads 2] [--kernels CPU_FUSED_ARTIFACT] [--json OUT.json]
+        [--rounds 9] [--iters 15] [--threads 2] [--kernels CPU_FUSED_ARTIFACT ...] [--json OUT.json]
 
 Every row is loaded with ``edgekit.runtime.load(path, threads=...)`` and timed through ``infer`` (the call an
 application makes), on one fixed preprocessed SD-900-sized input.  Each round runs every row ``--iters`` times
@@ -10,7 +10,7 @@ calls, the min and max of the per-round medians, and FPS (batch / latency).  Rat
 per round (same round, same noise) and reported as the median with min/max over rounds; a ratio whose
 min-max range contains 1.0 is marked "within noise".
 
-``--kernels``: per-kernel wall times of that cpu-fused artifact (median over calls of each op's time), and the
+``--kernels`` (repeatable): per-kernel wall times of each cpu-fused artifact named (median over calls of each op's time), and the
 physical limit: the network's MACs at the FMA peak of the cores used.
 """
 from __future__ import annotations
@@ -80,7 +80,7 @@ def bench(rows, baseline, rounds: int, iters: int, threads: int, log):
         row = {"name": name, "path": r["path"], "runner": runner.describe(), "batch": r["batch"],
                "threads": r["threads"] or threads, "calls": len(lat[name]), "median_ms": med,
                "round_median_ms_min": min(round_medians[name]), "round_median_ms_max": max(round_medians[name]),
-               "round_median_ms": round_medians[name],
+               "round_medians_ms": round_medians[name],  # per round: ratios against any other row of the run
                "fps": r["batch"] * 1e3 / med, "vs_baseline_median": statistics.median(ratios),
                "vs_baseline_min": min(ratios), "vs_baseline_max": max(ratios)}
         row["within_noise"] = name != base and row["vs_baseline_min"] <= 1.0 <= row["vs_baseline_max"]
@@ -121,7 +121,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--kernels", help="a cpu-fused artifact to profile per kernel")
+    ap.add_argument("--kernels", action="append", default=[],
+                    help="a cpu-fused artifact to profile per kernel (repeat for several: profiled in turn)")
     ap.add_argument("--kernel-calls", type=int, default=40)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
@@ -133,7 +134,8 @@ def main(argv=None):
            "rounds": args.rounds, "iters": args.iters, "baseline": baseline["name"],
            "rows": bench(rows, baseline, args.rounds, args.iters, args.threads, log)}
     if args.kernels:
-        res["kernels"] = [kernel_profile(args.kernels, t, args.kernel_calls) for t in sorted({1, args.threads})]
+        res["kernels"] = [kernel_profile(path, t, args.kernel_calls) for path in args.kernels
+                          for t in sorted({1, args.threads})]
     print(f"{'row':<28} {'batch':>5} {'thr':>3} {'median ms':>9} {'round med min-max':>18} {'FPS':>7} "
           f"{'vs baseline (min-max)':>24}")
     for r in res["rows"]:
@@ -142,7 +144,7 @@ def main(argv=None):
               f"{r['round_median_ms_min']:>8.2f}-{r['round_median_ms_max']:<8.2f} {r['fps']:>7.1f} "
               f"{r['vs_baseline_median']:>6.2f}x ({r['vs_baseline_min']:.2f}-{r['vs_baseline_max']:.2f}){noise}")
     for k in res.get("kernels", []):
-        print(f"\nper-kernel median ms, {k['threads']} thread(s), {k['isa']}: " +
+        print(f"\nper-kernel median ms, {k['artifact']}, {k['threads']} thread(s), {k['isa']}: " +
               ", ".join(f"{g} {ms:.2f}" for g, ms in k["per_group_median_ms"].items()) +
               f"; sum {k['sum_of_op_medians_ms']:.2f}")
     if args.json:
