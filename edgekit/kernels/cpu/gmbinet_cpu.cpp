@@ -238,6 +238,8 @@ struct Pool {
   std::atomic<uint64_t> gen{0};
   std::atomic<uint64_t> ticket{0};
   std::atomic<int> done{0};
+  // non-finite values (NaN, +-inf) the stem read in its input since ek_take_nonfinite_inputs last zeroed it
+  std::atomic<long long> nonfinite_inputs{0};
   Scratch shared;  // buffers every task of a job reads (the two-phase GMBI's z); grown by the calling thread only
 
   float* shared_z(size_t n) { return shared.get(0, n); }
@@ -1447,8 +1449,33 @@ static void dwpw_task(const void* vctx, int task, Scratch& s) {
   gemm(g, s);
 }
 
-// --- stem: 3x3 stride-2 conv (+bias, ReLU) as im2col (cin*9 rows) of the band + GEMM
-struct StemArgs { const float *x, *w, *b; float* out; int N, cin, cout, H, W, h1, w1, band; };
+// Non-finite values (NaN, +-inf) among p[0..n): exponent bits all ones, counted on the bits, so no float
+// compare that a finite-math optimisation could fold away.
+static inline long long count_nonfinite(const float* p, int n) {
+  const vi abs_mask = (vi){} + 0x7fffffff, max_finite = (vi){} + 0x7f7fffff;
+  vi neg = {};  // per lane, minus the count (a true vector compare is -1)
+  int j = 0;
+  for (; j + VW <= n; j += VW) {
+    vi b;
+    __builtin_memcpy(&b, p + j, sizeof(b));
+    neg += (b & abs_mask) > max_finite;
+  }
+  long long c = 0;
+  for (int l = 0; l < VW; ++l) c -= neg[l];
+  for (; j < n; ++j) {
+    uint32_t b;
+    __builtin_memcpy(&b, p + j, sizeof(b));
+    c += (b & 0x7fffffffu) > 0x7f7fffffu;
+  }
+  return c;
+}
+
+// --- stem: 3x3 stride-2 conv (+bias, ReLU) as im2col (cin*9 rows) of the band + GEMM.  It also counts the
+// non-finite values of its input (the runner's finite check, folded into the one pass that reads every input
+// value): the rows ky = 1 and ky = 2 of output row r read input rows 2r and 2r + 1, so counting at those two
+// taps counts every input row exactly once (h1 = floor((H - 1) / 2) + 1 output rows cover rows 0 .. H - 1).
+struct StemArgs { const float *x, *w, *b; float* out; int N, cin, cout, H, W, h1, w1, band;
+                  std::atomic<long long>* nonfinite; };
 
 static void stem_task(const void* vctx, int task, Scratch& s) {
   const StemArgs& a = *static_cast<const StemArgs*>(vctx);
@@ -1461,6 +1488,7 @@ static void stem_task(const void* vctx, int task, Scratch& s) {
   float* panel = s.get(0, (size_t)K * LD + VW);
   float* E = s.get(1, a.w1 + 2 * VW);
   float* O = s.get(2, a.w1 + 1 + 2 * VW);
+  long long nonfinite = 0;
   for (int c = 0; c < a.cin; ++c) {
     const float* xc = a.x + ((long)img * a.cin + c) * HW;
     for (int r = r0; r < r1; ++r)
@@ -1475,11 +1503,13 @@ static void stem_task(const void* vctx, int task, Scratch& s) {
           continue;
         }
         deinterleave(xc + (long)iy * a.W, a.W, a.w1, E, O);
+        if (ky > 0) nonfinite += count_nonfinite(xc + (long)iy * a.W, a.W);  // the row is in L1 now
         std::memcpy(p0, O, a.w1 * sizeof(float));
         std::memcpy(p1, E, a.w1 * sizeof(float));
         std::memcpy(p2, O + 1, a.w1 * sizeof(float));
       }
   }
+  if (nonfinite) a.nonfinite->fetch_add(nonfinite, std::memory_order_relaxed);
   float* out = a.out + (long)img * a.cout * a.h1 * a.w1 + (long)r0 * a.w1;
   Gemm g{panel, LD, a.w, a.b, K, a.cout, P, out, (long)a.h1 * a.w1, nullptr, 0};
   gemm(g, s);
@@ -1593,6 +1623,10 @@ void ek_gmbi_halos(int* out) { out[0] = HALO_R1; out[1] = HALO_R2; out[2] = HALO
 void* ek_pool_create(int threads) { return new Pool(threads); }
 void ek_pool_destroy(void* p) { delete static_cast<Pool*>(p); }
 int ek_pool_threads(void* p) { return static_cast<Pool*>(p)->nthreads; }
+// The non-finite values (NaN, +-inf) the stem ops read in their input since the last call, each input value
+// counted once, and zero the count: the runner's finite check (edgekit.backends.base.Runner.kernel_checks_finite).
+// Read by the calling thread after ek_run returned (every task's count is added before its job completes).
+long long ek_take_nonfinite_inputs(void* p) { return static_cast<Pool*>(p)->nonfinite_inputs.exchange(0); }
 
 static double now_ms(bool cpu) {
   if (cpu) {  // CPU time of the calling thread: robust to preemption on a shared machine (1 thread only)
@@ -1613,7 +1647,7 @@ static void run_op(Pool& pool, const EkOp& op, double* ms, bool cpu) {
   switch (op.kind) {
     case OP_STEM: {
       const EkStemOp& o = op.u.stem;
-      StemArgs a{o.x, o.w, o.b, o.out, op.n, o.cin, o.cout, o.H, o.W, o.h1, o.w1, op.band};
+      StemArgs a{o.x, o.w, o.b, o.out, op.n, o.cin, o.cout, o.H, o.W, o.h1, o.w1, op.band, &pool.nonfinite_inputs};
       pool.run(stem_task, &a, op.n * ((a.h1 + a.band - 1) / a.band));
       break;
     }

@@ -247,6 +247,11 @@ class CpuKernels:
         if amx is not None:
             amx.restype, amx.argtypes = ctypes.c_int, []
         self.amx_active = bool(amx()) if amx is not None else False
+        # the stem's count of non-finite input values (the runner's finite check); older libraries lack it
+        take = getattr(lib, "ek_take_nonfinite_inputs", None)
+        if take is not None:
+            take.restype, take.argtypes = ctypes.c_longlong, [ctypes.c_void_p]
+        self._take_nonfinite = take
         self.isa = lib.ek_isa().decode()
         self.vector_width = lib.ek_vector_width()
         self.threads = max(1, int(threads))
@@ -297,6 +302,15 @@ class CpuKernels:
         rc = self.lib.ek_run(self._pool, ops, len(ops), ms, int(cpu_clock))
         if rc != 0:
             raise EdgekitError(f"cpu-fused: op {-rc - 1} of the program is invalid")
+
+    @property
+    def counts_nonfinite(self) -> bool:
+        """Whether the library's stem counts the non-finite values (NaN, +-inf) of its input."""
+        return self._take_nonfinite is not None
+
+    def take_nonfinite(self) -> int:
+        """The non-finite input values the stem ops read since the last call (each counted once); zeroes the count."""
+        return int(self._take_nonfinite(self._pool))
 
     def close(self):
         if getattr(self, "_pool", None):
@@ -524,19 +538,46 @@ class FusedNet:
         return acts[b.offset:b.offset + b.nbytes].view(np.float32).reshape(b.shape)
 
     def forward(self, x: np.ndarray, *, poison: bool = False, timings: Optional[np.ndarray] = None,
-                cpu_clock: bool = False, buffers: bool = False):
+                cpu_clock: bool = False, buffers: bool = False, count_nonfinite: bool = False):
         """Probabilities ``N x out x H x W`` for a float32 NCHW batch (``buffers``: every buffer, by name).
         A batch of N >= 2 runs by ``batch_path``; with ``timings`` or ``buffers`` (the per-op profile and the
-        buffers of the planned program) always as one whole-batch program."""
+        buffers of the planned program) always as one whole-batch program.
+
+        ``count_nonfinite``: returns ``(probabilities, count)``, ``count`` the NaN/inf values of ``x`` as the stem
+        counted them while reading it (read under the call's lock, so it is this call's; a streamed batch sums
+        the main pool's and every lane's count), or None where nothing counted them (a library without the
+        count, or a program whose input some other op reads)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 4 or x.shape[1] != self.net.in_channels:
             raise EdgekitError(f"cpu-fused: expected N x {self.net.in_channels} x H x W, got {x.shape}")
         with self._lock:  # one call at a time: the programs, their arenas and the worker pools are shared
             if self._closed or self.kernels._pool is None:
                 raise EdgekitError("cpu-fused: this network was closed")
-            if x.shape[0] >= 2 and self.batch_path != "whole" and timings is None and not buffers:
-                return self._forward_streamed(x, poison)
-            return self._forward(x, poison, timings, cpu_clock, buffers)
+            streamed = x.shape[0] >= 2 and self.batch_path != "whole" and timings is None and not buffers
+
+            def run():
+                if streamed:
+                    return self._forward_streamed(x, poison)
+                return self._forward(x, poison, timings, cpu_clock, buffers)
+
+            if not count_nonfinite:
+                return run()
+            # a streamed batch runs the batch-1 program (on the main pool and on the lanes' twins of it)
+            key = (1 if streamed else x.shape[0], *x.shape[2:])
+            plan, _, ops, _ = self.state(*key)
+            readers = self._io[key][plan.input]
+            counted = (self.kernels.counts_nonfinite and not buffers and bool(readers)
+                       and all(ops[k].kind == OP_KINDS["stem"] for k, _ in readers))
+
+            def pools():  # each pool counts what its own stem ops read; lanes are made by the first streamed batch
+                return [self.kernels] + ([lane[0] for lane in self._lanes.get(tuple(x.shape[2:]), [])]
+                                         if streamed else [])
+
+            if counted:
+                for k in pools():
+                    k.take_nonfinite()  # zero what an earlier call's programs left
+            out = run()
+            return out, (sum(k.take_nonfinite() for k in pools()) if counted else None)
 
     def _forward(self, x, poison, timings, cpu_clock, buffers):
         key = (x.shape[0], *x.shape[2:])
