@@ -291,6 +291,7 @@ class CpuKernels:
         releases the GIL).  A 1-thread pool starts no worker thread: its tasks run inline on the caller."""
         other = object.__new__(CpuKernels)
         other.lib, other.amx_active, other.isa = self.lib, self.amx_active, self.isa
+        other._take_nonfinite = self._take_nonfinite  # each pool keeps its own count
         other.vector_width, other.threads = self.vector_width, max(1, int(threads))
         other._pool = self.lib.ek_pool_create(other.threads)
         return other
