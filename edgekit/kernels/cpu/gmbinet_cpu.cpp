@@ -375,6 +375,9 @@ struct Gemm {
   int K, cout, P;
   float* out; long out_cs;  // channel stride of out (pixel p of channel co at out[co*out_cs + p])
   const float* res; long res_cs;  // residual (nullptr: none)
+#ifdef EK_FP16
+  bool out_half = false;  // out is fp16 storage: each result rounded to fp16 (nearest even) as it is stored
+#endif
 };
 
 // MASK: the block's last vector holds only the lanes of m (the GEMM's last columns).
@@ -400,6 +403,15 @@ static inline void micro(const Gemm& g, int co, const float* pan, long ld, float
     for (int v = 0; v < NV; ++v) {
       vf o = vmax0(acc[j][v]);
       if (res) o += ld_v(res + (co + j) * res_cs + v * VW, v);
+#ifdef EK_FP16
+      if (g.out_half) {  // out - g.out: the block's pixel offset, in elements of the fp16 buffer at g.out
+        _Float16* h = reinterpret_cast<_Float16*>(g.out) + ((out - g.out) + (co + j) * out_cs + v * VW);
+        const __m256i oh = _mm512_cvtps_ph((__m512)o, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        if (MASK && v == NV - 1) _mm256_mask_storeu_epi16(h, (__mmask16)m, oh);
+        else _mm256_storeu_si256(reinterpret_cast<__m256i*>(h), oh);
+        continue;
+      }
+#endif
       if (MASK && v == NV - 1) vstore_m(out + (co + j) * out_cs + v * VW, o, m);
       else vstore(out + (co + j) * out_cs + v * VW, o);
     }
@@ -891,6 +903,18 @@ static inline vf f_hi(vh v) {
   return (vf)_mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_extracti64x4_epi64(_mm512_castph_si512(v), 1)));
 }
 
+// fp16 storage of an activation buffer (EkOp.flags; the stem's GEMM epilogue rounds to it, nearest even, past
+// 65504 -> inf): n halves widened (exactly) to n floats.  A masked tail: nothing past n is read or written.
+static inline void f16_load_row(float* dst, const _Float16* src, int n) {
+  int j = 0;
+  for (; j + 16 <= n; j += 16)
+    _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j))));
+  if (j < n) {
+    const __mmask16 m = (__mmask16)((1u << (n - j)) - 1u);
+    _mm512_mask_storeu_ps(dst + j, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, src + j)));
+  }
+}
+
 // sigmoid(y), y >= 0, in fp16: e^-y = 2^t, t = -y log2(e), as scalef(2^f, round(t)), f in [-0.5, 0.5] (degree-4
 // polynomial, 4e-5 relative, below fp16's 2^-11), then vrcpph.  y is clamped at 16 (sigmoid(16) rounds to 1 in
 // fp16, and t stays far from fp16's overflow).  Max |error| over every finite fp16 y >= 0: 1.51 x 2^-11 (checked
@@ -1358,6 +1382,7 @@ struct DwpwArgs {
   const float *x, *high, *dw_w, *dw_b, *pw_wt, *pw_b; float* out;
   int N, cin, cout, ho, wo, hi, wi, hh, wh; float sh, sw; int band;
   const HeadParams* head;  // non-null: DF1 + head, the DF output stays in scratch and out is the probability map
+  bool x_half;             // x is stored as fp16 (EK_X_HALF; S2 / UP only, fp16-storage libraries only)
 };
 
 // even / odd columns of an input row: E[j] = in[2j] (j < wo), O[j+1] = in[2j+1], O[0] = 0, zero past the end.
@@ -1383,6 +1408,11 @@ static void dwpw_task(const void* vctx, int task, Scratch& s) {
   const long HWo = (long)a.ho * a.wo, HWi = (long)a.hi * a.wi;
   const int P = (r1 - r0) * a.wo;
   const float* x = a.x + (long)img * a.cin * HWi;
+#ifdef EK_FP16
+  // x in fp16: every row this task reads is widened (exactly) into xrow first; the arithmetic stays fp32
+  const _Float16* xh = a.x_half ? reinterpret_cast<const _Float16*>(a.x) + (long)img * a.cin * HWi : nullptr;
+  float* xrow = a.x_half ? s.get(15, (size_t)a.wi + VW) : nullptr;
+#endif
   float* out = a.out + (long)img * a.cout * HWo + (long)r0 * a.wo;
   if (a.mode == PW_ONLY) {  // the band of x is the panel: K rows of P pixels, channel stride HW
     Gemm g{x + (long)r0 * a.wi, HWi, a.pw_wt, a.pw_b, a.cin, a.cout, P, out, HWo, nullptr, 0};
@@ -1404,6 +1434,12 @@ static void dwpw_task(const void* vctx, int task, Scratch& s) {
         for (int ky = 0; ky < 3; ++ky) {
           int iy = 2 * r - 1 + ky;
           if (iy < 0 || iy >= a.hi) continue;
+#ifdef EK_FP16
+          if (xh) {
+            f16_load_row(xrow, xh + (long)c * HWi + (long)iy * a.wi, a.wi);
+            deinterleave(xrow, a.wi, a.wo, E, O);
+          } else
+#endif
           deinterleave(xc + (long)iy * a.wi, a.wi, a.wo, E, O);
           const float w0 = w[ky * 3], w1 = w[ky * 3 + 1], w2 = w[ky * 3 + 2];
           for (int j = 0; j < a.wo; ++j) o[j] += w0 * O[j] + w1 * E[j] + w2 * O[j + 1];
@@ -1424,6 +1460,12 @@ static void dwpw_task(const void* vctx, int task, Scratch& s) {
       for (int r = S.row0; r < S.row0 + S.nrows; ++r) {
         float* d = S.row(r);
         const float* l = lc + (long)r * a.wi;
+#ifdef EK_FP16
+        if (xh) {
+          f16_load_row(xrow, xh + (long)c * HWi + (long)r * a.wi, a.wi);
+          l = xrow;
+        }
+#endif
         const float* h = hc + (long)nearest_src(r, a.sh, a.hh) * a.wh;
         if (twice) {
           upsample2_row(d, h, a.wh);
@@ -1475,7 +1517,8 @@ static inline long long count_nonfinite(const float* p, int n) {
 // value): the rows ky = 1 and ky = 2 of output row r read input rows 2r and 2r + 1, so counting at those two
 // taps counts every input row exactly once (h1 = floor((H - 1) / 2) + 1 output rows cover rows 0 .. H - 1).
 struct StemArgs { const float *x, *w, *b; float* out; int N, cin, cout, H, W, h1, w1, band;
-                  std::atomic<long long>* nonfinite; };
+                  std::atomic<long long>* nonfinite;
+                  bool out_half; };  // out stored as fp16 (EK_OUT_HALF, fp16-storage libraries only)
 
 static void stem_task(const void* vctx, int task, Scratch& s) {
   const StemArgs& a = *static_cast<const StemArgs*>(vctx);
@@ -1510,8 +1553,18 @@ static void stem_task(const void* vctx, int task, Scratch& s) {
       }
   }
   if (nonfinite) a.nonfinite->fetch_add(nonfinite, std::memory_order_relaxed);
-  float* out = a.out + (long)img * a.cout * a.h1 * a.w1 + (long)r0 * a.w1;
-  Gemm g{panel, LD, a.w, a.b, K, a.cout, P, out, (long)a.h1 * a.w1, nullptr, 0};
+  const long HW1 = (long)a.h1 * a.w1;
+#ifdef EK_FP16
+  if (a.out_half) {  // the GEMM's epilogue rounds each result to fp16 as it stores it
+    _Float16* outh = reinterpret_cast<_Float16*>(a.out) + (long)img * a.cout * HW1 + (long)r0 * a.w1;
+    Gemm g{panel, LD, a.w, a.b, K, a.cout, P, reinterpret_cast<float*>(outh), HW1, nullptr, 0};
+    g.out_half = true;
+    gemm(g, s);
+    return;
+  }
+#endif
+  float* out = a.out + (long)img * a.cout * HW1 + (long)r0 * a.w1;
+  Gemm g{panel, LD, a.w, a.b, K, a.cout, P, out, HW1, nullptr, 0};
   gemm(g, s);
 }
 
@@ -1555,8 +1608,12 @@ struct EkHeadOp {  // 1x1 + sigmoid at d1's resolution, nearest-upsampled into o
   float sh, sw;
 };
 union EkOpArgs { EkStemOp stem; EkDwpwOp dwpw; EkUpHeadOp up_head; EkGmbiOp gmbi; EkHeadOp head; };
+// EkOp.flags: which of the op's activation buffers are stored as fp16 (2 bytes a value, converted on load and
+// store; the arithmetic is unchanged).  Only an fp16-storage library takes them (ek_half_storage_flags), and only
+// where the kernel has the path: X_HALF on OP_S2 / OP_UP / OP_UP_HEAD (their x), OUT_HALF on OP_STEM.
+enum { EK_X_HALF = 1, EK_OUT_HALF = 2 };
 struct EkOp {
-  int32_t kind, n, band, pad;  // kind: OP_*; n images; band: output rows per task
+  int32_t kind, n, band, flags;  // kind: OP_*; n images; band: output rows per task; flags: EK_*_HALF
   EkOpArgs u;                  // the member named by kind
 };
 
@@ -1596,11 +1653,12 @@ const char* ek_op_layout() {
     EK_FIELD(EkOpArgs, stem); EK_FIELD(EkOpArgs, dwpw); EK_FIELD(EkOpArgs, up_head); EK_FIELD(EkOpArgs, gmbi);
     EK_FIELD(EkOpArgs, head);
     EK_STRUCT(EkOp);
-    EK_FIELD(EkOp, kind); EK_FIELD(EkOp, n); EK_FIELD(EkOp, band); EK_FIELD(EkOp, pad); EK_FIELD(EkOp, u);
+    EK_FIELD(EkOp, kind); EK_FIELD(EkOp, n); EK_FIELD(EkOp, band); EK_FIELD(EkOp, flags); EK_FIELD(EkOp, u);
 #undef EK_FIELD
 #undef EK_STRUCT
     add("kind.stem", OP_STEM, 0); add("kind.s2", OP_S2, 0); add("kind.pw", OP_PW, 0); add("kind.up", OP_UP, 0);
     add("kind.gmbi", OP_GMBI, 0); add("kind.head", OP_HEAD, 0); add("kind.up+head", OP_UP_HEAD, 0);
+    add("flag.x_half", EK_X_HALF, 0); add("flag.out_half", EK_OUT_HALF, 0);
     add("gmbi_mode.banded", GMBI_BANDED, 0); add("gmbi_mode.two-phase", GMBI_TWO_PHASE, 0);
     return s;
   }();
@@ -1617,6 +1675,15 @@ int ek_amx_active() {
 #endif
 }
 int ek_vector_width() { return VW; }
+// The EkOp.flags this library honours: fp16 storage of the stem's output and of the S2 / UP ops' input where the
+// library converts with AVX512-FP16 (the avx512amx level); 0 elsewhere (any flag is then refused by ek_run).
+int ek_half_storage_flags() {
+#ifdef EK_FP16
+  return EK_X_HALF | EK_OUT_HALF;
+#else
+  return 0;
+#endif
+}
 int ek_abi_version() { return 4; }  // 4: typed op structs (ek_op_layout)
 void ek_gmbi_halos(int* out) { out[0] = HALO_R1; out[1] = HALO_R2; out[2] = HALO_R3; }
 
@@ -1639,7 +1706,7 @@ static double now_ms(bool cpu) {
 
 static DwpwArgs dwpw_args(int mode, const EkDwpwOp& o, int n, int band, const HeadParams* head) {
   return DwpwArgs{mode, o.x, o.high, o.dw_w, o.dw_b, o.pw_wt, o.pw_b, o.out, n, o.cin, o.cout, o.ho, o.wo, o.hi, o.wi,
-                  o.hh, o.wh, o.sh, o.sw, band, head};
+                  o.hh, o.wh, o.sh, o.sw, band, head, false};
 }
 
 static void run_op(Pool& pool, const EkOp& op, double* ms, bool cpu) {
@@ -1647,13 +1714,15 @@ static void run_op(Pool& pool, const EkOp& op, double* ms, bool cpu) {
   switch (op.kind) {
     case OP_STEM: {
       const EkStemOp& o = op.u.stem;
-      StemArgs a{o.x, o.w, o.b, o.out, op.n, o.cin, o.cout, o.H, o.W, o.h1, o.w1, op.band, &pool.nonfinite_inputs};
+      StemArgs a{o.x, o.w, o.b, o.out, op.n, o.cin, o.cout, o.H, o.W, o.h1, o.w1, op.band, &pool.nonfinite_inputs,
+                 (op.flags & EK_OUT_HALF) != 0};
       pool.run(stem_task, &a, op.n * ((a.h1 + a.band - 1) / a.band));
       break;
     }
     case OP_S2: case OP_PW: case OP_UP: {
       const int mode = op.kind == OP_S2 ? DWPW_S2 : op.kind == OP_UP ? DWPW_UP : PW_ONLY;
       DwpwArgs a = dwpw_args(mode, op.u.dwpw, op.n, op.band, nullptr);
+      a.x_half = (op.flags & EK_X_HALF) != 0;
       pool.run(dwpw_task, &a, op.n * ((a.ho + a.band - 1) / a.band));
       break;
     }
@@ -1662,6 +1731,7 @@ static void run_op(Pool& pool, const EkOp& op, double* ms, bool cpu) {
       // the head reads DF1's output (cout channels at ho x wo) from the band's scratch
       HeadParams hp{o.head_w, o.head_b, o.up.cout, o.head_cout, o.up.ho, o.up.wo, o.H, o.W, o.head_sh, o.head_sw};
       DwpwArgs a = dwpw_args(DWPW_UP, o.up, op.n, op.band, &hp);
+      a.x_half = (op.flags & EK_X_HALF) != 0;
       pool.run(dwpw_task, &a, op.n * ((a.ho + a.band - 1) / a.band));
       break;
     }
@@ -1720,6 +1790,10 @@ int ek_run(void* pool, const EkOp* ops, int count, double* ms, int cpu_clock) {
   Pool& p = *static_cast<Pool*>(pool);
   for (int k = 0; k < count; ++k) {
     if (ops[k].kind < OP_STEM || ops[k].kind > OP_UP_HEAD || ops[k].band < 1) return -(k + 1);
+    // a flag this library or this op kind has no fp16 path for: refused, never read as fp32
+    const int kind = ops[k].kind, allowed = ek_half_storage_flags() &
+        (kind == OP_STEM ? EK_OUT_HALF : (kind == OP_S2 || kind == OP_UP || kind == OP_UP_HEAD) ? EK_X_HALF : 0);
+    if (ops[k].flags & ~allowed) return -(k + 1);
     run_op(p, ops[k], ms ? ms + k : nullptr, cpu_clock != 0);
   }
   return 0;
