@@ -22,6 +22,7 @@
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <thread>
 #include <vector>
 #include <chrono>
@@ -797,6 +798,7 @@ struct GemmB {
   const float* res; long res_cs;
   int cb0 = 0, cb1 = 0;  // the co blocks [cb0, cb1) only (cb1 0: all)
   int lane_g = 0;        // nonzero: the A rows are lane-major (AmxPacks::get's lane_major), G = lane_g
+  bool half = false;     // res and out are fp16 storage (res widened exactly; each result rounded to nearest)
 };
 
 static void amx_config() {
@@ -839,6 +841,14 @@ static inline void amx_block(const GemmB& g, int cb, int p0, float* cbuf) {
       for (int j = 0; j < NB; ++j) {
         const int p = p0 + 16 * j;
         vf o = vmax0(vload(cbuf + (i * 2 + j) * 256 + r * 16) + bias);
+        if (g.half) {
+          _Float16* oh = reinterpret_cast<_Float16*>(g.out) + co * g.out_cs + p;
+          const _Float16* rh = g.res ? reinterpret_cast<const _Float16*>(g.res) + co * g.res_cs + p : nullptr;
+          const __mmask16 m = g.P - p >= 16 ? (__mmask16)0xFFFF : (__mmask16)tail_mask(g.P - p);
+          if (rh) o += (vf)_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, rh));
+          _mm256_mask_storeu_epi16(oh, m, _mm512_cvtps_ph((__m512)o, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+          continue;
+        }
         float* op = g.out + co * g.out_cs + p;
         const float* rp = g.res ? g.res + co * g.res_cs + p : nullptr;
         if (g.P - p >= 16) {
@@ -957,15 +967,16 @@ struct Dw3x3h {
 
 // one row of stage 1-3 of a lane in fp16 (dw_stage_row's U, Y, Z, with U always): u = s xn + xn (xn: the next
 // group's input row, fp32), y stored, zp = s zp + zp
-template <bool Y, bool Z>
+// XH: xn points at fp16 storage (read as is) instead of floats (rounded to fp16 here: the same values)
+template <bool Y, bool Z, bool XH = false>
 static inline void dw_stage_row_h(_Float16* y, _Float16* u, _Float16* zp, const _Float16* a, const _Float16* b,
-                                  const _Float16* c, const Dw3x3h& dw, const float* xn, int W, int d) {
+                                  const _Float16* c, const Dw3x3h& dw, const void* xn, int W, int d) {
   for (int x = 0; x < W; x += HVW) {
     const __mmask32 m = hmask(W - x);
     const vh s = dw(a, b, c, x, d);
     if (Y) hstore_m(y + x, s, m);
     const vh g = hsigmoid_pos(s);
-    const vh xv = h_from_f(xn + x, m);
+    const vh xv = XH ? hload_m(static_cast<const _Float16*>(xn) + x, m) : h_from_f(static_cast<const float*>(xn) + x, m);
     hstore_m(u + x, _mm512_fmadd_ph(g, xv, xv), m);
     if (Z) { const vh zv = hload_m(zp + x, m); hstore_m(zp + x, _mm512_fmadd_ph(g, zv, zv), m); }
   }
@@ -1020,6 +1031,7 @@ struct GmbiArgs {
   const uint32_t* wq; const float* qscale; float qinv;
   // AMX 1x1 (wa non-null): the weights as A tiles; the z panel is Kp pair rows of words (two-phase: N x Kp x zld)
   const uint32_t* wa;
+  bool half = false;  // banded AMX mode only: x and out are fp16 storage (EkOp.flags X_HALF | OUT_HALF)
 };
 
 // The depthwise chain of lane c (channels c, G+c, 2G+c, 3G+c) of one image for output rows [r0, r1):
@@ -1098,7 +1110,9 @@ static void gmbi_chain_lane(const GmbiArgs& a, const float* x, int c, int r0, in
 // gmbi_chain_lane's AMX path with the chain in fp16 (see "The GMBI depthwise chain in fp16"): the same regions and
 // halos, the row buffers fp16, the lane's z0..z2 in zh (3 rows of LD halves), and stage 4 writing the lane's two
 // bf16-pair words to zq[c * LD + ...] and zq[(G + c) * LD + ...].
-static void gmbi_chain_lane_h(const GmbiArgs& a, const float* x, int c, int r0, int r1, _Float16* zh, long LD,
+// XH: x is fp16 storage (GmbiArgs.half), passed as its first element's address
+template <bool XH>
+static void gmbi_chain_lane_h(const GmbiArgs& a, const void* x, int c, int r0, int r1, _Float16* zh, long LD,
                               Scratch& s, uint32_t* zq) {
   const int H = a.H, W = a.W, G = a.C / 4;
   const long HW = (long)H * W;
@@ -1113,18 +1127,23 @@ static void gmbi_chain_lane_h(const GmbiArgs& a, const float* x, int c, int r0, 
   RowBufH U1 = rowbuf_h(s, 3, a1, b1 - a1, W, zero);
   RowBufH U2 = rowbuf_h(s, 4, a2, b2 - a2, W, zero);
   RowBufH U3 = rowbuf_h(s, 5, a3, b3 - a3, W, zero);
-  const float* xc[4];
-  for (int i = 0; i < 4; ++i) xc[i] = x + (long)(i * G + c) * HW;
+  typedef typename std::conditional<XH, _Float16, float>::type XT;
+  const XT* xc[4];
+  for (int i = 0; i < 4; ++i) xc[i] = static_cast<const XT*>(x) + (long)(i * G + c) * HW;
   _Float16* zc[3] = {zh, zh + LD, zh + 2 * LD};
   const Dw3x3h dw[4] = {Dw3x3h(a.dw_w + c * 9, a.dw_b[c]), Dw3x3h(a.dw_w + (G + c) * 9, a.dw_b[G + c]),
                         Dw3x3h(a.dw_w + (2 * G + c) * 9, a.dw_b[2 * G + c]),
                         Dw3x3h(a.dw_w + (3 * G + c) * 9, a.dw_b[3 * G + c])};
   for (int r = x0a; r < x0b; ++r) {
     _Float16* row = X0.row(r);
-    const float* xr = xc[0] + (long)r * W;
+    const XT* xr = xc[0] + (long)r * W;
+    if (XH) {
+      std::memcpy(row, xr, W * sizeof(_Float16));
+      continue;
+    }
     for (int j = 0; j < W; j += HVW) {
       const __mmask32 m = hmask(W - j);
-      hstore_m(row + j, h_from_f(xr + j, m), m);
+      hstore_m(row + j, h_from_f(reinterpret_cast<const float*>(xr) + j, m), m);
     }
   }
   const int ra[3] = {a1, a2, a3}, rb[3] = {b1, b2, b3};
@@ -1134,15 +1153,15 @@ static void gmbi_chain_lane_h(const GmbiArgs& a, const float* x, int c, int r0, 
     const int d = k + 1;
     for (int r = ra[k]; r < rb[k]; ++r) {
       const _Float16 *ta = src[k]->tap(r - d, H), *tb = src[k]->tap(r, H), *tc = src[k]->tap(r + d, H);
-      const float* xn = xc[k + 1] + (long)r * W;
+      const XT* xn = xc[k + 1] + (long)r * W;
       _Float16* u = dst[k]->row(r);
       const long o = (long)(r - r0) * W;
       if (r < r0 || r >= r1)
-        dw_stage_row_h<false, false>(nullptr, u, nullptr, ta, tb, tc, dw[k], xn, W, d);
+        dw_stage_row_h<false, false, XH>(nullptr, u, nullptr, ta, tb, tc, dw[k], xn, W, d);
       else if (k == 0)
-        dw_stage_row_h<true, false>(zc[0] + o, u, nullptr, ta, tb, tc, dw[0], xn, W, d);
+        dw_stage_row_h<true, false, XH>(zc[0] + o, u, nullptr, ta, tb, tc, dw[0], xn, W, d);
       else
-        dw_stage_row_h<true, true>(zc[k] + o, u, zc[k - 1] + o, ta, tb, tc, dw[k], xn, W, d);
+        dw_stage_row_h<true, true, XH>(zc[k] + o, u, zc[k - 1] + o, ta, tb, tc, dw[k], xn, W, d);
     }
   }
   for (int r = r0; r < r1; ++r) {
@@ -1180,9 +1199,25 @@ static void gmbi_task(const void* vctx, int task, Scratch& s) {
     uint32_t* zw = reinterpret_cast<uint32_t*>(s.get(1, (size_t)Kp * LD + VW));
     if (Kp > 2 * G) std::memset(zw + (long)2 * G * LD, 0, (size_t)(Kp - 2 * G) * LD * sizeof(uint32_t));
     float* zf = s.get(0, (size_t)4 * LD + VW);
+#ifdef EK_FP16
+    if (a.half) {  // x and out in fp16: the same chain (it rounds x to fp16 anyway), the epilogue converts
+      const _Float16* xh = reinterpret_cast<const _Float16*>(a.x) + (long)img * C * HW;
+      _Float16* oh = reinterpret_cast<_Float16*>(a.out) + (long)img * C * HW;
+#ifndef EK_PROFILE_NO_CHAIN
+      for (int c = 0; c < G; ++c) gmbi_chain_lane_h<true>(a, xh, c, r0, r1, reinterpret_cast<_Float16*>(zf), LD, s, zw);
+#endif
+      GemmB g{zw, LD, a.wa, a.pw_b, Kp, C, P, reinterpret_cast<float*>(oh + (long)r0 * W), HW,
+              reinterpret_cast<const float*>(xh + (long)r0 * W), HW};
+      g.half = true;
+#ifndef EK_PROFILE_NO_GEMM
+      gemm_amx(g, s);
+#endif
+      return;
+    }
+#endif
 #ifndef EK_PROFILE_NO_CHAIN
 #ifdef EK_FP16
-    for (int c = 0; c < G; ++c) gmbi_chain_lane_h(a, x, c, r0, r1, reinterpret_cast<_Float16*>(zf), LD, s, zw);
+    for (int c = 0; c < G; ++c) gmbi_chain_lane_h<false>(a, x, c, r0, r1, reinterpret_cast<_Float16*>(zf), LD, s, zw);
 #else
     for (int c = 0; c < G; ++c) gmbi_chain_lane(a, x, c, r0, r1, zf, LD, s, zw);
 #endif
@@ -1216,7 +1251,7 @@ static void gmbi_lane_task(const void* vctx, int task, Scratch& s) {
     uint32_t* zw = reinterpret_cast<uint32_t*>(a.z) + (long)img * amx_pairs(a.C) * a.zld;
     float* zf = s.get(0, (size_t)4 * a.zld + VW);
 #ifdef EK_FP16
-    gmbi_chain_lane_h(a, a.x + (long)img * a.C * HW, c, 0, a.H, reinterpret_cast<_Float16*>(zf), a.zld, s, zw);
+    gmbi_chain_lane_h<false>(a, a.x + (long)img * a.C * HW, c, 0, a.H, reinterpret_cast<_Float16*>(zf), a.zld, s, zw);
 #else
     gmbi_chain_lane(a, a.x + (long)img * a.C * HW, c, 0, a.H, zf, a.zld, s, zw);
 #endif
@@ -1288,7 +1323,7 @@ static void gmbi_owned_lane_task(const void* vctx, int task, Scratch& s) {
     uint32_t* zw = reinterpret_cast<uint32_t*>(a.z) + (long)img * amx_pairs(a.C) * a.zld;
     for (int c = c0; c < c1; ++c) {
 #ifdef EK_FP16
-      gmbi_chain_lane_h(a, a.x + (long)img * a.C * HW, c, 0, a.H, reinterpret_cast<_Float16*>(zf), a.zld, s, zw);
+      gmbi_chain_lane_h<false>(a, a.x + (long)img * a.C * HW, c, 0, a.H, reinterpret_cast<_Float16*>(zf), a.zld, s, zw);
 #else
       gmbi_chain_lane(a, a.x + (long)img * a.C * HW, c, 0, a.H, zf, a.zld, s, zw);
 #endif
@@ -1383,6 +1418,7 @@ struct DwpwArgs {
   int N, cin, cout, ho, wo, hi, wi, hh, wh; float sh, sw; int band;
   const HeadParams* head;  // non-null: DF1 + head, the DF output stays in scratch and out is the probability map
   bool x_half;             // x is stored as fp16 (EK_X_HALF; S2 / UP only, fp16-storage libraries only)
+  bool out_half;           // out is stored as fp16 (EK_OUT_HALF; S2 only)
 };
 
 // even / odd columns of an input row: E[j] = in[2j] (j < wo), O[j+1] = in[2j+1], O[0] = 0, zero past the end.
@@ -1487,6 +1523,15 @@ static void dwpw_task(const void* vctx, int task, Scratch& s) {
     head_band(*a.head, d, LD, r0, r1, a.out + (long)img * a.head->cout * a.head->H * a.head->W, s);
     return;
   }
+#ifdef EK_FP16
+  if (a.out_half) {  // S2 only: the epilogue rounds each result to fp16 as it stores it
+    _Float16* oh = reinterpret_cast<_Float16*>(a.out) + (long)img * a.cout * HWo + (long)r0 * a.wo;
+    Gemm g{panel, LD, a.pw_wt, a.pw_b, a.cin, a.cout, P, reinterpret_cast<float*>(oh), HWo, nullptr, 0};
+    g.out_half = true;
+    gemm(g, s);
+    return;
+  }
+#endif
   Gemm g{panel, LD, a.pw_wt, a.pw_b, a.cin, a.cout, P, out, HWo, nullptr, 0};
   gemm(g, s);
 }
@@ -1610,8 +1655,12 @@ struct EkHeadOp {  // 1x1 + sigmoid at d1's resolution, nearest-upsampled into o
 union EkOpArgs { EkStemOp stem; EkDwpwOp dwpw; EkUpHeadOp up_head; EkGmbiOp gmbi; EkHeadOp head; };
 // EkOp.flags: which of the op's activation buffers are stored as fp16 (2 bytes a value, converted on load and
 // store; the arithmetic is unchanged).  Only an fp16-storage library takes them (ek_half_storage_flags), and only
-// where the kernel has the path: X_HALF on OP_S2 / OP_UP / OP_UP_HEAD (their x), OUT_HALF on OP_STEM.
+// where the kernel has the path: X_HALF on OP_S2 / OP_UP / OP_UP_HEAD (their x), OUT_HALF on OP_STEM and OP_S2,
+// both (together) on a banded GMBI module with the AMX 1x1.
 enum { EK_X_HALF = 1, EK_OUT_HALF = 2 };
+// ek_half_storage_flags's capability bit beyond the flags: OUT_HALF on OP_S2 and X_HALF | OUT_HALF (both) on a
+// banded OP_GMBI module whose 1x1 runs on AMX (stage 2's ping-pong buffers)
+enum { EK_HALF_GMBI = 4 };
 struct EkOp {
   int32_t kind, n, band, flags;  // kind: OP_*; n images; band: output rows per task; flags: EK_*_HALF
   EkOpArgs u;                  // the member named by kind
@@ -1679,7 +1728,7 @@ int ek_vector_width() { return VW; }
 // library converts with AVX512-FP16 (the avx512amx level); 0 elsewhere (any flag is then refused by ek_run).
 int ek_half_storage_flags() {
 #ifdef EK_FP16
-  return EK_X_HALF | EK_OUT_HALF;
+  return EK_X_HALF | EK_OUT_HALF | (amx_permitted() ? EK_HALF_GMBI : 0);
 #else
   return 0;
 #endif
@@ -1706,7 +1755,7 @@ static double now_ms(bool cpu) {
 
 static DwpwArgs dwpw_args(int mode, const EkDwpwOp& o, int n, int band, const HeadParams* head) {
   return DwpwArgs{mode, o.x, o.high, o.dw_w, o.dw_b, o.pw_wt, o.pw_b, o.out, n, o.cin, o.cout, o.ho, o.wo, o.hi, o.wi,
-                  o.hh, o.wh, o.sh, o.sw, band, head, false};
+                  o.hh, o.wh, o.sh, o.sw, band, head, false, false};
 }
 
 static void run_op(Pool& pool, const EkOp& op, double* ms, bool cpu) {
@@ -1723,6 +1772,7 @@ static void run_op(Pool& pool, const EkOp& op, double* ms, bool cpu) {
       const int mode = op.kind == OP_S2 ? DWPW_S2 : op.kind == OP_UP ? DWPW_UP : PW_ONLY;
       DwpwArgs a = dwpw_args(mode, op.u.dwpw, op.n, op.band, nullptr);
       a.x_half = (op.flags & EK_X_HALF) != 0;
+      a.out_half = (op.flags & EK_OUT_HALF) != 0;
       pool.run(dwpw_task, &a, op.n * ((a.ho + a.band - 1) / a.band));
       break;
     }
@@ -1746,6 +1796,7 @@ static void run_op(Pool& pool, const EkOp& op, double* ms, bool cpu) {
       const bool owned = !q && o.mode == GMBI_TWO_PHASE && op.n == 1 && pool.nthreads > 1 && pool.nthreads <= 32 &&
                          (o.C / 4 + 3) / 4 >= pool.nthreads;
       if (!q && amx_permitted()) a.wa = pool.amx.get(o.pw_wt, o.C, owned);
+      a.half = op.flags != 0;  // ek_run let it through only for a banded AMX module with both flags
 #endif
       if (o.mode == GMBI_TWO_PHASE) {
         a.zld = panel_ld(a.H * a.W);
@@ -1791,9 +1842,16 @@ int ek_run(void* pool, const EkOp* ops, int count, double* ms, int cpu_clock) {
   for (int k = 0; k < count; ++k) {
     if (ops[k].kind < OP_STEM || ops[k].kind > OP_UP_HEAD || ops[k].band < 1) return -(k + 1);
     // a flag this library or this op kind has no fp16 path for: refused, never read as fp32
-    const int kind = ops[k].kind, allowed = ek_half_storage_flags() &
-        (kind == OP_STEM ? EK_OUT_HALF : (kind == OP_S2 || kind == OP_UP || kind == OP_UP_HEAD) ? EK_X_HALF : 0);
-    if (ops[k].flags & ~allowed) return -(k + 1);
+    const int kind = ops[k].kind, have = ek_half_storage_flags(), gmbi = (have & EK_HALF_GMBI) ? EK_OUT_HALF : 0;
+    const int allowed = have & (kind == OP_STEM ? EK_OUT_HALF : kind == OP_S2 ? EK_X_HALF | gmbi
+                                : (kind == OP_UP || kind == OP_UP_HEAD) ? EK_X_HALF : 0);
+    if (kind == OP_GMBI && ops[k].flags) {  // both or none, banded, the AMX 1x1 (not INT8)
+      const EkGmbiOp& g = ops[k].u.gmbi;
+      if (!(have & EK_HALF_GMBI) || ops[k].flags != (EK_X_HALF | EK_OUT_HALF) || g.mode != GMBI_BANDED || g.pw_q)
+        return -(k + 1);
+    } else if (ops[k].flags & ~allowed) {
+      return -(k + 1);
+    }
     run_op(p, ops[k], ms ? ms + k : nullptr, cpu_clock != 0);
   }
   return 0;

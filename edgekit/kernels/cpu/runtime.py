@@ -436,33 +436,52 @@ def build_program(plan: NetPlan, param_offsets: Dict[str, Tuple[int, int]], para
     return ops, [layers for _, layers in program]
 
 
+# ek_half_storage_flags's capability bit (not an EkOp flag): stage 2's buffers too (OUT_HALF on an S2 op, both
+# flags on a banded GMBI module with the AMX 1x1)
+HALF_GMBI = 4
+
+
 def half_storage(plan: NetPlan, ops, act_base: int, flags: int) -> List[str]:
-    """Store the stem's output (e1: 4 MB at 512 px, written once, read by down2 and DF1) as fp16 where the library
-    converts (``flags``, its ``half_storage_flags``): sets EkOp.flags on the stem (out) and on every op that reads
-    the buffer (its x; only S2 / UP ops, and no other pointer of theirs), and returns the names of the buffers now
-    fp16, or [] where any reader has no fp16 path.  The kernels' arithmetic is unchanged: values are rounded to
-    fp16 once when stored and widened exactly when read."""
+    """Store activation buffers as fp16 where the library converts (``flags``: its ``half_storage_flags``): e1 (the
+    stem's output, read by down2 and DF1) and, where the library can (``HALF_GMBI``), stage 2's ping-pong buffers
+    (written by down2 and the banded GMBI modules, read by those modules, down3 and DF2).  A buffer goes fp16 only
+    where every op that touches it has the fp16 path for that pointer (stem out; S2 x and out; UP x; a banded
+    GMBI module's x and out together); sets EkOp.flags and returns the buffers' names.  The arithmetic is
+    unchanged: a value is rounded to fp16 once when stored and widened exactly when read."""
     need = EK_FLAGS["x_half"] | EK_FLAGS["out_half"]
     if flags & need != need:
         return []
-    out = []
+    X, O = EK_FLAGS["x_half"], EK_FLAGS["out_half"]
+    gmbi = bool(flags & HALF_GMBI)
+    # (kind, pointer path) -> the flag that makes the kernel read / write that pointer as fp16
+    paths = {(OP_KINDS["stem"], ("out",)): O, (OP_KINDS["s2"], ("x",)): X, (OP_KINDS["s2"], ("high",)): X,
+             (OP_KINDS["up"], ("x",)): X, (OP_KINDS["up+head"], ("up", "x")): X}
+    if gmbi:
+        paths.update({(OP_KINDS["s2"], ("out",)): O, (OP_KINDS["gmbi"], ("x",)): X, (OP_KINDS["gmbi"], ("out",)): O})
+    addr = {act_base + b.offset: name for name, b in plan.buffers.items() if name not in (plan.input, plan.output)}
+    touches = {name: [] for name in addr.values()}  # name -> [(op index, flag)]; None: a pointer with no fp16 path
     for k, op in enumerate(ops):
-        if op.kind != OP_KINDS["stem"]:
-            continue
-        addr = op.args.out
-        name = next((n for n, b in plan.buffers.items() if act_base + b.offset == addr), None)
-        if name is None or name in (plan.input, plan.output):
-            continue
-        readers = [(j, path) for j, o in enumerate(ops) if j != k for path, a in pointer_fields(o.args) if a == addr]
-        # the pointers an op may hold it in: its x (an S2 op's high is the plan's copy of x, never read)
-        x_paths = {OP_KINDS["s2"]: (("x",), ("high",)), OP_KINDS["up"]: (("x",),), OP_KINDS["up+head"]: (("up", "x"),)}
-        if not readers or any(path not in x_paths.get(ops[j].kind, ()) for j, path in readers):
-            continue
-        op.flags |= EK_FLAGS["out_half"]
-        for j, _ in readers:
-            ops[j].flags |= EK_FLAGS["x_half"]
-        out.append(name)
-    return out
+        for path, a in pointer_fields(op.args):
+            if a in addr:
+                ok = paths.get((op.kind, path))
+                if op.kind == OP_KINDS["gmbi"] and (op.args.mode != GMBI_MODES["banded"] or op.args.pw_q):
+                    ok = None
+                touches[addr[a]].append((k, ok))
+    half = {n for n, t in touches.items() if t and all(f is not None for _, f in t)}
+    while True:  # a GMBI module needs both its buffers fp16 or neither
+        drop = set()
+        for op in ops:
+            if op.kind == OP_KINDS["gmbi"]:
+                pair = {addr.get(op.args.x), addr.get(op.args.out)}
+                if not pair <= half:
+                    drop |= pair & half
+        if not drop:
+            break
+        half -= drop
+    for name in sorted(half):
+        for k, f in touches[name]:
+            ops[k].flags |= f
+    return sorted(half, key=lambda n: plan.buffers[n].offset)
 
 
 def pointer_fields(struct: ctypes.Structure, path: Tuple[str, ...] = ()) -> List[Tuple[Tuple[str, ...], int]]:
