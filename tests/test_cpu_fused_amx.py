@@ -172,6 +172,18 @@ def gmbi_refs(model, net, layer: str, x: np.ndarray):
     return ref32, ref_bf, bound
 
 
+def fp16_storage_bound(ref: np.ndarray, dtype: str) -> np.ndarray:
+    """How far a non-GMBI op's stored output may be from its PyTorch layer, element by element: the fp32
+    tolerance every kernel gets (t = 1e-4 of the layer's largest value, accumulation order); an fp16-stored
+    output (the stem's e1 in this library) is then rounded once to nearest fp16: the computed v (|v - ref| <= t)
+    moves by at most u |v| <= u (|ref| + t), u = 2^-11, or half the subnormal spacing 2^-25 below 2^-14."""
+    tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
+    if dtype == "float32":
+        return np.full(ref.shape, tol)
+    assert dtype == "float16", dtype
+    return tol + U16 * (np.abs(ref) + tol) + 2.0 ** -25
+
+
 def check_gmbi_in_bf16(fn, model, x: np.ndarray, mode: str) -> int:
     """Run the program op by op from a NaN-poisoned arena: each GMBI module within the bf16 bound of its PyTorch
     layer and close to the bf16 arithmetic; every other op within the fp32 tolerance of its PyTorch layer."""
@@ -187,27 +199,36 @@ def check_gmbi_in_bf16(fn, model, x: np.ndarray, mode: str) -> int:
         ln = by_layer[names[0]]
         io = [v for k, v in ln.args if k == "act"]
         if ln.kind != "gmbi":
-            ins = [fn.view(plan, acts, b).copy() for b in ([io[0], io[1]] if ln.kind == "up" else [io[0]])]
+            # an fp16-stored input is read as the fp16 values the kernel widens exactly
+            ins = [fn.view(plan, acts, b).astype(np.float32) for b in ([io[0], io[1]] if ln.kind == "up" else [io[0]])]
             if ln.kind == "head":
                 ins.append(x)
             fn.kernels.run((EkOp * 1)(op))
-            got = fn.view(plan, acts, io[-1])
+            got = fn.view(plan, acts, io[-1]).astype(np.float64)
             with torch.no_grad():
                 ref = torch_layer(model, ln.layer, ins).numpy()
             assert not np.isnan(got).any(), ln.layer
-            assert np.abs(got - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max())), ln.layer
+            excess = np.abs(got - ref) - fp16_storage_bound(ref, plan.buffers[io[-1]].dtype)
+            assert excess.max() <= 0, (ln.layer, float(excess.max()))
             continue
         assert op.u.gmbi.mode == cpu_fused.GMBI_MODES[mode] and not op.u.gmbi.pw_q
-        xin = fn.view(plan, acts, io[0]).copy()
+        half = plan.buffers[io[1]].dtype == "float16"
+        assert plan.buffers[io[0]].dtype == plan.buffers[io[1]].dtype  # a banded module: both fp16 or neither
+        assert op.flags == (3 if half else 0)
+        xin = fn.view(plan, acts, io[0]).astype(np.float32)  # an fp16 input: the values the kernel reads
         fn.kernels.run((EkOp * 1)(op))
         got = fn.view(plan, acts, io[1]).astype(np.float64)
         assert not np.isnan(got).any(), f"{ln.layer}: output not fully written"
         ref32, ref_bf, bound = gmbi_refs(model, fn.net, ln.layer, xin)
         fp32_tol = 1e-4 * max(1.0, float(np.abs(ref32).max()))
+        if half:  # the result (within bound + tol of ref32) rounded once to fp16: u of it, or half a subnormal step
+            bound = bound + U16 * (np.abs(ref32) + bound + fp32_tol) + 2.0 ** -25
         excess = np.abs(got - ref32) - (bound + fp32_tol)
         assert excess.max() <= 0, (ln.layer, float(excess.max()))
         # fp16 chain + bf16 1x1, not fp32 with noise: the kernel sits much closer to that arithmetic emulated than
         # the emulation sits to fp32 (a pair of K multiplied by the wrong weights would put it far from both)
+        if half:  # compare in the storage's precision: the emulation's result rounded to fp16 as the kernel's is
+            ref_bf = f16(ref_bf)
         d_bf, d_32 = float(np.abs(got - ref_bf).mean()), float(np.abs(ref_bf - ref32).mean())
         assert d_32 > 0 and d_bf <= 0.25 * d_32, (ln.layer, d_bf, d_32)
         checked += 1
@@ -246,6 +267,118 @@ def test_two_phase_owned_lanes_give_the_one_thread_result_bit_for_bit(library, m
     many = fused(library, model, threads).forward(x, poison=True)
     assert not np.isnan(many).any()
     assert np.array_equal(one, many), float(np.abs(one - many).max())
+
+
+def test_the_stem_output_is_stored_as_fp16_and_read_as_such(library):
+    """This library stores e1 (the stem's output, read by down2 and DF1) as fp16: the plan says so (the views and
+    the op-by-op tests read it as fp16), the stem carries out_half and exactly its readers x_half; an fp32
+    library keeps every buffer fp32 and no flag."""
+    fn = fused(library, random_gmbinet(ODD, seed=3), 2)
+    plan, _, ops, layers = fn.state(1, 37, 53)
+    assert plan.buffers["e1"].dtype == "float16" and [b for b in plan.buffers.values() if b.dtype == "float16"] \
+        == [plan.buffers["e1"]]
+    flags = {names[0]: op.flags for op, names in zip(ops, layers)}
+    assert flags["stem"] == cpu_fused.EK_FLAGS["out_half"]
+    assert flags["down2"] == flags["DF1"] == cpu_fused.EK_FLAGS["x_half"]
+    assert not any(f for name, f in flags.items() if name not in ("stem", "down2", "DF1"))
+    if "avx512" in cpu_fused.supported_isas():
+        lib32 = library.parent / "libgmbinet_avx512.so"
+        cpu_build.build_library("avx512", lib32)
+        from edgekit.kernels.fold import fold_gmbinet
+
+        net = fold_gmbinet(random_gmbinet(ODD, seed=3), channel_multiple=1)
+        blob, offsets = net.param_layout()
+        fp32 = cpu_fused.FusedNet(cpu_fused.CpuKernels(lib32, 2), net, blob, offsets)
+        plan32, _, ops32, _ = fp32.state(1, 37, 53)
+        assert fp32.kernels.half_storage_flags == 0
+        assert all(b.dtype == "float32" for b in plan32.buffers.values()) and not any(op.flags for op in ops32)
+
+
+def fp32_storage_rounded(library, model, threads: int, x: np.ndarray, names) -> np.ndarray:
+    """The network on the same library with every buffer fp32 (no flags), run op by op from a NaN-poisoned arena,
+    the buffers ``names`` rounded in place to the nearest fp16 (numpy, ties to even) after every op: what fp16
+    storage of those buffers must give bit for bit (the epilogues round once; the readers widen exactly; the
+    fp16 chain rounds its fp32 x to the same fp16 values)."""
+    from edgekit.kernels.cpu.runtime import EkOp
+
+    fn = fused(library, model, threads)
+    fn.kernels.half_storage_flags = 0  # this runner's program keeps every buffer in fp32
+    plan, acts, ops, _ = fn.state(x.shape[0], *x.shape[2:])
+    assert all(b.dtype == "float32" for b in plan.buffers.values()) and not any(op.flags for op in ops)
+    acts.fill(0xFF)
+    fn.view(plan, acts, plan.input)[...] = x
+    for op in ops:
+        fn.kernels.run((EkOp * 1)(op))
+        for name in names:
+            v = fn.view(plan, acts, name)
+            v[...] = v.astype(np.float16).astype(np.float32)
+    return fn.view(plan, acts, plan.output).copy()
+
+
+@pytest.mark.parametrize("cfg,shape,threads", [
+    (ODD, (1, 3, 37, 53), 1),
+    (ODD, (2, 3, 37, 53), 2),
+    (TINY_ODD, (3, 5, 23, 19), 2),      # e1 of 23 x 19 -> 12 x 10: band tails shorter than a vector
+    (PRUNED_EXACT, (1, 3, 45, 31), 2),  # a 14-channel stem: a GEMM block of 6 + 4 + 4 channels
+])
+def test_fp16_storage_is_the_fp32_program_with_e1_rounded_to_fp16(library, cfg, shape, threads):
+    """The whole network with e1 stored as fp16 (DF1 + head fused, from a NaN-poisoned arena and output) equals,
+    bit for bit, the same library run with e1 in fp32 where, after the stem, e1 is rounded to the nearest fp16 by
+    numpy: the stem's epilogue rounds to nearest even once, and down2 and DF1 (with its fused head) widen exactly
+    those values, at odd widths and heights, 1 and 2 threads, batches 1-3."""
+    model = random_gmbinet(cfg, seed=sum(shape) + threads)
+    x = np.random.default_rng(11).standard_normal(shape).astype(np.float32)
+    half = fused(library, model, threads)
+    got = half.forward(x, poison=True)
+    assert [n for n, b in half.state(shape[0], *shape[2:])[0].buffers.items() if b.dtype == "float16"] == ["e1"]
+    want = fp32_storage_rounded(library, model, threads, x, ["e1"])
+    assert not np.isnan(got).any()
+    assert np.array_equal(got, want), float(np.abs(got - want).max())
+
+
+def test_a_half_storage_flag_the_kernel_has_no_path_for_is_refused(library):
+    """EkOp.flags are honoured only where a kernel converts: the stem's out, the S2 ops' x and out, the UP ops'
+    x, a banded GMBI module's x and out together.  Any other flag (a two-phase GMBI module's, one flag alone on a
+    GMBI module, x_half on the stem, out_half on a 1x1 op, an unknown bit) makes ek_run refuse the op before
+    running anything."""
+    from edgekit.errors import EdgekitError
+    from edgekit.kernels.cpu.runtime import EkOp
+
+    X, O = cpu_fused.EK_FLAGS["x_half"], cpu_fused.EK_FLAGS["out_half"]
+    fn = fused(library, random_gmbinet(ODD, seed=4), 1)
+    plan, acts, ops, layers = fn.state(1, 21, 17)
+    at = {names[0]: i for i, names in enumerate(layers)}
+    assert ops[at["gmbi2_1"]].u.gmbi.mode == cpu_fused.GMBI_MODES["two-phase"]
+    for name, flag in (("gmbi2_1", X | O), ("gmbi2_1", X), ("stem", X), ("decoder5", O), ("stem", 4), ("down2", 8)):
+        bad = (EkOp * len(ops))(*ops)
+        bad[at[name]].flags |= flag
+        with pytest.raises(EdgekitError, match=f"op {at[name]} of the program is invalid"):
+            fn.kernels.run(bad)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stage_2_ping_pong_buffers_in_fp16_where_its_modules_are_banded(library, monkeypatch, threads):
+    """Where stage 2's modules are banded (512 px: 128 rows), its ping-pong buffers are fp16 too (down2 writes,
+    the modules read and write, down3 and DF2 read them), and where a module is two-phase they stay fp32; the
+    whole network at 2 x 3 x 100 x 45 (stage 2: 25 x 12, banded by the patched threshold) from a NaN-poisoned
+    output equals, bit for bit, the fp32-storage program with those three buffers rounded to fp16 after every op
+    (the banded modules' epilogue adds the fp16 residual widened exactly and rounds once; the element-wise bounds
+    against PyTorch are the op-by-op tests' above, where every module is banded and its buffers fp16)."""
+    monkeypatch.setattr(cpu_fused, "GMBI_TWO_PHASE_MAX_ROWS", 20)  # stage 2 banded, stages 3-5 two-phase
+    model = random_gmbinet(ODD, seed=31 + threads)
+    x = np.random.default_rng(12).standard_normal((2, 3, 100, 45)).astype(np.float32)
+    fn = fused(library, model, threads)
+    plan, _, ops, layers = fn.state(2, 100, 45)
+    assert [n for n, b in plan.buffers.items() if b.dtype == "float16"] == ["e1", "e2a", "e2b"]
+    flags = {names[0]: op.flags for op, names in zip(ops, layers)}
+    X, O = cpu_fused.EK_FLAGS["x_half"], cpu_fused.EK_FLAGS["out_half"]
+    assert flags["stem"] == O and flags["down2"] == X | O and flags["down3"] == X and flags["DF2"] == X
+    assert all(flags[n] == X | O for n in flags if n.startswith("gmbi2_"))
+    assert not any(flags[n] for n in flags if n.startswith(("gmbi3", "gmbi4", "gmbi5", "down4", "DF3")))
+    got = fn.forward(x, poison=True)
+    want = fp32_storage_rounded(library, model, threads, x, ["e1", "e2a", "e2b"])
+    assert not np.isnan(got).any()
+    assert np.array_equal(got, want), float(np.abs(got - want).max())
 
 
 def test_a_changed_weight_array_is_repacked(library):

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <thread>
 #include <vector>
 #include <chrono>
@@ -375,6 +376,9 @@ struct Gemm {
   int K, cout, P;
   float* out; long out_cs;  // channel stride of out (pixel p of channel co at out[co*out_cs + p])
   const float* res; long res_cs;  // residual (nullptr: none)
+#ifdef EK_FP16
+  bool out_half = false;  // out is fp16 storage: each result rounded to fp16 (nearest even) as it is stored
+#endif
 };
 
 // MASK: the block's last vector holds only the lanes of m (the GEMM's last columns).
@@ -400,6 +404,15 @@ static inline void micro(const Gemm& g, int co, const float* pan, long ld, float
     for (int v = 0; v < NV; ++v) {
       vf o = vmax0(acc[j][v]);
       if (res) o += ld_v(res + (co + j) * res_cs + v * VW, v);
+#ifdef EK_FP16
+      if (g.out_half) {  // out - g.out: the block's pixel offset, in elements of the fp16 buffer at g.out
+        _Float16* h = reinterpret_cast<_Float16*>(g.out) + ((out - g.out) + (co + j) * out_cs + v * VW);
+        const __m256i oh = _mm512_cvtps_ph((__m512)o, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        if (MASK && v == NV - 1) _mm256_mask_storeu_epi16(h, (__mmask16)m, oh);
+        else _mm256_storeu_si256(reinterpret_cast<__m256i*>(h), oh);
+        continue;
+      }
+#endif
       if (MASK && v == NV - 1) vstore_m(out + (co + j) * out_cs + v * VW, o, m);
       else vstore(out + (co + j) * out_cs + v * VW, o);
     }
@@ -785,6 +798,7 @@ struct GemmB {
   const float* res; long res_cs;
   int cb0 = 0, cb1 = 0;  // the co blocks [cb0, cb1) only (cb1 0: all)
   int lane_g = 0;        // nonzero: the A rows are lane-major (AmxPacks::get's lane_major), G = lane_g
+  bool half = false;     // res and out are fp16 storage (res widened exactly; each result rounded to nearest)
 };
 
 static void amx_config() {
@@ -827,6 +841,14 @@ static inline void amx_block(const GemmB& g, int cb, int p0, float* cbuf) {
       for (int j = 0; j < NB; ++j) {
         const int p = p0 + 16 * j;
         vf o = vmax0(vload(cbuf + (i * 2 + j) * 256 + r * 16) + bias);
+        if (g.half) {
+          _Float16* oh = reinterpret_cast<_Float16*>(g.out) + co * g.out_cs + p;
+          const _Float16* rh = g.res ? reinterpret_cast<const _Float16*>(g.res) + co * g.res_cs + p : nullptr;
+          const __mmask16 m = g.P - p >= 16 ? (__mmask16)0xFFFF : (__mmask16)tail_mask(g.P - p);
+          if (rh) o += (vf)_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, rh));
+          _mm256_mask_storeu_epi16(oh, m, _mm512_cvtps_ph((__m512)o, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+          continue;
+        }
         float* op = g.out + co * g.out_cs + p;
         const float* rp = g.res ? g.res + co * g.res_cs + p : nullptr;
         if (g.P - p >= 16) {
@@ -891,6 +913,18 @@ static inline vf f_hi(vh v) {
   return (vf)_mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_extracti64x4_epi64(_mm512_castph_si512(v), 1)));
 }
 
+// fp16 storage of an activation buffer (EkOp.flags; the stem's GEMM epilogue rounds to it, nearest even, past
+// 65504 -> inf): n halves widened (exactly) to n floats.  A masked tail: nothing past n is read or written.
+static inline void f16_load_row(float* dst, const _Float16* src, int n) {
+  int j = 0;
+  for (; j + 16 <= n; j += 16)
+    _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j))));
+  if (j < n) {
+    const __mmask16 m = (__mmask16)((1u << (n - j)) - 1u);
+    _mm512_mask_storeu_ps(dst + j, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, src + j)));
+  }
+}
+
 // sigmoid(y), y >= 0, in fp16: e^-y = 2^t, t = -y log2(e), as scalef(2^f, round(t)), f in [-0.5, 0.5] (degree-4
 // polynomial, 4e-5 relative, below fp16's 2^-11), then vrcpph.  y is clamped at 16 (sigmoid(16) rounds to 1 in
 // fp16, and t stays far from fp16's overflow).  Max |error| over every finite fp16 y >= 0: 1.51 x 2^-11 (checked
@@ -933,15 +967,16 @@ struct Dw3x3h {
 
 // one row of stage 1-3 of a lane in fp16 (dw_stage_row's U, Y, Z, with U always): u = s xn + xn (xn: the next
 // group's input row, fp32), y stored, zp = s zp + zp
-template <bool Y, bool Z>
+// XH: xn points at fp16 storage (read as is) instead of floats (rounded to fp16 here: the same values)
+template <bool Y, bool Z, bool XH = false>
 static inline void dw_stage_row_h(_Float16* y, _Float16* u, _Float16* zp, const _Float16* a, const _Float16* b,
-                                  const _Float16* c, const Dw3x3h& dw, const float* xn, int W, int d) {
+                                  const _Float16* c, const Dw3x3h& dw, const void* xn, int W, int d) {
   for (int x = 0; x < W; x += HVW) {
     const __mmask32 m = hmask(W - x);
     const vh s = dw(a, b, c, x, d);
     if (Y) hstore_m(y + x, s, m);
     const vh g = hsigmoid_pos(s);
-    const vh xv = h_from_f(xn + x, m);
+    const vh xv = XH ? hload_m(static_cast<const _Float16*>(xn) + x, m) : h_from_f(static_cast<const float*>(xn) + x, m);
     hstore_m(u + x, _mm512_fmadd_ph(g, xv, xv), m);
     if (Z) { const vh zv = hload_m(zp + x, m); hstore_m(zp + x, _mm512_fmadd_ph(g, zv, zv), m); }
   }
@@ -996,6 +1031,7 @@ struct GmbiArgs {
   const uint32_t* wq; const float* qscale; float qinv;
   // AMX 1x1 (wa non-null): the weights as A tiles; the z panel is Kp pair rows of words (two-phase: N x Kp x zld)
   const uint32_t* wa;
+  bool half = false;  // banded AMX mode only: x and out are fp16 storage (EkOp.flags X_HALF | OUT_HALF)
 };
 
 // The depthwise chain of lane c (channels c, G+c, 2G+c, 3G+c) of one image for output rows [r0, r1):
@@ -1074,7 +1110,9 @@ static void gmbi_chain_lane(const GmbiArgs& a, const float* x, int c, int r0, in
 // gmbi_chain_lane's AMX path with the chain in fp16 (see "The GMBI depthwise chain in fp16"): the same regions and
 // halos, the row buffers fp16, the lane's z0..z2 in zh (3 rows of LD halves), and stage 4 writing the lane's two
 // bf16-pair words to zq[c * LD + ...] and zq[(G + c) * LD + ...].
-static void gmbi_chain_lane_h(const GmbiArgs& a, const float* x, int c, int r0, int r1, _Float16* zh, long LD,
+// XH: x is fp16 storage (GmbiArgs.half), passed as its first element's address
+template <bool XH>
+static void gmbi_chain_lane_h(const GmbiArgs& a, const void* x, int c, int r0, int r1, _Float16* zh, long LD,
                               Scratch& s, uint32_t* zq) {
   const int H = a.H, W = a.W, G = a.C / 4;
   const long HW = (long)H * W;
@@ -1089,18 +1127,23 @@ static void gmbi_chain_lane_h(const GmbiArgs& a, const float* x, int c, int r0, 
   RowBufH U1 = rowbuf_h(s, 3, a1, b1 - a1, W, zero);
   RowBufH U2 = rowbuf_h(s, 4, a2, b2 - a2, W, zero);
   RowBufH U3 = rowbuf_h(s, 5, a3, b3 - a3, W, zero);
-  const float* xc[4];
-  for (int i = 0; i < 4; ++i) xc[i] = x + (long)(i * G + c) * HW;
+  typedef typename std::conditional<XH, _Float16, float>::type XT;
+  const XT* xc[4];
+  for (int i = 0; i < 4; ++i) xc[i] = static_cast<const XT*>(x) + (long)(i * G + c) * HW;
   _Float16* zc[3] = {zh, zh + LD, zh + 2 * LD};
   const Dw3x3h dw[4] = {Dw3x3h(a.dw_w + c * 9, a.dw_b[c]), Dw3x3h(a.dw_w + (G + c) * 9, a.dw_b[G + c]),
                         Dw3x3h(a.dw_w + (2 * G + c) * 9, a.dw_b[2 * G + c]),
                         Dw3x3h(a.dw_w + (3 * G + c) * 9, a.dw_b[3 * G + c])};
   for (int r = x0a; r < x0b; ++r) {
     _Float16* row = X0.row(r);
-    const float* xr = xc[0] + (long)r * W;
+    const XT* xr = xc[0] + (long)r * W;
+    if (XH) {
+      std::memcpy(row, xr, W * sizeof(_Float16));
+      continue;
+    }
     for (int j = 0; j < W; j += HVW) {
       const __mmask32 m = hmask(W - j);
-      hstore_m(row + j, h_from_f(xr + j, m), m);
+      hstore_m(row + j, h_from_f(reinterpret_cast<const float*>(xr) + j, m), m);
     }
   }
   const int ra[3] = {a1, a2, a3}, rb[3] = {b1, b2, b3};
@@ -1110,15 +1153,15 @@ static void gmbi_chain_lane_h(const GmbiArgs& a, const float* x, int c, int r0, 
     const int d = k + 1;
     for (int r = ra[k]; r < rb[k]; ++r) {
       const _Float16 *ta = src[k]->tap(r - d, H), *tb = src[k]->tap(r, H), *tc = src[k]->tap(r + d, H);
-      const float* xn = xc[k + 1] + (long)r * W;
+      const XT* xn = xc[k + 1] + (long)r * W;
       _Float16* u = dst[k]->row(r);
       const long o = (long)(r - r0) * W;
       if (r < r0 || r >= r1)
-        dw_stage_row_h<false, false>(nullptr, u, nullptr, ta, tb, tc, dw[k], xn, W, d);
+        dw_stage_row_h<false, false, XH>(nullptr, u, nullptr, ta, tb, tc, dw[k], xn, W, d);
       else if (k == 0)
-        dw_stage_row_h<true, false>(zc[0] + o, u, nullptr, ta, tb, tc, dw[0], xn, W, d);
+        dw_stage_row_h<true, false, XH>(zc[0] + o, u, nullptr, ta, tb, tc, dw[0], xn, W, d);
       else
-        dw_stage_row_h<true, true>(zc[k] + o, u, zc[k - 1] + o, ta, tb, tc, dw[k], xn, W, d);
+        dw_stage_row_h<true, true, XH>(zc[k] + o, u, zc[k - 1] + o, ta, tb, tc, dw[k], xn, W, d);
     }
   }
   for (int r = r0; r < r1; ++r) {
@@ -1156,9 +1199,25 @@ static void gmbi_task(const void* vctx, int task, Scratch& s) {
     uint32_t* zw = reinterpret_cast<uint32_t*>(s.get(1, (size_t)Kp * LD + VW));
     if (Kp > 2 * G) std::memset(zw + (long)2 * G * LD, 0, (size_t)(Kp - 2 * G) * LD * sizeof(uint32_t));
     float* zf = s.get(0, (size_t)4 * LD + VW);
+#ifdef EK_FP16
+    if (a.half) {  // x and out in fp16: the same chain (it rounds x to fp16 anyway), the epilogue converts
+      const _Float16* xh = reinterpret_cast<const _Float16*>(a.x) + (long)img * C * HW;
+      _Float16* oh = reinterpret_cast<_Float16*>(a.out) + (long)img * C * HW;
+#ifndef EK_PROFILE_NO_CHAIN
+      for (int c = 0; c < G; ++c) gmbi_chain_lane_h<true>(a, xh, c, r0, r1, reinterpret_cast<_Float16*>(zf), LD, s, zw);
+#endif
+      GemmB g{zw, LD, a.wa, a.pw_b, Kp, C, P, reinterpret_cast<float*>(oh + (long)r0 * W), HW,
+              reinterpret_cast<const float*>(xh + (long)r0 * W), HW};
+      g.half = true;
+#ifndef EK_PROFILE_NO_GEMM
+      gemm_amx(g, s);
+#endif
+      return;
+    }
+#endif
 #ifndef EK_PROFILE_NO_CHAIN
 #ifdef EK_FP16
-    for (int c = 0; c < G; ++c) gmbi_chain_lane_h(a, x, c, r0, r1, reinterpret_cast<_Float16*>(zf), LD, s, zw);
+    for (int c = 0; c < G; ++c) gmbi_chain_lane_h<false>(a, x, c, r0, r1, reinterpret_cast<_Float16*>(zf), LD, s, zw);
 #else
     for (int c = 0; c < G; ++c) gmbi_chain_lane(a, x, c, r0, r1, zf, LD, s, zw);
 #endif
@@ -1192,7 +1251,7 @@ static void gmbi_lane_task(const void* vctx, int task, Scratch& s) {
     uint32_t* zw = reinterpret_cast<uint32_t*>(a.z) + (long)img * amx_pairs(a.C) * a.zld;
     float* zf = s.get(0, (size_t)4 * a.zld + VW);
 #ifdef EK_FP16
-    gmbi_chain_lane_h(a, a.x + (long)img * a.C * HW, c, 0, a.H, reinterpret_cast<_Float16*>(zf), a.zld, s, zw);
+    gmbi_chain_lane_h<false>(a, a.x + (long)img * a.C * HW, c, 0, a.H, reinterpret_cast<_Float16*>(zf), a.zld, s, zw);
 #else
     gmbi_chain_lane(a, a.x + (long)img * a.C * HW, c, 0, a.H, zf, a.zld, s, zw);
 #endif
@@ -1264,7 +1323,7 @@ static void gmbi_owned_lane_task(const void* vctx, int task, Scratch& s) {
     uint32_t* zw = reinterpret_cast<uint32_t*>(a.z) + (long)img * amx_pairs(a.C) * a.zld;
     for (int c = c0; c < c1; ++c) {
 #ifdef EK_FP16
-      gmbi_chain_lane_h(a, a.x + (long)img * a.C * HW, c, 0, a.H, reinterpret_cast<_Float16*>(zf), a.zld, s, zw);
+      gmbi_chain_lane_h<false>(a, a.x + (long)img * a.C * HW, c, 0, a.H, reinterpret_cast<_Float16*>(zf), a.zld, s, zw);
 #else
       gmbi_chain_lane(a, a.x + (long)img * a.C * HW, c, 0, a.H, zf, a.zld, s, zw);
 #endif
@@ -1358,6 +1417,8 @@ struct DwpwArgs {
   const float *x, *high, *dw_w, *dw_b, *pw_wt, *pw_b; float* out;
   int N, cin, cout, ho, wo, hi, wi, hh, wh; float sh, sw; int band;
   const HeadParams* head;  // non-null: DF1 + head, the DF output stays in scratch and out is the probability map
+  bool x_half;             // x is stored as fp16 (EK_X_HALF; S2 / UP only, fp16-storage libraries only)
+  bool out_half;           // out is stored as fp16 (EK_OUT_HALF; S2 only)
 };
 
 // even / odd columns of an input row: E[j] = in[2j] (j < wo), O[j+1] = in[2j+1], O[0] = 0, zero past the end.
@@ -1383,6 +1444,11 @@ static void dwpw_task(const void* vctx, int task, Scratch& s) {
   const long HWo = (long)a.ho * a.wo, HWi = (long)a.hi * a.wi;
   const int P = (r1 - r0) * a.wo;
   const float* x = a.x + (long)img * a.cin * HWi;
+#ifdef EK_FP16
+  // x in fp16: every row this task reads is widened (exactly) into xrow first; the arithmetic stays fp32
+  const _Float16* xh = a.x_half ? reinterpret_cast<const _Float16*>(a.x) + (long)img * a.cin * HWi : nullptr;
+  float* xrow = a.x_half ? s.get(15, (size_t)a.wi + VW) : nullptr;
+#endif
   float* out = a.out + (long)img * a.cout * HWo + (long)r0 * a.wo;
   if (a.mode == PW_ONLY) {  // the band of x is the panel: K rows of P pixels, channel stride HW
     Gemm g{x + (long)r0 * a.wi, HWi, a.pw_wt, a.pw_b, a.cin, a.cout, P, out, HWo, nullptr, 0};
@@ -1404,6 +1470,12 @@ static void dwpw_task(const void* vctx, int task, Scratch& s) {
         for (int ky = 0; ky < 3; ++ky) {
           int iy = 2 * r - 1 + ky;
           if (iy < 0 || iy >= a.hi) continue;
+#ifdef EK_FP16
+          if (xh) {
+            f16_load_row(xrow, xh + (long)c * HWi + (long)iy * a.wi, a.wi);
+            deinterleave(xrow, a.wi, a.wo, E, O);
+          } else
+#endif
           deinterleave(xc + (long)iy * a.wi, a.wi, a.wo, E, O);
           const float w0 = w[ky * 3], w1 = w[ky * 3 + 1], w2 = w[ky * 3 + 2];
           for (int j = 0; j < a.wo; ++j) o[j] += w0 * O[j] + w1 * E[j] + w2 * O[j + 1];
@@ -1424,6 +1496,12 @@ static void dwpw_task(const void* vctx, int task, Scratch& s) {
       for (int r = S.row0; r < S.row0 + S.nrows; ++r) {
         float* d = S.row(r);
         const float* l = lc + (long)r * a.wi;
+#ifdef EK_FP16
+        if (xh) {
+          f16_load_row(xrow, xh + (long)c * HWi + (long)r * a.wi, a.wi);
+          l = xrow;
+        }
+#endif
         const float* h = hc + (long)nearest_src(r, a.sh, a.hh) * a.wh;
         if (twice) {
           upsample2_row(d, h, a.wh);
@@ -1445,6 +1523,15 @@ static void dwpw_task(const void* vctx, int task, Scratch& s) {
     head_band(*a.head, d, LD, r0, r1, a.out + (long)img * a.head->cout * a.head->H * a.head->W, s);
     return;
   }
+#ifdef EK_FP16
+  if (a.out_half) {  // S2 only: the epilogue rounds each result to fp16 as it stores it
+    _Float16* oh = reinterpret_cast<_Float16*>(a.out) + (long)img * a.cout * HWo + (long)r0 * a.wo;
+    Gemm g{panel, LD, a.pw_wt, a.pw_b, a.cin, a.cout, P, reinterpret_cast<float*>(oh), HWo, nullptr, 0};
+    g.out_half = true;
+    gemm(g, s);
+    return;
+  }
+#endif
   Gemm g{panel, LD, a.pw_wt, a.pw_b, a.cin, a.cout, P, out, HWo, nullptr, 0};
   gemm(g, s);
 }
@@ -1475,7 +1562,8 @@ static inline long long count_nonfinite(const float* p, int n) {
 // value): the rows ky = 1 and ky = 2 of output row r read input rows 2r and 2r + 1, so counting at those two
 // taps counts every input row exactly once (h1 = floor((H - 1) / 2) + 1 output rows cover rows 0 .. H - 1).
 struct StemArgs { const float *x, *w, *b; float* out; int N, cin, cout, H, W, h1, w1, band;
-                  std::atomic<long long>* nonfinite; };
+                  std::atomic<long long>* nonfinite;
+                  bool out_half; };  // out stored as fp16 (EK_OUT_HALF, fp16-storage libraries only)
 
 static void stem_task(const void* vctx, int task, Scratch& s) {
   const StemArgs& a = *static_cast<const StemArgs*>(vctx);
@@ -1510,8 +1598,18 @@ static void stem_task(const void* vctx, int task, Scratch& s) {
       }
   }
   if (nonfinite) a.nonfinite->fetch_add(nonfinite, std::memory_order_relaxed);
-  float* out = a.out + (long)img * a.cout * a.h1 * a.w1 + (long)r0 * a.w1;
-  Gemm g{panel, LD, a.w, a.b, K, a.cout, P, out, (long)a.h1 * a.w1, nullptr, 0};
+  const long HW1 = (long)a.h1 * a.w1;
+#ifdef EK_FP16
+  if (a.out_half) {  // the GEMM's epilogue rounds each result to fp16 as it stores it
+    _Float16* outh = reinterpret_cast<_Float16*>(a.out) + (long)img * a.cout * HW1 + (long)r0 * a.w1;
+    Gemm g{panel, LD, a.w, a.b, K, a.cout, P, reinterpret_cast<float*>(outh), HW1, nullptr, 0};
+    g.out_half = true;
+    gemm(g, s);
+    return;
+  }
+#endif
+  float* out = a.out + (long)img * a.cout * HW1 + (long)r0 * a.w1;
+  Gemm g{panel, LD, a.w, a.b, K, a.cout, P, out, HW1, nullptr, 0};
   gemm(g, s);
 }
 
@@ -1555,8 +1653,16 @@ struct EkHeadOp {  // 1x1 + sigmoid at d1's resolution, nearest-upsampled into o
   float sh, sw;
 };
 union EkOpArgs { EkStemOp stem; EkDwpwOp dwpw; EkUpHeadOp up_head; EkGmbiOp gmbi; EkHeadOp head; };
+// EkOp.flags: which of the op's activation buffers are stored as fp16 (2 bytes a value, converted on load and
+// store; the arithmetic is unchanged).  Only an fp16-storage library takes them (ek_half_storage_flags), and only
+// where the kernel has the path: X_HALF on OP_S2 / OP_UP / OP_UP_HEAD (their x), OUT_HALF on OP_STEM and OP_S2,
+// both (together) on a banded GMBI module with the AMX 1x1.
+enum { EK_X_HALF = 1, EK_OUT_HALF = 2 };
+// ek_half_storage_flags's capability bit beyond the flags: OUT_HALF on OP_S2 and X_HALF | OUT_HALF (both) on a
+// banded OP_GMBI module whose 1x1 runs on AMX (stage 2's ping-pong buffers)
+enum { EK_HALF_GMBI = 4 };
 struct EkOp {
-  int32_t kind, n, band, pad;  // kind: OP_*; n images; band: output rows per task
+  int32_t kind, n, band, flags;  // kind: OP_*; n images; band: output rows per task; flags: EK_*_HALF
   EkOpArgs u;                  // the member named by kind
 };
 
@@ -1596,11 +1702,12 @@ const char* ek_op_layout() {
     EK_FIELD(EkOpArgs, stem); EK_FIELD(EkOpArgs, dwpw); EK_FIELD(EkOpArgs, up_head); EK_FIELD(EkOpArgs, gmbi);
     EK_FIELD(EkOpArgs, head);
     EK_STRUCT(EkOp);
-    EK_FIELD(EkOp, kind); EK_FIELD(EkOp, n); EK_FIELD(EkOp, band); EK_FIELD(EkOp, pad); EK_FIELD(EkOp, u);
+    EK_FIELD(EkOp, kind); EK_FIELD(EkOp, n); EK_FIELD(EkOp, band); EK_FIELD(EkOp, flags); EK_FIELD(EkOp, u);
 #undef EK_FIELD
 #undef EK_STRUCT
     add("kind.stem", OP_STEM, 0); add("kind.s2", OP_S2, 0); add("kind.pw", OP_PW, 0); add("kind.up", OP_UP, 0);
     add("kind.gmbi", OP_GMBI, 0); add("kind.head", OP_HEAD, 0); add("kind.up+head", OP_UP_HEAD, 0);
+    add("flag.x_half", EK_X_HALF, 0); add("flag.out_half", EK_OUT_HALF, 0);
     add("gmbi_mode.banded", GMBI_BANDED, 0); add("gmbi_mode.two-phase", GMBI_TWO_PHASE, 0);
     return s;
   }();
@@ -1617,6 +1724,15 @@ int ek_amx_active() {
 #endif
 }
 int ek_vector_width() { return VW; }
+// The EkOp.flags this library honours: fp16 storage of the stem's output and of the S2 / UP ops' input where the
+// library converts with AVX512-FP16 (the avx512amx level); 0 elsewhere (any flag is then refused by ek_run).
+int ek_half_storage_flags() {
+#ifdef EK_FP16
+  return EK_X_HALF | EK_OUT_HALF | (amx_permitted() ? EK_HALF_GMBI : 0);
+#else
+  return 0;
+#endif
+}
 int ek_abi_version() { return 4; }  // 4: typed op structs (ek_op_layout)
 void ek_gmbi_halos(int* out) { out[0] = HALO_R1; out[1] = HALO_R2; out[2] = HALO_R3; }
 
@@ -1639,7 +1755,7 @@ static double now_ms(bool cpu) {
 
 static DwpwArgs dwpw_args(int mode, const EkDwpwOp& o, int n, int band, const HeadParams* head) {
   return DwpwArgs{mode, o.x, o.high, o.dw_w, o.dw_b, o.pw_wt, o.pw_b, o.out, n, o.cin, o.cout, o.ho, o.wo, o.hi, o.wi,
-                  o.hh, o.wh, o.sh, o.sw, band, head};
+                  o.hh, o.wh, o.sh, o.sw, band, head, false, false};
 }
 
 static void run_op(Pool& pool, const EkOp& op, double* ms, bool cpu) {
@@ -1647,13 +1763,16 @@ static void run_op(Pool& pool, const EkOp& op, double* ms, bool cpu) {
   switch (op.kind) {
     case OP_STEM: {
       const EkStemOp& o = op.u.stem;
-      StemArgs a{o.x, o.w, o.b, o.out, op.n, o.cin, o.cout, o.H, o.W, o.h1, o.w1, op.band, &pool.nonfinite_inputs};
+      StemArgs a{o.x, o.w, o.b, o.out, op.n, o.cin, o.cout, o.H, o.W, o.h1, o.w1, op.band, &pool.nonfinite_inputs,
+                 (op.flags & EK_OUT_HALF) != 0};
       pool.run(stem_task, &a, op.n * ((a.h1 + a.band - 1) / a.band));
       break;
     }
     case OP_S2: case OP_PW: case OP_UP: {
       const int mode = op.kind == OP_S2 ? DWPW_S2 : op.kind == OP_UP ? DWPW_UP : PW_ONLY;
       DwpwArgs a = dwpw_args(mode, op.u.dwpw, op.n, op.band, nullptr);
+      a.x_half = (op.flags & EK_X_HALF) != 0;
+      a.out_half = (op.flags & EK_OUT_HALF) != 0;
       pool.run(dwpw_task, &a, op.n * ((a.ho + a.band - 1) / a.band));
       break;
     }
@@ -1662,6 +1781,7 @@ static void run_op(Pool& pool, const EkOp& op, double* ms, bool cpu) {
       // the head reads DF1's output (cout channels at ho x wo) from the band's scratch
       HeadParams hp{o.head_w, o.head_b, o.up.cout, o.head_cout, o.up.ho, o.up.wo, o.H, o.W, o.head_sh, o.head_sw};
       DwpwArgs a = dwpw_args(DWPW_UP, o.up, op.n, op.band, &hp);
+      a.x_half = (op.flags & EK_X_HALF) != 0;
       pool.run(dwpw_task, &a, op.n * ((a.ho + a.band - 1) / a.band));
       break;
     }
@@ -1676,6 +1796,7 @@ static void run_op(Pool& pool, const EkOp& op, double* ms, bool cpu) {
       const bool owned = !q && o.mode == GMBI_TWO_PHASE && op.n == 1 && pool.nthreads > 1 && pool.nthreads <= 32 &&
                          (o.C / 4 + 3) / 4 >= pool.nthreads;
       if (!q && amx_permitted()) a.wa = pool.amx.get(o.pw_wt, o.C, owned);
+      a.half = op.flags != 0;  // ek_run let it through only for a banded AMX module with both flags
 #endif
       if (o.mode == GMBI_TWO_PHASE) {
         a.zld = panel_ld(a.H * a.W);
@@ -1720,6 +1841,17 @@ int ek_run(void* pool, const EkOp* ops, int count, double* ms, int cpu_clock) {
   Pool& p = *static_cast<Pool*>(pool);
   for (int k = 0; k < count; ++k) {
     if (ops[k].kind < OP_STEM || ops[k].kind > OP_UP_HEAD || ops[k].band < 1) return -(k + 1);
+    // a flag this library or this op kind has no fp16 path for: refused, never read as fp32
+    const int kind = ops[k].kind, have = ek_half_storage_flags(), gmbi = (have & EK_HALF_GMBI) ? EK_OUT_HALF : 0;
+    const int allowed = have & (kind == OP_STEM ? EK_OUT_HALF : kind == OP_S2 ? EK_X_HALF | gmbi
+                                : (kind == OP_UP || kind == OP_UP_HEAD) ? EK_X_HALF : 0);
+    if (kind == OP_GMBI && ops[k].flags) {  // both or none, banded, the AMX 1x1 (not INT8)
+      const EkGmbiOp& g = ops[k].u.gmbi;
+      if (!(have & EK_HALF_GMBI) || ops[k].flags != (EK_X_HALF | EK_OUT_HALF) || g.mode != GMBI_BANDED || g.pw_q)
+        return -(k + 1);
+    } else if (ops[k].flags & ~allowed) {
+      return -(k + 1);
+    }
     run_op(p, ops[k], ms ? ms + k : nullptr, cpu_clock != 0);
   }
   return 0;

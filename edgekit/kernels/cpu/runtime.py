@@ -10,6 +10,7 @@ into work: bands of full-width rows sized to the L2 cache (:func:`band_rows`) in
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import threading
 from pathlib import Path
@@ -145,7 +146,7 @@ class EkOpArgs(ctypes.Union):
 class EkOp(ctypes.Structure):
     """One planned layer, as ``EkOp`` in gmbinet_cpu.cpp: ``u`` holds the member ``OP_MEMBER`` names for its kind."""
 
-    _fields_ = [("kind", _I), ("n", _I), ("band", _I), ("pad", _I), ("u", EkOpArgs)]
+    _fields_ = [("kind", _I), ("n", _I), ("band", _I), ("flags", _I), ("u", EkOpArgs)]
 
     @property
     def args(self) -> ctypes.Structure:
@@ -153,6 +154,8 @@ class EkOp(ctypes.Structure):
         return getattr(self.u, OP_MEMBER[KIND_NAMES[self.kind]])
 
 
+# EkOp.flags: which of an op's activation buffers the library stores as fp16 (see half_storage)
+EK_FLAGS = {"x_half": 1, "out_half": 2}
 OP_STRUCTS = (EkStemOp, EkDwpwOp, EkUpHeadOp, EkGmbiOp, EkHeadOp, EkOpArgs, EkOp)
 KIND_NAMES = {v: k for k, v in OP_KINDS.items()}
 OP_MEMBER = {"stem": "stem", "s2": "dwpw", "pw": "dwpw", "up": "dwpw", "up+head": "up_head", "gmbi": "gmbi",
@@ -170,6 +173,7 @@ def op_layout() -> Dict[str, Tuple[int, int]]:
             out[f"{cls.__name__}.{name}"] = (f.offset, f.size)
     out.update({f"kind.{k}": (v, 0) for k, v in OP_KINDS.items()})
     out.update({f"gmbi_mode.{k}": (v, 0) for k, v in GMBI_MODES.items()})
+    out.update({f"flag.{k}": (v, 0) for k, v in EK_FLAGS.items()})
     return out
 
 
@@ -232,7 +236,13 @@ class CpuKernels:
         if layout is None:
             raise EdgekitError(f"cpu-fused: {library} does not report its op struct layout (no ek_op_layout)")
         layout.restype, layout.argtypes = ctypes.c_char_p, []
-        mismatch = layout_mismatch(parse_layout(layout().decode()), op_layout())
+        lib_layout = parse_layout(layout().decode())
+        if "EkOp.pad" in lib_layout and not any(k.startswith("flag.") for k in lib_layout):
+            # a library from before fp16 storage: the same word, named pad, which it never reads; no flag is ever
+            # set for it (its half_storage_flags is 0)
+            lib_layout["EkOp.flags"] = lib_layout.pop("EkOp.pad")
+            lib_layout.update({f"flag.{k}": (v, 0) for k, v in EK_FLAGS.items()})
+        mismatch = layout_mismatch(lib_layout, op_layout())
         if mismatch:
             raise EdgekitError(f"cpu-fused: {library} was built with other op structs than this edgekit's "
                                f"(refused): {mismatch}")
@@ -252,6 +262,11 @@ class CpuKernels:
         if take is not None:
             take.restype, take.argtypes = ctypes.c_longlong, [ctypes.c_void_p]
         self._take_nonfinite = take
+        # the EkOp.flags it honours (fp16 storage of the stem's output, avx512amx); older libraries lack it: none
+        half = getattr(lib, "ek_half_storage_flags", None)
+        if half is not None:
+            half.restype, half.argtypes = ctypes.c_int, []
+        self.half_storage_flags = int(half()) if half is not None else 0
         self.isa = lib.ek_isa().decode()
         self.vector_width = lib.ek_vector_width()
         self.threads = max(1, int(threads))
@@ -292,6 +307,7 @@ class CpuKernels:
         other = object.__new__(CpuKernels)
         other.lib, other.amx_active, other.isa = self.lib, self.amx_active, self.isa
         other._take_nonfinite = self._take_nonfinite  # each pool keeps its own count
+        other.half_storage_flags = self.half_storage_flags
         other.vector_width, other.threads = self.vector_width, max(1, int(threads))
         other._pool = self.lib.ek_pool_create(other.threads)
         return other
@@ -432,6 +448,54 @@ def build_program(plan: NetPlan, param_offsets: Dict[str, Tuple[int, int]], para
     return ops, [layers for _, layers in program]
 
 
+# ek_half_storage_flags's capability bit (not an EkOp flag): stage 2's buffers too (OUT_HALF on an S2 op, both
+# flags on a banded GMBI module with the AMX 1x1)
+HALF_GMBI = 4
+
+
+def half_storage(plan: NetPlan, ops, act_base: int, flags: int) -> List[str]:
+    """Store activation buffers as fp16 where the library converts (``flags``: its ``half_storage_flags``): e1 (the
+    stem's output, read by down2 and DF1) and, where the library can (``HALF_GMBI``), stage 2's ping-pong buffers
+    (written by down2 and the banded GMBI modules, read by those modules, down3 and DF2).  A buffer goes fp16 only
+    where every op that touches it has the fp16 path for that pointer (stem out; S2 x and out; UP x; a banded
+    GMBI module's x and out together); sets EkOp.flags and returns the buffers' names.  The arithmetic is
+    unchanged: a value is rounded to fp16 once when stored and widened exactly when read."""
+    need = EK_FLAGS["x_half"] | EK_FLAGS["out_half"]
+    if flags & need != need:
+        return []
+    X, O = EK_FLAGS["x_half"], EK_FLAGS["out_half"]
+    gmbi = bool(flags & HALF_GMBI)
+    # (kind, pointer path) -> the flag that makes the kernel read / write that pointer as fp16
+    paths = {(OP_KINDS["stem"], ("out",)): O, (OP_KINDS["s2"], ("x",)): X, (OP_KINDS["s2"], ("high",)): X,
+             (OP_KINDS["up"], ("x",)): X, (OP_KINDS["up+head"], ("up", "x")): X}
+    if gmbi:
+        paths.update({(OP_KINDS["s2"], ("out",)): O, (OP_KINDS["gmbi"], ("x",)): X, (OP_KINDS["gmbi"], ("out",)): O})
+    addr = {act_base + b.offset: name for name, b in plan.buffers.items() if name not in (plan.input, plan.output)}
+    touches = {name: [] for name in addr.values()}  # name -> [(op index, flag)]; None: a pointer with no fp16 path
+    for k, op in enumerate(ops):
+        for path, a in pointer_fields(op.args):
+            if a in addr:
+                ok = paths.get((op.kind, path))
+                if op.kind == OP_KINDS["gmbi"] and (op.args.mode != GMBI_MODES["banded"] or op.args.pw_q):
+                    ok = None
+                touches[addr[a]].append((k, ok))
+    half = {n for n, t in touches.items() if t and all(f is not None for _, f in t)}
+    while True:  # a GMBI module needs both its buffers fp16 or neither
+        drop = set()
+        for op in ops:
+            if op.kind == OP_KINDS["gmbi"]:
+                pair = {addr.get(op.args.x), addr.get(op.args.out)}
+                if not pair <= half:
+                    drop |= pair & half
+        if not drop:
+            break
+        half -= drop
+    for name in sorted(half):
+        for k, f in touches[name]:
+            ops[k].flags |= f
+    return sorted(half, key=lambda n: plan.buffers[n].offset)
+
+
 def pointer_fields(struct: ctypes.Structure, path: Tuple[str, ...] = ()) -> List[Tuple[Tuple[str, ...], int]]:
     """[(field path, address)] of every pointer of a typed op struct, nested structs included."""
     out = []
@@ -510,6 +574,10 @@ class FusedNet:
             raise EdgekitError("cpu-fused: a shared arena of another plan")
         ops, layers = build_program(plan, self.offsets, self.params.ctypes.data, acts.ctypes.data,
                                     threads, self.panel_bytes, self.fuse_head)
+        # the plan says which buffers are fp16 (views and tests read them as what they are)
+        for name in half_storage(plan, ops, acts.ctypes.data, self.kernels.half_storage_flags):
+            b = plan.buffers[name]
+            plan.buffers[name] = dataclasses.replace(b, dtype="float16", nbytes=b.nbytes // 2)
         # NaN in every buffer the program works in: one a kernel forgot to write shows up in the output.  The
         # input and output buffers (forward() points the program at the caller's arrays instead) and DF1's
         # output under the fused head are never touched, so their pages never become resident (8 MB at 512 px)
@@ -536,7 +604,7 @@ class FusedNet:
 
     def view(self, plan: NetPlan, acts: np.ndarray, name: str) -> np.ndarray:
         b = plan.buffers[name]
-        return acts[b.offset:b.offset + b.nbytes].view(np.float32).reshape(b.shape)
+        return acts[b.offset:b.offset + b.nbytes].view(np.dtype(b.dtype)).reshape(b.shape)
 
     def forward(self, x: np.ndarray, *, poison: bool = False, timings: Optional[np.ndarray] = None,
                 cpu_clock: bool = False, buffers: bool = False, count_nonfinite: bool = False):
@@ -690,5 +758,5 @@ def _run_at(kernels: CpuKernels, state, io, x_addr: int, out_addr: int, timings=
         _point_io(ops, io[plan.output], acts.ctypes.data + plan.buffers[plan.output].offset)
 
 
-__all__ = ["BATCH_PATHS", "DEFAULT_ISAS", "ISA_LEVELS", "OPT_IN_ISAS", "OP_STRUCTS", "CpuKernels", "EkOp", "FusedNet", "op_layout", "band_rows", "build_program", "choose_isa",
+__all__ = ["BATCH_PATHS", "DEFAULT_ISAS", "EK_FLAGS", "half_storage", "ISA_LEVELS", "OPT_IN_ISAS", "OP_STRUCTS", "CpuKernels", "EkOp", "FusedNet", "op_layout", "band_rows", "build_program", "choose_isa",
            "cpu_description", "cpu_features", "source_path", "supported_isas"]
