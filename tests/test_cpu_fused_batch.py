@@ -345,3 +345,30 @@ def test_a_keyboard_interrupt_returns_only_after_every_lane_is_done(library, mon
     monkeypatch.undo()
     np.testing.assert_array_equal(net.forward(x), ref)
     net.close()
+
+
+def test_networks_closed_or_dropped_leave_no_threads(library):
+    """Networks loaded, run at batch 4 and closed, or dropped without close, 8 times each: no lane thread (nor
+    a kernel pool's worker) stays behind."""
+    import gc
+    import os
+    import time
+
+    def threads_now() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    x = images(4, 16, 16, seed=14)
+    gc.collect()
+    before = threads_now()
+    for k in range(16):
+        net = fused(library, 2)
+        net.forward(x)
+        if k % 2 == 0:
+            net.close()
+            net.kernels.close()
+        del net
+        gc.collect()
+    deadline = time.monotonic() + 10  # a dropped network's lane threads end on their own, soon after
+    while threads_now() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threads_now() == before

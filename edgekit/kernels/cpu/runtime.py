@@ -515,14 +515,22 @@ class _LaneThreads:
             if errors:
                 raise errors[0]
 
-    def stop(self) -> None:
+    def stop(self, join: bool = True) -> None:
         if self.pid != os.getpid():
             return  # a fork's child: these threads exist only in the parent
         for q in self.queues:
             q.put(None)
-        for t in self.threads:
+        for t in self.threads if join else ():
             if t is not threading.current_thread():
                 t.join()
+
+    def __del__(self):
+        # a network dropped without close(): its threads hold only their queues, so they end here (else one
+        # idle thread per lane per network would stay for the life of the process)
+        try:
+            self.stop(join=False)
+        except Exception:  # noqa: BLE001 - at interpreter exit the queues may already be gone
+            pass
 
 
 class FusedNet:
