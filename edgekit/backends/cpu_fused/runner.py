@@ -67,7 +67,10 @@ class CpuFusedRunner(ArtifactRunner):
                                f"{self.spec.channels}")
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
-        return self.fused.forward(batch)
+        fused = self.fused  # once: close() from another thread may set it to None after infer's closed check
+        if fused is None:
+            raise EdgekitError(f"{self.name}: this runner was closed ({self.source})")
+        return fused.forward(batch)
 
     def close(self) -> None:
         """Stop the kernels' worker threads and drop the weights and activation arenas now."""
