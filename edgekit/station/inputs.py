@@ -511,11 +511,22 @@ class _Handler(BaseHTTPRequestHandler):
         inp = self.station_input
         path = urlsplit(self.path).path
         length = self.headers.get("Content-Length")
+        length = None if length is None else length.strip()  # optional whitespace around a field value
         if path != "/infer":
             return ((405, "use GET /status") if path == "/status"
                     else (404, f"not found: {path} (POST /infer, GET /status)"))
-        if length is None or not length.isascii() or not length.isdigit():
+        # the body's framing must be one byte count: a Transfer-Encoding (chunked) beside or instead of it, or two
+        # Content-Length values, would be read here one way and by a proxy in front another (the rest of the body
+        # taken as the next request on this connection: request smuggling, RFC 9112 6.1 and 6.3)
+        if self.headers.get_all("Transfer-Encoding"):
+            return 411, "POST /infer takes a body with a Content-Length, not a Transfer-Encoding (chunked)"
+        lengths = self.headers.get_all("Content-Length") or []
+        if len({v.strip() for v in lengths}) > 1:
+            return 400, f"{len(lengths)} different Content-Length headers ({', '.join(lengths)[:80]})"
+        if length is None:
             return 411, "POST /infer needs a Content-Length (the image bytes as the body)"
+        if not length.isascii() or not length.isdigit():
+            return 400, f"Content-Length {length[:40]!r} is not a byte count"
         if int(length) > inp.max_bytes:
             return 413, f"body of {int(length)} bytes is over the limit of {inp.max_bytes}"
         return None
@@ -531,8 +542,9 @@ class _Handler(BaseHTTPRequestHandler):
         http.client read the reply only once the whole body is out) then gets a broken pipe instead of the reply
         already sent. Our side is shut for writing first, so a client that reads meanwhile sees the reply end."""
         inp = self.station_input
-        length = self.headers.get("Content-Length", "")
-        left = min(int(length), inp.discard_bytes) if length.isascii() and length.isdigit() else 0
+        length = self.headers.get("Content-Length", "").strip()
+        framed = len(set(self.headers.get_all("Content-Length") or [])) == 1 and not self.headers.get_all("Transfer-Encoding")
+        left = min(int(length), inp.discard_bytes) if framed and length.isascii() and length.isdigit() else 0
         deadline = time.monotonic() + inp.discard_timeout_s
         try:
             self.connection.shutdown(socket.SHUT_WR)
