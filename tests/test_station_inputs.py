@@ -789,3 +789,28 @@ def test_http_a_body_framed_any_other_way_than_one_length_is_refused_and_closed(
         sock.sendall(b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Length:  3 \r\n\r\nabc")
         status, _, body = _read_reply(sock)
         assert status.startswith("HTTP/1.1 400") and "not a readable image" in json.loads(body)["error"]
+
+
+def test_http_listens_on_an_ipv6_address_and_brackets_hold_only_one():
+    """'[::1]:PORT', which the shared address parser takes, could not be listened on (the server's socket was
+    AF_INET: 'Address family for hostname not supported'); and brackets around anything but an IPv6 address
+    ('[::1]]:80' gave the host '::1]', '[broker.plant]:1883') passed the parser."""
+    from edgekit.errors import EdgekitError
+    from edgekit.utils import parse_host_port
+
+    for text in ("[::1]]:80", "[broker.plant]:1883", "[127.0.0.1]:80", "[::1:80"):
+        with pytest.raises(EdgekitError, match="give HOST:PORT"):
+            parse_host_port(text, "--mqtt")
+    assert parse_host_port("[fe80::1%eth0]:1883", "--mqtt") == ("fe80::1%eth0", 1883)
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as e:
+        pytest.skip(f"this machine has no IPv6 loopback: {e}")
+    inp = HttpInput("[::1]:0", lambda job: True, lambda: {"station": "v6"}).start()
+    try:
+        assert inp.address == f"[::1]:{inp.port}" and parse_addr(inp.address) == ("::1", inp.port)
+        with urllib.request.urlopen(f"http://{inp.address}/status", timeout=10) as r:
+            assert r.status == 200 and json.loads(r.read()) == {"station": "v6"}
+    finally:
+        inp.stop()

@@ -424,14 +424,17 @@ class HttpInput:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def start(self) -> "HttpInput":
         handler = type("StationHandler", (_Handler,), {"station_input": self, "timeout": self.read_timeout_s})
+        # an IPv6 address ('[::1]:8080', which the address parser takes) needs an AF_INET6 socket: the server's
+        # default AF_INET refused it ("Address family for hostname not supported")
+        server_class = _Server6 if ":" in self.host else _Server
         try:
-            server = _Server((self.host, self.port), handler)
+            server = server_class((self.host, self.port), handler)
         except OSError as e:
-            raise EdgekitError(f"cannot listen on {self.host}:{self.port}: {e.strerror or e}") from None
+            raise EdgekitError(f"cannot listen on {self.address}: {e.strerror or e}") from None
         server.daemon_threads = True
         self._server = server
         self.port = server.server_address[1]
@@ -466,6 +469,10 @@ class _Server(ThreadingHTTPServer):
         if isinstance(e, OSError):
             return
         write_stderr(f"http: a request from {client_address[0]} failed: {e.__class__.__name__}: {first_line(e)}")
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 class _Handler(BaseHTTPRequestHandler):
