@@ -71,6 +71,11 @@ def parse_host_port(text, option: str, *, listen: bool = False, example: str = "
     ok_port = port.isascii() and port.isdigit() and lowest <= int(port) <= 65535
     # '127.0.0.1:1883:9' or 'a b:1883' would otherwise reach a client as a host it retries forever
     ok_host = bool(host) and not any(c.isspace() or not c.isprintable() for c in host) and (bracketed or ":" not in host)
+    if ok_host and bracketed:  # brackets hold an IPv6 address only ('[::1]]:80' passed as host '::1]')
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            ok_host = False
     if not sep or not ok_host or not ok_port:
         raise EdgekitError(f"{option} {value!r}: give HOST:PORT, e.g. {example} (port 1-65535)")
     if listen:

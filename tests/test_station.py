@@ -550,3 +550,23 @@ def test_a_second_station_on_the_same_database_is_refused(device, root, tmp_path
     finally:
         code, _, err = stop(first)
     assert code == 0, err
+
+
+@pytest.mark.parametrize("field, corrupt, says", [
+    ("pinned", 5, "pinned is 5, not a version"),
+    ("pinned", "", "pinned is \"\", not a version"),
+    ("history", 5, "history is 5, not a list of records"),
+    ("history", "garbage", "history is \"garbage\", not a list of records"),
+])
+def test_status_reports_a_corrupt_pin_or_history(device, root, field, corrupt, says):
+    """A corrupt "pinned" was read as not pinned (update could install over the operator's hold) and a "history"
+    that is a number was an internal error: each fails closed like every other corrupt field, one error line."""
+    cli = device["cli"]
+    state_path = root / "state.json"
+    state = json.loads(state_path.read_text())
+    state[field] = corrupt
+    state_path.chmod(0o644)
+    state_path.write_text(json.dumps(state))
+    r = cli("station", "status", root)
+    one_error_line(r, f"{state_path} is malformed ({says}")
+    assert r.exit_code == 2 and r.stdout == ""

@@ -756,3 +756,61 @@ def test_topics_and_station_ids_with_control_characters_are_refused():
             _check_topic(bad, "--topic")
         assert "\n" not in str(e.value)
     assert _check_topic("edgekit/plant 1", "--topic") == "edgekit/plant 1"
+
+
+@pytest.mark.parametrize("headers, code, says", [
+    # a chunked body behind a Content-Length: read by the length, its rest became the next request (smuggling)
+    ("Content-Length: 4\r\nTransfer-Encoding: chunked\r\n", 411, "not a Transfer-Encoding"),
+    ("Transfer-Encoding: chunked\r\n", 411, "not a Transfer-Encoding"),
+    # two lengths: the first one won (a proxy in front may frame by the other)
+    ("Content-Length: 5\r\nContent-Length: 500\r\n", 400, "2 different Content-Length headers (5, 500)"),
+    ("Content-Length: -5\r\n", 400, "Content-Length '-5' is not a byte count"),
+    ("Content-Length: abc\r\n", 400, "Content-Length 'abc' is not a byte count"),
+])
+def test_http_a_body_framed_any_other_way_than_one_length_is_refused_and_closed(http_station, headers, code, says):
+    """POST /infer takes one Content-Length; anything else is refused on the headers, one JSON line, and the
+    connection closes: what followed in the stream is never read as another request (here a GET /status
+    smuggled after the body).  A length with whitespace around it is still a length."""
+    inp, worker = http_station
+    smuggled = b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection((inp.host, inp.port), timeout=10) as sock:
+        sock.sendall(f"POST /infer HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode() + b"0\r\n\r\n" + smuggled)
+        status, head, body = _read_reply(sock)
+        assert status.startswith(f"HTTP/1.1 {code}") and body.count(b"\n") == 1 and says in json.loads(body)["error"]
+        assert "connection: close" in head
+        rest = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        assert rest == b""  # no second reply: the smuggled GET was not served
+    with socket.create_connection((inp.host, inp.port), timeout=10) as sock:
+        sock.sendall(b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Length:  3 \r\n\r\nabc")
+        status, _, body = _read_reply(sock)
+        assert status.startswith("HTTP/1.1 400") and "not a readable image" in json.loads(body)["error"]
+
+
+def test_http_listens_on_an_ipv6_address_and_brackets_hold_only_one():
+    """'[::1]:PORT', which the shared address parser takes, could not be listened on (the server's socket was
+    AF_INET: 'Address family for hostname not supported'); and brackets around anything but an IPv6 address
+    ('[::1]]:80' gave the host '::1]', '[broker.plant]:1883') passed the parser."""
+    from edgekit.errors import EdgekitError
+    from edgekit.utils import parse_host_port
+
+    for text in ("[::1]]:80", "[broker.plant]:1883", "[127.0.0.1]:80", "[::1:80"):
+        with pytest.raises(EdgekitError, match="give HOST:PORT"):
+            parse_host_port(text, "--mqtt")
+    assert parse_host_port("[fe80::1%eth0]:1883", "--mqtt") == ("fe80::1%eth0", 1883)
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as e:
+        pytest.skip(f"this machine has no IPv6 loopback: {e}")
+    inp = HttpInput("[::1]:0", lambda job: True, lambda: {"station": "v6"}).start()
+    try:
+        assert inp.address == f"[::1]:{inp.port}" and parse_addr(inp.address) == ("::1", inp.port)
+        with urllib.request.urlopen(f"http://{inp.address}/status", timeout=10) as r:
+            assert r.status == 200 and json.loads(r.read()) == {"station": "v6"}
+    finally:
+        inp.stop()

@@ -186,7 +186,14 @@ def _parse_state(path: Path) -> DeviceState:
     interrupted = d.get("interrupted") or {}
     if not isinstance(blocked, dict) or not isinstance(interrupted, dict):
         raise EdgekitError(f"{path} is malformed (blocked / interrupted); fix or remove it")
-    pinned = d.get("pinned")
+    pinned, history = d.get("pinned"), d.get("history")
+    # fail closed here too: a corrupt pin read as "not pinned" let update install over the operator's hold, and a
+    # history that is no list was an internal error (a number) or split into characters (a string)
+    if pinned is not None and not (isinstance(pinned, str) and pinned):
+        raise EdgekitError(f"{path} is malformed (pinned is {_short(pinned)}, not a version); fix or remove it")
+    if history is not None and not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
+        raise EdgekitError(f"{path} is malformed (history is {_short(history)}, not a list of records); "
+                           "fix or remove it")
     canary = d.get("canary")
     if canary is not None:
         try:
@@ -197,7 +204,7 @@ def _parse_state(path: Path) -> DeviceState:
                        entry("trial", d.get("trial")),
                        {str(k): str(v) for k, v in blocked.items()},
                        {str(k): int(v) for k, v in interrupted.items() if isinstance(v, int)},
-                       pinned if isinstance(pinned, str) else None, list(d.get("history") or []), canary)
+                       pinned, list(history or []), canary)
 
 
 def check_canary_policy(policy) -> dict:

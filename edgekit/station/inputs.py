@@ -424,14 +424,17 @@ class HttpInput:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def start(self) -> "HttpInput":
         handler = type("StationHandler", (_Handler,), {"station_input": self, "timeout": self.read_timeout_s})
+        # an IPv6 address ('[::1]:8080', which the address parser takes) needs an AF_INET6 socket: the server's
+        # default AF_INET refused it ("Address family for hostname not supported")
+        server_class = _Server6 if ":" in self.host else _Server
         try:
-            server = _Server((self.host, self.port), handler)
+            server = server_class((self.host, self.port), handler)
         except OSError as e:
-            raise EdgekitError(f"cannot listen on {self.host}:{self.port}: {e.strerror or e}") from None
+            raise EdgekitError(f"cannot listen on {self.address}: {e.strerror or e}") from None
         server.daemon_threads = True
         self._server = server
         self.port = server.server_address[1]
@@ -466,6 +469,10 @@ class _Server(ThreadingHTTPServer):
         if isinstance(e, OSError):
             return
         write_stderr(f"http: a request from {client_address[0]} failed: {e.__class__.__name__}: {first_line(e)}")
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -511,11 +518,22 @@ class _Handler(BaseHTTPRequestHandler):
         inp = self.station_input
         path = urlsplit(self.path).path
         length = self.headers.get("Content-Length")
+        length = None if length is None else length.strip()  # optional whitespace around a field value
         if path != "/infer":
             return ((405, "use GET /status") if path == "/status"
                     else (404, f"not found: {path} (POST /infer, GET /status)"))
-        if length is None or not length.isascii() or not length.isdigit():
+        # the body's framing must be one byte count: a Transfer-Encoding (chunked) beside or instead of it, or two
+        # Content-Length values, would be read here one way and by a proxy in front another (the rest of the body
+        # taken as the next request on this connection: request smuggling, RFC 9112 6.1 and 6.3)
+        if self.headers.get_all("Transfer-Encoding"):
+            return 411, "POST /infer takes a body with a Content-Length, not a Transfer-Encoding (chunked)"
+        lengths = self.headers.get_all("Content-Length") or []
+        if len({v.strip() for v in lengths}) > 1:
+            return 400, f"{len(lengths)} different Content-Length headers ({', '.join(lengths)[:80]})"
+        if length is None:
             return 411, "POST /infer needs a Content-Length (the image bytes as the body)"
+        if not length.isascii() or not length.isdigit():
+            return 400, f"Content-Length {length[:40]!r} is not a byte count"
         if int(length) > inp.max_bytes:
             return 413, f"body of {int(length)} bytes is over the limit of {inp.max_bytes}"
         return None
@@ -531,8 +549,9 @@ class _Handler(BaseHTTPRequestHandler):
         http.client read the reply only once the whole body is out) then gets a broken pipe instead of the reply
         already sent. Our side is shut for writing first, so a client that reads meanwhile sees the reply end."""
         inp = self.station_input
-        length = self.headers.get("Content-Length", "")
-        left = min(int(length), inp.discard_bytes) if length.isascii() and length.isdigit() else 0
+        length = self.headers.get("Content-Length", "").strip()
+        framed = len(set(self.headers.get_all("Content-Length") or [])) == 1 and not self.headers.get_all("Transfer-Encoding")
+        left = min(int(length), inp.discard_bytes) if framed and length.isascii() and length.isdigit() else 0
         deadline = time.monotonic() + inp.discard_timeout_s
         try:
             self.connection.shutdown(socket.SHUT_WR)

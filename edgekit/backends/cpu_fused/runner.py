@@ -69,9 +69,12 @@ class CpuFusedRunner(ArtifactRunner):
                                f"{self.spec.channels}")
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
+        fused = self.fused  # once: close() from another thread may set it to None after infer's closed check
+        if fused is None:
+            raise EdgekitError(f"{self.name}: this runner was closed ({self.source})")
         if not self.kernel_checks_finite:
-            return self.fused.forward(batch)
-        out, nonfinite = self.fused.forward(batch, count_nonfinite=True)
+            return fused.forward(batch)
+        out, nonfinite = fused.forward(batch, count_nonfinite=True)
         if nonfinite is None:  # nothing counted them (see FusedNet.forward): the base class's pass, still before returning
             self._check_finite(batch)
         elif nonfinite:

@@ -535,6 +535,83 @@ def _aligned(nbytes: int, align: int = 64) -> np.ndarray:
 BATCH_PATHS = ("stream", "serial", "whole")
 
 
+class _LaneThreads:
+    """The OS threads that run lanes 1.. of a streamed batch: one daemon thread per lane, each taking calls from
+    its own queue.  Not a concurrent.futures pool, which refuses every submit once the interpreter has begun to
+    exit (a non-daemon thread still serving then got RuntimeError) and whose threads a fork's child does not
+    have (the child's first streamed batch waited forever): these belong to the process that made them
+    (``pid``), and ``FusedNet`` makes new ones in a child."""
+
+    def __init__(self, count: int):
+        import queue
+
+        self.pid = os.getpid()
+        self.queues = [queue.SimpleQueue() for _ in range(count)]
+        self.threads = [threading.Thread(target=self._serve, args=(q,), name=f"edgekit-cpu-lane-{k + 1}", daemon=True)
+                        for k, q in enumerate(self.queues)]
+        for t in self.threads:
+            t.start()
+
+    @staticmethod
+    def _serve(calls) -> None:
+        while True:
+            call = calls.get()
+            if call is None:
+                return
+            fn, done, errors = call
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller, raised there
+                errors.append(e)
+            finally:
+                done.set()
+
+    def run(self, fns) -> list:
+        """Start ``fns[k]`` on thread k; returns one (done event, errors) per call for ``wait``."""
+        pending = []
+        for q, fn in zip(self.queues, fns):
+            done, errors = threading.Event(), []
+            q.put((fn, done, errors))
+            pending.append((done, errors))
+        return pending
+
+    @staticmethod
+    def wait(pending) -> None:
+        """Wait until every call has returned, even through a KeyboardInterrupt (or any exception a signal
+        handler raises) meanwhile: a lane still running after ``forward`` returned would write into an output
+        nobody reads and, on the next call, share its arena with another thread.  Then raise the first error."""
+        interrupted = None
+        for done, _ in pending:
+            while True:
+                try:
+                    done.wait()
+                    break
+                except BaseException as e:  # noqa: BLE001 - re-raised below, once every lane is done
+                    interrupted = interrupted or e
+        if interrupted is not None:
+            raise interrupted
+        for _, errors in pending:
+            if errors:
+                raise errors[0]
+
+    def stop(self, join: bool = True) -> None:
+        if self.pid != os.getpid():
+            return  # a fork's child: these threads exist only in the parent
+        for q in self.queues:
+            q.put(None)
+        for t in self.threads if join else ():
+            if t is not threading.current_thread():
+                t.join()
+
+    def __del__(self):
+        # a network dropped without close(): its threads hold only their queues, so they end here (else one
+        # idle thread per lane per network would stay for the life of the process)
+        try:
+            self.stop(join=False)
+        except Exception:  # noqa: BLE001 - at interpreter exit the queues may already be gone
+            pass
+
+
 class FusedNet:
     """The whole network on the CPU kernels: folded parameters (one blob) + a program per batch size."""
 
@@ -680,10 +757,10 @@ class FusedNet:
                 state, io = self._build(1, height, width, 1, acts=shared)
                 lanes.append((kernels, state, io))
             self._lanes[(height, width)] = lanes
+        if self._lane_threads is not None and self._lane_threads.pid != os.getpid():
+            self._lane_threads = None  # made before a fork: the child has none of those threads
         if self._lane_threads is None and self.kernels.threads > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._lane_threads = ThreadPoolExecutor(self.kernels.threads - 1, thread_name_prefix="edgekit-cpu-lane")
+            self._lane_threads = _LaneThreads(self.kernels.threads - 1)
         return self._lanes[(height, width)]
 
     def _forward_streamed(self, x: np.ndarray, poison: bool) -> np.ndarray:
@@ -714,12 +791,11 @@ class FusedNet:
                         return
                     _run_at(kernels, state, io, x.ctypes.data + i * img_in, out.ctypes.data + i * img_out)
 
-            others = [self._lane_threads.submit(run_lane, lane) for lane in lanes[1:]]
+            others = self._lane_threads.run([lambda lane=lane: run_lane(lane) for lane in lanes[1:]])
             try:
                 run_lane(lanes[0])
             finally:
-                for f in others:
-                    f.result()  # every lane done (and its error raised) before the arrays can go
+                self._lane_threads.wait(others)  # every lane done (and its error raised) before the arrays can go
         for i in range(parallel, n):  # the rest (or every image), one by one on all threads
             _run_at(self.kernels, single, single_io, x.ctypes.data + i * img_in, out.ctypes.data + i * img_out)
         return out
@@ -730,7 +806,7 @@ class FusedNet:
         with self._lock:
             self._closed = True
             if self._lane_threads is not None:
-                self._lane_threads.shutdown(wait=True)
+                self._lane_threads.stop()
                 self._lane_threads = None
             for lanes in self._lanes.values():
                 for kernels, _, _ in lanes:
