@@ -97,12 +97,14 @@ def _run(request, as_json: bool) -> None:
     import contextlib
 
     from edgekit.pipeline.compile import compile_artifact
-    from edgekit.progress import write_stderr
+    from edgekit.progress import say, write_stderr
 
     lines = []
     # without --json too, whatever a library prints to stdout meanwhile (NNCF, a compiler) goes to stderr
     with contextlib.nullcontext() if as_json else result_stdout():  # --json: json_option redirected it already
-        manifest = compile_artifact(request, log=write_stderr, note=write_stderr,
+        # the build's messages are progress (a terminal, or EDGEKIT_PROGRESS=1): a script's stderr stays the one
+        # error line when the build is refused late (a missed --max-drop); auto's measurements are always shown
+        manifest = compile_artifact(request, log=say, note=write_stderr,
                                     result=write_stderr if as_json else lines.append)
     if as_json:
         echo_json(manifest)

@@ -54,7 +54,7 @@ def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn
               exact, threads, limit_images, work_dir, out, force, as_json):
     """Remove channels (equally from every GMBI group), optionally fine-tune; save an edgekit checkpoint."""
     from edgekit.models.checkpoint import load_checkpoint
-    from edgekit.progress import write_stderr
+    from edgekit.progress import say, write_stderr
     from edgekit.train.prune import prune_and_finetune
 
     out_path = Path(out)
@@ -82,7 +82,7 @@ def prune_cmd(model, ratio, recipe, profile, data, importance, taylor_images, bn
         result = prune_and_finetune(ck, ratio, out_path, data=data, recipe=r, importance=importance,
                                     taylor_images=taylor_images, bn_images=bn_images, limit_images=limit_images,
                                     exact=exact, iterations=iterations, budget_s=budget_s, work_dir=work_dir,
-                                    note=write_stderr, log=write_stderr)
+                                    note=write_stderr, log=say)
     if as_json:
         echo_json(result)
         return
