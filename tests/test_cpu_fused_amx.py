@@ -269,23 +269,6 @@ def test_two_phase_owned_lanes_give_the_one_thread_result_bit_for_bit(library, m
     assert np.array_equal(one, many), float(np.abs(one - many).max())
 
 
-def test_owned_module_as_one_job_with_a_phase_barrier_is_stable_over_many_calls(library, monkeypatch):
-    """The owned cut runs both phases of a module as one pool job with a barrier between them (run_pinned2): back-
-    to-back calls at 2 and 3 threads (workers spinning, asleep, or a job behind) from NaN-poisoned arenas must
-    give the 1-thread result bit for bit every time; a lane task the barrier let through early, or a pw task that
-    read z before the other thread's lanes were written, would show as a NaN or a difference."""
-    monkeypatch.setattr(cpu_fused, "GMBI_TWO_PHASE_MAX_ROWS", 10 ** 6)
-    model = random_gmbinet(WIDE_ODD, seed=41)
-    x = np.random.default_rng(13).standard_normal((1, 3, 43, 27)).astype(np.float32)
-    one = fused(library, model, 1).forward(x, poison=True)
-    for threads in (2, 3):
-        fn = fused(library, model, threads)
-        for _ in range(12):
-            got = fn.forward(x, poison=True)
-            assert not np.isnan(got).any()
-            assert np.array_equal(one, got), (threads, float(np.abs(one - got).max()))
-
-
 def test_the_stem_output_is_stored_as_fp16_and_read_as_such(library):
     """This library stores e1 (the stem's output, read by down2 and DF1) as fp16: the plan says so (the views and
     the op-by-op tests read it as fp16), the stem carries out_half and exactly its readers x_half; an fp32

@@ -234,7 +234,6 @@ struct Pool {
   int job_n = 0;
 #ifdef EK_AMX
   bool job_pinned = false;  // guarded by m; see run_pinned
-  TaskFn job_fn2 = nullptr;  // guarded by m; a pinned job's second phase (run_pinned2), nullptr: none
 #endif
   bool stop = false;
   std::atomic<uint64_t> gen{0};
@@ -274,7 +273,7 @@ struct Pool {
       for (int spins = 0; gen.load(std::memory_order_acquire) == seen && spins < 4000; ++spins) _mm_pause();
       uint64_t id; TaskFn fn; const void* ctx; int n;
 #ifdef EK_AMX
-      bool pinned; TaskFn fn2;
+      bool pinned;
 #endif
       {
         std::unique_lock<std::mutex> lk(m);
@@ -283,13 +282,12 @@ struct Pool {
         if (stop) return;
         id = job_id; fn = job_fn; ctx = job_ctx; n = job_n;
 #ifdef EK_AMX
-        pinned = job_pinned; fn2 = job_fn2;
+        pinned = job_pinned;
 #endif
       }
 #ifdef EK_AMX
       if (pinned) {
-        if (fn2) drain_pinned2(tid, id, fn, fn2, ctx, n);
-        else drain_pinned(tid, id, fn, ctx, n);
+        drain_pinned(tid, id, fn, ctx, n);
         continue;
       }
 #endif
@@ -308,7 +306,7 @@ struct Pool {
       id = ++job_id;
       job_fn = f; job_ctx = c; job_n = n;
 #ifdef EK_AMX
-      job_pinned = false; job_fn2 = nullptr;
+      job_pinned = false;
 #endif
       done.store(0, std::memory_order_relaxed);
       ticket.store(id << 32, std::memory_order_release);
@@ -354,7 +352,7 @@ struct Pool {
     {
       std::lock_guard<std::mutex> g(m);
       id = ++job_id;
-      job_fn = f; job_ctx = c; job_n = n; job_pinned = true; job_fn2 = nullptr;
+      job_fn = f; job_ctx = c; job_n = n; job_pinned = true;
       done.store(0, std::memory_order_relaxed);
       ticket.store(id << 32, std::memory_order_release);
       gen.fetch_add(1, std::memory_order_release);
@@ -362,52 +360,6 @@ struct Pool {
     cv.notify_all();
     drain_pinned(0, id, f, c, n);
     for (int spins = 0; done.load(std::memory_order_acquire) < n; ++spins) {
-      if (spins < 2000) _mm_pause(); else std::this_thread::yield();
-    }
-  }
-  // Two pinned jobs f1 then f2 (f2's task k reads what every f1 task wrote) as ONE job of 2n claim bits: one
-  // publish and one wake instead of two, and no return to the calling thread between them.  Bit k < n is f1's
-  // task k, bit n + k f2's task k.  A thread claims its own f1 task, then any unclaimed f1 task (so a worker that
-  // never woke is not waited for), waits until all n f1 tasks are done, then claims f2's tasks the same way.
-  // done >= n means every f1 task completed: no f2 task is claimed before some thread saw done >= n.  2n <= 32.
-  void drain_pinned2(int tid, uint64_t id, TaskFn f1, TaskFn f2, const void* ctx, int n) {
-    for (int pass = 0; pass < 2; ++pass)
-      for (int k = pass ? 0 : tid; k < n; k += pass ? 1 : nthreads)
-        if (claim_pinned(id, k)) {
-          f1(ctx, k, scratch[tid]);
-          done.fetch_add(1, std::memory_order_release);
-        }
-    // The phase barrier: the f1 tasks still running are claimed by threads that are running them.
-    for (int spins = 0; done.load(std::memory_order_acquire) < n; ++spins) {
-      if ((ticket.load(std::memory_order_acquire) >> 32) != id) return;  // a newer job: this one is long done
-      if (spins < 2000) _mm_pause(); else std::this_thread::yield();
-    }
-    for (int pass = 0; pass < 2; ++pass)
-      for (int k = pass ? 0 : tid; k < n; k += pass ? 1 : nthreads)
-        if (claim_pinned(id, n + k)) {
-          f2(ctx, k, scratch[tid]);
-          done.fetch_add(1, std::memory_order_release);
-        }
-  }
-  void run_pinned2(TaskFn f1, TaskFn f2, const void* c, int n) {
-    if (n <= 0) return;
-    if (nthreads == 1 || n == 1 || 2 * n > 32) {
-      run_pinned(f1, c, n);
-      run_pinned(f2, c, n);
-      return;
-    }
-    uint64_t id;
-    {
-      std::lock_guard<std::mutex> g(m);
-      id = ++job_id;
-      job_fn = f1; job_ctx = c; job_n = n; job_pinned = true; job_fn2 = f2;
-      done.store(0, std::memory_order_relaxed);
-      ticket.store(id << 32, std::memory_order_release);
-      gen.fetch_add(1, std::memory_order_release);
-    }
-    cv.notify_all();
-    drain_pinned2(0, id, f1, f2, c, n);
-    for (int spins = 0; done.load(std::memory_order_acquire) < 2 * n; ++spins) {
       if (spins < 2000) _mm_pause(); else std::this_thread::yield();
     }
   }
@@ -1861,8 +1813,8 @@ static void run_op(Pool& pool, const EkOp& op, double* ms, bool cpu) {
 #ifdef EK_AMX
         if (owned && a.wa) {
           const OwnedArgs oa{&a, pool.nthreads};
-          // both phases as one job with a barrier between them: one wake-up and no join/re-publish per module
-          pool.run_pinned2(gmbi_owned_lane_task, gmbi_owned_pw_task, &oa, pool.nthreads);
+          pool.run_pinned(gmbi_owned_lane_task, &oa, pool.nthreads);
+          pool.run_pinned(gmbi_owned_pw_task, &oa, pool.nthreads);
           break;
         }
 #endif
