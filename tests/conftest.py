@@ -127,3 +127,25 @@ def random_gmbinet(cfg, seed: int = 0):
                 mod.weight.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
                 mod.bias.copy_(torch.randn(c, generator=g) * 0.1)
     return m.eval()
+
+
+_KERNEL_LIBRARIES: dict = {}
+
+
+def kernel_library(isa: str, tmp_path_factory) -> Path:
+    """cpu-fused's kernel library for ``isa``, built once per test session (a build takes seconds, and several
+    test files need the same levels); skips with the reason where g++ is missing or this CPU cannot run it."""
+    import shutil
+
+    from edgekit.kernels.cpu import build as cpu_build
+    from edgekit.kernels.cpu import runtime as cpu_fused
+
+    if shutil.which("g++") is None:
+        pytest.skip("cpu-fused builds its kernels with g++, which is not installed")
+    if isa not in cpu_fused.supported_isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernel library")
+    if isa not in _KERNEL_LIBRARIES:
+        out = tmp_path_factory.mktemp(f"kernels_{isa}") / f"libgmbinet_{isa}.so"
+        cpu_build.build_library(isa, out)
+        _KERNEL_LIBRARIES[isa] = out
+    return _KERNEL_LIBRARIES[isa]

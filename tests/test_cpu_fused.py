@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from edgekit.errors import EdgekitError
 from edgekit.models.gmbinet import GMBINet, GMBINetConfig
 
-from conftest import one_error_line, random_gmbinet
+from conftest import kernel_library, one_error_line, random_gmbinet
 
 from edgekit.kernels.cpu import build as cpu_build
 from edgekit.kernels.cpu import runtime as cpu_fused
@@ -35,10 +35,7 @@ def _skip_without_kernels():
 @pytest.fixture(scope="module")
 def library(tmp_path_factory) -> Path:
     _skip_without_kernels()
-    isa = cpu_fused.supported_isas()[0]
-    out = tmp_path_factory.mktemp("cpu_fused") / f"libgmbinet_{isa}.so"
-    cpu_build.build_library(isa, out)
-    return out
+    return kernel_library(cpu_fused.supported_isas()[0], tmp_path_factory)
 
 
 def fused(library: Path, model: GMBINet, threads: int, fuse_head: bool = True):

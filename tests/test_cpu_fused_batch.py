@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import random_gmbinet
+from conftest import kernel_library, random_gmbinet
 
 from edgekit.errors import EdgekitError
-from edgekit.kernels.cpu import build as cpu_build
 from edgekit.kernels.cpu import runtime as cpu_fused
 from edgekit.kernels.fold import fold_gmbinet
 from edgekit.models.gmbinet import GMBINetConfig
@@ -31,12 +30,7 @@ ISAS = [isa for isa in cpu_fused.ISA_LEVELS]
 @pytest.fixture(scope="module", params=ISAS)
 def library(request, tmp_path_factory) -> Path:
     isa = request.param
-    if shutil.which("g++") is None:
-        pytest.skip("cpu-fused builds its kernels with g++, which is not installed")
-    if isa not in cpu_fused.supported_isas():
-        pytest.skip(f"this CPU cannot run the {isa} library")
-    out = tmp_path_factory.mktemp("cpu_fused_batch") / f"libgmbinet_{isa}.so"
-    cpu_build.build_library(isa, out)
+    out = kernel_library(isa, tmp_path_factory)
     probe = cpu_fused.CpuKernels(out, 1)
     amx_refused = isa == "avx512amx" and not probe.amx_active
     probe.close()

@@ -8,7 +8,6 @@ masked vector tail a kernel forgot to write shows up.  Small odd image sizes, so
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +16,8 @@ import torch
 
 from edgekit.models.gmbinet import GMBINetConfig
 
-from conftest import random_gmbinet
+from conftest import kernel_library, random_gmbinet
 
-from edgekit.kernels.cpu import build as cpu_build
 from edgekit.kernels.cpu import runtime as cpu_fused
 from test_cpu_fused import check_every_layer, int8_gmbi_reference  # noqa: E402
 
@@ -29,14 +27,7 @@ ISAS = list(cpu_fused.DEFAULT_ISAS)
 
 @pytest.fixture(scope="module", params=ISAS)
 def library(request, tmp_path_factory) -> Path:
-    isa = request.param
-    if shutil.which("g++") is None:
-        pytest.skip("cpu-fused builds its kernels with g++, which is not installed")
-    if isa not in cpu_fused.supported_isas():
-        pytest.skip(f"this CPU cannot run the {isa} kernel library")
-    out = tmp_path_factory.mktemp(f"cpu_fused_{isa}") / f"libgmbinet_{isa}.so"
-    cpu_build.build_library(isa, out)
-    return out
+    return kernel_library(request.param, tmp_path_factory)
 
 
 def fused(library: Path, model, threads: int, fuse_head: bool = True):
